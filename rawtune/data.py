@@ -1,0 +1,375 @@
+"""The data stage: raw text in, packed token blocks and a held-out split out.
+
+Sources are a Hub dataset id (read through :mod:`rawtune.hub` with the real ``datasets``
+loader) or a local file/folder (JSONL, JSON, CSV, TSV, TXT, Markdown, Parquet). Documents are
+stripped, filtered by length, deduplicated, tokenized with EOS appended, split at document level
+into train and held-out, and packed into fixed-length blocks saved as ``.npy`` arrays.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional
+
+import numpy as np
+
+from .errors import DataError
+from .rundir import RunDir
+from .settings import DataSettings
+
+TABULAR = {".jsonl", ".json", ".csv", ".tsv", ".parquet"}
+PLAIN = {".txt", ".md", ".markdown"}
+SUPPORTED = TABULAR | PLAIN
+# How many rows are sampled to guess the text column.
+SNIFF_ROWS = 200
+
+
+@dataclass
+class Documents:
+    """Raw documents read from a source, before cleaning."""
+
+    texts: list[str]
+    column: Optional[str]  # chosen text column (None for plain-text files)
+    column_reason: str  # why that column was chosen
+    columns: list[str] = field(default_factory=list)  # all columns seen
+    source: str = ""  # what was read, for the report
+
+
+@dataclass
+class DataReport:
+    """What the data stage did, stored in run.json under ``data``."""
+
+    source: str
+    column: Optional[str]
+    column_reason: str
+    documents_read: int
+    documents_kept: int
+    dropped_empty: int
+    dropped_short: int
+    dropped_duplicate: int
+    train_documents: int
+    heldout_documents: int
+    train_tokens: int
+    heldout_tokens: int
+    train_blocks: int
+    heldout_blocks: int
+    seq_len: int
+    tokens_dropped_by_packing: int
+
+    def summary(self) -> str:
+        dropped = self.dropped_empty + self.dropped_short + self.dropped_duplicate
+        return (
+            f"{self.source}: column {self.column or '(plain text)'} ({self.column_reason}); "
+            f"{self.documents_kept}/{self.documents_read} documents kept "
+            f"({dropped} dropped: {self.dropped_empty} empty, {self.dropped_short} short, "
+            f"{self.dropped_duplicate} duplicate); {self.train_tokens:,} train tokens in "
+            f"{self.train_blocks} blocks of {self.seq_len}, {self.heldout_blocks} held-out blocks"
+        )
+
+
+# ---------------------------------------------------------------- reading local files
+
+
+def _read_text(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{path} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+            f"convert it first, e.g. `iconv -f latin1 -t utf-8 {path.name} > fixed.{path.suffix[1:]}`"
+        ) from None
+
+
+def _jsonl_rows(path: Path) -> Iterator[dict]:
+    text = _read_text(path)
+    stripped = text.lstrip()
+    if path.suffix == ".json" and stripped.startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+        yield from (r if isinstance(r, dict) else {"text": r} for r in rows)
+        return
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}, line {number}: invalid JSON ({exc.msg}); each line must be one JSON object") from None
+        yield row if isinstance(row, dict) else {"text": row}
+
+
+def _csv_rows(path: Path) -> Iterator[dict]:
+    text = _read_text(path)
+    csv.field_size_limit(1 << 30)
+    delimiter = "\t" if path.suffix == ".tsv" else ","
+    try:
+        yield from csv.DictReader(text.splitlines(keepends=True), delimiter=delimiter)
+    except csv.Error as exc:
+        raise DataError(f"{path}: malformed CSV ({exc})") from None
+
+
+def _parquet_rows(path: Path) -> Iterator[dict]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for broken files
+        raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
+    yield from table.to_pylist()
+
+
+def _plain_docs(path: Path, split_blank_lines: bool) -> list[str]:
+    text = _read_text(path)
+    if not split_blank_lines:
+        return [text]
+    import re
+
+    return [part for part in re.split(r"\n\s*\n", text)]
+
+
+def _local_files(path: Path) -> list[Path]:
+    if not path.exists():
+        raise DataError(
+            f"dataset {path} not found: give a local file or folder, or a Hub dataset id like user/name"
+        )
+    if path.is_file():
+        if path.suffix.lower() not in SUPPORTED:
+            raise DataError(
+                f"{path}: unsupported file type '{path.suffix}'; use one of {', '.join(sorted(SUPPORTED))}"
+            )
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED)
+    if not files:
+        raise DataError(f"{path} holds no {', '.join(sorted(SUPPORTED))} files")
+    return files
+
+
+def _rows_of(path: Path) -> Iterator[dict]:
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        return _jsonl_rows(path)
+    if suffix in (".csv", ".tsv"):
+        return _csv_rows(path)
+    return _parquet_rows(path)
+
+
+# ---------------------------------------------------------------- choosing the text column
+
+
+def choose_column(rows: list[dict], wanted: Optional[str]) -> tuple[str, str, list[str]]:
+    """Pick the text column: the one asked for, else ``text``, else the longest string column."""
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(k for k in row if k not in columns)
+    if wanted:
+        if wanted not in columns:
+            raise DataError(
+                f"--text-column {wanted!r} not found; columns are: {', '.join(columns) or '(none)'}"
+            )
+        return wanted, "asked for with --text-column", columns
+    if "text" in columns:
+        return "text", "named 'text'", columns
+    lengths = {c: 0 for c in columns}
+    for row in rows:
+        for c in columns:
+            if isinstance(row.get(c), str):
+                lengths[c] += len(row[c])
+    best = max(lengths, key=lengths.get) if lengths else None
+    if not best or lengths[best] == 0:
+        raise DataError(
+            f"no text column found; columns are: {', '.join(columns) or '(none)'}; "
+            "pick one with --text-column NAME"
+        )
+    return best, "the string column with the most characters", columns
+
+
+def rows_to_documents(rows: Iterable[dict], wanted: Optional[str], source: str,
+                      limit: Optional[int] = None) -> Documents:
+    """Choose the text column from the first rows, then take that column from every row."""
+    iterator = iter(rows)
+    head = [r for _, r in zip(range(SNIFF_ROWS), iterator)]
+    if not head:
+        raise DataError(f"{source} is empty: no rows to read")
+    column, reason, columns = choose_column(head, wanted)
+    texts: list[str] = []
+    for row in _chain(head, iterator):
+        if limit is not None and len(texts) >= limit:
+            break
+        value = row.get(column)
+        texts.append(value if isinstance(value, str) else ("" if value is None else str(value)))
+    return Documents(texts, column, reason, columns, source)
+
+
+def _chain(head: list, rest: Iterator) -> Iterator:
+    yield from head
+    yield from rest
+
+
+def is_local(spec: str) -> bool:
+    """A dataset spec is local when it exists on disk or looks like a path, not user/name."""
+    path = Path(spec).expanduser()
+    return path.exists() or spec.startswith((".", "/", "~")) or path.suffix.lower() in SUPPORTED
+
+
+def read_documents(settings: DataSettings, token: Optional[str] = None) -> Documents:
+    """Read raw documents from the configured source (no cleaning yet)."""
+    if not settings.dataset:
+        raise DataError("no dataset given: pass --dataset with a file, folder or Hub id (user/name)")
+    spec = str(settings.dataset)
+    if not is_local(spec):
+        from .hub import load_hub_rows
+
+        rows, source = load_hub_rows(settings, token=token)
+        return rows_to_documents(rows, settings.text_column, source, settings.max_documents)
+    files = _local_files(Path(spec).expanduser())
+    plain = [f for f in files if f.suffix.lower() in PLAIN]
+    tabular = [f for f in files if f.suffix.lower() in TABULAR]
+    texts: list[str] = []
+    for f in plain:
+        texts.extend(_plain_docs(f, settings.split_blank_lines))
+    if not tabular:
+        if settings.text_column:
+            raise DataError(f"--text-column {settings.text_column!r} was given, but {spec} holds only plain text files")
+        limit = settings.max_documents
+        return Documents(texts[:limit] if limit else texts, None, "plain text files", [], spec)
+    rows = (row for f in tabular for row in _rows_of(f))
+    docs = rows_to_documents(rows, settings.text_column, spec, settings.max_documents)
+    docs.texts = texts + docs.texts
+    return docs
+
+
+# ---------------------------------------------------------------- cleaning, tokenizing, packing
+
+
+def clean(texts: Iterable[str], min_chars: int, dedupe: bool) -> tuple[list[str], dict[str, int]]:
+    """Strip, drop empty/short documents and exact duplicates; count what was dropped."""
+    kept: list[str] = []
+    seen: set[bytes] = set()
+    counts = {"documents_read": 0, "dropped_empty": 0, "dropped_short": 0, "dropped_duplicate": 0}
+    for text in texts:
+        counts["documents_read"] += 1
+        text = text.strip()
+        if not text:
+            counts["dropped_empty"] += 1
+            continue
+        if len(text) < min_chars:
+            counts["dropped_short"] += 1
+            continue
+        if dedupe:
+            digest = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+            if digest in seen:
+                counts["dropped_duplicate"] += 1
+                continue
+            seen.add(digest)
+        kept.append(text)
+    return kept, counts
+
+
+def tokenize(texts: list[str], tokenizer: Any, batch: int = 256) -> list[list[int]]:
+    """Token ids of each document with EOS appended (and BOS first where the model uses one)."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError("the tokenizer has no EOS token; rawtune appends EOS to every document")
+    bos = tokenizer.bos_token_id if getattr(tokenizer, "add_bos_token", False) else None
+    out: list[list[int]] = []
+    for start in range(0, len(texts), batch):
+        encoded = tokenizer(texts[start:start + batch], add_special_tokens=False)["input_ids"]
+        for ids in encoded:
+            out.append(([bos] if bos is not None else []) + list(ids) + [eos])
+    return out
+
+
+def pack(docs: list[list[int]], seq_len: int) -> tuple[np.ndarray, int]:
+    """Concatenate documents and cut them into full blocks; return blocks and leftover tokens."""
+    flat = np.fromiter((t for d in docs for t in d), dtype=np.int32)
+    n = len(flat) // seq_len
+    return flat[: n * seq_len].reshape(n, seq_len), int(len(flat) - n * seq_len)
+
+
+def split_documents(docs: list[list[int]], fraction: float, min_tokens: int,
+                    seed: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Hold out whole documents (a seeded shuffle) until both the share and the minimum are met."""
+    order = list(range(len(docs)))
+    random.Random(seed).shuffle(order)
+    total = sum(len(d) for d in docs)
+    need = max(int(total * fraction), min_tokens)
+    held, got = [], 0
+    for i in order:
+        if got >= need:
+            break
+        held.append(i)
+        got += len(docs[i])
+    held_set = set(held)
+    train = [docs[i] for i in range(len(docs)) if i not in held_set]
+    return train, [docs[i] for i in sorted(held_set)]
+
+
+def prepare(settings: DataSettings, tokenizer: Any, seq_len: int, run: RunDir,
+            seed: int = 3407, token: Optional[str] = None,
+            log: Callable[[str], None] = print) -> DataReport:
+    """Run the whole data stage and write ``data/train.npy`` and ``data/heldout.npy``."""
+    docs = read_documents(settings, token=token)
+    log(f"[data] read {len(docs.texts)} documents from {docs.source}; text column: "
+        f"{docs.column or '(plain text)'} ({docs.column_reason})")
+    kept, counts = clean(docs.texts, settings.min_chars, settings.dedupe)
+    if not kept:
+        raise DataError(
+            f"nothing left after cleaning {docs.source}: {counts['documents_read']} documents read, "
+            f"{counts['dropped_empty']} empty, {counts['dropped_short']} shorter than --min-chars "
+            f"{settings.min_chars}; lower --min-chars or check --text-column"
+        )
+    ids = tokenize(kept, tokenizer)
+    total = sum(len(d) for d in ids)
+    min_held = settings.min_heldout_blocks * seq_len
+    if total < min_held + seq_len:
+        raise DataError(
+            f"corpus too small: {total} tokens after cleaning, but one training block plus "
+            f"{settings.min_heldout_blocks} held-out blocks of --seq-len {seq_len} need "
+            f"{min_held + seq_len}; add text or lower --seq-len"
+        )
+    train_docs, held_docs = split_documents(ids, settings.heldout_fraction, min_held, seed)
+    train_blocks, train_left = pack(train_docs, seq_len)
+    held_blocks, held_left = pack(held_docs, seq_len)
+    if len(train_blocks) == 0:
+        raise DataError(f"no full training block of --seq-len {seq_len} is left after the held-out split; "
+                        "add text or lower --seq-len / --heldout-fraction")
+    run.data_dir.mkdir(parents=True, exist_ok=True)
+    np.save(run.data_dir / "train.npy", train_blocks)
+    np.save(run.data_dir / "heldout.npy", held_blocks)
+    report = DataReport(
+        source=docs.source, column=docs.column, column_reason=docs.column_reason,
+        documents_kept=len(kept), train_documents=len(train_docs), heldout_documents=len(held_docs),
+        train_tokens=int(train_blocks.size), heldout_tokens=int(held_blocks.size),
+        train_blocks=len(train_blocks), heldout_blocks=len(held_blocks), seq_len=seq_len,
+        tokens_dropped_by_packing=train_left + held_left, **counts,
+    )
+    run.update(data=asdict(report))
+    log(f"[data] {report.summary()}")
+    return report
+
+
+def load_blocks(run: RunDir, which: str) -> np.ndarray:
+    """Load ``train`` or ``heldout`` blocks written by :func:`prepare`."""
+    path = run.data_dir / f"{which}.npy"
+    if not path.is_file():
+        raise DataError(f"{path} is missing: run the data stage first (`rawtune train` does it)")
+    return np.load(path)
+
+
+def preview(settings: DataSettings, n: int = 5, token: Optional[str] = None) -> dict[str, Any]:
+    """Read a source and report its column choice, cleaning counts and first documents (for the UI)."""
+    docs = read_documents(settings, token=token)
+    kept, counts = clean(docs.texts, settings.min_chars, settings.dedupe)
+    return {
+        "source": docs.source, "column": docs.column, "column_reason": docs.column_reason,
+        "columns": docs.columns, "documents_kept": len(kept), "characters": sum(map(len, kept)),
+        "first": kept[:n], **counts,
+    }

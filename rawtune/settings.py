@@ -1,0 +1,287 @@
+"""Every setting rawtune takes, as dataclasses with one line of doc per field.
+
+The same names are CLI flags (``max_steps`` is ``--max-steps``) and YAML keys, flat: each name
+belongs to exactly one section. :func:`validate` is the one place that checks values, and its
+messages name the flag and the fix. Presets fill the training fields a user left unset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from .errors import ConfigError
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M"
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+EMBEDDING_MODULES = ["embed_tokens", "lm_head"]
+STAGES = ["data", "train", "eval", "merge", "export", "push"]
+QUANTS = ["q4_k_m", "q8_0", "f16"]
+
+
+@dataclass
+class DataSettings:
+    """Where the raw text comes from and how it is cleaned, packed and split."""
+
+    dataset: Optional[str] = None  # Hub dataset id, or a local file/folder (jsonl, csv, txt, parquet, md)
+    dataset_config: Optional[str] = None  # Hub dataset configuration (subset) name
+    split: str = "train"  # Hub dataset split to read
+    revision: Optional[str] = None  # Hub dataset revision: branch, tag or commit
+    streaming: bool = False  # stream a Hub dataset instead of downloading it whole
+    max_documents: Optional[int] = None  # stop reading after this many documents (any source)
+    text_column: Optional[str] = None  # column holding the text; default 'text', else the longest string column
+    split_blank_lines: bool = False  # split .txt/.md files into documents at blank lines
+    min_chars: int = 20  # drop documents shorter than this many characters after stripping
+    dedupe: bool = True  # drop exact duplicate documents
+    heldout_fraction: float = 0.05  # share of documents held out for perplexity, never trained on
+    min_heldout_blocks: int = 4  # hold out at least this many blocks
+
+
+@dataclass
+class TrainSettings:
+    """The base model and the LoRA recipe. Fields left as None come from the preset."""
+
+    model: str = DEFAULT_MODEL  # Hub model id, local HF folder, or local .gguf file
+    backend: str = "auto"  # auto (unsloth where CUDA is available, else peft), unsloth or peft
+    preset: str = "standard"  # quick, standard or thorough: defaults for the fields below
+    seq_len: Optional[int] = None  # tokens per packed block
+    lora_r: Optional[int] = None  # LoRA rank
+    lora_alpha: Optional[int] = None  # LoRA alpha (scale is alpha/r, or alpha/sqrt(r) with rsLoRA)
+    lora_dropout: Optional[float] = None  # dropout on the LoRA input
+    use_rslora: Optional[bool] = None  # rank-stabilised LoRA scaling
+    target_modules: Optional[list[str]] = None  # projections that get LoRA adapters
+    train_embeddings: Optional[bool] = None  # also train embed_tokens and lm_head (full weights)
+    embedding_learning_rate: Optional[float] = None  # learning rate for embed_tokens/lm_head
+    load_in_4bit: bool = False  # load the base in 4-bit (QLoRA; CUDA and bitsandbytes only)
+    gradient_checkpointing: Optional[str] = None  # auto, on, off or unsloth
+    batch_size: Optional[int] = None  # blocks per micro-batch
+    grad_accum: Optional[int] = None  # micro-batches per optimizer step
+    epochs: Optional[float] = None  # passes over the training blocks (ignored when max_steps is set)
+    max_steps: Optional[int] = None  # stop after this many optimizer steps
+    learning_rate: Optional[float] = None  # peak learning rate for the LoRA weights
+    warmup_ratio: Optional[float] = None  # share of steps spent warming up
+    lr_scheduler: Optional[str] = None  # learning-rate schedule: cosine, linear or constant
+    weight_decay: Optional[float] = None  # AdamW weight decay
+    optimizer: str = "auto"  # auto (8-bit AdamW on CUDA, AdamW on CPU), adamw_8bit or adamw_torch
+    seed: int = 3407  # random seed for data order and LoRA init
+    save_steps: Optional[int] = None  # write a resumable checkpoint every this many steps
+    eval_steps: Optional[int] = None  # compute held-out loss every this many steps (0: only at the end)
+    eval_batches: int = 8  # held-out blocks used for each periodic eval
+    logging_steps: int = 1  # report progress every this many steps
+    resume: bool = False  # continue from the newest checkpoint in the run directory
+
+
+@dataclass
+class ExportSettings:
+    """GGUF export: quantization and the files Ollama reads."""
+
+    quant: list[str] = field(default_factory=lambda: ["q4_k_m", "q8_0"])  # quant types to write
+    name: Optional[str] = None  # file name stem for the GGUFs (default: the run directory's name)
+    verify: bool = True  # load each GGUF in llama.cpp and measure its perplexity
+
+
+@dataclass
+class PushSettings:
+    """Publishing to the Hugging Face Hub. The token is never stored."""
+
+    repo: Optional[str] = None  # Hub model repo to push to, as user/name
+    private: bool = False  # create the repo as private
+
+
+@dataclass
+class RunSettings:
+    """A whole run: the run directory, the stages to run and every section above."""
+
+    out: Optional[str] = None  # run directory
+    stages: list[str] = field(default_factory=lambda: ["data", "train", "eval", "merge"])  # stages to run, in order
+    data: DataSettings = field(default_factory=DataSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    export: ExportSettings = field(default_factory=ExportSettings)
+    push: PushSettings = field(default_factory=PushSettings)
+
+
+SECTIONS = ("data", "train", "export", "push")
+
+# Presets: "standard" is the seed recipe (continued pretraining with trained embeddings).
+PRESETS: dict[str, dict[str, Any]] = {
+    "quick": dict(
+        seq_len=512, lora_r=16, lora_alpha=16, lora_dropout=0.0, use_rslora=False,
+        target_modules=ALL_PROJECTIONS, train_embeddings=False, embedding_learning_rate=None,
+        gradient_checkpointing="auto", batch_size=2, grad_accum=1, epochs=1.0,
+        learning_rate=2e-4, warmup_ratio=0.05, lr_scheduler="cosine", weight_decay=0.0,
+        save_steps=50, eval_steps=0,
+    ),
+    "standard": dict(
+        seq_len=2048, lora_r=128, lora_alpha=64, lora_dropout=0.0, use_rslora=True,
+        target_modules=ALL_PROJECTIONS, train_embeddings=True, embedding_learning_rate=5e-6,
+        gradient_checkpointing="auto", batch_size=2, grad_accum=8, epochs=1.0,
+        learning_rate=5e-5, warmup_ratio=0.1, lr_scheduler="cosine", weight_decay=0.0,
+        save_steps=100, eval_steps=50,
+    ),
+    "thorough": dict(
+        seq_len=2048, lora_r=256, lora_alpha=128, lora_dropout=0.0, use_rslora=True,
+        target_modules=ALL_PROJECTIONS, train_embeddings=True, embedding_learning_rate=5e-6,
+        gradient_checkpointing="auto", batch_size=2, grad_accum=8, epochs=3.0,
+        learning_rate=5e-5, warmup_ratio=0.1, lr_scheduler="cosine", weight_decay=0.01,
+        save_steps=100, eval_steps=50,
+    ),
+}
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The one-line doc of each field, read from the comment beside it in this file."""
+    import inspect
+
+    docs: dict[str, str] = {}
+    for line in inspect.getsource(cls).splitlines():
+        line = line.strip()
+        if ":" in line and "#" in line and not line.startswith(("#", '"')):
+            name = line.split(":", 1)[0].strip()
+            docs[name] = line.split("#", 1)[1].strip()
+    return docs
+
+
+def section_of(name: str) -> Optional[str]:
+    """Which section owns a flat key (None for top-level keys such as ``out``)."""
+    for section in SECTIONS:
+        cls = type(getattr(RunSettings(), section))
+        if name in {f.name for f in fields(cls)}:
+            return section
+    return None
+
+
+def all_keys() -> list[str]:
+    """Every flat key a YAML file or the CLI may set."""
+    top = [f.name for f in fields(RunSettings) if f.name not in SECTIONS]
+    inner = [f.name for s in SECTIONS for f in fields(type(getattr(RunSettings(), s)))]
+    return top + inner
+
+
+def flag(name: str) -> str:
+    """The CLI flag for a key: ``max_steps`` -> ``--max-steps``."""
+    return "--" + name.replace("_", "-")
+
+
+def apply(settings: RunSettings, values: dict[str, Any], origin: str = "YAML") -> RunSettings:
+    """Set flat keys on ``settings``; an unknown key raises with the closest valid names."""
+    known = all_keys()
+    for key, value in values.items():
+        norm = str(key).replace("-", "_")
+        if norm not in known:
+            near = difflib.get_close_matches(norm, known, n=3)
+            hint = f"; did you mean {', '.join(near)}?" if near else f"; valid keys: {', '.join(known)}"
+            raise ConfigError(f"unknown {origin} key '{key}'{hint}")
+        section = section_of(norm)
+        target = getattr(settings, section) if section else settings
+        setattr(target, norm, value)
+    return settings
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a flat YAML config file into a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path} must hold a mapping of key: value lines")
+    return loaded
+
+
+def resolve_preset(train: TrainSettings) -> TrainSettings:
+    """Return a copy of ``train`` with every None field filled from its preset."""
+    if train.preset not in PRESETS:
+        raise ConfigError(f"--preset {train.preset!r} is unknown; use one of {', '.join(PRESETS)}")
+    resolved = dataclasses.replace(train)
+    for key, value in PRESETS[train.preset].items():
+        if getattr(resolved, key) is None:
+            setattr(resolved, key, list(value) if isinstance(value, list) else value)
+    return resolved
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{flag(key)}: {message}")
+
+
+def _as_list(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return list(value or [])
+
+
+def validate(settings: RunSettings) -> RunSettings:
+    """Check every value once, fill presets, and return the resolved settings.
+
+    Each message names the flag at fault and what would fix it.
+    """
+    s = dataclasses.replace(settings)
+    s.stages = [st.lower() for st in _as_list(s.stages)]
+    for stage in s.stages:
+        _check(stage in STAGES, "stages", f"unknown stage {stage!r}; use some of {', '.join(STAGES)}")
+    d = s.data
+    _check(0.0 < d.heldout_fraction < 0.5, "heldout_fraction", "must be between 0 and 0.5, e.g. 0.05")
+    _check(d.min_chars >= 0, "min_chars", "must be 0 or more")
+    _check(d.min_heldout_blocks >= 1, "min_heldout_blocks", "must be at least 1")
+    _check(d.max_documents is None or d.max_documents > 0, "max_documents", "must be positive")
+    t = s.train = resolve_preset(s.train)
+    _check(t.backend in ("auto", "unsloth", "peft"), "backend", "use auto, unsloth or peft")
+    _check(t.seq_len >= 16, "seq_len", "must be at least 16 tokens, e.g. 512 or 2048")
+    _check(t.lora_r >= 1, "lora_r", "must be a positive rank, e.g. 16 or 128")
+    _check(t.lora_alpha > 0, "lora_alpha", "must be positive, e.g. equal to --lora-r")
+    _check(0.0 <= t.lora_dropout < 1.0, "lora_dropout", "must be in [0, 1)")
+    t.target_modules = _as_list(t.target_modules)
+    _check(bool(t.target_modules), "target_modules", f"name at least one of {', '.join(ALL_PROJECTIONS)}")
+    if any(m in EMBEDDING_MODULES for m in t.target_modules):
+        # embed_tokens/lm_head in the target list means "train them fully", as in Unsloth's recipe.
+        t.target_modules = [m for m in t.target_modules if m not in EMBEDDING_MODULES]
+        t.train_embeddings = True
+    _check(t.batch_size >= 1, "batch_size", "must be at least 1")
+    _check(t.grad_accum >= 1, "grad_accum", "must be at least 1")
+    _check(t.max_steps is None or t.max_steps >= 1, "max_steps", "must be at least 1")
+    _check(t.epochs > 0, "epochs", "must be positive")
+    _check(0 < t.learning_rate < 1, "learning_rate", "must be a small positive number, e.g. 5e-5")
+    if t.embedding_learning_rate is None:
+        t.embedding_learning_rate = t.learning_rate / 10
+    _check(0 < t.embedding_learning_rate < 1, "embedding_learning_rate", "must be positive, e.g. 5e-6")
+    _check(0 <= t.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1), e.g. 0.1")
+    _check(t.lr_scheduler in ("cosine", "linear", "constant"), "lr_scheduler", "use cosine, linear or constant")
+    _check(t.weight_decay >= 0, "weight_decay", "must be 0 or more")
+    _check(t.optimizer in ("auto", "adamw_8bit", "adamw_torch"), "optimizer", "use auto, adamw_8bit or adamw_torch")
+    _check(str(t.gradient_checkpointing) in ("auto", "on", "off", "unsloth", "True", "False"),
+           "gradient_checkpointing", "use auto, on, off or unsloth")
+    _check(t.save_steps >= 1, "save_steps", "must be at least 1")
+    _check(t.eval_steps >= 0, "eval_steps", "must be 0 (only at the end) or more")
+    e = s.export
+    e.quant = [q.lower() for q in _as_list(e.quant)]
+    for q in e.quant:
+        _check(q in QUANTS, "quant", f"unknown quant type {q!r}; use some of {', '.join(QUANTS)}")
+    if "push" in s.stages:
+        _check(bool(s.push.repo) and "/" in str(s.push.repo), "repo", "give the Hub repo as user/name")
+    return s
+
+
+def to_dict(settings: RunSettings) -> dict[str, Any]:
+    """Settings as a plain dict for run.json (holds no secrets: no token field exists)."""
+    return dataclasses.asdict(settings)
+
+
+def from_dict(values: dict[str, Any]) -> RunSettings:
+    """Rebuild settings from :func:`to_dict` output (as stored in run.json)."""
+    s = RunSettings()
+    for key, value in values.items():
+        if key in SECTIONS:
+            cls = type(getattr(s, key))
+            known = {f.name for f in fields(cls)}
+            setattr(s, key, cls(**{k: v for k, v in value.items() if k in known}))
+        elif key in {f.name for f in fields(RunSettings)}:
+            setattr(s, key, value)
+    return s
