@@ -51,3 +51,56 @@ def tiny_qwen2_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory) -> Path:
     return write_corpus(tmp_path_factory.mktemp("corpus") / "corpus.jsonl")
+
+
+@pytest.fixture(scope="session")
+def hub_emulator():
+    """The Hub emulator (tests/hub_emulator.py) running for the session, seeded with users and datasets.
+
+    Clients are NOT pointed at it by this fixture; use ``hub_server`` in a test, or pass
+    ``hub_emulator.client_env()`` to a subprocess.
+    """
+    from hub_emulator import HubEmulator, seed_default
+
+    with HubEmulator() as hub:
+        seed_default(hub)
+        yield hub
+
+
+@pytest.fixture
+def hub_server(hub_emulator, tmp_path_factory):
+    """The seeded Hub emulator, with huggingface_hub and datasets pointed at it during one test.
+
+    ``hub_server.url`` is the endpoint; tokens are ``hub_emulator.WRITE_TOKEN`` (alice),
+    ``READ_TOKEN`` (alice, read-only) and ``BOB_TOKEN``; ``hub_server.files(repo)`` and
+    ``hub_server.commits(repo)`` read back what was pushed.
+    """
+    from hub_emulator import point_clients_at
+
+    cache = tmp_path_factory.getbasetemp() / "hf-cache"
+    with point_clients_at(hub_emulator, cache):
+        yield hub_emulator
+
+
+def train_tiny(out: Path, model_dir: Path, corpus: Path, **overrides):
+    """Run data -> train -> eval on a tiny model through the real pipeline; return the RunDir."""
+    from rawtune.pipeline import run_pipeline
+    from rawtune.rundir import RunDir
+    from rawtune.settings import RunSettings, apply
+
+    values = dict(out=str(out), dataset=str(corpus), model=str(model_dir), preset="quick",
+                  seq_len=64, batch_size=2, max_steps=12, learning_rate=3e-3, save_steps=4,
+                  train_embeddings=True, stages=["data", "train", "eval"])
+    values.update(overrides)
+    run_pipeline(apply(RunSettings(), values), log=lambda line: None)
+    return RunDir(out)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, tiny_llama_dir, tiny_corpus):
+    """A finished tiny run (embeddings trained, so the tied model must be untied at merge).
+
+    Shared by several test files: tests may add stages to it (merge, export) but must not
+    delete what is there.
+    """
+    return train_tiny(tmp_path_factory.mktemp("runs") / "tiny", tiny_llama_dir, tiny_corpus)

@@ -1,0 +1,188 @@
+"""The model card (README.md) rawtune pushes with a run: Hub metadata plus a page that explains itself.
+
+The YAML header tells the Hub what the repo is (base model and relation, datasets, licence,
+tags); the body says what was trained on and how, shows the held-out perplexity of the base and
+the tuned model (and of each GGUF quant, with file sizes), and gives copy-paste lines for
+Ollama, llama.cpp and Python that use the real repo id.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Optional
+
+import yaml
+
+# Quant names as they appear in GGUF file names, in the order the card lists them.
+QUANT_ORDER = ["Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "F16", "BF16", "F32"]
+_QUANT_RE = re.compile(r"(?<![A-Za-z0-9])(" + "|".join(QUANT_ORDER) + r")(?![A-Za-z0-9])", re.IGNORECASE)
+
+
+def quant_of(filename: str) -> Optional[str]:
+    """The quant type a GGUF file name carries (``name.Q4_K_M.gguf`` -> ``Q4_K_M``)."""
+    match = _QUANT_RE.search(filename)
+    return match.group(1).upper() if match else None
+
+
+def is_hub_dataset(spec: Optional[str]) -> bool:
+    """True when a dataset spec is a Hub id (user/name), not a local file or folder."""
+    if not spec:
+        return False
+    from .data import is_local
+
+    return not is_local(str(spec)) and str(spec).count("/") == 1
+
+
+def _size(n: Optional[int]) -> str:
+    if not n:
+        return "?"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def _num(value: Any, digits: int = 2) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "n/a"
+
+
+def metadata(record: dict[str, Any]) -> dict[str, Any]:
+    """The YAML header of the card, built from run.json."""
+    model = record.get("model") or {}
+    settings = record.get("settings") or {}
+    dataset = (settings.get("data") or {}).get("dataset")
+    meta: dict[str, Any] = {}
+    if model.get("upstream_id"):
+        meta["base_model"] = model["upstream_id"]
+        # The weights were trained, then exported to GGUF: to the Hub that is a fine-tune of the
+        # base (its other values are adapter, merge and quantized, for untrained re-packagings).
+        meta["base_model_relation"] = "finetune"
+    if is_hub_dataset(dataset):
+        meta["datasets"] = [str(dataset)]
+    if model.get("license"):
+        meta["license"] = str(model["license"])
+    # The Hub knows no "gguf" library (it detects GGUF files by itself and offers Ollama/llama.cpp
+    # from them); llama-cpp-python is a listed library whose snippet loads a root GGUF, as here.
+    meta["library_name"] = "llama-cpp-python"
+    tags = ["gguf", "ollama", "rawtune"]
+    if (record.get("train") or {}).get("backend") == "unsloth":
+        tags.append("unsloth")
+    tags += ["lora", "text-generation"]
+    meta["tags"] = tags
+    meta["pipeline_tag"] = "text-generation"
+    return meta
+
+
+def _gguf_rows(record: dict[str, Any], files: list[str]) -> list[tuple[str, str, Optional[int], Any]]:
+    """(quant, file, bytes, ppl) for each GGUF, from run.json's ``gguf`` and the pushed files."""
+    rows = []
+    gguf = record.get("gguf") or {}
+    for key, info in gguf.items():
+        if isinstance(info, dict) and info.get("file"):
+            rows.append(((quant_of(info["file"]) or key).upper(), info["file"].split("/")[-1],
+                         info.get("bytes"), info.get("ppl")))
+    known = {r[1] for r in rows}
+    for name in files:
+        if name.endswith(".gguf") and "/" not in name and name not in known:
+            rows.append((quant_of(name) or name, name, None, None))
+    order = {q: i for i, q in enumerate(QUANT_ORDER)}
+    return sorted(rows, key=lambda r: (order.get(r[0], len(order)), r[1]))
+
+
+def _training_rows(record: dict[str, Any]) -> list[tuple[str, str]]:
+    settings = record.get("settings") or {}
+    data_s = settings.get("data") or {}
+    train_s = settings.get("train") or {}
+    train = record.get("train") or {}
+    data = record.get("data") or {}
+    model = record.get("model") or {}
+    dataset = data_s.get("dataset")
+    source = f"[{dataset}](https://huggingface.co/datasets/{dataset})" if is_hub_dataset(dataset) else "a local corpus"
+    if is_hub_dataset(dataset) and data_s.get("dataset_config"):
+        source += f", config `{data_s['dataset_config']}`"
+    if is_hub_dataset(dataset):
+        source += f", split `{data_s.get('split', 'train')}`"
+    rows = [
+        ("base model", f"`{model.get('upstream_id') or model.get('spec') or train_s.get('model')}`"),
+        ("data", source),
+    ]
+    if data:
+        rows.append(("documents", f"{data.get('documents_kept', '?')} kept of {data.get('documents_read', '?')} read "
+                                  f"(column `{data.get('column') or 'plain text'}`)"))
+        rows.append(("tokens", f"{data.get('train_tokens', 0):,} train, {data.get('heldout_tokens', 0):,} held out "
+                               f"(blocks of {data.get('seq_len', train_s.get('seq_len'))})"))
+    rows += [
+        ("method", f"LoRA (continued pretraining on raw text) with {train.get('backend') or train_s.get('backend', 'peft')}"),
+        ("preset", str(train_s.get("preset", "?"))),
+        ("LoRA", f"r={train_s.get('lora_r')}, alpha={train_s.get('lora_alpha')}, rsLoRA={train_s.get('use_rslora')}, "
+                 f"dropout={train_s.get('lora_dropout')}"),
+        ("target modules", ", ".join(train_s.get("target_modules") or []) or "?"),
+        ("embeddings trained", str(bool(train_s.get("train_embeddings")))),
+        ("learning rate", f"{train_s.get('learning_rate')} ({train_s.get('lr_scheduler')}, warmup {train_s.get('warmup_ratio')})"),
+        ("batch", f"{train_s.get('batch_size')} x {train_s.get('grad_accum')} accumulation"),
+        ("steps", f"{train.get('steps', '?')} of {train.get('max_steps', '?')}"
+                  + (" (stopped early)" if train.get("stopped_early") else "")),
+    ]
+    if train.get("final_loss") is not None:
+        rows.append(("final train loss", _num(train["final_loss"], 4)))
+    if train.get("seconds") is not None:
+        rows.append(("training time", f"{train['seconds'] / 60:.1f} min"))
+    return rows
+
+
+def render(record: dict[str, Any], repo_id: str, files: list[str]) -> str:
+    """The whole README.md for ``repo_id`` holding ``files`` (paths in the repo)."""
+    meta = metadata(record)
+    name = repo_id.split("/", 1)[1]
+    base = meta.get("base_model")
+    gguf_rows = _gguf_rows(record, files)
+    quants = [q for q, *_ in gguf_rows if q in QUANT_ORDER]
+    metrics = record.get("metrics") or {}
+    dataset = meta.get("datasets", [None])[0]
+    out = ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(), "---", "", f"# {name}", ""]
+    intro = f"A fine-tune of [{base}](https://huggingface.co/{base})" if base else "A fine-tuned language model"
+    intro += f" on [{dataset}](https://huggingface.co/datasets/{dataset})" if dataset else " on a raw-text corpus"
+    intro += (", trained with rawtune (LoRA on raw text) and exported to "
+              "GGUF for Ollama and llama.cpp.")
+    if "template" in files and "params" in files:
+        intro += " The chat template and stop tokens ship with it (`template`, `params`), so Ollama needs no Modelfile."
+    out += [intro, "", "## Use it", ""]
+    if quants:
+        out += ["With [Ollama](https://ollama.com):", "", "```sh"]
+        out += [f"ollama run hf.co/{repo_id}:{q}" for q in quants]
+        out += ["```", ""]
+        first = quants[0]
+        out += ["With llama.cpp:", "", "```sh", f'llama-cli -hf {repo_id}:{first} -p "Once upon a time"', "```", ""]
+        out += ["With Python (llama-cpp-python):", "", "```python",
+                "from llama_cpp import Llama", "",
+                f'llm = Llama.from_pretrained(repo_id="{repo_id}", filename="*{first}.gguf")',
+                'print(llm("Once upon a time", max_tokens=64)["choices"][0]["text"])', "```", ""]
+    if base and any(f.startswith("adapter/") for f in files):
+        out += ["The LoRA adapter is in `adapter/`, for use with transformers and peft:", "", "```python",
+                "from peft import PeftModel", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                f'base = AutoModelForCausalLM.from_pretrained("{base}")',
+                f'model = PeftModel.from_pretrained(base, "{repo_id}", subfolder="adapter")',
+                f'tokenizer = AutoTokenizer.from_pretrained("{base}")', "```", ""]
+    out += ["## Evaluation", "",
+            "Perplexity on held-out documents that were never trained on (lower is better).", "",
+            "| model | held-out perplexity |", "|---|---|",
+            f"| base | {_num(metrics.get('ppl_base'))} |", f"| tuned | {_num(metrics.get('ppl_tuned'))} |"]
+    if gguf_rows:
+        out += ["", "| GGUF | quant | size | held-out perplexity |", "|---|---|---|---|"]
+        out += [f"| `{file}` | {q} | {_size(size)} | {_num(ppl)} |" for q, file, size, ppl in gguf_rows]
+    out += ["", "## Training", "", "| setting | value |", "|---|---|"]
+    out += [f"| {k} | {v} |" for k, v in _training_rows(record)]
+    out += ["", "## Files", ""]
+    described = {"template": "Ollama chat template (Go template)", "params": "Ollama parameters (stop tokens)",
+                 "system": "Ollama system prompt", "Modelfile": "for `ollama create` from a local download",
+                 "Modelfile.completion": "the same as a plain completion model (no chat template)",
+                 "run.json": "rawtune's record of the run (settings, data report, metrics)"}
+    for q, file, size, _ in gguf_rows:
+        out.append(f"- `{file}`: {q} GGUF, {_size(size)}")
+    for path, what in described.items():
+        if path in files:
+            out.append(f"- `{path}`: {what}")
+    if any(f.startswith("adapter/") for f in files):
+        out.append("- `adapter/`: the LoRA adapter (peft)")
+    out.append("")
+    return "\n".join(out)

@@ -1,0 +1,59 @@
+"""The eval stage: held-out perplexity of the base and the tuned model on the same tokens.
+
+Both numbers come from exactly the blocks in ``data/heldout.npy``, which training never saw, so
+before -> after is a like-for-like comparison.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from .rundir import RunDir
+
+
+def perplexity(model: Any, blocks: np.ndarray, batch_size: int = 4) -> float:
+    """exp(mean next-token loss) over every predicted position of ``blocks``."""
+    import torch
+
+    device = next(model.parameters()).device
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(blocks), batch_size):
+            ids = torch.from_numpy(np.asarray(blocks[start:start + batch_size], dtype=np.int64)).to(device)
+            logits = model(input_ids=ids).logits.float()
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+            total += float(loss)
+            count += ids[:, 1:].numel()
+    return math.exp(total / count)
+
+
+def evaluate_run(run: RunDir, log: Callable[[str], None] = print, batch_size: int = 4) -> dict:
+    """Measure base and tuned perplexity on the held-out blocks and store them in run.json."""
+    from peft import PeftModel
+
+    from .data import load_blocks
+    from .errors import StageMissing
+    from .models import load_causal_lm
+
+    model_info = run.require("model", "train")
+    if not (run.adapter_dir / "adapter_config.json").is_file():
+        raise StageMissing(f"{run.adapter_dir} has no adapter: run `rawtune train` first")
+    held = load_blocks(run, "heldout")
+    started = time.time()
+    base = load_causal_lm(model_info["local_dir"])
+    ppl_base = perplexity(base, held, batch_size)
+    tuned = PeftModel.from_pretrained(base, str(run.adapter_dir))
+    ppl_tuned = perplexity(tuned, held, batch_size)
+    metrics = run.load().get("metrics", {})
+    metrics.update(ppl_base=round(ppl_base, 4), ppl_tuned=round(ppl_tuned, 4),
+                   heldout_tokens=int(held.size), eval_seconds=round(time.time() - started, 2))
+    run.update(metrics=metrics)
+    change = 100 * (ppl_tuned - ppl_base) / ppl_base
+    log(f"[eval] held-out perplexity {ppl_base:.4f} -> {ppl_tuned:.4f} ({change:+.1f}%) on {held.size:,} tokens")
+    return metrics

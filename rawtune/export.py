@@ -1,0 +1,373 @@
+"""The export stage: merged model -> GGUF files checked by llama.cpp, plus the files Ollama reads.
+
+Steps: merge (``rawtune.merge.merge_run``, reused when current), convert to F16 with rawtune's own
+writer (:mod:`rawtune.gguf_writer`), quantize with llama.cpp's own quantizer through
+llama-cpp-python (no git, cmake or compiler at run time), then load every file in llama.cpp and
+check it: tokenization agrees with the HF tokenizer, a few greedy tokens come out, and the
+perplexity on the run's held-out blocks is close to the merged PyTorch model's. A quantized file
+far above the merged model's perplexity is a conversion bug, so it is reported loudly.
+Running export twice reuses files made from the same merged model.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from .errors import ExportError
+from .rundir import RunDir
+from .settings import QUANTS, ExportSettings
+
+# Bump when the writer's output changes, so older GGUFs are rebuilt instead of reused.
+WRITER_VERSION = 1
+LABELS = {"q4_k_m": "Q4_K_M", "q8_0": "Q8_0", "f16": "F16"}
+# llama_ftype values (llama.h) for the quantizer.
+FTYPES = {"Q4_K_M": 15, "Q8_0": 7}
+# Perplexity increase over the merged model (percent) above which a file is suspect.
+PPL_BOUNDS = {"F16": 0.5, "Q8_0": 1.0, "Q4_K_M": 8.0}
+PPL_TOKEN_BUDGET = 8192  # held-out tokens scored per file (whole blocks, at least one)
+SAMPLE_TEXT = ("The quick brown fox jumps over the lazy dog. In 1984, 3 engineers wrote 12,345 lines;\n"
+               "they said: \"it's done!\"  Tabs\tand  spaces,  café naïve résumé, emoji 🙂 and (brackets) [x] {y}.")
+GREEDY_TOKENS = 8
+
+
+def _label_list(quants: list[str]) -> list[str]:
+    labels = []
+    for q in quants:
+        q = q.lower()
+        if q not in LABELS:
+            raise ExportError(f"--quant {q!r} is unknown; use some of {', '.join(QUANTS)}")
+        labels.append(LABELS[q])
+    if not labels:
+        raise ExportError("--quant is empty; name at least one of " + ", ".join(QUANTS))
+    return list(dict.fromkeys(labels))
+
+
+def file_stem(run: RunDir, name: Optional[str]) -> str:
+    """The GGUF file name stem: --name, else the run directory's name, made file-name safe."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", name or run.path.resolve().name).strip("-.")
+    if not stem:
+        raise ExportError(f"cannot make a file name from {name!r}; pass --name with letters or digits")
+    return stem
+
+
+def _fingerprint(merged: Path, stem: str) -> str:
+    """Identifies the merged model an output was made from (file sizes and times) and the writer."""
+    parts = [f"v{WRITER_VERSION}", stem]
+    for path in sorted(merged.iterdir()):
+        if path.is_file():
+            st = path.stat()
+            parts.append(f"{path.name}:{st.st_size}:{st.st_mtime_ns}")
+    import hashlib
+
+    return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- llama.cpp
+
+
+def _llama_cpp() -> Any:
+    try:
+        import llama_cpp
+    except ImportError:
+        raise ExportError("GGUF quantization and verification need llama-cpp-python: "
+                          "`pip install llama-cpp-python==0.3.36` (or pip install 'rawtune[gguf]')") from None
+    return llama_cpp
+
+
+def quantize(src: Path, dst: Path, label: str) -> float:
+    """Quantize ``src`` (F16 GGUF) to ``dst`` with llama.cpp's quantizer; returns seconds taken."""
+    llama_cpp = _llama_cpp()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = FTYPES[label]
+    params.nthread = os.cpu_count() or 1
+    tmp = dst.with_name(dst.name + ".partial")
+    started = time.time()
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
+    if rc != 0 or not tmp.is_file():
+        tmp.unlink(missing_ok=True)
+        raise ExportError(f"llama.cpp could not quantize {src.name} to {label} (code {rc}); "
+                          f"check free disk space and that the F16 file loads")
+    os.replace(tmp, dst)
+    return time.time() - started
+
+
+def tensor_types(path: Path) -> dict[str, int]:
+    """How many tensors of each type the GGUF holds, as written (read back with gguf-py)."""
+    from gguf import GGUFReader
+
+    counts: dict[str, int] = {}
+    for tensor in GGUFReader(str(path)).tensors:
+        key = tensor.tensor_type.name
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def load_llama(path: Path, n_ctx: int, logits_all: bool = False, f32_cache: bool = False) -> Any:
+    """Open a GGUF with llama.cpp on the CPU (callers must ``close()`` it).
+
+    ``f32_cache`` keeps the KV cache in float32 instead of llama.cpp's default F16, for
+    comparisons with PyTorch at float32 tolerance.
+    """
+    llama_cpp = _llama_cpp()
+    cache = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if f32_cache else {}
+    try:
+        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 512),
+                               logits_all=logits_all, n_threads=os.cpu_count() or 1,
+                               n_gpu_layers=0, verbose=False, **cache)
+    except Exception as exc:  # llama-cpp-python raises ValueError/RuntimeError for bad files
+        raise ExportError(f"llama.cpp could not load {path.name}: {exc}; the conversion is broken, "
+                          f"report it with the model's config.json") from None
+
+
+def _nll_from_logits(logits: np.ndarray, tokens: np.ndarray) -> tuple[float, int]:
+    """Summed negative log-likelihood of tokens[1:] given logits[:-1] (float64 for stability)."""
+    x = logits[:-1].astype(np.float64)
+    top = x.max(axis=-1, keepdims=True)
+    lse = np.log(np.exp(x - top).sum(axis=-1)) + top[:, 0]
+    picked = x[np.arange(len(tokens) - 1), tokens[1:]]
+    return float((lse - picked).sum()), len(tokens) - 1
+
+
+def llama_logits(llm: Any, tokens: np.ndarray) -> np.ndarray:
+    """llama.cpp's logits for every position of ``tokens`` (the model must have logits_all)."""
+    llm.reset()
+    llm.eval([int(t) for t in tokens])
+    return np.array(llm.scores[: len(tokens)], dtype=np.float32)
+
+
+def llama_perplexity(llm: Any, blocks: np.ndarray) -> float:
+    total, count = 0.0, 0
+    for block in blocks:
+        nll, n = _nll_from_logits(llama_logits(llm, block), block)
+        total, count = total + nll, count + n
+    return float(np.exp(total / count))
+
+
+def torch_perplexity(model_dir: Path, blocks: np.ndarray) -> float:
+    """The merged PyTorch model's perplexity on the same blocks, scored the same way (fp32, CPU)."""
+    import torch
+
+    from .models import load_causal_lm
+
+    model = load_causal_lm(model_dir, device="cpu", dtype=torch.float32).eval()
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for block in blocks:
+            logits = model(torch.as_tensor(block[None, :], dtype=torch.long)).logits[0].float().numpy()
+            nll, n = _nll_from_logits(logits, block)
+            total, count = total + nll, count + n
+    del model
+    return float(np.exp(total / count))
+
+
+def check_tokenizer(llm: Any, tokenizer: Any, texts: list[str]) -> list[str]:
+    """Texts on which llama.cpp's tokenization differs from the HF tokenizer's (empty: all agree)."""
+    bad = []
+    for text in texts:
+        for special in (False, True):
+            hf = tokenizer.encode(text, add_special_tokens=special)
+            cpp = llm.tokenize(text.encode("utf-8"), add_bos=special, special=True)
+            if list(hf) != list(cpp):
+                first = next((i for i, (a, b) in enumerate(zip(hf, cpp)) if a != b), min(len(hf), len(cpp)))
+                bad.append(f"{text[:40]!r} (add_special={special}): ids differ from position {first} "
+                           f"(HF {list(hf)[first:first + 4]}, llama.cpp {list(cpp)[first:first + 4]})")
+    return bad
+
+
+def verify_file(path: Path, tokenizer: Any, blocks: Optional[np.ndarray], texts: list[str],
+                prompt: str, n_ctx: int) -> dict[str, Any]:
+    """Load one GGUF in llama.cpp: tokenization check, greedy sample and held-out perplexity."""
+    started = time.time()
+    llm = load_llama(path, n_ctx, logits_all=blocks is not None)
+    try:
+        mismatches = check_tokenizer(llm, tokenizer, texts)
+        out = llm.create_completion(prompt, max_tokens=GREEDY_TOKENS, temperature=0.0, top_k=1)
+        sample = out["choices"][0]["text"]
+        ppl = llama_perplexity(llm, blocks) if blocks is not None else None
+    finally:
+        llm.close()
+    return {"ppl": None if ppl is None else round(ppl, 4), "tokenizer_ok": not mismatches,
+            "tokenizer_mismatches": mismatches[:5], "sample": sample,
+            "verify_seconds": round(time.time() - started, 2)}
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def _heldout_blocks(run: RunDir, log: Callable[[str], None]) -> Optional[np.ndarray]:
+    path = run.data_dir / "heldout.npy"
+    if not path.is_file():
+        log(f"[export] {path} not found: skipping perplexity checks (run `rawtune data` to get held-out blocks)")
+        return None
+    blocks = np.load(path)
+    if blocks.ndim != 2 or not len(blocks):
+        log(f"[export] {path} holds no blocks: skipping perplexity checks")
+        return None
+    keep = max(1, min(len(blocks), PPL_TOKEN_BUDGET // blocks.shape[1]))
+    return blocks[:keep].astype(np.int64)
+
+
+def _check_texts(tokenizer: Any, blocks: Optional[np.ndarray]) -> tuple[list[str], str]:
+    """Sample texts for the tokenizer check (fixed text + decoded held-out text) and a prompt."""
+    texts = [SAMPLE_TEXT]
+    prompt = "The"
+    if blocks is not None:
+        texts.append(tokenizer.decode(blocks[0][:256].tolist(), skip_special_tokens=False))
+        prompt = tokenizer.decode(blocks[0][:24].tolist(), skip_special_tokens=True) or prompt
+    return texts, prompt
+
+
+def _warn(log: Callable[[str], None], text: str, warnings: list[str]) -> None:
+    warnings.append(text)
+    bar = "!" * 72
+    log(f"[export] {bar}\n[export] WARNING: {text}\n[export] {bar}")
+
+
+def export_run(run: RunDir, settings: ExportSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Merge, convert, quantize and verify; write the Ollama files; record ``gguf`` and ``export``."""
+    from . import gguf_writer, ollama
+    from .merge import merge_run
+
+    labels = _label_list(list(settings.quant))
+    stem = file_stem(run, settings.name)
+    started = time.time()
+    merged = Path(merge_run(run, log=log))
+    seconds_merge = time.time() - started
+
+    record = run.load()
+    fingerprint = _fingerprint(merged, stem)
+    previous = record.get("gguf") or {}
+    prev_export = record.get("export") or {}
+    reusable = prev_export.get("fingerprint") == fingerprint
+    out_dir = run.gguf_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def target(label: str) -> Path:
+        return out_dir / f"{stem}.{label}.gguf"
+
+    def current(label: str) -> bool:
+        info = previous.get(label) or {}
+        path = target(label)
+        return reusable and path.is_file() and info.get("bytes") == path.stat().st_size
+
+    gguf: dict[str, dict[str, Any]] = {k: v for k, v in previous.items() if k in labels and current(k)}
+    for label in gguf:
+        log(f"[export] {target(label).name} is up to date")
+    todo = [label for label in labels if label not in gguf]
+
+    # F16 from rawtune's writer: the requested F16 file itself, or a work file for the quantizer.
+    work_dir = run.path / "gguf_work"
+    f16 = target("F16") if "F16" in labels else work_dir / f"{stem}.F16.gguf"
+    seconds_convert = 0.0
+    conversion = prev_export.get("conversion") if reusable else None
+    if todo:
+        t0 = time.time()
+        conversion = gguf_writer.convert(merged, f16, "f16", name=stem,
+                                         license=(record.get("model") or {}).get("license"), log=log)
+        seconds_convert = time.time() - t0
+        log(f"[export] wrote F16 GGUF ({conversion['tensors']} tensors, pre-tokenizer "
+            f"{conversion['pre_tokenizer']}) in {seconds_convert:.1f}s")
+        if "F16" in todo:
+            gguf["F16"] = {"file": f16.name, "bytes": f16.stat().st_size, "seconds": round(seconds_convert, 2)}
+
+    seconds_quantize = 0.0
+    for label in todo:
+        if label == "F16":
+            continue
+        seconds = quantize(f16, target(label), label)
+        seconds_quantize += seconds
+        gguf[label] = {"file": target(label).name, "bytes": target(label).stat().st_size,
+                       "seconds": round(seconds, 2)}
+        log(f"[export] quantized {target(label).name} ({gguf[label]['bytes'] / 2**20:.1f} MiB) in {seconds:.1f}s")
+    for label in todo:
+        gguf[label]["tensor_types"] = tensor_types(target(label))
+
+    # ---- verification (timed separately from the export itself)
+    warnings: list[str] = []
+    ppl_merged = prev_export.get("ppl_merged") if reusable else None
+    ppl_f16 = prev_export.get("ppl_f16") if reusable else None
+    blocks_used = prev_export.get("ppl_blocks") if reusable else None
+    t0 = time.time()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(merged))
+    config = gguf_writer._read_json(merged / "config.json")
+    to_verify = [label for label in labels if "verify_seconds" not in gguf[label]] if settings.verify else []
+    if to_verify:
+        blocks = _heldout_blocks(run, log)
+        texts, prompt = _check_texts(tokenizer, blocks)
+        n_ctx = int(blocks.shape[1]) if blocks is not None else 512
+        blocks_used = None if blocks is None else [int(blocks.shape[0]), int(blocks.shape[1])]
+        if blocks is not None and ppl_merged is None:
+            ppl_merged = round(torch_perplexity(merged, blocks), 4)
+            log(f"[export] merged PyTorch model: perplexity {ppl_merged:.4f} on {blocks.shape[0]} held-out blocks")
+        check = list(to_verify)
+        if blocks is not None and "F16" not in labels and f16.is_file():
+            check.append("F16 (work file)")  # separates conversion error from quantization loss
+        for label in check:
+            path = f16 if label.startswith("F16") else target(label)
+            result = verify_file(path, tokenizer, blocks, texts, prompt, n_ctx)
+            if label.startswith("F16"):
+                ppl_f16 = result["ppl"]
+            if label in gguf:
+                gguf[label].update(result)
+            log(f"[export] llama.cpp {label}: perplexity {result['ppl']}, tokenizer "
+                f"{'agrees' if result['tokenizer_ok'] else 'DIFFERS'}, greedy {result['sample']!r}")
+            if not result["tokenizer_ok"]:
+                _warn(log, f"{label}: llama.cpp tokenizes differently from the HF tokenizer: "
+                           f"{'; '.join(result['tokenizer_mismatches'][:2])}", warnings)
+    checked = {label: gguf[label] for label in labels}
+    if "F16" not in labels and ppl_f16 is not None:
+        checked["F16"] = {"ppl": ppl_f16}  # the work file: a rise here is the writer's fault
+    for label, entry in checked.items():
+        ppl = entry.get("ppl")
+        if ppl is not None and ppl_merged:
+            rise = 100.0 * (ppl / ppl_merged - 1.0)
+            entry["ppl_increase_pct"] = round(rise, 3)
+            if rise > PPL_BOUNDS[label]:
+                _warn(log, f"{label} perplexity {ppl:.4f} is {rise:+.2f}% over the merged model's "
+                           f"{ppl_merged:.4f} (bound {PPL_BOUNDS[label]}%): that is a conversion bug, not "
+                           f"quantization noise", warnings)
+    seconds_verify = time.time() - t0 if to_verify else 0.0
+    if f16.parent == work_dir and f16.is_file():
+        f16.unlink()  # only the quantizer needed it; the requested files are in gguf/
+        if not any(work_dir.iterdir()):
+            work_dir.rmdir()
+
+    # ---- the files Ollama reads
+    first = next(label for label in ("Q4_K_M", "Q8_0", "F16") if label in labels)
+    add_bos = bool((conversion or {}).get("add_bos", False))
+    fmt = ollama.chat_format_for(tokenizer, add_bos, log=log)
+    specials = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
+    context = int(config.get("max_position_embeddings") or 2048)
+    written = ollama.write_files(out_dir, target(first).name, fmt, tokenizer.eos_token, specials, context)
+    log(f"[export] wrote {', '.join(written['files'])} ({written['template']} template, stops {written['stop']})")
+
+    export = {
+        "dir": out_dir.name,
+        "name": stem,
+        "seconds_merge": round(seconds_merge, 2),
+        "seconds_convert": round(seconds_convert, 2),
+        "seconds_quantize": round(seconds_quantize, 2),
+        "seconds_verify": round(seconds_verify, 2),
+        "files": [gguf[label]["file"] for label in labels] + written["files"],
+        "ppl_merged": ppl_merged,
+        "ppl_f16": ppl_f16 if "F16" not in labels else gguf["F16"].get("ppl"),
+        "ppl_blocks": blocks_used,
+        "template": written["template"],
+        "stop": written["stop"],
+        "conversion": conversion,
+        "fingerprint": fingerprint,
+        "warnings": warnings,
+    }
+    run.update(gguf={label: gguf[label] for label in labels}, export=export)
+    total = seconds_merge + seconds_convert + seconds_quantize
+    log(f"[export] done: merge {seconds_merge:.1f}s + convert {seconds_convert:.1f}s + quantize "
+        f"{seconds_quantize:.1f}s = {total:.1f}s; verification {seconds_verify:.1f}s")
+    return export

@@ -1,0 +1,641 @@
+"""The fast CUDA training loop: LoRA on llama-family models without the Trainer's overheads.
+
+Why it exists (issue 6): on a GPU the Trainer path runs SmolLM2-135M at 1-14 % of the card's
+arithmetic rate; the time goes to Python, small kernel launches, un-fused elementwise work and
+the [tokens, 49k] logits tensor. This loop trains the *same parameters* of the PEFT model that
+:mod:`rawtune.train` built (LoRA A/B, the trained embed_tokens/lm_head copies), with the same
+maths: the loss is summed over the tokens of one optimizer step and divided by their count (as
+the Trainer does with ``num_items_in_batch``), the same parameter groups, AdamW, LR schedule
+(``transformers.get_scheduler``) and gradient clipping at 1.0. What changes is how it runs:
+
+- one hand-written decoder layer, compiled once with ``torch.compile`` and reused for all layers
+  (the elementwise work around the matmuls is fused; q/k/v and gate/up share one base matmul and
+  one LoRA-A matmul);
+- attention through ``scaled_dot_product_attention`` (flash / cuDNN kernels, causal, GQA);
+- a chunked cross-entropy that computes the loss and its gradients chunk by chunk, so the full
+  logits never exist in memory;
+- micro-batches as large as the card allows (rawtune.gpu.plan picks them, keeping the effective
+  batch), no gradient checkpointing, the step's loss read back one step late so the GPU never
+  waits on Python.
+
+Checkpoints are ``checkpoints/checkpoint-N`` folders with the adapter and ``fastloop_state.pt``;
+only this loop resumes them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from .rundir import RunDir
+from .settings import RunSettings, TrainSettings
+
+PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ARCHS = ("llama", "qwen2")
+STATE_FILE = "fastloop_state.pt"
+
+
+# ---------------------------------------------------------------- when it applies
+
+
+def disabled() -> bool:
+    """RAWTUNE_FASTLOOP=0 sends CUDA training back to the Trainer path (for comparisons)."""
+    return os.environ.get("RAWTUNE_FASTLOOP", "1") == "0"
+
+
+def applicable(t: TrainSettings, config: dict, bf16: Optional[bool] = None) -> Optional[str]:
+    """None when the fast loop can train this recipe on this architecture, else the reason why not.
+
+    ``bf16``: whether the card computes in bf16 (None: ask the current CUDA device).
+    """
+    if disabled():
+        return "RAWTUNE_FASTLOOP=0"
+    if config.get("model_type") not in ARCHS:
+        return f"architecture {config.get('model_type')!r} (the fast loop knows {', '.join(ARCHS)})"
+    if config.get("hidden_act", "silu") != "silu" or config.get("mlp_bias"):
+        return "an MLP other than SiLU-gated without bias"
+    if config.get("model_type") == "qwen2" and config.get("use_sliding_window"):
+        return "sliding-window attention"
+    if t.load_in_4bit:
+        return "4-bit loading (bitsandbytes layers)"
+    if t.lora_dropout:
+        return "LoRA dropout"
+    if str(t.gradient_checkpointing) in ("on", "True", "unsloth"):
+        return f"gradient checkpointing '{t.gradient_checkpointing}' was asked for"
+    if bf16 is None:
+        import torch
+
+        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    if not bf16:
+        return "a GPU without bf16"
+    return None
+
+
+def _active(module: Any) -> Any:
+    """The module PEFT actually runs: the trained copy of a modules_to_save wrapper, else itself."""
+    saved = getattr(module, "modules_to_save", None)
+    if saved is not None and "default" in saved:
+        return saved["default"]
+    return module
+
+
+def supports(model: Any, t: TrainSettings, resume_from: Optional[Path]) -> Optional[str]:
+    """None when the fast loop can train this (already built) PEFT model, else why not."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    reason = applicable(t, base.config.to_dict())
+    if reason:
+        return reason
+    if resume_from is not None and not (resume_from / STATE_FILE).is_file():
+        return f"{resume_from.name} was written by the Trainer path"
+    for layer in base.model.layers:
+        for name in PROJ:
+            mod = _proj(layer, name)
+            if hasattr(mod, "lora_A") and "default" in mod.lora_A:
+                if type(mod.lora_A["default"]).__name__ != "Linear" or getattr(mod, "use_dora", {}).get("default"):
+                    return "a LoRA variant other than plain LoRA"
+            if not hasattr(_base_linear(mod), "weight") or _base_linear(mod).weight.dtype not in _float_types():
+                return "quantized base weights"
+    return None
+
+
+def _float_types() -> tuple:
+    import torch
+
+    return (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _proj(layer: Any, name: str) -> Any:
+    return getattr(layer.self_attn if name in PROJ[:4] else layer.mlp, name)
+
+
+def _base_linear(mod: Any) -> Any:
+    return getattr(mod, "base_layer", mod)
+
+
+# ---------------------------------------------------------------- the network as flat tensors
+
+
+@dataclasses.dataclass
+class Net:
+    """The tensors the fast forward reads, taken (not copied, except fused frozen weights) from the model."""
+
+    embed: Any  # [V, d] weight used by the input embedding
+    head: Any  # [V, d] weight used by lm_head (may be the same tensor as embed)
+    norm: Any  # final RMSNorm weight
+    layers: list  # one tuple of tensors per layer, see _layer_tensors
+    cfg: SimpleNamespace  # static shapes and constants
+    rotary: Any  # the model's rotary embedding module (for cos/sin)
+    trainable: list  # (name, parameter) pairs the optimizer updates
+
+
+def extract(model: Any, dtype: Any = None) -> Net:
+    """Flatten a PEFT-wrapped llama/qwen2 into the tensors of :class:`Net` (shared with the model).
+
+    ``dtype`` is the compute dtype (bf16 on CUDA; the CPU tests use fp32 to compare with PEFT).
+    """
+    import torch
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    c = base.config
+    dt = dtype or torch.bfloat16
+    heads, kv = c.num_attention_heads, c.num_key_value_heads
+    hd = getattr(c, "head_dim", None) or c.hidden_size // heads
+    lora_on, ranks, scales = [], [], []
+    first = base.model.layers[0]
+    for name in PROJ:
+        mod = _proj(first, name)
+        has = hasattr(mod, "lora_A") and "default" in mod.lora_A
+        lora_on.append(has)
+        ranks.append(mod.lora_A["default"].weight.shape[0] if has else 0)
+        scales.append(float(mod.scaling["default"]) if has else 0.0)
+    cfg = SimpleNamespace(hidden=c.hidden_size, heads=heads, kv=kv, hd=hd, eps=c.rms_norm_eps,
+                          inter=c.intermediate_size, lora=tuple(lora_on), ranks=tuple(ranks),
+                          scales=tuple(scales), dtype=dt, vocab=c.vocab_size)
+    layers = [_layer_tensors(layer, dt) for layer in base.model.layers]
+    embed = _active(base.get_input_embeddings()).weight
+    head = _active(base.get_output_embeddings()).weight
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    rotary = getattr(base.model, "rotary_emb", None) or first.self_attn.rotary_emb
+    return Net(embed, head, base.model.norm.weight.detach().to(dt), layers, cfg, rotary, trainable)
+
+
+def _layer_tensors(layer: Any, dt: Any) -> tuple:
+    """(ln1, w_qkv, b_qkv, w_o, ln2, w_gu, w_down, A_q, B_q, ..., A_down, B_down) for one layer."""
+    import torch
+
+    def w(name):
+        return _base_linear(_proj(layer, name)).weight.detach().to(dt)
+
+    def b(name):
+        bias = _base_linear(_proj(layer, name)).bias
+        return None if bias is None else bias.detach().to(dt)
+
+    qkv_bias = [b(n) for n in PROJ[:3]]
+    fused_bias = torch.cat(qkv_bias) if all(x is not None for x in qkv_bias) else None
+    out = [layer.input_layernorm.weight.detach().to(dt), torch.cat([w(n) for n in PROJ[:3]]), fused_bias,
+           w("o_proj"), layer.post_attention_layernorm.weight.detach().to(dt),
+           torch.cat([w("gate_proj"), w("up_proj")]), w("down_proj")]
+    for name in PROJ:
+        mod = _proj(layer, name)
+        if hasattr(mod, "lora_A") and "default" in mod.lora_A:
+            out += [mod.lora_A["default"].weight, mod.lora_B["default"].weight]
+        else:
+            out += [None, None]
+    return tuple(out)
+
+
+def _rms(x: Any, w: Any, eps: float) -> Any:
+    import torch
+
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return w * xf.to(x.dtype)
+
+
+def _rotate(x: Any, cos: Any, sin: Any) -> Any:
+    import torch
+
+    half = x.shape[-1] // 2
+    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rot * sin
+
+
+def make_layer(cfg: SimpleNamespace, attn_backends: Optional[list] = None) -> Callable:
+    """The decoder layer as a function of (hidden, cos, sin, tensors): one graph for every layer."""
+    import torch
+    import torch.nn.functional as F
+
+    H, KV, hd, dt = cfg.heads, cfg.kv, cfg.hd, cfg.dtype
+
+    def lora(x, tensors, names):
+        """LoRA deltas of the projections in ``names`` that share input x: one A matmul for all."""
+        idx = [PROJ.index(n) for n in names]
+        present = [i for i in idx if cfg.lora[i]]
+        if not present:
+            return {}
+        a = torch.cat([tensors[7 + 2 * i].to(dt) for i in present]) if len(present) > 1 else tensors[7 + 2 * present[0]].to(dt)
+        u = F.linear(x, a)
+        parts = u.split([cfg.ranks[i] for i in present], dim=-1)
+        return {i: F.linear(p * cfg.scales[i], tensors[8 + 2 * i].to(dt)) for i, p in zip(present, parts)}
+
+    def attention(q, k, v):
+        if attn_backends:
+            from torch.nn.attention import sdpa_kernel
+
+            with sdpa_kernel(attn_backends):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=KV != H)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=KV != H)
+
+    def layer(h, cos, sin, tensors):
+        ln1, w_qkv, b_qkv, w_o, ln2, w_gu, w_down = tensors[:7]
+        B, T, _ = h.shape
+        x = _rms(h, ln1, cfg.eps)
+        qkv = F.linear(x, w_qkv, b_qkv)
+        q, k, v = qkv.split([H * hd, KV * hd, KV * hd], dim=-1)
+        d = lora(x, tensors, PROJ[:3])
+        q = q + d[0] if 0 in d else q
+        k = k + d[1] if 1 in d else k
+        v = v + d[2] if 2 in d else v
+        q = _rotate(q.view(B, T, H, hd).transpose(1, 2), cos, sin)
+        k = _rotate(k.view(B, T, KV, hd).transpose(1, 2), cos, sin)
+        v = v.view(B, T, KV, hd).transpose(1, 2)
+        a = attention(q, k, v).transpose(1, 2).reshape(B, T, H * hd)
+        o = F.linear(a, w_o)
+        d = lora(a, tensors, PROJ[3:4])
+        h = h + (o + d[3] if 3 in d else o)
+        x = _rms(h, ln2, cfg.eps)
+        gu = F.linear(x, w_gu)
+        g, u = gu.split([cfg.inter, cfg.inter], dim=-1)
+        d = lora(x, tensors, PROJ[4:6])
+        g = g + d[4] if 4 in d else g
+        u = u + d[5] if 5 in d else u
+        m = F.silu(g) * u
+        y = F.linear(m, w_down)
+        d = lora(m, tensors, PROJ[6:])
+        return h + (y + d[6] if 6 in d else y)
+
+    return layer
+
+
+# ---------------------------------------------------------------- chunked cross-entropy
+
+
+def _ce_chunk(logits: Any, labels: Any, scale: Any) -> tuple:
+    """Summed token loss of one chunk and d(loss*scale)/d(logits); fp32 maths, bf16 gradient."""
+    import torch
+
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1)
+    valid = labels >= 0
+    safe = torch.where(valid, labels, 0)
+    picked = x.gather(-1, safe[:, None]).squeeze(-1)
+    loss = torch.where(valid, lse - picked, 0.0).sum()
+    p = torch.exp(x - lse[:, None])
+    hot = torch.arange(x.shape[-1], device=x.device)[None, :] == safe[:, None]
+    grad = (p - hot.float()) * (valid.float() * scale)[:, None]
+    return loss, grad.to(logits.dtype)
+
+
+class LinearCrossEntropy:
+    """loss = sum of token losses / n_items, from hidden states and the lm_head weight, in chunks.
+
+    The gradients for the hidden states and the weight are computed during the forward pass, one
+    chunk of rows at a time, so only one chunk's logits ever exist.
+    """
+
+    @staticmethod
+    def build(chunk_fn: Callable) -> Any:
+        import torch
+
+        class _Fn(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, h, weight, labels, n_items, rows, grads):
+                w = weight.to(h.dtype)
+                need_h, need_w = grads and ctx.needs_input_grad[0], grads and ctx.needs_input_grad[1]
+                scale = (1.0 / n_items).to(torch.float32)
+                total = torch.zeros((), device=h.device, dtype=torch.float32)
+                dh = torch.empty_like(h) if need_h else None
+                dw = torch.zeros(weight.shape, device=h.device, dtype=torch.float32) if need_w else None
+                for s in range(0, h.shape[0], rows):
+                    hc = h[s:s + rows]
+                    loss, g = chunk_fn(hc @ w.t(), labels[s:s + rows], scale)
+                    total += loss
+                    if need_h:
+                        dh[s:s + rows] = g @ w
+                    if need_w:
+                        dw += (g.t() @ hc).float()
+                ctx.save_for_backward(dh, dw)
+                ctx.weight_dtype = weight.dtype
+                return total * scale
+
+            @staticmethod
+            def backward(ctx, grad_out):
+                dh, dw = ctx.saved_tensors
+                gh = dh * grad_out.to(dh.dtype) if dh is not None else None
+                gw = (dw * grad_out).to(ctx.weight_dtype) if dw is not None else None
+                return gh, gw, None, None, None, None
+
+        return _Fn
+
+
+def _chunk_rows(n: int, seq: int, vocab: int) -> int:
+    """Rows per cross-entropy chunk: about 4096 tokens of 49k logits (~400 MB bf16), dividing n."""
+    target = max(1, (4096 * 49152) // max(vocab, 1))
+    best = seq if n % seq == 0 else n
+    for rows in range(seq, n + 1, seq):
+        if n % rows == 0 and rows <= max(target, seq):
+            best = rows
+    return best
+
+
+# ---------------------------------------------------------------- the model's loss
+
+
+class FastModel:
+    """Forward/backward of the flattened network; ``loss(ids, labels, n_items)`` returns sum/n_items."""
+
+    def __init__(self, net: Net, compile: bool = True, attn: Optional[str] = None,
+                 log: Callable[[str], None] = print):
+        import torch
+
+        self.net = net
+        backends = _attn_backends(attn)
+        layer = make_layer(net.cfg, backends)
+        self.compiled = compile
+        if compile:
+            layer = torch.compile(layer, dynamic=False)
+            chunk = torch.compile(_ce_chunk, dynamic=False)
+        else:
+            chunk = _ce_chunk
+        self.layer = layer
+        self.ce = LinearCrossEntropy.build(chunk)
+        self._rope: dict = {}
+
+    def rope(self, T: int, device: Any) -> tuple:
+        """cos/sin as the model's rotary module makes them (fp32 maths, then the compute dtype)."""
+        import torch
+
+        if T not in self._rope:
+            inv_freq = self.net.rotary.inv_freq.to(device, torch.float32)
+            scaling = float(getattr(self.net.rotary, "attention_scaling", 1.0) or 1.0)
+            freqs = torch.arange(T, device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]
+            emb = torch.cat((freqs, freqs), dim=-1)
+            dt = self.net.cfg.dtype
+            self._rope[T] = ((emb.cos() * scaling).to(dt), (emb.sin() * scaling).to(dt))
+        return self._rope[T]
+
+    def loss(self, ids: Any, labels: Any, n_items: Any) -> Any:
+        import torch
+        import torch.nn.functional as F
+
+        net = self.net
+        B, T = ids.shape
+        cos, sin = self.rope(T, ids.device)
+        h = F.embedding(ids, net.embed).to(net.cfg.dtype)
+        for tensors in net.layers:
+            h = self.layer(h, cos, sin, tensors)
+        h = _rms(h, net.norm, net.cfg.eps).reshape(B * T, -1)
+        rows = _chunk_rows(B * T, T, net.cfg.vocab)
+        return self.ce.apply(h, net.head, labels.reshape(-1), n_items, rows, torch.is_grad_enabled())
+
+
+def _attn_backends(name: Optional[str]) -> Optional[list]:
+    """RAWTUNE_SDPA=cudnn|flash|efficient pins the attention kernel (default: PyTorch's choice)."""
+    name = name or os.environ.get("RAWTUNE_SDPA", "")
+    if not name:
+        return None
+    from torch.nn.attention import SDPBackend
+
+    table = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    return [table[name]]
+
+
+def shifted_labels(ids: Any, real_rows: int) -> Any:
+    """Causal-LM labels: next token at each position, -100 at each block's end and on padding rows."""
+    import torch
+
+    labels = torch.full_like(ids, -100)
+    labels[:real_rows, :-1] = ids[:real_rows, 1:]
+    return labels
+
+
+# ---------------------------------------------------------------- optimizer, schedule, state
+
+
+def upcast_trainable(net: Net) -> dict:
+    """Give trainable half-precision weights fp32 masters (AdamW steps of 5e-6 vanish in bf16)."""
+    import torch
+
+    original = {}
+    for name, p in net.trainable:
+        if p.dtype != torch.float32:
+            original[name] = p.dtype
+            p.data = p.data.float()
+    return original
+
+
+def restore_dtypes(net: Net, original: dict) -> None:
+    """Cast upcast weights back, so the saved adapter has the dtypes the Trainer path writes."""
+    for name, p in net.trainable:
+        if name in original:
+            p.data = p.data.to(original[name])
+
+
+def make_optimizer(model: Any, t: TrainSettings) -> Any:
+    import torch
+
+    from .train import param_groups
+
+    groups = param_groups(model, t.learning_rate, t.embedding_learning_rate, t.weight_decay)
+    if t.optimizer == "adamw_8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(groups, lr=t.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+    return torch.optim.AdamW(groups, lr=t.learning_rate, betas=(0.9, 0.999), eps=1e-8,
+                             fused=torch.cuda.is_available())
+
+
+def schedule(args: Any, optimizer: Any, max_steps: int) -> Any:
+    """The Trainer's own schedule: same warmup rule and scheduler function."""
+    from transformers import get_scheduler
+
+    return get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.get_warmup_steps(max_steps),
+                         num_training_steps=max_steps)
+
+
+def steps_per_epoch(n_blocks: int, effective: int) -> int:
+    return max(math.ceil(n_blocks / effective), 1)
+
+
+def total_steps(t: TrainSettings, n_blocks: int) -> int:
+    """Optimizer steps of the run, counted as the Trainer counts them."""
+    effective = t.batch_size * t.grad_accum
+    if t.max_steps:
+        return int(t.max_steps)
+    return math.ceil(t.epochs * steps_per_epoch(n_blocks, effective))
+
+
+def step_blocks(step: int, n_blocks: int, effective: int, seed: int) -> np.ndarray:
+    """Block indices of optimizer step ``step``: a fresh seeded shuffle per epoch, the tail step shorter."""
+    per_epoch = steps_per_epoch(n_blocks, effective)
+    epoch, k = divmod(step, per_epoch)
+    order = np.random.default_rng(seed + epoch).permutation(n_blocks)
+    return order[k * effective:(k + 1) * effective]
+
+
+def save_checkpoint(run: RunDir, model: Any, optimizer: Any, scheduler: Any, step: int, keep: int = 2) -> Path:
+    import torch
+
+    path = run.checkpoints_dir / f"checkpoint-{step}"
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(path))
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+               path / STATE_FILE)
+    old = sorted((int(p.name.split("-")[1]), p) for p in run.checkpoints_dir.glob("checkpoint-*")
+                 if p.name.split("-")[1].isdigit())
+    for _, p in old[:-keep]:
+        shutil.rmtree(p, ignore_errors=True)
+    return path
+
+
+def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any) -> int:
+    import torch
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = path / "adapter_model.safetensors"
+    if weights.is_file():
+        set_peft_model_state_dict(model, load_file(str(weights)))
+    state = torch.load(path / STATE_FILE, map_location="cuda" if torch.cuda.is_available() else "cpu",
+                       weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return int(state["step"])
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def _event(step: int, max_steps: int, loss: float, lr: float, tok_s: float, eta: float, epoch: float) -> dict:
+    return {"type": "step", "step": step, "max_steps": max_steps, "loss": loss, "lr": lr,
+            "tokens_per_s": tok_s, "eta_s": eta, "epoch": epoch}
+
+
+def evaluate(fast: FastModel, blocks: Any, micro: int) -> float:
+    """Mean token loss over held-out blocks (no gradients)."""
+    import torch
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for s in range(0, len(blocks), micro):
+            ids = blocks[s:s + micro]
+            labels = shifted_labels(ids, len(ids))
+            n = torch.tensor(float((labels >= 0).sum().item()), device=ids.device)
+            total += float(fast.loss(ids, labels, n).item()) * n.item()
+            count += int(n.item())
+    return total / max(count, 1)
+
+
+def fit_fast(settings: RunSettings, t: TrainSettings, run: RunDir, model: Any, backend: str,
+             train_blocks: np.ndarray, held: np.ndarray, callback: Optional[Callable[[dict], None]],
+             stop: Any, resume_from: Optional[Path], log: Callable[[str], None]) -> dict:
+    """Train with the fast loop; same outputs as rawtune.train._fit (adapter, checkpoints, record)."""
+    import torch
+
+    from .models import load_tokenizer
+    from .train import _CtrlC, _fmt_eta, _record, training_arguments
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # cpu: tests of the loop logic
+    net = extract(model, None if device.type == "cuda" else torch.float32)
+    original = upcast_trainable(net)
+    fast = FastModel(net, compile=os.environ.get("RAWTUNE_COMPILE", "1") != "0")
+    micro, effective, T = t.batch_size, t.batch_size * t.grad_accum, t.seq_len
+    blocks = torch.from_numpy(np.ascontiguousarray(train_blocks)).to(device, torch.long)
+    eval_blocks = torch.from_numpy(np.ascontiguousarray(held[: t.eval_batches * t.batch_size])).to(device, torch.long)
+    max_steps = total_steps(t, len(train_blocks))
+    args = training_arguments(t, run, len(train_blocks), len(eval_blocks) > 0)
+    optimizer = make_optimizer(model, t)
+    scheduler = schedule(args, optimizer, max_steps)
+    start_step = load_checkpoint(resume_from, model, optimizer, scheduler) if resume_from else 0
+    params = [p for _, p in net.trainable]
+    per_epoch = steps_per_epoch(len(train_blocks), effective)
+    eval_every = t.eval_steps if len(eval_blocks) and t.eval_steps else 0
+    log(f"[train] fast CUDA loop: micro-batch {micro} x {t.grad_accum} accumulation, "
+        f"{'compiled' if fast.compiled else 'eager'}, {max_steps} steps")
+    progress = SimpleNamespace(history=[], stopped=False)
+    pending: Optional[tuple] = None
+    first_done: Optional[tuple] = None
+    step = start_step
+
+    def flush(item: tuple) -> None:
+        """Read a finished step's loss (one step late, so the GPU stays busy) and report it."""
+        s, loss_t, lr, done_at = item
+        loss = float(loss_t.item())
+        steps_timed = s - (first_done[0] if first_done else s)
+        elapsed = done_at - first_done[1] if first_done else 0.0
+        tok_s = steps_timed * effective * T / elapsed if steps_timed and elapsed > 0 else 0.0
+        eta = (max_steps - s) * elapsed / steps_timed if steps_timed else float("nan")
+        event = _event(s, max_steps, loss, lr, tok_s, eta, s / per_epoch)
+        progress.history.append(event)
+        if t.logging_steps and (s % t.logging_steps == 0 or s == max_steps):
+            log(f"[train] step {s}/{max_steps} loss {loss:.4f} {tok_s:,.0f} tok/s eta {_fmt_eta(eta)}")
+        if callback:
+            callback(event)
+
+    started = time.time()
+    with _CtrlC(stop, log):
+        try:
+            while step < max_steps:
+                idx = torch.from_numpy(step_blocks(step, len(train_blocks), effective, t.seed)).to(device)
+                n_items = torch.tensor(float(len(idx) * (T - 1)), device=device)
+                step_loss = torch.zeros((), device=device)
+                for s in range(0, len(idx), micro):
+                    ids = blocks[idx[s:s + micro]]
+                    real = len(ids)
+                    if real < micro:  # keep one shape (no recompiles): pad rows carry no labels
+                        ids = torch.cat([ids, ids.new_zeros(micro - real, T)])
+                    loss = fast.loss(ids, shifted_labels(ids, real), n_items)
+                    loss.backward()
+                    step_loss += loss.detach()
+                torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+                lr = optimizer.param_groups[0]["lr"]
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                if pending:
+                    flush(pending)
+                if first_done is None:
+                    _sync()
+                    first_done = (step, time.time())
+                pending = (step, step_loss, lr, time.time())
+                if eval_every and step % eval_every == 0:
+                    flush(pending)
+                    pending = None
+                    _report_eval(fast, eval_blocks, micro, step, progress, callback, log)
+                if step % t.save_steps == 0 and step < max_steps:
+                    save_checkpoint(run, model, optimizer, scheduler, step)
+                if stop.is_set() or run.stop_file.exists():
+                    progress.stopped = True
+                    save_checkpoint(run, model, optimizer, scheduler, step)
+                    break
+        except KeyboardInterrupt:
+            log("[train] aborted; saving the adapter as it is now")
+            progress.stopped = True
+        if pending:
+            _sync()
+            flush((pending[0], pending[1], pending[2], time.time()))
+    seconds = time.time() - started
+    restore_dtypes(net, original)
+    run.adapter_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(run.adapter_dir))
+    load_tokenizer(run.load()["model"]["local_dir"]).save_pretrained(str(run.adapter_dir))
+    trainer = SimpleNamespace(state=SimpleNamespace(global_step=step, max_steps=max_steps))
+    return _record(settings, t, run, trainer, progress, backend, start_step, seconds,
+                   effective * T, callback)
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _report_eval(fast: FastModel, blocks: Any, micro: int, step: int, progress: Any,
+                 callback: Optional[Callable[[dict], None]], log: Callable[[str], None]) -> None:
+    loss = evaluate(fast, blocks, micro)
+    event = {"type": "eval", "step": step, "eval_loss": loss}
+    progress.history.append(event)
+    log(f"[train] step {step} held-out loss {loss:.4f}")
+    if callback:
+        callback(event)

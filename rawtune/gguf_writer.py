@@ -1,0 +1,396 @@
+"""rawtune's own Hugging Face folder -> GGUF (F16 or F32) writer, built on the ``gguf`` package.
+
+llama.cpp's converter script is not a dependency: it lives in a git checkout, imports torch
+helpers of its own and (through a PyPI repackaging) replaces the official ``gguf`` package. This
+module covers the architectures rawtune trains (the llama family: Llama 2/3, SmolLM/SmolLM2,
+Mistral; and Qwen2/Qwen2.5 with attention biases) and fails with a clear :class:`ExportError`
+for anything else, instead of writing a file that loads but generates garbage.
+
+What llama.cpp needs beyond the weights, and why:
+
+- the llama architecture applies RoPE to interleaved pairs while Hugging Face checkpoints use
+  the "rotate half" layout, so Q and K projections of llama-family models are permuted per head
+  (Qwen2 is run by llama.cpp in the NEOX layout, so its weights are written unchanged);
+- BPE tokenizers need ``tokenizer.ggml.pre``, the name of the regex pre-tokenizer llama.cpp must
+  use to split text the way the HF tokenizer does. It is read from the structure of
+  ``tokenizer.json`` (not by hashing sample output), so an unknown structure fails loudly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+
+from .errors import ExportError
+
+# HF architecture -> llama.cpp architecture name; everything here has been checked end to end.
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+}
+SUPPORTED_TEXT = "Llama 2/3 (incl. SmolLM, SmolLM2), Mistral (LlamaForCausalLM, MistralForCausalLM) and Qwen2/Qwen2.5 (Qwen2ForCausalLM)"
+
+# Pre-tokenizer regexes as they appear in tokenizer.json (or implied by ByteLevel(use_regex=True)).
+GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+DIGIT_REGEX = r"\p{N}"  # tokenizers' Digits(individual_digits=True)
+DIGITS_REGEX = r"\p{N}+"  # tokenizers' Digits(individual_digits=False)
+LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+# Sequence of split regexes -> the llama.cpp pre-tokenizer that applies the same splits.
+# (llama.cpp's "smollm" runs \p{N} then the GPT-2 regex, which is what SmolLM/StarCoder's
+# Digits(individual_digits=True) + ByteLevel sequence does.)
+PRE_TOKENIZERS: dict[tuple[str, ...], str] = {
+    (GPT2_REGEX,): "gpt-2",
+    (DIGIT_REGEX, GPT2_REGEX): "smollm",
+    (LLAMA3_REGEX,): "llama-bpe",
+    (QWEN2_REGEX,): "qwen2",
+}
+PRE_TOKENIZER_TEXT = "GPT-2 byte-level, SmolLM/StarCoder (digits + byte-level), Llama 3, Qwen2"
+
+# Normalizers that do not change ordinary text (NFC is what Qwen2 ships; llama.cpp skips it too).
+HARMLESS_NORMALIZERS = {None, "NFC"}
+
+
+@dataclass
+class Vocab:
+    """A tokenizer as GGUF stores it."""
+
+    model: str  # tokenizer.ggml.model: gpt2 (byte-level BPE)
+    pre: str  # tokenizer.ggml.pre
+    tokens: list[str]
+    types: list[int]  # gguf.TokenType values
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ExportError(f"{path} is missing: the model folder must hold a Hugging Face "
+                          f"config and a fast tokenizer (tokenizer.json)") from None
+    except json.JSONDecodeError as exc:
+        raise ExportError(f"{path} is not valid JSON ({exc}); re-save the model with save_pretrained") from None
+
+
+def hf_architecture(config: dict[str, Any]) -> tuple[str, str]:
+    """The HF architecture class and the llama.cpp architecture it maps to."""
+    names = config.get("architectures") or []
+    for name in names:
+        if name in SUPPORTED_ARCHITECTURES:
+            return name, SUPPORTED_ARCHITECTURES[name]
+    raise ExportError(
+        f"GGUF export does not support the architecture {', '.join(names) or config.get('model_type', '?')}; "
+        f"supported: {SUPPORTED_TEXT}. Train on one of those, or convert this model with llama.cpp's own tools"
+    )
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+def _split_steps(pre: Optional[dict[str, Any]]) -> tuple[list[str], bool]:
+    """The split regexes a tokenizer.json pre-tokenizer applies, and whether it is byte-level."""
+    if pre is None:
+        return [], False
+    kind = pre.get("type")
+    if kind == "Sequence":
+        regexes: list[str] = []
+        byte_level = False
+        for step in pre.get("pretokenizers", []):
+            more, bl = _split_steps(step)
+            regexes += more
+            byte_level = byte_level or bl
+        return regexes, byte_level
+    if kind == "ByteLevel":
+        if pre.get("add_prefix_space"):
+            raise ExportError("the tokenizer's ByteLevel pre-tokenizer adds a prefix space, which llama.cpp "
+                              "cannot reproduce; export a model whose tokenizer.json has add_prefix_space false")
+        return ([GPT2_REGEX] if pre.get("use_regex", True) else []), True
+    if kind == "Digits":
+        return [DIGIT_REGEX if pre.get("individual_digits") else DIGITS_REGEX], False
+    if kind == "Split":
+        pattern = pre.get("pattern", {})
+        if "Regex" not in pattern or pre.get("invert") or pre.get("behavior") not in ("Isolated", None):
+            raise ExportError(f"the tokenizer uses a Split pre-tokenizer ({json.dumps(pre)[:200]}) that llama.cpp "
+                              f"cannot reproduce; supported pre-tokenizers: {PRE_TOKENIZER_TEXT}")
+        return [pattern["Regex"]], False
+    raise ExportError(f"the tokenizer's pre-tokenizer type {kind!r} has no llama.cpp equivalent; "
+                      f"supported pre-tokenizers: {PRE_TOKENIZER_TEXT}")
+
+
+def detect_pre_tokenizer(tokenizer_json: dict[str, Any]) -> str:
+    """llama.cpp's ``tokenizer.ggml.pre`` name for a byte-level BPE tokenizer.json."""
+    regexes, byte_level = _split_steps(tokenizer_json.get("pre_tokenizer"))
+    if not byte_level:
+        raise ExportError("the tokenizer is not byte-level BPE (no ByteLevel pre-tokenizer); GGUF export "
+                          f"supports byte-level BPE tokenizers with these pre-tokenizers: {PRE_TOKENIZER_TEXT}")
+    name = PRE_TOKENIZERS.get(tuple(regexes))
+    if name is None:
+        shown = " then ".join(repr(r[:60]) for r in regexes) or "(none)"
+        raise ExportError(f"the tokenizer splits text with {shown}, which rawtune cannot map to a llama.cpp "
+                          f"pre-tokenizer (supported: {PRE_TOKENIZER_TEXT}); tokenization in llama.cpp/Ollama "
+                          f"would differ from training")
+    normalizer = tokenizer_json.get("normalizer") or {}
+    kinds = [n.get("type") for n in normalizer.get("normalizers", [])] if normalizer.get("type") == "Sequence" \
+        else [normalizer.get("type")]
+    bad = [k for k in kinds if k not in HARMLESS_NORMALIZERS]
+    if bad:
+        raise ExportError(f"the tokenizer normalizes text with {', '.join(map(str, bad))}, which llama.cpp does "
+                          f"not do for byte-level BPE; export is not supported for this tokenizer")
+    return name
+
+
+def _looks_special(text: str) -> bool:
+    # Same convention llama.cpp uses: <|...|> tokens are control tokens even if not flagged special.
+    return text.startswith("<|") and text.endswith("|>")
+
+
+def read_vocab(model_dir: Path, vocab_size: int) -> Vocab:
+    """Tokens and token types from tokenizer.json, padded to the model's embedding rows."""
+    import gguf
+
+    tok = _read_json(model_dir / "tokenizer.json")
+    model = tok.get("model", {})
+    if model.get("type") != "BPE":
+        raise ExportError(f"the tokenizer model is {model.get('type')!r}; GGUF export supports byte-level BPE "
+                          f"tokenizers ({PRE_TOKENIZER_TEXT})")
+    pre = detect_pre_tokenizer(tok)
+    by_id: dict[int, str] = {int(i): t for t, i in model.get("vocab", {}).items()}
+    types = {i: gguf.TokenType.NORMAL for i in by_id}
+    for added in tok.get("added_tokens", []):
+        i = int(added["id"])
+        by_id[i] = added["content"]
+        special = added.get("special") or _looks_special(added["content"])
+        types[i] = gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED
+    if by_id and max(by_id) >= vocab_size:
+        raise ExportError(f"the tokenizer has token id {max(by_id)} but the model has only {vocab_size} "
+                          f"embedding rows; resize the embeddings before exporting")
+    tokens, token_types = [], []
+    for i in range(vocab_size):
+        if i in by_id:
+            tokens.append(by_id[i])
+            token_types.append(int(types[i]))
+        else:  # embedding rows beyond the tokenizer (padding to a multiple of 64, etc.)
+            tokens.append(f"[PAD{i}]")
+            token_types.append(int(gguf.TokenType.UNUSED))
+    return Vocab("gpt2", pre, tokens, token_types)
+
+
+def _post_processor_adds(tok: dict[str, Any]) -> tuple[bool, bool]:
+    """Whether the HF tokenizer adds a special token before (BOS) / after (EOS) single texts."""
+    post = tok.get("post_processor") or {}
+    steps = post.get("processors", [post]) if post.get("type") == "Sequence" else [post]
+    for step in steps:
+        if step.get("type") == "TemplateProcessing":
+            single = step.get("single", [])
+            first = "SpecialToken" in single[0] if single else False
+            last = "SpecialToken" in single[-1] if single else False
+            return first, last
+    return False, False
+
+
+# ---------------------------------------------------------------- tensors
+
+
+def permute_rope(weight: np.ndarray, n_head: int) -> np.ndarray:
+    """HF 'rotate half' Q/K rows -> llama.cpp's interleaved RoPE pairs, per head."""
+    rows = weight.shape[0]
+    return (weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:])
+            .swapaxes(1, 2)
+            .reshape(weight.shape))
+
+
+def _safetensor_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(_read_json(index)["weight_map"].values()))
+        return [model_dir / n for n in names]
+    single = model_dir / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise ExportError(f"{model_dir} has no model.safetensors: save the merged model with "
+                      f"save_pretrained(safe_serialization=True)")
+
+
+def iter_hf_tensors(model_dir: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """Every tensor in the folder's safetensors files as float32 numpy arrays (bf16 included)."""
+    import torch
+    from safetensors import safe_open
+
+    for path in _safetensor_files(model_dir):
+        with safe_open(str(path), framework="pt") as handle:
+            for name in handle.keys():
+                tensor = handle.get_tensor(name)
+                yield name, tensor.to(torch.float32).numpy()
+
+
+def _rope_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """RoPE parameters from either transformers 5 (``rope_parameters``) or 4 (``rope_theta``/``rope_scaling``)."""
+    params = dict(config.get("rope_parameters") or {})
+    if "full_attention" in params and isinstance(params["full_attention"], dict):
+        params = dict(params["full_attention"])
+    if "rope_theta" not in params and "rope_theta" in config:
+        params["rope_theta"] = config["rope_theta"]
+    scaling = config.get("rope_scaling") or {}
+    for key, value in scaling.items():
+        params.setdefault(key, value)
+    if "type" in params and "rope_type" not in params:
+        params["rope_type"] = params["type"]
+    return params
+
+
+def llama3_rope_factors(params: dict[str, Any], head_dim: int) -> np.ndarray:
+    """Per-frequency scale factors of Llama 3.1's 'llama3' RoPE, stored as ``rope_freqs.weight``."""
+    base = float(params.get("rope_theta", 10000.0))
+    factor = float(params.get("factor", 8.0))
+    low = float(params.get("low_freq_factor", 1.0))
+    high = float(params.get("high_freq_factor", 4.0))
+    old_ctx = float(params.get("original_max_position_embeddings", 8192))
+    freqs = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old_ctx / high:
+            out.append(1.0)
+        elif wavelen > old_ctx / low:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            out.append(1.0 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, dtype=np.float32)
+
+
+# ---------------------------------------------------------------- writer
+
+
+def convert(model_dir: str | Path, out_path: str | Path, ftype: str = "f16", name: Optional[str] = None,
+            license: Optional[str] = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Write the HF model in ``model_dir`` as one GGUF file (``ftype`` f16 or f32).
+
+    Returns a small report: architecture, pre-tokenizer, tensor count and bytes written.
+    """
+    import gguf
+
+    model_dir, out_path = Path(model_dir), Path(out_path)
+    if ftype not in ("f16", "f32"):
+        raise ExportError(f"GGUF conversion writes f16 or f32, not {ftype!r}; quantize the f16 file instead")
+    config = _read_json(model_dir / "config.json")
+    hf_arch, arch = hf_architecture(config)
+    n_layer = int(config["num_hidden_layers"])
+    n_head = int(config["num_attention_heads"])
+    n_head_kv = int(config.get("num_key_value_heads") or n_head)
+    n_embd = int(config["hidden_size"])
+    head_dim = int(config.get("head_dim") or n_embd // n_head)
+    vocab_size = int(config["vocab_size"])
+    tied = bool(config.get("tie_word_embeddings", False))
+    rope = _rope_settings(config)
+    rope_type = str(rope.get("rope_type") or "default").lower()
+    if rope_type not in ("default", "linear", "llama3"):
+        raise ExportError(f"RoPE scaling type {rope_type!r} is not supported by rawtune's GGUF writer "
+                          f"(supported: none, linear, llama3)")
+    if config.get("attention_bias") and arch == "llama":
+        log("[export] note: llama model with attention biases; biases are written and permuted like Q/K")
+
+    vocab = read_vocab(model_dir, vocab_size)
+    tok_json = _read_json(model_dir / "tokenizer.json")
+    add_bos, add_eos = _post_processor_adds(tok_json)
+
+    float_type = np.float16 if ftype == "f16" else np.float32
+    file_type = gguf.LlamaFileType.MOSTLY_F16 if ftype == "f16" else gguf.LlamaFileType.ALL_F32
+    model_arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}[arch]
+    tensor_map = gguf.get_tensor_name_map(model_arch, n_layer)
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".partial")
+    writer = gguf.GGUFWriter(str(tmp), arch)
+    try:
+        writer.add_type(gguf.GGUFType.MODEL)
+        writer.add_name(name or model_dir.name)
+        if license:
+            writer.add_license(license)
+        writer.add_context_length(int(config.get("max_position_embeddings") or 2048))
+        writer.add_embedding_length(n_embd)
+        writer.add_feed_forward_length(int(config["intermediate_size"]))
+        writer.add_block_count(n_layer)
+        writer.add_head_count(n_head)
+        writer.add_head_count_kv(n_head_kv)
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+        writer.add_rope_dimension_count(head_dim)
+        writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
+        if rope_type == "linear":
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(float(rope["factor"]))
+        writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
+        writer.add_vocab_size(vocab_size)
+        writer.add_file_type(file_type)
+
+        writer.add_tokenizer_model(vocab.model)
+        writer.add_tokenizer_pre(vocab.pre)
+        writer.add_token_list(vocab.tokens)
+        writer.add_token_types(vocab.types)
+        # SpecialVocab reads merges, special token ids and the chat template (incl. chat_template.jinja).
+        special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=vocab_size)
+        if not special.merges:
+            raise ExportError(f"{model_dir / 'tokenizer.json'} has no BPE merges; cannot write the tokenizer")
+        special.add_special_token = {}  # written explicitly below, from the HF post-processor
+        special.add_to_gguf(writer, quiet=True)
+        # Explicit flags: llama.cpp's defaults for gpt2-style vocabularies differ by pre-tokenizer.
+        writer.add_add_bos_token(add_bos)
+        writer.add_add_eos_token(add_eos)
+
+        count = 0
+        seen: set[str] = set()
+        for hf_name, data in iter_hf_tensors(model_dir):
+            if hf_name.endswith("rotary_emb.inv_freq"):
+                continue  # recomputed by llama.cpp from the rope settings
+            if tied and hf_name == "lm_head.weight":
+                continue  # llama.cpp reuses token_embd when output.weight is absent
+            gguf_name = tensor_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+            if gguf_name is None:
+                raise ExportError(f"tensor {hf_name} has no GGUF name for {hf_arch}; this checkpoint holds "
+                                  f"weights rawtune's writer does not know (supported: {SUPPORTED_TEXT})")
+            if arch == "llama" and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+                data = permute_rope(data, n_head)
+            elif arch == "llama" and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+                data = permute_rope(data, n_head_kv)
+            # 1-D tensors (norms, biases) stay float32, as llama.cpp expects for them.
+            data = data.astype(np.float32 if data.ndim == 1 else float_type)
+            writer.add_tensor(gguf_name, data)
+            seen.add(gguf_name)
+            count += 1
+        if arch == "llama" and rope_type == "llama3":
+            writer.add_tensor("rope_freqs.weight", llama3_rope_factors(rope, head_dim))
+            count += 1
+        _check_complete(seen, n_layer, tied, arch)
+
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
+    tmp.replace(out_path)
+    return {"architecture": arch, "hf_architecture": hf_arch, "pre_tokenizer": vocab.pre,
+            "tensors": count, "bytes": out_path.stat().st_size, "tied_embeddings": tied,
+            "add_bos": add_bos, "chat_template": special.chat_template is not None}
+
+
+def _check_complete(seen: set[str], n_layer: int, tied: bool, arch: str) -> None:
+    """Fail when a tensor llama.cpp needs is missing (a missing one only shows up at load time)."""
+    need = {"token_embd.weight", "output_norm.weight"} | (set() if tied else {"output.weight"})
+    per_block = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm",
+                 "ffn_gate", "ffn_up", "ffn_down"]
+    need |= {f"blk.{i}.{p}.weight" for i in range(n_layer) for p in per_block}
+    if arch == "qwen2":
+        need |= {f"blk.{i}.attn_{p}.bias" for i in range(n_layer) for p in ("q", "k", "v")}
+    missing = sorted(need - seen)
+    if missing:
+        raise ExportError(f"the model is missing {len(missing)} tensors llama.cpp needs "
+                          f"(e.g. {', '.join(missing[:4])}); the merged folder is incomplete: re-run `rawtune merge`")

@@ -1,0 +1,80 @@
+"""The merge stage: fold the LoRA adapter into the base and save a plain HF folder.
+
+The merged folder (safetensors + tokenizer) is what GGUF export reads. Merging runs on the CPU in
+fp32 so the result does not depend on the training card. When embed_tokens and lm_head were
+trained, they differ after merging, so a base with tied embeddings is saved untied (both tensors
+kept, ``tie_word_embeddings: false``) instead of silently dropping one of them.
+Running it twice is safe: a merged folder newer than the adapter is reused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import StageMissing
+from .rundir import RunDir
+
+STAMP = "rawtune_merge.json"
+
+
+def _adapter_stamp(run: RunDir) -> dict:
+    files = sorted(p for p in run.adapter_dir.iterdir() if p.is_file())
+    return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files}
+
+
+def is_current(run: RunDir) -> bool:
+    """True when merged/ was made from the adapter as it is now."""
+    stamp = run.merged_dir / STAMP
+    return stamp.is_file() and json.loads(stamp.read_text()) == _adapter_stamp(run)
+
+
+def untie_if_needed(model: Any) -> bool:
+    """Give lm_head its own tensor when it no longer equals embed_tokens; return True if untied."""
+    import torch
+
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is None or not getattr(config, "tie_word_embeddings", False):
+        return False
+    same_storage = head.weight.data_ptr() == embed.weight.data_ptr()
+    if same_storage and torch.equal(head.weight, embed.weight):
+        return False
+    head.weight = torch.nn.Parameter(head.weight.detach().clone())
+    config.tie_word_embeddings = False
+    model.config.tie_word_embeddings = False
+    return True
+
+
+def merge_run(run: RunDir, log: Callable[[str], None] = print) -> Path:
+    """Write ``merged/`` from the base model and the adapter (reused when already current)."""
+    import torch
+    from peft import PeftModel
+
+    from .models import load_causal_lm, load_tokenizer
+
+    model_info = run.require("model", "train")
+    if not (run.adapter_dir / "adapter_config.json").is_file():
+        raise StageMissing(f"{run.adapter_dir} has no adapter: run `rawtune train` first")
+    if is_current(run):
+        log(f"[merge] {run.merged_dir} is up to date")
+        return run.merged_dir
+    started = time.time()
+    base = load_causal_lm(model_info["local_dir"], device="cpu", dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(run.adapter_dir)).merge_and_unload()
+    untied = untie_if_needed(model)
+    tmp = run.path / "merged.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    load_tokenizer(model_info["local_dir"]).save_pretrained(str(tmp))
+    (tmp / STAMP).write_text(json.dumps(_adapter_stamp(run)))
+    shutil.rmtree(run.merged_dir, ignore_errors=True)
+    os.replace(tmp, run.merged_dir)
+    seconds = round(time.time() - started, 2)
+    run.update(merge={"dir": run.merged_dir.name, "seconds": seconds, "untied_embeddings": untied})
+    log(f"[merge] wrote {run.merged_dir} in {seconds}s{' (embeddings untied: both were trained)' if untied else ''}")
+    return run.merged_dir

