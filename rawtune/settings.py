@@ -98,7 +98,7 @@ class RunSettings:
     """A whole run: the run directory, the stages to run and every section above."""
 
     out: Optional[str] = None  # run directory
-    stages: list[str] = field(default_factory=lambda: ["data", "train", "eval", "merge"])  # stages to run, in order
+    stages: Optional[list[str]] = None  # stages to run (default: all; push only when --repo is given)
     data: DataSettings = field(default_factory=DataSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
     export: ExportSettings = field(default_factory=ExportSettings)
@@ -178,8 +178,32 @@ def apply(settings: RunSettings, values: dict[str, Any], origin: str = "YAML") -
             raise ConfigError(f"unknown {origin} key '{key}'{hint}")
         section = section_of(norm)
         target = getattr(settings, section) if section else settings
-        setattr(target, norm, value)
+        setattr(target, norm, coerce(type(target), norm, value, origin))
     return settings
+
+
+def coerce(cls: type, name: str, value: Any, origin: str) -> Any:
+    """Convert a value to its field's type, or say which key holds what kind of value."""
+    annotation = str(next(f.type for f in fields(cls) if f.name == name))
+    if value is None or annotation.startswith(("str", "Optional[str")) or "list" in annotation:
+        return value
+    try:
+        if "bool" in annotation:
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+                return value.lower() in ("true", "yes", "1")
+            if isinstance(value, bool):
+                return value
+            raise ValueError
+        if "int" in annotation:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if "float" in annotation:
+            return float(value)
+    except (TypeError, ValueError):
+        kind = "true or false" if "bool" in annotation else "a number"
+        raise ConfigError(f"{origin} key '{name}' ({flag(name)}) must be {kind}, not {value!r}") from None
+    return value
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -224,6 +248,8 @@ def validate(settings: RunSettings) -> RunSettings:
     Each message names the flag at fault and what would fix it.
     """
     s = dataclasses.replace(settings)
+    if not s.stages:
+        s.stages = [st for st in STAGES if st != "push" or s.push.repo]
     s.stages = [st.lower() for st in _as_list(s.stages)]
     for stage in s.stages:
         _check(stage in STAGES, "stages", f"unknown stage {stage!r}; use some of {', '.join(STAGES)}")

@@ -146,6 +146,7 @@ class HubEmulator:
         self.lfs_store: dict[str, bytes] = {}  # sha256 -> content, filled by LFS uploads
         self.requests: list[tuple[str, str, int]] = []  # (method, path, status), for debugging
         self.unhandled: list[tuple[str, str]] = []  # requests no route matched
+        self.fail_uploads = False  # when True, LFS uploads fail (a broken storage backend)
         self.lock = threading.RLock()
         self._server: Optional[ThreadingHTTPServer] = None
         self._thread: Optional[threading.Thread] = None
@@ -383,6 +384,8 @@ class _Handler(BaseHTTPRequestHandler):
         if parts[:2] == ["api", "validate-yaml"] and method == "POST":
             return self._validate_yaml(json.loads(body or b"{}"))
         if parts[:1] == ["lfs-upload"] and method == "PUT":
+            if self.hub.fail_uploads:
+                raise HubError(400, "simulated storage failure")
             data = body
             if hashlib.sha256(data).hexdigest() != parts[1]:
                 raise HubError(400, "uploaded content does not match its oid")

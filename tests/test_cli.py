@@ -22,12 +22,14 @@ def test_help_and_version(capsys):
     (["train", "--dataset", "{tmp}/c.jsonl", "--out", "{tmp}/r", "--preset", "huge"], "--preset 'huge' is unknown"),
     (["train", "--dataset", "{tmp}/c.jsonl", "--out", "{tmp}/r", "--text-column", "body"], "--text-column 'body' not found"),
     (["run", "--config", "{tmp}/bad.yaml"], "unknown {tmp}/bad.yaml: key 'max_step'; did you mean max_steps"),
+    (["run", "--config", "{tmp}/bad2.yaml"], "key 'max_steps' (--max-steps) must be a number, not 'abc'"),
     (["eval", "{tmp}/not-a-run"], "is not a run directory"),
 ])
 def test_bad_input_exits_1_with_one_line(tmp_path, capsys, tiny_llama_dir, argv, message):
     (tmp_path / "c.docx").write_bytes(b"PK")
     (tmp_path / "c.jsonl").write_text(json.dumps({"text": "hello there, some text"}) + "\n")
     (tmp_path / "bad.yaml").write_text("max_step: 3\n")
+    (tmp_path / "bad2.yaml").write_text("max_steps: abc\n")
     argv = [a.format(tmp=tmp_path) for a in argv] + ["--model", str(tiny_llama_dir)] * (argv[0] == "train")
     assert main(argv) == 1
     err = capsys.readouterr().err.strip()

@@ -305,6 +305,21 @@ def test_repush_makes_one_new_commit(hub_server, tmp_path):
     assert "| tuned | 9.75 |" in files["README.md"].decode()
 
 
+def test_failed_upload_commits_nothing(hub_server, tmp_path):
+    run = make_run(tmp_path / "broken")
+    hub_server.fail_uploads = True
+    try:
+        with pytest.raises(HubError, match="nothing was committed, so retrying the push is safe"):
+            push_run(run, PushSettings(repo="alice/broken-upload"), token=WRITE_TOKEN, log=lambda _: None)
+    finally:
+        hub_server.fail_uploads = False
+    # The repo exists but holds nothing that looks like a model: no card, no GGUF.
+    assert set(hub_server.files("alice/broken-upload")) == {".gitattributes"}
+    assert "hub" not in run.load()
+    push_run(run, PushSettings(repo="alice/broken-upload"), token=WRITE_TOKEN, log=lambda _: None)
+    assert [c.title for c in hub_server.commits("alice/broken-upload")] == ["initial commit", "rawtune: broken"]
+
+
 def test_push_private_repo(hub_server, tmp_path):
     from huggingface_hub import HfApi
     from huggingface_hub.errors import RepositoryNotFoundError
