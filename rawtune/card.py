@@ -111,14 +111,16 @@ def _training_rows(record: dict[str, Any]) -> list[tuple[str, str]]:
                                   f"(column `{data.get('column') or 'plain text'}`)"))
         rows.append(("tokens", f"{data.get('train_tokens', 0):,} train, {data.get('heldout_tokens', 0):,} held out "
                                f"(blocks of {data.get('seq_len', train_s.get('seq_len'))})"))
+    backend = train.get("backend") or train_s.get("backend", "peft")
+    schedule = f"{train_s.get('lr_scheduler')}, warmup {train_s.get('warmup_ratio')}"
     rows += [
-        ("method", f"LoRA (continued pretraining on raw text) with {train.get('backend') or train_s.get('backend', 'peft')}"),
+        ("method", f"LoRA (continued pretraining on raw text) with {backend}"),
         ("preset", str(train_s.get("preset", "?"))),
         ("LoRA", f"r={train_s.get('lora_r')}, alpha={train_s.get('lora_alpha')}, rsLoRA={train_s.get('use_rslora')}, "
                  f"dropout={train_s.get('lora_dropout')}"),
         ("target modules", ", ".join(train_s.get("target_modules") or []) or "?"),
         ("embeddings trained", str(bool(train_s.get("train_embeddings")))),
-        ("learning rate", f"{train_s.get('learning_rate')} ({train_s.get('lr_scheduler')}, warmup {train_s.get('warmup_ratio')})"),
+        ("learning rate", f"{train_s.get('learning_rate')} ({schedule})"),
         ("batch", f"{train_s.get('batch_size')} x {train_s.get('grad_accum')} accumulation"),
         ("steps", f"{train.get('steps', '?')} of {train.get('max_steps', '?')}"
                   + (" (stopped early)" if train.get("stopped_early") else "")),

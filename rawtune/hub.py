@@ -149,7 +149,10 @@ def _check_access(spec: str, settings: DataSettings, token: Optional[str]) -> No
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, OfflineModeIsEnabled,
                                         RepositoryNotFoundError, RevisionNotFoundError)
 
-    api = HfApi(endpoint=endpoint(), token=token)
+    import datasets.config
+
+    # Ask the endpoint datasets.load_dataset will use (read by datasets when it was imported).
+    api = HfApi(endpoint=datasets.config.HF_ENDPOINT, token=token)
     try:
         api.auth_check(spec, repo_type="dataset")
         if settings.revision:
@@ -331,6 +334,7 @@ def push_run(run: RunDir, settings: PushSettings, token: Optional[str] = None,
     (what ``ollama run hf.co/<repo>:Q4_K_M`` reads), plus ``adapter/``, a scrubbed ``run.json``
     and a generated ``README.md``. Pushing again makes one new commit.
     """
+    import httpx
     from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -360,7 +364,9 @@ def push_run(run: RunDir, settings: PushSettings, token: Optional[str] = None,
     log(f"[push] uploading {len(operations)} files ({total / 1e6:.1f} MB) to {repo} in one commit")
     try:
         url = api.create_repo(repo, repo_type="model", private=settings.private, exist_ok=True)
-        if settings.private and not api.repo_info(repo, repo_type="model").private:
+        before = api.repo_info(repo, repo_type="model")
+        private = bool(before.private)
+        if settings.private and not private:
             # The repo existed and is public: pushing would publish what was asked to stay private.
             raise HubError(f"{repo} already exists and is public, but --private was asked: make it private "
                            f"in its settings ({endpoint()}/{repo}/settings) or push without --private")
@@ -376,14 +382,20 @@ def push_run(run: RunDir, settings: PushSettings, token: Optional[str] = None,
         raise HubError(f"pushing to {repo} failed ({_safe(exc)}); nothing was committed, so retrying the "
                        "push is safe") from None
     except (OSError, RuntimeError, ValueError) as exc:
+        # Raised while uploading file contents, before the commit that would make them visible.
         raise HubError(f"uploading to {repo} failed ({type(exc).__name__}: {_safe(exc)}); nothing was "
                        "committed, so retrying the push is safe") from None
+    except httpx.HTTPError as exc:
+        raise HubError(f"the connection to {endpoint()} failed while pushing to {repo} ({type(exc).__name__}); "
+                       "a push is a single commit, so retrying it is safe") from None
 
     repo_url = str(url).rstrip("/") or f"{endpoint()}/{repo}"
-    hub = {"repo": repo, "url": repo_url, "commit": info.oid, "private": bool(settings.private),
+    hub = {"repo": repo, "url": repo_url, "commit": info.oid, "private": private,
            "files": [op.path_in_repo for op in operations]}
     run.update(hub=hub)
     quants = [q for q in (quant_of(p) for p in files if p.endswith(".gguf")) if q]
+    if info.oid == before.sha:
+        log("[push] nothing changed since the last push: the repo is already up to date")
     log(f"[push] {repo_url} (commit {str(info.oid)[:10]})")
     for q in quants:
         log(f"[push] ollama run hf.co/{repo}:{q}")

@@ -48,7 +48,7 @@ class TrainSettings:
 
     model: str = DEFAULT_MODEL  # Hub model id, local HF folder, or local .gguf file
     backend: str = "auto"  # auto (unsloth where CUDA is available, else peft), unsloth or peft
-    preset: str = "standard"  # quick, standard or thorough: defaults for the fields below
+    preset: str = "auto"  # quick, standard or thorough: defaults for the fields below (auto: standard on CUDA, quick on CPU)
     seq_len: Optional[int] = None  # tokens per packed block
     lora_r: Optional[int] = None  # LoRA rank
     lora_alpha: Optional[int] = None  # LoRA alpha (scale is alpha/r, or alpha/sqrt(r) with rsLoRA)
@@ -222,13 +222,21 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 def resolve_preset(train: TrainSettings) -> TrainSettings:
     """Return a copy of ``train`` with every None field filled from its preset."""
+    if train.preset == "auto":
+        train = dataclasses.replace(train, preset="standard" if _has_cuda() else "quick")
     if train.preset not in PRESETS:
-        raise ConfigError(f"--preset {train.preset!r} is unknown; use one of {', '.join(PRESETS)}")
+        raise ConfigError(f"--preset {train.preset!r} is unknown; use auto or one of {', '.join(PRESETS)}")
     resolved = dataclasses.replace(train)
     for key, value in PRESETS[train.preset].items():
         if getattr(resolved, key) is None:
             setattr(resolved, key, list(value) if isinstance(value, list) else value)
     return resolved
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _check(ok: bool, key: str, message: str) -> None:

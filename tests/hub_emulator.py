@@ -39,7 +39,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -143,7 +142,8 @@ class HubEmulator:
     def __init__(self) -> None:
         self.tokens: dict[str, Token] = {}
         self.repos: dict[tuple[str, str], Repo] = {}
-        self.lfs_store: dict[str, bytes] = {}  # sha256 -> content, filled by LFS uploads
+        # (repo_type, repo_id) -> sha256 -> content: LFS objects belong to a repo, as with Git LFS.
+        self.lfs_store: dict[tuple[str, str], dict[str, bytes]] = {}
         self.requests: list[tuple[str, str, int]] = []  # (method, path, status), for debugging
         self.unhandled: list[tuple[str, str]] = []  # requests no route matched
         self.fail_uploads = False  # when True, LFS uploads fail (a broken storage backend)
@@ -180,10 +180,18 @@ class HubEmulator:
     def __exit__(self, *exc: Any) -> None:
         self.stop()
 
-    def client_env(self) -> dict[str, str]:
-        """Environment for a subprocess whose Hub clients should talk to this emulator."""
-        return {"HF_ENDPOINT": self.url, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1",
-                "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_IMPLICIT_TOKEN": "1"}
+    def client_env(self, cache_dir: Optional[str | os.PathLike] = None) -> dict[str, str]:
+        """Environment for a subprocess whose Hub clients should talk to this emulator.
+
+        With ``cache_dir``, the Hugging Face caches (and the stored login) live there too.
+        """
+        env = {"HF_ENDPOINT": self.url, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1",
+               "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_IMPLICIT_TOKEN": "1"}
+        if cache_dir is not None:
+            cache = Path(cache_dir)
+            env.update({"HF_HOME": str(cache / "hf"), "HF_HUB_CACHE": str(cache / "hub"),
+                        "HF_DATASETS_CACHE": str(cache / "datasets")})
+        return env
 
     # ------------------------------------------------------------ test-side API (no HTTP)
 
@@ -384,16 +392,17 @@ class _Handler(BaseHTTPRequestHandler):
         if parts[:2] == ["api", "validate-yaml"] and method == "POST":
             return self._validate_yaml(json.loads(body or b"{}"))
         if parts[:1] == ["lfs-upload"] and method == "PUT":
+            # /lfs-upload/{repo_type}/{namespace}/{name}/{oid}
             if self.hub.fail_uploads:
                 raise HubError(400, "simulated storage failure")
-            data = body
-            if hashlib.sha256(data).hexdigest() != parts[1]:
+            key, oid = (parts[1], f"{parts[2]}/{parts[3]}"), parts[4]
+            if hashlib.sha256(body).hexdigest() != oid:
                 raise HubError(400, "uploaded content does not match its oid")
-            self.hub.lfs_store[parts[1]] = data
+            self.hub.lfs_store.setdefault(key, {})[oid] = body
             return self._send(200)
         if parts[:1] == ["lfs-verify"] and method == "POST":
             info = json.loads(body)
-            if info.get("oid") not in self.hub.lfs_store:
+            if info.get("oid") not in self.hub.lfs_store.get((parts[1], f"{parts[2]}/{parts[3]}"), {}):
                 raise HubError(404, "object not uploaded")
             return self._json({})
         if parts and parts[0] == "api" and len(parts) >= 4 and parts[1] in ("models", "datasets", "spaces"):
@@ -535,10 +544,10 @@ class _Handler(BaseHTTPRequestHandler):
         objects = []
         for obj in payload.get("objects", []):
             entry = {"oid": obj["oid"], "size": obj["size"], "authenticated": True}
-            if obj["oid"] not in self.hub.lfs_store:
+            if obj["oid"] not in self.hub.lfs_store.get((repo_type, repo_id), {}):
                 entry["actions"] = {
-                    "upload": {"href": f"{self.hub.url}/lfs-upload/{obj['oid']}"},
-                    "verify": {"href": f"{self.hub.url}/lfs-verify"},
+                    "upload": {"href": f"{self.hub.url}/lfs-upload/{repo_type}/{repo_id}/{obj['oid']}"},
+                    "verify": {"href": f"{self.hub.url}/lfs-verify/{repo_type}/{repo_id}"},
                 }
             objects.append(entry)
         self._json({"transfer": "basic", "objects": objects, "hash_algo": "sha256"})
@@ -560,7 +569,7 @@ class _Handler(BaseHTTPRequestHandler):
             elif key == "file":
                 additions[value["path"]] = base64.b64decode(value["content"])
             elif key == "lfsFile":
-                data = self.hub.lfs_store.get(value["oid"])
+                data = self.hub.lfs_store.get((repo.repo_type, repo.repo_id), {}).get(value["oid"])
                 if data is None:
                     raise HubError(422, f"LFS object {value['oid']} for {value['path']} was never uploaded")
                 additions[value["path"]] = data
@@ -671,8 +680,7 @@ def point_clients_at(hub: HubEmulator, cache_dir: str | os.PathLike) -> Iterator
     emulator speaks the LFS protocol; caches go to ``cache_dir`` so runs never see stale files.
     """
     cache = Path(cache_dir)
-    env = {**hub.client_env(), "HF_HOME": str(cache / "hf"), "HF_HUB_CACHE": str(cache / "hub"),
-           "HF_DATASETS_CACHE": str(cache / "datasets")}
+    env = hub.client_env(cache)
     saved_env = {k: os.environ.get(k) for k in [*env, "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"]}
     os.environ.update(env)
     # A token from the developer's own environment must not leak into tests.
