@@ -11,6 +11,8 @@ Running export twice reuses files made from the same merged model.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import re
 import time
@@ -30,7 +32,7 @@ LABELS = {"q4_k_m": "Q4_K_M", "q8_0": "Q8_0", "f16": "F16"}
 FTYPES = {"Q4_K_M": 15, "Q8_0": 7}
 # Perplexity increase over the merged model (percent) above which a file is suspect.
 PPL_BOUNDS = {"F16": 0.5, "Q8_0": 1.0, "Q4_K_M": 8.0}
-PPL_TOKEN_BUDGET = 8192  # held-out tokens scored per file (whole blocks, at least one)
+PPL_TOKEN_BUDGET = 4096  # held-out tokens scored per file (whole blocks, at least one)
 SAMPLE_TEXT = ("The quick brown fox jumps over the lazy dog. In 1984, 3 engineers wrote 12,345 lines;\n"
                "they said: \"it's done!\"  Tabs\tand  spaces,  café naïve résumé, emoji 🙂 and (brackets) [x] {y}.")
 GREEDY_TOKENS = 8
@@ -63,8 +65,6 @@ def _fingerprint(merged: Path, stem: str) -> str:
         if path.is_file():
             st = path.stat()
             parts.append(f"{path.name}:{st.st_size}:{st.st_mtime_ns}")
-    import hashlib
-
     return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
 
 
@@ -80,15 +80,36 @@ def _llama_cpp() -> Any:
     return llama_cpp
 
 
+def cpu_threads() -> int:
+    """Threads for llama.cpp: the idle cores, at least one.
+
+    llama.cpp's threads wait for each other at every layer, so on a shared machine (a Space, or
+    training running beside export) asking for busy cores makes it several times slower.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        busy = int(os.getloadavg()[0])
+    except OSError:  # not available on this platform
+        busy = 0
+    return max(1, min(cores, cores - busy + 1))
+
+
 def quantize(src: Path, dst: Path, label: str) -> float:
     """Quantize ``src`` (F16 GGUF) to ``dst`` with llama.cpp's quantizer; returns seconds taken."""
     llama_cpp = _llama_cpp()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = FTYPES[label]
-    params.nthread = os.cpu_count() or 1
+    params.nthread = cpu_threads()
     tmp = dst.with_name(dst.name + ".partial")
     started = time.time()
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
+    # llama.cpp logs a line per tensor through llama-cpp-python's logger; keep errors only.
+    cpp_log = logging.getLogger("llama-cpp-python")
+    level = cpp_log.level
+    cpp_log.setLevel(logging.ERROR)
+    try:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
+    finally:
+        cpp_log.setLevel(level)
     if rc != 0 or not tmp.is_file():
         tmp.unlink(missing_ok=True)
         raise ExportError(f"llama.cpp could not quantize {src.name} to {label} (code {rc}); "
@@ -118,7 +139,7 @@ def load_llama(path: Path, n_ctx: int, logits_all: bool = False, f32_cache: bool
     cache = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if f32_cache else {}
     try:
         return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 512),
-                               logits_all=logits_all, n_threads=os.cpu_count() or 1,
+                               logits_all=logits_all, n_threads=cpu_threads(),
                                n_gpu_layers=0, verbose=False, **cache)
     except Exception as exc:  # llama-cpp-python raises ValueError/RuntimeError for bad files
         raise ExportError(f"llama.cpp could not load {path.name}: {exc}; the conversion is broken, "
@@ -218,7 +239,9 @@ def _check_texts(tokenizer: Any, blocks: Optional[np.ndarray]) -> tuple[list[str
     texts = [SAMPLE_TEXT]
     prompt = "The"
     if blocks is not None:
-        texts.append(tokenizer.decode(blocks[0][:256].tolist(), skip_special_tokens=False))
+        # Without special tokens: SentencePiece tokenizers differ between HF and llama.cpp in
+        # whether a space mark is added after a special token, which is not a conversion error.
+        texts.append(tokenizer.decode(blocks[0][:256].tolist(), skip_special_tokens=True).strip())
         prompt = tokenizer.decode(blocks[0][:24].tolist(), skip_special_tokens=True) or prompt
     return texts, prompt
 
@@ -271,8 +294,9 @@ def export_run(run: RunDir, settings: ExportSettings, log: Callable[[str], None]
         conversion = gguf_writer.convert(merged, f16, "f16", name=stem,
                                          license=(record.get("model") or {}).get("license"), log=log)
         seconds_convert = time.time() - t0
-        log(f"[export] wrote F16 GGUF ({conversion['tensors']} tensors, pre-tokenizer "
-            f"{conversion['pre_tokenizer']}) in {seconds_convert:.1f}s")
+        log(f"[export] wrote F16 GGUF ({conversion['tensors']} tensors, {conversion['tokenizer']} tokenizer"
+            f"{', pre-tokenizer ' + conversion['pre_tokenizer'] if conversion['pre_tokenizer'] else ''}) "
+            f"in {seconds_convert:.1f}s")
         if "F16" in todo:
             gguf["F16"] = {"file": f16.name, "bytes": f16.stat().st_size, "seconds": round(seconds_convert, 2)}
 
@@ -297,7 +321,7 @@ def export_run(run: RunDir, settings: ExportSettings, log: Callable[[str], None]
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(merged))
-    config = gguf_writer._read_json(merged / "config.json")
+    config = gguf_writer.read_json(merged / "config.json")
     to_verify = [label for label in labels if "verify_seconds" not in gguf[label]] if settings.verify else []
     if to_verify:
         blocks = _heldout_blocks(run, log)
@@ -340,6 +364,11 @@ def export_run(run: RunDir, settings: ExportSettings, log: Callable[[str], None]
         if not any(work_dir.iterdir()):
             work_dir.rmdir()
 
+    for label in set(LABELS.values()) - set(labels):
+        if target(label).is_file():  # from an earlier export with other --quant: not published now
+            target(label).unlink()
+            log(f"[export] removed {target(label).name} (not in --quant this time)")
+
     # ---- the files Ollama reads
     first = next(label for label in ("Q4_K_M", "Q8_0", "F16") if label in labels)
     add_bos = bool((conversion or {}).get("add_bos", False))
@@ -349,6 +378,12 @@ def export_run(run: RunDir, settings: ExportSettings, log: Callable[[str], None]
     written = ollama.write_files(out_dir, target(first).name, fmt, tokenizer.eos_token, specials, context)
     log(f"[export] wrote {', '.join(written['files'])} ({written['template']} template, stops {written['stop']})")
 
+    reused = [label for label in labels if label not in todo]
+    if not todo and reusable:
+        # Nothing was rebuilt: keep the times of the export that made these files.
+        seconds_convert = prev_export.get("seconds_convert", 0.0)
+        seconds_quantize = prev_export.get("seconds_quantize", 0.0)
+        seconds_verify = seconds_verify or prev_export.get("seconds_verify", 0.0)
     export = {
         "dir": out_dir.name,
         "name": stem,
@@ -356,6 +391,7 @@ def export_run(run: RunDir, settings: ExportSettings, log: Callable[[str], None]
         "seconds_convert": round(seconds_convert, 2),
         "seconds_quantize": round(seconds_quantize, 2),
         "seconds_verify": round(seconds_verify, 2),
+        "reused": reused,
         "files": [gguf[label]["file"] for label in labels] + written["files"],
         "ppl_merged": ppl_merged,
         "ppl_f16": ppl_f16 if "F16" not in labels else gguf["F16"].get("ppl"),
@@ -369,5 +405,6 @@ def export_run(run: RunDir, settings: ExportSettings, log: Callable[[str], None]
     run.update(gguf={label: gguf[label] for label in labels}, export=export)
     total = seconds_merge + seconds_convert + seconds_quantize
     log(f"[export] done: merge {seconds_merge:.1f}s + convert {seconds_convert:.1f}s + quantize "
-        f"{seconds_quantize:.1f}s = {total:.1f}s; verification {seconds_verify:.1f}s")
+        f"{seconds_quantize:.1f}s = {total:.1f}s; verification {seconds_verify:.1f}s"
+        + (f" (reused {', '.join(reused)} from the previous export)" if reused else ""))
     return export

@@ -11,15 +11,18 @@ What llama.cpp needs beyond the weights, and why:
 - the llama architecture applies RoPE to interleaved pairs while Hugging Face checkpoints use
   the "rotate half" layout, so Q and K projections of llama-family models are permuted per head
   (Qwen2 is run by llama.cpp in the NEOX layout, so its weights are written unchanged);
-- BPE tokenizers need ``tokenizer.ggml.pre``, the name of the regex pre-tokenizer llama.cpp must
-  use to split text the way the HF tokenizer does. It is read from the structure of
-  ``tokenizer.json`` (not by hashing sample output), so an unknown structure fails loudly.
+- byte-level BPE tokenizers need ``tokenizer.ggml.pre``, the name of the regex pre-tokenizer
+  llama.cpp must use to split text the way the HF tokenizer does. It is read from the structure
+  of ``tokenizer.json`` (not by hashing sample output), so an unknown structure fails loudly;
+- SentencePiece-style tokenizers (Llama 2, Mistral) are written as llama.cpp's ``llama``
+  vocabulary, with scores that reproduce the BPE merge order.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -64,13 +67,15 @@ HARMLESS_NORMALIZERS = {None, "NFC"}
 class Vocab:
     """A tokenizer as GGUF stores it."""
 
-    model: str  # tokenizer.ggml.model: gpt2 (byte-level BPE)
-    pre: str  # tokenizer.ggml.pre
+    model: str  # tokenizer.ggml.model: gpt2 (byte-level BPE) or llama (SentencePiece)
+    pre: Optional[str]  # tokenizer.ggml.pre (byte-level BPE only)
     tokens: list[str]
     types: list[int]  # gguf.TokenType values
+    scores: Optional[list[float]] = None  # SentencePiece piece scores
+    add_space_prefix: bool = False  # SentencePiece: prepend '▁' to the text, as HF does
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -152,15 +157,82 @@ def _looks_special(text: str) -> bool:
     return text.startswith("<|") and text.endswith("|>")
 
 
+def is_sentencepiece(tok: dict[str, Any]) -> bool:
+    """A SentencePiece-style tokenizer (Llama 2, Mistral): byte-fallback BPE on '▁'-marked spaces."""
+    model = tok.get("model", {})
+    text = json.dumps({"n": tok.get("normalizer"), "p": tok.get("pre_tokenizer")})
+    spaces = "Metaspace" in text or "\\u2581" in text  # the space mark, as json.dumps escapes it
+    return model.get("type") == "BPE" and bool(model.get("byte_fallback")) and spaces and '"ByteLevel"' not in text
+
+
+def _prepends_space(tok: dict[str, Any]) -> bool:
+    """Whether the HF tokenizer puts '▁' before the text (Prepend normalizer or Metaspace)."""
+    text = json.dumps({"n": tok.get("normalizer"), "p": tok.get("pre_tokenizer")})
+    if '"Prepend"' in text:
+        return True
+    pre = tok.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    return any(st.get("type") == "Metaspace" and st.get("prepend_scheme", "always") != "never"
+               and st.get("add_prefix_space", True) for st in steps)
+
+
+def _merge_pairs(model: dict[str, Any]) -> list[tuple[str, str]]:
+    pairs = []
+    for merge in model.get("merges", []):
+        a, b = merge.split(" ", 1) if isinstance(merge, str) else merge
+        pairs.append((a, b))
+    return pairs
+
+
+def read_sentencepiece_vocab(tok: dict[str, Any], vocab_size: int) -> Vocab:
+    """A SentencePiece vocabulary for llama.cpp's 'llama' tokenizer, from tokenizer.json alone.
+
+    llama.cpp merges the adjacent pair whose result has the highest score, so each merged token
+    scores minus the rank of the merge that makes it: the HF BPE merge order. (transformers 5
+    does not save tokenizer.model with the merged model, so the scores cannot come from there.)
+    """
+    import gguf
+
+    model = tok["model"]
+    vocab: dict[str, int] = model.get("vocab", {})
+    rank: dict[str, int] = {}
+    for k, (a, b) in enumerate(_merge_pairs(model)):
+        rank.setdefault(a + b, k)
+    by_id: dict[int, tuple[str, float, int]] = {}
+    unk = model.get("unk_token")
+    for text, i in vocab.items():
+        kind = gguf.TokenType.NORMAL
+        if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", text):
+            kind = gguf.TokenType.BYTE
+        elif text == unk:
+            kind = gguf.TokenType.UNKNOWN
+        by_id[int(i)] = (text, -float(rank[text]) if text in rank else 0.0, int(kind))
+    for added in tok.get("added_tokens", []):
+        i = int(added["id"])
+        special = added.get("special") or _looks_special(added["content"])
+        kind = gguf.TokenType.UNKNOWN if added["content"] == unk else (
+            gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
+        by_id[i] = (added["content"], 0.0, int(kind))
+    if by_id and max(by_id) >= vocab_size:
+        raise ExportError(f"the tokenizer has token id {max(by_id)} but the model has only {vocab_size} "
+                          f"embedding rows; resize the embeddings before exporting")
+    missing = (f"[PAD{i}]", -1000.0, int(gguf.TokenType.UNUSED))
+    rows = [by_id.get(i, (f"[PAD{i}]",) + missing[1:]) for i in range(vocab_size)]
+    return Vocab("llama", None, [r[0] for r in rows], [r[2] for r in rows], [r[1] for r in rows],
+                 _prepends_space(tok))
+
+
 def read_vocab(model_dir: Path, vocab_size: int) -> Vocab:
     """Tokens and token types from tokenizer.json, padded to the model's embedding rows."""
     import gguf
 
-    tok = _read_json(model_dir / "tokenizer.json")
+    tok = read_json(model_dir / "tokenizer.json")
+    if is_sentencepiece(tok):
+        return read_sentencepiece_vocab(tok, vocab_size)
     model = tok.get("model", {})
     if model.get("type") != "BPE":
         raise ExportError(f"the tokenizer model is {model.get('type')!r}; GGUF export supports byte-level BPE "
-                          f"tokenizers ({PRE_TOKENIZER_TEXT})")
+                          f"tokenizers ({PRE_TOKENIZER_TEXT}) and SentencePiece-style BPE (Llama 2, Mistral)")
     pre = detect_pre_tokenizer(tok)
     by_id: dict[int, str] = {int(i): t for t, i in model.get("vocab", {}).items()}
     types = {i: gguf.TokenType.NORMAL for i in by_id}
@@ -210,7 +282,7 @@ def permute_rope(weight: np.ndarray, n_head: int) -> np.ndarray:
 def _safetensor_files(model_dir: Path) -> list[Path]:
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
-        names = sorted(set(_read_json(index)["weight_map"].values()))
+        names = sorted(set(read_json(index)["weight_map"].values()))
         return [model_dir / n for n in names]
     single = model_dir / "model.safetensors"
     if single.is_file():
@@ -281,7 +353,7 @@ def convert(model_dir: str | Path, out_path: str | Path, ftype: str = "f16", nam
     model_dir, out_path = Path(model_dir), Path(out_path)
     if ftype not in ("f16", "f32"):
         raise ExportError(f"GGUF conversion writes f16 or f32, not {ftype!r}; quantize the f16 file instead")
-    config = _read_json(model_dir / "config.json")
+    config = read_json(model_dir / "config.json")
     hf_arch, arch = hf_architecture(config)
     n_layer = int(config["num_hidden_layers"])
     n_head = int(config["num_attention_heads"])
@@ -299,7 +371,7 @@ def convert(model_dir: str | Path, out_path: str | Path, ftype: str = "f16", nam
         log("[export] note: llama model with attention biases; biases are written and permuted like Q/K")
 
     vocab = read_vocab(model_dir, vocab_size)
-    tok_json = _read_json(model_dir / "tokenizer.json")
+    tok_json = read_json(model_dir / "tokenizer.json")
     add_bos, add_eos = _post_processor_adds(tok_json)
 
     float_type = np.float16 if ftype == "f16" else np.float32
@@ -333,12 +405,17 @@ def convert(model_dir: str | Path, out_path: str | Path, ftype: str = "f16", nam
         writer.add_file_type(file_type)
 
         writer.add_tokenizer_model(vocab.model)
-        writer.add_tokenizer_pre(vocab.pre)
+        if vocab.pre:
+            writer.add_tokenizer_pre(vocab.pre)
         writer.add_token_list(vocab.tokens)
         writer.add_token_types(vocab.types)
+        if vocab.scores is not None:
+            writer.add_token_scores(vocab.scores)
+            writer.add_add_space_prefix(vocab.add_space_prefix)
         # SpecialVocab reads merges, special token ids and the chat template (incl. chat_template.jinja).
-        special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=vocab_size)
-        if not special.merges:
+        bpe = vocab.model == "gpt2"
+        special = gguf.SpecialVocab(model_dir, load_merges=bpe, n_vocab=vocab_size)
+        if bpe and not special.merges:
             raise ExportError(f"{model_dir / 'tokenizer.json'} has no BPE merges; cannot write the tokenizer")
         special.add_special_token = {}  # written explicitly below, from the HF post-processor
         special.add_to_gguf(writer, quiet=True)
@@ -377,7 +454,7 @@ def convert(model_dir: str | Path, out_path: str | Path, ftype: str = "f16", nam
     finally:
         writer.close()
     tmp.replace(out_path)
-    return {"architecture": arch, "hf_architecture": hf_arch, "pre_tokenizer": vocab.pre,
+    return {"architecture": arch, "hf_architecture": hf_arch, "tokenizer": vocab.model, "pre_tokenizer": vocab.pre,
             "tensors": count, "bytes": out_path.stat().st_size, "tied_embeddings": tied,
             "add_bos": add_bos, "chat_template": special.chat_template is not None}
 

@@ -52,17 +52,17 @@ def untie_if_needed(model: Any) -> bool:
 
 def merge_run(run: RunDir, log: Callable[[str], None] = print) -> Path:
     """Write ``merged/`` from the base model and the adapter (reused when already current)."""
-    import torch
-    from peft import PeftModel
-
-    from .models import load_causal_lm, load_tokenizer
-
     model_info = run.require("model", "train")
     if not (run.adapter_dir / "adapter_config.json").is_file():
         raise StageMissing(f"{run.adapter_dir} has no adapter: run `rawtune train` first")
     if is_current(run):
         log(f"[merge] {run.merged_dir} is up to date")
         return run.merged_dir
+    # Imported only when there is work to do: a no-op merge should not pay for torch and peft.
+    import torch
+    from peft import PeftModel
+
+    from .models import load_causal_lm, load_tokenizer
     started = time.time()
     base = load_causal_lm(model_info["local_dir"], device="cpu", dtype=torch.float32)
     model = PeftModel.from_pretrained(base, str(run.adapter_dir)).merge_and_unload()

@@ -9,7 +9,6 @@ and a layout mistake cannot hide in near-zero logits.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -51,8 +50,13 @@ def scrambled_copy(src: Path, dst: Path, seed: int = 1) -> Path:
     return dst
 
 
-def make_run(root: Path, base: Path, seq_len: int = 48, heldout: bool = True, seed: int = 0) -> RunDir:
-    """A run directory as train leaves it: run.json's model, a LoRA adapter, held-out blocks."""
+def make_run(root: Path, base: Path, seq_len: int = 48, heldout: bool = True, seed: int = 0,
+             lora_b_std: float | None = None) -> RunDir:
+    """A run directory as train leaves it: run.json's model, a LoRA adapter, held-out blocks.
+
+    The adapter is random (A and B), so the merged model differs from the base; ``lora_b_std``
+    sets B to that small spread instead, for an update of the size training makes.
+    """
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -65,6 +69,11 @@ def make_run(root: Path, base: Path, seq_len: int = 48, heldout: bool = True, se
     # init_lora_weights=False: random A and B, so the merged model really differs from the base.
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=PROJECTIONS,
                                                   init_lora_weights=False))
+    if lora_b_std is not None:
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0.0, lora_b_std)
     peft_model.save_pretrained(run.adapter_dir)
     if heldout:
         tok = AutoTokenizer.from_pretrained(base)
@@ -111,14 +120,26 @@ def sample_tokens(model_dir: Path, n: int = 40) -> np.ndarray:
     return np.asarray(tok.encode(" ".join(sentences(6, seed=3)))[:n], dtype=np.int64)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_export_logits_match_merged_pytorch(arch, big_llama, big_qwen2, tmp_path):
-    base = big_llama if arch == "llama" else big_qwen2
+@pytest.fixture(scope="module")
+def big_llama3_rope(tmp_path_factory, big_llama) -> Path:
+    """The scrambled llama with Llama 3.1's frequency-dependent RoPE scaling (a rope_freqs tensor)."""
+    dst = tmp_path_factory.mktemp("big_llama3")
+    shutil.copytree(big_llama, dst, dirs_exist_ok=True)
+    config = json.loads((dst / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "llama3-rope"])
+def test_export_logits_match_merged_pytorch(arch, request, tmp_path):
+    base = request.getfixturevalue({"llama": "big_llama", "qwen2": "big_qwen2", "llama3-rope": "big_llama3_rope"}[arch])
     run = make_run(tmp_path / "run", base)
     info = export.export_run(run, ExportSettings(quant=["f16"], name="tiny"), log=lambda s: None)
     f16 = run.gguf_dir / "tiny.F16.gguf"
-    assert info["conversion"]["architecture"] == arch
-    assert info["conversion"]["tied_embeddings"] is (arch == "llama")
+    assert info["conversion"]["architecture"] == arch.split("-")[0].replace("llama3", "llama")
+    assert info["conversion"]["tied_embeddings"] is (arch != "qwen2")
     tokens = sample_tokens(run.merged_dir)
     want = torch_logits(run.merged_dir, tokens)
     got = gguf_logits(f16, tokens)
@@ -183,10 +204,17 @@ def test_export_run_quantizes_verifies_and_is_idempotent(big_llama, tmp_path):
 
     # Second export: same merged model, nothing rebuilt or re-verified.
     mtimes = {p.name: p.stat().st_mtime_ns for p in run.gguf_dir.glob("*.gguf")}
+    first_lines = len(lines)
     again = export.export_run(run, ExportSettings(quant=["q4_k_m", "q8_0"]), log=lines.append)
-    assert again["seconds_convert"] == 0 and again["seconds_quantize"] == 0 and again["seconds_verify"] == 0
+    assert again["reused"] == ["Q4_K_M", "Q8_0"] and exp["reused"] == []
+    assert (again["seconds_convert"], again["seconds_quantize"]) == (exp["seconds_convert"], exp["seconds_quantize"])
+    assert not any(line.startswith("[export] llama.cpp") for line in lines[first_lines:])  # not re-verified
     assert {p.name: p.stat().st_mtime_ns for p in run.gguf_dir.glob("*.gguf")} == mtimes
     assert run.load()["gguf"] == gguf and again["ppl_merged"] == exp["ppl_merged"]
+    # Fewer quants: the one no longer asked for leaves gguf/ (it would be published otherwise).
+    export.export_run(run, ExportSettings(quant=["q8_0"]), log=lines.append)
+    assert sorted(p.name for p in run.gguf_dir.glob("*.gguf")) == ["myrun.Q8_0.gguf"]
+    assert set(run.load()["gguf"]) == {"Q8_0"} and (run.gguf_dir / "Modelfile").read_text().startswith("FROM ./myrun.Q8_0")
 
 
 def test_export_without_heldout_skips_perplexity(big_qwen2, tmp_path):
@@ -198,47 +226,67 @@ def test_export_without_heldout_skips_perplexity(big_qwen2, tmp_path):
     assert any("skipping perplexity" in line for line in lines)
 
 
-def number_tokenizer(path: Path, split_digits: bool) -> Path:
-    """A byte-level BPE trained on number-heavy text; ``split_digits``: digits one by one first,
-    like SmolLM2's real tokenizer (without it, merges such as 'Ġ12' or '2024' are learned)."""
+def number_tokenizer(path: Path, pre_tokenizer, normalizer=None) -> Path:
+    """A byte-level BPE with the given pre-tokenizer, trained on number-heavy text (so a
+    tokenizer that does not split digits learns merges such as 'Ġ12' or '2024')."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-                         if split_digits else byte_level)
+    tok.pre_tokenizer = pre_tokenizer
+    if normalizer is not None:
+        tok.normalizer = normalizer
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(sentences(400) + ["1234 5678 99 2024 in 1999, 42 and 12345 numbers"] * 20, trainer)
+    tok.train_from_iterator(sentences(400) + ["1234 5678 99 2024 in 1999, 42 and 12345 numbers\n\n"] * 20, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     fast.save_pretrained(path)
     return path
 
 
-def test_pre_tokenizer_is_read_from_tokenizer_json(tmp_path, tiny_tokenizer_dir):
+def pre_tokenizer_cases():
+    from tokenizers import Regex, normalizers, pre_tokenizers as pt
+
+    byte_level = pt.ByteLevel(add_prefix_space=False, use_regex=True)
+    bare = pt.ByteLevel(add_prefix_space=False, use_regex=False)
+    return {
+        "gpt-2": (byte_level, None),
+        "smollm": (pt.Sequence([pt.Digits(individual_digits=True), byte_level]), None),
+        "llama-bpe": (pt.Sequence([pt.Split(Regex(gguf_writer.LLAMA3_REGEX), "isolated"), bare]), None),
+        "qwen2": (pt.Sequence([pt.Split(Regex(gguf_writer.QWEN2_REGEX), "isolated"), bare]), normalizers.NFC()),
+    }
+
+
+@pytest.mark.parametrize("pre", ["gpt-2", "smollm", "llama-bpe", "qwen2"])
+def test_pre_tokenizer_is_read_from_tokenizer_json(pre, tmp_path):
     from tiny import tiny_model
     from transformers import AutoTokenizer
 
-    plain = json.loads((tiny_tokenizer_dir / "tokenizer.json").read_text())
-    assert gguf_writer.detect_pre_tokenizer(plain) == "gpt-2"
-    text = "In 2024, 12345 people paid $3.50 each."
-    for split_digits, pre in ((True, "smollm"), (False, "gpt-2")):
-        tok_dir = number_tokenizer(tmp_path / f"tok-{pre}", split_digits)
-        assert gguf_writer.detect_pre_tokenizer(json.loads((tok_dir / "tokenizer.json").read_text())) == pre
-        model_dir = tiny_model(tmp_path / f"model-{pre}", tok_dir, "llama")
-        out = tmp_path / f"{pre}.gguf"
-        assert gguf_writer.convert(model_dir, out, "f16")["pre_tokenizer"] == pre
-        hf = AutoTokenizer.from_pretrained(model_dir)
-        llm = export.load_llama(out, n_ctx=64)
-        try:
-            assert llm.tokenize(text.encode(), add_bos=False, special=True) == hf.encode(text, add_special_tokens=False)
-            assert export.check_tokenizer(llm, hf, [text, export.SAMPLE_TEXT]) == []
-        finally:
-            llm.close()
-    # The GPT-2-style vocabulary (it learned multi-digit merges) labelled smollm splits numbers
-    # differently from its HF tokenizer: the label matters and the check sees it.
+    tok_dir = number_tokenizer(tmp_path / "tok", *pre_tokenizer_cases()[pre])
+    assert gguf_writer.detect_pre_tokenizer(json.loads((tok_dir / "tokenizer.json").read_text())) == pre
+    model_dir = tiny_model(tmp_path / "model", tok_dir, "qwen2" if pre == "qwen2" else "llama")
+    out = tmp_path / f"{pre}.gguf"
+    assert gguf_writer.convert(model_dir, out, "f16")["pre_tokenizer"] == pre
+    hf = AutoTokenizer.from_pretrained(model_dir)
+    text = "In 2024, 12345 people paid $3.50 each.\n\n  It's   done!"
+    llm = export.load_llama(out, n_ctx=64)
+    try:
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == hf.encode(text, add_special_tokens=False)
+        assert export.check_tokenizer(llm, hf, [text, export.SAMPLE_TEXT]) == []
+    finally:
+        llm.close()
+
+
+def test_wrong_pre_tokenizer_label_is_caught(tmp_path):
+    """A GPT-2-style vocabulary (it learned multi-digit merges) labelled smollm splits numbers
+    differently from its HF tokenizer: the label matters and the check sees it."""
+    from tiny import tiny_model
+    from transformers import AutoTokenizer
+
+    tok_dir = number_tokenizer(tmp_path / "tok", *pre_tokenizer_cases()["gpt-2"])
+    model_dir = tiny_model(tmp_path / "model", tok_dir, "llama")
+    hf = AutoTokenizer.from_pretrained(model_dir)
     assert len(hf.encode(" 2024", add_special_tokens=False)) < 5
     original = dict(gguf_writer.PRE_TOKENIZERS)
     try:
@@ -249,7 +297,42 @@ def test_pre_tokenizer_is_read_from_tokenizer_json(tmp_path, tiny_tokenizer_dir)
         gguf_writer.PRE_TOKENIZERS.update(original)
     llm = export.load_llama(tmp_path / "wrong.gguf", n_ctx=64)
     try:
-        assert export.check_tokenizer(llm, hf, [text]) != []
+        assert export.check_tokenizer(llm, hf, ["In 2024, 12345 people paid $3.50 each."]) != []
+    finally:
+        llm.close()
+
+
+def test_tiny_tokenizer_is_gpt2(tiny_tokenizer_dir):
+    assert gguf_writer.detect_pre_tokenizer(json.loads((tiny_tokenizer_dir / "tokenizer.json").read_text())) == "gpt-2"
+
+
+def test_sentencepiece_tokenizer(tmp_path):
+    """A Llama 2 / Mistral style tokenizer (SentencePiece BPE with byte fallback) in llama.cpp."""
+    spm = pytest.importorskip("sentencepiece", reason="sentencepiece is needed to train a tiny SentencePiece model")
+    from tiny import tiny_model
+    from transformers import AutoTokenizer
+
+    src = tmp_path / "spm"
+    src.mkdir()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences(400) + ["Hello world! 123 numbers, punctuation; and more."]),
+        model_prefix=str(src / "tokenizer"), vocab_size=400, model_type="bpe", byte_fallback=True,
+        character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    (src / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+         "add_bos_token": True}))
+    tok_dir = tmp_path / "hf-tok"
+    AutoTokenizer.from_pretrained(src).save_pretrained(tok_dir)
+    model_dir = tiny_model(tmp_path / "model", tok_dir, "llama")
+    out = tmp_path / "spm.gguf"
+    report = gguf_writer.convert(model_dir, out, "f16")
+    assert report["tokenizer"] == "llama" and report["add_bos"] is True
+    hf = AutoTokenizer.from_pretrained(model_dir)
+    texts = [export.SAMPLE_TEXT, "Hello world", "the river carries bright stones.\n\nNew line  two  spaces"]
+    llm = export.load_llama(out, n_ctx=64)
+    try:
+        assert export.check_tokenizer(llm, hf, texts) == []
+        assert llm.tokenize(b"Hello", add_bos=True, special=False)[0] == 1  # BOS added, as HF does
     finally:
         llm.close()
 
@@ -298,7 +381,7 @@ def test_smollm2_offline_export(tmp_path, monkeypatch):
     source = resolve_model(None, log=lambda s: None)
     assert source.source == "offline-default"
     base = Path(source.local_dir)
-    run = make_run(tmp_path / "smol", base, heldout=False)
+    run = make_run(tmp_path / "smol", base, heldout=False, lora_b_std=1e-3)
     tok = AutoTokenizer.from_pretrained(base)
     text = "\n\n".join(list(pydoc_data.topics.topics.values())[:40])
     ids = np.asarray(tok.encode(text)[: 8 * 512], dtype=np.int32).reshape(8, 512)
