@@ -6,9 +6,9 @@ patches transformers globally), on the SmolLM2-135M architecture with random wei
 effective batch 16 blocks). Baselines run a bare loop (forward, backward, fused AdamW), so they
 are measured at their best; rawtune's default runs through ``rawtune.train.train`` as a user gets it.
 
-    python bench/train_speed.py speed  --tokenizer TOKDIR --work /tmp/bench --out OUTDIR
-    python bench/train_speed.py parity --tokenizer TOKDIR --work /tmp/bench --out OUTDIR
-    python bench/train_speed.py profile --tokenizer TOKDIR --work /tmp/bench --out OUTDIR
+    python bench/train_speed.py speed  --tokenizer TOKDIR --work bench-work --out OUTDIR
+    python bench/train_speed.py parity --tokenizer TOKDIR --work bench-work --out OUTDIR
+    python bench/train_speed.py profile --tokenizer TOKDIR --work bench-work --out OUTDIR
 
 TOKDIR is a tokenizer folder with SmolLM2's 49,152-token vocabulary.
 """
@@ -42,8 +42,13 @@ SPEED = {
     "unsloth_b8": ("unsloth", 8, "off"),
     "unsloth_b16": ("unsloth", 16, "off"),
     "rawtune": ("rawtune", 0, "auto"),
-    "rawtune_16gib": ("rawtune", 0, "auto"),
+    "rawtune_unfused_lora": ("rawtune", 0, "auto"),  # RAWTUNE_FUSED_LORA=0: LoRA B products separate
+    "rawtune_eager": ("rawtune", 0, "auto"),  # RAWTUNE_COMPILE=0: no torch.compile
+    "rawtune_16gib": ("rawtune", 0, "auto"),  # planned for and held to 16 GiB
+    "rawtune_flash_attn": ("rawtune", 0, "auto"),  # RAWTUNE_SDPA=flash instead of PyTorch's pick (cuDNN)
 }
+ENV = {"rawtune_unfused_lora": {"RAWTUNE_FUSED_LORA": "0"}, "rawtune_eager": {"RAWTUNE_COMPILE": "0"},
+       "rawtune_16gib": {"RAWTUNE_GPU_MEMORY_GIB": "16"}, "rawtune_flash_attn": {"RAWTUNE_SDPA": "flash"}}
 
 
 def build_model(work: Path, tokenizer: Path) -> Path:
@@ -65,7 +70,7 @@ def recipe(model_dir: Path, **overrides):
     """The seed's recipe (the 'standard' preset) as resolved settings."""
     from rawtune.settings import RunSettings, apply, validate
 
-    values = dict(model=str(model_dir), seq_len=T, eval_steps=0, save_steps=100000, optimizer="adamw_torch")
+    values = dict(model=str(model_dir), preset="standard", seq_len=T, eval_steps=0, save_steps=100000, optimizer="adamw_torch")
     values.update(overrides)
     return validate(apply(RunSettings(), values))
 
@@ -142,8 +147,8 @@ def rawtune_speed(name: str, model_dir: Path, work: Path, steps: int) -> dict:
 
     from rawtune.train import train
 
+    os.environ.update(ENV.get(name, {}))
     if name == "rawtune_16gib":  # plan for, and hold to, a 16 GiB card
-        os.environ["RAWTUNE_GPU_MEMORY_GIB"] = "16"
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(16 * 2**30 / total)
     settings = recipe(model_dir, max_steps=steps, optimizer="auto")
@@ -227,7 +232,8 @@ def parity_one(name: str, model_dir: Path, corpus: Path, work: Path, seed: int, 
     from rawtune.rundir import RunDir
     from rawtune.settings import RunSettings, apply
 
-    values = dict(out=str(work / f"parity-{name}-{seed}"), dataset=str(corpus), model=str(model_dir), seq_len=T,
+    values = dict(out=str(work / f"parity-{name}-{seed}"), dataset=str(corpus), model=str(model_dir),
+                  preset="standard", seq_len=T,
                   max_steps=steps, learning_rate=5e-4, embedding_learning_rate=5e-5, seed=seed,
                   eval_steps=0, save_steps=100000, optimizer="adamw_torch", stages=["data", "train"])
     if name == "unsloth_seed":
@@ -320,10 +326,11 @@ def table(results: list[dict]) -> None:
     by = {r["variant"]: r for r in results}
     seed = by.get("unsloth_seed", {}).get("tok_s")
     best_unsloth = max((r["tok_s"] for n, r in by.items() if n.startswith("unsloth")), default=None)
-    print(f"\n| variant | micro x accum | checkpointing | tokens/s | peak GiB | vs Unsloth seed | vs best Unsloth |")
+    print("\n| variant | micro x accum | checkpointing | tokens/s | peak GiB | vs Unsloth seed | vs best Unsloth |")
     print("|---|---|---|---|---|---|---|")
     for r in results:
-        ratio = lambda base: f"{r['tok_s'] / base:.2f}x" if base else "-"
+        def ratio(base, r=r):
+            return f"{r['tok_s'] / base:.2f}x" if base else "-"
         print(f"| {r['variant']} | {r['micro']} x {r['accum']} | {r['gc']} | {r['tok_s']:,} | {r['peak_GiB']} | "
               f"{ratio(seed)} | {ratio(best_unsloth)} |")
 

@@ -208,23 +208,74 @@ def _rotate(x: Any, cos: Any, sin: Any) -> Any:
     return x * cos + rot * sin
 
 
-def make_layer(cfg: SimpleNamespace, attn_backends: Optional[list] = None) -> Callable:
-    """The decoder layer as a function of (hidden, cos, sin, tensors): one graph for every layer."""
+def _fused_lora_linear() -> Any:
+    """y = [x, s*u] @ [W, B]^T as ONE matmul, with gradients for x, s*u and B only (W is frozen).
+
+    Folding LoRA's B product into the base matmul writes the output once instead of three times
+    (base, delta, sum) and, in backward, gets dx and d(s*u) from one matmul over dy. Autograd on a
+    concatenated weight would also compute the frozen W's gradient (+50 % matmul work), hence
+    this Function.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    class _Fn(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, su, w, b):
+            xin = torch.cat([x, su], dim=-1)
+            wcat = torch.cat([w, b], dim=1)
+            ctx.save_for_backward(xin, wcat)
+            ctx.din = x.shape[-1]
+            return F.linear(xin, wcat)
+
+        @staticmethod
+        def backward(ctx, dy):
+            xin, wcat = ctx.saved_tensors
+            dxin = dy @ wcat
+            din = ctx.din
+            db = dy.reshape(-1, dy.shape[-1]).t() @ xin[..., din:].reshape(-1, xin.shape[-1] - din)
+            return dxin[..., :din], dxin[..., din:], None, db
+
+    return _Fn
+
+
+def make_layer(cfg: SimpleNamespace, attn_backends: Optional[list] = None, fuse: bool = True) -> Callable:
+    """The decoder layer as a function of (hidden, cos, sin, tensors): one graph for every layer.
+
+    ``fuse``: fold the LoRA B products into the base matmuls (see :func:`_fused_lora_linear`);
+    False keeps them as separate matmuls added afterwards (RAWTUNE_FUSED_LORA=0, kept so the
+    benchmark can measure what the fusion bought).
+    """
     import torch
     import torch.nn.functional as F
 
     H, KV, hd, dt = cfg.heads, cfg.kv, cfg.hd, cfg.dtype
+    fused = _fused_lora_linear()
+    outs = {"q_proj": H * hd, "k_proj": KV * hd, "v_proj": KV * hd, "o_proj": cfg.hidden,
+            "gate_proj": cfg.inter, "up_proj": cfg.inter, "down_proj": cfg.hidden}
 
-    def lora(x, tensors, names):
-        """LoRA deltas of the projections in ``names`` that share input x: one A matmul for all."""
+    def proj(x, w, bias, tensors, names):
+        """Base projection(s) sharing input x plus their LoRA deltas (one A matmul for all)."""
         idx = [PROJ.index(n) for n in names]
         present = [i for i in idx if cfg.lora[i]]
         if not present:
-            return {}
+            return F.linear(x, w, bias)
         a = torch.cat([tensors[7 + 2 * i].to(dt) for i in present]) if len(present) > 1 else tensors[7 + 2 * present[0]].to(dt)
         u = F.linear(x, a)
         parts = u.split([cfg.ranks[i] for i in present], dim=-1)
-        return {i: F.linear(p * cfg.scales[i], tensors[8 + 2 * i].to(dt)) for i, p in zip(present, parts)}
+        if not fuse:
+            y = F.linear(x, w, bias)
+            deltas = [F.linear(p * cfg.scales[i], tensors[8 + 2 * i].to(dt)) for i, p in zip(present, parts)]
+            cols = [deltas[present.index(i)] if i in present else None for i in idx]
+            chunks = list(y.split([outs[PROJ[i]] for i in idx], dim=-1))
+            return torch.cat([c + d if d is not None else c for c, d in zip(chunks, cols)], dim=-1) if len(idx) > 1 \
+                else chunks[0] + cols[0]
+        su = torch.cat([p * cfg.scales[i] for i, p in zip(present, parts)], dim=-1) if len(present) > 1 \
+            else parts[0] * cfg.scales[present[0]]
+        blocks = [tensors[8 + 2 * i].to(dt) if cfg.lora[i] else x.new_zeros(outs[PROJ[i]], 0) for i in idx]
+        b = torch.block_diag(*blocks) if len(blocks) > 1 else blocks[0]
+        y = fused.apply(x, su, w, b)
+        return y + bias if bias is not None else y
 
     def attention(q, k, v):
         if attn_backends:
@@ -238,29 +289,16 @@ def make_layer(cfg: SimpleNamespace, attn_backends: Optional[list] = None) -> Ca
         ln1, w_qkv, b_qkv, w_o, ln2, w_gu, w_down = tensors[:7]
         B, T, _ = h.shape
         x = _rms(h, ln1, cfg.eps)
-        qkv = F.linear(x, w_qkv, b_qkv)
-        q, k, v = qkv.split([H * hd, KV * hd, KV * hd], dim=-1)
-        d = lora(x, tensors, PROJ[:3])
-        q = q + d[0] if 0 in d else q
-        k = k + d[1] if 1 in d else k
-        v = v + d[2] if 2 in d else v
+        q, k, v = proj(x, w_qkv, b_qkv, tensors, PROJ[:3]).split([H * hd, KV * hd, KV * hd], dim=-1)
+        # (RoPE before the head transpose was measured too: same tokens/s; docs/benchmarks.md.)
         q = _rotate(q.view(B, T, H, hd).transpose(1, 2), cos, sin)
         k = _rotate(k.view(B, T, KV, hd).transpose(1, 2), cos, sin)
         v = v.view(B, T, KV, hd).transpose(1, 2)
         a = attention(q, k, v).transpose(1, 2).reshape(B, T, H * hd)
-        o = F.linear(a, w_o)
-        d = lora(a, tensors, PROJ[3:4])
-        h = h + (o + d[3] if 3 in d else o)
+        h = h + proj(a, w_o, None, tensors, PROJ[3:4])
         x = _rms(h, ln2, cfg.eps)
-        gu = F.linear(x, w_gu)
-        g, u = gu.split([cfg.inter, cfg.inter], dim=-1)
-        d = lora(x, tensors, PROJ[4:6])
-        g = g + d[4] if 4 in d else g
-        u = u + d[5] if 5 in d else u
-        m = F.silu(g) * u
-        y = F.linear(m, w_down)
-        d = lora(m, tensors, PROJ[6:])
-        return h + (y + d[6] if 6 in d else y)
+        g, u = proj(x, w_gu, None, tensors, PROJ[4:6]).split([cfg.inter, cfg.inter], dim=-1)
+        return h + proj(F.silu(g) * u, w_down, None, tensors, PROJ[6:])
 
     return layer
 
@@ -348,7 +386,7 @@ class FastModel:
 
         self.net = net
         backends = _attn_backends(attn)
-        layer = make_layer(net.cfg, backends)
+        layer = make_layer(net.cfg, backends, fuse=os.environ.get("RAWTUNE_FUSED_LORA", "1") != "0")
         self.compiled = compile
         if compile:
             layer = torch.compile(layer, dynamic=False)

@@ -22,8 +22,19 @@ SMOL = {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "n
         "hidden_act": "silu"}
 
 
+def _cpu_peft(t: TrainSettings, model_dir) -> object:
+    """The PEFT model as load_peft builds it, but fp32 on the CPU even where CUDA exists."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from rawtune.train import _peft_config
+
+    return get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), _peft_config(t))
+
+
 def _standard(**kw) -> TrainSettings:
     s = RunSettings()
+    s.train.preset = "standard"  # the seed's recipe, also on CPU machines (where 'auto' means quick)
     for k, v in kw.items():
         setattr(s.train, k, v)
     return validate(s).train
@@ -34,7 +45,7 @@ def test_fast_forward_matches_peft_loss_and_gradients(fixture, request):
     model_dir = request.getfixturevalue(fixture)
     t = _standard(seq_len=32)
     torch.manual_seed(0)
-    model = load_peft(t, str(model_dir))
+    model = _cpu_peft(t, model_dir)
     for name, p in model.named_parameters():
         if "lora_B" in name:  # PEFT starts B at zero; random B makes the LoRA path count
             p.data.normal_(0, 0.05)
@@ -57,7 +68,7 @@ def test_fast_forward_matches_peft_loss_and_gradients(fixture, request):
 
 def test_padding_rows_do_not_change_the_loss(tiny_llama_dir):
     t = _standard(seq_len=32)
-    model = load_peft(t, str(tiny_llama_dir))
+    model = _cpu_peft(t, tiny_llama_dir)
     fast = fastloop.FastModel(fastloop.extract(model, torch.float32), compile=False)
     ids = torch.randint(0, model.config.vocab_size, (2, 32))
     padded = torch.cat([ids, torch.zeros(2, 32, dtype=torch.long)])
@@ -92,7 +103,7 @@ def test_plan_keeps_effective_batch_and_fits_small_cards():
 
 
 def test_fast_loop_declines_what_it_cannot_train():
-    t = resolve_preset(TrainSettings())
+    t = resolve_preset(TrainSettings(preset="standard"))
     assert "4-bit" in fastloop.applicable(TrainSettings(**{**t.__dict__, "load_in_4bit": True}), SMOL, bf16=True)
     assert "architecture" in fastloop.applicable(t, {**SMOL, "model_type": "gemma"}, bf16=True)
     assert "dropout" in fastloop.applicable(TrainSettings(**{**t.__dict__, "lora_dropout": 0.1}), SMOL, bf16=True)
@@ -101,19 +112,36 @@ def test_fast_loop_declines_what_it_cannot_train():
 # ---------------------------------------------------------------- on a CUDA GPU
 
 
+@pytest.fixture(scope="module")
+def padded_llama_dir(tmp_path_factory, tiny_tokenizer_dir):
+    """The tiny llama with a pad token of its own: Unsloth's loader refuses pad == eos on a model
+    whose embedding it cannot grow (RuntimeError 'Could not find a valid pad token')."""
+    from transformers import AutoTokenizer
+
+    from tiny import tiny_model
+
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    tok.add_special_tokens({"pad_token": "<|pad|>"})
+    tok_dir = tmp_path_factory.mktemp("padded-tokenizer")
+    tok.save_pretrained(tok_dir)
+    return tiny_model(tmp_path_factory.mktemp("padded-llama"), tok_dir, "llama", tie=True)
+
+
 def _losses(run) -> list[float]:
     return [e["loss"] for e in run.load()["train"]["history"] if e["type"] == "step"]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["peft", "unsloth"])
-def test_fast_loop_trains_on_cuda(tmp_path, tiny_llama_dir, tiny_corpus, backend):
+def test_fast_loop_trains_on_cuda(tmp_path, padded_llama_dir, tiny_corpus, backend):
     if backend == "unsloth":
         pytest.importorskip("unsloth")
-    run = train_tiny(tmp_path / "r", tiny_llama_dir, tiny_corpus, backend=backend, max_steps=30,
-                     gradient_checkpointing="auto")
+    run = train_tiny(tmp_path / "r", padded_llama_dir, tiny_corpus, backend=backend, max_steps=30,
+                     gradient_checkpointing="auto", eval_steps=10)
     record = run.load()
     losses = _losses(run)
+    evals = [e["eval_loss"] for e in record["train"]["history"] if e["type"] == "eval"]
+    assert len(evals) == 3 and evals[-1] < evals[0]
     assert len(losses) == 30 and np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.3
     assert record["train"]["backend"] == backend
     assert record["train"]["effective_settings"]["gradient_checkpointing"] == "off"
@@ -122,10 +150,10 @@ def test_fast_loop_trains_on_cuda(tmp_path, tiny_llama_dir, tiny_corpus, backend
 
 
 @pytest.mark.gpu
-def test_unsloth_trainer_path_trains_on_cuda(tmp_path, tiny_llama_dir, tiny_corpus, monkeypatch):
+def test_unsloth_trainer_path_trains_on_cuda(tmp_path, padded_llama_dir, tiny_corpus, monkeypatch):
     pytest.importorskip("unsloth")
     monkeypatch.setenv("RAWTUNE_FASTLOOP", "0")
-    run = train_tiny(tmp_path / "r", tiny_llama_dir, tiny_corpus, backend="unsloth", max_steps=30,
+    run = train_tiny(tmp_path / "r", padded_llama_dir, tiny_corpus, backend="unsloth", max_steps=30,
                      gradient_checkpointing="unsloth")
     losses = _losses(run)
     assert len(losses) == 30 and np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.3
