@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import gradio as gr
 
-from .errors import ConfigError, RawtuneError, StageMissing
+from .errors import ConfigError, RawtuneError
 from .rundir import RunDir, scrub
 from .settings import (ALL_PROJECTIONS, DEFAULT_MODEL, PRESETS, QUANTS, DataSettings, ExportSettings,
                        PushSettings, RunSettings, TrainSettings, field_docs, from_dict, to_dict)
@@ -54,6 +54,7 @@ KNOWN_PARAMS = {"SmolLM2-135M": 135e6, "SmolLM2-360M": 362e6, "Qwen2.5-0.5B": 49
 UPLOAD_TYPES = [".jsonl", ".json", ".csv", ".tsv", ".txt", ".md", ".parquet"]
 QUANT_LABELS = {"q4_k_m": "Q4_K_M", "q8_0": "Q8_0", "f16": "F16"}
 LOG_LINES = 200
+PLOT_POINTS = 1000  # most train-loss points sent to the plot
 # Seconds between page updates while a long task streams progress.
 TICK = 0.5
 
@@ -68,6 +69,21 @@ def on_spaces() -> bool:
 
 def on_zero_gpu() -> bool:
     return os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true")
+
+
+def gpu_expected() -> bool:
+    """True where training will run on a CUDA GPU (on ZeroGPU the GPU only exists inside GPU calls)."""
+    from .models import best_device
+
+    return on_zero_gpu() or best_device() == "cuda"
+
+
+def concrete_preset(preset: Optional[str]) -> str:
+    """``auto`` is ``standard`` where training gets a GPU and ``quick`` on a CPU, decided here once
+    so the data stage (CPU) and the training (GPU call) agree on the sequence length."""
+    if not preset or preset == "auto":
+        return "standard" if gpu_expected() else "quick"
+    return preset
 
 
 def runs_root() -> Path:
@@ -175,9 +191,11 @@ def _claim(session: Session, what: str) -> None:
 # ---------------------------------------------------------------- errors and background work
 
 
-def friendly(exc: BaseException) -> gr.Error:
-    """A page-friendly error: rawtune's own message, or the type and message of anything else."""
-    if isinstance(exc, gr.Error):
+def friendly(exc: BaseException) -> BaseException:
+    """A page-friendly error: rawtune's own message, or the type and message of anything else.
+
+    GeneratorExit and KeyboardInterrupt pass through untouched: they are not errors to show."""
+    if isinstance(exc, (gr.Error, GeneratorExit, KeyboardInterrupt)):
         return exc
     if isinstance(exc, RawtuneError):
         return gr.Error(scrub(str(exc)))
@@ -233,7 +251,8 @@ class Background:
 
 
 def _append(log: list[str], line: str) -> str:
-    log.append(scrub(line.rstrip()))
+    # Show paths inside the runs folder relative to it: the server's layout is nobody's business.
+    log.append(scrub(line.rstrip()).replace(str(runs_root()) + os.sep, ""))
     del log[:-LOG_LINES]
     return "\n".join(log)
 
@@ -250,7 +269,7 @@ def _data_settings(dataset: str, config: str, split: str, text_column: Optional[
     return DataSettings(
         dataset=source, dataset_config=(config or "").strip() or None, split=(split or "").strip() or "train",
         revision=(revision or "").strip() or None, streaming=bool(streaming),
-        max_documents=_int_or_none(max_documents, "max documents"),
+        max_documents=_int_or_none(max_documents, "max documents") or None,  # 0 or empty: all
         text_column=text_column or None, split_blank_lines=bool(split_blank_lines),
         min_chars=_int_or_none(min_chars, "min characters") or 0, dedupe=bool(dedupe))
 
@@ -308,11 +327,12 @@ def _param_count(model: str) -> Optional[float]:
 
 def estimate_seconds(tokens: int, epochs: float, params: Optional[float], cuda: bool) -> Optional[float]:
     """A rough training time: LoRA costs about 6 FLOP per parameter and token, at a throughput
-    typical for the device (1.5 TFLOP/s on a few CPU cores, 150 TFLOP/s effective on a GPU)."""
+    typical for the device (0.2 TFLOP/s on a few CPU cores, 30 TFLOP/s effective on a GPU with
+    transformers + PEFT at small batches)."""
     if not params:
         return None
     flops = 6 * params * tokens * epochs
-    return flops / (150e12 if cuda else 1.5e12)
+    return flops / (30e12 if cuda else 0.2e12)
 
 
 def _fmt_seconds(seconds: Optional[float]) -> str:
@@ -342,11 +362,20 @@ def load_data(session: Optional[Session], dataset: str, config: str, split: str,
         settings = _data_settings(dataset, config, split, text_column, min_chars, max_documents, dedupe,
                                   split_blank_lines, streaming, revision, session.upload)
         info = preview(settings, n=50, token=_token(token_text, oauth_token))
+        if session.upload is not None:
+            info["source"] = f"uploaded {session.upload.name}"
+        return _data_outputs(info, model, preset)
     except BaseException as exc:
         raise friendly(exc) from None
-    if session.upload is not None:
-        info["source"] = f"uploaded {session.upload.name}"
-    return _data_outputs(info, model, preset)
+
+
+def load_new_source(session: Optional[Session], dataset: str, config: str, split: str, upload: Optional[str],
+                    text_column: Optional[str], min_chars: Any, max_documents: Any, dedupe: bool,
+                    split_blank_lines: bool, streaming: bool, revision: str, model: str, preset: str,
+                    token_text: Optional[str], oauth_token: gr.OAuthToken | None):
+    """The Load button: a new source gets its column chosen afresh (the old choice may not exist)."""
+    return load_data(session, dataset, config, split, upload, None, min_chars, max_documents, dedupe,
+                     split_blank_lines, streaming, revision, model, preset, token_text, oauth_token)
 
 
 def _copy_upload(session: Session, path: Path) -> Path:
@@ -360,8 +389,6 @@ def _copy_upload(session: Session, path: Path) -> Path:
 
 
 def _data_outputs(info: dict, model: str, preset: str):
-    from .models import best_device
-
     first = info["first"]
     tokenizer = _quick_tokenizer(model or DEFAULT_MODEL)
     sample_chars = sum(map(len, first)) or 1
@@ -371,8 +398,8 @@ def _data_outputs(info: dict, model: str, preset: str):
     else:
         ratio, how = 4.0, "assuming about 4 characters per token"
     tokens = int(info["characters"] / ratio)
-    epochs = PRESETS.get(preset or "standard", PRESETS["standard"])["epochs"]
-    cuda = best_device() == "cuda"
+    epochs = PRESETS[concrete_preset(preset)]["epochs"]
+    cuda = gpu_expected()
     eta = estimate_seconds(tokens, epochs, _param_count(model or DEFAULT_MODEL), cuda)
     dropped = info["dropped_empty"] + info["dropped_short"] + info["dropped_duplicate"]
     summary = (
@@ -412,7 +439,7 @@ CHOICE_FIELDS = {"backend": ["auto", "peft", "unsloth"], "gradient_checkpointing
 
 def train_settings_from_form(model: str, preset: str, values: dict[str, Any]) -> TrainSettings:
     """TrainSettings from the form; an empty field means "the preset's value"."""
-    t = TrainSettings(model=(model or "").strip() or DEFAULT_MODEL, preset=preset or "standard")
+    t = TrainSettings(model=(model or "").strip() or DEFAULT_MODEL, preset=concrete_preset(preset))
     for name, value in values.items():
         if name in INT_FIELDS or name in FLOAT_FIELDS:
             parse = _int_or_none if name in INT_FIELDS else _float_or_none
@@ -433,8 +460,10 @@ def train_settings_from_form(model: str, preset: str, values: dict[str, Any]) ->
 
 def preset_summary(preset: str) -> str:
     """What a preset sets, shown under the preset choice."""
-    p = PRESETS.get(preset or "standard", PRESETS["standard"])
-    return (f"`{preset}`: seq_len {p['seq_len']}, LoRA r {p['lora_r']} / alpha {p['lora_alpha']}"
+    name = concrete_preset(preset)
+    p = PRESETS[name]
+    shown = f"`auto` = `{name}` here" if name != preset else f"`{name}`"
+    return (f"{shown}: seq_len {p['seq_len']}, LoRA r {p['lora_r']} / alpha {p['lora_alpha']}"
             f"{' rsLoRA' if p['use_rslora'] else ''}, {'embeddings trained, ' if p['train_embeddings'] else ''}"
             f"batch {p['batch_size']}×{p['grad_accum']}, {p['epochs']:g} epoch(s), lr {p['learning_rate']:g}, "
             f"{p['lr_scheduler']}, eval every {p['eval_steps'] or 'end only'}. Empty Advanced fields take these values.")
@@ -443,12 +472,20 @@ def preset_summary(preset: str) -> str:
 def _plot_frame(history: list[dict]) -> Any:
     import pandas as pd
 
-    points = [(e["step"], e["loss"], "train loss") for e in history if e["type"] == "step"]
+    steps = [e for e in history if e["type"] == "step"]
+    if len(steps) > PLOT_POINTS:  # keep the page light on long runs: every k-th step, and the last
+        k = -(-len(steps) // PLOT_POINTS)
+        steps = steps[::k] + ([steps[-1]] if (len(steps) - 1) % k else [])
+    points = [(e["step"], e["loss"], "train loss") for e in steps]
     points += [(e["step"], e["eval_loss"], "eval loss") for e in history if e["type"] == "eval"]
     # Explicit dtypes: an empty frame would otherwise be "object" and the plot's axes nominal.
-    return pd.DataFrame({"step": pd.Series([p[0] for p in points], dtype="int64"),
-                         "loss": pd.Series([p[1] for p in points], dtype="float64"),
-                         "series": pd.Series([p[2] for p in points], dtype="string")})
+    frame = pd.DataFrame({"step": pd.Series([p[0] for p in points], dtype="int64"),
+                          "loss": pd.Series([p[1] for p in points], dtype="float64"),
+                          "series": pd.Series([p[2] for p in points], dtype="string")})
+    # The browser builds the chart (and its colour scale) once and then only swaps the data, so a
+    # series that appears later (the first eval loss) would stay invisible; a changed legend list
+    # makes it rebuild the chart.
+    return gr.LinePlot(value=frame, colors_in_legend=sorted({p[2] for p in points}))
 
 
 def _status(event: Optional[dict], points: int, phase: str) -> str:
@@ -470,15 +507,21 @@ def _events(settings_dict: dict, token: Optional[str], seconds: Optional[float])
     stop = threading.Event()
     work = Background(run_pipeline, from_dict(settings_dict), token=token, stop=stop, with_callback=True)
     deadline = time.time() + seconds if seconds else None
-    while not work.finished():
-        for event in work.poll():
-            yield event
-        if deadline and time.time() > deadline and not stop.is_set():
+    try:
+        while not work.finished():
+            for event in work.poll():
+                yield event
+            if deadline and time.time() > deadline and not stop.is_set():
+                stop.set()
+                yield {"type": "log", "line": "[app] GPU segment time is up: checkpointing, then resuming"}
+            yield {"type": "tick"}
+    finally:
+        # The page went away (the generator was closed): stop the training after this step.
+        if not work.done.is_set():
             stop.set()
-            yield {"type": "log", "line": "[app] GPU segment time is up: checkpointing, then resuming"}
-        yield {"type": "tick"}
     if work.error is not None:
-        yield {"type": "error", "message": str(friendly(work.error).message)}
+        error = friendly(work.error)
+        yield {"type": "error", "message": str(getattr(error, "message", error))}
     yield {"type": "end"}
 
 
@@ -511,15 +554,17 @@ def _can_resume(run: RunDir) -> bool:
 
 def start_training(session: Optional[Session] = None, token_text: Optional[str] = None,
                    oauth_token: gr.OAuthToken | None = None, progress=gr.Progress(),
-                   dataset: str = "", config: str = "", split: str = "train", text_column: Optional[str] = None,
+                   dataset: str = "", config: str = "", split: str = "train", upload: Optional[str] = None,
+                   text_column: Optional[str] = None,
                    min_chars: Any = 20, max_documents: Any = None, dedupe: bool = True,
                    split_blank_lines: bool = False, streaming: bool = False, revision: str = "",
-                   model: str = DEFAULT_MODEL, preset: str = "standard", *advanced: Any):
+                   model: str = DEFAULT_MODEL, preset: str = "auto", *advanced: Any):
     """Start a new run: data stage, training (in segments on ZeroGPU), held-out perplexity."""
     session = _session(session)
     try:
         from .settings import validate
 
+        session.upload = _copy_upload(session, Path(upload)) if upload else None
         data = _data_settings(dataset, config, split, text_column, min_chars, max_documents, dedupe,
                               split_blank_lines, streaming, revision, session.upload)
         train = train_settings_from_form(model, preset, dict(zip(ADVANCED_FIELDS, advanced)))
@@ -549,10 +594,10 @@ def _train_loop(session: Session, settings: RunSettings, token: Optional[str], r
     history: list[dict] = []
     last: Optional[dict] = None
 
-    def frame(phase: str, result: Any = None, training: bool = True) -> tuple:
+    def frame(phase: str, result: Any = None, training: bool = True, plot: bool = True) -> tuple:
         if last:
             progress((last["step"], last["max_steps"]), desc=f"{phase}: step", unit="steps")
-        return (_status(last, len(history), phase), _plot_frame(history), "\n".join(log),
+        return (_status(last, len(history), phase), _plot_frame(history) if plot else gr.skip(), "\n".join(log),
                 gr.skip() if result is None else result,
                 *_buttons(training, False if training else _can_resume(run)))
 
@@ -564,12 +609,15 @@ def _train_loop(session: Session, settings: RunSettings, token: Optional[str], r
                 raise gr.Error(event["message"])
             if kind == "end":
                 return
+            if kind == "tick":
+                continue  # nothing new to show
             if kind == "log":
                 _append(log, event["line"])
             elif kind in ("step", "eval"):
                 history.append(event)
                 last = event if kind == "step" else last
-            yield frame(phase)
+            # Only new points resend the plot (the whole history goes each time).
+            yield frame(phase, plot=kind in ("step", "eval"))
 
     try:
         session.stop.clear()
@@ -704,8 +752,8 @@ def export_model(session: Optional[Session], quants: list[str], repo: str):
         _release(session)
 
 
-def push_model(session: Optional[Session], repo: str, private: bool, token_text: Optional[str],
-               oauth_token: gr.OAuthToken | None):
+def push_model(session: Optional[Session], repo: str, private: bool, previous_log: str,
+               token_text: Optional[str], oauth_token: gr.OAuthToken | None):
     """Push the exported run to ``repo`` in one commit; show the links and the ollama lines."""
     session = _session(session)
     run = session.run
@@ -715,7 +763,7 @@ def push_model(session: Optional[Session], repo: str, private: bool, token_text:
     if token is None:
         raise gr.Error("Sign in with Hugging Face (or paste a token with write access) to push.")
     _claim(session, "push")
-    log: list[str] = []
+    log: list[str] = (previous_log or "").splitlines()
     try:
         from .hub import push_run
 
@@ -726,12 +774,10 @@ def push_model(session: Optional[Session], repo: str, private: bool, token_text:
             yield "\n".join(log), gr.skip(), gr.skip()
         work.raise_error()
         hub = work.result
-        quants = list((run.load().get("gguf") or {}).keys())
         links = [f"**Pushed:** [{hub['repo']}]({hub['url']}) (commit `{str(hub.get('commit', ''))[:10]}`"
                  f"{', private' if hub.get('private') else ''})"]
         links += [f"- [{q} GGUF]({hub['url']}/blob/main/{Path(str(info.get('file', ''))).name})"
                   for q, info in (run.load().get("gguf") or {}).items()]
-        del quants
         yield "\n".join(log), "\n".join(links), _ollama_lines(run)
     except BaseException as exc:
         raise friendly(exc) from None
@@ -781,6 +827,11 @@ def run_compare(session: Optional[Session], prompt: str, mode: str, tuned: str, 
                                _float_or_none(temperature, "temperature") or 0.0,
                                _float_or_none(top_p, "top-p") or 1.0,
                                _int_or_none(seed, "seed") or 0, tuned or "pytorch")
+        kind = tuned or "pytorch"
+        label = ("tuned model (PyTorch, base + adapter)" if kind == "pytorch"
+                 else f"tuned model ({kind.split(':', 1)[-1]} GGUF in llama.cpp, as Ollama runs it)")
+        # Clear both boxes first, so a new answer never looks like the previous one.
+        yield "", gr.Textbox(value="", label=label)
         last = time.time()
         base = tuned_text = ""
         for base, tuned_text in pairs:
@@ -817,11 +868,11 @@ def _advanced_input(name: str, info: str) -> gr.components.Component:
     if name == "seed":
         return gr.Number(3407, label=label, info=info, precision=0, elem_id=f"adv-{name}")
     # A textbox, not gr.Number: an empty box must mean "the preset's value", and Number shows 0.
-    return gr.Textbox("", label=label, info=info, elem_id=f"adv-{name}", placeholder=_preset_hint(name, "standard"))
+    return gr.Textbox("", label=label, info=info, elem_id=f"adv-{name}", placeholder=_preset_hint(name, "auto"))
 
 
 def _preset_hint(name: str, preset: str) -> str:
-    chosen = PRESETS.get(preset or "standard", PRESETS["standard"])
+    chosen = PRESETS[concrete_preset(preset)]
     if name not in chosen and getattr(TrainSettings(), name) is not None:
         return f"default: {getattr(TrainSettings(), name)}"
     value = chosen.get(name)
@@ -865,12 +916,13 @@ def build_demo() -> gr.Blocks:
                         with gr.Row():
                             config = gr.Textbox(label="config", placeholder="(default)", info=data_docs["dataset_config"])
                             split = gr.Textbox("train", label="split", info=data_docs["split"])
+                            text_column = gr.Dropdown([], value=None, label="text column", allow_custom_value=True,
+                                                      info="default 'text', else the longest string column",
+                                                      elem_id="text-column")
                     upload = gr.File(label="…or upload a file", file_types=UPLOAD_TYPES, scale=2,
                                      elem_id="upload")
                 with gr.Accordion("Data options", open=False):
                     with gr.Row():
-                        text_column = gr.Dropdown([], value=None, label="text column", allow_custom_value=True,
-                                                  info=data_docs["text_column"], elem_id="text-column")
                         min_chars = gr.Number(20, label="min characters", info=data_docs["min_chars"], precision=0)
                         max_documents = gr.Number(None, label="max documents", info=data_docs["max_documents"],
                                                   precision=0, placeholder="all")
@@ -892,7 +944,7 @@ def build_demo() -> gr.Blocks:
                                         allow_custom_value=True, label="base model", scale=3,
                                         info="a listed model, any Hub id, a local HF folder or a .gguf file",
                                         elem_id="model")
-                    preset = gr.Radio(list(PRESETS), value="standard",
+                    preset = gr.Radio(["auto"] + list(PRESETS), value="auto",
                                       label="preset", scale=2, elem_id="preset")
                 recipe = gr.Markdown(preset_summary(preset.value))
                 with gr.Accordion("Advanced (every training setting)", open=False, elem_id="advanced"):
@@ -905,7 +957,7 @@ def build_demo() -> gr.Blocks:
                     stop_btn = gr.Button("Stop", variant="stop", interactive=False, elem_id="stop")
                     resume_btn = gr.Button("Resume", interactive=False, elem_id="resume")
                 status = gr.Markdown("Load a dataset, pick a model, then start.", elem_id="train-status")
-                plot = gr.LinePlot(x="step", y="loss", color="series", label="loss", height=300,
+                plot = gr.LinePlot(x="step", y="loss", color="series", label="loss", height=340,
                                    x_title="optimizer step", y_title="loss", elem_id="loss-plot")
                 result = gr.Markdown(elem_id="train-result")
                 train_log = gr.Textbox(label="log", lines=8, max_lines=12, autoscroll=True, elem_id="train-log")
@@ -942,7 +994,8 @@ def build_demo() -> gr.Blocks:
                                             info="PyTorch (adapter) or an exported GGUF run by llama.cpp")
                 with gr.Row():
                     max_new = gr.Slider(1, 512, value=64, step=1, label="max new tokens", elem_id="max-new")
-                    temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="temperature (0: greedy)")
+                    temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="temperature (0: greedy)",
+                                            elem_id="temperature")
                     top_p = gr.Slider(0.05, 1, value=0.9, step=0.05, label="top-p")
                     seed = gr.Number(0, label="seed", precision=0)
                 compare_btn = gr.Button("Generate both", variant="primary", elem_id="generate")
@@ -954,11 +1007,13 @@ def build_demo() -> gr.Blocks:
         hub_inputs = [token_text]
         data_inputs = [dataset, config, split, upload, text_column, min_chars, max_documents, dedupe,
                        split_blank, streaming, revision, model, preset]
-        load_btn.click(load_data, [session] + data_inputs + hub_inputs, [data_summary, first_docs, text_column])
+        load_btn.click(load_new_source, [session] + data_inputs + hub_inputs, [data_summary, first_docs, text_column])
+        # Picking another column (a user action, not the update above) shows that column's documents.
+        text_column.input(load_data, [session] + data_inputs + hub_inputs, [data_summary, first_docs, text_column])
         text_boxes = [c for n, c in zip(ADVANCED_FIELDS, advanced) if n in TEXT_FIELDS]
         preset.change(preset_changed, preset, [recipe] + text_boxes, queue=False)
 
-        train_data_inputs = [dataset, config, split, text_column, min_chars, max_documents, dedupe,
+        train_data_inputs = [dataset, config, split, upload, text_column, min_chars, max_documents, dedupe,
                              split_blank, streaming, revision, model, preset]
         train_outputs = [status, plot, train_log, result, start_btn, stop_btn, resume_btn]
         limit = int(os.environ.get("RAWTUNE_MAX_TRAININGS", "1"))
@@ -970,7 +1025,7 @@ def build_demo() -> gr.Blocks:
 
         export_btn.click(export_model, [session, quants, repo], [export_log, gguf_table, ollama, modelfile],
                          concurrency_limit=1, concurrency_id="export")
-        push_btn.click(push_model, [session, repo, private] + hub_inputs, [export_log, links, ollama],
+        push_btn.click(push_model, [session, repo, private, export_log] + hub_inputs, [export_log, links, ollama],
                        concurrency_limit=2, concurrency_id="push")
 
         compare_tab.select(compare_choices, session, tuned, queue=False)

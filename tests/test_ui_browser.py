@@ -1,0 +1,419 @@
+"""The Gradio app driven in a real browser (Playwright + Debian's chromium, headless).
+
+The app runs as `python app.py` in a subprocess on 127.0.0.1 with its Hub clients pointed at the
+test Hub emulator. The browser test walks the whole path a user takes: readable errors for bad
+input, a Hub dataset and a file upload on the Data tab, training a tiny local model with a live
+loss plot, Stop and Resume, export to GGUF, push to the (emulated) Hub, and two different answers
+streamed side by side on the Compare tab. Screenshots of each tab go to ``RAWTUNE_ARTIFACTS``
+(default: a pytest temporary folder).
+
+Needs `pip install playwright` and `apt-get install chromium` (Playwright's own browser download
+is not used). The small tests at the top check the app's helpers without a browser.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+gr = pytest.importorskip("gradio")
+
+from rawtune import ui  # noqa: E402
+from rawtune.errors import ConfigError  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+CHROMIUM = os.environ.get("RAWTUNE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+PUSH_REPO = "alice/rawtune-ui-test"
+
+
+# ---------------------------------------------------------------- helpers, no browser
+
+
+def test_form_fields_map_to_settings():
+    values = {name: "" for name in ui.ADVANCED_FIELDS}
+    values.update(backend="auto", gradient_checkpointing="preset", lr_scheduler="preset", optimizer="auto",
+                  use_rslora="preset", train_embeddings="off", target_modules=[], load_in_4bit=False,
+                  seed=7, seq_len="64", learning_rate="1e-3", max_steps="12")
+    t = ui.train_settings_from_form(" ./some/model ", "quick", values)
+    assert (t.model, t.preset, t.seq_len, t.learning_rate, t.max_steps, t.seed) == ("./some/model", "quick", 64, 1e-3, 12, 7)
+    # Empty boxes and "preset" keep the dataclass defaults, so the preset fills them later.
+    assert t.lora_r is None and t.use_rslora is None and t.lr_scheduler is None and t.target_modules is None
+    assert t.train_embeddings is False and t.eval_batches == 8 and t.logging_steps == 1
+    with pytest.raises(ConfigError, match="seq len must be a whole number"):
+        ui.train_settings_from_form("m", "quick", {**values, "seq_len": "64.5"})
+    with pytest.raises(ConfigError, match="learning rate must be a number"):
+        ui.train_settings_from_form("m", "quick", {**values, "learning_rate": "fast"})
+
+
+def test_every_train_setting_has_a_field():
+    from dataclasses import fields
+
+    from rawtune.settings import TrainSettings
+
+    # model and preset have their own inputs; resume is the Resume button.
+    names = {f.name for f in fields(TrainSettings)} - {"model", "preset", "resume"}
+    assert names == set(ui.ADVANCED_FIELDS)
+
+
+def test_old_session_folders_are_removed(tmp_path):
+    old, fresh, other = tmp_path / "session-old", tmp_path / "session-new", tmp_path / "keep-me"
+    for folder in (old, fresh, other):
+        (folder / "run").mkdir(parents=True)
+        (folder / "run" / "run.json").write_text("{}")
+    past = time.time() - 3 * 3600
+    for path in [old, old / "run", old / "run" / "run.json", other, other / "run", other / "run" / "run.json"]:
+        os.utime(path, (past, past))
+    assert ui.cleanup_old_runs(tmp_path, 3600) == [old]
+    assert not old.exists() and fresh.exists() and other.exists()
+
+
+def test_sessions_are_private(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAWTUNE_RUNS", str(tmp_path))
+    a, b = ui.new_session(), ui.new_session()
+    assert a.dir != b.dir and a.dir.parent == b.dir.parent == tmp_path
+    assert a.run.path != b.run.path and a.stop is not b.stop
+    import copy
+
+    assert copy.deepcopy(a) is a  # Gradio's State copy keeps the one session object
+    ui.end_session(a)
+    assert not a.dir.exists() and b.dir.exists()
+
+
+def test_estimate_and_formatting():
+    assert ui._fmt_seconds(59) == "59s" and ui._fmt_seconds(61) == "1m01s" and ui._fmt_seconds(7300) == "2h01m"
+    cpu = ui.estimate_seconds(1_000_000, 1.0, 135e6, cuda=False)
+    gpu = ui.estimate_seconds(1_000_000, 1.0, 135e6, cuda=True)
+    assert cpu > gpu > 0 and ui.estimate_seconds(1000, 1.0, None, cuda=False) is None
+
+
+def test_login_button_only_where_oauth_works(monkeypatch):
+    """Off a Space, Gradio mocks "Sign in" with the machine's own Hub login and fails to start
+    without one; so the app shows the button on Spaces (or when asked) and a token box elsewhere."""
+    import gradio.oauth
+
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    monkeypatch.delenv("RAWTUNE_LOGIN_BUTTON", raising=False)
+    demo = ui.build_demo()
+    assert not demo.expects_oauth
+    assert any(getattr(b, "elem_id", None) == "token" for b in demo.blocks.values())
+    monkeypatch.setenv("RAWTUNE_LOGIN_BUTTON", "1")
+    # Gradio's local mock asks the real Hub who is logged in; answer for it (the Hub is offline here).
+    monkeypatch.setenv("HF_TOKEN", "hf_localTestToken000000000000000")
+    monkeypatch.setattr(gradio.oauth, "whoami", lambda: {"type": "user", "name": "alice", "fullname": "Alice",
+                                                        "avatarUrl": ""})
+    demo = ui.build_demo()
+    assert demo.expects_oauth
+    assert not any(getattr(b, "elem_id", None) == "token" for b in demo.blocks.values())
+    profile = gr.OAuthProfile({"preferred_username": "alice", "name": "Alice", "profile": "", "picture": ""})
+    assert ui.default_repo(profile) == "alice/my-rawtune-model" and ui.default_repo(None) == ""
+
+
+def _form(**overrides) -> list:
+    """The Advanced inputs as the page sends them by default (empty boxes), with overrides."""
+    values = {name: "" for name in ui.ADVANCED_FIELDS}
+    values.update(backend="auto", gradient_checkpointing="preset", lr_scheduler="preset", optimizer="auto",
+                  use_rslora="preset", train_embeddings="preset", target_modules=[], load_in_4bit=False, seed=3407)
+    values.update({k: str(v) for k, v in overrides.items()})
+    return [values[name] for name in ui.ADVANCED_FIELDS]
+
+
+def test_training_in_segments_resumes_until_done(tmp_path, monkeypatch, tiny_llama_dir, tiny_corpus):
+    """ZeroGPU mode: each GPU call trains for a limited time, checkpoints, and the next resumes."""
+    monkeypatch.setenv("RAWTUNE_RUNS", str(tmp_path))
+    monkeypatch.setenv("RAWTUNE_SEGMENT_SECONDS", "2")
+    session = ui.new_session()
+    frames = list(ui.start_training(
+        session, None, None, lambda *a, **k: None, str(tiny_corpus), "", "train", None, None, 20, None,
+        True, False, False, "", str(tiny_llama_dir), "quick",
+        *_form(seq_len=64, lora_r=8, max_steps=6, learning_rate=0.01, save_steps=100, eval_steps=0)))
+    status, plot, log, result = frames[-1][:4]
+    assert status.startswith("**Done**") and "held-out perplexity" in result
+    assert log.count("GPU segment time is up") >= 1 and "resuming from checkpoint" in log
+    record = session.run.load()
+    assert record["train"]["steps"] == record["train"]["max_steps"] == 6
+    steps = [e["step"] for e in record["train"]["history"] if e["type"] == "step"]
+    assert steps == list(range(1, 7))
+    assert record["metrics"]["ppl_tuned"] < record["metrics"]["ppl_base"]
+    assert session.busy is None and not session.run.stop_file.exists()
+
+
+# ---------------------------------------------------------------- the app in a browser
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory) -> Path:
+    folder = Path(os.environ.get("RAWTUNE_ARTIFACTS") or tmp_path_factory.mktemp("ui_artifacts"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory, hub_emulator, artifacts):
+    """`python app.py` on a free port, its Hub clients pointed at the emulator."""
+    home = tmp_path_factory.mktemp("app")
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+    env.update(hub_emulator.client_env())
+    env.update(RAWTUNE_RUNS=str(home / "runs"), RAWTUNE_CACHE=str(home / "cache"), HF_HOME=str(home / "hf"),
+               GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
+    log_path = artifacts / "app.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=REPO, env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 120
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"app.py exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            if time.time() > deadline:
+                proc.kill()
+                pytest.fail(f"app.py did not answer within 120 s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.5)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def page(app_url):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"chromium not found at {CHROMIUM}: `apt-get install chromium`")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.set_default_timeout(30_000)
+        page.goto(app_url)
+        page.wait_for_selector("#load-data")
+        yield page
+        browser.close()
+
+
+def _box(page, elem_id: str):
+    """The text input inside a Gradio Textbox/Dropdown/Number (input or textarea)."""
+    return page.locator(f"#{elem_id}").locator("input, textarea").first
+
+
+def _text(page, elem_id: str) -> str:
+    return page.locator(f"#{elem_id}").inner_text()
+
+
+def _wait_text(page, elem_id: str, needle: str, timeout_s: float = 60) -> str:
+    page.wait_for_function(
+        "([id, needle]) => { const e = document.getElementById(id); return !!e && e.innerText.includes(needle); }",
+        arg=[elem_id, needle], timeout=timeout_s * 1000)
+    return _text(page, elem_id)
+
+
+def _wait_step(page, at_least: int, timeout_s: float = 60) -> int:
+    """Wait until the Train status shows step ``at_least`` or later (updates may skip steps)."""
+    page.wait_for_function(
+        """(n) => { const m = (document.getElementById('train-status') || {innerText: ''}).innerText
+                      .match(/step (\\d+)\\//); return !!m && parseInt(m[1]) >= n; }""",
+        arg=at_least, timeout=timeout_s * 1000)
+    return int(re.search(r"step (\d+)/", _text(page, "train-status")).group(1))
+
+
+def _expect_error(page, needle: str) -> None:
+    """A readable error toast with ``needle`` shows up, and no traceback anywhere in the page."""
+    toast = page.get_by_text(needle).first
+    toast.wait_for(state="visible", timeout=30_000)
+    body = page.inner_text("body")
+    assert "Traceback" not in body and 'File "' not in body
+    # Close the toasts so they do not cover the next screenshot.
+    for close in page.locator(".toast-close").all():
+        if close.is_visible():
+            close.click()
+
+
+def _plot_max_step(page) -> float:
+    """The largest step on the loss plot's x axis, as the browser's Vega chart describes it."""
+    label = page.locator("#loss-plot [aria-label^='X-axis']").first.get_attribute("aria-label") or ""
+    found = re.findall(r"values from (-?[\d.]+) to (-?[\d.]+)", label)
+    return float(found[0][1]) if found else 0.0
+
+
+def _answers(page) -> tuple:
+    return (page.locator("#base-out textarea").input_value(), page.locator("#tuned-out textarea").input_value())
+
+
+def _watch_stream(page, before: tuple, quiet_s: float = 2.5, timeout_s: float = 90) -> set:
+    """Poll both answer boxes until they differ from ``before`` and then stop changing; return
+    the distinct states seen on the way (more than one means the answers streamed)."""
+    seen: set = set()
+    last, changed = before, time.time()
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        now = _answers(page)
+        if now != last:
+            last, changed = now, time.time()
+            if all(now):
+                seen.add(now)
+        elif seen and time.time() - changed > quiet_s:
+            return seen
+        time.sleep(0.05)
+    raise AssertionError(f"the Compare answers never settled within {timeout_s} s")
+
+
+def _shot(page, artifacts: Path, name: str) -> None:
+    page.screenshot(path=str(artifacts / f"{name}.png"), full_page=True)
+
+
+def _tab(page, name: str) -> None:
+    page.get_by_role("tab", name=name).click()
+
+
+def test_whole_path_in_browser(page, artifacts, tiny_llama_dir, tiny_corpus, hub_emulator):
+    started = time.time()
+
+    def lap(name: str) -> None:
+        print(f"[{time.time() - started:5.1f}s] {name}")
+    # ---- bad input is a readable error, never a traceback
+    _tab(page, "Train")
+    page.click("#start")
+    _expect_error(page, "Give a Hub dataset id")
+    _tab(page, "Compare")
+    _box(page, "prompt").fill("The river")
+    page.click("#generate")
+    _expect_error(page, "Nothing to compare yet")
+
+    lap('errors')
+    # ---- Data: a Hub dataset (through the emulator), a missing one, then an uploaded file
+    _tab(page, "Data")
+    _box(page, "token").fill(hub_emulator_token())
+    _box(page, "dataset").fill("alice/no-such-dataset")
+    page.click("#load-data")
+    _expect_error(page, "no-such-dataset")
+    _box(page, "dataset").fill("alice/public-text")
+    page.click("#load-data")
+    summary = _wait_text(page, "data-summary", "alice/public-text")
+    assert "60" in summary and "public train 0" in _text(page, "first-docs")
+    page.locator("#upload input[type=file]").set_input_files(str(tiny_corpus))
+    page.locator("#upload").get_by_text("corpus.jsonl").wait_for()
+    page.click("#load-data")
+    summary = _wait_text(page, "data-summary", "uploaded corpus.jsonl")
+    assert "120" in summary and "text" in summary
+    _shot(page, artifacts, "01-data")
+
+    lap('data')
+    # ---- Train: a local model folder in the model box, quick preset, a few Advanced settings
+    _tab(page, "Train")
+    model = _box(page, "model")
+    model.fill(str(tiny_llama_dir))
+    model.press("Enter")
+    page.locator("#preset").get_by_text("quick").click()
+    page.locator("#advanced").get_by_text("Advanced").first.click()
+    for name, value in dict(seq_len=64, lora_r=8, max_steps=40, learning_rate=0.01, save_steps=10,
+                            eval_steps=5).items():
+        box = _box(page, f"adv-{name}")
+        box.fill(str(value))
+        box.press("Tab")
+    page.click("#start")
+    _wait_step(page, 3, 120)
+    first = _plot_max_step(page)
+    _wait_step(page, 6, 60)
+    time.sleep(0.6)  # let the plot take the last update
+    second = _plot_max_step(page)
+    assert second > first >= 2, f"the loss plot did not gain points: x axis max {first} -> {second}"
+    _shot(page, artifacts, "02-train-running")
+    lap('trained a few steps')
+    page.click("#stop")
+    status = _wait_text(page, "train-status", "Stopped", 60)
+    stopped_at = int(re.search(r"step (\d+)/40", status).group(1))
+    assert 6 <= stopped_at < 40
+    assert page.locator("#resume").is_enabled() and page.locator("#start").is_enabled()
+    _shot(page, artifacts, "03-train-stopped")
+    lap('stopped')
+    page.click("#resume")
+    _wait_text(page, "train-status", "Done", 150)
+    result = _text(page, "train-result")
+    assert "40/40 steps" in result and "held-out perplexity" in result
+    base_ppl, tuned_ppl = map(float, re.search(r"([\d.]+) → ([\d.]+)", result).groups())
+    assert tuned_ppl < base_ppl
+    time.sleep(0.6)
+    assert _plot_max_step(page) >= 39
+    log = page.locator("#train-log textarea").input_value()
+    assert "resuming from checkpoint" in log and "held-out loss" in log
+    _shot(page, artifacts, "04-train-done")
+
+    lap('resumed and done')
+    # ---- Export & Push
+    _tab(page, "Export & Push")
+    _box(page, "repo").fill(PUSH_REPO)
+    page.click("#export")
+    page.locator("#modelfile").wait_for(state="visible", timeout=120_000)
+    table = _text(page, "gguf-table")
+    assert "Q4_K_M" in table and "Q8_0" in table and "rawtune-ui-test.Q4_K_M.gguf" in table
+    lap('exported')
+    page.click("#push")
+    links = _wait_text(page, "links", "Pushed", 60)
+    assert PUSH_REPO in links
+    ollama = _text(page, "ollama")
+    assert f"ollama run hf.co/{PUSH_REPO}:Q4_K_M" in ollama and f"ollama run hf.co/{PUSH_REPO}:Q8_0" in ollama
+    pushed = hub_emulator.files(PUSH_REPO)
+    assert {"rawtune-ui-test.Q4_K_M.gguf", "rawtune-ui-test.Q8_0.gguf", "params", "template",
+            "Modelfile", "README.md"} <= set(pushed)
+    with page.expect_download() as download:
+        page.click("#modelfile")
+    modelfile = Path(download.value.path()).read_text()
+    assert modelfile.startswith("FROM") or "\nFROM " in modelfile
+    _shot(page, artifacts, "05-export-push")
+
+    lap('pushed')
+    # ---- Compare: both answers stream, and they differ
+    _tab(page, "Compare")
+    _box(page, "prompt").fill("The river")
+    _box(page, "max-new").fill("160")
+    _box(page, "max-new").press("Tab")
+    page.locator("#temperature").locator("input[type=number]").fill("0")
+    page.locator("#temperature").locator("input[type=number]").press("Tab")
+    page.click("#generate")
+    seen = _watch_stream(page, _answers(page))
+    base = page.locator("#base-out textarea").input_value()
+    tuned = page.locator("#tuned-out textarea").input_value()
+    assert base and tuned and base != tuned
+    assert len(seen) >= 3, f"the answers did not stream (only {len(seen)} states were seen)"
+    _shot(page, artifacts, "06-compare")
+    lap('compared')
+    # The tuned side as llama.cpp runs the exported GGUF (what Ollama serves).
+    page.locator("#tuned input").click()
+    page.get_by_role("option", name="gguf:Q4_K_M").click()
+    _box(page, "prompt").fill("Keepers of the")
+    page.click("#generate")
+    _watch_stream(page, (base, tuned))
+    base = page.locator("#base-out textarea").input_value()
+    gguf_answer = page.locator("#tuned-out textarea").input_value()
+    assert gguf_answer and gguf_answer != base
+    assert "Q4_K_M GGUF in llama.cpp" in _text(page, "tuned-out")
+    _shot(page, artifacts, "07-compare-gguf")
+    print(f"browser walk took {time.time() - started:.0f} s; screenshots in {artifacts}")
+
+
+def hub_emulator_token() -> str:
+    from hub_emulator import WRITE_TOKEN
+
+    return WRITE_TOKEN
