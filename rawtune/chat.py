@@ -239,18 +239,21 @@ def stream_torch(model: Any, tokenizer: Any, text: str, mode: str, sampling: Sam
     generator = torch.Generator(device=device).manual_seed(int(sampling.seed))
     out: list[int] = []
     shown = ""
+    # Each forward pass gets its own no_grad block: a grad-mode context held open across a
+    # `yield` would leak into the caller's thread (and silently break training there).
     with torch.no_grad():
         result = model(input_ids=torch.tensor([ids], device=device), use_cache=True)
-        for _ in range(sampling.max_new_tokens):
-            token = sample_next(result.logits[0, -1], sampling, generator)
-            if token in stops:
-                break
-            out.append(token)
-            answer = tokenizer.decode(out, skip_special_tokens=True)
-            # A multi-byte character split across tokens decodes to U+FFFD until it is complete.
-            if answer != shown and not answer.endswith("\ufffd"):
-                shown = answer
-                yield shown
+    for _ in range(sampling.max_new_tokens):
+        token = sample_next(result.logits[0, -1], sampling, generator)
+        if token in stops:
+            break
+        out.append(token)
+        answer = tokenizer.decode(out, skip_special_tokens=True)
+        # A multi-byte character split across tokens decodes to U+FFFD until it is complete.
+        if answer != shown and not answer.endswith("\ufffd"):
+            shown = answer
+            yield shown
+        with torch.no_grad():
             result = model(input_ids=torch.tensor([[token]], device=device),
                            past_key_values=result.past_key_values, use_cache=True)
     final = tokenizer.decode(out, skip_special_tokens=True)

@@ -157,3 +157,19 @@ def test_gguf_side_streams_from_llama_cpp(tmp_path, trained_run):
     assert gguf_answer[:8] == torch_answer[:8]
     with pytest.raises(StageMissing, match="no Q4_K_M"):
         list(chat.stream_compare(run_dir, "x", tuned_kind="gguf:Q4_K_M"))
+
+
+def test_streaming_leaves_grad_mode_alone(tiny_llama_dir):
+    """A half-consumed stream must not switch off autograd in the caller (it broke training)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rawtune.chat import Sampling, stream_torch
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    stream = stream_torch(model, tokenizer, "The river", "completion",
+                          Sampling(max_new_tokens=8, temperature=0.0, top_p=1.0, seed=0))
+    next(stream)
+    assert torch.is_grad_enabled()
+    stream.close()
