@@ -87,11 +87,23 @@ def cpu_threads() -> int:
     training running beside export) asking for busy cores makes it several times slower.
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, cores - _other_runnable()))
+
+
+def _other_runnable() -> int:
+    """Tasks running right now besides this one.
+
+    The instantaneous count from /proc/loadavg, not the 1-minute load average: that average still
+    counts rawtune's own training that has just finished, and would leave llama.cpp one thread.
+    """
     try:
-        busy = int(os.getloadavg()[0])
-    except OSError:  # not available on this platform
-        busy = 0
-    return max(1, min(cores, cores - busy + 1))
+        with open("/proc/loadavg", encoding="ascii") as handle:
+            return max(0, int(handle.read().split()[3].split("/")[0]) - 1)
+    except (OSError, ValueError, IndexError):
+        try:
+            return max(0, int(os.getloadavg()[0]) - 1)
+        except OSError:  # not available on this platform
+            return 0
 
 
 def quantize(src: Path, dst: Path, label: str) -> float:
