@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -84,10 +85,13 @@ def convert_gguf(path: Path, log: Callable[[str], None] = print) -> Path:
     except Exception as exc:  # transformers raises many types for unsupported GGUFs
         raise ModelError(f"could not load {path} with transformers: {exc}") from None
     _fix_special_tokens(tokenizer, model, _gguf_metadata(path))
+    # Written beside the target and renamed, so an interrupted conversion is never taken as done.
     tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    os.replace(tmp, target) if not target.exists() else None
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
     return target
 
 
