@@ -7,7 +7,6 @@ Every settings field is a flag (``max_steps`` -> ``--max-steps``) and a YAML key
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import threading
 from dataclasses import fields
@@ -81,12 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _token(args: argparse.Namespace) -> Optional[str]:
-    explicit = getattr(args, "token", None)
-    try:
-        from .hub import resolve_token
-    except ImportError:
-        return explicit or os.environ.get("HF_TOKEN")
-    return resolve_token(explicit)
+    from .hub import resolve_token
+
+    return resolve_token(getattr(args, "token", None))
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:

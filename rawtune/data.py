@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import json
 import random
 from dataclasses import asdict, dataclass, field
@@ -200,17 +201,12 @@ def rows_to_documents(rows: Iterable[dict], wanted: Optional[str], source: str,
         raise DataError(f"{source} is empty: no rows to read")
     column, reason, columns = choose_column(head, wanted)
     texts: list[str] = []
-    for row in _chain(head, iterator):
+    for row in itertools.chain(head, iterator):
         if limit is not None and len(texts) >= limit:
             break
         value = row.get(column)
         texts.append(value if isinstance(value, str) else ("" if value is None else str(value)))
     return Documents(texts, column, reason, columns, source)
-
-
-def _chain(head: list, rest: Iterator) -> Iterator:
-    yield from head
-    yield from rest
 
 
 def is_local(spec: str) -> bool:

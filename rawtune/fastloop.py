@@ -570,7 +570,7 @@ def fit_fast(settings: RunSettings, t: TrainSettings, run: RunDir, model: Any, b
     import torch
 
     from .models import load_tokenizer
-    from .train import _CtrlC, _fmt_eta, _record, training_arguments
+    from .train import _CtrlC, _record, format_duration, training_arguments
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # cpu: tests of the loop logic
     net = extract(model, None if device.type == "cuda" else torch.float32)
@@ -580,7 +580,7 @@ def fit_fast(settings: RunSettings, t: TrainSettings, run: RunDir, model: Any, b
     blocks = torch.from_numpy(np.ascontiguousarray(train_blocks)).to(device, torch.long)
     eval_blocks = torch.from_numpy(np.ascontiguousarray(held[: t.eval_batches * t.batch_size])).to(device, torch.long)
     max_steps = total_steps(t, len(train_blocks))
-    args = training_arguments(t, run, len(train_blocks), len(eval_blocks) > 0)
+    args = training_arguments(t, run, len(eval_blocks) > 0)
     optimizer = make_optimizer(model, t)
     scheduler = schedule(args, optimizer, max_steps)
     start_step = load_checkpoint(resume_from, model, optimizer, scheduler) if resume_from else 0
@@ -605,7 +605,7 @@ def fit_fast(settings: RunSettings, t: TrainSettings, run: RunDir, model: Any, b
         event = _event(s, max_steps, loss, lr, tok_s, eta, s / per_epoch)
         progress.history.append(event)
         if t.logging_steps and (s % t.logging_steps == 0 or s == max_steps):
-            log(f"[train] step {s}/{max_steps} loss {loss:.4f} {tok_s:,.0f} tok/s eta {_fmt_eta(eta)}")
+            log(f"[train] step {s}/{max_steps} loss {loss:.4f} {tok_s:,.0f} tok/s eta {format_duration(eta)}")
         if callback:
             callback(event)
 

@@ -192,7 +192,7 @@ def _optimizer(t: TrainSettings) -> str:
     return "adamw_torch_fused" if cuda_available() else "adamw_torch"
 
 
-def training_arguments(t: TrainSettings, run: RunDir, n_blocks: int, has_eval: bool) -> Any:
+def training_arguments(t: TrainSettings, run: RunDir, has_eval: bool) -> Any:
     from transformers import TrainingArguments
 
     cuda = cuda_available()
@@ -266,7 +266,7 @@ def _progress_callback(callback: Optional[Callback], stop: threading.Event, run:
                      "tokens_per_s": tok_s, "eta_s": eta, "epoch": float(state.epoch or 0.0)}
             self.history.append(event)
             log(f"[train] step {event['step']}/{event['max_steps']} loss {event['loss']:.4f} "
-                f"{tok_s:,.0f} tok/s eta {_fmt_eta(eta)}")
+                f"{tok_s:,.0f} tok/s eta {format_duration(eta)}")
             if callback:
                 callback(event)
             # Checked again after the callback, which may have asked to stop at this very step.
@@ -283,10 +283,16 @@ def _progress_callback(callback: Optional[Callback], stop: threading.Event, run:
     return Progress()
 
 
-def _fmt_eta(seconds: float) -> str:
-    if not math.isfinite(seconds):
+def format_duration(seconds: Optional[float]) -> str:
+    """A short duration for progress lines: 59s, 1m01s, 2h01m ('?' when unknown)."""
+    if seconds is None or not math.isfinite(seconds):
         return "?"
-    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
 
 
 class _CtrlC:
@@ -386,7 +392,7 @@ def _fit(settings: RunSettings, t: TrainSettings, run: RunDir, model: Any, backe
     tokens_per_step = t.batch_size * t.grad_accum * t.seq_len
     progress = _progress_callback(callback, stop, run, tokens_per_step, log)
     trainer = _trainer_class()(
-        model=model, args=training_arguments(t, run, len(train_blocks), len(eval_blocks) > 0),
+        model=model, args=training_arguments(t, run, len(eval_blocks) > 0),
         train_dataset=BlockDataset(train_blocks),
         eval_dataset=BlockDataset(eval_blocks) if len(eval_blocks) else None,
         callbacks=[progress])

@@ -40,6 +40,7 @@ from .errors import ConfigError, RawtuneError
 from .rundir import RunDir, scrub
 from .settings import (ALL_PROJECTIONS, DEFAULT_MODEL, PRESETS, QUANTS, DataSettings, ExportSettings,
                        PushSettings, RunSettings, TrainSettings, field_docs, from_dict, to_dict)
+from .train import format_duration as _fmt_seconds
 
 SMALL_MODELS = [
     "HuggingFaceTB/SmolLM2-135M",
@@ -333,17 +334,6 @@ def estimate_seconds(tokens: int, epochs: float, params: Optional[float], cuda: 
         return None
     flops = 6 * params * tokens * epochs
     return flops / (30e12 if cuda else 0.2e12)
-
-
-def _fmt_seconds(seconds: Optional[float]) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return "?"
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
 
 
 def load_data(session: Optional[Session], dataset: str, config: str, split: str, upload: Optional[str],

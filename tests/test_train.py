@@ -6,7 +6,6 @@ import json
 import threading
 
 import numpy as np
-import pytest
 import torch
 
 from conftest import train_tiny
