@@ -665,6 +665,12 @@ def _result_text(run: RunDir) -> str:
     return " · ".join(parts)
 
 
+def training_failed(session: Optional[Session]) -> tuple:
+    """After an error the last frame still shows "training": give Start (and Resume) back."""
+    run = session.run if isinstance(session, Session) else None
+    return _buttons(False, run is not None and _can_resume(run))
+
+
 def stop_training(session: Optional[Session]) -> str:
     """Ask the running training to stop after the current step (the adapter is kept)."""
     if not isinstance(session, Session) or session.busy != "training":
@@ -1007,10 +1013,13 @@ def build_demo() -> gr.Blocks:
                              split_blank, streaming, revision, model, preset]
         train_outputs = [status, plot, train_log, result, start_btn, stop_btn, resume_btn]
         limit = int(os.environ.get("RAWTUNE_MAX_TRAININGS", "1"))
+        buttons = [start_btn, stop_btn, resume_btn]
         start_btn.click(start_training, [session] + hub_inputs + train_data_inputs + advanced, train_outputs,
-                        concurrency_limit=limit, concurrency_id="gpu-train", show_progress_on=status)
+                        concurrency_limit=limit, concurrency_id="gpu-train", show_progress_on=status,
+                        ).failure(training_failed, session, buttons, queue=False)
         resume_btn.click(resume_training, [session] + hub_inputs, train_outputs,
-                         concurrency_limit=limit, concurrency_id="gpu-train", show_progress_on=status)
+                         concurrency_limit=limit, concurrency_id="gpu-train", show_progress_on=status,
+                         ).failure(training_failed, session, buttons, queue=False)
         stop_btn.click(stop_training, session, status, queue=False)
 
         export_btn.click(export_model, [session, quants, repo], [export_log, gguf_table, ollama, modelfile],

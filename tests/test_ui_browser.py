@@ -252,6 +252,18 @@ def _expect_error(page, needle: str) -> None:
             close.click()
 
 
+STEPS = 60  # the browser walk's training length: long enough to stop in the middle
+
+# Runs in the page: true once the Train status shows step ``n`` or later and Stop was clicked.
+CLICK_STOP_AT = """(n) => {
+    const m = (document.getElementById('train-status') || {innerText: ''}).innerText.match(/step (\\d+)\\//);
+    const stop = document.getElementById('stop');
+    if (!m || parseInt(m[1]) < n || !stop || stop.disabled) return false;
+    stop.click();
+    return true;
+}"""
+
+
 def _plot_max_step(page) -> float:
     """The largest step on the loss plot's x axis, as the browser's Vega chart describes it."""
     label = page.locator("#loss-plot [aria-label^='X-axis']").first.get_attribute("aria-label") or ""
@@ -325,39 +337,54 @@ def test_whole_path_in_browser(page, artifacts, tiny_llama_dir, tiny_corpus, hub
     # ---- Train: a local model folder in the model box, quick preset, a few Advanced settings
     _tab(page, "Train")
     model = _box(page, "model")
+    # A failure after training began gives Start back (and leaves Stop disabled).
+    model.fill(str(tiny_llama_dir) + "-missing")
+    model.press("Enter")
+    page.click("#start")
+    _expect_error(page, "neither a local folder")
+    page.wait_for_function("() => !document.getElementById('start').disabled", timeout=30_000)
+    assert not page.locator("#stop").is_enabled() and not page.locator("#resume").is_enabled()
     model.fill(str(tiny_llama_dir))
     model.press("Enter")
     page.locator("#preset").get_by_text("quick").click()
     page.locator("#advanced").get_by_text("Advanced").first.click()
-    for name, value in dict(seq_len=64, lora_r=8, max_steps=40, learning_rate=0.01, save_steps=10,
-                            eval_steps=5).items():
+    for name, value in dict(seq_len=64, lora_r=8, max_steps=STEPS, learning_rate=0.01, save_steps=10,
+                            eval_steps=10).items():
         box = _box(page, f"adv-{name}")
         box.fill(str(value))
         box.press("Tab")
     page.click("#start")
     _wait_step(page, 3, 120)
     first = _plot_max_step(page)
-    _wait_step(page, 6, 60)
+    # The page itself clicks Stop the moment step 6 shows and Stop is enabled, with no round trip
+    # through Playwright in between. Once on CI a click sent from here after step 6 found Stop
+    # disabled; if that comes back, the message below says what the page showed.
+    try:
+        page.wait_for_function(CLICK_STOP_AT, arg=6, timeout=60_000)
+    except Exception as exc:  # Playwright's TimeoutError; its module is imported lazily above
+        if "Timeout" not in type(exc).__name__:
+            raise
+        _shot(page, artifacts, "03-stop-never-clicked")
+        states = {b: page.locator(f"#{b}").is_enabled() for b in ("start", "stop", "resume")}
+        raise AssertionError(f"Stop was not clickable at step 6: status {_text(page, 'train-status')!r}, "
+                             f"buttons enabled {states}") from None
+    status = _wait_text(page, "train-status", "Stopped", 60)
+    stopped_at = int(re.search(rf"step (\d+)/{STEPS}", status).group(1))
+    assert 6 <= stopped_at < STEPS
     time.sleep(0.6)  # let the plot take the last update
     second = _plot_max_step(page)
     assert second > first >= 2, f"the loss plot did not gain points: x axis max {first} -> {second}"
-    _shot(page, artifacts, "02-train-running")
-    lap('trained a few steps')
-    page.click("#stop")
-    status = _wait_text(page, "train-status", "Stopped", 60)
-    stopped_at = int(re.search(r"step (\d+)/40", status).group(1))
-    assert 6 <= stopped_at < 40
     assert page.locator("#resume").is_enabled() and page.locator("#start").is_enabled()
     _shot(page, artifacts, "03-train-stopped")
     lap('stopped')
     page.click("#resume")
     _wait_text(page, "train-status", "Done", 150)
     result = _text(page, "train-result")
-    assert "40/40 steps" in result and "held-out perplexity" in result
+    assert f"{STEPS}/{STEPS} steps" in result and "held-out perplexity" in result
     base_ppl, tuned_ppl = map(float, re.search(r"([\d.]+) → ([\d.]+)", result).groups())
     assert tuned_ppl < base_ppl
     time.sleep(0.6)
-    assert _plot_max_step(page) >= 39
+    assert _plot_max_step(page) >= STEPS - 1
     log = page.locator("#train-log textarea").input_value()
     assert "resuming from checkpoint" in log and "held-out loss" in log
     _shot(page, artifacts, "04-train-done")
