@@ -70,7 +70,7 @@ def gguf_files(run: RunDir) -> dict[str, Path]:
 def tuned_choices(run_dir: str | Path) -> list[str]:
     """What the tuned side can be for this run: ``pytorch`` and ``gguf:<QUANT>`` per exported file."""
     run = RunDir(run_dir)
-    choices = ["pytorch"] if (run.adapter_dir / "adapter_config.json").is_file() else []
+    choices = ["pytorch"] if run.has_adapter() else []
     order = {"Q4_K_M": 0, "Q8_0": 1, "F16": 2}
     labels = sorted(gguf_files(run), key=lambda q: (order.get(q, 9), q))
     return choices + [f"gguf:{q}" for q in labels]
@@ -146,7 +146,7 @@ def load_tuned_torch(run: RunDir) -> Any:
     """The tuned model in PyTorch: merged/ when it matches the adapter, else base + adapter."""
     from .merge import is_current
 
-    if not (run.adapter_dir / "adapter_config.json").is_file():
+    if not run.has_adapter():
         raise StageMissing(f"{run.adapter_dir} has no adapter yet: train first (Stop also keeps one)")
     if run.merged_dir.is_dir() and is_current(run):
         key = ("merged", str(run.merged_dir.resolve()), _stamp(run.merged_dir))
@@ -340,9 +340,3 @@ def compare(run_dir: str | Path, prompt: str, **kwargs: Any) -> tuple[str, str]:
     for last in stream_compare(run_dir, prompt, **kwargs):
         pass
     return last
-
-
-def clear_cache() -> None:
-    """Forget loaded models (frees their memory)."""
-    with _cache_lock:
-        _cache.clear()

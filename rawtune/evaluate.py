@@ -42,7 +42,7 @@ def evaluate_run(run: RunDir, log: Callable[[str], None] = print, batch_size: in
     from .models import load_causal_lm
 
     model_info = run.require("model", "train")
-    if not (run.adapter_dir / "adapter_config.json").is_file():
+    if not run.has_adapter():
         raise StageMissing(f"{run.adapter_dir} has no adapter: run `rawtune train` first")
     held = load_blocks(run, "heldout")
     started = time.time()

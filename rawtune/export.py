@@ -23,11 +23,10 @@ import numpy as np
 
 from .errors import ExportError
 from .rundir import RunDir
-from .settings import QUANTS, ExportSettings
+from .settings import QUANT_LABELS, QUANTS, ExportSettings
 
 # Bump when the writer's output changes, so older GGUFs are rebuilt instead of reused.
 WRITER_VERSION = 1
-LABELS = {"q4_k_m": "Q4_K_M", "q8_0": "Q8_0", "f16": "F16"}
 # llama_ftype values (llama.h) for the quantizer.
 FTYPES = {"Q4_K_M": 15, "Q8_0": 7}
 # Perplexity increase over the merged model (percent) above which a file is suspect.
@@ -42,9 +41,9 @@ def _label_list(quants: list[str]) -> list[str]:
     labels = []
     for q in quants:
         q = q.lower()
-        if q not in LABELS:
+        if q not in QUANT_LABELS:
             raise ExportError(f"--quant {q!r} is unknown; use some of {', '.join(QUANTS)}")
-        labels.append(LABELS[q])
+        labels.append(QUANT_LABELS[q])
     if not labels:
         raise ExportError("--quant is empty; name at least one of " + ", ".join(QUANTS))
     return list(dict.fromkeys(labels))
@@ -376,13 +375,13 @@ def export_run(run: RunDir, settings: ExportSettings, log: Callable[[str], None]
         if not any(work_dir.iterdir()):
             work_dir.rmdir()
 
-    for label in set(LABELS.values()) - set(labels):
+    for label in set(QUANT_LABELS.values()) - set(labels):
         if target(label).is_file():  # from an earlier export with other --quant: not published now
             target(label).unlink()
             log(f"[export] removed {target(label).name} (not in --quant this time)")
 
     # ---- the files Ollama reads
-    first = next(label for label in ("Q4_K_M", "Q8_0", "F16") if label in labels)
+    first = next(label for label in QUANT_LABELS.values() if label in labels)  # in QUANTS order
     add_bos = bool((conversion or {}).get("add_bos", False))
     fmt = ollama.chat_format_for(tokenizer, add_bos, log=log)
     specials = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]

@@ -213,20 +213,24 @@ def read_sentencepiece_vocab(tok: dict[str, Any], vocab_size: int) -> Vocab:
         kind = gguf.TokenType.UNKNOWN if added["content"] == unk else (
             gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
         by_id[i] = (added["content"], 0.0, int(kind))
-    if by_id and max(by_id) >= vocab_size:
-        raise ExportError(f"the tokenizer has token id {max(by_id)} but the model has only {vocab_size} "
-                          f"embedding rows; resize the embeddings before exporting")
+    _check_fits(by_id, vocab_size)
     missing = (f"[PAD{i}]", -1000.0, int(gguf.TokenType.UNUSED))
     rows = [by_id.get(i, (f"[PAD{i}]",) + missing[1:]) for i in range(vocab_size)]
     return Vocab("llama", None, [r[0] for r in rows], [r[2] for r in rows], [r[1] for r in rows],
                  _prepends_space(tok))
 
 
-def read_vocab(model_dir: Path, vocab_size: int) -> Vocab:
-    """Tokens and token types from tokenizer.json, padded to the model's embedding rows."""
+def _check_fits(by_id: dict[int, Any], vocab_size: int) -> None:
+    """Every token id must have an embedding row (rows past the tokenizer become padding)."""
+    if by_id and max(by_id) >= vocab_size:
+        raise ExportError(f"the tokenizer has token id {max(by_id)} but the model has only {vocab_size} "
+                          f"embedding rows; resize the embeddings before exporting")
+
+
+def read_vocab(tok: dict[str, Any], vocab_size: int) -> Vocab:
+    """Tokens and token types from a parsed tokenizer.json, padded to the model's embedding rows."""
     import gguf
 
-    tok = read_json(model_dir / "tokenizer.json")
     if is_sentencepiece(tok):
         return read_sentencepiece_vocab(tok, vocab_size)
     model = tok.get("model", {})
@@ -241,9 +245,7 @@ def read_vocab(model_dir: Path, vocab_size: int) -> Vocab:
         by_id[i] = added["content"]
         special = added.get("special") or _looks_special(added["content"])
         types[i] = gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED
-    if by_id and max(by_id) >= vocab_size:
-        raise ExportError(f"the tokenizer has token id {max(by_id)} but the model has only {vocab_size} "
-                          f"embedding rows; resize the embeddings before exporting")
+    _check_fits(by_id, vocab_size)
     tokens, token_types = [], []
     for i in range(vocab_size):
         if i in by_id:
@@ -370,8 +372,8 @@ def convert(model_dir: str | Path, out_path: str | Path, ftype: str = "f16", nam
     if config.get("attention_bias") and arch == "llama":
         log("[export] note: llama model with attention biases; biases are written and permuted like Q/K")
 
-    vocab = read_vocab(model_dir, vocab_size)
     tok_json = read_json(model_dir / "tokenizer.json")
+    vocab = read_vocab(tok_json, vocab_size)
     add_bos, add_eos = _post_processor_adds(tok_json)
 
     float_type = np.float16 if ftype == "f16" else np.float32

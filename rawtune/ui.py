@@ -38,8 +38,8 @@ import gradio as gr
 
 from .errors import ConfigError, RawtuneError
 from .rundir import RunDir, scrub
-from .settings import (ALL_PROJECTIONS, DEFAULT_MODEL, PRESETS, QUANTS, DataSettings, ExportSettings,
-                       PushSettings, RunSettings, TrainSettings, field_docs, from_dict, to_dict)
+from .settings import (ALL_PROJECTIONS, DEFAULT_MODEL, PRESETS, QUANT_LABELS, QUANTS, DataSettings,
+                       ExportSettings, PushSettings, RunSettings, TrainSettings, field_docs, from_dict, to_dict)
 from .train import format_duration as _fmt_seconds
 
 SMALL_MODELS = [
@@ -53,7 +53,6 @@ SMALL_MODELS = [
 # Parameter counts of the listed models, for the training-time estimate before anything is loaded.
 KNOWN_PARAMS = {"SmolLM2-135M": 135e6, "SmolLM2-360M": 362e6, "Qwen2.5-0.5B": 494e6}
 UPLOAD_TYPES = [".jsonl", ".json", ".csv", ".tsv", ".txt", ".md", ".parquet"]
-QUANT_LABELS = {"q4_k_m": "Q4_K_M", "q8_0": "Q8_0", "f16": "F16"}
 LOG_LINES = 200
 PLOT_POINTS = 1000  # most train-loss points sent to the plot
 # Seconds between page updates while a long task streams progress.
@@ -276,12 +275,9 @@ def _data_settings(dataset: str, config: str, split: str, text_column: Optional[
 
 
 def _int_or_none(value: Any, name: str) -> Optional[int]:
-    if value is None or value == "" or (isinstance(value, float) and math.isnan(value)):
+    number = _float_or_none(value, name)
+    if number is None:
         return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be a number, not {value!r}") from None
     if number != int(number):
         raise ConfigError(f"{name} must be a whole number, not {value}")
     return int(number)
@@ -711,8 +707,8 @@ def _export_name(repo: str, run: RunDir) -> Optional[str]:
     repo = (repo or "").strip()
     if "/" in repo and repo.split("/", 1)[1]:
         return re.sub(r"[^A-Za-z0-9_.-]", "-", repo.split("/", 1)[1])
-    spec = ((run.load().get("model") or {}).get("upstream_id") or
-            (run.load().get("model") or {}).get("spec") or "model")
+    model = run.load().get("model") or {}
+    spec = model.get("upstream_id") or model.get("spec") or "model"
     return re.sub(r"[^A-Za-z0-9_.-]", "-", Path(str(spec)).name) + "-rawtune"
 
 
@@ -720,7 +716,7 @@ def export_model(session: Optional[Session], quants: list[str], repo: str):
     """Merge, convert and quantize the session's run to GGUF, streaming the log."""
     session = _session(session)
     run = session.run
-    if not (run.adapter_dir / "adapter_config.json").is_file():
+    if not run.has_adapter():
         raise gr.Error("No adapter yet: train first in the Train tab (Stop also keeps the adapter).")
     if not quants:
         raise gr.Error("Tick at least one quant type (Q4_K_M is what Ollama pulls by default).")
@@ -1009,12 +1005,10 @@ def build_demo() -> gr.Blocks:
         text_boxes = [c for n, c in zip(ADVANCED_FIELDS, advanced) if n in TEXT_FIELDS]
         preset.change(preset_changed, preset, [recipe] + text_boxes, queue=False)
 
-        train_data_inputs = [dataset, config, split, upload, text_column, min_chars, max_documents, dedupe,
-                             split_blank, streaming, revision, model, preset]
-        train_outputs = [status, plot, train_log, result, start_btn, stop_btn, resume_btn]
-        limit = int(os.environ.get("RAWTUNE_MAX_TRAININGS", "1"))
         buttons = [start_btn, stop_btn, resume_btn]
-        start_btn.click(start_training, [session] + hub_inputs + train_data_inputs + advanced, train_outputs,
+        train_outputs = [status, plot, train_log, result] + buttons
+        limit = int(os.environ.get("RAWTUNE_MAX_TRAININGS", "1"))
+        start_btn.click(start_training, [session] + hub_inputs + data_inputs + advanced, train_outputs,
                         concurrency_limit=limit, concurrency_id="gpu-train", show_progress_on=status,
                         ).failure(training_failed, session, buttons, queue=False)
         resume_btn.click(resume_training, [session] + hub_inputs, train_outputs,
