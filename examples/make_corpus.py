@@ -15,7 +15,7 @@ from pydoc_data.topics import topics
 MIN_CHARS = 800
 
 
-def documents(name: str, text: str):
+def documents(text: str):
     """Group consecutive paragraphs of one topic into documents of at least MIN_CHARS."""
     buffer: list[str] = []
     part = 0
@@ -30,13 +30,15 @@ def documents(name: str, text: str):
 
 def main() -> None:
     out = Path(__file__).with_name("python-docs.jsonl")
+    count = 0
     with out.open("w", encoding="utf-8") as handle:
         for name in sorted(topics):
-            for part, text in documents(name, topics[name]):
+            for part, text in documents(topics[name]):
                 meta = {"topic": name, "part": part, "source": "Python documentation (pydoc_data.topics)",
                         "license": "PSF-2.0"}
                 handle.write(json.dumps({"text": text, "metadata": meta}, ensure_ascii=False) + "\n")
-    print(out, sum(1 for _ in out.open(encoding="utf-8")), "documents")
+                count += 1
+    print(out, count, "documents")
 
 
 if __name__ == "__main__":

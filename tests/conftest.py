@@ -100,7 +100,6 @@ def train_tiny(out: Path, model_dir: Path, corpus: Path, **overrides):
 def trained_run(tmp_path_factory, tiny_llama_dir, tiny_corpus):
     """A finished tiny run (embeddings trained, so the tied model must be untied at merge).
 
-    Shared by several test files: tests may add stages to it (merge, export) but must not
-    delete what is there.
+    Session-wide, so tests may add stages to it (merge, export) but must not delete what is there.
     """
     return train_tiny(tmp_path_factory.mktemp("runs") / "tiny", tiny_llama_dir, tiny_corpus)

@@ -97,7 +97,7 @@ class Commit:
 
 @dataclass
 class Repo:
-    """A repo and its history (a single branch, ``main``, plus optional tags)."""
+    """A repo and its history (a single branch, ``main``)."""
 
     repo_type: str  # model or dataset
     repo_id: str
@@ -105,7 +105,6 @@ class Repo:
     gated: bool = False
     granted: set[str] = field(default_factory=set)  # users who accepted a gated repo's terms
     commits: list[Commit] = field(default_factory=list)
-    tags: dict[str, str] = field(default_factory=dict)
     created_at: str = field(default_factory=_now)
 
     @property
@@ -117,11 +116,9 @@ class Repo:
         return self.commits[-1]
 
     def at(self, revision: Optional[str]) -> Optional[Commit]:
-        """The commit a revision names: main, a tag, or a (prefix of a) commit id."""
+        """The commit a revision names: main, or a (prefix of a) commit id."""
         if revision in (None, "", "main"):
             return self.head
-        if revision in self.tags:
-            revision = self.tags[revision]
         for commit in self.commits:
             if len(revision) >= 7 and commit.oid.startswith(revision):
                 return commit
@@ -145,7 +142,6 @@ class HubEmulator:
         # (repo_type, repo_id) -> sha256 -> content: LFS objects belong to a repo, as with Git LFS.
         self.lfs_store: dict[tuple[str, str], dict[str, bytes]] = {}
         self.requests: list[tuple[str, str, int]] = []  # (method, path, status), for debugging
-        self.unhandled: list[tuple[str, str]] = []  # requests no route matched
         self.fail_uploads = False  # when True, LFS uploads fail (a broken storage backend)
         self.lock = threading.RLock()
         self._server: Optional[ThreadingHTTPServer] = None
@@ -199,8 +195,7 @@ class HubEmulator:
         self.tokens[token] = Token(user, role, tuple(orgs))
 
     def create_repo(self, repo_id: str, repo_type: str = "model", private: bool = False,
-                    gated: bool = False, files: Optional[dict[str, bytes | str]] = None,
-                    tags: Optional[dict[str, int]] = None) -> Repo:
+                    gated: bool = False, files: Optional[dict[str, bytes | str]] = None) -> Repo:
         """Create a repo with its initial commit, then one commit holding ``files`` if given."""
         with self.lock:
             key = (repo_type, repo_id)
@@ -418,7 +413,6 @@ class _Handler(BaseHTTPRequestHandler):
             i = parts.index("resolve")
             repo_type, repo_id, _ = _split_repo(parts[:i])
             return self._resolve(repo_type, repo_id, parts[i + 1], "/".join(parts[i + 2:]), token)
-        self.hub.unhandled.append((method, self.path))
         raise HubError(404, f"the Hub emulator has no route for {method} {self.path}")
 
     # ------------------------------------------------------------ endpoints
@@ -497,7 +491,6 @@ class _Handler(BaseHTTPRequestHandler):
         if action == "commits" and method == "GET":
             repo = self.hub.readable(repo_type, repo_id, token)
             return self._commits(repo, revision)
-        self.hub.unhandled.append((method, self.path))
         raise HubError(404, f"the Hub emulator has no route for {method} {self.path}")
 
     def _commit_at(self, repo: Repo, revision: Optional[str]) -> Commit:

@@ -11,26 +11,16 @@ import pytest
 from rawtune import chat
 from rawtune.errors import ConfigError, StageMissing
 from rawtune.rundir import RunDir
-from rawtune.settings import RunSettings
+
+from conftest import train_tiny
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, tiny_llama_dir, tiny_corpus) -> Path:
+def chat_run(tmp_path_factory, tiny_llama_dir, tiny_corpus) -> Path:
     """A run directory with data, a model record and an adapter trained hard enough to differ."""
-    from rawtune.pipeline import run_pipeline
-
     out = tmp_path_factory.mktemp("chat") / "run"
-    s = RunSettings(out=str(out), stages=["data", "train"])
-    s.data.dataset = str(tiny_corpus)
-    s.train.model = str(tiny_llama_dir)
-    s.train.preset = "quick"
-    s.train.seq_len = 64
-    s.train.lora_r = 8
-    s.train.max_steps = 25
-    s.train.learning_rate = 1e-2
-    s.train.save_steps = 100
-    run_pipeline(s, log=lambda line: None)
-    return out
+    return train_tiny(out, tiny_llama_dir, tiny_corpus, lora_r=8, max_steps=25, learning_rate=1e-2,
+                      save_steps=100, train_embeddings=False, stages=["data", "train"]).path
 
 
 def test_build_prompt_modes(tiny_tokenizer_dir):
@@ -91,8 +81,8 @@ def test_greedy_stream_matches_transformers_generate(tiny_llama_dir):
         assert after.startswith(before) and after != before
 
 
-def test_stream_compare_base_and_tuned_differ(trained_run):
-    pairs = list(chat.stream_compare(trained_run, "The river", "completion", max_new_tokens=16,
+def test_stream_compare_base_and_tuned_differ(chat_run):
+    pairs = list(chat.stream_compare(chat_run, "The river", "completion", max_new_tokens=16,
                                      temperature=0.0, top_p=1.0, seed=0, tuned_kind="pytorch"))
     assert len(pairs) >= 2
     base, tuned = pairs[-1]
@@ -108,44 +98,51 @@ def test_stream_compare_base_and_tuned_differ(trained_run):
     assert hits(tuned) > hits(base)
 
 
-def test_same_seed_same_answers(trained_run):
+def test_same_seed_same_answers(chat_run):
     kwargs = dict(mode="completion", max_new_tokens=12, temperature=0.9, top_p=0.95, seed=123)
-    first = chat.compare(trained_run, "Keepers of the", **kwargs)
-    again = chat.compare(trained_run, "Keepers of the", **kwargs)
-    other = chat.compare(trained_run, "Keepers of the", **{**kwargs, "seed": 124})
+    first = chat.compare(chat_run, "Keepers of the", **kwargs)
+    again = chat.compare(chat_run, "Keepers of the", **kwargs)
+    other = chat.compare(chat_run, "Keepers of the", **{**kwargs, "seed": 124})
     assert first == again
     assert first != other
 
 
-def test_chat_mode_uses_template(trained_run):
-    base, tuned = chat.compare(trained_run, "Where are the ships?", mode="chat", max_new_tokens=8,
-                               temperature=0.0)
-    # Chat mode answers are plain text: the template's markers never leak into the answer.
-    assert "<|im_start|>" not in base + tuned
+def test_chat_mode_feeds_the_template(chat_run):
+    """Chat mode continues exactly the chat-templated question (this tokenizer adds no BOS)."""
+    from transformers import AutoTokenizer
+
+    kwargs = dict(max_new_tokens=8, temperature=0.0)
+    question = "Where are the ships?"
+    tok = AutoTokenizer.from_pretrained(RunDir(chat_run).load()["model"]["local_dir"])
+    in_chat = chat.compare(chat_run, question, mode="chat", **kwargs)
+    templated = chat.build_prompt(tok, question, "chat")
+    assert in_chat == chat.compare(chat_run, templated, mode="completion", **kwargs)
+    # The template makes a difference: on the bare question the base model answers otherwise.
+    assert in_chat[0] != chat.compare(chat_run, question, mode="completion", **kwargs)[0]
 
 
-def test_errors_are_rawtune_errors(tmp_path, trained_run):
+def test_errors_are_rawtune_errors(tmp_path, chat_run):
     with pytest.raises(StageMissing, match="not a run directory"):
         list(chat.stream_compare(tmp_path / "nothing", "x"))
     with pytest.raises(ConfigError, match="unknown"):
-        list(chat.stream_compare(trained_run, "x", tuned_kind="onnx"))
+        list(chat.stream_compare(chat_run, "x", tuned_kind="onnx"))
     with pytest.raises(StageMissing, match="export first"):
-        list(chat.stream_compare(trained_run, "x", tuned_kind="gguf:Q4_K_M"))
+        list(chat.stream_compare(chat_run, "x", tuned_kind="gguf:Q4_K_M"))
     # A run without an adapter (data stage only) cannot be compared yet.
     bare = tmp_path / "bare"
-    shutil.copytree(trained_run, bare, ignore=shutil.ignore_patterns("adapter", "checkpoints"))
+    shutil.copytree(chat_run, bare, ignore=shutil.ignore_patterns("adapter", "checkpoints"))
     assert chat.tuned_choices(bare) == []
     with pytest.raises(StageMissing, match="no adapter"):
         list(chat.stream_compare(bare, "x"))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed")
-def test_gguf_side_streams_from_llama_cpp(tmp_path, trained_run):
+def test_gguf_side_streams_from_llama_cpp(tmp_path, chat_run):
     from rawtune.export import export_run
     from rawtune.settings import ExportSettings
 
     run_dir = tmp_path / "run"
-    shutil.copytree(trained_run, run_dir)
+    shutil.copytree(chat_run, run_dir)
     export_run(RunDir(run_dir), ExportSettings(quant=["f16", "q8_0"], verify=False), log=lambda line: None)
     assert chat.tuned_choices(run_dir) == ["pytorch", "gguf:Q8_0", "gguf:F16"]
     pairs = list(chat.stream_compare(run_dir, "The river", max_new_tokens=10, temperature=0.0,
