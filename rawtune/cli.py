@@ -1,7 +1,9 @@
 """The ``rawtune`` command line: a thin layer over :mod:`rawtune.pipeline` and the stages.
 
 Every settings field is a flag (``max_steps`` -> ``--max-steps``) and a YAML key for
-``rawtune run --config``. Errors a user can cause print one line and exit with code 1.
+``rawtune run --config``. Errors a user can cause print one line and exit with code 1; Ctrl-C
+exits with 130 (after training has saved its adapter and checkpoint). ``--resume`` starts from the
+settings stored in the run's ``run.json``; flags given with it may only extend or re-time the run.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from typing import Any, Optional, Sequence
 from . import __version__
 from .errors import ConfigError, RawtuneError
 from .rundir import RunDir
-from .settings import (SECTIONS, RunSettings, apply, field_docs, flag, from_dict, load_yaml)
+from .settings import (SECTIONS, RunSettings, apply, field_docs, flag, from_dict, load_yaml,
+                       resume_settings)
 
 COMMANDS = {
     "train": "read a dataset, train a LoRA adapter and measure held-out perplexity",
@@ -91,12 +94,33 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _settings_for(args: argparse.Namespace) -> RunSettings:
-    settings = RunSettings()
-    if args.command == "run":
-        apply(settings, load_yaml(args.config), origin=f"{args.config}:")
+    given = _overrides(args)
+    config = load_yaml(args.config) if args.command == "run" else {}
+    if _resuming(config, given):
+        settings = _resume_base(config, given)
     else:
+        settings = apply(RunSettings(), config, origin=f"{args.config}:") if config else RunSettings()
+    if args.command != "run":
         settings.stages = STAGES_OF[args.command]
-    return apply(settings, _overrides(args), origin="flag")
+    if _resuming(config, given):
+        return resume_settings(settings, given, origin="flag")
+    return apply(settings, given, origin="flag")
+
+
+def _resuming(config: dict, given: dict) -> bool:
+    value = given.get("resume", config.get("resume", False))
+    return value is True or str(value).lower() in ("true", "yes", "1")
+
+
+def _resume_base(config: dict, given: dict) -> RunSettings:
+    """The stored settings of the run being resumed, checked against the YAML keys given."""
+    out = given.get("out") or config.get("out")
+    if not out:
+        raise ConfigError("--out: give the run directory to resume, e.g. --out runs/my-run")
+    stored = RunDir(out).load().get("settings")
+    if not stored:
+        raise ConfigError(f"--resume: {out} holds no run to resume (no run.json); run without --resume")
+    return resume_settings(from_dict(stored), config, origin="YAML")
 
 
 def _stored_settings(run: RunDir) -> RunSettings:
@@ -115,7 +139,7 @@ def _run_on_dir(args: argparse.Namespace) -> None:
     apply(settings, _overrides(args), origin="flag")
     settings.stages = [args.command]
     settings = validate(settings)
-    run_stage(args.command, settings, run, _token(args), None, None, print)
+    run_stage(args.command, settings, run, _token(args), None, None, print)  # holds the run's lock
     if args.command == "merge":
         print(run.merged_dir)
 
@@ -136,9 +160,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 0
         from .pipeline import run_pipeline
 
-        record = run_pipeline(_settings_for(args), token=_token(args), stop=threading.Event())
+        stop = threading.Event()  # set by the first Ctrl-C during training
+        record = run_pipeline(_settings_for(args), token=_token(args), stop=stop)
         _summary(record)
-        print(f"run directory: {record.get('settings', {}).get('out')}")
+        out = record.get("settings", {}).get("out")
+        print(f"run directory: {out}")
+        if stop.is_set():
+            print(f"rawtune: interrupted; the adapter and a checkpoint are saved: continue with "
+                  f"`rawtune train --out {out} --resume`", file=sys.stderr)
+            return 130
         return 0
     except RawtuneError as exc:
         print(f"rawtune: error: {exc}", file=sys.stderr)

@@ -290,22 +290,40 @@ def pack(docs: list[list[int]], seq_len: int) -> tuple[np.ndarray, int]:
     return flat[: n * seq_len].reshape(n, seq_len), int(len(flat) - n * seq_len)
 
 
-def split_documents(docs: list[list[int]], fraction: float, min_tokens: int,
-                    seed: int) -> tuple[list[list[int]], list[list[int]]]:
-    """Hold out whole documents (a seeded shuffle) until both the share and the minimum are met."""
+def split_documents(docs: list[list[int]], fraction: float, min_tokens: int, seed: int,
+                    piece_tokens: int = 0) -> tuple[list[list[int]], list[list[int]]]:
+    """Hold out whole documents (a seeded shuffle) until both the share and the minimum are met.
+
+    The document that would overshoot is cut in pieces of ``piece_tokens`` (0: never cut) and only
+    as many of its last pieces as are needed are held out: one book or one long dump can then be
+    trained on, and its held-out part stays one contiguous tail, never interleaved with training text.
+    """
     order = list(range(len(docs)))
     random.Random(seed).shuffle(order)
     total = sum(len(d) for d in docs)
     need = max(int(total * fraction), min_tokens)
-    held, got = [], 0
+    held: dict[int, list[int]] = {}
+    train_part: dict[int, list[int]] = {}
+    got = 0
     for i in order:
         if got >= need:
             break
-        held.append(i)
-        got += len(docs[i])
-    held_set = set(held)
-    train = [docs[i] for i in range(len(docs)) if i not in held_set]
-    return train, [docs[i] for i in sorted(held_set)]
+        doc = docs[i]
+        cut = _tail_cut(len(doc), need - got, piece_tokens)
+        if cut > 0:
+            train_part[i] = doc[:cut]
+        held[i] = doc[cut:]
+        got += len(held[i])
+    train = [train_part.get(i, d) for i, d in enumerate(docs) if i not in held or i in train_part]
+    return train, [held[i] for i in sorted(held)]
+
+
+def _tail_cut(length: int, wanted: int, piece_tokens: int) -> int:
+    """Where to cut a document so its last whole pieces cover ``wanted`` tokens (0: hold it all out)."""
+    if piece_tokens <= 0 or length <= wanted:
+        return 0
+    pieces = -(-wanted // piece_tokens)
+    return max(length - pieces * piece_tokens, 0)
 
 
 def prepare(settings: DataSettings, tokenizer: Any, seq_len: int, run: RunDir,
@@ -331,12 +349,14 @@ def prepare(settings: DataSettings, tokenizer: Any, seq_len: int, run: RunDir,
             f"{settings.min_heldout_blocks} held-out blocks of --seq-len {seq_len} need "
             f"{min_held + seq_len}; add text or lower --seq-len"
         )
-    train_docs, held_docs = split_documents(ids, settings.heldout_fraction, min_held, seed)
+    piece = seq_len if settings.piece_tokens is None else settings.piece_tokens
+    train_docs, held_docs = split_documents(ids, settings.heldout_fraction, min_held, seed, piece)
     train_blocks, train_left = pack(train_docs, seq_len)
     held_blocks, held_left = pack(held_docs, seq_len)
     if len(train_blocks) == 0:
+        hint = " or let long documents be cut (drop --piece-tokens 0)" if piece == 0 else ""
         raise DataError(f"no full training block of --seq-len {seq_len} is left after the held-out split; "
-                        "add text or lower --seq-len / --heldout-fraction")
+                        f"add text or lower --seq-len / --heldout-fraction{hint}")
     run.data_dir.mkdir(parents=True, exist_ok=True)
     np.save(run.data_dir / "train.npy", train_blocks)
     np.save(run.data_dir / "heldout.npy", held_blocks)

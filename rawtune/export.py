@@ -134,7 +134,12 @@ def tensor_types(path: Path) -> dict[str, int]:
     from gguf import GGUFReader
 
     counts: dict[str, int] = {}
-    for tensor in GGUFReader(str(path)).tensors:
+    try:
+        tensors = GGUFReader(str(path)).tensors
+    except Exception as exc:  # gguf-py raises ValueError, struct and numpy errors for damaged files
+        raise ExportError(f"{path.name} is not a readable GGUF file ({type(exc).__name__}); it is damaged "
+                          f"or truncated: delete it and export again") from None
+    for tensor in tensors:
         key = tensor.tensor_type.name
         counts[key] = counts.get(key, 0) + 1
     return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
@@ -264,7 +269,30 @@ def _warn(log: Callable[[str], None], text: str, warnings: list[str]) -> None:
 
 
 def export_run(run: RunDir, settings: ExportSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Merge, convert, quantize and verify; write the Ollama files; record ``gguf`` and ``export``."""
+    """Merge, convert, quantize and verify; write the Ollama files; record ``gguf`` and ``export``.
+
+    On any failure the F16 work file and half-written GGUFs are removed: a full disk must not
+    stay full, and a later export must not mistake a fragment for a finished file.
+    """
+    try:
+        return _export(run, settings, log)
+    except BaseException as exc:
+        _remove_work_files(run, file_stem(run, settings.name))
+        if isinstance(exc, OSError):
+            raise ExportError(f"writing the GGUF files in {run.path} failed ({exc.strerror or exc}); free disk "
+                              f"space there (the F16 file needs about 2 bytes per parameter) and export again") from None
+        raise
+
+
+def _remove_work_files(run: RunDir, stem: str) -> None:
+    work_dir = run.path / "gguf_work"
+    for path in [*work_dir.glob(f"{stem}.F16.gguf*"), *run.gguf_dir.glob(f"{stem}.*.gguf.partial")]:
+        path.unlink(missing_ok=True)
+    if work_dir.is_dir() and not any(work_dir.iterdir()):
+        work_dir.rmdir()
+
+
+def _export(run: RunDir, settings: ExportSettings, log: Callable[[str], None]) -> dict[str, Any]:
     from . import gguf_writer, ollama
     from .merge import merge_run
 

@@ -19,7 +19,8 @@ the Trainer does with ``num_items_in_batch``), the same parameter groups, AdamW,
   waits on Python.
 
 Checkpoints are ``checkpoints/checkpoint-N`` folders with the adapter and ``fastloop_state.pt``;
-only this loop resumes them.
+only this loop resumes them, and reads the state back with ``weights_only=True`` (plain tensors
+and numbers: loading a checkpoint can never run code).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from .errors import TrainError
 from .rundir import RunDir
 from .settings import RunSettings, TrainSettings
 
@@ -533,8 +535,12 @@ def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any) -> i
     weights = path / "adapter_model.safetensors"
     if weights.is_file():
         set_peft_model_state_dict(model, load_file(str(weights)))
-    state = torch.load(path / STATE_FILE, map_location="cuda" if torch.cuda.is_available() else "cpu",
-                       weights_only=False)
+    try:  # weights_only: a checkpoint is data; unpickling arbitrary objects could run code
+        state = torch.load(path / STATE_FILE, map_location="cuda" if torch.cuda.is_available() else "cpu",
+                           weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError or EOFError for bad files
+        raise TrainError(f"{path / STATE_FILE} is not a plain optimizer state ({type(exc).__name__}); "
+                         f"delete {path.name} to resume from an older checkpoint, or train without --resume") from None
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return int(state["step"])

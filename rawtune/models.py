@@ -57,7 +57,11 @@ def _gguf_metadata(path: Path) -> dict[str, Any]:
     """A few GGUF header fields (licence, special token ids), read with gguf-py."""
     from gguf import GGUFReader
 
-    reader = GGUFReader(str(path))
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as exc:  # gguf-py raises ValueError, struct and numpy errors for damaged files
+        raise ModelError(f"{path} is not a readable GGUF file ({type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())[:200]}); it may be truncated: download it again") from None
     wanted = ("general.license", "general.name", "tokenizer.ggml.eos_token_id",
               "tokenizer.ggml.bos_token_id", "tokenizer.ggml.padding_token_id")
     out = {}
@@ -83,7 +87,7 @@ def convert_gguf(path: Path, log: Callable[[str], None] = print) -> Path:
             path.parent, gguf_file=path.name, quantization_config=GgufConfig(dequantize=True)
         )
     except Exception as exc:  # transformers raises many types for unsupported GGUFs
-        raise ModelError(f"could not load {path} with transformers: {exc}") from None
+        raise ModelError(f"could not load {path} with transformers: {' '.join(str(exc).split())[:300]}") from None
     _fix_special_tokens(tokenizer, model, _gguf_metadata(path))
     # Written beside the target and renamed, so an interrupted conversion is never taken as done.
     tmp = target.with_name(target.name + ".tmp")
@@ -144,8 +148,7 @@ def resolve_model(spec: Optional[str], token: Optional[str] = None,
         meta = _gguf_metadata(path)
         return ModelSource(spec, str(convert_gguf(path, log)), None, "gguf", meta.get("general.license"))
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelError(f"{path} is not a Hugging Face model folder (no config.json)")
+        check_folder(path)
         return ModelSource(spec, str(path), _upstream_of(path), "local", None)
     if spec.count("/") != 1 or spec.startswith((".", "/")):
         raise ModelError(f"model {spec!r} is neither a local folder, a .gguf file, nor a Hub id like user/name")
@@ -156,6 +159,24 @@ def resolve_model(spec: Optional[str], token: Optional[str] = None,
             return _offline_default(log)
         raise _hub_model_error(spec, exc) from None
     return ModelSource(spec, str(local), spec, "hub", _hub_license(spec, token))
+
+
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def check_folder(path: Path) -> None:
+    """A local model folder needs config.json, weights and a tokenizer; say which is missing."""
+    missing = []
+    if not (path / "config.json").is_file():
+        missing.append("config.json")
+    if not any(any(path.glob(pattern)) for pattern in WEIGHT_PATTERNS):
+        missing.append("weights (*.safetensors or *.bin)")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        missing.append("a tokenizer (tokenizer.json or tokenizer.model)")
+    if missing:
+        raise ModelError(f"{path} is not a complete Hugging Face model folder: no {', no '.join(missing)}; "
+                         "save the model with save_pretrained (model and tokenizer), or pass a Hub id or .gguf")
 
 
 def _upstream_of(path: Path) -> Optional[str]:
@@ -195,7 +216,10 @@ def load_tokenizer(local_dir: str | Path) -> Any:
     """The tokenizer of a resolved model, with a pad token (EOS when the model has none)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(local_dir))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(local_dir))
+    except Exception as exc:  # transformers raises OSError, ValueError and more for broken folders
+        raise ModelError(f"could not load the tokenizer in {local_dir}: {' '.join(str(exc).split())[:300]}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -216,5 +240,5 @@ def load_causal_lm(local_dir: str | Path, device: Optional[str] = None, dtype: A
     try:
         model = AutoModelForCausalLM.from_pretrained(str(local_dir), dtype=dtype)
     except Exception as exc:
-        raise ModelError(f"could not load the model in {local_dir}: {exc}") from None
+        raise ModelError(f"could not load the model in {local_dir}: {' '.join(str(exc).split())[:300]}") from None
     return model.to(device)

@@ -1,17 +1,20 @@
 """The pipeline: run the stages named in ``RunSettings.stages`` in order on one run directory.
 
 Each stage reads what the previous one left in the run directory, so any prefix of the pipeline
-can be run, stopped and continued (``resume``), and a stage run twice is safe.
+can be run, stopped and continued (``resume``), and a stage run twice is safe. Each stage holds
+the run directory's lock, so a second process on the same directory fails at once.
 """
 
 from __future__ import annotations
 
+import json
 import threading
+from pathlib import Path
 from typing import Callable, Optional
 
 from .errors import ConfigError
 from .rundir import RunDir
-from .settings import RunSettings, STAGES, to_dict, validate
+from .settings import RunSettings, STAGES, resume_refusal, to_dict, validate
 
 
 def prepare_model(settings: RunSettings, run: RunDir, token: Optional[str],
@@ -20,11 +23,37 @@ def prepare_model(settings: RunSettings, run: RunDir, token: Optional[str],
     from .models import resolve_model
 
     record = run.load().get("model")
-    if record and record.get("spec") == settings.train.model and settings.train.resume:
-        return record
-    source = resolve_model(settings.train.model, token=token, log=log)
-    run.update(model=source.to_dict())
-    return source.to_dict()
+    if not (record and record.get("spec") == settings.train.model and settings.train.resume):
+        record = resolve_model(settings.train.model, token=token, log=log).to_dict()
+    check_context(settings.train.seq_len, record["local_dir"])
+    run.update(model=record)
+    return record
+
+
+def check_context(seq_len: int, local_dir: str) -> None:
+    """Refuse blocks longer than the positions the model was built for (its config's limit)."""
+    try:
+        config = json.loads((Path(local_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # resolve_model checked the folder; a model without a readable limit is not refused here
+    limit = config.get("max_position_embeddings")
+    if isinstance(limit, int) and seq_len > limit:
+        raise ConfigError(f"--seq-len {seq_len} is longer than the model's context of {limit} tokens "
+                          f"(max_position_embeddings); use --seq-len {limit} or less")
+
+
+def check_resume(settings: RunSettings, run: RunDir) -> None:
+    """A resumed run must keep the model (and tokenizer) and block length its data was packed for."""
+    stored = run.load().get("settings")
+    if not settings.train.resume:
+        return
+    if not stored:
+        raise ConfigError(f"--resume: {run.path} holds no run to resume (no settings in run.json); "
+                          "run without --resume")
+    train = stored.get("train", {})
+    for key in ("model", "seq_len"):
+        if key in train and train[key] != getattr(settings.train, key):
+            raise ConfigError(resume_refusal(key, train[key], getattr(settings.train, key)))
 
 
 def run_data(settings: RunSettings, run: RunDir, token: Optional[str], log: Callable[[str], None]) -> dict:
@@ -51,20 +80,27 @@ def run_pipeline(settings: RunSettings, token: Optional[str] = None, callback=No
     if not settings.out:
         raise ConfigError("--out: give a run directory, e.g. --out runs/my-run")
     run = RunDir(settings.out)
-    run.path.mkdir(parents=True, exist_ok=True)
-    run.stop_file.unlink(missing_ok=True)
-    run.update(settings=to_dict(settings))
-    for stage in [s for s in STAGES if s in settings.stages]:
-        if stop is not None and stop.is_set():
-            log(f"[pipeline] stopped before {stage}")
-            break
-        run_stage(stage, settings, run, token, callback, stop, log)
-    return run.load()
+    with run.lock():
+        check_resume(settings, run)
+        run.stop_file.unlink(missing_ok=True)
+        run.update(settings=to_dict(settings))
+        for stage in [s for s in STAGES if s in settings.stages]:
+            if stop is not None and stop.is_set():
+                log(f"[pipeline] stopped before {stage}")
+                break
+            run_stage(stage, settings, run, token, callback, stop, log)
+        return run.load()
 
 
 def run_stage(stage: str, settings: RunSettings, run: RunDir, token: Optional[str], callback,
               stop: Optional[threading.Event], log: Callable[[str], None]) -> None:
-    """Run one stage by name."""
+    """Run one stage by name, holding the run directory's lock."""
+    with run.lock():
+        _run_stage(stage, settings, run, token, callback, stop, log)
+
+
+def _run_stage(stage: str, settings: RunSettings, run: RunDir, token: Optional[str], callback,
+               stop: Optional[threading.Event], log: Callable[[str], None]) -> None:
     if stage == "data":
         run_data(settings, run, token, log)
     elif stage == "train":

@@ -3,21 +3,27 @@
 A run directory holds ``run.json`` (resolved settings, versions, data report, metrics and each
 stage's results) next to the files stages write: ``data/`` (packed token blocks), ``adapter/``,
 ``checkpoints/``, ``merged/``, ``gguf/``. ``run.json`` is rewritten atomically so a crash never
-leaves it half-written, and never holds a token.
+leaves it half-written, and never holds a token. Every stage that writes a run directory holds its
+lock (an ``flock`` on ``.lock``), so two processes never mix up one run; the kernel drops the lock
+when its process dies, so a killed run never blocks the next one.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
 import tempfile
+import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from .errors import StageMissing
+from .errors import ConfigError, RawtuneError, StageMissing
 
 RUN_FILE = "run.json"
+LOCK_FILE = ".lock"
 # Anything that looks like a Hugging Face token is scrubbed before run.json is written.
 _TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{8,}")
 _SECRET_KEYS = {"token", "hf_token", "oauth_token", "password", "authorization"}
@@ -32,6 +38,16 @@ def scrub(value: Any) -> Any:
     if isinstance(value, str):
         return _TOKEN_RE.sub("hf_***", value)
     return value
+
+
+class RunBusy(RawtuneError):
+    """Another rawtune process (or another task of this one) is writing the run directory."""
+
+
+# Locks this process holds: resolved path -> [thread id, depth, fd]. A thread may take its own
+# lock again (run_pipeline -> run_stage); another thread of the same process may not.
+_HELD: dict[str, list[int]] = {}
+_HELD_GUARD = threading.Lock()
 
 
 class RunDir:
@@ -70,6 +86,47 @@ class RunDir:
         """Creating this file asks a running training to stop after the current step."""
         return self.path / "STOP"
 
+    @property
+    def lock_file(self) -> Path:
+        return self.path / LOCK_FILE
+
+    @contextmanager
+    def lock(self) -> Iterator["RunDir"]:
+        """Hold the run directory exclusively, or raise :class:`RunBusy` at once."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        key, me = str(self.path.resolve()), threading.get_ident()
+        with _HELD_GUARD:
+            held = _HELD.get(key)
+            if held and held[0] != me:
+                raise RunBusy(f"another task of this rawtune process (pid {os.getpid()}) is using {self.path}; "
+                              "wait for it to finish")
+            if held:
+                held[1] += 1
+            else:
+                _HELD[key] = [me, 1, self._acquire()]
+        try:
+            yield self
+        finally:
+            with _HELD_GUARD:
+                held = _HELD[key]
+                held[1] -= 1
+                if held[1] == 0:
+                    del _HELD[key]
+                    os.close(held[2])  # closing the descriptor releases the flock
+
+    def _acquire(self) -> int:
+        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise RunBusy(f"another rawtune process (pid {holder}) is using {self.path}; wait for it to "
+                          "finish, or use another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        return fd
+
     def exists(self) -> bool:
         return self.run_file.is_file()
 
@@ -81,7 +138,16 @@ class RunDir:
         """Read run.json (an empty dict when the run has not started)."""
         if not self.run_file.is_file():
             return {}
-        return json.loads(self.run_file.read_text(encoding="utf-8"))
+        try:
+            record = json.loads(self.run_file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            where = f" at line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else ""
+            raise ConfigError(f"{self.run_file} is damaged (not valid JSON{where}); restore it, or delete "
+                              f"{self.path} and train again") from None
+        if not isinstance(record, dict):
+            raise ConfigError(f"{self.run_file} is damaged (not a JSON object); restore it, or delete "
+                              f"{self.path} and train again")
+        return record
 
     def require(self, key: str, stage: str) -> Any:
         """Return ``run.json[key]`` or explain which stage must run first."""

@@ -41,6 +41,7 @@ class DataSettings:
     min_chars: int = 20  # drop documents shorter than this many characters after stripping
     dedupe: bool = True  # drop exact duplicate documents
     heldout_fraction: float = 0.05  # share of documents held out for perplexity, never trained on
+    piece_tokens: Optional[int] = None  # a document too long to hold out whole is cut in pieces of this many tokens and only its last pieces are held out (default: --seq-len; 0: never cut)
     min_heldout_blocks: int = 4  # hold out at least this many blocks
 
 
@@ -187,8 +188,10 @@ def apply(settings: RunSettings, values: dict[str, Any], origin: str = "YAML") -
 def coerce(cls: type, name: str, value: Any, origin: str) -> Any:
     """Convert a value to its field's type, or say which key holds what kind of value."""
     annotation = str(next(f.type for f in fields(cls) if f.name == name))
-    if value is None or annotation.startswith(("str", "Optional[str")) or "list" in annotation:
+    if value is None:
         return value
+    if annotation.startswith(("str", "Optional[str")) or "list" in annotation:
+        return _text_value(name, value, origin, "list" in annotation)
     try:
         if "bool" in annotation:
             if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
@@ -208,6 +211,18 @@ def coerce(cls: type, name: str, value: Any, origin: str) -> Any:
     return value
 
 
+def _text_value(name: str, value: Any, origin: str, listing: bool) -> Any:
+    """Text keys take text; a YAML number is read as its text (``name: 2024``), a bool or mapping is refused."""
+    items = value if listing and isinstance(value, list) else [value]
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, (str, int, float)):
+            kind = "a comma-separated list" if listing else "text"
+            raise ConfigError(f"{origin} key '{name}' ({flag(name)}) must be {kind}, not {value!r}")
+    if listing and isinstance(value, list):
+        return [str(v) for v in value]
+    return str(value)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a flat YAML config file into a dict."""
     path = Path(path)
@@ -215,8 +230,11 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {path}")
     try:
         loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+                          "save it as UTF-8") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path} must hold a mapping of key: value lines")
     return loaded
@@ -269,6 +287,7 @@ def validate(settings: RunSettings) -> RunSettings:
     _check(d.min_chars >= 0, "min_chars", "must be 0 or more")
     _check(d.min_heldout_blocks >= 1, "min_heldout_blocks", "must be at least 1")
     _check(d.max_documents is None or d.max_documents > 0, "max_documents", "must be positive")
+    _check(d.piece_tokens is None or d.piece_tokens >= 0, "piece_tokens", "must be 0 (never cut) or more")
     t = s.train = resolve_preset(s.train)
     _check(t.backend in ("auto", "unsloth", "peft"), "backend", "use auto, unsloth or peft")
     _check(t.seq_len >= 16, "seq_len", "must be at least 16 tokens, e.g. 512 or 2048")
@@ -304,6 +323,36 @@ def validate(settings: RunSettings) -> RunSettings:
     if "push" in s.stages:
         _check(bool(s.push.repo) and "/" in str(s.push.repo), "repo", "give the Hub repo as user/name")
     return s
+
+
+# What a resumed run may change: how long it runs and how it reports, never what it learns from.
+RESUME_MAY_CHANGE = {"out", "stages", "resume", "max_steps", "epochs", "save_steps", "eval_steps",
+                     "eval_batches", "logging_steps", "backend", "gradient_checkpointing"}
+
+
+def resume_settings(stored: RunSettings, given: dict[str, Any], origin: str = "flag") -> RunSettings:
+    """The settings of a resumed run: the stored ones, with the given keys a resume may change.
+
+    A given key that would change what the run learns from (the model and with it the tokenizer,
+    --seq-len, the data, the LoRA recipe) is refused unless it equals the stored value.
+    """
+    wanted = apply(RunSettings(), given, origin=origin)
+    for key in given:
+        norm = str(key).replace("-", "_")
+        section = section_of(norm)
+        if section in ("export", "push") or norm in RESUME_MAY_CHANGE:
+            continue
+        before = getattr(getattr(stored, section) if section else stored, norm)
+        after = getattr(getattr(wanted, section) if section else wanted, norm)
+        if after != before and not (isinstance(before, list) and _as_list(after) == before):
+            raise ConfigError(resume_refusal(norm, before, after))
+    return apply(stored, given, origin=origin)
+
+
+def resume_refusal(name: str, before: Any, after: Any) -> str:
+    what = {"model": "model (and with it the tokenizer)", "seq_len": "block length"}.get(name, "setting")
+    return (f"{flag(name)}: this run was trained with {name} {before!r}, not {after!r}; a resumed run keeps "
+            f"its {what}. Drop {flag(name)} to resume, or start a new run with another --out")
 
 
 def to_dict(settings: RunSettings) -> dict[str, Any]:
