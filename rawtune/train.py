@@ -360,6 +360,10 @@ def train(settings: RunSettings, run: RunDir, callback: Optional[Callback] = Non
         resume_from = latest_checkpoint(run)
         if resume_from is None:
             raise TrainError(f"--resume: no checkpoint in {run.checkpoints_dir}; run without --resume")
+        if t.max_steps and _step_of(resume_from) >= t.max_steps:
+            # The Trainer would take one more step past the end; a finished run has nothing to resume.
+            raise TrainError(f"--resume: {run.path} has already trained all {t.max_steps} steps of --max-steps; "
+                             "pass a larger --max-steps to train further")
         log(f"[train] resuming from {resume_from.name}")
     log(f"[train] backend {backend}; LoRA r={t.lora_r} alpha={t.lora_alpha}"
         f"{' rsLoRA' if t.use_rslora else ''}{' + embed_tokens/lm_head' if t.train_embeddings else ''}")
