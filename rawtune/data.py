@@ -61,15 +61,17 @@ class DataReport:
     heldout_blocks: int
     seq_len: int
     tokens_dropped_by_packing: int
+    documents_cut: int = 0  # documents whose head is trained on and whose tail is held out
 
     def summary(self) -> str:
         dropped = self.dropped_empty + self.dropped_short + self.dropped_duplicate
+        cut = f"; {self.documents_cut} long document cut: its tail is held out" if self.documents_cut else ""
         return (
             f"{self.source}: column {self.column or '(plain text)'} ({self.column_reason}); "
             f"{self.documents_kept}/{self.documents_read} documents kept "
             f"({dropped} dropped: {self.dropped_empty} empty, {self.dropped_short} short, "
             f"{self.dropped_duplicate} duplicate); {self.train_tokens:,} train tokens in "
-            f"{self.train_blocks} blocks of {self.seq_len}, {self.heldout_blocks} held-out blocks"
+            f"{self.train_blocks} blocks of {self.seq_len}, {self.heldout_blocks} held-out blocks{cut}"
         )
 
 
@@ -365,7 +367,8 @@ def prepare(settings: DataSettings, tokenizer: Any, seq_len: int, run: RunDir,
         documents_kept=len(kept), train_documents=len(train_docs), heldout_documents=len(held_docs),
         train_tokens=int(train_blocks.size), heldout_tokens=int(held_blocks.size),
         train_blocks=len(train_blocks), heldout_blocks=len(held_blocks), seq_len=seq_len,
-        tokens_dropped_by_packing=train_left + held_left, **counts,
+        tokens_dropped_by_packing=train_left + held_left,
+        documents_cut=len(train_docs) + len(held_docs) - len(ids), **counts,
     )
     run.update(data=asdict(report))
     log(f"[data] {report.summary()}")

@@ -139,7 +139,8 @@ def test_item10_single_one_line_text_file_trains_with_contiguous_heldout(tmp_pat
     out = tmp_path / "r"
     assert main(_train_argv(out, tiny_llama_dir, book, "--max-steps", "2")) == 0
     data = RunDir(out).load()["data"]
-    assert data["documents_kept"] == 1 and data["train_blocks"] > 0 and data["heldout_blocks"] >= 4
+    assert data["documents_kept"] == 1 and data["documents_cut"] == 1
+    assert data["train_blocks"] > 0 and data["heldout_blocks"] >= 4
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
     ids = np.array(tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
     train = np.load(out / "data" / "train.npy").reshape(-1)
