@@ -275,7 +275,8 @@ def export_run(run: RunDir, settings: ExportSettings, log: Callable[[str], None]
     stay full, and a later export must not mistake a fragment for a finished file.
     """
     try:
-        return _export(run, settings, log)
+        with run.lock():  # also when called directly (the app), not only through the pipeline
+            return _export(run, settings, log)
     except BaseException as exc:
         _remove_work_files(run, file_stem(run, settings.name))
         if isinstance(exc, OSError):

@@ -7,6 +7,7 @@ the run directory's lock, so a second process on the same directory fails at onc
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 from pathlib import Path
@@ -23,11 +24,31 @@ def prepare_model(settings: RunSettings, run: RunDir, token: Optional[str],
     from .models import resolve_model
 
     record = run.load().get("model")
-    if not (record and record.get("spec") == settings.train.model and settings.train.resume):
+    if record and record.get("spec") == settings.train.model and settings.train.resume:
+        if record.get("tokenizer_sha") not in (None, tokenizer_fingerprint(record["local_dir"])):
+            raise ConfigError(f"--resume: the tokenizer files in {record['local_dir']} changed since this run's "
+                              "data was packed; a resumed run keeps its tokenizer. Restore them, or start a new "
+                              "run with another --out")
+    else:
         record = resolve_model(settings.train.model, token=token, log=log).to_dict()
+        record["tokenizer_sha"] = tokenizer_fingerprint(record["local_dir"])
     check_context(settings.train.seq_len, record["local_dir"])
     run.update(model=record)
     return record
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "merges.txt",
+                   "special_tokens_map.json")
+
+
+def tokenizer_fingerprint(local_dir: str) -> str:
+    """A hash of the tokenizer files, so a resume can tell the packed token ids still mean the same."""
+    digest = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        path = Path(local_dir) / name
+        if path.is_file():
+            digest.update(name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def check_context(seq_len: int, local_dir: str) -> None:

@@ -64,14 +64,15 @@ def _wait_for(proc: subprocess.Popen, text: str, timeout: float = 300) -> list[s
 
 
 def test_item8_resume_keeps_stored_settings(tmp_path, capsys, tiny_llama_dir, tiny_qwen2_dir, tiny_corpus):
+    model = Path(shutil.copytree(tiny_llama_dir, tmp_path / "model"))
     out = tmp_path / "r"
-    _stop_at(out, tiny_llama_dir, tiny_corpus, 2)  # stopped at step 2 of 4, as Ctrl-C or the app's Stop leaves it
+    _stop_at(out, model, tiny_corpus, 2)  # stopped at step 2 of 4, as Ctrl-C or the app's Stop leaves it
     before = RunDir(out).load()
     assert before["train"]["steps"] == 2 and before["train"]["stopped_early"]
     # No flags but --resume: the stored model, seq_len and max_steps stay (nothing falls back to defaults).
     assert main(["train", "--out", str(out), "--resume"]) == 0
     after = RunDir(out).load()
-    assert after["model"] == before["model"] and after["model"]["spec"] == str(tiny_llama_dir)
+    assert after["model"] == before["model"] and after["model"]["spec"] == str(model)
     assert after["settings"]["train"]["max_steps"] == 4 and after["settings"]["train"]["seq_len"] == 64
     assert after["train"]["resumed_from_step"] == 2 and after["train"]["steps"] == after["train"]["max_steps"] == 4
     capsys.readouterr()
@@ -87,6 +88,11 @@ def test_item8_resume_keeps_stored_settings(tmp_path, capsys, tiny_llama_dir, ti
         assert main(["train", "--out", str(out), "--resume", flag, value]) == 1
         err = _one_line_error(capsys)
         assert err.startswith(f"rawtune: error: {flag}:") and "another --out" in err
+    # The same model folder with other tokenizer files: the packed token ids would mean something else.
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 64}))
+    assert main(["train", "--out", str(out), "--resume", "--max-steps", "8"]) == 1
+    assert "tokenizer files in" in _one_line_error(capsys)
     assert RunDir(out).load()["model"] == before["model"]
 
 
