@@ -10,7 +10,6 @@ when its process dies, so a killed run never blocks the next one.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
@@ -21,6 +20,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import ConfigError, RawtuneError, StageMissing
+
+try:
+    import fcntl
+except ImportError:  # Windows has no flock: there only one task of this process is kept out
+    fcntl = None
 
 RUN_FILE = "run.json"
 LOCK_FILE = ".lock"
@@ -116,6 +120,8 @@ class RunDir:
 
     def _acquire(self) -> int:
         fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        if fcntl is None:
+            return fd
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
