@@ -212,10 +212,10 @@ def coerce(cls: type, name: str, value: Any, origin: str) -> Any:
 
 
 def _text_value(name: str, value: Any, origin: str, listing: bool) -> Any:
-    """Text keys take text; a YAML number is read as its text (``name: 2024``), a bool or mapping is refused."""
+    """Text keys take text; a YAML number or bool is read as its text (``name: 2024``), a mapping is refused."""
     items = value if listing and isinstance(value, list) else [value]
     for item in items:
-        if isinstance(item, bool) or not isinstance(item, (str, int, float)):
+        if not isinstance(item, (str, int, float)):  # bool is an int
             kind = "a comma-separated list" if listing else "text"
             raise ConfigError(f"{origin} key '{name}' ({flag(name)}) must be {kind}, not {value!r}")
     if listing and isinstance(value, list):

@@ -93,6 +93,11 @@ def test_item8_resume_keeps_stored_settings(tmp_path, capsys, tiny_llama_dir, ti
     (model / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 64}))
     assert main(["train", "--out", str(out), "--resume", "--max-steps", "8"]) == 1
     assert "tokenizer files in" in _one_line_error(capsys)
+    # The same holds for `rawtune run --config` with resume: true.
+    cfg = tmp_path / "resume.yaml"
+    cfg.write_text(f"out: {out}\nresume: true\nmax_steps: 8\nmodel: {tiny_qwen2_dir}\n")
+    assert main(["run", "--config", str(cfg)]) == 1
+    assert _one_line_error(capsys).startswith("rawtune: error: --model:")
     assert RunDir(out).load()["model"] == before["model"]
 
 
@@ -236,18 +241,24 @@ def test_item12_export_reads_a_truncated_gguf_with_a_clear_error(tmp_path):
         tensor_types(cut)
 
 
-def test_item12_disk_full_while_writing_f16_is_one_line_and_leaves_no_work_file(tmp_path, capsys, tiny_llama_dir,
-                                                                                 tiny_corpus):
+@pytest.mark.parametrize("full", ["F16", "Q8_0"])
+def test_item12_disk_full_while_exporting_is_one_line_and_leaves_no_work_file(full, tmp_path, capsys,
+                                                                               tiny_llama_dir, tiny_corpus):
     from conftest import train_tiny
 
     run = train_tiny(tmp_path / "r", tiny_llama_dir, tiny_corpus, max_steps=2)
     work = run.path / "gguf_work"
     work.mkdir()
-    # The writer's file is a link to /dev/full: every real write() of it fails with ENOSPC, as on a full disk.
-    (work / "r.F16.gguf.partial").symlink_to("/dev/full")
+    # The file being written is a link to /dev/full: every real write() to it fails with ENOSPC, as on
+    # a full disk. F16: rawtune's own writer fails; Q8_0: llama.cpp's quantizer fails after the F16 work
+    # file was written in full, and that work file must go too.
+    partial = (work / "r.F16.gguf.partial") if full == "F16" else (run.gguf_dir / "r.Q8_0.gguf.partial")
+    partial.parent.mkdir(exist_ok=True)
+    partial.symlink_to("/dev/full")
     assert main(["export", str(run.path), "--quant", "q8_0"]) == 1
     err = _one_line_error(capsys)
-    assert "No space left on device" in err and "free disk space" in err
+    assert ("No space left on device" in err and "free disk space" in err) if full == "F16" else \
+        "could not quantize r.F16.gguf to Q8_0" in err
     assert not work.exists() or not list(work.iterdir())
     assert not list(run.gguf_dir.glob("*.partial")) and not list(run.gguf_dir.glob("*.gguf"))
 
