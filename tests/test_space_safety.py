@@ -30,7 +30,7 @@ import pytest
 gr = pytest.importorskip("gradio")
 
 from hub_emulator import BOB_TOKEN, WRITE_TOKEN  # noqa: E402
-from rawtune import space, ui  # noqa: E402
+from rawtune import ui  # noqa: E402
 from rawtune.data import read_documents  # noqa: E402
 from rawtune.errors import DataError, HubError, ModelError  # noqa: E402
 from rawtune.rundir import scrub  # noqa: E402
@@ -273,6 +273,8 @@ def test_item4_oauth_token_never_in_page_log_or_pushed_files(on_space, hub_serve
 
 
 def test_item5_upload_cap(on_space, tmp_path, monkeypatch):
+    from rawtune import space
+
     monkeypatch.setenv("RAWTUNE_MAX_UPLOAD_MB", "1")
     big = tmp_path / "big.txt"
     big.write_text("many words here. " * 70_000)  # about 1.2 MB
@@ -304,6 +306,8 @@ print(json.dumps({"chars": sum(map(len, docs.texts)), "docs": len(docs.texts),
 
 
 def test_item5_small_parquet_cannot_take_hundreds_of_mb(tmp_path):
+    from rawtune import space
+
     bomb = tmp_path / "bomb.parquet"
     subprocess.run([sys.executable, "-c", PARQUET_BOMB, str(bomb)], check=True)
     assert bomb.stat().st_size < 2_000_000
@@ -348,6 +352,8 @@ def test_item5_hub_datasets_are_streamed_on_a_space(on_space, hub_server):
 
 
 def test_item6_waiting_visitor_sees_what_is_ahead():
+    from rawtune import space
+
     slot = space.GpuSlot(space.Budget(seconds=20 * 60, steps=None))
     running = slot.join("training", "session-a")
     compare = slot.join("compare", "session-b")
@@ -364,6 +370,8 @@ def test_item6_waiting_visitor_sees_what_is_ahead():
 
 
 def test_item6_budget_decisions(monkeypatch):
+    from rawtune import space
+
     monkeypatch.delenv("SPACE_ID", raising=False)
     monkeypatch.delenv("RAWTUNE_SHARED", raising=False)
     for name in ("RAWTUNE_MAX_TRAIN_MINUTES", "RAWTUNE_MAX_TRAIN_STEPS"):
@@ -384,6 +392,8 @@ def test_item6_budget_decisions(monkeypatch):
 
 
 def test_item6_compare_waits_for_a_running_training(on_space, monkeypatch):
+    from rawtune import space
+
     monkeypatch.setattr(space, "SLOT", space.GpuSlot(space.Budget(None, None)))
     other = space.SLOT.join("training", "session-other")
     space.SLOT.report(other, 3, 10, eta_s=42)
@@ -397,8 +407,8 @@ def test_item6_compare_waits_for_a_running_training(on_space, monkeypatch):
     assert space.SLOT._line == [other]
 
 
-@pytest.mark.slow
 def test_item6_training_keeps_to_the_step_budget(tmp_path, monkeypatch, tiny_llama_dir, tiny_corpus):
+    from rawtune import space
     from test_ui_browser import _form
 
     monkeypatch.setenv("RAWTUNE_RUNS", str(tmp_path))
@@ -436,3 +446,23 @@ def test_item7_ttl_cleanup_skips_open_sessions(on_space, monkeypatch):
     assert not closed.exists()
     ui.end_session(open_session)
     assert not open_session.dir.exists()
+
+
+def test_item6_training_stops_at_the_time_budget(tmp_path, monkeypatch, tiny_llama_dir, tiny_corpus):
+    from rawtune import space
+    from test_ui_browser import _form
+
+    monkeypatch.setenv("RAWTUNE_RUNS", str(tmp_path))
+    monkeypatch.setenv("RAWTUNE_MAX_TRAIN_MINUTES", "0.001")  # 0.06 s: over before the first step ends
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    monkeypatch.setattr(space, "SLOT", space.GpuSlot())
+    session = ui.new_session()
+    frames = list(ui.start_training(
+        session, None, None, lambda *a, **k: None, str(tiny_corpus), "", "train", None, None, 20, None,
+        True, False, False, "", str(tiny_llama_dir), "quick",
+        *_form(seq_len=64, lora_r=8, max_steps=8, learning_rate=0.01, save_steps=100, eval_steps=0)))
+    status, _plot, log, _result = frames[-1][:4]
+    assert "time budget per training" in status and "Resume" in status
+    record = session.run.load()["train"]
+    assert 1 <= record["steps"] < 8 and session.run.has_adapter()
+    assert space.SLOT._line == []
