@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -129,7 +130,10 @@ def hide_paths(text: str, roots: list[Path]) -> str:
     """``text`` with the server's folders (``roots``, the working folder) cut out of paths."""
     for root in sorted({str(r) for r in roots} | {os.getcwd()}, key=len, reverse=True):
         if len(root) > 1:
-            text = text.replace(root + os.sep, "").replace(root, ".")
+            # Only where a path starts (not inside a URL such as https://host/app/...).
+            start = r"(?<![\w/.:-])" + re.escape(root)
+            text = re.sub(start + "/", "", text)
+            text = re.sub(start + r"(?![\w.-])", ".", text)
     return text
 
 
