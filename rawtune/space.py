@@ -10,7 +10,7 @@ A *shared* app is one that strangers reach: a Hugging Face Space (``SPACE_ID`` i
 - uploads are capped (``RAWTUNE_MAX_UPLOAD_MB``), reading stops at ``RAWTUNE_MAX_CHARS``
   characters, and Hub datasets are streamed instead of downloaded whole;
 - each training gets a budget (``RAWTUNE_MAX_TRAIN_MINUTES``, ``RAWTUNE_MAX_TRAIN_STEPS``) and
-  waits its turn for the one GPU in :class:`GpuSlot`, which Compare shares.
+  waits its turn for the GPU in :class:`GpuSlot`, which exports and Compare share.
 
 Off a shared app (the CLI, a local single-user app) none of these limits apply unless their
 variable is set. Every function reads the environment when called, so tests and owners can
@@ -213,48 +213,65 @@ class Ticket:
 
 
 class GpuSlot:
-    """The one GPU: a first-come line that trainings and Compare share.
+    """The GPU: a first-come line that trainings, exports and Compare share.
 
-    Only the ticket at the head of the line uses the GPU, so a Compare never loads models beside
-    someone else's training. The holder reports its progress, which :meth:`ahead` turns into
-    what a waiting visitor sees.
+    Only the first ``slots`` tickets of the line use the GPU (one by default, so a Compare never
+    loads models beside someone else's training; ``RAWTUNE_GPU_SLOTS`` raises it where each call
+    gets a GPU of its own, as on ZeroGPU or a multi-GPU machine). Holders report their progress,
+    which :meth:`describe` turns into what a waiting visitor sees.
     """
 
-    def __init__(self, budget: Optional[Budget] = None):
+    def __init__(self, budget: Optional[Budget] = None, slots: Optional[int] = None):
         self._line: list[Ticket] = []
         self._lock = threading.Lock()
         self._budget = budget
+        self._slots = slots
 
     @property
     def budget(self) -> Budget:
         return self._budget or Budget.from_env()
 
+    @property
+    def slots(self) -> int:
+        if self._slots:
+            return self._slots
+        raw = os.environ.get("RAWTUNE_GPU_SLOTS", "").strip()
+        try:
+            return max(int(raw), 1) if raw else 1
+        except ValueError:
+            raise ConfigError(f"RAWTUNE_GPU_SLOTS must be a whole number, not {raw!r}") from None
+
+    def _start_holders(self) -> None:
+        """Stamp the start time of tickets that have just reached a slot (under the lock)."""
+        for ticket in self._line[:self.slots]:
+            if ticket.started is None:
+                ticket.started = time.time()
+
     def join(self, kind: str, owner: str) -> Ticket:
         ticket = Ticket(kind, owner)
         with self._lock:
             self._line.append(ticket)
-            if len(self._line) == 1:
-                ticket.started = time.time()
+            self._start_holders()
         return ticket
 
     def leave(self, ticket: Ticket) -> None:
         with self._lock:
             if ticket in self._line:
                 self._line.remove(ticket)
-            if self._line and self._line[0].started is None:
-                self._line[0].started = time.time()
+            self._start_holders()
 
     def my_turn(self, ticket: Ticket) -> bool:
         with self._lock:
-            return bool(self._line) and self._line[0] is ticket
+            return ticket in self._line[:self.slots]
 
     def report(self, ticket: Ticket, step: int, max_steps: int, eta_s: Optional[float]) -> None:
         ticket.step, ticket.max_steps, ticket.eta_s = step, max_steps, eta_s
 
     def position(self, ticket: Ticket) -> int:
-        """How many tickets are ahead (0: this one has the GPU)."""
+        """How many tickets are ahead of this one in the waiting part of the line (0: on the GPU)."""
         with self._lock:
-            return self._line.index(ticket) if ticket in self._line else 0
+            index = self._line.index(ticket) if ticket in self._line else 0
+        return max(index - self.slots + 1, 0)
 
     def _expected_s(self, ticket: Ticket, now: float) -> Optional[float]:
         """How long ``ticket`` will still hold the GPU (or hold it once it gets it)."""
@@ -268,32 +285,39 @@ class GpuSlot:
         return left
 
     def ahead(self, ticket: Ticket) -> dict[str, Any]:
-        """What is ahead of ``ticket``: its position, what runs now and a rough wait."""
+        """What is ahead of ``ticket``: its place, what runs now, who waits before it, a rough wait.
+
+        The wait is the time until a slot frees up for it: with one slot, the sum of what is
+        ahead; with several, a rough share of it (each slot works through its part of the line).
+        """
         now = time.time()
+        slots = self.slots
         with self._lock:
             line = list(self._line)
         index = line.index(ticket) if ticket in line else 0
-        before = line[:index]
-        waits = [self._expected_s(t, now) for t in before]
-        wait = None if any(w is None for w in waits) else sum(waits)
-        running = before[0] if before else None
-        return {"position": index, "running": running, "waiting": before[1:], "wait_s": wait}
+        running = line[:min(slots, index)]
+        waiting = line[slots:index] if index >= slots else []
+        waits = [self._expected_s(t, now) for t in running + waiting]
+        wait = None if any(w is None for w in waits) else sum(waits) / slots
+        return {"position": len(waiting) + 1 if index >= slots else 0, "running": running,
+                "waiting": waiting, "wait_s": wait}
+
+    def _doing(self, ticket: Ticket) -> str:
+        if ticket.kind == "training" and ticket.max_steps:
+            return (f"a training at step {ticket.step:,}/{ticket.max_steps:,}"
+                    f" (about {_duration(self._expected_s(ticket, time.time()))} left)")
+        if ticket.kind == "training":
+            return "a training that is starting"
+        return f"a{'n' if ticket.kind[0] in 'aeiou' else ''} {ticket.kind.capitalize()} (about a minute)"
 
     def describe(self, ticket: Ticket) -> str:
         """One line for a waiting visitor; empty once the ticket holds the GPU."""
         info = self.ahead(ticket)
-        running = info["running"]
-        if running is None:
+        if not info["position"]:
             return ""
-        if running.kind == "training" and running.max_steps:
-            now_text = (f"a training at step {running.step:,}/{running.max_steps:,}"
-                        f" (about {_duration(self._expected_s(running, time.time()))} left)")
-        elif running.kind == "training":
-            now_text = "a training that is starting"
-        else:
-            now_text = "a Compare (about a minute)"
+        now_text = ", ".join(self._doing(t) for t in info["running"])
         more = len(info["waiting"])
-        queue = f", then {more} more waiting" if more else ""
+        queue = f", then {more} more waiting before you" if more else ""
         wait = f"; expected wait about {_duration(info['wait_s'])}" if info["wait_s"] is not None else ""
         return (f"Waiting for the GPU: you are number {info['position']} in line. Running now: {now_text}"
                 f"{queue}{wait}. Each training here gets {self.budget.describe()}.")

@@ -372,6 +372,16 @@ def test_item6_waiting_visitor_sees_what_is_ahead():
     assert slot.describe(running) == ""
     slot.leave(running)
     assert slot.my_turn(compare) and slot.position(later) == 1
+    # Where each call has a GPU of its own (RAWTUNE_GPU_SLOTS), that many run at once.
+    two = space.GpuSlot(space.Budget(None, None), slots=2)
+    a, b, c = (two.join("training", f"s{i}") for i in range(3))
+    assert two.my_turn(a) and two.my_turn(b) and not two.my_turn(c)
+    two.report(a, 1, 10, eta_s=90)
+    two.report(b, 5, 10, eta_s=30)
+    text = two.describe(c)
+    assert "number 1 in line" in text and "step 1/10" in text and "step 5/10" in text
+    two.leave(b)
+    assert two.my_turn(c) and c.started is not None
 
 
 def test_item6_budget_decisions(monkeypatch):
