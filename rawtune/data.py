@@ -165,6 +165,8 @@ def _csv_rows(path: Path, max_chars: Optional[int] = None) -> Iterator[dict]:
                         f"{'tabs' if delimiter == chr(9) else 'commas'} (\"like, this\")")
                 yield row
         except csv.Error as exc:
+            if max_chars and "field larger than field limit" in str(exc):
+                raise _too_big(path, f"the field on line {reader.line_num + 1}", max_chars) from None
             raise DataError(f"{path.name}, line {reader.line_num}: malformed CSV ({exc})") from None
         except UnicodeDecodeError as exc:
             raise _not_utf8(path, exc.object[exc.start], exc.start) from None

@@ -334,6 +334,10 @@ def test_item5_readers_stop_at_the_caps(tmp_path, monkeypatch):
     plain = tmp_path / "book.txt"
     plain.write_text("é" * 50_000)
     assert read_documents(DataSettings(dataset=str(plain))).texts == ["é" * 1000]
+    wide = tmp_path / "wide.csv"
+    wide.write_text("text\n" + "y" * 5000 + "\n")
+    with pytest.raises(DataError, match="wide.csv: the field on line 2 is larger than this app reads"):
+        read_documents(DataSettings(dataset=str(wide)))
     monkeypatch.delenv("RAWTUNE_MAX_CHARS")
     docs = read_documents(DataSettings(dataset=str(rows), max_documents=7))
     assert [t.split()[1] for t in docs.texts] == [str(i) for i in range(7)]
