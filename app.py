@@ -2,15 +2,21 @@
 
 On a Hugging Face Space this file is the ``app_file``; the Space runs it with no arguments and
 reads ``GRADIO_SERVER_NAME``/``GRADIO_SERVER_PORT`` itself. Run directories go under
-``RAWTUNE_RUNS`` (default ``./runs``).
+``RAWTUNE_RUNS`` (default ``./runs``). What visitors of a shared app may do is set by environment
+variables described in docs/security.md.
 """
 
 import argparse
 import os
+import sys
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+if "--share" in sys.argv[1:]:
+    # A public link makes this a shared app: visitors get the same limits as on a Space. Set
+    # before the page is built, so the page states those limits too.
+    os.environ["RAWTUNE_SHARED"] = "1"
 
-from rawtune.ui import build_demo, runs_root  # noqa: E402  (after the analytics switch)
+from rawtune.ui import build_demo, launch_options, runs_root  # noqa: E402  (after the analytics switch)
 
 demo = build_demo()
 
@@ -24,10 +30,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     root = runs_root()
     root.mkdir(parents=True, exist_ok=True)
-    # One training at a time per GPU (the Train buttons' own limit); other events queue too.
+    # GPU work takes turns in the app's own line (rawtune.space); other events queue here.
     demo.queue(default_concurrency_limit=2)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share,
-                allowed_paths=[str(root)], footer_links=["gradio", "settings"])
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, **launch_options())
 
 
 if __name__ == "__main__":

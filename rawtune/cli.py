@@ -11,12 +11,13 @@ from __future__ import annotations
 import argparse
 import sys
 import threading
+import traceback
 from dataclasses import fields
 from typing import Any, Optional, Sequence
 
 from . import __version__
 from .errors import ConfigError, RawtuneError
-from .rundir import RunDir
+from .rundir import RunDir, scrub
 from .settings import (SECTIONS, RunSettings, apply, field_docs, flag, from_dict, load_yaml,
                        resume_settings)
 
@@ -83,9 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _token(args: argparse.Namespace) -> Optional[str]:
-    from .hub import resolve_token
+    from .hubauth import resolve_token
 
-    return resolve_token(getattr(args, "token", None))
+    return resolve_token(getattr(args, "token", None), allow_ambient=True)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -171,7 +172,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 130
         return 0
     except RawtuneError as exc:
-        print(f"rawtune: error: {exc}", file=sys.stderr)
+        print(scrub(f"rawtune: error: {exc}"), file=sys.stderr)
+        return 1
+    except Exception as exc:  # a bug or a library's own error: its text may quote a token
+        print(scrub("".join(traceback.format_exception(exc))), end="", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("rawtune: interrupted", file=sys.stderr)

@@ -1,13 +1,13 @@
 """The Hugging Face Hub layer: tokens, reading Hub datasets, and pushing a run as one repo.
 
-- :func:`resolve_token` finds a token (``--token``, the Space's OAuth login, ``HF_TOKEN``, the
-  ``hf`` CLI's stored login) without ever writing or logging it.
+- Tokens come from :mod:`rawtune.hubauth` (which also decides whether the machine's own token
+  may be used); a ``False`` token means "send none", and is passed on to the clients as such.
 - :func:`load_hub_rows` reads a Hub dataset with the real ``datasets.load_dataset`` (config,
   split, revision, token, streaming) and turns each way that can fail into a distinct message.
 - :func:`push_run` uploads a run's GGUFs, Ollama files, adapter, scrubbed ``run.json`` and a
   generated model card in a single commit, so a failed upload never leaves a half-filled repo.
 
-The endpoint is read from ``HF_ENDPOINT`` at call time (huggingface_hub reads it only at import).
+The endpoint (``hubauth.endpoint``) is read from ``HF_ENDPOINT`` at call time.
 """
 
 from __future__ import annotations
@@ -19,46 +19,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 from .errors import DataError, HubError, StageMissing
+from .hubauth import Token, endpoint, is_repo_id, login_hint, resolve_token
 from .ollama import FILES as OLLAMA_FILES
 from .rundir import RunDir, scrub
 from .settings import DataSettings, PushSettings
 
-REPO_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
-LOGIN_HINT = "pass --token, set HF_TOKEN, or run `hf auth login`"
 
 
-# ---------------------------------------------------------------- tokens and endpoint
-
-
-def resolve_token(explicit: Optional[str] = None, oauth_token: Any = None) -> Optional[str]:
-    """The token to use: ``--token``, then the Space's OAuth login, ``HF_TOKEN``, the hf CLI login.
-
-    ``oauth_token`` is a ``gr.OAuthToken`` (anything with a ``.token``) or a plain string.
-    Returns None when there is none; the value is never stored or logged by rawtune.
-    """
-    if explicit and str(explicit).strip():
-        return str(explicit).strip()
-    if oauth_token is not None:
-        value = oauth_token if isinstance(oauth_token, str) else getattr(oauth_token, "token", None)
-        if value and str(value).strip():
-            return str(value).strip()
-    env = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
-    if env and env.strip():
-        return env.strip()
-    try:
-        from huggingface_hub import get_token
-
-        stored = get_token()
-    except Exception:  # a broken token file must not stop rawtune; it just means "no token"
-        stored = None
-    return stored.strip() if stored and stored.strip() else None
-
-
-def endpoint() -> str:
-    """The Hub's base URL: ``HF_ENDPOINT`` as set now, else huggingface_hub's default."""
-    from huggingface_hub import constants
-
-    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+# ---------------------------------------------------------------- messages
 
 
 def _safe(text: Any) -> str:
@@ -80,7 +48,7 @@ def _source_label(settings: DataSettings) -> str:
     return f"Hub dataset {settings.dataset} ({', '.join(parts)})"
 
 
-def _configs_of(spec: str, settings: DataSettings, token: Optional[str]) -> list[str]:
+def _configs_of(spec: str, settings: DataSettings, token: Token) -> list[str]:
     import datasets
 
     try:
@@ -89,7 +57,7 @@ def _configs_of(spec: str, settings: DataSettings, token: Optional[str]) -> list
         return []
 
 
-def _splits_of(spec: str, settings: DataSettings, token: Optional[str]) -> list[str]:
+def _splits_of(spec: str, settings: DataSettings, token: Token) -> list[str]:
     """Split names from the dataset's data files (no download needed)."""
     import datasets
 
@@ -109,19 +77,19 @@ def _listed(message: str) -> list[str]:
     return re.findall(r"'([^']*)'", match.group(1)) if match else []
 
 
-def _gated(spec: str, token: Optional[str]) -> HubError:
+def _gated(spec: str, token: Token) -> HubError:
     page = f"{endpoint()}/datasets/{spec}"
-    if token is None:
+    if not token:
         return HubError(f"dataset {spec} is gated and no token was given: accept its terms at {page} "
-                        f"while logged in, then {LOGIN_HINT} with that account's token")
+                        f"while logged in, then {login_hint(token)} with that account's token")
     return HubError(f"dataset {spec} is gated and this token has no access yet: accept its terms at "
                     f"{page} with the account the token belongs to (or pass a token with access)")
 
 
-def _not_found(spec: str, token: Optional[str]) -> HubError:
-    if token is None:
+def _not_found(spec: str, token: Token) -> HubError:
+    if not token:
         return HubError(f"dataset {spec} was not found on the Hub, or it is private and no token was "
-                        f"given: check the id, or {LOGIN_HINT} with a token that can read it")
+                        f"given: check the id, or {login_hint(token)} with a token that can read it")
     return HubError(f"dataset {spec} was not found on the Hub, or this token has no access to it: check "
                     "the id, or pass a token with access to it (a private dataset needs its owner's "
                     "or an org member's token)")
@@ -134,10 +102,10 @@ def _bad_revision(spec: str, revision: Optional[str]) -> DataError:
 
 def _bad_token(spec: str) -> HubError:
     return HubError(f"the Hub rejected the token while reading dataset {spec} (invalid or expired); "
-                    f"create a new one at {endpoint()}/settings/tokens and {LOGIN_HINT}")
+                    f"create a new one at {endpoint()}/settings/tokens and pass it again")
 
 
-def _check_access(spec: str, settings: DataSettings, token: Optional[str]) -> None:
+def _check_access(spec: str, settings: DataSettings, token: Token) -> None:
     """Ask the Hub whether the dataset, the revision and access exist before loading.
 
     ``datasets`` falls back to its local cache when the Hub says "not found", which would hide
@@ -173,7 +141,7 @@ def _check_access(spec: str, settings: DataSettings, token: Optional[str]) -> No
         return  # unreachable or offline: load_dataset may still serve its cache, or explain
 
 
-def _hub_error(exc: Exception, settings: DataSettings, token: Optional[str]) -> Exception:
+def _hub_error(exc: Exception, settings: DataSettings, token: Token) -> Exception:
     """Translate what datasets/huggingface_hub raised into one clear rawtune error."""
     from datasets.exceptions import DatasetNotFoundError
     from huggingface_hub.errors import HfHubHTTPError
@@ -222,7 +190,7 @@ def _hub_error(exc: Exception, settings: DataSettings, token: Optional[str]) -> 
     return DataError(f"could not read dataset {spec} from the Hub: {type(exc).__name__}: {_safe(exc)}")
 
 
-def _guarded(rows: Iterable[dict], settings: DataSettings, token: Optional[str]) -> Iterator[dict]:
+def _guarded(rows: Iterable[dict], settings: DataSettings, token: Token) -> Iterator[dict]:
     """Yield rows, turning errors raised while streaming into rawtune errors too."""
     try:
         yield from rows
@@ -232,14 +200,15 @@ def _guarded(rows: Iterable[dict], settings: DataSettings, token: Optional[str])
         raise _hub_error(exc, settings, token) from None
 
 
-def load_hub_rows(settings: DataSettings, token: Optional[str] = None) -> tuple[Iterable[dict], str]:
+def load_hub_rows(settings: DataSettings, token: Token = None) -> tuple[Iterable[dict], str]:
     """Open a Hub dataset with ``datasets.load_dataset``; return its rows (lazy) and a label.
 
     With ``settings.streaming`` nothing is downloaded up front: rows are read as they are consumed,
-    so the data stage's ``max_documents`` stops the download early.
+    so the data stage's ``max_documents`` stops the download early. ``token=False`` reads
+    anonymously (never with the machine's own token); ``None`` may use the machine's token.
     """
     spec = str(settings.dataset or "")
-    if not REPO_ID_RE.match(spec):
+    if not is_repo_id(spec):
         raise DataError(f"--dataset {spec!r} is neither a local file or folder nor a Hub dataset id like user/name")
     import datasets
 
@@ -325,7 +294,7 @@ def collect_files(run: RunDir) -> dict[str, Path]:
     return files
 
 
-def push_run(run: RunDir, settings: PushSettings, token: Optional[str] = None,
+def push_run(run: RunDir, settings: PushSettings, token: Token = None,
              log: Callable[[str], None] = print) -> dict:
     """Create (or update) ``settings.repo`` with this run in one commit; record and return ``hub``.
 
@@ -341,15 +310,15 @@ def push_run(run: RunDir, settings: PushSettings, token: Optional[str] = None,
     from .card import quant_of, render
 
     repo = str(settings.repo or "").strip()
-    if not REPO_ID_RE.match(repo):
+    if not is_repo_id(repo):
         raise HubError(f"--repo {repo or '(missing)'!r}: give the Hub model repo as user/name, e.g. alice/my-model")
     record = run.load()
     if not record:
         raise StageMissing(f"{run.path} is not a rawtune run directory (no run.json)")
     files = collect_files(run)
-    token = resolve_token(token)
-    if token is None:
-        raise HubError(f"pushing to {repo} needs a Hugging Face token with write access: {LOGIN_HINT}")
+    token = resolve_token(token)  # False (a visitor without a token) stays False: never the machine's
+    if not token:
+        raise HubError(f"pushing to {repo} needs a Hugging Face token with write access: {login_hint(token)}")
 
     api = HfApi(endpoint=endpoint(), token=token, library_name="rawtune", library_version=__version__)
     _check_can_write(api, repo, log)

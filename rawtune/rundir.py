@@ -28,8 +28,10 @@ except ImportError:  # Windows has no flock: there only one task of this process
 
 RUN_FILE = "run.json"
 LOCK_FILE = ".lock"
-# Anything that looks like a Hugging Face token is scrubbed before run.json is written.
-_TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{8,}")
+# Every kind of Hugging Face token: user access tokens (hf_...), OAuth access tokens handed out
+# by a Space login (hf_oauth_..., with underscores inside), and legacy organisation tokens
+# (api_org_...). An Authorization header value is masked whatever the token looks like.
+TOKEN_RE = re.compile(r"(?:hf_(?:oauth_)?|api_org_)[A-Za-z0-9_-]{8,}|(?i:\bbearer\s+)[^\s'\",]+")
 _SECRET_KEYS = {"token", "hf_token", "oauth_token", "password", "authorization"}
 
 
@@ -40,8 +42,13 @@ def scrub(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [scrub(v) for v in value]
     if isinstance(value, str):
-        return _TOKEN_RE.sub("hf_***", value)
+        return TOKEN_RE.sub(_mask, value)
     return value
+
+
+def _mask(match: "re.Match[str]") -> str:
+    text = match.group(0)
+    return text.split()[0] + " ***" if text[:6].lower() == "bearer" else "hf_***"
 
 
 class RunBusy(RawtuneError):

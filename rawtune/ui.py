@@ -7,11 +7,16 @@ message (tokens masked) while the traceback goes to the server log only.
 
 Sessions: each browser session gets its own folder under ``RAWTUNE_RUNS`` (default ``./runs``)
 holding its uploads and its one run directory; nothing (files, tokens, models in training) is
-shared between sessions. Folders older than ``RAWTUNE_RUN_TTL_HOURS`` (default 24) are deleted
-when a new session starts, and a session's folder is deleted when Gradio drops the session.
+shared between sessions. Folders of closed sessions older than ``RAWTUNE_RUN_TTL_HOURS``
+(default 24) are deleted when a new session starts, and a session's folder is deleted when
+Gradio drops the session. Files are handed out as per-request copies, never from the runs folder.
+
+What a visitor may do on a shared app (whose token, which paths, upload and training limits, the
+GPU line) is decided in :mod:`rawtune.space`; the handlers here only apply and show it.
 
 GPU work (training, evaluation, compare) runs inside ``@spaces.GPU`` functions, which are plain
-functions off Hugging Face Spaces. One training runs at a time (a queue with concurrency 1).
+functions off Hugging Face Spaces. Trainings, exports and Compare take turns on the GPU
+(``space.SLOT``); a waiting visitor sees what runs now and a rough wait.
 
 ZeroGPU: a ZeroGPU Space lends a GPU per call, for a limited time per call and a daily quota per
 visitor (anonymous visitors get the least, signed-in free accounts more, PRO accounts the most;
@@ -26,6 +31,8 @@ import os
 import queue
 import re
 import shutil
+import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -36,6 +43,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import gradio as gr
 
+from . import space
 from .errors import ConfigError, RawtuneError
 from .rundir import RunDir, scrub
 from .settings import (ALL_PROJECTIONS, DEFAULT_MODEL, PRESETS, QUANT_LABELS, QUANTS, DataSettings,
@@ -55,6 +63,8 @@ KNOWN_PARAMS = {"SmolLM2-135M": 135e6, "SmolLM2-360M": 362e6, "Qwen2.5-0.5B": 49
 UPLOAD_TYPES = [".jsonl", ".json", ".csv", ".tsv", ".txt", ".md", ".parquet"]
 LOG_LINES = 200
 PLOT_POINTS = 1000  # most train-loss points sent to the plot
+# Handlers that may wait inside for the GPU line at once (beyond this, Gradio's own queue holds them).
+WAITING_LIMIT = 16
 # Seconds between page updates while a long task streams progress.
 TICK = 0.5
 
@@ -129,14 +139,20 @@ class Session:
         return self
 
 
-def cleanup_old_runs(root: Path, max_age_s: float) -> list[Path]:
-    """Delete session folders under ``root`` not modified for ``max_age_s`` seconds."""
+# Folders of sessions whose page is still open: the TTL sweep never touches them.
+_LIVE: set[Path] = set()
+
+
+def cleanup_old_runs(root: Path, max_age_s: float, live: Optional[set[Path]] = None) -> list[Path]:
+    """Delete session folders under ``root`` not modified for ``max_age_s`` seconds, except those
+    of sessions still open (``live``, default: this process's open sessions)."""
     removed = []
     if not root.is_dir():
         return removed
+    keep = {p.resolve() for p in (_LIVE if live is None else live)}
     now = time.time()
     for path in root.iterdir():
-        if not path.is_dir() or not path.name.startswith("session-"):
+        if not path.is_dir() or not path.name.startswith("session-") or path.resolve() in keep:
             continue
         try:
             newest = max([path.stat().st_mtime] + [p.stat().st_mtime for p in path.rglob("*")])
@@ -155,6 +171,7 @@ def new_session() -> Session:
     cleanup_old_runs(root, ttl)
     folder = root / f"session-{uuid.uuid4().hex[:12]}"
     folder.mkdir(parents=True, exist_ok=True)
+    _LIVE.add(folder.resolve())
     return Session(folder)
 
 
@@ -163,6 +180,7 @@ def end_session(session: Optional[Session]) -> None:
     if not isinstance(session, Session):
         return
     session.closed = True
+    _LIVE.discard(session.dir.resolve())
     session.stop.set()
     if session.run.path.is_dir():
         session.run.stop_file.touch()
@@ -198,16 +216,24 @@ def friendly(exc: BaseException) -> BaseException:
     if isinstance(exc, (gr.Error, GeneratorExit, KeyboardInterrupt)):
         return exc
     if isinstance(exc, RawtuneError):
-        return gr.Error(scrub(str(exc)))
-    traceback.print_exception(type(exc), exc, exc.__traceback__)
-    return gr.Error(scrub(f"Unexpected {type(exc).__name__}: {exc}. Details are in the server log."))
+        return gr.Error(_public(str(exc)))
+    # The server log gets the traceback, with tokens masked too.
+    print(scrub("".join(traceback.format_exception(type(exc), exc, exc.__traceback__))), end="", file=sys.stderr)
+    return gr.Error(_public(f"Unexpected {type(exc).__name__}: {exc}. Details are in the server log."))
 
 
-def _token(token_text: Optional[str], oauth_token: Any) -> Optional[str]:
-    """The Hub token for this request (typed token, Space login, HF_TOKEN, hf CLI); never stored."""
-    from .hub import resolve_token
+def _public(text: str) -> str:
+    """A message fit for the page: tokens masked, the server's folders cut out of paths."""
+    return space.hide_paths(scrub(text), [runs_root()])
 
-    return resolve_token(token_text or None, oauth_token=oauth_token)
+
+def _token(token_text: Optional[str], oauth_token: Any) -> Any:
+    """The Hub token for this request: the pasted token or the visitor's Space login. The
+    machine's own token (HF_TOKEN, hf CLI) only where the app is not shared or its owner
+    allows it; otherwise False, which the Hub clients read as "send no token". Never stored."""
+    from .hubauth import resolve_token
+
+    return resolve_token(token_text or None, oauth_token, allow_ambient=space.allow_owner_token())
 
 
 class Background:
@@ -252,7 +278,7 @@ class Background:
 
 def _append(log: list[str], line: str) -> str:
     # Show paths inside the runs folder relative to it: the server's layout is nobody's business.
-    log.append(scrub(line.rstrip()).replace(str(runs_root()) + os.sep, ""))
+    log.append(_public(line.rstrip()))
     del log[:-LOG_LINES]
     return "\n".join(log)
 
@@ -262,8 +288,9 @@ def _append(log: list[str], line: str) -> str:
 
 def _data_settings(dataset: str, config: str, split: str, text_column: Optional[str],
                    min_chars: Any, max_documents: Any, dedupe: bool, split_blank_lines: bool,
-                   streaming: bool, revision: str, upload: Optional[Path]) -> DataSettings:
-    source = str(upload) if upload else (dataset or "").strip()
+                   streaming: bool, revision: str, upload: Optional[Path], own: Path) -> DataSettings:
+    source = str(upload) if upload else space.guard_source(dataset, own, "dataset")
+    streaming = bool(streaming) or space.force_streaming()
     if not source:
         raise ConfigError("Give a Hub dataset id (user/name) or upload a file first")
     return DataSettings(
@@ -346,7 +373,8 @@ def load_data(session: Optional[Session], dataset: str, config: str, split: str,
         else:
             session.upload = None
         settings = _data_settings(dataset, config, split, text_column, min_chars, max_documents, dedupe,
-                                  split_blank_lines, streaming, revision, session.upload)
+                                  split_blank_lines, streaming, revision, session.upload, session.dir)
+        model = _estimate_model(session, model)
         info = preview(settings, n=50, token=_token(token_text, oauth_token))
         if session.upload is not None:
             info["source"] = f"uploaded {session.upload.name}"
@@ -364,10 +392,24 @@ def load_new_source(session: Optional[Session], dataset: str, config: str, split
                      split_blank_lines, streaming, revision, model, preset, token_text, oauth_token)
 
 
+def _estimate_model(session: Session, model: str) -> str:
+    """The model whose tokenizer and size the estimate may read (the default one when the box
+    names something this visitor may not read)."""
+    try:
+        return space.guard_source(model, session.dir, "model", (_default_model(),)) or _default_model()
+    except ConfigError:
+        return _default_model()
+
+
+def _default_model() -> str:
+    return os.environ.get("RAWTUNE_DEFAULT_MODEL", DEFAULT_MODEL)
+
+
 def _copy_upload(session: Session, path: Path) -> Path:
     """Keep the upload in the session's own folder, under its original name (the suffix matters)."""
     if path.suffix.lower() not in UPLOAD_TYPES:
         raise ConfigError(f"{path.name}: unsupported file type; upload one of {', '.join(UPLOAD_TYPES)}")
+    space.check_upload(path)
     target = session.dir / "uploads" / re.sub(r"[^A-Za-z0-9_.-]", "_", path.name)
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(path, target)
@@ -552,7 +594,8 @@ def start_training(session: Optional[Session] = None, token_text: Optional[str] 
 
         session.upload = _copy_upload(session, Path(upload)) if upload else None
         data = _data_settings(dataset, config, split, text_column, min_chars, max_documents, dedupe,
-                              split_blank_lines, streaming, revision, session.upload)
+                              split_blank_lines, streaming, revision, session.upload, session.dir)
+        model = space.guard_source(model, session.dir, "model", (_default_model(),))
         train = train_settings_from_form(model, preset, dict(zip(ADVANCED_FIELDS, advanced)))
         settings = validate(RunSettings(out=str(session.run.path), data=data, train=train))
     except BaseException as exc:
@@ -571,14 +614,38 @@ def resume_training(session: Optional[Session], token_text: Optional[str],
     yield from _train_loop(session, settings, _token(token_text, oauth_token), True, progress)
 
 
-def _train_loop(session: Session, settings: RunSettings, token: Optional[str], resume: bool,
-                progress: Any):
-    """The shared body of Start and Resume: stream status, plot, log and result to the page."""
+def _wait_for_gpu(ticket: "space.Ticket", gone: Callable[[], bool]) -> Iterator[str]:
+    """Yield what is ahead of ``ticket`` (position, what runs now, a rough wait) until it holds
+    the GPU; returns early once ``gone()`` (the visitor stopped or left)."""
+    while not space.SLOT.my_turn(ticket) and not gone():
+        yield space.SLOT.describe(ticket)
+        time.sleep(TICK)
+
+
+def _cap_steps(settings: RunSettings, run: RunDir, log: list[str]) -> None:
+    """Fit the training into this app's step budget (known once the data stage has counted blocks)."""
+    t = settings.train
+    blocks = (run.load().get("data") or {}).get("train_blocks") or 0
+    capped, note = space.SLOT.budget.cap_steps(t.max_steps, t.epochs, t.batch_size, t.grad_accum, blocks)
+    if note:
+        t.max_steps = capped
+        _append(log, f"[app] {note}")
+
+
+def _train_loop(session: Session, settings: RunSettings, token: Any, resume: bool, progress: Any):
+    """The shared body of Start and Resume: stream status, plot, log and result to the page.
+
+    The data stage runs first (CPU); then the run waits its turn in the GPU line, trains within
+    this app's budget, and leaves the line when done, stopped or gone.
+    """
     _claim(session, "training")
     run = session.run
     log: list[str] = []
     history: list[dict] = []
     last: Optional[dict] = None
+    ticket: Optional[space.Ticket] = None
+    budget = space.SLOT.budget
+    over: Optional[str] = None  # why the budget stopped the training, if it did
 
     def frame(phase: str, result: Any = None, training: bool = True, plot: bool = True) -> tuple:
         if last:
@@ -588,13 +655,19 @@ def _train_loop(session: Session, settings: RunSettings, token: Optional[str], r
                 *_buttons(training, False if training else _can_resume(run)))
 
     def follow(events: Iterator[dict], phase: str) -> Iterator[tuple]:
-        nonlocal last
+        nonlocal last, over
         for event in events:
             kind = event["type"]
             if kind == "error":
                 raise gr.Error(event["message"])
             if kind == "end":
                 return
+            if ticket is not None and ticket.started and over is None and phase == "Training":
+                over = budget.time_up(time.time() - ticket.started)
+                if over:  # stop after this step, as the Stop button does, keeping a checkpoint
+                    session.stop.set()
+                    run.stop_file.touch()
+                    _append(log, f"[app] {over}: stopping after this step")
             if kind == "tick":
                 continue  # nothing new to show
             if kind == "log":
@@ -602,6 +675,8 @@ def _train_loop(session: Session, settings: RunSettings, token: Optional[str], r
             elif kind in ("step", "eval"):
                 history.append(event)
                 last = event if kind == "step" else last
+                if kind == "step" and ticket is not None:
+                    space.SLOT.report(ticket, event["step"], event["max_steps"], event.get("eta_s"))
             # Only new points resend the plot (the whole history goes each time).
             yield frame(phase, plot=kind in ("step", "eval"))
 
@@ -615,10 +690,19 @@ def _train_loop(session: Session, settings: RunSettings, token: Optional[str], r
         run.path.mkdir(parents=True, exist_ok=True)
         run.stop_file.unlink(missing_ok=True)
         _append(log, "[app] resuming from the newest checkpoint" if resume else "[app] preparing the data")
+        if budget.seconds or budget.steps:
+            _append(log, f"[app] this app gives each training {budget.describe()}")
         yield frame("Starting", result="")
         if not resume:
             settings.stages, settings.train.resume = ["data"], False
             yield from follow(prepare_events(to_dict(settings), token, None), "Preparing data")
+            _cap_steps(settings, run, log)
+        ticket = space.SLOT.join("training", session.dir.name)
+        for waiting in _wait_for_gpu(ticket, lambda: session.stop.is_set() or session.closed):
+            yield frame(waiting, plot=False)
+        if not space.SLOT.my_turn(ticket):
+            yield frame("Stopped while waiting for the GPU", result="", training=False)
+            return
         finished = False
         while not session.stop.is_set():
             settings.stages, settings.train.resume = ["train"], resume
@@ -636,12 +720,17 @@ def _train_loop(session: Session, settings: RunSettings, token: Optional[str], r
             settings.stages = ["eval"]
             yield from follow(eval_segment(to_dict(settings), token), "Measuring held-out perplexity")
             phase = "Done"
+        elif over:
+            phase = (f"Stopped: {over}. The adapter and a checkpoint are kept (Resume queues for another "
+                     "turn; Export uses the adapter)")
         else:
             phase = "Stopped: the adapter and a checkpoint are kept (Resume continues; Export uses the adapter)"
         yield frame(phase, result=_result_text(run), training=False)
     except BaseException as exc:
         raise friendly(exc) from None
     finally:
+        if ticket is not None:
+            space.SLOT.leave(ticket)
         run.stop_file.unlink(missing_ok=True)
         _release(session)
 
@@ -722,9 +811,14 @@ def export_model(session: Optional[Session], quants: list[str], repo: str):
         raise gr.Error("Tick at least one quant type (Q4_K_M is what Ollama pulls by default).")
     _claim(session, "export")
     log: list[str] = []
+    ticket = space.SLOT.join("export", session.dir.name)
     try:
         from .export import export_run
 
+        for waiting in _wait_for_gpu(ticket, lambda: session.closed):
+            yield waiting, gr.skip(), gr.skip(), gr.skip()
+        if not space.SLOT.my_turn(ticket):
+            return
         settings = ExportSettings(quant=[q.lower() for q in quants], name=_export_name(repo, run))
         work = Background(export_run, run, settings)
         while not work.finished():
@@ -734,14 +828,23 @@ def export_model(session: Optional[Session], quants: list[str], repo: str):
         work.raise_error()
         for warning in (work.result or {}).get("warnings", []):
             gr.Warning(warning)
-        modelfile = run.gguf_dir / "Modelfile"
+        modelfile = _hand_out(run.gguf_dir / "Modelfile")
         yield ("\n".join(log), _gguf_table(run), _ollama_lines(run),
-               gr.DownloadButton(value=str(modelfile) if modelfile.is_file() else None,
-                                 visible=modelfile.is_file()))
+               gr.DownloadButton(value=str(modelfile) if modelfile else None, visible=modelfile is not None))
     except BaseException as exc:
         raise friendly(exc) from None
     finally:
+        space.SLOT.leave(ticket)
         _release(session)
+
+
+def _hand_out(path: Path) -> Optional[Path]:
+    """A copy of ``path`` in a fresh temporary folder for this one request. Gradio serves files it
+    was handed by a handler; the runs folder itself is never opened to the file route."""
+    if not path.is_file():
+        return None
+    folder = Path(tempfile.mkdtemp(prefix="rawtune-file-"))
+    return Path(shutil.copy2(path, folder / path.name))
 
 
 def push_model(session: Optional[Session], repo: str, private: bool, previous_log: str,
@@ -752,10 +855,10 @@ def push_model(session: Optional[Session], repo: str, private: bool, previous_lo
     if not run.gguf_dir.is_dir() or not any(run.gguf_dir.glob("*.gguf")):
         raise gr.Error("Nothing exported yet: press Export first, then Push.")
     token = _token(token_text, oauth_token)
-    if token is None:
+    if not token:
         raise gr.Error("Sign in with Hugging Face (or paste a token with write access) to push.")
     _claim(session, "push")
-    log: list[str] = (previous_log or "").splitlines()
+    log: list[str] = [_public(line) for line in (previous_log or "").splitlines()]
     try:
         from .hub import push_run
 
@@ -813,7 +916,13 @@ def run_compare(session: Optional[Session], prompt: str, mode: str, tuned: str, 
         raise gr.Error("A training is running in this session: wait for it or stop it, then compare.")
     if not session.run.exists():
         raise gr.Error("Nothing to compare yet: train a model first.")
+    # Compare loads up to three models: it waits for the GPU like a training does.
+    ticket = space.SLOT.join("compare", session.dir.name)
     try:
+        for waiting in _wait_for_gpu(ticket, lambda: session.closed):
+            yield waiting, gr.skip()
+        if not space.SLOT.my_turn(ticket):
+            return
         pairs = compare_stream(str(session.run.path), prompt, mode or "completion",
                                _int_or_none(max_new_tokens, "max new tokens") or 64,
                                _float_or_none(temperature, "temperature") or 0.0,
@@ -833,6 +942,8 @@ def run_compare(session: Optional[Session], prompt: str, mode: str, tuned: str, 
         yield base, tuned_text
     except BaseException as exc:
         raise friendly(exc) from None
+    finally:
+        space.SLOT.leave(ticket)
 
 
 # ---------------------------------------------------------------- layout and wiring
@@ -880,6 +991,16 @@ def preset_changed(preset: str) -> list:
     return [preset_summary(preset)] + [gr.Textbox(placeholder=_preset_hint(n, preset)) for n in TEXT_FIELDS]
 
 
+def launch_options() -> dict[str, Any]:
+    """``demo.launch`` arguments that keep visitors apart: no folder is opened to Gradio's file
+    route (files are handed out per request), and uploads are capped."""
+    options: dict[str, Any] = {"footer_links": ["gradio", "settings"]}
+    cap = space.max_upload_bytes()
+    if cap:
+        options["max_file_size"] = cap
+    return options
+
+
 def build_demo() -> gr.Blocks:
     """The whole app; ``app.py`` launches it."""
     docs = field_docs(TrainSettings)
@@ -894,8 +1015,9 @@ def build_demo() -> gr.Blocks:
                 token_text = gr.State(None)
             else:
                 token_text = gr.Textbox(label="Hugging Face token (optional)", type="password",
-                                        placeholder="hf_… for private datasets, gated models and pushes; "
-                                                    "HF_TOKEN or `hf auth login` work too", scale=3,
+                                        placeholder="hf_… for private datasets, gated models and pushes"
+                                                    + ("; HF_TOKEN or `hf auth login` work too"
+                                                       if space.allow_owner_token() else ""), scale=3,
                                         elem_id="token")
 
         with gr.Tabs():
@@ -934,11 +1056,17 @@ def build_demo() -> gr.Blocks:
                 with gr.Row():
                     model = gr.Dropdown(list(dict.fromkeys([default_model] + SMALL_MODELS)), value=default_model,
                                         allow_custom_value=True, label="base model", scale=3,
-                                        info="a listed model, any Hub id, a local HF folder or a .gguf file",
+                                        info=("a listed model, any Hub id, a local HF folder or a .gguf file"
+                                              if space.allow_server_paths() else "a listed model or any Hub id"),
                                         elem_id="model")
                     preset = gr.Radio(["auto"] + list(PRESETS), value="auto",
                                       label="preset", scale=2, elem_id="preset")
                 recipe = gr.Markdown(preset_summary(preset.value))
+                budget = space.SLOT.budget
+                if budget.seconds or budget.steps:
+                    gr.Markdown(f"This app is shared: each training gets {budget.describe()}, then stops "
+                                "with its adapter and a checkpoint kept; trainings, exports and Compare "
+                                "take turns on the GPU.", elem_id="budget")
                 with gr.Accordion("Advanced (every training setting)", open=False, elem_id="advanced"):
                     advanced = []
                     for start in range(0, len(ADVANCED_FIELDS), 4):
@@ -1007,22 +1135,24 @@ def build_demo() -> gr.Blocks:
 
         buttons = [start_btn, stop_btn, resume_btn]
         train_outputs = [status, plot, train_log, result] + buttons
-        limit = int(os.environ.get("RAWTUNE_MAX_TRAININGS", "1"))
+        # Trainings, exports and Compare wait inside their handlers for the GPU line (space.SLOT),
+        # where a visitor sees what is ahead; Gradio's queue only caps how many wait at once.
+        limit = WAITING_LIMIT
         start_btn.click(start_training, [session] + hub_inputs + data_inputs + advanced, train_outputs,
-                        concurrency_limit=limit, concurrency_id="gpu-train", show_progress_on=status,
+                        concurrency_limit=limit, concurrency_id="gpu", show_progress_on=status,
                         ).failure(training_failed, session, buttons, queue=False)
         resume_btn.click(resume_training, [session] + hub_inputs, train_outputs,
-                         concurrency_limit=limit, concurrency_id="gpu-train", show_progress_on=status,
+                         concurrency_limit=limit, concurrency_id="gpu", show_progress_on=status,
                          ).failure(training_failed, session, buttons, queue=False)
         stop_btn.click(stop_training, session, status, queue=False)
 
         export_btn.click(export_model, [session, quants, repo], [export_log, gguf_table, ollama, modelfile],
-                         concurrency_limit=1, concurrency_id="export")
+                         concurrency_limit=limit, concurrency_id="gpu")
         push_btn.click(push_model, [session, repo, private, export_log] + hub_inputs, [export_log, links, ollama],
                        concurrency_limit=2, concurrency_id="push")
 
         compare_tab.select(compare_choices, session, tuned, queue=False)
         compare_btn.click(run_compare, [session, prompt, mode, tuned, max_new, temperature, top_p, seed],
-                          [base_out, tuned_out], concurrency_limit=2, concurrency_id="compare")
+                          [base_out, tuned_out], concurrency_limit=limit, concurrency_id="gpu")
         demo.load(default_repo, None, repo)
     return demo

@@ -18,7 +18,8 @@ import yaml
 from hub_emulator import BOB_TOKEN, READ_TOKEN, WRITE_TOKEN, point_clients_at
 from rawtune.data import prepare, read_documents
 from rawtune.errors import DataError, HubError, StageMissing
-from rawtune.hub import load_hub_rows, push_run, resolve_token
+from rawtune.hub import load_hub_rows, push_run
+from rawtune.hubauth import resolve_token
 from rawtune.rundir import RunDir
 from rawtune.settings import DataSettings, PushSettings, RunSettings, to_dict, validate
 
@@ -96,6 +97,8 @@ class Lines(list):
 
 
 def test_resolve_token_order(monkeypatch, tmp_path):
+    """The request's own token first; the machine's (HF_TOKEN, then the stored login) only where
+    ambient credentials are allowed (the CLI, a local single-user app)."""
     from huggingface_hub import constants
 
     stored = tmp_path / "token"
@@ -109,9 +112,14 @@ def test_resolve_token_order(monkeypatch, tmp_path):
 
     assert resolve_token("hf_explicit000000000000000000", OAuth()) == "hf_explicit000000000000000000"
     assert resolve_token(None, OAuth()) == "hf_fromOAuthLogin000000000000000"
+    assert resolve_token(None, OAuth(), allow_ambient=False) == "hf_fromOAuthLogin000000000000000"
     assert resolve_token("  ", None) == "hf_fromEnvironment0000000000000"
+    # Without ambient credentials there is no fallback: False means "send no token at all".
+    assert resolve_token("  ", None, allow_ambient=False) is False
+    assert resolve_token(False) is False
     monkeypatch.delenv("HF_TOKEN")
     assert resolve_token() == "hf_storedLoginToken000000000000"
+    assert resolve_token(allow_ambient=False) is False
     stored.unlink()
     assert resolve_token() is None
 

@@ -1,0 +1,326 @@
+"""What a visitor of a shared rawtune app may do: the decisions, kept apart from the UI.
+
+A *shared* app is one that strangers reach: a Hugging Face Space (``SPACE_ID`` is set) or
+``python app.py --share`` (which sets ``RAWTUNE_SHARED=1``). There, by default:
+
+- the machine's own Hub token is never used for a visitor (``RAWTUNE_ALLOW_OWNER_TOKEN=1``
+  opts in, for a private single-user Space);
+- the dataset and model boxes take Hub ids and the visitor's own uploads only, never a path on
+  the server (``RAWTUNE_ALLOW_SERVER_PATHS=1`` opts in);
+- uploads are capped (``RAWTUNE_MAX_UPLOAD_MB``), reading stops at ``RAWTUNE_MAX_CHARS``
+  characters, and Hub datasets are streamed instead of downloaded whole;
+- each training gets a budget (``RAWTUNE_MAX_TRAIN_MINUTES``, ``RAWTUNE_MAX_TRAIN_STEPS``) and
+  waits its turn for the GPU in :class:`GpuSlot`, which exports and Compare share.
+
+Off a shared app (the CLI, a local single-user app) none of these limits apply unless their
+variable is set. Every function reads the environment when called, so tests and owners can
+change a setting without restarting Python. Nothing here imports gradio.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from .errors import ConfigError
+from .hubauth import is_repo_id
+
+# Defaults on a shared app; each is overridden by its environment variable (0 = no limit).
+SHARED_UPLOAD_MB = 50
+SHARED_MAX_CHARS = 20_000_000  # about 5M tokens: plenty for a demo, a few hundred MB of RAM at most
+SHARED_TRAIN_MINUTES = 20
+SHARED_TRAIN_STEPS = 2000
+COMPARE_SECONDS_GUESS = 60  # what one Compare is assumed to take, for a waiting visitor's estimate
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def shared() -> bool:
+    """True where strangers reach the app: on a Space, or with ``--share``."""
+    return bool(os.environ.get("SPACE_ID")) or _flag("RAWTUNE_SHARED")
+
+
+def allow_owner_token() -> bool:
+    """Whether a visitor's Hub actions may fall back to the machine's own token."""
+    return not shared() or _flag("RAWTUNE_ALLOW_OWNER_TOKEN")
+
+
+def allow_server_paths() -> bool:
+    """Whether the dataset and model boxes may name files on the server."""
+    return not shared() or _flag("RAWTUNE_ALLOW_SERVER_PATHS")
+
+
+def _limit(name: str, shared_default: float) -> Optional[float]:
+    """A positive number from ``name``; else the default on a shared app; 0 or unset: no limit."""
+    raw = os.environ.get(name, "").strip()
+    if raw:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number, not {raw!r}") from None
+        return value if value > 0 else None
+    return shared_default if shared() else None
+
+
+def max_upload_bytes() -> Optional[int]:
+    mb = _limit("RAWTUNE_MAX_UPLOAD_MB", SHARED_UPLOAD_MB)
+    return int(mb * 1024 * 1024) if mb else None
+
+
+def max_chars() -> Optional[int]:
+    """Most characters read from one source (files and Hub datasets); None: no cap."""
+    value = _limit("RAWTUNE_MAX_CHARS", SHARED_MAX_CHARS)
+    return int(value) if value else None
+
+
+def force_streaming() -> bool:
+    """Hub datasets are streamed on a shared app, so only what is read is downloaded."""
+    return shared()
+
+
+# ---------------------------------------------------------------- what a visitor may name
+
+
+def check_upload(path: Path) -> None:
+    """Refuse an upload larger than the cap (before it is copied or read)."""
+    cap = max_upload_bytes()
+    size = path.stat().st_size
+    if cap and size > cap:
+        raise ConfigError(f"{path.name} is {size / 2**20:.1f} MB; this app takes uploads up to "
+                          f"{cap / 2**20:.0f} MB: upload a smaller file or use a Hub dataset (streamed)")
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def guard_source(spec: str, own_folder: Path, what: str, allowed: tuple[str, ...] = ()) -> str:
+    """Return ``spec`` if a visitor may use it as a dataset or model source, else raise.
+
+    Accepted: a Hub id (``user/name``) that is not also a path on the server, a path inside the
+    visitor's own session folder, and any value in ``allowed`` (the owner's own defaults). The
+    message repeats only what the visitor typed, never a resolved server path.
+    """
+    spec = (spec or "").strip()
+    if allow_server_paths() or not spec or spec in allowed:
+        return spec
+    candidate = Path(spec)
+    if candidate.is_absolute() and _inside(candidate, own_folder):
+        return spec
+    local = candidate.expanduser()
+    if is_repo_id(spec) and not local.exists():
+        return spec
+    raise ConfigError(f"{what} {spec!r} is not available here: give a Hub id like user/name"
+                      + (" or upload a file" if what == "dataset" else ""))
+
+
+def hide_paths(text: str, roots: list[Path]) -> str:
+    """``text`` with the server's folders (``roots``, the working folder) cut out of paths."""
+    for root in sorted({str(r) for r in roots} | {os.getcwd()}, key=len, reverse=True):
+        if len(root) > 1:
+            # Only where a path starts (not inside a URL such as https://host/app/...).
+            start = r"(?<![\w/.:-])" + re.escape(root)
+            text = re.sub(start + "/", "", text)
+            text = re.sub(start + r"(?![\w.-])", ".", text)
+    return text
+
+
+# ---------------------------------------------------------------- one GPU, many visitors
+
+
+@dataclass
+class Budget:
+    """The most one training may take on a shared app: wall time and optimizer steps."""
+
+    seconds: Optional[float]
+    steps: Optional[int]
+
+    @classmethod
+    def from_env(cls) -> "Budget":
+        minutes = _limit("RAWTUNE_MAX_TRAIN_MINUTES", SHARED_TRAIN_MINUTES)
+        steps = _limit("RAWTUNE_MAX_TRAIN_STEPS", SHARED_TRAIN_STEPS)
+        return cls(minutes * 60 if minutes else None, int(steps) if steps else None)
+
+    def describe(self) -> str:
+        parts = []
+        if self.seconds:
+            parts.append(f"{_duration(self.seconds)}")
+        if self.steps:
+            parts.append(f"{self.steps:,} steps")
+        return " or ".join(parts) + " per training" if parts else "no limit per training"
+
+    def time_up(self, elapsed_s: float) -> Optional[str]:
+        """Why the training must stop now, or None while it is within its time."""
+        if self.seconds and elapsed_s >= self.seconds:
+            return f"this app's time budget per training ({_duration(self.seconds)}) is used up"
+        return None
+
+    def cap_steps(self, max_steps: Optional[int], epochs: Optional[float], batch_size: int,
+                  grad_accum: int, train_blocks: int) -> tuple[Optional[int], Optional[str]]:
+        """The ``max_steps`` a training may run with, and a note when the budget lowered it.
+
+        Without ``max_steps`` the length comes from the epochs (steps per epoch = blocks per
+        optimizer step, rounded up, as the training loops count); only a plan longer than the
+        budget is changed, so a short run keeps its own schedule.
+        """
+        if not self.steps:
+            return max_steps, None
+        per_epoch = max(math.ceil(train_blocks / max(batch_size * grad_accum, 1)), 1)
+        planned = max_steps or math.ceil((epochs or 1.0) * per_epoch)
+        if planned <= self.steps:
+            return max_steps, None
+        return self.steps, (f"this app's step budget per training is {self.steps:,} steps: the planned "
+                            f"{planned:,} steps are cut to {self.steps:,} (the learning-rate schedule fits)")
+
+    def seconds_left(self, elapsed_s: float) -> Optional[float]:
+        return max(0.0, self.seconds - elapsed_s) if self.seconds else None
+
+
+def _duration(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "unknown"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+@dataclass
+class Ticket:
+    """One visitor's place in line for the GPU (a training or a Compare)."""
+
+    kind: str  # "training" or "compare"
+    owner: str  # the session it belongs to
+    joined: float = field(default_factory=time.time)
+    started: Optional[float] = None  # when it got the GPU
+    step: int = 0
+    max_steps: int = 0
+    eta_s: Optional[float] = None
+
+
+class GpuSlot:
+    """The GPU: a first-come line that trainings, exports and Compare share.
+
+    Only the first ``slots`` tickets of the line use the GPU (one by default, so a Compare never
+    loads models beside someone else's training; ``RAWTUNE_GPU_SLOTS`` raises it where each call
+    gets a GPU of its own, as on ZeroGPU or a multi-GPU machine). Holders report their progress,
+    which :meth:`describe` turns into what a waiting visitor sees.
+    """
+
+    def __init__(self, budget: Optional[Budget] = None, slots: Optional[int] = None):
+        self._line: list[Ticket] = []
+        self._lock = threading.Lock()
+        self._budget = budget
+        self._slots = slots
+
+    @property
+    def budget(self) -> Budget:
+        return self._budget or Budget.from_env()
+
+    @property
+    def slots(self) -> int:
+        if self._slots:
+            return self._slots
+        raw = os.environ.get("RAWTUNE_GPU_SLOTS", "").strip()
+        try:
+            return max(int(raw), 1) if raw else 1
+        except ValueError:
+            raise ConfigError(f"RAWTUNE_GPU_SLOTS must be a whole number, not {raw!r}") from None
+
+    def _start_holders(self) -> None:
+        """Stamp the start time of tickets that have just reached a slot (under the lock)."""
+        for ticket in self._line[:self.slots]:
+            if ticket.started is None:
+                ticket.started = time.time()
+
+    def join(self, kind: str, owner: str) -> Ticket:
+        ticket = Ticket(kind, owner)
+        with self._lock:
+            self._line.append(ticket)
+            self._start_holders()
+        return ticket
+
+    def leave(self, ticket: Ticket) -> None:
+        with self._lock:
+            if ticket in self._line:
+                self._line.remove(ticket)
+            self._start_holders()
+
+    def my_turn(self, ticket: Ticket) -> bool:
+        with self._lock:
+            return ticket in self._line[:self.slots]
+
+    def report(self, ticket: Ticket, step: int, max_steps: int, eta_s: Optional[float]) -> None:
+        ticket.step, ticket.max_steps, ticket.eta_s = step, max_steps, eta_s
+
+    def position(self, ticket: Ticket) -> int:
+        """How many tickets are ahead of this one in the waiting part of the line (0: on the GPU)."""
+        with self._lock:
+            index = self._line.index(ticket) if ticket in self._line else 0
+        return max(index - self.slots + 1, 0)
+
+    def _expected_s(self, ticket: Ticket, now: float) -> Optional[float]:
+        """How long ``ticket`` will still hold the GPU (or hold it once it gets it)."""
+        if ticket.kind != "training":
+            return COMPARE_SECONDS_GUESS
+        budget = self.budget
+        elapsed = now - ticket.started if ticket.started else 0.0
+        left = budget.seconds_left(elapsed)
+        if ticket.eta_s is not None:
+            return min(ticket.eta_s, left) if left is not None else ticket.eta_s
+        return left
+
+    def ahead(self, ticket: Ticket) -> dict[str, Any]:
+        """What is ahead of ``ticket``: its place, what runs now, who waits before it, a rough wait.
+
+        The wait is the time until a slot frees up for it: with one slot, the sum of what is
+        ahead; with several, a rough share of it (each slot works through its part of the line).
+        """
+        now = time.time()
+        slots = self.slots
+        with self._lock:
+            line = list(self._line)
+        index = line.index(ticket) if ticket in line else 0
+        running = line[:min(slots, index)]
+        waiting = line[slots:index] if index >= slots else []
+        waits = [self._expected_s(t, now) for t in running + waiting]
+        wait = None if any(w is None for w in waits) else sum(waits) / slots
+        return {"position": len(waiting) + 1 if index >= slots else 0, "running": running,
+                "waiting": waiting, "wait_s": wait}
+
+    def _doing(self, ticket: Ticket) -> str:
+        if ticket.kind == "training" and ticket.max_steps:
+            return (f"a training at step {ticket.step:,}/{ticket.max_steps:,}"
+                    f" (about {_duration(self._expected_s(ticket, time.time()))} left)")
+        if ticket.kind == "training":
+            return "a training that is starting"
+        return f"a{'n' if ticket.kind[0] in 'aeiou' else ''} {ticket.kind.capitalize()} (about a minute)"
+
+    def describe(self, ticket: Ticket) -> str:
+        """One line for a waiting visitor; empty once the ticket holds the GPU."""
+        info = self.ahead(ticket)
+        if not info["position"]:
+            return ""
+        now_text = ", ".join(self._doing(t) for t in info["running"])
+        more = len(info["waiting"])
+        queue = f", then {more} more waiting before you" if more else ""
+        wait = f"; expected wait about {_duration(info['wait_s'])}" if info["wait_s"] is not None else ""
+        return (f"Waiting for the GPU: you are number {info['position']} in line. Running now: {now_text}"
+                f"{queue}{wait}. Each training here gets {self.budget.describe()}.")
+
+
+SLOT = GpuSlot()  # the app's one GPU; tests make their own
