@@ -12,14 +12,13 @@ import argparse
 import sys
 import threading
 import traceback
-from dataclasses import fields
 from typing import Any, Optional, Sequence
 
 from . import __version__
 from .errors import ConfigError, RawtuneError
 from .rundir import RunDir, scrub
-from .settings import (SECTIONS, RunSettings, apply, field_docs, flag, from_dict, load_yaml,
-                       resume_settings)
+from .settings import (SECTIONS, RunSettings, apply, docs, flag, from_dict, load_yaml, resume_settings,
+                       section_class, settings_fields)
 
 COMMANDS = {
     "train": "read a dataset, train a LoRA adapter and measure held-out perplexity",
@@ -33,29 +32,22 @@ COMMANDS = {
 STAGES_OF = {"train": ["data", "train", "eval"], "data": ["data"]}
 
 
-def _parse_type(annotation: str) -> tuple[Any, bool]:
-    """Map a field's annotation to (argparse type, is_bool)."""
-    if "bool" in annotation:
-        return None, True
-    for name, cast in (("int", int), ("float", float)):
-        if annotation.replace("Optional[", "").startswith(name):
-            return cast, False
-    return str, False
+# The argparse type of each value kind (bool fields are --flag/--no-flag; lists are comma-separated text).
+ARG_TYPES = {"int": int, "float": float, "str": str, "list": str}
 
 
 def add_settings_flags(parser: argparse.ArgumentParser, sections: Sequence[str]) -> None:
-    """Add one flag per settings field of the given sections (defaults come from the settings)."""
+    """Add one flag per settings field of the given sections, typed and documented by the field's
+    metadata (defaults come from the settings)."""
     for section in sections:
-        cls = type(getattr(RunSettings(), section))
         group = parser.add_argument_group(f"{section} settings")
-        docs = field_docs(cls)
-        for f in fields(cls):
-            cast, is_bool = _parse_type(str(f.type))
-            kwargs: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=docs.get(f.name, ""))
-            if is_bool:
+        for f in settings_fields(section_class(section)):
+            kwargs: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=f.metadata["doc"])
+            if f.metadata["kind"] == "bool":
                 group.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, **kwargs)
             else:
-                group.add_argument(flag(f.name), type=cast, metavar=f.name.upper(), **kwargs)
+                group.add_argument(flag(f.name), type=ARG_TYPES[f.metadata["kind"]], metavar=f.name.upper(),
+                                   **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name in ("train", "data", "run"):
-            p.add_argument("--out", dest="out", default=argparse.SUPPRESS, help="run directory")
+            top = docs(RunSettings)
+            p.add_argument("--out", dest="out", default=argparse.SUPPRESS, help=top["out"])
             if name == "run":
                 p.add_argument("--config", required=True, help="YAML file of settings (flat keys)")
                 p.add_argument("--stages", dest="stages", default=argparse.SUPPRESS,

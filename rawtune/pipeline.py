@@ -3,19 +3,31 @@
 Each stage reads what the previous one left in the run directory, so any prefix of the pipeline
 can be run, stopped and continued (``resume``), and a stage run twice is safe. Each stage holds
 the run directory's lock, so a second process on the same directory fails at once.
+
+:func:`run_segmented` is the same run cut into time-limited training segments, for a ZeroGPU
+Space (which lends a GPU per call, for a limited time per call): the data once, then segments
+that each train, save a checkpoint and return, each next one resuming, then the evaluation. It
+is a generator of typed events, so the app only shows them. :func:`estimate_training` is the
+rough training time the app shows before anything is loaded.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import queue
+import sys
 import threading
+import time
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Iterator, Optional, Union
 
-from .errors import ConfigError
-from .rundir import RunDir
-from .settings import RunSettings, STAGES, resume_refusal, to_dict, validate
+from .errors import ConfigError, RawtuneError
+from .rundir import RunDir, scrub
+from .settings import PRESETS, RunSettings, STAGES, concrete_preset, from_dict, resume_refusal, to_dict, validate
 
 
 def prepare_model(settings: RunSettings, run: RunDir, token: Optional[str],
@@ -146,3 +158,284 @@ def _run_stage(stage: str, settings: RunSettings, run: RunDir, token: Optional[s
         from .hub import push_run
 
         push_run(run, settings.push, token=token, log=log)
+
+
+# ---------------------------------------------------------------- training in segments (ZeroGPU)
+
+
+@dataclass(frozen=True)
+class Log:
+    """A line of progress text."""
+
+    line: str
+
+
+@dataclass(frozen=True)
+class Tick:
+    """Nothing new: lets the consumer refresh its page and check its own limits."""
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A stage starts: ``data``, ``train`` (segment 1, 2, ...) or ``eval``. The generator pauses
+    at each event, so a consumer may wait here (for its turn on the GPU) before asking for more."""
+
+    stage: str
+    segment: int = 0
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A training event as the training reports it (``type`` step, eval or done)."""
+
+    event: dict
+
+
+@dataclass(frozen=True)
+class SegmentEnd:
+    """A training segment returned; ``stopped_early`` until the last one."""
+
+    segment: int
+    steps: int
+    max_steps: int
+    stopped_early: bool
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The end: ``completed`` when training reached its last step and the evaluation ran
+    (otherwise it was stopped; the adapter and a checkpoint are kept). ``record`` is run.json."""
+
+    completed: bool
+    record: dict
+
+
+SegmentEvent = Union[Log, Tick, Phase, Progress, SegmentEnd, Finished]
+# One GPU call: (settings as a dict, token, seconds or None) -> plain dict events (see segment_events).
+SegmentCall = Callable[[dict, Any, Optional[float]], Iterator[dict]]
+# What a segmented run records as its stages in run.json.
+SEGMENTED_STAGES = ["data", "train", "eval"]
+TICK = 0.5  # seconds between Tick events while a segment runs
+
+
+class SegmentError(RawtuneError):
+    """A stage inside a segment failed; the message is that failure's (already fit to show)."""
+
+
+def segment_events(settings_dict: dict, token: Any, seconds: Optional[float]) -> Iterator[dict]:
+    """Run :func:`run_pipeline` for ``settings_dict`` in a thread; yield its events as plain dicts.
+
+    Plain dicts and a message instead of an exception, because on ZeroGPU this runs inside a GPU
+    call in another process and only picklable values (and no exception text) come back. With
+    ``seconds`` the run is asked to stop after the current step (keeping a checkpoint) when that
+    much time has passed. Ends with ``{"type": "end"}`` or ``{"type": "error", "message": ...}``.
+    """
+    events: "queue.Queue[dict]" = queue.Queue()
+    stop, done, failure = threading.Event(), threading.Event(), []
+
+    def work() -> None:
+        try:
+            run_pipeline(from_dict(settings_dict), token=token, stop=stop,
+                         callback=lambda event: events.put({**event}),
+                         log=lambda line: events.put({"type": "log", "line": str(line)}))
+        except BaseException as exc:  # handed to the consumer as an event
+            failure.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=work, daemon=True).start()
+    deadline = time.time() + seconds if seconds else None
+    try:
+        while not (done.is_set() and events.empty()):
+            yield from _drain(events)
+            if deadline and time.time() > deadline and not stop.is_set():
+                stop.set()
+                yield {"type": "log", "line": "[pipeline] GPU segment time is up: checkpointing, then resuming"}
+            yield {"type": "tick"}
+    finally:
+        if not done.is_set():  # the consumer went away: stop the training after this step
+            stop.set()
+    if failure:
+        yield {"type": "error", "message": _failure_message(failure[0])}
+    yield {"type": "end"}
+
+
+def _drain(events: "queue.Queue[dict]") -> Iterator[dict]:
+    """The events that arrive within one tick."""
+    try:
+        yield events.get(timeout=TICK)
+        while True:
+            yield events.get_nowait()
+    except queue.Empty:
+        return
+
+
+def _failure_message(exc: BaseException) -> str:
+    """rawtune's own message, or the type and message of anything else (its traceback goes to
+    the server log); tokens masked either way."""
+    if isinstance(exc, RawtuneError):
+        return scrub(str(exc))
+    print(scrub("".join(traceback.format_exception(type(exc), exc, exc.__traceback__))), end="", file=sys.stderr)
+    return scrub(f"Unexpected {type(exc).__name__}: {exc}. Details are in the server log.")
+
+
+def run_segmented(settings: RunSettings, token: Any = None, seconds: Optional[float] = None,
+                  stop: Optional[threading.Event] = None, budget: Any = None,
+                  train_call: SegmentCall = segment_events,
+                  eval_call: SegmentCall = segment_events) -> Iterator[SegmentEvent]:
+    """Data once, training in segments of ``seconds`` (None: one segment), each ending with a
+    checkpoint and each next one resuming, then the held-out evaluation; yields typed events.
+
+    ``settings.train.resume`` continues a stopped run (no data stage). ``stop`` (or a STOP file in
+    the run directory) ends the run after the current step. ``budget`` (a ``space.Budget``) caps
+    the steps once the data stage has counted the blocks. ``train_call``/``eval_call`` run one
+    segment: the app passes them wrapped in its GPU-call decorator. The caller's settings are never
+    changed; the run directory's run.json records the whole run's settings at the end.
+    """
+    s = validate(settings)
+    if not s.out:
+        raise ConfigError("--out: give a run directory, e.g. --out runs/my-run")
+    run, stop = RunDir(s.out), stop or threading.Event()
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.stop_file.unlink(missing_ok=True)
+    if not s.train.resume:
+        yield Phase("data")
+        yield from _follow(segment_events(_stage(s, "data", False), token, None), stop, run)
+        s, note = _fit_budget(s, run, budget)
+        if note:
+            yield Log(f"[pipeline] {note}")
+    completed = yield from _train_segments(s, token, seconds, stop, run, train_call)
+    if completed:
+        yield Phase("eval")
+        yield from _follow(eval_call(_stage(s, "eval", True), token, None), stop, run)
+    run.update(settings=to_dict(dataclasses.replace(s, stages=list(SEGMENTED_STAGES))))
+    run.stop_file.unlink(missing_ok=True)
+    yield Finished(completed, run.load())
+
+
+def _train_segments(s: RunSettings, token: Any, seconds: Optional[float], stop: threading.Event,
+                    run: RunDir, call: SegmentCall) -> Iterator[SegmentEvent]:
+    """Train segment after segment; return True once training reached its last step."""
+    resume, segment = s.train.resume, 0
+    while not _stopped(stop, run):
+        segment += 1
+        yield Phase("train", segment)
+        yield from _follow(call(_stage(s, "train", resume), token, seconds), stop, run)
+        resume = True  # later segments continue from the checkpoint this one saved
+        record = run.load().get("train") or {}
+        steps, max_steps = record.get("steps", 0), record.get("max_steps", 0)
+        yield SegmentEnd(segment, steps, max_steps, bool(record.get("stopped_early")))
+        if _stopped(stop, run):
+            return False
+        if not record.get("stopped_early") or steps >= max_steps:
+            return True
+    return False
+
+
+def _stage(s: RunSettings, stage: str, resume: bool) -> dict:
+    """The settings of one pipeline call as a plain dict (what crosses into a GPU call)."""
+    values = to_dict(s)
+    values["stages"] = [stage]
+    values["train"]["resume"] = resume
+    return values
+
+
+def _stopped(stop: threading.Event, run: RunDir) -> bool:
+    return stop.is_set() or run.stop_file.exists()
+
+
+def _fit_budget(s: RunSettings, run: RunDir, budget: Any) -> tuple[RunSettings, Optional[str]]:
+    """Fit the training into a step budget (known once the data stage has counted the blocks)."""
+    if budget is None:
+        return s, None
+    t = s.train
+    blocks = (run.load().get("data") or {}).get("train_blocks") or 0
+    capped, note = budget.cap_steps(t.max_steps, t.epochs, t.batch_size, t.grad_accum, blocks)
+    if not note:
+        return s, None
+    return dataclasses.replace(s, train=dataclasses.replace(t, max_steps=capped)), note
+
+
+def _follow(events: Iterator[dict], stop: threading.Event, run: RunDir) -> Iterator[SegmentEvent]:
+    """Turn one call's dict events into typed ones; pass a stop on to the running segment."""
+    for event in events:
+        if stop.is_set() and not run.stop_file.exists():
+            # The STOP file reaches a training that runs in another process (a ZeroGPU call) too.
+            run.stop_file.touch()
+        kind = event["type"]
+        if kind == "end":
+            return
+        if kind == "error":
+            raise SegmentError(event["message"])
+        yield Log(event["line"]) if kind == "log" else Tick() if kind == "tick" else Progress(event)
+
+
+# ---------------------------------------------------------------- training-time estimate
+
+
+# Parameter counts of the app's listed models, for the estimate before anything is loaded.
+KNOWN_PARAMS = {"SmolLM2-135M": 135e6, "SmolLM2-360M": 362e6, "Qwen2.5-0.5B": 494e6}
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A rough size and training time of a corpus, before anything is loaded."""
+
+    tokens: int
+    how: str  # how the tokens were counted
+    epochs: float
+    seconds: Optional[float]  # None when the model's size is unknown
+    gpu: bool
+
+
+def estimate_training(first: list[str], characters: int, model: str, preset: str, gpu: bool) -> Estimate:
+    """Tokens in ``characters`` of text (measured on the documents ``first`` with the model's
+    tokenizer when it is on disk, else about 4 characters per token) and the preset's training time."""
+    tokenizer = quick_tokenizer(model)
+    sample_chars = sum(map(len, first)) or 1
+    if tokenizer is not None and first:
+        sample_tokens = sum(len(ids) + 1 for ids in tokenizer(first, add_special_tokens=False)["input_ids"])
+        ratio, how = sample_chars / max(sample_tokens, 1), f"measured with {Path(model).name}'s tokenizer"
+    else:
+        ratio, how = 4.0, "assuming about 4 characters per token"
+    tokens = int(characters / ratio)
+    epochs = PRESETS[concrete_preset(preset, gpu)]["epochs"]
+    return Estimate(tokens, how, epochs, estimate_seconds(tokens, epochs, param_count(model), gpu), gpu)
+
+
+def estimate_seconds(tokens: int, epochs: float, params: Optional[float], cuda: bool) -> Optional[float]:
+    """A rough training time: LoRA costs about 6 FLOP per parameter and token, at a throughput
+    typical for the device (0.2 TFLOP/s on a few CPU cores, 30 TFLOP/s effective on a GPU with
+    transformers + PEFT at small batches)."""
+    if not params:
+        return None
+    flops = 6 * params * tokens * epochs
+    return flops / (30e12 if cuda else 0.2e12)
+
+
+def quick_tokenizer(model: str) -> Any:
+    """The model's tokenizer when it is on disk already (a local folder or the HF cache), else None."""
+    from transformers import AutoTokenizer
+
+    try:
+        path = Path(model).expanduser()
+        if path.is_dir():
+            return AutoTokenizer.from_pretrained(str(path))
+        return AutoTokenizer.from_pretrained(model, local_files_only=True)
+    except Exception:  # no tokenizer at hand is fine: the estimate falls back to characters
+        return None
+
+
+def param_count(model: str) -> Optional[float]:
+    """Rough parameter count from config.json (local folders) or the list of known models."""
+    for name, count in KNOWN_PARAMS.items():
+        if name in model:
+            return count
+    config = Path(model).expanduser() / "config.json"
+    if config.is_file():
+        c = json.loads(config.read_text())
+        h, layers, vocab = c.get("hidden_size"), c.get("num_hidden_layers"), c.get("vocab_size")
+        inter = c.get("intermediate_size") or 4 * (h or 0)
+        if h and layers and vocab:
+            return layers * (4 * h * h + 3 * h * inter) + vocab * h
+    return None

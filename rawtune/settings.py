@@ -1,17 +1,22 @@
-"""Every setting rawtune takes, as dataclasses with one line of doc per field.
+"""Every setting rawtune takes, as dataclasses whose fields carry their own doc, kind and choices.
 
 The same names are CLI flags (``max_steps`` is ``--max-steps``) and YAML keys, flat: each name
-belongs to exactly one section. :func:`validate` is the one place that checks values, and its
-messages name the flag and the fix. Presets fill the training fields a user left unset.
+belongs to exactly one section. Each field's metadata (``doc``, ``kind``, ``choices``, ``form``,
+set through :func:`setting`) is what the CLI's flags and help, the YAML parser and the app's
+form are built from, so a new field appears everywhere by being declared once. :func:`validate`
+is the one place that checks values, and its messages name the flag and the fix. Presets fill
+the training fields a user left unset.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
-from dataclasses import dataclass, field, fields
+import math
+from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import yaml
 
@@ -24,84 +29,114 @@ STAGES = ["data", "train", "eval", "merge", "export", "push"]
 QUANTS = ["q4_k_m", "q8_0", "f16"]
 # How each quant type is spelled in GGUF file names, the UI and run.json.
 QUANT_LABELS = {q: q.upper() for q in QUANTS}
+PRESET_NAMES = ["quick", "standard", "thorough"]
+# What a field's value is: how the CLI, YAML and the app's form read it.
+KINDS = ("str", "int", "float", "bool", "list")
+
+
+def setting(default: Any = None, doc: str = "", kind: str = "str", choices: Optional[list[str]] = None,
+            factory: Optional[Callable[[], Any]] = None, form: bool = True) -> Any:
+    """A settings field with its metadata: ``doc`` (one line, the flag's help), ``kind`` (one of
+    :data:`KINDS`), ``choices`` (the values it takes, where it is a choice) and ``form`` (False
+    for fields the app sets through an input of its own, not the generated form)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
+    meta = {"doc": doc, "kind": kind, "choices": list(choices) if choices else None, "form": form}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class DataSettings:
     """Where the raw text comes from and how it is cleaned, packed and split."""
 
-    dataset: Optional[str] = None  # Hub dataset id, or a local file/folder (jsonl, csv, txt, parquet, md)
-    dataset_config: Optional[str] = None  # Hub dataset configuration (subset) name
-    split: str = "train"  # Hub dataset split to read
-    revision: Optional[str] = None  # Hub dataset revision: branch, tag or commit
-    streaming: bool = False  # stream a Hub dataset instead of downloading it whole
-    max_documents: Optional[int] = None  # stop reading after this many documents (any source)
-    text_column: Optional[str] = None  # column holding the text; default 'text', else the longest string column
-    split_blank_lines: bool = False  # split .txt/.md files into documents at blank lines
-    min_chars: int = 20  # drop documents shorter than this many characters after stripping
-    dedupe: bool = True  # drop exact duplicate documents
-    heldout_fraction: float = 0.05  # share of documents held out for perplexity, never trained on
-    piece_tokens: Optional[int] = None  # a document too long to hold out whole is cut in pieces of this many tokens and only its last pieces are held out (default: --seq-len; 0: never cut)
-    min_heldout_blocks: int = 4  # hold out at least this many blocks
+    dataset: Optional[str] = setting(None, "Hub dataset id, or a local file/folder (jsonl, csv, txt, parquet, md)")
+    dataset_config: Optional[str] = setting(None, "Hub dataset configuration (subset) name")
+    split: str = setting("train", "Hub dataset split to read")
+    revision: Optional[str] = setting(None, "Hub dataset revision: branch, tag or commit")
+    streaming: bool = setting(False, "stream a Hub dataset instead of downloading it whole", "bool")
+    max_documents: Optional[int] = setting(None, "stop reading after this many documents (any source)", "int")
+    text_column: Optional[str] = setting(None, "column holding the text; default 'text', else the longest "
+                                               "string column")
+    split_blank_lines: bool = setting(False, "split .txt/.md files into documents at blank lines", "bool")
+    min_chars: int = setting(20, "drop documents shorter than this many characters after stripping", "int")
+    dedupe: bool = setting(True, "drop exact duplicate documents", "bool")
+    heldout_fraction: float = setting(0.05, "share of documents held out for perplexity, never trained on", "float")
+    piece_tokens: Optional[int] = setting(
+        None, "a document too long to hold out whole is cut in pieces of this many tokens and only its last "
+              "pieces are held out (default: --seq-len; 0: never cut)", "int")
+    min_heldout_blocks: int = setting(4, "hold out at least this many blocks", "int")
 
 
 @dataclass
 class TrainSettings:
     """The base model and the LoRA recipe. Fields left as None come from the preset."""
 
-    model: str = DEFAULT_MODEL  # Hub model id, local HF folder, or local .gguf file
-    backend: str = "auto"  # auto (unsloth where CUDA is available, else peft), unsloth or peft
-    preset: str = "auto"  # quick, standard or thorough: defaults for the fields below (auto: standard on CUDA, quick on CPU)
-    seq_len: Optional[int] = None  # tokens per packed block
-    lora_r: Optional[int] = None  # LoRA rank
-    lora_alpha: Optional[int] = None  # LoRA alpha (scale is alpha/r, or alpha/sqrt(r) with rsLoRA)
-    lora_dropout: Optional[float] = None  # dropout on the LoRA input
-    use_rslora: Optional[bool] = None  # rank-stabilised LoRA scaling
-    target_modules: Optional[list[str]] = None  # projections that get LoRA adapters
-    train_embeddings: Optional[bool] = None  # also train embed_tokens and lm_head (full weights)
-    embedding_learning_rate: Optional[float] = None  # learning rate for embed_tokens/lm_head
-    load_in_4bit: bool = False  # load the base in 4-bit (QLoRA; CUDA and bitsandbytes only)
-    gradient_checkpointing: Optional[str] = None  # auto, on, off or unsloth
-    batch_size: Optional[int] = None  # blocks per micro-batch
-    grad_accum: Optional[int] = None  # micro-batches per optimizer step
-    epochs: Optional[float] = None  # passes over the training blocks (ignored when max_steps is set)
-    max_steps: Optional[int] = None  # stop after this many optimizer steps
-    learning_rate: Optional[float] = None  # peak learning rate for the LoRA weights
-    warmup_ratio: Optional[float] = None  # share of steps spent warming up
-    lr_scheduler: Optional[str] = None  # learning-rate schedule: cosine, linear or constant
-    weight_decay: Optional[float] = None  # AdamW weight decay
-    optimizer: str = "auto"  # auto (8-bit AdamW on CUDA, AdamW on CPU), adamw_8bit or adamw_torch
-    seed: int = 3407  # random seed for data order and LoRA init
-    save_steps: Optional[int] = None  # write a resumable checkpoint every this many steps
-    eval_steps: Optional[int] = None  # compute held-out loss every this many steps (0: only at the end)
-    eval_batches: int = 8  # held-out blocks used for each periodic eval
-    logging_steps: int = 1  # report progress every this many steps
-    resume: bool = False  # continue from the newest checkpoint in the run directory
+    model: str = setting(DEFAULT_MODEL, "Hub model id, local HF folder, or local .gguf file", form=False)
+    backend: str = setting("auto", "auto (unsloth where CUDA is available, else peft), unsloth or peft",
+                           choices=["auto", "unsloth", "peft"])
+    preset: str = setting("auto", "quick, standard or thorough: defaults for the fields below "
+                                  "(auto: standard on CUDA, quick on CPU)", choices=["auto"] + PRESET_NAMES,
+                          form=False)
+    seq_len: Optional[int] = setting(None, "tokens per packed block", "int")
+    lora_r: Optional[int] = setting(None, "LoRA rank", "int")
+    lora_alpha: Optional[int] = setting(None, "LoRA alpha (scale is alpha/r, or alpha/sqrt(r) with rsLoRA)", "int")
+    lora_dropout: Optional[float] = setting(None, "dropout on the LoRA input", "float")
+    use_rslora: Optional[bool] = setting(None, "rank-stabilised LoRA scaling", "bool")
+    target_modules: Optional[list[str]] = setting(None, "projections that get LoRA adapters", "list",
+                                                  choices=ALL_PROJECTIONS)
+    train_embeddings: Optional[bool] = setting(None, "also train embed_tokens and lm_head (full weights)", "bool")
+    embedding_learning_rate: Optional[float] = setting(None, "learning rate for embed_tokens/lm_head", "float")
+    load_in_4bit: bool = setting(False, "load the base in 4-bit (QLoRA; CUDA and bitsandbytes only)", "bool")
+    gradient_checkpointing: Optional[str] = setting(None, "auto, on, off or unsloth",
+                                                    choices=["auto", "on", "off", "unsloth"])
+    batch_size: Optional[int] = setting(None, "blocks per micro-batch", "int")
+    grad_accum: Optional[int] = setting(None, "micro-batches per optimizer step", "int")
+    epochs: Optional[float] = setting(None, "passes over the training blocks (ignored when max_steps is set)",
+                                      "float")
+    max_steps: Optional[int] = setting(None, "stop after this many optimizer steps", "int")
+    learning_rate: Optional[float] = setting(None, "peak learning rate for the LoRA weights", "float")
+    warmup_ratio: Optional[float] = setting(None, "share of steps spent warming up", "float")
+    lr_scheduler: Optional[str] = setting(None, "learning-rate schedule: cosine, linear or constant",
+                                          choices=["cosine", "linear", "constant"])
+    weight_decay: Optional[float] = setting(None, "AdamW weight decay", "float")
+    optimizer: str = setting("auto", "auto (8-bit AdamW on CUDA, AdamW on CPU), adamw_8bit or adamw_torch",
+                             choices=["auto", "adamw_8bit", "adamw_torch"])
+    seed: int = setting(3407, "random seed for data order and LoRA init", "int")
+    save_steps: Optional[int] = setting(None, "write a resumable checkpoint every this many steps", "int")
+    eval_steps: Optional[int] = setting(None, "compute held-out loss every this many steps (0: only at the end)",
+                                        "int")
+    eval_batches: int = setting(8, "held-out blocks used for each periodic eval", "int")
+    logging_steps: int = setting(1, "report progress every this many steps", "int")
+    resume: bool = setting(False, "continue from the newest checkpoint in the run directory", "bool", form=False)
 
 
 @dataclass
 class ExportSettings:
     """GGUF export: quantization and the files Ollama reads."""
 
-    quant: list[str] = field(default_factory=lambda: ["q4_k_m", "q8_0"])  # quant types to write
-    name: Optional[str] = None  # file name stem for the GGUFs (default: the run directory's name)
-    verify: bool = True  # load each GGUF in llama.cpp and measure its perplexity
+    quant: list[str] = setting(doc="quant types to write", kind="list", choices=QUANTS,
+                               factory=lambda: ["q4_k_m", "q8_0"])
+    name: Optional[str] = setting(None, "file name stem for the GGUFs (default: the run directory's name)")
+    verify: bool = setting(True, "load each GGUF in llama.cpp and measure its perplexity", "bool")
 
 
 @dataclass
 class PushSettings:
     """Publishing to the Hugging Face Hub. The token is never stored."""
 
-    repo: Optional[str] = None  # Hub model repo to push to, as user/name
-    private: bool = False  # create the repo as private
+    repo: Optional[str] = setting(None, "Hub model repo to push to, as user/name")
+    private: bool = setting(False, "create the repo as private", "bool")
 
 
 @dataclass
 class RunSettings:
     """A whole run: the run directory, the stages to run and every section above."""
 
-    out: Optional[str] = None  # run directory
-    stages: Optional[list[str]] = None  # stages to run (default: all; push only when --repo is given)
+    out: Optional[str] = setting(None, "run directory")
+    stages: Optional[list[str]] = setting(None, "stages to run (default: all; push only when --repo is given)",
+                                          "list", choices=STAGES)
     data: DataSettings = field(default_factory=DataSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
     export: ExportSettings = field(default_factory=ExportSettings)
@@ -136,33 +171,38 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def field_docs(cls: type) -> dict[str, str]:
-    """The one-line doc of each field, read from the comment beside it in this file."""
-    import inspect
+def settings_fields(cls: type) -> list[Field]:
+    """The fields of one settings section that carry metadata (every field except the sections)."""
+    return [f for f in fields(cls) if "kind" in f.metadata]
 
-    docs: dict[str, str] = {}
-    for line in inspect.getsource(cls).splitlines():
-        line = line.strip()
-        if ":" in line and "#" in line and not line.startswith(("#", '"')):
-            name = line.split(":", 1)[0].strip()
-            docs[name] = line.split("#", 1)[1].strip()
-    return docs
+
+def docs(cls: type) -> dict[str, str]:
+    """The one-line doc of each field of a settings section."""
+    return {f.name: f.metadata["doc"] for f in settings_fields(cls)}
+
+
+def section_class(section: Optional[str]) -> type:
+    """The dataclass of a section name (``RunSettings`` for None, the top-level keys)."""
+    return next(f.default_factory for f in fields(RunSettings) if f.name == section) if section else RunSettings
+
+
+def field_of(name: str) -> Field:
+    """The field behind a flat key (``max_steps`` -> ``TrainSettings.max_steps``)."""
+    cls = section_class(section_of(name))
+    return next(f for f in settings_fields(cls) if f.name == name)
 
 
 def section_of(name: str) -> Optional[str]:
     """Which section owns a flat key (None for top-level keys such as ``out``)."""
     for section in SECTIONS:
-        cls = type(getattr(RunSettings(), section))
-        if name in {f.name for f in fields(cls)}:
+        if name in {f.name for f in settings_fields(section_class(section))}:
             return section
     return None
 
 
 def all_keys() -> list[str]:
     """Every flat key a YAML file or the CLI may set."""
-    top = [f.name for f in fields(RunSettings) if f.name not in SECTIONS]
-    inner = [f.name for s in SECTIONS for f in fields(type(getattr(RunSettings(), s)))]
-    return top + inner
+    return [f.name for cls in [RunSettings] + [section_class(s) for s in SECTIONS] for f in settings_fields(cls)]
 
 
 def flag(name: str) -> str:
@@ -181,34 +221,40 @@ def apply(settings: RunSettings, values: dict[str, Any], origin: str = "YAML") -
             raise ConfigError(f"unknown {origin} key '{key}'{hint}")
         section = section_of(norm)
         target = getattr(settings, section) if section else settings
-        setattr(target, norm, coerce(type(target), norm, value, origin))
+        setattr(target, norm, coerce_value(field_of(norm), value, origin))
     return settings
 
 
-def coerce(cls: type, name: str, value: Any, origin: str) -> Any:
-    """Convert a value to its field's type, or say which key holds what kind of value."""
-    annotation = str(next(f.type for f in fields(cls) if f.name == name))
+def _parse_bool(value: Any) -> bool:
+    if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+        return value.lower() in ("true", "yes", "1")
+    if isinstance(value, bool):
+        return value
+    raise ValueError(value)
+
+
+def _parse_int(value: Any) -> int:
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError(value)
+    return int(value)
+
+
+# How a YAML or flag value of each numeric or boolean kind is read.
+_PARSERS: dict[str, Callable[[Any], Any]] = {"bool": _parse_bool, "int": _parse_int, "float": float}
+
+
+def coerce_value(f: Field, value: Any, origin: str) -> Any:
+    """Convert a YAML or flag value to its field's kind, or say which key holds what kind of value."""
+    kind = f.metadata["kind"]
     if value is None:
         return value
-    if annotation.startswith(("str", "Optional[str")) or "list" in annotation:
-        return _text_value(name, value, origin, "list" in annotation)
+    if kind in ("str", "list"):
+        return _text_value(f.name, value, origin, kind == "list")
     try:
-        if "bool" in annotation:
-            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-                return value.lower() in ("true", "yes", "1")
-            if isinstance(value, bool):
-                return value
-            raise ValueError
-        if "int" in annotation:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value)
-        if "float" in annotation:
-            return float(value)
+        return _PARSERS[kind](value)
     except (TypeError, ValueError):
-        kind = "true or false" if "bool" in annotation else "a number"
-        raise ConfigError(f"{origin} key '{name}' ({flag(name)}) must be {kind}, not {value!r}") from None
-    return value
+        wanted = "true or false" if kind == "bool" else "a number"
+        raise ConfigError(f"{origin} key '{f.name}' ({flag(f.name)}) must be {wanted}, not {value!r}") from None
 
 
 def _text_value(name: str, value: Any, origin: str, listing: bool) -> Any:
@@ -221,6 +267,71 @@ def _text_value(name: str, value: Any, origin: str, listing: bool) -> Any:
     if listing and isinstance(value, list):
         return [str(v) for v in value]
     return str(value)
+
+
+# ---------------------------------------------------------------- values from a form
+
+
+def parse_number(value: Any, label: str, whole: bool) -> Optional[float | int]:
+    """A number typed into a form box: empty means None; anything else must be a number."""
+    if value is None or value == "" or (isinstance(value, float) and math.isnan(value)):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{label} must be a number, not {value!r}") from None
+    if whole and number != int(number):
+        raise ConfigError(f"{label} must be a whole number, not {value}")
+    return int(number) if whole else number
+
+
+def tristate(f: Field) -> bool:
+    """A bool field whose None means "the preset's value" (the form offers preset, on, off)."""
+    return f.metadata["kind"] == "bool" and f.default is None
+
+
+def form_value(f: Field, value: Any) -> Any:
+    """A form input's value for field ``f``; None means "keep the default" (or the preset's value)."""
+    kind = f.metadata["kind"]
+    if kind in ("int", "float"):
+        return parse_number(value, f.name.replace("_", " "), whole=kind == "int")
+    if tristate(f):
+        return None if value in (None, "", "preset") else value == "on"
+    if kind == "bool":
+        return bool(value)
+    if kind == "list":
+        return list(value) if value else None
+    text = "" if value is None else str(value).strip()
+    if not text or (text == "preset" and f.metadata["choices"]):
+        return None
+    return text
+
+
+def from_form(cls: type, values: dict[str, Any], **fixed: Any) -> Any:
+    """A settings section from a form's values by field name (``fixed`` ones set as given); an
+    empty input keeps the field's default, which for training fields means the preset's value."""
+    known = {f.name: f for f in settings_fields(cls)}
+    settings = cls(**fixed)
+    for name, value in values.items():
+        if name not in known:
+            raise ConfigError(f"the form sent an unknown {cls.__name__} field {name!r}")
+        parsed = form_value(known[name], value)
+        if parsed is not None:
+            setattr(settings, name, parsed)
+    return settings
+
+
+def train_from_form(model: str, preset: str, values: dict[str, Any], gpu: bool) -> TrainSettings:
+    """TrainSettings from the app's form; an empty field means "the preset's value". ``auto`` is
+    made concrete here (``gpu``: whether training will get a GPU), so the data stage and the
+    training agree on the block length."""
+    return from_form(TrainSettings, values, model=(model or "").strip() or DEFAULT_MODEL,
+                     preset=concrete_preset(preset, gpu))
+
+
+def form_fields(cls: Optional[type] = None) -> list[Field]:
+    """The fields the app's generated form shows (those without an input of their own)."""
+    return [f for f in settings_fields(cls or TrainSettings) if f.metadata["form"]]
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -240,10 +351,17 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return loaded
 
 
+def concrete_preset(preset: Optional[str], gpu: bool) -> str:
+    """The preset ``auto`` (or none) stands for: ``standard`` where training gets a GPU, ``quick`` on a CPU."""
+    if not preset or preset == "auto":
+        return "standard" if gpu else "quick"
+    return preset
+
+
 def resolve_preset(train: TrainSettings) -> TrainSettings:
     """Return a copy of ``train`` with every None field filled from its preset."""
     if train.preset == "auto":
-        train = dataclasses.replace(train, preset="standard" if has_cuda() else "quick")
+        train = dataclasses.replace(train, preset=concrete_preset("auto", has_cuda()))
     if train.preset not in PRESETS:
         raise ConfigError(f"--preset {train.preset!r} is unknown; use auto or one of {', '.join(PRESETS)}")
     resolved = dataclasses.replace(train)
@@ -271,25 +389,50 @@ def _as_list(value: Any) -> list[str]:
     return list(value or [])
 
 
-def validate(settings: RunSettings) -> RunSettings:
-    """Check every value once, fill presets, and return the resolved settings.
+def choices(name: str) -> list[str]:
+    """The values a choice field takes, from its metadata."""
+    return list(field_of(name).metadata["choices"] or [])
 
-    Each message names the flag at fault and what would fix it.
+
+def _one_of(name: str) -> str:
+    """``a, b or c`` for a choice field's values."""
+    values = choices(name)
+    return ", ".join(values[:-1]) + " or " + values[-1]
+
+
+def validate(settings: RunSettings) -> RunSettings:
+    """Check every value once, fill presets, and return the resolved settings as a new object.
+
+    The caller's settings are never changed. Each message names the flag at fault and what would fix it.
     """
-    s = dataclasses.replace(settings)
+    s = copy.deepcopy(settings)
     if not s.stages:
         s.stages = [st for st in STAGES if st != "push" or s.push.repo]
     s.stages = [st.lower() for st in _as_list(s.stages)]
     for stage in s.stages:
         _check(stage in STAGES, "stages", f"unknown stage {stage!r}; use some of {', '.join(STAGES)}")
-    d = s.data
+    _validate_data(s.data)
+    s.train = _validate_train(resolve_preset(s.train))
+    e = s.export
+    e.quant = [q.lower() for q in _as_list(e.quant)]
+    for q in e.quant:
+        _check(q in QUANTS, "quant", f"unknown quant type {q!r}; use some of {', '.join(QUANTS)}")
+    if "push" in s.stages:
+        _check(bool(s.push.repo) and "/" in str(s.push.repo), "repo", "give the Hub repo as user/name")
+    return s
+
+
+def _validate_data(d: DataSettings) -> None:
     _check(0.0 < d.heldout_fraction < 0.5, "heldout_fraction", "must be between 0 and 0.5, e.g. 0.05")
     _check(d.min_chars >= 0, "min_chars", "must be 0 or more")
     _check(d.min_heldout_blocks >= 1, "min_heldout_blocks", "must be at least 1")
     _check(d.max_documents is None or d.max_documents > 0, "max_documents", "must be positive")
     _check(d.piece_tokens is None or d.piece_tokens >= 0, "piece_tokens", "must be 0 (never cut) or more")
-    t = s.train = resolve_preset(s.train)
-    _check(t.backend in ("auto", "unsloth", "peft"), "backend", "use auto, unsloth or peft")
+
+
+def _validate_train(t: TrainSettings) -> TrainSettings:
+    """Check the resolved training settings (``t`` is validate's own copy, changed in place)."""
+    _check(t.backend in choices("backend"), "backend", f"use {_one_of('backend')}")
     _check(t.seq_len >= 16, "seq_len", "must be at least 16 tokens, e.g. 512 or 2048")
     _check(t.lora_r >= 1, "lora_r", "must be a positive rank, e.g. 16 or 128")
     _check(t.lora_alpha > 0, "lora_alpha", "must be positive, e.g. equal to --lora-r")
@@ -309,20 +452,15 @@ def validate(settings: RunSettings) -> RunSettings:
         t.embedding_learning_rate = t.learning_rate / 10
     _check(0 < t.embedding_learning_rate < 1, "embedding_learning_rate", "must be positive, e.g. 5e-6")
     _check(0 <= t.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1), e.g. 0.1")
-    _check(t.lr_scheduler in ("cosine", "linear", "constant"), "lr_scheduler", "use cosine, linear or constant")
+    _check(t.lr_scheduler in choices("lr_scheduler"), "lr_scheduler", f"use {_one_of('lr_scheduler')}")
     _check(t.weight_decay >= 0, "weight_decay", "must be 0 or more")
-    _check(t.optimizer in ("auto", "adamw_8bit", "adamw_torch"), "optimizer", "use auto, adamw_8bit or adamw_torch")
-    _check(str(t.gradient_checkpointing) in ("auto", "on", "off", "unsloth", "True", "False"),
-           "gradient_checkpointing", "use auto, on, off or unsloth")
+    _check(t.optimizer in choices("optimizer"), "optimizer", f"use {_one_of('optimizer')}")
+    # True/False: YAML booleans stay accepted here (gradient_checkpointing: true).
+    _check(str(t.gradient_checkpointing) in choices("gradient_checkpointing") + ["True", "False"],
+           "gradient_checkpointing", f"use {_one_of('gradient_checkpointing')}")
     _check(t.save_steps >= 1, "save_steps", "must be at least 1")
     _check(t.eval_steps >= 0, "eval_steps", "must be 0 (only at the end) or more")
-    e = s.export
-    e.quant = [q.lower() for q in _as_list(e.quant)]
-    for q in e.quant:
-        _check(q in QUANTS, "quant", f"unknown quant type {q!r}; use some of {', '.join(QUANTS)}")
-    if "push" in s.stages:
-        _check(bool(s.push.repo) and "/" in str(s.push.repo), "repo", "give the Hub repo as user/name")
-    return s
+    return t
 
 
 # What a resumed run may change: how long it runs and how it reports, never what it learns from.

@@ -48,6 +48,32 @@ def shared() -> bool:
     return bool(os.environ.get("SPACE_ID")) or _flag("RAWTUNE_SHARED")
 
 
+def on_spaces() -> bool:
+    """True inside a Hugging Face Space (where OAuth login works)."""
+    return bool(os.environ.get("SPACE_ID"))
+
+
+def on_zero_gpu() -> bool:
+    """True on a ZeroGPU Space, which lends a GPU per call for a limited time."""
+    return os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true")
+
+
+def gpu_expected() -> bool:
+    """True where training will run on a CUDA GPU (on ZeroGPU the GPU only exists inside GPU calls)."""
+    from .settings import has_cuda
+
+    return on_zero_gpu() or has_cuda()
+
+
+def segment_seconds() -> Optional[float]:
+    """Length of one training segment (``RAWTUNE_SEGMENT_SECONDS``): 90 s on ZeroGPU, where each
+    GPU call is time-limited, else None (one segment, unlimited); 0 also means unlimited."""
+    value = os.environ.get("RAWTUNE_SEGMENT_SECONDS")
+    if value:
+        return float(value) if float(value) > 0 else None
+    return 90.0 if on_zero_gpu() else None
+
+
 def allow_owner_token() -> bool:
     """Whether a visitor's Hub actions may fall back to the machine's own token."""
     return not shared() or _flag("RAWTUNE_ALLOW_OWNER_TOKEN")
