@@ -16,7 +16,8 @@ if "--share" in sys.argv[1:]:
     # before the page is built, so the page states those limits too.
     os.environ["RAWTUNE_SHARED"] = "1"
 
-from rawtune.ui import build_demo, launch_options, runs_root  # noqa: E402  (after the analytics switch)
+from rawtune.ui import build_demo, launch_options  # noqa: E402  (after the analytics switch)
+from rawtune.ui.session import runs_root  # noqa: E402
 
 demo = build_demo()
 

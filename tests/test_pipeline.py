@@ -98,6 +98,9 @@ def test_segment_failure_is_raised_with_its_message(tmp_path, tiny_corpus):
 
 
 def test_estimate(tiny_llama_dir):
+    from rawtune.train import format_duration
+
+    assert format_duration(59) == "59s" and format_duration(61) == "1m01s" and format_duration(7300) == "2h01m"
     cpu = estimate_seconds(1_000_000, 1.0, 135e6, cuda=False)
     gpu = estimate_seconds(1_000_000, 1.0, 135e6, cuda=True)
     assert cpu > gpu > 0 and estimate_seconds(1000, 1.0, None, cuda=False) is None

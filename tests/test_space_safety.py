@@ -31,11 +31,15 @@ gr = pytest.importorskip("gradio")
 
 from hub_emulator import BOB_TOKEN, WRITE_TOKEN  # noqa: E402
 from rawtune import ui  # noqa: E402
+from rawtune.ui import handlers  # noqa: E402
+from rawtune.ui import session as sessions  # noqa: E402
+from rawtune.ui.background import friendly  # noqa: E402
 from rawtune.data import read_documents  # noqa: E402
 from rawtune.errors import DataError, HubError, ModelError  # noqa: E402
 from rawtune.rundir import scrub  # noqa: E402
 from rawtune.settings import DataSettings  # noqa: E402
 from test_hub import make_run  # noqa: E402
+from test_ui_browser import _form, data_form  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 OAUTH_TOKEN = "hf_oauth_CaRoLvisitor0123_abcDEF456789"  # the shape a Space login hands out
@@ -55,8 +59,8 @@ def _drain(gen) -> list:
 
 def _load(session, dataset: str = "", upload=None, oauth=None, token_text=None, model: str = ""):
     """The Data tab's Load button, as the page calls it."""
-    return ui.load_new_source(session, dataset, "", "train", upload, None, 0, None, True, False, False, "",
-                              model, "quick", token_text, oauth)
+    return handlers.load_new_source(session, data_form(dataset, upload=upload, min_chars=0, model=model),
+                                    token_text, oauth)
 
 
 @pytest.fixture
@@ -86,17 +90,17 @@ def owner_token(hub_server, monkeypatch):
 
 
 def test_item1_anonymous_visitor_never_gets_owner_token(on_space, owner_token, hub_server):
-    session = ui.new_session()
+    session = sessions.new_session()
     make_run(session.run.path)
     with pytest.raises(gr.Error, match="Sign in with Hugging Face"):
-        _drain(ui.push_model(session, "alice/pushed-by-a-stranger", False, "", None, None))
+        _drain(handlers.push_model(session, "alice/pushed-by-a-stranger", False, "", None, None))
     assert not hub_server.has_repo("alice/pushed-by-a-stranger")
     with pytest.raises(gr.Error) as caught:
         _load(session, "alice/private-text")
     assert "private" in str(caught.value) and "sign in with Hugging Face" in str(caught.value)
     # The library call the data stage makes with the app's token reads nothing either.
     with pytest.raises((DataError, HubError)):
-        read_documents(DataSettings(dataset="alice/private-text"), token=ui._token(None, None))
+        read_documents(DataSettings(dataset="alice/private-text"), token=sessions.visitor_token(None, None))
 
 
 def test_item1_private_model_not_downloaded_for_anonymous_visitor(on_space, owner_token, hub_server):
@@ -106,19 +110,19 @@ def test_item1_private_model_not_downloaded_for_anonymous_visitor(on_space, owne
         hub_server.create_repo("alice/private-model", "model", private=True,
                                files={"config.json": json.dumps({"model_type": "llama"})})
     with pytest.raises(ModelError, match="not found"):
-        resolve_model("alice/private-model", token=ui._token(None, None), log=lambda line: None)
+        resolve_model("alice/private-model", token=sessions.visitor_token(None, None), log=lambda line: None)
 
 
 def test_item1_visitor_acts_with_own_token_only(on_space, owner_token, hub_server):
     hub_server.add_token(OAUTH_TOKEN, "carol", "write")
-    session = ui.new_session()
+    session = sessions.new_session()
     make_run(session.run.path)
     # Carol's own login pushes to her namespace...
-    frames = _drain(ui.push_model(session, "carol/my-model", False, "", None, OAuth(OAUTH_TOKEN)))
+    frames = _drain(handlers.push_model(session, "carol/my-model", False, "", None, OAuth(OAUTH_TOKEN)))
     assert hub_server.has_repo("carol/my-model") and "Pushed" in frames[-1][1]
     # ...and cannot reach the owner's namespace or data, though HF_TOKEN could.
     with pytest.raises(gr.Error, match="cannot write to alice/"):
-        _drain(ui.push_model(session, "alice/by-carol", False, "", None, OAuth(OAUTH_TOKEN)))
+        _drain(handlers.push_model(session, "alice/by-carol", False, "", None, OAuth(OAUTH_TOKEN)))
     assert not hub_server.has_repo("alice/by-carol")
     with pytest.raises(gr.Error, match="no access"):
         _load(session, "alice/private-text", token_text=BOB_TOKEN)
@@ -129,8 +133,8 @@ def test_item1_visitor_acts_with_own_token_only(on_space, owner_token, hub_serve
 
 def test_item1_owner_can_opt_in_for_a_private_space(on_space, owner_token, hub_server, monkeypatch):
     monkeypatch.setenv("RAWTUNE_ALLOW_OWNER_TOKEN", "1")
-    assert ui._token(None, None) == WRITE_TOKEN
-    summary, rows, _ = _load(ui.new_session(), "alice/private-text")
+    assert sessions.visitor_token(None, None) == WRITE_TOKEN
+    summary, rows, _ = _load(sessions.new_session(), "alice/private-text")
     assert "alice/private-text" in summary and rows[0][2].startswith("private")
 
 
@@ -138,13 +142,13 @@ def test_item1_owner_can_opt_in_for_a_private_space(on_space, owner_token, hub_s
 
 
 def test_item2_server_paths_refused_in_app(on_space, tmp_path):
-    me, other = ui.new_session(), ui.new_session()
+    me, other = sessions.new_session(), sessions.new_session()
     secret = "the other visitor's confidential corpus line number one"
     (other.dir / "uploads").mkdir(parents=True)
     (other.dir / "uploads" / "mine.txt").write_text(secret * 3)
     (other.run.merged_dir).mkdir(parents=True)
     (other.run.merged_dir / "config.json").write_text("{}")
-    runs = str(ui.runs_root())
+    runs = str(sessions.runs_root())
     for spec in [str(other.dir / "uploads"), str(other.dir / "uploads" / "mine.txt"), "runs",
                  f"runs/{other.dir.name}", "../" + tmp_path.name, str(tmp_path)]:
         with pytest.raises(gr.Error) as caught:
@@ -153,9 +157,8 @@ def test_item2_server_paths_refused_in_app(on_space, tmp_path):
         assert "not available here" in message and secret not in message, (spec, message)
         assert runs not in message.replace(spec, ""), (spec, message)
     with pytest.raises(gr.Error, match="model .* is not available here"):
-        _drain(ui.start_training(me, None, None, lambda *a, **k: None, "alice/public-text", "", "train", None,
-                                 None, 20, None, True, False, False, "", str(other.run.merged_dir), "quick",
-                                 *[""] * len(ui.ADVANCED_FIELDS)))
+        _drain(handlers.start_training(me, data_form("alice/public-text", model=str(other.run.merged_dir)),
+                                       progress=lambda *a, **k: None))
     from rawtune import space
 
     assert space.hide_paths(f"read {runs}/session-x/a.csv", [Path(runs)]) == "read session-x/a.csv"
@@ -227,12 +230,12 @@ def test_item3_other_sessions_files_not_served(tmp_path):
 
 
 def test_item3_files_handed_out_as_copies(on_space):
-    session = ui.new_session()
+    session = sessions.new_session()
     (session.run.gguf_dir).mkdir(parents=True)
     (session.run.gguf_dir / "Modelfile").write_text("FROM ./x.gguf\n")
-    copy = ui._hand_out(session.run.gguf_dir / "Modelfile")
+    copy = sessions.hand_out(session.run.gguf_dir / "Modelfile")
     assert copy.read_text() == "FROM ./x.gguf\n"
-    assert not copy.resolve().is_relative_to(ui.runs_root())
+    assert not copy.resolve().is_relative_to(sessions.runs_root())
     assert "allowed_paths" not in ui.launch_options()
 
 
@@ -259,9 +262,9 @@ def test_item4_cli_error_line_is_scrubbed(tmp_path, capsys):
 
 def test_item4_oauth_token_never_in_page_log_or_pushed_files(on_space, hub_server):
     hub_server.add_token(OAUTH_TOKEN, "carol", "write")
-    session = ui.new_session()
+    session = sessions.new_session()
     make_run(session.run.path)
-    frames = _drain(ui.push_model(session, "carol/scrubbed", False, f"[app] token {OAUTH_TOKEN}",
+    frames = _drain(handlers.push_model(session, "carol/scrubbed", False, f"[app] token {OAUTH_TOKEN}",
                                   None, OAuth(OAUTH_TOKEN)))
     shown = json.dumps([str(f) for f in frames[-1]])
     assert "carol/scrubbed" in shown and OAUTH_TOKEN not in shown and "oauth_CaRoL" not in shown
@@ -269,8 +272,8 @@ def test_item4_oauth_token_never_in_page_log_or_pushed_files(on_space, hub_serve
         assert b"oauth_CaRoL" not in data
     assert "oauth_CaRoL" not in session.run.run_file.read_text()
     # An unexpected error that quotes a token reaches the page masked.
-    error = ui.friendly(RuntimeError(f"upstream said {OAUTH_TOKEN} is bad in {ui.runs_root()}/session-x"))
-    assert "oauth_CaRoL" not in str(error) and str(ui.runs_root()) not in str(error)
+    error = friendly(RuntimeError(f"upstream said {OAUTH_TOKEN} is bad in {sessions.runs_root()}/session-x"))
+    assert "oauth_CaRoL" not in str(error) and str(sessions.runs_root()) not in str(error)
 
 
 # ---------------------------------------------------------------- 5. uploads and reading
@@ -283,7 +286,7 @@ def test_item5_upload_cap(on_space, tmp_path, monkeypatch):
     big = tmp_path / "big.txt"
     big.write_text("many words here. " * 70_000)  # about 1.2 MB
     with pytest.raises(gr.Error, match="uploads up to 1 MB"):
-        _load(ui.new_session(), upload=str(big))
+        _load(sessions.new_session(), upload=str(big))
     assert ui.launch_options()["max_file_size"] == 1024 * 1024
     monkeypatch.delenv("RAWTUNE_MAX_UPLOAD_MB")
     assert ui.launch_options()["max_file_size"] == space.SHARED_UPLOAD_MB * 1024 * 1024
@@ -353,7 +356,7 @@ def test_item5_csv_row_with_extra_fields_is_one_line_error(tmp_path):
 
 
 def test_item5_hub_datasets_are_streamed_on_a_space(on_space, hub_server):
-    summary, rows, _ = _load(ui.new_session(), "alice/public-text")
+    summary, rows, _ = _load(sessions.new_session(), "alice/public-text")
     assert "streaming" in summary and rows
 
 
@@ -416,9 +419,10 @@ def test_item6_compare_waits_for_a_running_training(on_space, monkeypatch):
     monkeypatch.setattr(space, "SLOT", space.GpuSlot(space.Budget(None, None)))
     other = space.SLOT.join("training", "session-other")
     space.SLOT.report(other, 3, 10, eta_s=42)
-    session = ui.new_session()
+    session = sessions.new_session()
     session.run.update(settings={})
-    compare = ui.run_compare(session, "The river", "completion", "pytorch", 8, 0, 1, 0)
+    compare = handlers.run_compare(session, dict(prompt="The river", mode="completion", tuned="pytorch",
+                                                 max_new_tokens=8, temperature=0, top_p=1, seed=0))
     base, tuned = next(compare)
     assert base.startswith("Waiting for the GPU") and "a training at step 3/10" in base
     assert space.SLOT.position(space.SLOT._line[-1]) == 1
@@ -428,17 +432,16 @@ def test_item6_compare_waits_for_a_running_training(on_space, monkeypatch):
 
 def test_item6_training_keeps_to_the_step_budget(tmp_path, monkeypatch, tiny_llama_dir, tiny_corpus):
     from rawtune import space
-    from test_ui_browser import _form
 
     monkeypatch.setenv("RAWTUNE_RUNS", str(tmp_path))
     monkeypatch.setenv("RAWTUNE_MAX_TRAIN_STEPS", "3")
     monkeypatch.delenv("SPACE_ID", raising=False)
     monkeypatch.setattr(space, "SLOT", space.GpuSlot())
-    session = ui.new_session()
-    frames = list(ui.start_training(
-        session, None, None, lambda *a, **k: None, str(tiny_corpus), "", "train", None, None, 20, None,
-        True, False, False, "", str(tiny_llama_dir), "quick",
-        *_form(seq_len=64, lora_r=8, max_steps=8, learning_rate=0.01, save_steps=100, eval_steps=0)))
+    session = sessions.new_session()
+    frames = list(handlers.start_training(
+        session, {**data_form(str(tiny_corpus), model=str(tiny_llama_dir)),
+                  **_form(seq_len=64, lora_r=8, max_steps=8, learning_rate=0.01, save_steps=100, eval_steps=0)},
+        progress=lambda *a, **k: None))
     status, _plot, log, _result = frames[-1][:4]
     assert status.startswith("**Done**") and "step budget per training is 3 steps" in log
     record = session.run.load()["train"]
@@ -451,35 +454,34 @@ def test_item6_training_keeps_to_the_step_budget(tmp_path, monkeypatch, tiny_lla
 
 def test_item7_ttl_cleanup_skips_open_sessions(on_space, monkeypatch):
     monkeypatch.setenv("RAWTUNE_RUN_TTL_HOURS", "1")
-    open_session = ui.new_session()
+    open_session = sessions.new_session()
     (open_session.run.path).mkdir(parents=True)
     (open_session.run.run_file).write_text("{}")
-    closed = ui.runs_root() / "session-closed00000"
+    closed = sessions.runs_root() / "session-closed00000"
     (closed / "run").mkdir(parents=True)
     past = time.time() - 3 * 3600
     for folder in (open_session.dir, closed):
         for path in [folder, *folder.rglob("*")]:
             os.utime(path, (past, past))
-    ui.new_session()  # a new visitor's arrival runs the sweep
+    sessions.new_session()  # a new visitor's arrival runs the sweep
     assert open_session.dir.exists() and open_session.run.run_file.exists()
     assert not closed.exists()
-    ui.end_session(open_session)
+    sessions.end_session(open_session)
     assert not open_session.dir.exists()
 
 
 def test_item6_training_stops_at_the_time_budget(tmp_path, monkeypatch, tiny_llama_dir, tiny_corpus):
     from rawtune import space
-    from test_ui_browser import _form
 
     monkeypatch.setenv("RAWTUNE_RUNS", str(tmp_path))
     monkeypatch.setenv("RAWTUNE_MAX_TRAIN_MINUTES", "0.001")  # 0.06 s: over before the first step ends
     monkeypatch.delenv("SPACE_ID", raising=False)
     monkeypatch.setattr(space, "SLOT", space.GpuSlot())
-    session = ui.new_session()
-    frames = list(ui.start_training(
-        session, None, None, lambda *a, **k: None, str(tiny_corpus), "", "train", None, None, 20, None,
-        True, False, False, "", str(tiny_llama_dir), "quick",
-        *_form(seq_len=64, lora_r=8, max_steps=8, learning_rate=0.01, save_steps=100, eval_steps=0)))
+    session = sessions.new_session()
+    frames = list(handlers.start_training(
+        session, {**data_form(str(tiny_corpus), model=str(tiny_llama_dir)),
+                  **_form(seq_len=64, lora_r=8, max_steps=8, learning_rate=0.01, save_steps=100, eval_steps=0)},
+        progress=lambda *a, **k: None))
     status, _plot, log, _result = frames[-1][:4]
     assert "time budget per training" in status and "Resume" in status
     record = session.run.load()["train"]

@@ -28,7 +28,9 @@ import pytest
 gr = pytest.importorskip("gradio")
 
 from rawtune import ui  # noqa: E402
-from rawtune.errors import ConfigError  # noqa: E402
+from rawtune.settings import form_fields  # noqa: E402
+from rawtune.ui import forms, handlers  # noqa: E402
+from rawtune.ui import session as sessions  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = os.environ.get("RAWTUNE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -40,30 +42,65 @@ PUSH_REPO = "alice/rawtune-ui-test"
 # ---------------------------------------------------------------- helpers, no browser
 
 
-def test_form_fields_map_to_settings():
-    values = {name: "" for name in ui.ADVANCED_FIELDS}
-    values.update(backend="auto", gradient_checkpointing="preset", lr_scheduler="preset", optimizer="auto",
-                  use_rslora="preset", train_embeddings="off", target_modules=[], load_in_4bit=False,
-                  seed=7, seq_len="64", learning_rate="1e-3", max_steps="12")
-    t = ui.train_settings_from_form(" ./some/model ", "quick", values)
-    assert (t.model, t.preset, t.seq_len, t.learning_rate, t.max_steps, t.seed) == ("./some/model", "quick", 64, 1e-3, 12, 7)
-    # Empty boxes and "preset" keep the dataclass defaults, so the preset fills them later.
-    assert t.lora_r is None and t.use_rslora is None and t.lr_scheduler is None and t.target_modules is None
-    assert t.train_embeddings is False and t.eval_batches == 8 and t.logging_steps == 1
-    with pytest.raises(ConfigError, match="seq len must be a whole number"):
-        ui.train_settings_from_form("m", "quick", {**values, "seq_len": "64.5"})
-    with pytest.raises(ConfigError, match="learning rate must be a number"):
-        ui.train_settings_from_form("m", "quick", {**values, "learning_rate": "fast"})
+def test_form_is_generated_from_settings_metadata():
+    """Every training setting without an input of its own gets one, chosen by its metadata; a
+    field declared on a settings class shows up without a line of UI code."""
+    from dataclasses import dataclass, fields
 
+    from rawtune.settings import TrainSettings, form_fields, setting
 
-def test_every_train_setting_has_a_field():
-    from dataclasses import fields
-
-    from rawtune.settings import TrainSettings
-
+    with gr.Blocks():
+        inputs = forms.advanced_inputs()
     # model and preset have their own inputs; resume is the Resume button.
-    names = {f.name for f in fields(TrainSettings)} - {"model", "preset", "resume"}
-    assert names == set(ui.ADVANCED_FIELDS)
+    assert list(inputs) == [f.name for f in fields(TrainSettings) if f.name not in ("model", "preset", "resume")]
+    assert [f.name for f in form_fields()] == list(inputs)
+    for f in form_fields():
+        component = inputs[f.name]
+        assert component.info.startswith(f.metadata["doc"]) and component.elem_id == f"adv-{f.name}"
+    assert isinstance(inputs["lr_scheduler"], gr.Dropdown) and inputs["lr_scheduler"].choices[0][0] == "preset"
+    assert [c[0] for c in inputs["backend"].choices] == ["auto", "unsloth", "peft"]
+
+    @dataclass
+    class Made:
+        rank: int = setting(None, "a rank", "int")
+        fancy: bool = setting(None, "fancy or not", "bool")
+        flavour: str = setting("plain", "the flavour", choices=["plain", "spicy"])
+        parts: list = setting(None, "which parts", "list", choices=["a", "b"])
+        strict: bool = setting(True, "be strict", "bool")
+
+    with gr.Blocks():
+        made = {f.name: forms.settings_input(f) for f in fields(Made)}
+    assert isinstance(made["rank"], gr.Textbox) and made["rank"].info == "a rank" and made["rank"].value == ""
+    assert isinstance(made["fancy"], gr.Radio) and [c[0] for c in made["fancy"].choices] == ["preset", "on", "off"]
+    assert isinstance(made["flavour"], gr.Dropdown) and [c[0] for c in made["flavour"].choices] == ["plain", "spicy"]
+    assert isinstance(made["parts"], gr.CheckboxGroup) and [c[0] for c in made["parts"].choices] == ["a", "b"]
+    assert isinstance(made["strict"], gr.Checkbox) and made["strict"].value is True
+
+
+def test_handler_reads_a_form_by_name():
+    """A bound handler gets the page's values as one dict by input name, in the form's order."""
+    seen = []
+
+    def handler(session, form, token_text=None, oauth_token=None):
+        seen.append((session, form, token_text))
+        return "ok"
+
+    with gr.Blocks():
+        form = forms.Form(first=gr.Textbox(), second=gr.Number())
+    assert forms.bind(handler, form)("s", "tok", None, "one", 2) == "ok"
+    assert seen == [("s", {"first": "one", "second": 2}, "tok")]
+
+
+def test_ui_functions_are_short():
+    """The app is wiring and small handlers: no function in rawtune/ui is longer than 60 lines."""
+    import ast
+
+    lengths = {}
+    for path in sorted((REPO / "rawtune" / "ui").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lengths[f"{path.name}:{node.name}"] = node.end_lineno - node.lineno + 1
+    assert len(lengths) > 40 and max(lengths.values()) <= 60, sorted(lengths.items(), key=lambda kv: -kv[1])[:3]
 
 
 def test_old_session_folders_are_removed(tmp_path):
@@ -74,27 +111,20 @@ def test_old_session_folders_are_removed(tmp_path):
     past = time.time() - 3 * 3600
     for path in [old, old / "run", old / "run" / "run.json", other, other / "run", other / "run" / "run.json"]:
         os.utime(path, (past, past))
-    assert ui.cleanup_old_runs(tmp_path, 3600) == [old]
+    assert sessions.cleanup_old_runs(tmp_path, 3600) == [old]
     assert not old.exists() and fresh.exists() and other.exists()
 
 
 def test_sessions_are_private(tmp_path, monkeypatch):
     monkeypatch.setenv("RAWTUNE_RUNS", str(tmp_path))
-    a, b = ui.new_session(), ui.new_session()
+    a, b = sessions.new_session(), sessions.new_session()
     assert a.dir != b.dir and a.dir.parent == b.dir.parent == tmp_path
     assert a.run.path != b.run.path and a.stop is not b.stop
     import copy
 
     assert copy.deepcopy(a) is a  # Gradio's State copy keeps the one session object
-    ui.end_session(a)
+    sessions.end_session(a)
     assert not a.dir.exists() and b.dir.exists()
-
-
-def test_estimate_and_formatting():
-    assert ui._fmt_seconds(59) == "59s" and ui._fmt_seconds(61) == "1m01s" and ui._fmt_seconds(7300) == "2h01m"
-    cpu = ui.estimate_seconds(1_000_000, 1.0, 135e6, cuda=False)
-    gpu = ui.estimate_seconds(1_000_000, 1.0, 135e6, cuda=True)
-    assert cpu > gpu > 0 and ui.estimate_seconds(1000, 1.0, None, cuda=False) is None
 
 
 def test_login_button_only_where_oauth_works(monkeypatch):
@@ -116,16 +146,23 @@ def test_login_button_only_where_oauth_works(monkeypatch):
     assert demo.expects_oauth
     assert not any(getattr(b, "elem_id", None) == "token" for b in demo.blocks.values())
     profile = gr.OAuthProfile({"preferred_username": "alice", "name": "Alice", "profile": "", "picture": ""})
-    assert ui.default_repo(profile) == "alice/my-rawtune-model" and ui.default_repo(None) == ""
+    assert handlers.default_repo(profile) == "alice/my-rawtune-model" and handlers.default_repo(None) == ""
 
 
-def _form(**overrides) -> list:
+def _form(**overrides) -> dict:
     """The Advanced inputs as the page sends them by default (empty boxes), with overrides."""
-    values = {name: "" for name in ui.ADVANCED_FIELDS}
+    values = {f.name: "" for f in form_fields()}
     values.update(backend="auto", gradient_checkpointing="preset", lr_scheduler="preset", optimizer="auto",
                   use_rslora="preset", train_embeddings="preset", target_modules=[], load_in_4bit=False, seed=3407)
     values.update({k: str(v) for k, v in overrides.items()})
-    return [values[name] for name in ui.ADVANCED_FIELDS]
+    return values
+
+
+def data_form(dataset: str = "", upload=None, min_chars=20, model: str = "", preset: str = "quick") -> dict:
+    """The Data tab's inputs (and the model and preset), as the page sends them."""
+    return dict(dataset=dataset, dataset_config="", split="train", upload=upload, text_column=None,
+                min_chars=min_chars, max_documents=None, dedupe=True, split_blank_lines=False, streaming=False,
+                revision="", model=model, preset=preset)
 
 
 def test_training_in_segments_resumes_until_done(tmp_path, monkeypatch, tiny_llama_dir, tiny_corpus):
@@ -134,11 +171,11 @@ def test_training_in_segments_resumes_until_done(tmp_path, monkeypatch, tiny_lla
     # Shorter than loading the model, so every segment ends after its first step whatever the
     # machine's speed: the boundary is guaranteed, and each segment still makes progress.
     monkeypatch.setenv("RAWTUNE_SEGMENT_SECONDS", "0.5")
-    session = ui.new_session()
-    frames = list(ui.start_training(
-        session, None, None, lambda *a, **k: None, str(tiny_corpus), "", "train", None, None, 20, None,
-        True, False, False, "", str(tiny_llama_dir), "quick",
-        *_form(seq_len=64, lora_r=8, max_steps=6, learning_rate=0.01, save_steps=100, eval_steps=0)))
+    session = sessions.new_session()
+    frames = list(handlers.start_training(
+        session, {**data_form(str(tiny_corpus), model=str(tiny_llama_dir)),
+                  **_form(seq_len=64, lora_r=8, max_steps=6, learning_rate=0.01, save_steps=100, eval_steps=0)},
+        progress=lambda *a, **k: None))
     status, plot, log, result = frames[-1][:4]
     assert status.startswith("**Done**") and "held-out perplexity" in result
     assert log.count("GPU segment time is up") >= 1 and "resuming from checkpoint" in log
