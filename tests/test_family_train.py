@@ -25,7 +25,7 @@ from rawtune.settings import ALL_PROJECTIONS, RunSettings, validate
 # Projection modules each family's layers must carry LoRA on, by the names the family uses.
 FUSED = {"phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}
 # Families the fast CUDA loop trains (the others fall back to the Trainer path).
-FAST = ["llama3", "qwen2", "qwen3"]
+FAST = ["llama3", "mistral", "qwen2", "qwen3", "smollm3", "granite"]
 
 
 @pytest.fixture(scope="module")
@@ -129,17 +129,22 @@ def test_fast_loop_declines_other_families_by_name(name, family_dir):
     assert why is not None and config["model_type"] in why
 
 
-def test_parity_check_can_fail(family_dir):
-    """Negative control: the fast loop without Qwen3's q/k norms no longer matches PEFT."""
-    model, _ = _cpu_peft(family_dir("qwen3"))
+@pytest.mark.parametrize("name,field,wrong", [("qwen3", "qk_norm", False), ("smollm3", "rope_layers", None),
+                                               ("granite", "res_mult", 1.0)])
+def test_parity_check_can_fail(name, field, wrong, family_dir):
+    """Negative control: the fast loop without the family's difference no longer matches PEFT."""
+    model, _ = _cpu_peft(family_dir(name))
     ids = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ref = model(input_ids=ids, labels=ids).loss.item()
         net = fastloop.extract(model, torch.float32)
-        net.cfg.qk_norm = False
+        assert getattr(net.cfg, field) != wrong or field == "rope_layers"
+        if field == "rope_layers":
+            assert not all(net.cfg.rope_layers)  # the tiny SmolLM3 has a layer without RoPE
+        setattr(net.cfg, field, wrong)
         labels = fastloop.shifted_labels(ids, 2)
         got = fastloop.FastModel(net, compile=False).loss(ids, labels, torch.tensor(float((labels >= 0).sum()))).item()
-    assert abs(got - ref) > 1e-3
+    assert abs(got - ref) > 1e-4, (got, ref)
 
 
 # ---------------------------------------------------------------- on a CUDA GPU
