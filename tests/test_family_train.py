@@ -165,3 +165,62 @@ def test_family_trains_with_unsloth_on_cuda(name, tmp_path_factory, tiny_corpus,
     assert record["train"]["backend"] == "unsloth"
     assert record["metrics"]["ppl_tuned"] < record["metrics"]["ppl_base"]
     assert (run.adapter_dir / "adapter_model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------- the model list
+
+
+@pytest.fixture
+def no_token(monkeypatch, tmp_path):
+    """No HF_TOKEN and an empty token store: as on a machine that never logged in."""
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(hub_constants, "HF_TOKEN_PATH", str(tmp_path / "token"))
+    monkeypatch.setattr(hub_constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "stored_tokens"))
+
+
+@pytest.mark.parametrize("repo", ["meta-llama/Llama-3.2-1B-Instruct", "google/gemma-3-270m",
+                                  "meta-llama/Llama-3.1-8B"])
+def test_gated_model_without_token_is_refused_before_download(repo, no_token):
+    from rawtune.errors import ModelError
+    from rawtune.models import resolve_model
+
+    with pytest.raises(ModelError) as err:
+        resolve_model(repo, token=None, log=lambda s: None)
+    text = str(err.value)
+    # The gated message, not the offline one the tests' HF_HUB_OFFLINE=1 gives any download attempt.
+    assert repo in text and "accept the licence" in text and "token" in text and "reach" not in text
+    # With a token the check passes and the download is tried (and here fails: the Hub is out of reach).
+    with pytest.raises(ModelError) as err:
+        resolve_model(repo, token="hf_not_a_real_token", log=lambda s: None)
+    assert "cannot reach the Hub" in str(err.value) and "hf_not_a_real_token" not in str(err.value)
+
+
+def test_open_models_are_not_gated(no_token):
+    from rawtune.errors import ModelError
+    from rawtune.models import KNOWN_MODELS, is_gated, resolve_model
+
+    assert {m.family for m in KNOWN_MODELS if m.gated} == {"llama", "gemma3"}
+    assert not is_gated("Qwen/Qwen3-0.6B") and not is_gated("HuggingFaceTB/SmolLM3-3B")
+    with pytest.raises(ModelError, match="cannot reach the Hub"):
+        resolve_model("Qwen/Qwen3-0.6B", token=None, log=lambda s: None)
+
+
+def test_model_list_covers_every_family_with_known_sizes():
+    pytest.importorskip("gradio")
+    from rawtune import ui
+    from rawtune.models import KNOWN_MODELS
+
+    families = {m.family for m in KNOWN_MODELS}
+    assert families == {"llama", "qwen2", "qwen3", "gemma3", "phi3", "smollm3", "granite", "olmo2"}
+    assert ui.SMALL_MODELS == [m.repo for m in KNOWN_MODELS]
+    for family in families - {"phi3"}:  # Phi-4-mini has no base release
+        kinds = {m.instruct for m in KNOWN_MODELS if m.family == family}
+        assert kinds == {True, False}, family
+    # The time estimate uses the listed counts, the most specific name first.
+    assert ui._param_count("Qwen/Qwen3-1.7B-Base") == 1.7e9
+    assert ui._param_count("google/gemma-3-270m-it") == 268e6
+    assert ui._param_count("meta-llama/Llama-3.2-3B-Instruct") == 3.21e9
+    assert ui.estimate_seconds(10**6, 1.0, ui._param_count("Qwen/Qwen3-0.6B"), cuda=True) == pytest.approx(
+        6 * 0.6e9 * 10**6 / 30e12)
