@@ -21,8 +21,10 @@ the Trainer does with ``num_items_in_batch``), the same parameter groups, AdamW,
 Families: one layer function covers every architecture whose decoder layer it computes exactly
 (:data:`ARCHS`): Llama 2/3 (and SmolLM/SmolLM2), Mistral (when its sliding window is not shorter
 than the blocks), Qwen2, Qwen3 (RMSNorm over each head of q and k before RoPE), SmolLM3 (layers
-without RoPE) and Granite (its embedding, residual, attention and logit multipliers). Other
-families (Gemma 2/3, Phi-3, OLMo 2) train on the Trainer path, said in one log line.
+without RoPE), Granite (its embedding, residual, attention and logit multipliers) and OLMo 2
+(RMSNorm after attention and MLP instead of before, RMSNorm over all of q and k). Other families
+(Gemma 2/3: GELU, offset norms, soft-capping, sliding windows; Phi-3: fused projections, partial
+RoPE) train on the Trainer path, said in one log line.
 
 Checkpoints are ``checkpoints/checkpoint-N`` folders with the adapter and ``fastloop_state.pt``;
 only this loop resumes them.
@@ -45,7 +47,7 @@ from .rundir import RunDir
 from .settings import RunSettings, TrainSettings
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-ARCHS = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite")
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite", "olmo2")
 STATE_FILE = "fastloop_state.pt"
 
 
@@ -189,13 +191,19 @@ def extract(model: Any, dtype: Any = None) -> Net:
 def family_constants(c: Any, first_layer: Any) -> dict:
     """What sets a family's layer apart from Llama's, as constants of the layer function.
 
-    qk_norm: Qwen3's RMSNorm over each head of q and k (before RoPE); rope_layers: per layer,
-    whether it applies RoPE (SmolLM3 leaves every fourth out); Granite's multipliers (1.0 and the
-    default 1/sqrt(head_dim) attention scale elsewhere).
+    qk_norm: "head" for Qwen3's RMSNorm over each head of q and k (before RoPE), "full" for
+    OLMo 2's over the whole projection, else False; post_norm: OLMo 2 normalizes the attention and
+    MLP outputs instead of their inputs; rope_layers: per layer, whether it applies RoPE (SmolLM3
+    leaves every fourth out); Granite's multipliers (1.0 and the default 1/sqrt(head_dim)
+    attention scale elsewhere).
     """
     n = c.num_hidden_layers
     no_rope = getattr(c, "no_rope_layers", None)
-    return dict(qk_norm=hasattr(first_layer.self_attn, "q_norm"),
+    attn = first_layer.self_attn
+    qk_norm = False
+    if hasattr(attn, "q_norm"):
+        qk_norm = "head" if attn.q_norm.weight.shape[0] == getattr(attn, "head_dim", -1) else "full"
+    return dict(qk_norm=qk_norm, post_norm=not hasattr(first_layer, "input_layernorm"),
                 rope_layers=tuple(bool(x) for x in no_rope) if no_rope else (True,) * n,
                 emb_mult=float(getattr(c, "embedding_multiplier", 1.0) or 1.0),
                 res_mult=float(getattr(c, "residual_multiplier", 1.0) or 1.0),
@@ -204,11 +212,14 @@ def family_constants(c: Any, first_layer: Any) -> dict:
 
 
 def _family_tensors(layer: Any, dt: Any) -> tuple:
-    """(q_norm, k_norm) weights where the family has them (Qwen3), appended after the LoRA pairs."""
+    """(q_norm, k_norm, post-MLP norm) weights where the family has them (Qwen3, OLMo 2), else None,
+    appended after the LoRA pairs."""
+    def weight(module: Any, name: str) -> Any:
+        norm = getattr(module, name, None)
+        return None if norm is None else norm.weight.detach().to(dt)
+
     attn = layer.self_attn
-    if not hasattr(attn, "q_norm"):
-        return (None, None)
-    return (attn.q_norm.weight.detach().to(dt), attn.k_norm.weight.detach().to(dt))
+    return (weight(attn, "q_norm"), weight(attn, "k_norm"), weight(layer, "post_feedforward_layernorm"))
 
 
 def _layer_tensors(layer: Any, dt: Any) -> tuple:
@@ -224,7 +235,8 @@ def _layer_tensors(layer: Any, dt: Any) -> tuple:
 
     qkv_bias = [b(n) for n in PROJ[:3]]
     fused_bias = torch.cat(qkv_bias) if all(x is not None for x in qkv_bias) else None
-    out = [layer.input_layernorm.weight.detach().to(dt), torch.cat([w(n) for n in PROJ[:3]]), fused_bias,
+    pre_norm = getattr(layer, "input_layernorm", None)  # OLMo 2 has none (it normalizes outputs)
+    out = [None if pre_norm is None else pre_norm.weight.detach().to(dt), torch.cat([w(n) for n in PROJ[:3]]), fused_bias,
            w("o_proj"), layer.post_attention_layernorm.weight.detach().to(dt),
            torch.cat([w("gate_proj"), w("up_proj")]), w("down_proj")]
     for name in PROJ:
@@ -242,6 +254,15 @@ def _rms(x: Any, w: Any, eps: float) -> Any:
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return w * xf.to(x.dtype)
+
+
+def _rms_out(x: Any, w: Any, eps: float) -> Any:
+    """OLMo 2's RMSNorm: the weight multiplies in fp32 before the cast back (Llama's after)."""
+    import torch
+
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (w * xf).to(x.dtype)
 
 
 def _rotate(x: Any, cos: Any, sin: Any) -> Any:
@@ -333,30 +354,37 @@ def make_layer(cfg: SimpleNamespace, attn_backends: Optional[list] = None, fuse:
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=KV != H)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=KV != H)
 
+    post_norm = getattr(cfg, "post_norm", False)
+
     def heads(x, n, norm):
-        """[B, T, n*hd] -> [B, n, T, hd], with the per-head RMSNorm where the family has one."""
+        """[B, T, n*hd] -> [B, n, T, hd], with the family's q/k RMSNorm (whole projection or per head)."""
+        if qk_norm == "full":
+            x = _rms_out(x, norm, cfg.eps)
         x = x.view(x.shape[0], x.shape[1], n, hd)
-        if qk_norm:
+        if qk_norm and qk_norm != "full":
             x = _rms(x, norm, cfg.eps)
         return x.transpose(1, 2)
 
-    def residual(h, x):
+    def residual(h, x, norm):
+        """h + x, with the family's output norm (OLMo 2) and residual multiplier (Granite)."""
+        if post_norm:
+            x = _rms_out(x, norm, cfg.eps)
         return h + x * res_mult if res_mult != 1.0 else h + x
 
     def layer(h, cos, sin, tensors):
         ln1, w_qkv, b_qkv, w_o, ln2, w_gu, w_down = tensors[:7]
         B, T, _ = h.shape
-        x = _rms(h, ln1, cfg.eps)
+        x = h if post_norm else _rms(h, ln1, cfg.eps)
         q, k, v = proj(x, w_qkv, b_qkv, tensors, PROJ[:3]).split([H * hd, KV * hd, KV * hd], dim=-1)
         # (RoPE before the head transpose was measured too: same tokens/s; docs/benchmarks.md.)
         q = _rotate(heads(q, H, tensors[21]), cos, sin)
         k = _rotate(heads(k, KV, tensors[22]), cos, sin)
         v = v.view(B, T, KV, hd).transpose(1, 2)
         a = attention(q, k, v).transpose(1, 2).reshape(B, T, H * hd)
-        h = residual(h, proj(a, w_o, None, tensors, PROJ[3:4]))
-        x = _rms(h, ln2, cfg.eps)
+        h = residual(h, proj(a, w_o, None, tensors, PROJ[3:4]), ln2)
+        x = h if post_norm else _rms(h, ln2, cfg.eps)
         g, u = proj(x, w_gu, None, tensors, PROJ[4:6]).split([cfg.inter, cfg.inter], dim=-1)
-        return residual(h, proj(F.silu(g) * u, w_down, None, tensors, PROJ[6:]))
+        return residual(h, proj(F.silu(g) * u, w_down, None, tensors, PROJ[6:]), tensors[23])
 
     return layer
 

@@ -25,7 +25,7 @@ from rawtune.settings import ALL_PROJECTIONS, RunSettings, validate
 # Projection modules each family's layers must carry LoRA on, by the names the family uses.
 FUSED = {"phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}
 # Families the fast CUDA loop trains (the others fall back to the Trainer path).
-FAST = ["llama3", "mistral", "qwen2", "qwen3", "smollm3", "granite"]
+FAST = ["llama3", "mistral", "qwen2", "qwen3", "smollm3", "granite", "olmo2"]
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +130,7 @@ def test_fast_loop_declines_other_families_by_name(name, family_dir):
 
 
 @pytest.mark.parametrize("name,field,wrong", [("qwen3", "qk_norm", False), ("smollm3", "rope_layers", None),
-                                               ("granite", "res_mult", 1.0)])
+                                               ("granite", "res_mult", 1.0), ("olmo2", "qk_norm", False)])
 def test_parity_check_can_fail(name, field, wrong, family_dir):
     """Negative control: the fast loop without the family's difference no longer matches PEFT."""
     model, _ = _cpu_peft(family_dir(name))
