@@ -158,7 +158,7 @@ class Net:
 
 
 def extract(model: Any, dtype: Any = None) -> Net:
-    """Flatten a PEFT-wrapped llama/qwen2 into the tensors of :class:`Net` (shared with the model).
+    """Flatten a PEFT-wrapped model of :data:`ARCHS` into the tensors of :class:`Net` (shared with the model).
 
     ``dtype`` is the compute dtype (bf16 on CUDA; the CPU tests use fp32 to compare with PEFT).
     """
@@ -236,7 +236,8 @@ def _layer_tensors(layer: Any, dt: Any) -> tuple:
     qkv_bias = [b(n) for n in PROJ[:3]]
     fused_bias = torch.cat(qkv_bias) if all(x is not None for x in qkv_bias) else None
     pre_norm = getattr(layer, "input_layernorm", None)  # OLMo 2 has none (it normalizes outputs)
-    out = [None if pre_norm is None else pre_norm.weight.detach().to(dt), torch.cat([w(n) for n in PROJ[:3]]), fused_bias,
+    ln1 = None if pre_norm is None else pre_norm.weight.detach().to(dt)
+    out = [ln1, torch.cat([w(n) for n in PROJ[:3]]), fused_bias,
            w("o_proj"), layer.post_attention_layernorm.weight.detach().to(dt),
            torch.cat([w("gate_proj"), w("up_proj")]), w("down_proj")]
     for name in PROJ:
