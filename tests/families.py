@@ -1,7 +1,7 @@
 """Tiny random models of every model family rawtune supports, each with its family's tokenizer.
 
 ``build_family(name, path)`` writes a Hugging Face folder (config, safetensors, tokenizer, chat
-template) for one family in ``FAMILIES``: the family's real config class and architecture name,
+template) for one family in ``FAMILIES`` (or a variant in ``VARIANTS``, e.g. Phi-4 mini): the family's real config class and architecture name,
 a few layers of a small width, and a tokenizer trained in well under a second that has the
 STRUCTURE of the family's tokenizer (pre-tokenizer, normalizer, byte fallback, special tokens,
 BOS handling). Nothing is downloaded.
@@ -32,6 +32,9 @@ TEMPLATE_DIR = Path(__file__).parent / "data" / "templates"
 # Pre-tokenizer regexes as the families' tokenizer.json files spell them.
 LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+GPT4O_REGEX = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+               r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+               r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
@@ -63,6 +66,9 @@ GEMMA_TEMPLATE = (
 PHI3_TEMPLATE = ("{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + "
                  "'<|end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}"
                  "{{ eos_token }}{% endif %}")
+# Turn format of Phi-4 mini instruct (the Phi-3 markers without newlines).
+PHI4_TEMPLATE = ("{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+                 "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}")
 # Turn format of Mistral Instruct v0.1-v0.3 ([INST] ... [/INST], no system role).
 MISTRAL_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
                     "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
@@ -158,11 +164,12 @@ FAMILY_SPECS: dict[str, Family] = {
         "bpe", LLAMA3_TOK.specials + ["<|im_start|>", "<|im_end|>"], bos=None, eos="<|im_end|>", add_bos=False,
         split_regex=LLAMA3_REGEX, ignore_merges=True), CHATML, True, dict(
         no_rope_layer_interval=4, rope_parameters={"rope_type": "default", "rope_theta": 2000000.0})),
-    # Granite 3.x dense: StarCoder-style tokenizer (single digits + GPT-2 byte level), four multipliers.
+    # Granite 3.x dense: StarCoder-style tokenizer (single digits + GPT-2 byte level), four multipliers
+    # (attention 1/head_dim as in Granite 3.x, residual and logit values of the 2B model).
     "granite": Family("GraniteForCausalLM", "GraniteConfig", Tokenizer(
         "bpe", ["<|end_of_text|>", "<|start_of_role|>", "<|end_of_role|>"], bos=None, eos="<|end_of_text|>",
         add_bos=False, pad="<|end_of_text|>", digits=True), GRANITE_TEMPLATE, True, dict(
-        embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.015625, logits_scaling=8.0,
+        embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0625, logits_scaling=8.0,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
     # OLMo 2 1B: norms after attention and MLP (no pre-norms), q/k norms over the whole projection;
     # a cl100k-style tokenizer (the Llama 3 regex, merges applied in order).
@@ -170,8 +177,18 @@ FAMILY_SPECS: dict[str, Family] = {
         "bpe", ["<|endoftext|>", "<|pad|>", "<|user|>", "<|assistant|>", "<|system|>"], bos="<|endoftext|>",
         eos="<|endoftext|>", add_bos=False, pad="<|pad|>", split_regex=LLAMA3_REGEX), OLMO2_TEMPLATE, False, dict(
         rope_parameters={"rope_type": "default", "rope_theta": 500000.0})),
+    # Phi-4 mini: the Phi-3 architecture with an o200k byte-level tokenizer, tied embeddings and
+    # LongRoPE (short factors at these lengths). A variant: not in FAMILIES, built by name.
+    "phi4mini": Family("Phi3ForCausalLM", "Phi3Config", Tokenizer(
+        "bpe", ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], bos=None, eos="<|end|>",
+        add_bos=False, pad="<|endoftext|>", split_regex=GPT4O_REGEX), PHI4_TEMPLATE, True, dict(
+        original_max_position_embeddings=4096, max_position_embeddings=131072,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+                         "original_max_position_embeddings": 4096,
+                         "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5], "long_factor": [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]})),
 }
-FAMILIES = list(FAMILY_SPECS)
+VARIANTS = ["phi4mini"]
+FAMILIES = [name for name in FAMILY_SPECS if name not in VARIANTS]
 # Chat tokens every SentencePiece family adds on top of its base vocabulary.
 SPM_CHAT_TOKENS = {"gemma2": ["<start_of_turn>", "<end_of_turn>"], "gemma3": ["<start_of_turn>", "<end_of_turn>"],
                    "phi3": ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], "mistral": []}
@@ -209,11 +226,11 @@ def _bpe_tokenizer(spec: Tokenizer):
     return tok
 
 
-def _spm_tokenizer(spec: Tokenizer, chat_tokens: list[str]):
-    """A SentencePiece-style BPE: '▁' for spaces, <0xNN> byte-fallback pieces, specials first."""
-    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+def _spm_vocab(spec: Tokenizer) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A SentencePiece-style vocabulary: specials, the 256 <0xNN> byte-fallback pieces, then merges
+    trained on '▁'-marked words (SentencePiece never merges across a word start)."""
+    from tokenizers import Tokenizer as HFTokenizer, models, normalizers, pre_tokenizers, trainers
 
-    # Train merges on '▁'-marked words (SentencePiece never merges across a word start).
     probe = HFTokenizer(models.BPE())
     probe.normalizer = normalizers.Replace(" ", "▁")
     probe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
@@ -225,16 +242,26 @@ def _spm_tokenizer(spec: Tokenizer, chat_tokens: list[str]):
     for text, _ in sorted(trained["vocab"].items(), key=lambda item: item[1]):
         vocab.setdefault(text, len(vocab))
     merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
-    tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=spec.unk, fuse_unk=True, byte_fallback=True))
-    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-    if spec.spm_style == "gemma":  # as transformers' GemmaTokenizer builds it
-        tok.normalizer = normalizers.Replace(" ", "▁")
-        tok.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous", invert=False)
-    else:  # Llama 2 / Mistral / Phi-3 tokenizer.json: a '▁' prepended to the text, spaces replaced
-        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-        steps.append(decoders.Strip(" ", 1, 0))
-    tok.decoder = decoders.Sequence(steps)
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in spec.specials + chat_tokens])
+    return vocab, merges
+
+
+def _spm_tokenizer(spec: Tokenizer, chat_tokens: list[str]):
+    """The family's transformers tokenizer class on that vocabulary, as transformers 5 builds it when it
+    loads the real model: GemmaTokenizer (no space prefix) or LlamaTokenizer (Llama 2, Mistral, Phi-3:
+    a '▁' before the text only, not after special tokens)."""
+    from transformers import GemmaTokenizer, LlamaTokenizer
+
+    vocab, merges = _spm_vocab(spec)
+    cls = GemmaTokenizer if spec.spm_style == "gemma" else LlamaTokenizer
+    extra = {"pad_token": spec.pad} if spec.pad else {}
+    if spec.spm_style == "gemma":
+        extra["mask_token"] = "<mask>"
+    tok = cls(vocab=vocab, merges=merges, unk_token=spec.unk, bos_token=spec.bos, eos_token=spec.eos,
+              add_bos_token=spec.add_bos, add_eos_token=False, **extra)
+    if chat_tokens:
+        tok.add_special_tokens({"additional_special_tokens": chat_tokens})
+    if spec.eos not in tok.get_vocab():
+        raise ValueError(f"{spec.eos} is not in the vocabulary")
     return tok
 
 
@@ -245,12 +272,11 @@ def build_tokenizer(name: str, path: Path):
     family = FAMILY_SPECS[name]
     spec = family.tokenizer
     if spec.kind == "bpe":
-        tok = _bpe_tokenizer(spec)
+        fast = PreTrainedTokenizerFast(tokenizer_object=_bpe_tokenizer(spec), bos_token=spec.bos,
+                                       eos_token=spec.eos, pad_token=spec.pad, add_bos_token=spec.add_bos,
+                                       add_eos_token=False)
     else:
-        tok = _spm_tokenizer(spec, SPM_CHAT_TOKENS[name])
-    extra = {"unk_token": spec.unk} if spec.kind == "spm" else {}
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=spec.bos, eos_token=spec.eos,
-                                   pad_token=spec.pad, add_bos_token=spec.add_bos, add_eos_token=False, **extra)
+        fast = _spm_tokenizer(spec, SPM_CHAT_TOKENS[name])
     fast.chat_template = chat_template(name)
     path.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(path)
