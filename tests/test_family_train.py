@@ -18,12 +18,12 @@ import pytest
 import torch
 
 from conftest import train_tiny
-from families import FAMILIES, build_family
+from families import FAMILIES, VARIANTS, build_family
 from rawtune import fastloop
 from rawtune.settings import ALL_PROJECTIONS, RunSettings, validate
 
 # Projection modules each family's layers must carry LoRA on, by the names the family uses.
-FUSED = {"phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}
+FUSED = {name: ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"] for name in ("phi3", "phi4mini")}
 # Families the fast CUDA loop trains (the others fall back to the Trainer path).
 FAST = ["llama3", "mistral", "qwen2", "qwen3", "smollm3", "granite", "olmo2"]
 
@@ -44,7 +44,7 @@ def _steps(run) -> list[dict]:
     return [e for e in run.load()["train"]["history"] if e["type"] == "step"]
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", FAMILIES + VARIANTS)
 def test_family_trains_with_peft_on_cpu(name, family_dir, tiny_corpus, tmp_path):
     from safetensors import safe_open
 
