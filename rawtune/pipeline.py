@@ -373,10 +373,6 @@ def _follow(events: Iterator[dict], stop: threading.Event, run: RunDir) -> Itera
 # ---------------------------------------------------------------- training-time estimate
 
 
-# Parameter counts of the app's listed models, for the estimate before anything is loaded.
-KNOWN_PARAMS = {"SmolLM2-135M": 135e6, "SmolLM2-360M": 362e6, "Qwen2.5-0.5B": 494e6}
-
-
 @dataclass(frozen=True)
 class Estimate:
     """A rough size and training time of a corpus, before anything is loaded."""
@@ -427,8 +423,10 @@ def quick_tokenizer(model: str) -> Any:
 
 
 def param_count(model: str) -> Optional[float]:
-    """Rough parameter count from config.json (local folders) or the list of known models."""
-    for name, count in KNOWN_PARAMS.items():
+    """Rough parameter count from the table of known models, or config.json (local folders)."""
+    from .models import known_param_counts
+
+    for name, count in known_param_counts().items():
         if name in model:
             return count
     config = Path(model).expanduser() / "config.json"

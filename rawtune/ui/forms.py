@@ -14,17 +14,10 @@ from typing import Any, Callable
 import gradio as gr
 
 from .. import space
+from ..models import model_choices
 from ..settings import PRESETS, QUANT_LABELS, QUANTS, DataSettings, concrete_preset, docs, form_fields, tristate
 from .session import UPLOAD_TYPES
 
-SMALL_MODELS = [
-    "HuggingFaceTB/SmolLM2-135M",
-    "HuggingFaceTB/SmolLM2-135M-Instruct",
-    "HuggingFaceTB/SmolLM2-360M",
-    "HuggingFaceTB/SmolLM2-360M-Instruct",
-    "Qwen/Qwen2.5-0.5B",
-    "Qwen/Qwen2.5-0.5B-Instruct",
-]
 
 INTRO = """# rawtune
 **Raw text in, an Ollama-pullable small model out.** Load a corpus, continue pretraining a small
@@ -178,7 +171,7 @@ def train_tab(default_model: str) -> Components:
     """The Train tab: model, preset, the generated Advanced inputs, buttons, status, plot and log."""
     c: Components = {}
     with gr.Row():
-        c["model"] = gr.Dropdown(list(dict.fromkeys([default_model] + SMALL_MODELS)), value=default_model,
+        c["model"] = gr.Dropdown(list(dict.fromkeys([default_model] + model_choices())), value=default_model,
                                  allow_custom_value=True, label="base model", scale=3, elem_id="model",
                                  info=("a listed model, any Hub id, a local HF folder or a .gguf file"
                                        if space.allow_server_paths() else "a listed model or any Hub id"))
