@@ -208,19 +208,25 @@ def test_open_models_are_not_gated(no_token):
 
 
 def test_model_list_covers_every_family_with_known_sizes():
-    pytest.importorskip("gradio")
-    from rawtune import ui
+    gr = pytest.importorskip("gradio")
     from rawtune.models import KNOWN_MODELS
+    from rawtune.pipeline import estimate_seconds, param_count
+    from rawtune.ui import forms
+    from rawtune.ui.session import default_model
+
+    with gr.Blocks():
+        tab = forms.train_tab(default_model())
 
     families = {m.family for m in KNOWN_MODELS}
     assert families == {"llama", "qwen2", "qwen3", "gemma3", "phi3", "smollm3", "granite", "olmo2"}
-    assert ui.SMALL_MODELS == [m.repo for m in KNOWN_MODELS]
+    listed = [c[0] for c in tab["model"].choices]
+    assert listed == list(dict.fromkeys([default_model()] + [m.repo for m in KNOWN_MODELS]))
     for family in families - {"phi3"}:  # Phi-4-mini has no base release
         kinds = {m.instruct for m in KNOWN_MODELS if m.family == family}
         assert kinds == {True, False}, family
     # The time estimate uses the listed counts, the most specific name first.
-    assert ui._param_count("Qwen/Qwen3-1.7B-Base") == 1.7e9
-    assert ui._param_count("google/gemma-3-270m-it") == 268e6
-    assert ui._param_count("meta-llama/Llama-3.2-3B-Instruct") == 3.21e9
-    assert ui.estimate_seconds(10**6, 1.0, ui._param_count("Qwen/Qwen3-0.6B"), cuda=True) == pytest.approx(
+    assert param_count("Qwen/Qwen3-1.7B-Base") == 1.7e9
+    assert param_count("google/gemma-3-270m-it") == 268e6
+    assert param_count("meta-llama/Llama-3.2-3B-Instruct") == 3.21e9
+    assert estimate_seconds(10**6, 1.0, param_count("Qwen/Qwen3-0.6B"), cuda=True) == pytest.approx(
         6 * 0.6e9 * 10**6 / 30e12)
