@@ -860,7 +860,7 @@ def push_model(session: Optional[Session], repo: str, private: bool, previous_lo
     _claim(session, "push")
     log: list[str] = [_public(line) for line in (previous_log or "").splitlines()]
     try:
-        from .hub import push_run
+        from .publish.push import push_run
 
         work = Background(push_run, run, PushSettings(repo=(repo or "").strip(), private=bool(private)), token=token)
         while not work.finished():
@@ -892,7 +892,7 @@ def default_repo(profile: gr.OAuthProfile | None) -> str:
 
 def compare_choices(session: Optional[Session]):
     """The tuned models this session can compare with (PyTorch, and each exported GGUF)."""
-    from .chat import tuned_choices
+    from .compare import tuned_choices
 
     if not isinstance(session, Session) or not session.run.exists():
         return gr.Dropdown(choices=["pytorch"], value="pytorch")
@@ -903,7 +903,7 @@ def compare_choices(session: Optional[Session]):
 @gpu(duration=60)
 def compare_stream(run_path: str, prompt: str, mode: str, max_new_tokens: int, temperature: float,
                    top_p: float, seed: int, tuned: str) -> Iterator[tuple[str, str]]:
-    from .chat import stream_compare
+    from .compare import stream_compare
 
     yield from stream_compare(run_path, prompt, mode, max_new_tokens, temperature, top_p, seed, tuned)
 

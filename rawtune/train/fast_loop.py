@@ -36,9 +36,9 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from .errors import TrainError
-from .rundir import RunDir
-from .settings import RunSettings, TrainSettings
+from ..errors import TrainError
+from ..rundir import RunDir
+from ..settings import RunSettings, TrainSettings
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ARCHS = ("llama", "qwen2")
@@ -473,7 +473,7 @@ def restore_dtypes(net: Net, original: dict) -> None:
 def make_optimizer(model: Any, t: TrainSettings) -> Any:
     import torch
 
-    from .train import param_groups
+    from .hf_loop import param_groups
 
     groups = param_groups(model, t.learning_rate, t.embedding_learning_rate, t.weight_decay)
     if t.optimizer == "adamw_8bit":
@@ -575,8 +575,8 @@ def fit_fast(settings: RunSettings, t: TrainSettings, run: RunDir, model: Any, b
     """Train with the fast loop; same outputs as rawtune.train._fit (adapter, checkpoints, record)."""
     import torch
 
-    from .models import load_tokenizer
-    from .train import _CtrlC, _record, format_duration, training_arguments
+    from ..models import load_tokenizer
+    from .hf_loop import _CtrlC, _record, format_duration, training_arguments
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # cpu: tests of the loop logic
     net = extract(model, None if device.type == "cuda" else torch.float32)

@@ -22,9 +22,9 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from .errors import ConfigError, TrainError
-from .rundir import RunDir
-from .settings import EMBEDDING_MODULES, RunSettings, TrainSettings, has_cuda
+from ..errors import ConfigError, TrainError
+from ..rundir import RunDir
+from ..settings import EMBEDDING_MODULES, RunSettings, TrainSettings, has_cuda
 
 Callback = Callable[[dict], None]
 
@@ -341,7 +341,7 @@ def train(settings: RunSettings, run: RunDir, callback: Optional[Callback] = Non
           stop: Optional[threading.Event] = None, token: Optional[str] = None,
           log: Callable[[str], None] = print) -> dict:
     """Train a LoRA adapter on ``run``'s packed blocks; return (and store) the train record."""
-    from .data import load_blocks
+    from ..data import load_blocks
 
     t = settings.train
     model_info = run.require("model", "train")
@@ -352,7 +352,7 @@ def train(settings: RunSettings, run: RunDir, callback: Optional[Callback] = Non
                          "rerun the data stage (`rawtune train` without --resume)")
     backend = choose_backend(t.backend)
     if has_cuda():
-        from .gpu import plan
+        from .plan import plan
 
         t = plan(t, model_info["local_dir"], log=log)
     resume_from = None
@@ -375,10 +375,10 @@ def train(settings: RunSettings, run: RunDir, callback: Optional[Callback] = Non
 def _fit(settings: RunSettings, t: TrainSettings, run: RunDir, model: Any, backend: str,
          train_blocks: np.ndarray, held: np.ndarray, callback: Optional[Callback],
          stop: threading.Event, resume_from: Optional[Path], log: Callable[[str], None]) -> dict:
-    from .models import load_tokenizer
+    from ..models import load_tokenizer
 
     if has_cuda():  # --- rawtune.gpu/fastloop (issue 6): the fast CUDA loop where it applies
-        from . import fastloop
+        from . import fast_loop as fastloop
 
         why_not = fastloop.supports(model, t, resume_from)
         if why_not is None:

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Callable, Optional
 
-from .settings import TrainSettings
+from ..settings import TrainSettings
 
 GIB = 2**30
 # Measured on an H200 (docs/benchmarks.md): peak allocated bytes per token of the micro-batch,
@@ -75,7 +75,7 @@ def estimate_fast_bytes(t: TrainSettings, c: dict, micro: int) -> int:
 
 def choose(t: TrainSettings, config: dict, total_bytes: int, bf16: bool = True) -> Plan:
     """The plan for a card of ``total_bytes`` memory (pure: no GPU needed)."""
-    from .fastloop import applicable
+    from .fast_loop import applicable
 
     effective = t.batch_size * t.grad_accum
     gc = str(t.gradient_checkpointing)
@@ -122,7 +122,7 @@ def main(argv: Optional[list] = None) -> None:
     """Print the plan the default recipe gets on common card sizes for a model folder."""
     import argparse
 
-    from .settings import RunSettings, validate
+    from ..settings import RunSettings, validate
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("model_dir")
