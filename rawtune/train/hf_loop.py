@@ -1,32 +1,27 @@
-"""The training stage: LoRA continued pretraining on the packed blocks of a run directory.
+"""The Trainer path: the LoRA model for each backend and a transformers ``Trainer`` over the blocks.
 
-Two backends share one training loop (a transformers ``Trainer`` over pre-packed blocks, which
-measured faster than TRL's packing on CPU): ``unsloth`` (its fast model loader and kernels;
-CUDA only, imported inside the function) and ``peft`` (plain transformers + PEFT, anywhere).
-embed_tokens/lm_head are trained fully with their own learning rate when asked. Progress goes
-to a callback; a stop event, a STOP file or Ctrl-C stops after the current step and saves the
-adapter and a resumable checkpoint.
+Two backends share this loop (a ``Trainer`` over pre-packed blocks, which measured faster than
+TRL's packing on CPU): ``unsloth`` (its fast model loader and kernels; CUDA only, imported
+inside the function) and ``peft`` (plain transformers + PEFT, anywhere). embed_tokens/lm_head
+are trained fully with their own learning rate when asked. The loop reports through
+:class:`.progress.Progress` and stops at :class:`.progress.StopSignal`'s request after the
+current step, saving a resumable checkpoint.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
-import math
-import re
-import signal
-import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 
-from ..errors import ConfigError, TrainError
+from ..errors import ConfigError
 from ..rundir import RunDir
-from ..settings import EMBEDDING_MODULES, RunSettings, TrainSettings, has_cuda
-
-Callback = Callable[[dict], None]
+from ..settings import EMBEDDING_MODULES, TrainSettings, has_cuda
+from .optim import param_groups
+from .progress import LoopResult, Progress, StopSignal, step_of
 
 
 # ---------------------------------------------------------------- backend choice
@@ -67,7 +62,8 @@ class BlockDataset:
 # ---------------------------------------------------------------- models
 
 
-def _peft_config(t: TrainSettings) -> Any:
+def peft_config(t: TrainSettings) -> Any:
+    """The LoRA configuration of ``t`` for PEFT."""
     from peft import LoraConfig
 
     return LoraConfig(
@@ -101,7 +97,7 @@ def load_peft(t: TrainSettings, local_dir: str) -> Any:
     elif _checkpointing(t) != "off":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    return get_peft_model(model, _peft_config(t))
+    return get_peft_model(model, peft_config(t))
 
 
 def load_unsloth(t: TrainSettings, local_dir: str) -> Any:
@@ -121,14 +117,14 @@ def load_unsloth(t: TrainSettings, local_dir: str) -> Any:
 
 
 def _checkpointing(t: TrainSettings) -> str:
-    """Resolve gradient checkpointing to on/off/unsloth ('auto' is decided by rawtune.gpu)."""
+    """Resolve gradient checkpointing to on/off/unsloth ('auto' is decided by the memory plan)."""
     value = str(t.gradient_checkpointing)
     if value in ("True", "on"):
         return "on"
     if value in ("False", "off"):
         return "off"
     if value == "auto":
-        return "off"  # rawtune.gpu.plan replaces 'auto' on CUDA; on CPU memory is not the limit
+        return "off"  # the memory plan replaces 'auto' on CUDA; on CPU memory is not the limit
     return value
 
 
@@ -141,20 +137,7 @@ def check_targets(model: Any, t: TrainSettings) -> None:
         raise ConfigError(f"--target-modules {','.join(missing)} not found in this model; it has: {', '.join(found)}")
 
 
-# ---------------------------------------------------------------- optimizer and trainer
-
-
-def param_groups(model: Any, lr: float, embedding_lr: float, weight_decay: float) -> list[dict]:
-    """LoRA weights at ``lr``; fully trained embed_tokens/lm_head at ``embedding_lr``, no decay."""
-    lora, embed = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (embed if any(m in name for m in EMBEDDING_MODULES) else lora).append(param)
-    groups = [{"params": lora, "lr": lr, "weight_decay": weight_decay}]
-    if embed:
-        groups.append({"params": embed, "lr": embedding_lr, "weight_decay": 0.0})
-    return groups
+# ---------------------------------------------------------------- trainer
 
 
 def _trainer_class() -> type:
@@ -211,39 +194,17 @@ def _bf16_ok() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
-# ---------------------------------------------------------------- progress and stopping
-
-
-def _progress_callback(callback: Optional[Callback], stop: threading.Event, run: RunDir,
-                       tokens_per_step: int, log: Callable[[str], None]) -> Any:
+def _trainer_callback(progress: Progress, stop: StopSignal) -> Any:
     from transformers import TrainerCallback
 
-    class Progress(TrainerCallback):
-        """Turns Trainer events into rawtune progress events, and honours stop requests."""
-
-        def __init__(self):
-            self.t0 = time.time()
-            self.first_step: Optional[int] = None
-            self.history: list[dict] = []
-            self.stopped = False
-
-        def _rate(self, state) -> tuple[float, float]:
-            if self.first_step is None:
-                self.first_step = state.global_step
-                self.t0 = time.time()
-            steps = state.global_step - self.first_step
-            elapsed = max(time.time() - self.t0, 1e-9)
-            tok_s = steps * tokens_per_step / elapsed if steps else 0.0
-            eta = (state.max_steps - state.global_step) * elapsed / steps if steps else float("nan")
-            return tok_s, eta
+    class Report(TrainerCallback):
+        """Hands the Trainer's logs and evaluations to ``progress``, and its stop requests back."""
 
         def on_train_begin(self, args, state, control, **kw):
-            self.first_step = state.global_step
-            self.t0 = time.time()
+            progress.meter.mark(state.global_step)
 
         def _check_stop(self, control):
-            if stop.is_set() or run.stop_file.exists():
-                self.stopped = True
+            if stop.requested():
                 control.should_save = True
                 control.should_training_stop = True
             return control
@@ -254,194 +215,42 @@ def _progress_callback(callback: Optional[Callback], stop: threading.Event, run:
         def on_log(self, args, state, control, logs=None, **kw):
             if not logs or "loss" not in logs:
                 return
-            tok_s, eta = self._rate(state)
-            event = {"type": "step", "step": state.global_step, "max_steps": state.max_steps,
-                     "loss": float(logs["loss"]), "lr": float(logs.get("learning_rate", 0.0)),
-                     "tokens_per_s": tok_s, "eta_s": eta, "epoch": float(state.epoch or 0.0)}
-            self.history.append(event)
-            log(f"[train] step {event['step']}/{event['max_steps']} loss {event['loss']:.4f} "
-                f"{tok_s:,.0f} tok/s eta {format_duration(eta)}")
-            if callback:
-                callback(event)
+            progress.step(state.global_step, state.max_steps, float(logs["loss"]),
+                          float(logs.get("learning_rate", 0.0)), float(state.epoch or 0.0))
             # Checked again after the callback, which may have asked to stop at this very step.
             return self._check_stop(control)
 
         def on_evaluate(self, args, state, control, metrics=None, **kw):
             if metrics and "eval_loss" in metrics:
-                event = {"type": "eval", "step": state.global_step, "eval_loss": float(metrics["eval_loss"])}
-                self.history.append(event)
-                log(f"[train] step {state.global_step} held-out loss {event['eval_loss']:.4f}")
-                if callback:
-                    callback(event)
+                progress.eval(state.global_step, float(metrics["eval_loss"]))
 
-    return Progress()
-
-
-def format_duration(seconds: Optional[float]) -> str:
-    """A short duration for progress lines: 59s, 1m01s, 2h01m ('?' when unknown)."""
-    if seconds is None or not math.isfinite(seconds):
-        return "?"
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
-
-
-class _CtrlC:
-    """First Ctrl-C asks for a clean stop (adapter + checkpoint saved); the second one aborts."""
-
-    def __init__(self, stop: threading.Event, log: Callable[[str], None]):
-        self.stop, self.log, self.previous = stop, log, None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.stop.is_set():
-            raise KeyboardInterrupt
-        self.log("[train] stopping after this step; the adapter and a checkpoint will be saved (Ctrl-C again to abort)")
-        self.stop.set()
-
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-
-
-def latest_checkpoint(run: RunDir) -> Optional[Path]:
-    """The newest ``checkpoints/checkpoint-N`` folder, or None."""
-    if not run.checkpoints_dir.is_dir():
-        return None
-    found = [(int(m.group(1)), p) for p in run.checkpoints_dir.iterdir()
-             if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and p.is_dir()]
-    return max(found)[1] if found else None
-
-
-# ---------------------------------------------------------------- the stage
-
-
-def versions(backend: str) -> dict[str, str]:
-    """Versions of the libraries that shaped the result, for run.json."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("rawtune", "torch", "transformers", "peft", "accelerate", "datasets", "unsloth", "bitsandbytes"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            continue
-    out["backend"] = backend
-    return out
-
-
-def train(settings: RunSettings, run: RunDir, callback: Optional[Callback] = None,
-          stop: Optional[threading.Event] = None, token: Optional[str] = None,
-          log: Callable[[str], None] = print) -> dict:
-    """Train a LoRA adapter on ``run``'s packed blocks; return (and store) the train record."""
-    from ..data import load_blocks
-
-    t = settings.train
-    model_info = run.require("model", "train")
-    train_blocks = load_blocks(run, "train")
-    held = load_blocks(run, "heldout")
-    if train_blocks.shape[1] != t.seq_len:
-        raise TrainError(f"the packed blocks have length {train_blocks.shape[1]} but --seq-len is {t.seq_len}; "
-                         "rerun the data stage (`rawtune train` without --resume)")
-    backend = choose_backend(t.backend)
-    if has_cuda():
-        from .plan import plan
-
-        t = plan(t, model_info["local_dir"], log=log)
-    resume_from = None
-    if t.resume:
-        resume_from = latest_checkpoint(run)
-        if resume_from is None:
-            raise TrainError(f"--resume: no checkpoint in {run.checkpoints_dir}; run without --resume")
-        if t.max_steps and _step_of(resume_from) >= t.max_steps:
-            # The Trainer would take one more step past the end; a finished run has nothing to resume.
-            raise TrainError(f"--resume: {run.path} has already trained all {t.max_steps} steps of --max-steps; "
-                             "pass a larger --max-steps to train further")
-        log(f"[train] resuming from {resume_from.name}")
-    log(f"[train] backend {backend}; LoRA r={t.lora_r} alpha={t.lora_alpha}"
-        f"{' rsLoRA' if t.use_rslora else ''}{' + embed_tokens/lm_head' if t.train_embeddings else ''}")
-    model = (load_unsloth if backend == "unsloth" else load_peft)(t, model_info["local_dir"])
-    return _fit(settings, t, run, model, backend, train_blocks, held, callback,
-                stop or threading.Event(), resume_from, log)
-
-
-def _fit(settings: RunSettings, t: TrainSettings, run: RunDir, model: Any, backend: str,
-         train_blocks: np.ndarray, held: np.ndarray, callback: Optional[Callback],
-         stop: threading.Event, resume_from: Optional[Path], log: Callable[[str], None]) -> dict:
-    from ..models import load_tokenizer
-
-    if has_cuda():  # --- rawtune.gpu/fastloop (issue 6): the fast CUDA loop where it applies
-        from . import fast_loop as fastloop
-
-        why_not = fastloop.supports(model, t, resume_from)
-        if why_not is None:
-            return fastloop.fit_fast(settings, t, run, model, backend, train_blocks, held, callback,
-                                     stop, resume_from, log)
-        log(f"[train] Trainer loop ({why_not})")  # --- end of the fast-loop branch
-    tokenizer = load_tokenizer(run.load()["model"]["local_dir"])
-    eval_blocks = held[: t.eval_batches * t.batch_size]
-    tokens_per_step = t.batch_size * t.grad_accum * t.seq_len
-    progress = _progress_callback(callback, stop, run, tokens_per_step, log)
-    trainer = _trainer_class()(
-        model=model, args=training_arguments(t, run, len(eval_blocks) > 0),
-        train_dataset=BlockDataset(train_blocks),
-        eval_dataset=BlockDataset(eval_blocks) if len(eval_blocks) else None,
-        callbacks=[progress])
-    trainer.embedding_learning_rate = t.embedding_learning_rate
-    _quiet(trainer)
-    start_step = _step_of(resume_from)
-    started = time.time()
-    with _CtrlC(stop, log):
-        try:
-            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-        except KeyboardInterrupt:
-            log("[train] aborted; saving the adapter as it is now")
-            progress.stopped = True
-    seconds = time.time() - started
-    run.adapter_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(run.adapter_dir))
-    tokenizer.save_pretrained(str(run.adapter_dir))
-    return _record(settings, t, run, trainer, progress, backend, start_step, seconds, tokens_per_step, callback)
+    return Report()
 
 
 def _quiet(trainer: Any) -> None:
-    """Drop the Trainer's own printing: rawtune's progress callback reports instead."""
+    """Drop the Trainer's own printing: rawtune's progress reports instead."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
 
 
-def _step_of(checkpoint: Optional[Path]) -> int:
-    return int(checkpoint.name.split("-")[1]) if checkpoint else 0
+# ---------------------------------------------------------------- the loop
 
 
-def _record(settings: RunSettings, t: TrainSettings, run: RunDir, trainer: Any, progress: Any,
-            backend: str, start_step: int, seconds: float, tokens_per_step: int,
-            callback: Optional[Callback]) -> dict:
-    state = trainer.state
-    steps_now = state.global_step - start_step
-    tokens = steps_now * tokens_per_step
-    losses = [e["loss"] for e in progress.history if e["type"] == "step"]
-    previous = run.load().get("train", {}).get("history", []) if start_step else []
-    record = {
-        "backend": backend, "steps": state.global_step, "max_steps": state.max_steps,
-        "resumed_from_step": start_step, "stopped_early": progress.stopped,
-        "final_loss": losses[-1] if losses else None, "seconds": round(seconds, 2),
-        "history": [e for e in previous if e["step"] <= start_step] + progress.history,
-        "adapter": run.adapter_dir.name, "effective_settings": dataclasses.asdict(t),
-    }
-    metrics = run.load().get("metrics", {})
-    metrics.update(train_tokens=tokens, train_seconds=round(seconds, 2),
-                   train_tokens_per_s=round(tokens / seconds, 1) if seconds > 0 else None)
-    run.update(train=record, metrics=metrics, versions=versions(backend))
-    if callback:
-        callback({"type": "done", **{k: record[k] for k in ("steps", "max_steps", "stopped_early", "final_loss")}})
-    return record
+def fit(t: TrainSettings, run: RunDir, model: Any, train_blocks: np.ndarray, held: np.ndarray,
+        progress: Progress, stop: StopSignal, resume_from: Optional[Path]) -> LoopResult:
+    """Train ``model`` with the Trainer; checkpoints go to ``checkpoints/``."""
+    eval_blocks = held[: t.eval_batches * t.batch_size]
+    trainer = _trainer_class()(
+        model=model, args=training_arguments(t, run, len(eval_blocks) > 0),
+        train_dataset=BlockDataset(train_blocks),
+        eval_dataset=BlockDataset(eval_blocks) if len(eval_blocks) else None,
+        callbacks=[_trainer_callback(progress, stop)])
+    trainer.embedding_learning_rate = t.embedding_learning_rate
+    _quiet(trainer)
+    started = time.time()
+    with stop:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    return LoopResult(trainer.state.global_step, trainer.state.max_steps, step_of(resume_from),
+                      time.time() - started)
