@@ -45,21 +45,15 @@ import gradio as gr
 
 from . import space
 from .errors import ConfigError, RawtuneError
+from .models import known_param_counts, model_choices
 from .rundir import RunDir, scrub
 from .settings import (ALL_PROJECTIONS, DEFAULT_MODEL, PRESETS, QUANT_LABELS, QUANTS, DataSettings,
                        ExportSettings, PushSettings, RunSettings, TrainSettings, field_docs, from_dict, to_dict)
 from .train import format_duration as _fmt_seconds
 
-SMALL_MODELS = [
-    "HuggingFaceTB/SmolLM2-135M",
-    "HuggingFaceTB/SmolLM2-135M-Instruct",
-    "HuggingFaceTB/SmolLM2-360M",
-    "HuggingFaceTB/SmolLM2-360M-Instruct",
-    "Qwen/Qwen2.5-0.5B",
-    "Qwen/Qwen2.5-0.5B-Instruct",
-]
-# Parameter counts of the listed models, for the training-time estimate before anything is loaded.
-KNOWN_PARAMS = {"SmolLM2-135M": 135e6, "SmolLM2-360M": 362e6, "Qwen2.5-0.5B": 494e6}
+# The model list and parameter counts (for the training-time estimate) come from rawtune.models.
+SMALL_MODELS = model_choices()
+KNOWN_PARAMS = known_param_counts()
 UPLOAD_TYPES = [".jsonl", ".json", ".csv", ".tsv", ".txt", ".md", ".parquet"]
 LOG_LINES = 200
 PLOT_POINTS = 1000  # most train-loss points sent to the plot

@@ -17,7 +17,7 @@ import jinja2
 import pytest
 from transformers import AutoTokenizer
 
-from rawtune import ollama
+from rawtune.export import ollama
 from rawtune.errors import ExportError
 
 GO_PROGRAM = r"""
@@ -118,16 +118,23 @@ def go_render(template: str, cases: list[dict]) -> list[str]:
     return json.loads(proc.stdout)
 
 
-def assert_go_matches_jinja(render: ollama.Renderer, fmt: ollama.ChatFormat, strip_bos: str = "") -> None:
+def assert_go_matches_jinja(render: ollama.Renderer, fmt: ollama.ChatFormat, strip_bos: str = "") -> list[str]:
+    """Go's rendering of the sample conversations must equal the Jinja template's; returns Go's texts.
+
+    The Jinja side is :func:`ollama.reference_render`: the template's own output, without the EOS
+    some templates append when no generation prompt follows, and for templates that refuse system
+    messages, with the system text at the head of the first user message.
+    """
     conversations = ollama.sample_conversations(strip=fmt.trims_content)
     got = go_render(ollama.to_go_template(fmt), [{"Messages": m} for m, _ in conversations])
+    compared = []
     for (messages, gen), go_text in zip(conversations, got):
-        want = render(messages, gen)
-        if strip_bos and want.startswith(strip_bos):
-            want = want[len(strip_bos):]
         if not gen and messages[-1]["role"] != "assistant":
             continue  # Ollama always adds the generation prompt; Jinja without it is not comparable
+        want = ollama.reference_render(fmt, render, messages, gen, strip_bos or None, add_bos=bool(strip_bos))
         assert go_text == want, (messages, go_text, want)
+        compared.append(go_text)
+    return compared
 
 
 def test_tiny_chatml_renders_the_same_in_go(tiny_tokenizer_dir):

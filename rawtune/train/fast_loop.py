@@ -1,4 +1,4 @@
-"""The fast CUDA training loop: LoRA on llama-family models without the Trainer's overheads.
+"""The fast CUDA training loop: LoRA on llama-shaped models without the Trainer's overheads.
 
 Why it exists: on a GPU the Trainer path runs SmolLM2-135M at 1-14 % of the card's
 arithmetic rate; the time goes to Python, small kernel launches, un-fused elementwise work and
@@ -17,6 +17,14 @@ the Trainer does with ``num_items_in_batch``), the same parameter groups, AdamW,
 - micro-batches as large as the card allows (the memory plan, :mod:`.plan`, picks them, keeping the effective
   batch), no gradient checkpointing, the step's loss read back one step late so the GPU never
   waits on Python.
+
+Families: one layer function covers every architecture whose decoder layer it computes exactly
+(:data:`ARCHS`): Llama 2/3 (and SmolLM/SmolLM2), Mistral (when its sliding window is not shorter
+than the blocks), Qwen2, Qwen3 (RMSNorm over each head of q and k before RoPE), SmolLM3 (layers
+without RoPE), Granite (its embedding, residual, attention and logit multipliers) and OLMo 2
+(RMSNorm after attention and MLP instead of before, RMSNorm over all of q and k). Other families
+(Gemma 2/3: GELU, offset norms, soft-capping, sliding windows; Phi-3: fused projections, partial
+RoPE) train on the Trainer path, said in one log line.
 
 Checkpoints are ``checkpoints/checkpoint-N`` folders with the adapter and ``fastloop_state.pt``;
 only this loop resumes them, and reads the state back with ``weights_only=True`` (plain tensors
@@ -43,7 +51,7 @@ from .optim import param_groups, schedule
 from .progress import LoopResult, Progress, StopSignal
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-ARCHS = ("llama", "qwen2")
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite", "olmo2")
 STATE_FILE = "fastloop_state.pt"
 
 
@@ -67,8 +75,9 @@ def why_not_for_settings(t: TrainSettings, config: dict, bf16: Optional[bool] = 
         return f"architecture {config.get('model_type')!r} (the fast loop knows {', '.join(ARCHS)})"
     if config.get("hidden_act", "silu") != "silu" or config.get("mlp_bias"):
         return "an MLP other than SiLU-gated without bias"
-    if config.get("model_type") == "qwen2" and config.get("use_sliding_window"):
-        return "sliding-window attention"
+    reason = family_reason(t, config)
+    if reason:
+        return reason
     if t.load_in_4bit:
         return "4-bit loading (bitsandbytes layers)"
     if t.lora_dropout:
@@ -81,6 +90,18 @@ def why_not_for_settings(t: TrainSettings, config: dict, bf16: Optional[bool] = 
         bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     if not bf16:
         return "a GPU without bf16"
+    return None
+
+
+def family_reason(t: TrainSettings, config: dict) -> Optional[str]:
+    """Why this family's layer differs from the one the fast loop computes (None when it does not)."""
+    arch = config.get("model_type")
+    if config.get("use_sliding_window"):
+        return f"sliding-window attention ({arch})"
+    if arch == "mistral" and config.get("sliding_window") and config["sliding_window"] < t.seq_len:
+        return f"a sliding window of {config['sliding_window']} tokens, shorter than --seq-len ({arch})"
+    if config.get("attention_bias") and arch != "qwen2":
+        return f"attention biases ({arch})"
     return None
 
 
@@ -143,7 +164,7 @@ class Net:
 
 
 def extract(model: Any, dtype: Any = None) -> Net:
-    """Flatten a PEFT-wrapped llama/qwen2 into the tensors of :class:`Net` (shared with the model).
+    """Flatten a PEFT-wrapped model of :data:`ARCHS` into the tensors of :class:`Net` (shared with the model).
 
     ``dtype`` is the compute dtype (bf16 on CUDA; the CPU tests use fp32 to compare with PEFT).
     """
@@ -164,13 +185,47 @@ def extract(model: Any, dtype: Any = None) -> Net:
         scales.append(float(mod.scaling["default"]) if has else 0.0)
     cfg = SimpleNamespace(hidden=c.hidden_size, heads=heads, kv=kv, hd=hd, eps=c.rms_norm_eps,
                           inter=c.intermediate_size, lora=tuple(lora_on), ranks=tuple(ranks),
-                          scales=tuple(scales), dtype=dt, vocab=c.vocab_size)
-    layers = [_layer_tensors(layer, dt) for layer in base.model.layers]
+                          scales=tuple(scales), dtype=dt, vocab=c.vocab_size, **family_constants(c, first))
+    layers = [_layer_tensors(layer, dt) + _family_tensors(layer, dt) for layer in base.model.layers]
     embed = _active(base.get_input_embeddings()).weight
     head = _active(base.get_output_embeddings()).weight
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     rotary = getattr(base.model, "rotary_emb", None) or first.self_attn.rotary_emb
     return Net(embed, head, base.model.norm.weight.detach().to(dt), layers, cfg, rotary, trainable)
+
+
+def family_constants(c: Any, first_layer: Any) -> dict:
+    """What sets a family's layer apart from Llama's, as constants of the layer function.
+
+    qk_norm: "head" for Qwen3's RMSNorm over each head of q and k (before RoPE), "full" for
+    OLMo 2's over the whole projection, else False; post_norm: OLMo 2 normalizes the attention and
+    MLP outputs instead of their inputs; rope_layers: per layer, whether it applies RoPE (SmolLM3
+    leaves every fourth out); Granite's multipliers (1.0 and the default 1/sqrt(head_dim)
+    attention scale elsewhere).
+    """
+    n = c.num_hidden_layers
+    no_rope = getattr(c, "no_rope_layers", None)
+    attn = first_layer.self_attn
+    qk_norm = False
+    if hasattr(attn, "q_norm"):
+        qk_norm = "head" if attn.q_norm.weight.shape[0] == getattr(attn, "head_dim", -1) else "full"
+    return dict(qk_norm=qk_norm, post_norm=not hasattr(first_layer, "input_layernorm"),
+                rope_layers=tuple(bool(x) for x in no_rope) if no_rope else (True,) * n,
+                emb_mult=float(getattr(c, "embedding_multiplier", 1.0) or 1.0),
+                res_mult=float(getattr(c, "residual_multiplier", 1.0) or 1.0),
+                attn_scale=getattr(c, "attention_multiplier", None),
+                logit_scale=float(getattr(c, "logits_scaling", 1.0) or 1.0))
+
+
+def _family_tensors(layer: Any, dt: Any) -> tuple:
+    """(q_norm, k_norm, post-MLP norm) weights where the family has them (Qwen3, OLMo 2), else None,
+    appended after the LoRA pairs."""
+    def weight(module: Any, name: str) -> Any:
+        norm = getattr(module, name, None)
+        return None if norm is None else norm.weight.detach().to(dt)
+
+    attn = layer.self_attn
+    return (weight(attn, "q_norm"), weight(attn, "k_norm"), weight(layer, "post_feedforward_layernorm"))
 
 
 def _layer_tensors(layer: Any, dt: Any) -> tuple:
@@ -186,7 +241,9 @@ def _layer_tensors(layer: Any, dt: Any) -> tuple:
 
     qkv_bias = [b(n) for n in PROJ[:3]]
     fused_bias = torch.cat(qkv_bias) if all(x is not None for x in qkv_bias) else None
-    out = [layer.input_layernorm.weight.detach().to(dt), torch.cat([w(n) for n in PROJ[:3]]), fused_bias,
+    pre_norm = getattr(layer, "input_layernorm", None)  # OLMo 2 has none (it normalizes outputs)
+    ln1 = None if pre_norm is None else pre_norm.weight.detach().to(dt)
+    out = [ln1, torch.cat([w(n) for n in PROJ[:3]]), fused_bias,
            w("o_proj"), layer.post_attention_layernorm.weight.detach().to(dt),
            torch.cat([w("gate_proj"), w("up_proj")]), w("down_proj")]
     for name in PROJ:
@@ -204,6 +261,15 @@ def _rms(x: Any, w: Any, eps: float) -> Any:
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return w * xf.to(x.dtype)
+
+
+def _rms_out(x: Any, w: Any, eps: float) -> Any:
+    """OLMo 2's RMSNorm: the weight multiplies in fp32 before the cast back (Llama's after)."""
+    import torch
+
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (w * xf).to(x.dtype)
 
 
 def _rotate(x: Any, cos: Any, sin: Any) -> Any:
@@ -283,28 +349,49 @@ def make_layer(cfg: SimpleNamespace, attn_backends: Optional[list] = None, fuse:
         y = fused.apply(x, su, w, b)
         return y + bias if bias is not None else y
 
+    scale = getattr(cfg, "attn_scale", None)
+    qk_norm = getattr(cfg, "qk_norm", False)
+    res_mult = getattr(cfg, "res_mult", 1.0)
+
     def attention(q, k, v):
         if attn_backends:
             from torch.nn.attention import sdpa_kernel
 
             with sdpa_kernel(attn_backends):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=KV != H)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=KV != H)
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=KV != H)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=KV != H)
+
+    post_norm = getattr(cfg, "post_norm", False)
+
+    def heads(x, n, norm):
+        """[B, T, n*hd] -> [B, n, T, hd], with the family's q/k RMSNorm (whole projection or per head)."""
+        if qk_norm == "full":
+            x = _rms_out(x, norm, cfg.eps)
+        x = x.view(x.shape[0], x.shape[1], n, hd)
+        if qk_norm and qk_norm != "full":
+            x = _rms(x, norm, cfg.eps)
+        return x.transpose(1, 2)
+
+    def residual(h, x, norm):
+        """h + x, with the family's output norm (OLMo 2) and residual multiplier (Granite)."""
+        if post_norm:
+            x = _rms_out(x, norm, cfg.eps)
+        return h + x * res_mult if res_mult != 1.0 else h + x
 
     def layer(h, cos, sin, tensors):
         ln1, w_qkv, b_qkv, w_o, ln2, w_gu, w_down = tensors[:7]
         B, T, _ = h.shape
-        x = _rms(h, ln1, cfg.eps)
+        x = h if post_norm else _rms(h, ln1, cfg.eps)
         q, k, v = proj(x, w_qkv, b_qkv, tensors, PROJ[:3]).split([H * hd, KV * hd, KV * hd], dim=-1)
         # (RoPE before the head transpose was measured too: same tokens/s; docs/benchmarks.md.)
-        q = _rotate(q.view(B, T, H, hd).transpose(1, 2), cos, sin)
-        k = _rotate(k.view(B, T, KV, hd).transpose(1, 2), cos, sin)
+        q = _rotate(heads(q, H, tensors[21]), cos, sin)
+        k = _rotate(heads(k, KV, tensors[22]), cos, sin)
         v = v.view(B, T, KV, hd).transpose(1, 2)
         a = attention(q, k, v).transpose(1, 2).reshape(B, T, H * hd)
-        h = h + proj(a, w_o, None, tensors, PROJ[3:4])
-        x = _rms(h, ln2, cfg.eps)
+        h = residual(h, proj(a, w_o, None, tensors, PROJ[3:4]), ln2)
+        x = h if post_norm else _rms(h, ln2, cfg.eps)
         g, u = proj(x, w_gu, None, tensors, PROJ[4:6]).split([cfg.inter, cfg.inter], dim=-1)
-        return h + proj(F.silu(g) * u, w_down, None, tensors, PROJ[6:])
+        return residual(h, proj(F.silu(g) * u, w_down, None, tensors, PROJ[6:]), tensors[23])
 
     return layer
 
@@ -423,10 +510,17 @@ class FastModel:
         net = self.net
         B, T = ids.shape
         cos, sin = self.rope(T, ids.device)
-        h = F.embedding(ids, net.embed).to(net.cfg.dtype)
-        for tensors in net.layers:
-            h = self.layer(h, cos, sin, tensors)
-        h = _rms(h, net.norm, net.cfg.eps).reshape(B * T, -1)
+        plain = (torch.ones_like(cos), torch.zeros_like(sin))  # x*1 + rot*0 == x: a layer without RoPE
+        c = net.cfg
+        h = F.embedding(ids, net.embed).to(c.dtype)
+        if getattr(c, "emb_mult", 1.0) != 1.0:
+            h = h * c.emb_mult
+        rope_layers = getattr(c, "rope_layers", None) or (True,) * len(net.layers)
+        for tensors, rope in zip(net.layers, rope_layers):
+            h = self.layer(h, *((cos, sin) if rope else plain), tensors)
+        h = _rms(h, net.norm, c.eps).reshape(B * T, -1)
+        if getattr(c, "logit_scale", 1.0) != 1.0:
+            h = h / c.logit_scale  # (h / s) @ W^T is the model's logits / logits_scaling
         rows = _chunk_rows(B * T, T, net.cfg.vocab)
         return self.ce.apply(h, net.head, labels.reshape(-1), n_items, rows, torch.is_grad_enabled())
 

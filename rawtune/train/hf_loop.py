@@ -10,6 +10,7 @@ current step, saving a resumable checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..rundir import RunDir
-from ..settings import EMBEDDING_MODULES, TrainSettings, has_cuda
+from ..settings import EMBEDDING_MODULES, FUSED_PROJECTIONS, TrainSettings, has_cuda
 from .optim import param_groups
 from .progress import LoopResult, Progress, StopSignal, step_of
 
@@ -91,6 +92,7 @@ def load_peft(t: TrainSettings, local_dir: str) -> Any:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
     model = AutoModelForCausalLM.from_pretrained(local_dir, **kwargs)
+    t = with_model_targets(model, t)
     check_targets(model, t)
     if t.load_in_4bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=_checkpointing(t) != "off")
@@ -106,6 +108,7 @@ def load_unsloth(t: TrainSettings, local_dir: str) -> Any:
 
     model, _tokenizer = FastLanguageModel.from_pretrained(
         model_name=local_dir, max_seq_length=t.seq_len, dtype=None, load_in_4bit=t.load_in_4bit)
+    t = with_model_targets(model, t)
     check_targets(model, t)
     gc = _checkpointing(t)
     targets = list(t.target_modules) + (list(EMBEDDING_MODULES) if t.train_embeddings else [])
@@ -126,6 +129,30 @@ def _checkpointing(t: TrainSettings) -> str:
     if value == "auto":
         return "off"  # the memory plan replaces 'auto' on CUDA; on CPU memory is not the limit
     return value
+
+
+def model_targets(module_names: set[str], requested: list[str]) -> list[str]:
+    """The requested projections spelled as this model names them.
+
+    Phi-3 and Phi-4-mini compute q/k/v in one ``qkv_proj`` and gate/up in one ``gate_up_proj``:
+    asking for any of the split names gives the fused module its adapter (LoRA on the fused
+    matrix covers the same weights). Other names pass through unchanged.
+    """
+    out: list[str] = []
+    for name in requested:
+        fused = next((f for f, parts in FUSED_PROJECTIONS.items() if name in parts), None)
+        if name not in module_names and fused in module_names:
+            name = fused
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def with_model_targets(model: Any, t: TrainSettings) -> TrainSettings:
+    """``t`` with its target modules mapped onto the loaded model's projection names."""
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    targets = model_targets(names, list(t.target_modules))
+    return t if targets == list(t.target_modules) else dataclasses.replace(t, target_modules=targets)
 
 
 def check_targets(model: Any, t: TrainSettings) -> None:

@@ -1,0 +1,226 @@
+"""Training every model family on the CPU (PEFT) and the fast loop's maths per family.
+
+Each family is a tiny random model with its real Hugging Face config class (tests/families.py).
+Training runs through rawtune's own stages (data -> train -> eval) for two steps: the LoRA targets
+must exist in the family's layers (Phi-3's fused projections included), the loss must be finite,
+and the eval stage must load the saved adapter. The fast loop must give PEFT's loss and gradients
+for every family it claims, and decline the others with the family's name. The ``gpu`` test
+trains each family through the Unsloth backend (skipped on CPU machines).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import train_tiny
+from families import FAMILIES, VARIANTS, build_family
+from rawtune.train import fast_loop as fastloop
+from rawtune.settings import ALL_PROJECTIONS, RunSettings, validate
+
+# Projection modules each family's layers must carry LoRA on, by the names the family uses.
+FUSED = {name: ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"] for name in ("phi3", "phi4mini")}
+# Families the fast CUDA loop trains (the others fall back to the Trainer path).
+FAST = ["llama3", "mistral", "qwen2", "qwen3", "smollm3", "granite", "olmo2"]
+
+
+@pytest.fixture(scope="module")
+def family_dir(tmp_path_factory):
+    """The tiny model folder of a family, built once per module."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = build_family(name, tmp_path_factory.mktemp(f"fam-{name}"))
+        return cache[name]
+    return get
+
+
+def _steps(run) -> list[dict]:
+    return [e for e in run.load()["train"]["history"] if e["type"] == "step"]
+
+
+@pytest.mark.parametrize("name", FAMILIES + VARIANTS)
+def test_family_trains_with_peft_on_cpu(name, family_dir, tiny_corpus, tmp_path):
+    from safetensors import safe_open
+
+    run = train_tiny(tmp_path / "r", family_dir(name), tiny_corpus, max_steps=2, seq_len=32, save_steps=100,
+                     backend="peft")
+    steps = _steps(run)
+    assert len(steps) == 2 and all(math.isfinite(e["loss"]) for e in steps), steps
+    config = json.loads((run.adapter_dir / "adapter_config.json").read_text())
+    expected = FUSED.get(name, ALL_PROJECTIONS)
+    assert sorted(config["target_modules"]) == sorted(expected)
+    with safe_open(str(run.adapter_dir / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    layers = json.loads((family_dir(name) / "config.json").read_text())["num_hidden_layers"]
+    for module in expected:  # every layer's projection got its A and B
+        assert sum(f".{module}.lora_A" in k for k in keys) == layers, (module, keys[:8])
+    metrics = run.load()["metrics"]  # the eval stage loaded base and adapter
+    assert math.isfinite(metrics["ppl_base"]) and math.isfinite(metrics["ppl_tuned"])
+    assert metrics["ppl_tuned"] != metrics["ppl_base"]
+
+
+# ---------------------------------------------------------------- the fast loop per family
+
+
+def _cpu_peft(model_dir, seq_len=32):
+    """The PEFT model as rawtune's standard recipe builds it, fp32 on the CPU, with random LoRA B."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from rawtune.train.hf_loop import peft_config
+
+    s = RunSettings()
+    s.train.preset = "standard"
+    s.train.seq_len = seq_len
+    t = validate(s).train
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), peft_config(t))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:  # PEFT starts B at zero; random B makes the LoRA path count
+            p.data.normal_(0, 0.05)
+    return model, t
+
+
+def parity(model_dir) -> tuple[float, float]:
+    """(|loss difference|, largest relative gradient error) between the fast loop and PEFT."""
+    model, _ = _cpu_peft(model_dir)
+    ids = torch.randint(0, model.config.vocab_size, (3, 32), generator=torch.Generator().manual_seed(1))
+    ref = model(input_ids=ids, labels=ids).loss
+    ref.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    fast = fastloop.FastModel(fastloop.extract(model, torch.float32), compile=False)
+    labels = fastloop.shifted_labels(ids, 3)
+    loss = fast.loss(ids, labels, torch.tensor(float((labels >= 0).sum())))
+    loss.backward()
+    assert len(ref_grads) > 10
+    errors = [((p.grad - ref_grads[n]).norm() / (ref_grads[n].norm() + 1e-12)).item()
+              for n, p in model.named_parameters() if p.requires_grad]
+    return abs(loss.item() - ref.item()), max(errors)
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_fast_loop_matches_peft_for_family(name, family_dir):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(family_dir(name)).to_dict()
+    s = RunSettings()
+    s.train.preset = "standard"
+    s.train.seq_len = 32
+    assert fastloop.why_not_for_settings(validate(s).train, config, bf16=True) is None
+    loss_err, grad_err = parity(family_dir(name))
+    assert loss_err < 1e-5 and grad_err < 1e-4, (loss_err, grad_err)
+
+
+@pytest.mark.parametrize("name", [f for f in FAMILIES if f not in FAST])
+def test_fast_loop_declines_other_families_by_name(name, family_dir):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(family_dir(name)).to_dict()
+    s = RunSettings()
+    s.train.preset = "standard"
+    why = fastloop.why_not_for_settings(validate(s).train, config, bf16=True)
+    assert why is not None and config["model_type"] in why
+
+
+@pytest.mark.parametrize("name,field,wrong", [("qwen3", "qk_norm", False), ("smollm3", "rope_layers", None),
+                                               ("granite", "res_mult", 1.0), ("olmo2", "qk_norm", False)])
+def test_parity_check_can_fail(name, field, wrong, family_dir):
+    """Negative control: the fast loop without the family's difference no longer matches PEFT."""
+    model, _ = _cpu_peft(family_dir(name))
+    ids = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model(input_ids=ids, labels=ids).loss.item()
+        net = fastloop.extract(model, torch.float32)
+        assert getattr(net.cfg, field) != wrong or field == "rope_layers"
+        if field == "rope_layers":
+            assert not all(net.cfg.rope_layers)  # the tiny SmolLM3 has a layer without RoPE
+        setattr(net.cfg, field, wrong)
+        labels = fastloop.shifted_labels(ids, 2)
+        got = fastloop.FastModel(net, compile=False).loss(ids, labels, torch.tensor(float((labels >= 0).sum()))).item()
+    assert abs(got - ref) > 1e-4, (got, ref)
+
+
+# ---------------------------------------------------------------- on a CUDA GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", FAMILIES)
+def test_family_trains_with_unsloth_on_cuda(name, tmp_path_factory, tiny_corpus, tmp_path):
+    """Each family through the Unsloth backend (its loader and LoRA wrapper), 20 steps."""
+    pytest.importorskip("unsloth")
+    model_dir = build_family(name, tmp_path_factory.mktemp(f"gpu-{name}"))
+    run = train_tiny(tmp_path / "r", model_dir, tiny_corpus, backend="unsloth", max_steps=20,
+                     gradient_checkpointing="auto")
+    losses = [e["loss"] for e in _steps(run)]
+    assert len(losses) == 20 and all(math.isfinite(x) for x in losses)
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+    record = run.load()
+    assert record["train"]["backend"] == "unsloth"
+    assert record["metrics"]["ppl_tuned"] < record["metrics"]["ppl_base"]
+    assert (run.adapter_dir / "adapter_model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------- the model list
+
+
+@pytest.fixture
+def no_token(monkeypatch, tmp_path):
+    """No HF_TOKEN and an empty token store: as on a machine that never logged in."""
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(hub_constants, "HF_TOKEN_PATH", str(tmp_path / "token"))
+    monkeypatch.setattr(hub_constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "stored_tokens"))
+
+
+@pytest.mark.parametrize("repo", ["meta-llama/Llama-3.2-1B-Instruct", "google/gemma-3-270m",
+                                  "meta-llama/Llama-3.1-8B"])
+def test_gated_model_without_token_is_refused_before_download(repo, no_token):
+    from rawtune.errors import ModelError
+    from rawtune.models import resolve_model
+
+    with pytest.raises(ModelError) as err:
+        resolve_model(repo, token=None, log=lambda s: None)
+    text = str(err.value)
+    # The gated message, not the offline one the tests' HF_HUB_OFFLINE=1 gives any download attempt.
+    assert repo in text and "accept the licence" in text and "token" in text and "reach" not in text
+    # With a token the check passes and the download is tried (and here fails: the Hub is out of reach).
+    with pytest.raises(ModelError) as err:
+        resolve_model(repo, token="hf_not_a_real_token", log=lambda s: None)
+    assert "cannot reach the Hub" in str(err.value) and "hf_not_a_real_token" not in str(err.value)
+
+
+def test_open_models_are_not_gated(no_token):
+    from rawtune.errors import ModelError
+    from rawtune.models import KNOWN_MODELS, is_gated, resolve_model
+
+    assert {m.family for m in KNOWN_MODELS if m.gated} == {"llama", "gemma3"}
+    assert not is_gated("Qwen/Qwen3-0.6B") and not is_gated("HuggingFaceTB/SmolLM3-3B")
+    with pytest.raises(ModelError, match="cannot reach the Hub"):
+        resolve_model("Qwen/Qwen3-0.6B", token=None, log=lambda s: None)
+
+
+def test_model_list_covers_every_family_with_known_sizes():
+    pytest.importorskip("gradio")
+    from rawtune import ui
+    from rawtune.models import KNOWN_MODELS
+
+    families = {m.family for m in KNOWN_MODELS}
+    assert families == {"llama", "qwen2", "qwen3", "gemma3", "phi3", "smollm3", "granite", "olmo2"}
+    assert ui.SMALL_MODELS == [m.repo for m in KNOWN_MODELS]
+    for family in families - {"phi3"}:  # Phi-4-mini has no base release
+        kinds = {m.instruct for m in KNOWN_MODELS if m.family == family}
+        assert kinds == {True, False}, family
+    # The time estimate uses the listed counts, the most specific name first.
+    assert ui._param_count("Qwen/Qwen3-1.7B-Base") == 1.7e9
+    assert ui._param_count("google/gemma-3-270m-it") == 268e6
+    assert ui._param_count("meta-llama/Llama-3.2-3B-Instruct") == 3.21e9
+    assert ui.estimate_seconds(10**6, 1.0, ui._param_count("Qwen/Qwen3-0.6B"), cuda=True) == pytest.approx(
+        6 * 0.6e9 * 10**6 / 30e12)
