@@ -35,11 +35,9 @@ def perplexity(model: Any, blocks: np.ndarray, batch_size: int = 4) -> float:
 
 def evaluate_run(run: RunDir, log: Callable[[str], None] = print, batch_size: int = 4) -> dict:
     """Measure base and tuned perplexity on the held-out blocks and store them in run.json."""
-    from peft import PeftModel
-
     from .data import load_blocks
     from .errors import StageMissing
-    from .models import load_causal_lm
+    from .models import load_causal_lm, load_tuned
 
     model_info = run.require("model", "train")
     if not run.has_adapter():
@@ -48,7 +46,7 @@ def evaluate_run(run: RunDir, log: Callable[[str], None] = print, batch_size: in
     started = time.time()
     base = load_causal_lm(model_info["local_dir"])
     ppl_base = perplexity(base, held, batch_size)
-    tuned = PeftModel.from_pretrained(base, str(run.adapter_dir))
+    tuned = load_tuned(run, base=base)
     ppl_tuned = perplexity(tuned, held, batch_size)
     metrics = run.load().get("metrics", {})
     metrics.update(ppl_base=round(ppl_base, 4), ppl_tuned=round(ppl_tuned, 4),

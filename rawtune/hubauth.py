@@ -1,4 +1,5 @@
-"""Which Hugging Face token rawtune may use, and where the Hub is.
+"""Which Hugging Face token rawtune may use, where the Hub is, what a Hub id looks like, and
+how the Hub's HTTP errors read as rawtune errors.
 
 The rule: a token given for this request (``--token``, the token a visitor pasted, or the
 visitor's Space OAuth login) always comes first. The machine's own credentials (``HF_TOKEN`` and
@@ -16,6 +17,9 @@ from __future__ import annotations
 import os
 import re
 from typing import Any, Optional, Union
+
+from .errors import HubError
+from .rundir import scrub
 
 # A token value as rawtune hands it to the Hub clients: the token, None ("none found, clients may
 # not find one either"), or False ("never send one, not even the machine's own").
@@ -82,3 +86,37 @@ def endpoint() -> str:
     from huggingface_hub import constants
 
     return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+
+
+# ---------------------------------------------------------------- Hub errors
+
+
+def safe_text(exc: Any) -> str:
+    """The first line of an error text with anything token-like masked (client errors may echo it)."""
+    return scrub(str(exc).splitlines()[0] if str(exc) else "")
+
+
+def http_status(exc: Exception) -> Optional[int]:
+    """The HTTP status of a huggingface_hub error, or None when it carries no response."""
+    response = getattr(exc, "response", None)
+    return response.status_code if response is not None else None
+
+
+def hub_error(exc: Exception, doing: str, retry: str, rejected: Optional[str] = None) -> HubError:
+    """A Hub client error met while ``doing`` something, as one HubError.
+
+    401 reads as ``rejected`` (how to replace the token; the caller's words, since reading and
+    writing need different tokens); offline mode and connection failures say so; any other
+    answer is reported with its scrubbed text. ``retry`` is the advice for the call at hand.
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if isinstance(exc, HfHubHTTPError):
+        if http_status(exc) == 401 and rejected:
+            return HubError(rejected)
+        return HubError(f"{doing} failed ({safe_text(exc)}); {retry}")
+    if constants.HF_HUB_OFFLINE:
+        return HubError(f"cannot finish {doing}: offline mode is on (HF_HUB_OFFLINE); unset it, {retry}")
+    return HubError(f"cannot reach the Hub at {endpoint()} while {doing} ({type(exc).__name__}); "
+                    f"check the network connection, {retry}")

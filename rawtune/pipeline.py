@@ -155,7 +155,7 @@ def _run_stage(stage: str, settings: RunSettings, run: RunDir, token: Optional[s
 
         export_run(run, settings.export, log=log)
     elif stage == "push":
-        from .hub import push_run
+        from .publish.push import push_run
 
         push_run(run, settings.push, token=token, log=log)
 

@@ -19,7 +19,7 @@ import torch
 
 from conftest import train_tiny
 from families import FAMILIES, VARIANTS, build_family
-from rawtune import fastloop
+from rawtune.train import fast_loop as fastloop
 from rawtune.settings import ALL_PROJECTIONS, RunSettings, validate
 
 # Projection modules each family's layers must carry LoRA on, by the names the family uses.
@@ -73,14 +73,14 @@ def _cpu_peft(model_dir, seq_len=32):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from rawtune.train import _peft_config
+    from rawtune.train.hf_loop import peft_config
 
     s = RunSettings()
     s.train.preset = "standard"
     s.train.seq_len = seq_len
     t = validate(s).train
     torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), _peft_config(t))
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), peft_config(t))
     for n, p in model.named_parameters():
         if "lora_B" in n:  # PEFT starts B at zero; random B makes the LoRA path count
             p.data.normal_(0, 0.05)
@@ -113,7 +113,7 @@ def test_fast_loop_matches_peft_for_family(name, family_dir):
     s = RunSettings()
     s.train.preset = "standard"
     s.train.seq_len = 32
-    assert fastloop.applicable(validate(s).train, config, bf16=True) is None
+    assert fastloop.why_not_for_settings(validate(s).train, config, bf16=True) is None
     loss_err, grad_err = parity(family_dir(name))
     assert loss_err < 1e-5 and grad_err < 1e-4, (loss_err, grad_err)
 
@@ -125,7 +125,7 @@ def test_fast_loop_declines_other_families_by_name(name, family_dir):
     config = AutoConfig.from_pretrained(family_dir(name)).to_dict()
     s = RunSettings()
     s.train.preset = "standard"
-    why = fastloop.applicable(validate(s).train, config, bf16=True)
+    why = fastloop.why_not_for_settings(validate(s).train, config, bf16=True)
     assert why is not None and config["model_type"] in why
 
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from conftest import train_tiny
-from rawtune import fastloop
-from rawtune.gpu import GIB, choose, estimate_fast_bytes
+from rawtune.train import fast_loop as fastloop
+from rawtune.train.plan import GIB, choose, estimate_fast_bytes
 from rawtune.settings import RunSettings, TrainSettings, resolve_preset, validate
-from rawtune.train import load_peft
+from rawtune.train.hf_loop import load_peft
 
 SMOL = {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
         "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152, "tie_word_embeddings": True,
@@ -27,9 +27,9 @@ def _cpu_peft(t: TrainSettings, model_dir) -> object:
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from rawtune.train import _peft_config
+    from rawtune.train.hf_loop import peft_config
 
-    return get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), _peft_config(t))
+    return get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), peft_config(t))
 
 
 def _standard(**kw) -> TrainSettings:
@@ -104,9 +104,9 @@ def test_plan_keeps_effective_batch_and_fits_small_cards():
 
 def test_fast_loop_declines_what_it_cannot_train():
     t = resolve_preset(TrainSettings(preset="standard"))
-    assert "4-bit" in fastloop.applicable(TrainSettings(**{**t.__dict__, "load_in_4bit": True}), SMOL, bf16=True)
-    assert "architecture" in fastloop.applicable(t, {**SMOL, "model_type": "gemma"}, bf16=True)
-    assert "dropout" in fastloop.applicable(TrainSettings(**{**t.__dict__, "lora_dropout": 0.1}), SMOL, bf16=True)
+    assert "4-bit" in fastloop.why_not_for_settings(TrainSettings(**{**t.__dict__, "load_in_4bit": True}), SMOL, bf16=True)
+    assert "architecture" in fastloop.why_not_for_settings(t, {**SMOL, "model_type": "gemma"}, bf16=True)
+    assert "dropout" in fastloop.why_not_for_settings(TrainSettings(**{**t.__dict__, "lora_dropout": 0.1}), SMOL, bf16=True)
 
 
 # ---------------------------------------------------------------- on a CUDA GPU

@@ -18,7 +18,8 @@ import yaml
 from hub_emulator import BOB_TOKEN, READ_TOKEN, WRITE_TOKEN, point_clients_at
 from rawtune.data import prepare, read_documents
 from rawtune.errors import DataError, HubError, StageMissing
-from rawtune.hub import load_hub_rows, push_run
+from rawtune.data.hub import load_hub_rows
+from rawtune.publish.push import push_run
 from rawtune.hubauth import resolve_token
 from rawtune.rundir import RunDir
 from rawtune.settings import DataSettings, PushSettings, RunSettings, to_dict, validate

@@ -17,7 +17,7 @@ import jinja2
 import pytest
 from transformers import AutoTokenizer
 
-from rawtune import ollama
+from rawtune.export import ollama
 from rawtune.errors import ExportError
 
 GO_PROGRAM = r"""

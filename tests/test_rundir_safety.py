@@ -299,10 +299,11 @@ class _RunsCode:
 def test_item14_fastloop_state_loads_weights_only(tmp_path, tiny_llama_dir):
     import torch
 
-    from rawtune import fastloop
+    from rawtune.train import fast_loop as fastloop
     from rawtune.errors import TrainError
     from rawtune.settings import TrainSettings, resolve_preset
-    from rawtune.train import load_peft, training_arguments
+    from rawtune.train.hf_loop import load_peft
+    from rawtune.train.optim import schedule
 
     t = resolve_preset(TrainSettings(model=str(tiny_llama_dir), preset="quick", seq_len=16, max_steps=3))
     t.embedding_learning_rate = t.learning_rate / 10
@@ -311,7 +312,7 @@ def test_item14_fastloop_state_loads_weights_only(tmp_path, tiny_llama_dir):
     def fresh():
         model = load_peft(t, str(tiny_llama_dir))
         optimizer = fastloop.make_optimizer(model, t)
-        return model, optimizer, fastloop.schedule(training_arguments(t, run, False), optimizer, 3)
+        return model, optimizer, schedule(t, optimizer, 3)
 
     model, optimizer, scheduler = fresh()
     ids = torch.randint(0, 300, (2, 16))

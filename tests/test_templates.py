@@ -15,7 +15,7 @@ import json
 import pytest
 
 from families import FAMILIES, TEMPLATE_DIR, build_tokenizer
-from rawtune import ollama
+from rawtune.export import ollama
 from test_ollama import assert_go_matches_jinja, go_render
 
 # Templates of other members of a family, rendered with that family's tokenizer.

@@ -21,7 +21,7 @@ def test_training_lowers_loss_and_heldout_ppl(trained_run):
     m = record["metrics"]
     assert m["ppl_tuned"] < m["ppl_base"] * 0.9
     assert m["train_tokens"] == 12 * 2 * 64 and m["train_tokens_per_s"] > 0
-    from rawtune.train import choose_backend
+    from rawtune.train.hf_loop import choose_backend
 
     assert record["train"]["backend"] == choose_backend("auto") and record["versions"]["transformers"]
     assert (trained_run.adapter_dir / "adapter_config.json").is_file()
@@ -63,7 +63,8 @@ def test_lora_only_keeps_embeddings_tied(tmp_path, tiny_llama_dir, tiny_corpus):
 
 def test_embedding_learning_rate_group(tiny_llama_dir):
     from rawtune.settings import TrainSettings, resolve_preset
-    from rawtune.train import load_peft, param_groups
+    from rawtune.train.hf_loop import load_peft
+    from rawtune.train.optim import param_groups
 
     t = resolve_preset(TrainSettings(model=str(tiny_llama_dir), preset="quick", train_embeddings=True))
     model = load_peft(t, str(tiny_llama_dir))

@@ -410,7 +410,7 @@ def push_model(session: Optional[sessions.Session], repo: str, private: bool, pr
     sessions.claim(session, "push")
     log: list[str] = [public(line) for line in (previous_log or "").splitlines()]
     try:
-        from ..hub import push_run
+        from ..publish.push import push_run
 
         work = Background(push_run, run, PushSettings(repo=(repo or "").strip(), private=bool(private)), token=token)
         for text in stream_log(work, log):
@@ -440,7 +440,7 @@ def default_repo(profile: gr.OAuthProfile | None) -> str:
 
 def compare_choices(session: Optional[sessions.Session]):
     """The tuned models this session can compare with (PyTorch, and each exported GGUF)."""
-    from ..chat import tuned_choices
+    from ..compare import tuned_choices
 
     if not isinstance(session, sessions.Session) or not session.run.exists():
         return gr.Dropdown(choices=["pytorch"], value="pytorch")
@@ -451,7 +451,7 @@ def compare_choices(session: Optional[sessions.Session]):
 @gpu(duration=60)
 def compare_stream(run_path: str, prompt: str, options: dict) -> Iterator[tuple[str, str]]:
     """Both answers, streamed, as one GPU call."""
-    from ..chat import stream_compare
+    from ..compare import stream_compare
 
     yield from stream_compare(run_path, prompt, options["mode"], options["max_new_tokens"], options["temperature"],
                               options["top_p"], options["seed"], options["tuned"])

@@ -1,12 +1,12 @@
-"""GPU training plan: how 'auto' settings are resolved on a CUDA card.
+"""The memory planner: how 'auto' training settings are resolved on a CUDA card.
 
 Called by :func:`rawtune.train.train` only when CUDA is available. It keeps the user's effective
 batch (micro-batch x accumulation) and learning-rate schedule; with gradient checkpointing 'auto'
 it chooses, from the card's memory and the model's shape, the largest micro-batch the fast CUDA
-loop (:mod:`rawtune.fastloop`) can run without checkpointing. Where the fast loop does not apply
+loop (:mod:`rawtune.train.fast_loop`) can run without checkpointing. Where the fast loop does not apply
 (another architecture, 4-bit, LoRA dropout, a card without bf16) it keeps the user's split and
 turns checkpointing on only on small cards. :func:`choose` is a pure function, so the choice for
-any card size can be shown without that card (``python -m rawtune.gpu MODEL_DIR``).
+any card size can be shown without that card (``python -m rawtune.train.plan MODEL_DIR``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Callable, Optional
 
-from .settings import TrainSettings
+from ..settings import TrainSettings
 
 GIB = 2**30
 # Measured on an H200 (docs/benchmarks.md): peak allocated bytes per token of the micro-batch,
@@ -75,12 +75,12 @@ def estimate_fast_bytes(t: TrainSettings, c: dict, micro: int) -> int:
 
 def choose(t: TrainSettings, config: dict, total_bytes: int, bf16: bool = True) -> Plan:
     """The plan for a card of ``total_bytes`` memory (pure: no GPU needed)."""
-    from .fastloop import applicable
+    from .fast_loop import why_not_for_settings
 
     effective = t.batch_size * t.grad_accum
     gc = str(t.gradient_checkpointing)
     budget = total_bytes * 0.92 - RESERVE
-    why_not = applicable(dataclasses.replace(t, gradient_checkpointing="off"), config, bf16=bf16) if config else "no config.json"
+    why_not = why_not_for_settings(dataclasses.replace(t, gradient_checkpointing="off"), config, bf16=bf16) if config else "no config.json"
     if gc == "auto" and why_not is None:
         for micro in sorted((m for m in range(1, effective + 1) if effective % m == 0), reverse=True):
             peak = estimate_fast_bytes(t, config, micro)
@@ -122,7 +122,7 @@ def main(argv: Optional[list] = None) -> None:
     """Print the plan the default recipe gets on common card sizes for a model folder."""
     import argparse
 
-    from .settings import RunSettings, validate
+    from ..settings import RunSettings, validate
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("model_dir")

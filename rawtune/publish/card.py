@@ -3,34 +3,32 @@
 The YAML header tells the Hub what the repo is (base model and relation, datasets, licence,
 tags); the body says what was trained on and how, shows the held-out perplexity of the base and
 the tuned model (and of each GGUF quant, with file sizes), and gives copy-paste lines for
-Ollama, llama.cpp and Python that use the real repo id.
+Ollama, llama.cpp and Python that use the real repo id. Pure: a run record in, text out (no
+files, no network).
 """
 
 from __future__ import annotations
 
-import re
+from pathlib import PurePosixPath
 from typing import Any, Optional
 
 import yaml
 
-# Quant names as they appear in GGUF file names, in the order the card lists them.
-QUANT_ORDER = ["Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "F16", "BF16", "F32"]
-_QUANT_RE = re.compile(r"(?<![A-Za-z0-9])(" + "|".join(QUANT_ORDER) + r")(?![A-Za-z0-9])", re.IGNORECASE)
+from ..data.files import SUPPORTED
+from ..hubauth import is_repo_id
+from ..quants import ORDER, label_of_file, sort_key
 
 
-def quant_of(filename: str) -> Optional[str]:
-    """The quant type a GGUF file name carries (``name.Q4_K_M.gguf`` -> ``Q4_K_M``)."""
-    match = _QUANT_RE.search(filename)
-    return match.group(1).upper() if match else None
+def hub_dataset(record: dict[str, Any]) -> Optional[str]:
+    """The Hub dataset id the run trained on, or None for a local corpus.
 
-
-def is_hub_dataset(spec: Optional[str]) -> bool:
-    """True when a dataset spec is a Hub id (user/name), not a local file or folder."""
-    if not spec:
-        return False
-    from .data import is_local
-
-    return not is_local(str(spec)) and str(spec).count("/") == 1
+    The recorded spec is a Hub id by the one rule (:func:`rawtune.hubauth.is_repo_id`), unless
+    it names a file rawtune reads (``corpus/train.jsonl`` has that shape too).
+    """
+    dataset = ((record.get("settings") or {}).get("data") or {}).get("dataset")
+    if not is_repo_id(dataset) or PurePosixPath(str(dataset)).suffix.lower() in SUPPORTED:
+        return None
+    return str(dataset)
 
 
 def _size(n: Optional[int]) -> str:
@@ -49,16 +47,15 @@ def _num(value: Any, digits: int = 2) -> str:
 def metadata(record: dict[str, Any]) -> dict[str, Any]:
     """The YAML header of the card, built from run.json."""
     model = record.get("model") or {}
-    settings = record.get("settings") or {}
-    dataset = (settings.get("data") or {}).get("dataset")
+    dataset = hub_dataset(record)
     meta: dict[str, Any] = {}
     if model.get("upstream_id"):
         meta["base_model"] = model["upstream_id"]
         # The weights were trained, then exported to GGUF: to the Hub that is a fine-tune of the
         # base (its other values are adapter, merge and quantized, for untrained re-packagings).
         meta["base_model_relation"] = "finetune"
-    if is_hub_dataset(dataset):
-        meta["datasets"] = [str(dataset)]
+    if dataset:
+        meta["datasets"] = [dataset]
     if model.get("license"):
         meta["license"] = str(model["license"])
     # The Hub knows no "gguf" library (it detects GGUF files by itself and offers Ollama/llama.cpp
@@ -79,14 +76,13 @@ def _gguf_rows(record: dict[str, Any], files: list[str]) -> list[tuple[str, str,
     gguf = record.get("gguf") or {}
     for key, info in gguf.items():
         if isinstance(info, dict) and info.get("file"):
-            rows.append(((quant_of(info["file"]) or key).upper(), info["file"].split("/")[-1],
+            rows.append(((label_of_file(info["file"]) or key).upper(), info["file"].split("/")[-1],
                          info.get("bytes"), info.get("ppl")))
     known = {r[1] for r in rows}
     for name in files:
         if name.endswith(".gguf") and "/" not in name and name not in known:
-            rows.append((quant_of(name) or name, name, None, None))
-    order = {q: i for i, q in enumerate(QUANT_ORDER)}
-    return sorted(rows, key=lambda r: (order.get(r[0], len(order)), r[1]))
+            rows.append((label_of_file(name) or name, name, None, None))
+    return sorted(rows, key=lambda r: (sort_key(r[0]), r[1]))
 
 
 def _training_rows(record: dict[str, Any]) -> list[tuple[str, str]]:
@@ -96,11 +92,11 @@ def _training_rows(record: dict[str, Any]) -> list[tuple[str, str]]:
     train = record.get("train") or {}
     data = record.get("data") or {}
     model = record.get("model") or {}
-    dataset = data_s.get("dataset")
-    source = f"[{dataset}](https://huggingface.co/datasets/{dataset})" if is_hub_dataset(dataset) else "a local corpus"
-    if is_hub_dataset(dataset) and data_s.get("dataset_config"):
+    dataset = hub_dataset(record)
+    source = f"[{dataset}](https://huggingface.co/datasets/{dataset})" if dataset else "a local corpus"
+    if dataset and data_s.get("dataset_config"):
         source += f", config `{data_s['dataset_config']}`"
-    if is_hub_dataset(dataset):
+    if dataset:
         source += f", split `{data_s.get('split', 'train')}`"
     rows = [
         ("base model", f"`{model.get('upstream_id') or model.get('spec') or train_s.get('model')}`"),
@@ -138,7 +134,7 @@ def render(record: dict[str, Any], repo_id: str, files: list[str]) -> str:
     name = repo_id.split("/", 1)[1]
     base = meta.get("base_model")
     gguf_rows = _gguf_rows(record, files)
-    quants = [q for q, *_ in gguf_rows if q in QUANT_ORDER]
+    quants = [q for q, *_ in gguf_rows if q in ORDER]
     metrics = record.get("metrics") or {}
     dataset = meta.get("datasets", [None])[0]
     out = ["---", yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(), "---", "", f"# {name}", ""]

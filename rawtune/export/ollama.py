@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from .errors import ExportError
+from ..errors import ExportError
 
 Message = dict[str, str]
 Renderer = Callable[[list[Message], bool], str]  # (messages, add_generation_prompt) -> text

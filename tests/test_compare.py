@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from rawtune import chat
+from rawtune import compare as chat
 from rawtune.errors import ConfigError, StageMissing
 from rawtune.rundir import RunDir
 
@@ -161,7 +161,7 @@ def test_streaming_leaves_grad_mode_alone(tiny_llama_dir):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rawtune.chat import Sampling, stream_torch
+    from rawtune.compare import Sampling, stream_torch
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)

@@ -17,7 +17,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator
 
 from .errors import ConfigError, ModelError, StageMissing
 from .rundir import RunDir
@@ -119,14 +119,10 @@ def _stamp(path: Path) -> tuple:
     return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
 
 
-def _load_torch(local_dir: str, adapter_dir: Optional[Path] = None) -> Any:
+def _load_torch(local_dir: str) -> Any:
     from .models import load_causal_lm
 
     model = load_causal_lm(local_dir)
-    if adapter_dir is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter_dir))
     model.eval()
     return model
 
@@ -145,15 +141,15 @@ def load_base(run: RunDir) -> tuple[Any, Any]:
 def load_tuned_torch(run: RunDir) -> Any:
     """The tuned model in PyTorch: merged/ when it matches the adapter, else base + adapter."""
     from .merge import is_current
+    from .models import load_tuned
 
     if not run.has_adapter():
         raise StageMissing(f"{run.adapter_dir} has no adapter yet: train first (Stop also keeps one)")
     if run.merged_dir.is_dir() and is_current(run):
         key = ("merged", str(run.merged_dir.resolve()), _stamp(run.merged_dir))
         return _cached(key, lambda: _load_torch(str(run.merged_dir)))
-    local = str(run.require("model", "train")["local_dir"])
     key = ("adapter", str(run.adapter_dir.resolve()), _stamp(run.adapter_dir))
-    return _cached(key, lambda: _load_torch(local, run.adapter_dir))
+    return _cached(key, lambda: load_tuned(run))
 
 
 def load_gguf(path: Path, n_ctx: int) -> Any:

@@ -1,12 +1,12 @@
 """The fast CUDA training loop: LoRA on llama-shaped models without the Trainer's overheads.
 
-Why it exists (issue 6): on a GPU the Trainer path runs SmolLM2-135M at 1-14 % of the card's
+Why it exists: on a GPU the Trainer path runs SmolLM2-135M at 1-14 % of the card's
 arithmetic rate; the time goes to Python, small kernel launches, un-fused elementwise work and
 the [tokens, 49k] logits tensor. This loop trains the *same parameters* of the PEFT model that
 :mod:`rawtune.train` built (LoRA A/B, the trained embed_tokens/lm_head copies), with the same
 maths: the loss is summed over the tokens of one optimizer step and divided by their count (as
 the Trainer does with ``num_items_in_batch``), the same parameter groups, AdamW, LR schedule
-(``transformers.get_scheduler``) and gradient clipping at 1.0. What changes is how it runs:
+(:mod:`.optim`) and gradient clipping at 1.0. What changes is how it runs:
 
 - one hand-written decoder layer, compiled once with ``torch.compile`` and reused for all layers
   (the elementwise work around the matmuls is fused; q/k/v and gate/up share one base matmul and
@@ -14,7 +14,7 @@ the Trainer does with ``num_items_in_batch``), the same parameter groups, AdamW,
 - attention through ``scaled_dot_product_attention`` (flash / cuDNN kernels, causal, GQA);
 - a chunked cross-entropy that computes the loss and its gradients chunk by chunk, so the full
   logits never exist in memory;
-- micro-batches as large as the card allows (rawtune.gpu.plan picks them, keeping the effective
+- micro-batches as large as the card allows (the memory plan, :mod:`.plan`, picks them, keeping the effective
   batch), no gradient checkpointing, the step's loss read back one step late so the GPU never
   waits on Python.
 
@@ -44,9 +44,11 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from .errors import TrainError
-from .rundir import RunDir
-from .settings import RunSettings, TrainSettings
+from ..errors import TrainError
+from ..rundir import RunDir
+from ..settings import TrainSettings
+from .optim import param_groups, schedule
+from .progress import LoopResult, Progress, StopSignal
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite", "olmo2")
@@ -61,8 +63,9 @@ def disabled() -> bool:
     return os.environ.get("RAWTUNE_FASTLOOP", "1") == "0"
 
 
-def applicable(t: TrainSettings, config: dict, bf16: Optional[bool] = None) -> Optional[str]:
-    """None when the fast loop can train this recipe on this architecture, else the reason why not.
+def why_not_for_settings(t: TrainSettings, config: dict, bf16: Optional[bool] = None) -> Optional[str]:
+    """Before any model is loaded: None when the fast loop can train this recipe on this
+    architecture (``config.json``) and card, else the reason why not. The memory plan asks this.
 
     ``bf16``: whether the card computes in bf16 (None: ask the current CUDA device).
     """
@@ -110,10 +113,11 @@ def _active(module: Any) -> Any:
     return module
 
 
-def supports(model: Any, t: TrainSettings, resume_from: Optional[Path]) -> Optional[str]:
-    """None when the fast loop can train this (already built) PEFT model, else why not."""
+def why_not_for_model(model: Any, t: TrainSettings, resume_from: Optional[Path]) -> Optional[str]:
+    """After loading: None when the fast loop can train this PEFT model (plain LoRA on float
+    weights) and resume this checkpoint, else why not. Includes :func:`why_not_for_settings`."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    reason = applicable(t, base.config.to_dict())
+    reason = why_not_for_settings(t, base.config.to_dict())
     if reason:
         return reason
     if resume_from is not None and not (resume_from / STATE_FILE).is_file():
@@ -567,8 +571,6 @@ def restore_dtypes(net: Net, original: dict) -> None:
 def make_optimizer(model: Any, t: TrainSettings) -> Any:
     import torch
 
-    from .train import param_groups
-
     groups = param_groups(model, t.learning_rate, t.embedding_learning_rate, t.weight_decay)
     if t.optimizer == "adamw_8bit":
         import bitsandbytes as bnb
@@ -576,14 +578,6 @@ def make_optimizer(model: Any, t: TrainSettings) -> Any:
         return bnb.optim.AdamW8bit(groups, lr=t.learning_rate, betas=(0.9, 0.999), eps=1e-8)
     return torch.optim.AdamW(groups, lr=t.learning_rate, betas=(0.9, 0.999), eps=1e-8,
                              fused=torch.cuda.is_available())
-
-
-def schedule(args: Any, optimizer: Any, max_steps: int) -> Any:
-    """The Trainer's own schedule: same warmup rule and scheduler function."""
-    from transformers import get_scheduler
-
-    return get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.get_warmup_steps(max_steps),
-                         num_training_steps=max_steps)
 
 
 def steps_per_epoch(n_blocks: int, effective: int) -> int:
@@ -643,11 +637,6 @@ def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any) -> i
 # ---------------------------------------------------------------- the loop
 
 
-def _event(step: int, max_steps: int, loss: float, lr: float, tok_s: float, eta: float, epoch: float) -> dict:
-    return {"type": "step", "step": step, "max_steps": max_steps, "loss": loss, "lr": lr,
-            "tokens_per_s": tok_s, "eta_s": eta, "epoch": epoch}
-
-
 def evaluate(fast: FastModel, blocks: Any, micro: int) -> float:
     """Mean token loss over held-out blocks (no gradients)."""
     import torch
@@ -663,14 +652,49 @@ def evaluate(fast: FastModel, blocks: Any, micro: int) -> float:
     return total / max(count, 1)
 
 
-def fit_fast(settings: RunSettings, t: TrainSettings, run: RunDir, model: Any, backend: str,
-             train_blocks: np.ndarray, held: np.ndarray, callback: Optional[Callable[[dict], None]],
-             stop: Any, resume_from: Optional[Path], log: Callable[[str], None]) -> dict:
-    """Train with the fast loop; same outputs as rawtune.train._fit (adapter, checkpoints, record)."""
+class _Pending:
+    """The last step's loss, read back one step late so the GPU never waits on Python."""
+
+    def __init__(self, progress: Progress, t: TrainSettings, max_steps: int, per_epoch: int):
+        self.progress, self.t, self.max_steps, self.per_epoch = progress, t, max_steps, per_epoch
+        self.item: Optional[tuple] = None
+
+    def put(self, step: int, loss: Any, lr: float) -> None:
+        self.flush()
+        self.item = (step, loss, lr, time.time())
+
+    def flush(self, now: bool = False) -> None:
+        """Report the held step; ``now``: time it at this moment (after a sync), not when queued."""
+        if self.item is None:
+            return
+        step, loss, lr, done_at = self.item
+        self.item = None
+        show = bool(self.t.logging_steps) and (step % self.t.logging_steps == 0 or step == self.max_steps)
+        self.progress.step(step, self.max_steps, float(loss.item()), lr, step / self.per_epoch,
+                           when=time.time() if now else done_at, show=show)
+
+
+def _train_step(fast: FastModel, blocks: Any, idx: Any, micro: int, n_items: Any) -> Any:
+    """Forward and backward over one optimizer step's blocks in micro-batches; the summed loss."""
     import torch
 
-    from .models import load_tokenizer
-    from .train import _CtrlC, _record, format_duration, training_arguments
+    T = blocks.shape[1]
+    step_loss = torch.zeros((), device=blocks.device)
+    for s in range(0, len(idx), micro):
+        ids = blocks[idx[s:s + micro]]
+        real = len(ids)
+        if real < micro:  # keep one shape (no recompiles): pad rows carry no labels
+            ids = torch.cat([ids, ids.new_zeros(micro - real, T)])
+        loss = fast.loss(ids, shifted_labels(ids, real), n_items)
+        loss.backward()
+        step_loss += loss.detach()
+    return step_loss
+
+
+def fit(t: TrainSettings, run: RunDir, model: Any, train_blocks: np.ndarray, held: np.ndarray,
+        progress: Progress, stop: StopSignal, resume_from: Optional[Path]) -> LoopResult:
+    """Train with the fast loop; the same outputs as the Trainer path (adapter weights, checkpoints)."""
+    import torch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # cpu: tests of the loop logic
     net = extract(model, None if device.type == "cuda" else torch.float32)
@@ -680,86 +704,43 @@ def fit_fast(settings: RunSettings, t: TrainSettings, run: RunDir, model: Any, b
     blocks = torch.from_numpy(np.ascontiguousarray(train_blocks)).to(device, torch.long)
     eval_blocks = torch.from_numpy(np.ascontiguousarray(held[: t.eval_batches * t.batch_size])).to(device, torch.long)
     max_steps = total_steps(t, len(train_blocks))
-    args = training_arguments(t, run, len(eval_blocks) > 0)
     optimizer = make_optimizer(model, t)
-    scheduler = schedule(args, optimizer, max_steps)
+    scheduler = schedule(t, optimizer, max_steps)
     start_step = load_checkpoint(resume_from, model, optimizer, scheduler) if resume_from else 0
     params = [p for _, p in net.trainable]
-    per_epoch = steps_per_epoch(len(train_blocks), effective)
     eval_every = t.eval_steps if len(eval_blocks) and t.eval_steps else 0
-    log(f"[train] fast CUDA loop: micro-batch {micro} x {t.grad_accum} accumulation, "
-        f"{'compiled' if fast.compiled else 'eager'}, {max_steps} steps")
-    progress = SimpleNamespace(history=[], stopped=False)
-    pending: Optional[tuple] = None
-    first_done: Optional[tuple] = None
+    progress.log(f"[train] fast CUDA loop: micro-batch {micro} x {t.grad_accum} accumulation, "
+                 f"{'compiled' if fast.compiled else 'eager'}, {max_steps} steps")
+    pending = _Pending(progress, t, max_steps, steps_per_epoch(len(train_blocks), effective))
     step = start_step
-
-    def flush(item: tuple) -> None:
-        """Read a finished step's loss (one step late, so the GPU stays busy) and report it."""
-        s, loss_t, lr, done_at = item
-        loss = float(loss_t.item())
-        steps_timed = s - (first_done[0] if first_done else s)
-        elapsed = done_at - first_done[1] if first_done else 0.0
-        tok_s = steps_timed * effective * T / elapsed if steps_timed and elapsed > 0 else 0.0
-        eta = (max_steps - s) * elapsed / steps_timed if steps_timed else float("nan")
-        event = _event(s, max_steps, loss, lr, tok_s, eta, s / per_epoch)
-        progress.history.append(event)
-        if t.logging_steps and (s % t.logging_steps == 0 or s == max_steps):
-            log(f"[train] step {s}/{max_steps} loss {loss:.4f} {tok_s:,.0f} tok/s eta {format_duration(eta)}")
-        if callback:
-            callback(event)
-
     started = time.time()
-    with _CtrlC(stop, log):
-        try:
-            while step < max_steps:
-                idx = torch.from_numpy(step_blocks(step, len(train_blocks), effective, t.seed)).to(device)
-                n_items = torch.tensor(float(len(idx) * (T - 1)), device=device)
-                step_loss = torch.zeros((), device=device)
-                for s in range(0, len(idx), micro):
-                    ids = blocks[idx[s:s + micro]]
-                    real = len(ids)
-                    if real < micro:  # keep one shape (no recompiles): pad rows carry no labels
-                        ids = torch.cat([ids, ids.new_zeros(micro - real, T)])
-                    loss = fast.loss(ids, shifted_labels(ids, real), n_items)
-                    loss.backward()
-                    step_loss += loss.detach()
-                torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
-                lr = optimizer.param_groups[0]["lr"]
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                if pending:
-                    flush(pending)
-                if first_done is None:
-                    _sync()
-                    first_done = (step, time.time())
-                pending = (step, step_loss, lr, time.time())
-                if eval_every and step % eval_every == 0:
-                    flush(pending)
-                    pending = None
-                    _report_eval(fast, eval_blocks, micro, step, progress, callback, log)
-                if step % t.save_steps == 0 and step < max_steps:
-                    save_checkpoint(run, model, optimizer, scheduler, step)
-                if stop.is_set() or run.stop_file.exists():
-                    progress.stopped = True
-                    save_checkpoint(run, model, optimizer, scheduler, step)
-                    break
-        except KeyboardInterrupt:
-            log("[train] aborted; saving the adapter as it is now")
-            progress.stopped = True
-        if pending:
-            _sync()
-            flush((pending[0], pending[1], pending[2], time.time()))
-    seconds = time.time() - started
+    with stop:
+        while step < max_steps:
+            idx = torch.from_numpy(step_blocks(step, len(train_blocks), effective, t.seed)).to(device)
+            n_items = torch.tensor(float(len(idx) * (T - 1)), device=device)
+            step_loss = _train_step(fast, blocks, idx, micro, n_items)
+            torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if progress.meter.origin is None:  # time from the first finished step: compiling is not training
+                _sync()
+                progress.meter.mark(step)
+            pending.put(step, step_loss, lr)
+            if eval_every and step % eval_every == 0:
+                pending.flush()
+                progress.eval(step, evaluate(fast, eval_blocks, micro))
+            if step % t.save_steps == 0 and step < max_steps:
+                save_checkpoint(run, model, optimizer, scheduler, step)
+            if stop.requested():
+                save_checkpoint(run, model, optimizer, scheduler, step)
+                break
+    _sync()
+    pending.flush(now=True)
     restore_dtypes(net, original)
-    run.adapter_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(run.adapter_dir))
-    load_tokenizer(run.load()["model"]["local_dir"]).save_pretrained(str(run.adapter_dir))
-    trainer = SimpleNamespace(state=SimpleNamespace(global_step=step, max_steps=max_steps))
-    return _record(settings, t, run, trainer, progress, backend, start_step, seconds,
-                   effective * T, callback)
+    return LoopResult(step, max_steps, start_step, time.time() - started)
 
 
 def _sync() -> None:
@@ -767,13 +748,3 @@ def _sync() -> None:
 
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-
-
-def _report_eval(fast: FastModel, blocks: Any, micro: int, step: int, progress: Any,
-                 callback: Optional[Callable[[dict], None]], log: Callable[[str], None]) -> None:
-    loss = evaluate(fast, blocks, micro)
-    event = {"type": "eval", "step": step, "eval_loss": loss}
-    progress.history.append(event)
-    log(f"[train] step {step} held-out loss {loss:.4f}")
-    if callback:
-        callback(event)

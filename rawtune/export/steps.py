@@ -21,9 +21,9 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from .errors import ExportError
-from .rundir import RunDir
-from .settings import QUANT_LABELS, QUANTS, ExportSettings
+from ..errors import ExportError
+from ..rundir import RunDir
+from ..settings import QUANT_LABELS, QUANTS, ExportSettings
 
 # Bump when the writer's output changes, so older GGUFs are rebuilt instead of reused.
 WRITER_VERSION = 1
@@ -190,7 +190,7 @@ def torch_perplexity(model_dir: Path, blocks: np.ndarray) -> float:
     """The merged PyTorch model's perplexity on the same blocks, scored the same way (fp32, CPU)."""
     import torch
 
-    from .models import load_causal_lm
+    from ..models import load_causal_lm
 
     model = load_causal_lm(model_dir, device="cpu", dtype=torch.float32).eval()
     total, count = 0.0, 0
@@ -295,7 +295,7 @@ def _remove_work_files(run: RunDir, stem: str) -> None:
 
 def _export(run: RunDir, settings: ExportSettings, log: Callable[[str], None]) -> dict[str, Any]:
     from . import gguf_writer, ollama
-    from .merge import merge_run
+    from ..merge import merge_run
 
     labels = _label_list(list(settings.quant))
     stem = file_stem(run, settings.name)

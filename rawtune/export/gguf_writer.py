@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
-from .errors import ExportError
+from ..errors import ExportError
 
 # HF architecture -> llama.cpp architecture name; everything here has been checked end to end.
 SUPPORTED_ARCHITECTURES = {

@@ -1,0 +1,97 @@
+"""The training stage: LoRA continued pretraining on the packed blocks of a run directory.
+
+:func:`train` checks the blocks, picks the backend, lets the memory plan (:mod:`.plan`) size the
+batch on CUDA, loads the LoRA model and hands it to one of two loops: the fast CUDA loop
+(:mod:`.fast_loop`) where it can train this model, else the Trainer path (:mod:`.hf_loop`). Both
+report through :mod:`.progress`; the adapter and the ``train`` record are written here, once.
+A stop event, a STOP file or Ctrl-C stops after the current step and keeps the adapter and a
+resumable checkpoint.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable, Optional
+
+from ..errors import TrainError
+from ..rundir import RunDir
+from ..settings import RunSettings, TrainSettings, has_cuda
+from .progress import (Callback, Progress, StopSignal, TrainResult, format_duration, latest_checkpoint,
+                       step_of, write_record)
+
+__all__ = ["TrainResult", "format_duration", "latest_checkpoint", "train"]
+
+
+def train(settings: RunSettings, run: RunDir, callback: Optional[Callback] = None,
+          stop: Optional[threading.Event] = None, token: Optional[str] = None,
+          log: Callable[[str], None] = print) -> TrainResult:
+    """Train a LoRA adapter on ``run``'s packed blocks; store the train record and return it."""
+    from ..data import load_blocks
+    from .hf_loop import choose_backend
+
+    t = settings.train
+    model_info = run.require("model", "train")
+    train_blocks = load_blocks(run, "train")
+    held = load_blocks(run, "heldout")
+    if train_blocks.shape[1] != t.seq_len:
+        raise TrainError(f"the packed blocks have length {train_blocks.shape[1]} but --seq-len is {t.seq_len}; "
+                         "rerun the data stage (`rawtune train` without --resume)")
+    backend = choose_backend(t.backend)
+    if has_cuda():
+        from .plan import plan
+
+        t = plan(t, model_info["local_dir"], log=log)
+    resume_from = _resume_point(t, run, log)
+    log(f"[train] backend {backend}; LoRA r={t.lora_r} alpha={t.lora_alpha}"
+        f"{' rsLoRA' if t.use_rslora else ''}{' + embed_tokens/lm_head' if t.train_embeddings else ''}")
+    model = _load_model(backend, t, model_info["local_dir"])
+    progress = Progress(t.batch_size * t.grad_accum * t.seq_len, callback, log)
+    signal = StopSignal(run, stop, log)
+    loop = _loop_for(model, t, resume_from, log)
+    result = loop(t, run, model, train_blocks, held, progress, signal, resume_from)
+    _save_adapter(run, model)
+    return write_record(t, run, result, progress, signal, backend)
+
+
+def _resume_point(t: TrainSettings, run: RunDir, log: Callable[[str], None]) -> Any:
+    """The checkpoint to resume from (None without --resume); refuses what cannot be resumed."""
+    if not t.resume:
+        return None
+    resume_from = latest_checkpoint(run)
+    if resume_from is None:
+        raise TrainError(f"--resume: no checkpoint in {run.checkpoints_dir}; run without --resume")
+    if t.max_steps and step_of(resume_from) >= t.max_steps:
+        # The Trainer would take one more step past the end; a finished run has nothing to resume.
+        raise TrainError(f"--resume: {run.path} has already trained all {t.max_steps} steps of --max-steps; "
+                         "pass a larger --max-steps to train further")
+    log(f"[train] resuming from {resume_from.name}")
+    return resume_from
+
+
+def _load_model(backend: str, t: TrainSettings, local_dir: str) -> Any:
+    from .hf_loop import load_peft, load_unsloth
+
+    return (load_unsloth if backend == "unsloth" else load_peft)(t, local_dir)
+
+
+def _loop_for(model: Any, t: TrainSettings, resume_from: Any, log: Callable[[str], None]) -> Callable:
+    """The fast CUDA loop where it can train this model, else the Trainer path (saying why)."""
+    from . import hf_loop
+
+    if has_cuda():
+        from . import fast_loop
+
+        why_not = fast_loop.why_not_for_model(model, t, resume_from)
+        if why_not is None:
+            return fast_loop.fit
+        log(f"[train] Trainer loop ({why_not})")
+    return hf_loop.fit
+
+
+def _save_adapter(run: RunDir, model: Any) -> None:
+    """The adapter and the base model's tokenizer, side by side in ``adapter/``."""
+    from ..models import load_tokenizer
+
+    run.adapter_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(run.adapter_dir))
+    load_tokenizer(run.load()["model"]["local_dir"]).save_pretrained(str(run.adapter_dir))

@@ -1,0 +1,283 @@
+"""The Trainer path: the LoRA model for each backend and a transformers ``Trainer`` over the blocks.
+
+Two backends share this loop (a ``Trainer`` over pre-packed blocks, which measured faster than
+TRL's packing on CPU): ``unsloth`` (its fast model loader and kernels; CUDA only, imported
+inside the function) and ``peft`` (plain transformers + PEFT, anywhere). embed_tokens/lm_head
+are trained fully with their own learning rate when asked. The loop reports through
+:class:`.progress.Progress` and stops at :class:`.progress.StopSignal`'s request after the
+current step, saving a resumable checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from ..errors import ConfigError
+from ..rundir import RunDir
+from ..settings import EMBEDDING_MODULES, FUSED_PROJECTIONS, TrainSettings, has_cuda
+from .optim import param_groups
+from .progress import LoopResult, Progress, StopSignal, step_of
+
+
+# ---------------------------------------------------------------- backend choice
+
+
+def choose_backend(requested: str) -> str:
+    """auto -> unsloth where CUDA and unsloth are available, else peft; check explicit choices."""
+    has_unsloth = importlib.util.find_spec("unsloth") is not None
+    if requested == "auto":
+        return "unsloth" if has_cuda() and has_unsloth else "peft"
+    if requested == "unsloth":
+        if not has_cuda():
+            raise ConfigError("--backend unsloth needs a CUDA GPU; use --backend peft (or auto) on this machine")
+        if not has_unsloth:
+            raise ConfigError("--backend unsloth: unsloth is not installed; `pip install -r requirements.txt` or use --backend peft")
+    return requested
+
+
+# ---------------------------------------------------------------- data
+
+
+class BlockDataset:
+    """Packed token blocks as causal-LM examples (labels are the inputs; the model shifts them)."""
+
+    def __init__(self, blocks: np.ndarray):
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, i: int) -> dict:
+        import torch
+
+        ids = torch.from_numpy(np.asarray(self.blocks[i], dtype=np.int64))
+        return {"input_ids": ids, "labels": ids.clone()}
+
+
+# ---------------------------------------------------------------- models
+
+
+def peft_config(t: TrainSettings) -> Any:
+    """The LoRA configuration of ``t`` for PEFT."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout, use_rslora=t.use_rslora,
+        target_modules=list(t.target_modules), bias="none", task_type="CAUSAL_LM",
+        modules_to_save=list(EMBEDDING_MODULES) if t.train_embeddings else None,
+    )
+
+
+def load_peft(t: TrainSettings, local_dir: str) -> Any:
+    """transformers + PEFT: fp32 on CPU, bf16 on CUDA, 4-bit with bitsandbytes when asked."""
+    import torch
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    if has_cuda():
+        kwargs["dtype"] = torch.bfloat16
+        kwargs["device_map"] = {"": 0}
+    if t.load_in_4bit:
+        if not has_cuda():
+            raise ConfigError("--load-in-4bit needs a CUDA GPU and bitsandbytes; drop it on CPU")
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(local_dir, **kwargs)
+    t = with_model_targets(model, t)
+    check_targets(model, t)
+    if t.load_in_4bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=_checkpointing(t) != "off")
+    elif _checkpointing(t) != "off":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return get_peft_model(model, peft_config(t))
+
+
+def load_unsloth(t: TrainSettings, local_dir: str) -> Any:
+    """Unsloth's loader and LoRA wrapper (CUDA only; imported here so CPU installs never need it)."""
+    from unsloth import FastLanguageModel  # noqa: F401  (patches transformers on import)
+
+    model, _tokenizer = FastLanguageModel.from_pretrained(
+        model_name=local_dir, max_seq_length=t.seq_len, dtype=None, load_in_4bit=t.load_in_4bit)
+    t = with_model_targets(model, t)
+    check_targets(model, t)
+    gc = _checkpointing(t)
+    targets = list(t.target_modules) + (list(EMBEDDING_MODULES) if t.train_embeddings else [])
+    return FastLanguageModel.get_peft_model(
+        model, r=t.lora_r, target_modules=targets, lora_alpha=t.lora_alpha,
+        lora_dropout=t.lora_dropout, bias="none", use_rslora=t.use_rslora, random_state=t.seed,
+        use_gradient_checkpointing={"off": False, "on": True, "unsloth": "unsloth"}[gc],
+        max_seq_length=t.seq_len)
+
+
+def _checkpointing(t: TrainSettings) -> str:
+    """Resolve gradient checkpointing to on/off/unsloth ('auto' is decided by the memory plan)."""
+    value = str(t.gradient_checkpointing)
+    if value in ("True", "on"):
+        return "on"
+    if value in ("False", "off"):
+        return "off"
+    if value == "auto":
+        return "off"  # the memory plan replaces 'auto' on CUDA; on CPU memory is not the limit
+    return value
+
+
+def model_targets(module_names: set[str], requested: list[str]) -> list[str]:
+    """The requested projections spelled as this model names them.
+
+    Phi-3 and Phi-4-mini compute q/k/v in one ``qkv_proj`` and gate/up in one ``gate_up_proj``:
+    asking for any of the split names gives the fused module its adapter (LoRA on the fused
+    matrix covers the same weights). Other names pass through unchanged.
+    """
+    out: list[str] = []
+    for name in requested:
+        fused = next((f for f, parts in FUSED_PROJECTIONS.items() if name in parts), None)
+        if name not in module_names and fused in module_names:
+            name = fused
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def with_model_targets(model: Any, t: TrainSettings) -> TrainSettings:
+    """``t`` with its target modules mapped onto the loaded model's projection names."""
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    targets = model_targets(names, list(t.target_modules))
+    return t if targets == list(t.target_modules) else dataclasses.replace(t, target_modules=targets)
+
+
+def check_targets(model: Any, t: TrainSettings) -> None:
+    """Every requested projection must exist in the model, or LoRA would silently skip it."""
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [m for m in t.target_modules if m not in names]
+    if missing:
+        found = sorted(n for n in names if n.endswith("proj"))
+        raise ConfigError(f"--target-modules {','.join(missing)} not found in this model; it has: {', '.join(found)}")
+
+
+# ---------------------------------------------------------------- trainer
+
+
+def _trainer_class() -> type:
+    from transformers import Trainer
+
+    class RawtuneTrainer(Trainer):
+        """A Trainer whose optimizer gives embeddings their own learning rate."""
+
+        embedding_learning_rate: float = 0.0
+
+        def create_optimizer(self, model=None):
+            if self.optimizer is None:
+                cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, self.model)
+                groups = param_groups(self.model, self.args.learning_rate,
+                                      self.embedding_learning_rate, self.args.weight_decay)
+                self.optimizer = cls(groups, **kwargs)
+            return self.optimizer
+
+    return RawtuneTrainer
+
+
+def _optimizer(t: TrainSettings) -> str:
+    if t.optimizer != "auto":
+        if t.optimizer == "adamw_8bit" and not has_cuda():
+            raise ConfigError("--optimizer adamw_8bit needs CUDA and bitsandbytes; use adamw_torch on CPU")
+        return t.optimizer
+    if has_cuda() and importlib.util.find_spec("bitsandbytes") is not None:
+        return "adamw_8bit"
+    return "adamw_torch_fused" if has_cuda() else "adamw_torch"
+
+
+def training_arguments(t: TrainSettings, run: RunDir, has_eval: bool) -> Any:
+    from transformers import TrainingArguments
+
+    cuda = has_cuda()
+    eval_every = t.eval_steps if has_eval and t.eval_steps else 0
+    return TrainingArguments(
+        output_dir=str(run.checkpoints_dir), per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
+        num_train_epochs=t.epochs, max_steps=t.max_steps if t.max_steps else -1,
+        learning_rate=t.learning_rate, warmup_steps=t.warmup_ratio, lr_scheduler_type=t.lr_scheduler,
+        weight_decay=t.weight_decay, optim=_optimizer(t), seed=t.seed, data_seed=t.seed,
+        logging_steps=t.logging_steps, save_strategy="steps", save_steps=t.save_steps,
+        save_total_limit=2, eval_strategy="steps" if eval_every else "no",
+        eval_steps=eval_every or None, report_to="none", disable_tqdm=True,
+        remove_unused_columns=False, use_cpu=not cuda,
+        bf16=cuda and _bf16_ok(), dataloader_num_workers=0, max_grad_norm=1.0,
+    )
+
+
+def _bf16_ok() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def _trainer_callback(progress: Progress, stop: StopSignal) -> Any:
+    from transformers import TrainerCallback
+
+    class Report(TrainerCallback):
+        """Hands the Trainer's logs and evaluations to ``progress``, and its stop requests back."""
+
+        def on_train_begin(self, args, state, control, **kw):
+            progress.meter.mark(state.global_step)
+
+        def _check_stop(self, control):
+            if stop.requested():
+                control.should_save = True
+                control.should_training_stop = True
+            return control
+
+        def on_step_end(self, args, state, control, **kw):
+            return self._check_stop(control)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if not logs or "loss" not in logs:
+                return
+            progress.step(state.global_step, state.max_steps, float(logs["loss"]),
+                          float(logs.get("learning_rate", 0.0)), float(state.epoch or 0.0))
+            # Checked again after the callback, which may have asked to stop at this very step.
+            return self._check_stop(control)
+
+        def on_evaluate(self, args, state, control, metrics=None, **kw):
+            if metrics and "eval_loss" in metrics:
+                progress.eval(state.global_step, float(metrics["eval_loss"]))
+
+    return Report()
+
+
+def _quiet(trainer: Any) -> None:
+    """Drop the Trainer's own printing: rawtune's progress reports instead."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    for cb in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(cb)
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def fit(t: TrainSettings, run: RunDir, model: Any, train_blocks: np.ndarray, held: np.ndarray,
+        progress: Progress, stop: StopSignal, resume_from: Optional[Path]) -> LoopResult:
+    """Train ``model`` with the Trainer; checkpoints go to ``checkpoints/``."""
+    eval_blocks = held[: t.eval_batches * t.batch_size]
+    trainer = _trainer_class()(
+        model=model, args=training_arguments(t, run, len(eval_blocks) > 0),
+        train_dataset=BlockDataset(train_blocks),
+        eval_dataset=BlockDataset(eval_blocks) if len(eval_blocks) else None,
+        callbacks=[_trainer_callback(progress, stop)])
+    trainer.embedding_learning_rate = t.embedding_learning_rate
+    _quiet(trainer)
+    started = time.time()
+    with stop:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    return LoopResult(trainer.state.global_step, trainer.state.max_steps, step_of(resume_from),
+                      time.time() - started)
