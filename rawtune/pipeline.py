@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import queue
+import re
 import sys
 import threading
 import time
@@ -330,6 +331,25 @@ def _train_segments(s: RunSettings, token: Any, seconds: Optional[float], stop: 
         if not record.get("stopped_early") or steps >= max_steps:
             return True
     return False
+
+
+def resumable(run: RunDir) -> bool:
+    """Whether a run stopped before its last step and has a checkpoint to continue from."""
+    from .train import latest_checkpoint
+
+    record = run.load().get("train") or {}
+    return latest_checkpoint(run) is not None and record.get("steps", 0) < record.get("max_steps", 0)
+
+
+def gguf_name(repo: Optional[str], run: RunDir) -> str:
+    """The file name stem of a run's GGUFs: the repo's name when one is given (what the Hub page
+    shows), else the base model's name with ``-rawtune``."""
+    repo = (repo or "").strip()
+    if "/" in repo and repo.split("/", 1)[1]:
+        return re.sub(r"[^A-Za-z0-9_.-]", "-", repo.split("/", 1)[1])
+    model = run.load().get("model") or {}
+    spec = model.get("upstream_id") or model.get("spec") or "model"
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", Path(str(spec)).name) + "-rawtune"
 
 
 def _stage(s: RunSettings, stage: str, resume: bool) -> dict:

@@ -8,7 +8,7 @@ import pytest
 
 from rawtune.errors import ModelError
 from rawtune.pipeline import (SEGMENTED_STAGES, Finished, Phase, Progress, SegmentEnd, SegmentError, estimate_seconds,
-                              estimate_training, run_pipeline, run_segmented, segment_events)
+                              estimate_training, gguf_name, resumable, run_pipeline, run_segmented, segment_events)
 from rawtune.rundir import RunDir
 from rawtune.settings import RunSettings, apply, from_dict, to_dict
 
@@ -75,6 +75,7 @@ def test_stop_then_resume_across_segments(tmp_path, tiny_llama_dir, tiny_corpus)
     first = done.record["train"]
     assert first["stopped_early"] and 3 <= first["steps"] < 8 and first["max_steps"] == 8
     assert not any(isinstance(e, Phase) and e.stage == "eval" for e in events)
+    assert resumable(RunDir(tmp_path / "r"))
     assert "ppl_tuned" not in done.record.get("metrics", {})
     # Resume from the stored settings: no data stage, the step count continues to the (capped) end.
     resumed = from_dict(done.record["settings"])
@@ -85,7 +86,9 @@ def test_stop_then_resume_across_segments(tmp_path, tiny_llama_dir, tiny_corpus)
     done = events[-1]
     assert done.completed and done.record["train"]["steps"] == 8 and _steps(done.record) == list(range(1, 9))
     assert done.record["train"]["resumed_from_step"] >= first["steps"] - 1
-    assert done.record["metrics"]["ppl_tuned"] > 0
+    assert done.record["metrics"]["ppl_tuned"] > 0 and not resumable(RunDir(tmp_path / "r"))
+    assert gguf_name("alice/My Model", RunDir(tmp_path / "r")) == "My-Model"
+    assert gguf_name("", RunDir(tmp_path / "r")) == f"{tiny_llama_dir.name}-rawtune"
 
 
 def test_segment_failure_is_raised_with_its_message(tmp_path, tiny_corpus):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -24,8 +23,8 @@ import gradio as gr
 
 from .. import space
 from ..errors import ConfigError
-from ..pipeline import (Estimate, Finished, Log, Phase, Progress, estimate_training, run_segmented,
-                        segment_events)
+from ..pipeline import (Estimate, Finished, Log, Phase, Progress, estimate_training, gguf_name, resumable,
+                        run_segmented, segment_events)
 from ..rundir import RunDir
 from ..settings import (DEFAULT_MODEL, DataSettings, ExportSettings, PushSettings, RunSettings, form_fields,
                         from_dict, from_form, settings_fields, train_from_form, validate)
@@ -145,7 +144,7 @@ def resume_training(session: Optional[sessions.Session], token_text: Optional[st
     """Continue the session's stopped run from its newest checkpoint, with its own settings."""
     session = sessions.current(session)
     record = session.run.load()
-    if not record.get("settings") or not can_resume(session.run):
+    if not record.get("settings") or not resumable(session.run):
         raise gr.Error("Nothing to resume: start a training first (Stop keeps a checkpoint to resume from).")
     stored = from_dict(record["settings"])
     settings = dataclasses.replace(stored, train=dataclasses.replace(stored.train, resume=True))
@@ -180,7 +179,7 @@ class TrainView:
             self.progress((self.last["step"], self.last["max_steps"]), desc=f"{phase}: step", unit="steps")
         return (_status(self.last, len(self.history), phase), _plot_frame(self.history) if plot else gr.skip(),
                 "\n".join(self.log), gr.skip() if result is None else result,
-                *_buttons(training, False if training else can_resume(self.run)))
+                *_buttons(training, False if training else resumable(self.run)))
 
     def show(self, event: Any) -> Optional[tuple]:
         """The frame for one run event (None when there is nothing new to show)."""
@@ -285,16 +284,10 @@ def _status(event: Optional[dict], points: int, phase: str) -> str:
             f"{event['tokens_per_s']:,.0f} tokens/s · ETA {_format_duration(event['eta_s'])} · {points} plot points")
 
 
-def _buttons(training: bool, resumable: bool) -> tuple:
+def _buttons(training: bool, can_resume: bool) -> tuple:
+    """Start, Stop and Resume: Stop only while training, Resume only for a stopped run."""
     return (gr.Button(interactive=not training), gr.Button(interactive=training),
-            gr.Button(interactive=(not training) and resumable))
-
-
-def can_resume(run: RunDir) -> bool:
-    from ..train import latest_checkpoint
-
-    record = run.load().get("train") or {}
-    return latest_checkpoint(run) is not None and record.get("steps", 0) < record.get("max_steps", 0)
+            gr.Button(interactive=(not training) and can_resume))
 
 
 def result_text(run: RunDir) -> str:
@@ -315,7 +308,7 @@ def result_text(run: RunDir) -> str:
 def training_failed(session: Optional[sessions.Session]) -> tuple:
     """After an error the last frame still shows "training": give Start (and Resume) back."""
     run = session.run if isinstance(session, sessions.Session) else None
-    return _buttons(False, run is not None and can_resume(run))
+    return _buttons(False, run is not None and resumable(run))
 
 
 def stop_training(session: Optional[sessions.Session]) -> str:
@@ -353,15 +346,6 @@ def _ollama_lines(run: RunDir) -> str:
             f"cd {run.gguf_dir.name} && ollama create {name} -f Modelfile && ollama run {name}")
 
 
-def _export_name(repo: str, run: RunDir) -> Optional[str]:
-    repo = (repo or "").strip()
-    if "/" in repo and repo.split("/", 1)[1]:
-        return re.sub(r"[^A-Za-z0-9_.-]", "-", repo.split("/", 1)[1])
-    model = run.load().get("model") or {}
-    spec = model.get("upstream_id") or model.get("spec") or "model"
-    return re.sub(r"[^A-Za-z0-9_.-]", "-", Path(str(spec)).name) + "-rawtune"
-
-
 def export_model(session: Optional[sessions.Session], quants: list[str], repo: str):
     """Merge, convert and quantize the session's run to GGUF, streaming the log."""
     session = sessions.current(session)
@@ -380,7 +364,7 @@ def export_model(session: Optional[sessions.Session], quants: list[str], repo: s
             yield waiting, gr.skip(), gr.skip(), gr.skip()
         if not space.SLOT.my_turn(ticket):
             return
-        settings = ExportSettings(quant=[q.lower() for q in quants], name=_export_name(repo, run))
+        settings = ExportSettings(quant=[q.lower() for q in quants], name=gguf_name(repo, run))
         work = Background(export_run, run, settings)
         for text in stream_log(work, log):
             yield text, gr.skip(), gr.skip(), gr.skip()
