@@ -13,9 +13,9 @@ from typing import Any, Callable
 
 import gradio as gr
 
-from .. import space
+from .. import quants, space
 from ..models import model_choices
-from ..settings import PRESETS, QUANT_LABELS, QUANTS, DataSettings, concrete_preset, docs, form_fields, tristate
+from ..settings import PRESETS, DataSettings, concrete_preset, docs, form_fields, tristate
 from .session import UPLOAD_TYPES
 
 
@@ -199,7 +199,7 @@ def train_tab(default_model: str) -> Components:
 def export_tab() -> Components:
     """The Export & Push tab."""
     c: Components = {}
-    c["quants"] = gr.CheckboxGroup([QUANT_LABELS[q] for q in QUANTS], value=["Q4_K_M", "Q8_0"],
+    c["quants"] = gr.CheckboxGroup(quants.EXPORTABLE_LABELS, value=[quants.label_of(q) for q in quants.DEFAULT],
                                    label="GGUF quant types", elem_id="quants",
                                    info="Q4_K_M: what `ollama run` pulls by default; Q8_0: near-lossless; "
                                         "F16: unquantized")
