@@ -30,7 +30,7 @@ from ..settings import (DEFAULT_MODEL, DataSettings, ExportSettings, PushSetting
                         from_dict, from_form, settings_fields, train_from_form, validate)
 from . import session as sessions
 from .background import Background, GpuTurn, append, friendly, gpu, public, stream_log, wait_for_gpu
-from .forms import preset_summary, text_fields
+from .forms import preset_hint, preset_summary, text_fields
 
 PLOT_POINTS = 1000  # most train-loss points sent to the plot
 PHASES = {"data": "Preparing data", "train": "Training", "eval": "Measuring held-out perplexity"}
@@ -111,8 +111,6 @@ def _column_choice(info: dict) -> Any:
 
 def preset_changed(preset: str) -> list:
     """Show the new preset's values as the placeholders of the empty Advanced boxes."""
-    from .forms import preset_hint
-
     return [preset_summary(preset)] + [gr.Textbox(placeholder=preset_hint(f, preset)) for f in text_fields()]
 
 
