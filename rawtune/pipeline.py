@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import queue
 import re
 import sys
@@ -28,7 +29,8 @@ from typing import Any, Callable, Iterator, Optional, Union
 
 from .errors import ConfigError, RawtuneError
 from .rundir import RunDir, scrub
-from .settings import PRESETS, RunSettings, STAGES, concrete_preset, from_dict, resume_refusal, to_dict, validate
+from .settings import (DEFAULT_MODEL, PRESETS, STAGES, RunSettings, concrete_preset, from_dict, resume_refusal,
+                       to_dict, validate)
 
 
 def prepare_model(settings: RunSettings, run: RunDir, token: Optional[str],
@@ -217,6 +219,28 @@ SegmentCall = Callable[[dict, Any, Optional[float]], Iterator[dict]]
 # What a segmented run records as its stages in run.json.
 SEGMENTED_STAGES = ["data", "train", "eval"]
 TICK = 0.5  # seconds between Tick events while a segment runs
+
+
+def segment_call_seconds() -> int:
+    """How long one GPU call that trains a segment may last (the app's ``@spaces.GPU`` duration):
+    the segment (``RAWTUNE_SEGMENT_SECONDS``, default 90 s) and a minute to load and save."""
+    return int(float(os.environ.get("RAWTUNE_SEGMENT_SECONDS") or 90)) + 60
+
+
+def segment_seconds(model: Optional[str] = None) -> Optional[float]:
+    """Training time of one segment: ``RAWTUNE_SEGMENT_SECONDS`` when set (0: unlimited); on
+    ZeroGPU, what the memory planner leaves of one GPU call once the model's load and save times
+    are taken out; elsewhere None (one segment, unlimited)."""
+    value = os.environ.get("RAWTUNE_SEGMENT_SECONDS")
+    if value:
+        return float(value) if float(value) > 0 else None
+    from .space import on_zero_gpu
+
+    if not on_zero_gpu():
+        return None
+    from .train.plan import segment_seconds as planned, shape_of
+
+    return planned(shape_of(model or DEFAULT_MODEL), float(segment_call_seconds()))
 
 
 class SegmentError(RawtuneError):

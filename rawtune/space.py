@@ -65,15 +65,6 @@ def gpu_expected() -> bool:
     return on_zero_gpu() or has_cuda()
 
 
-def segment_seconds() -> Optional[float]:
-    """Length of one training segment (``RAWTUNE_SEGMENT_SECONDS``): 90 s on ZeroGPU, where each
-    GPU call is time-limited, else None (one segment, unlimited); 0 also means unlimited."""
-    value = os.environ.get("RAWTUNE_SEGMENT_SECONDS")
-    if value:
-        return float(value) if float(value) > 0 else None
-    return 90.0 if on_zero_gpu() else None
-
-
 def allow_owner_token() -> bool:
     """Whether a visitor's Hub actions may fall back to the machine's own token."""
     return not shared() or _flag("RAWTUNE_ALLOW_OWNER_TOKEN")

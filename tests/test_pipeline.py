@@ -113,3 +113,15 @@ def test_estimate(tiny_llama_dir):
     assert measured.tokens != 2500  # the tokenizer's own ratio, not the 4-characters guess
     guessed = estimate_training(text, 10_000, "someone/unknown-model", "thorough", gpu=True)
     assert guessed.tokens == 2500 and guessed.seconds is None and guessed.epochs == 3.0
+
+
+def test_segment_length(monkeypatch):
+    from rawtune.pipeline import segment_call_seconds, segment_seconds
+
+    monkeypatch.delenv("RAWTUNE_SEGMENT_SECONDS", raising=False)
+    monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)
+    assert segment_seconds("any/model") is None and segment_call_seconds() == 150  # off ZeroGPU: one segment
+    monkeypatch.setenv("RAWTUNE_SEGMENT_SECONDS", "30")
+    assert segment_seconds("any/model") == 30.0 and segment_call_seconds() == 90
+    monkeypatch.setenv("RAWTUNE_SEGMENT_SECONDS", "0")
+    assert segment_seconds("any/model") is None

@@ -14,7 +14,6 @@ adapter and checkpoint stay, and Resume continues later.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -24,7 +23,7 @@ import gradio as gr
 from .. import space
 from ..errors import ConfigError
 from ..pipeline import (Estimate, Finished, Log, Phase, Progress, estimate_training, gguf_name, resumable,
-                        run_segmented, segment_events)
+                        run_segmented, segment_call_seconds, segment_events, segment_seconds)
 from ..rundir import RunDir
 from ..settings import (DEFAULT_MODEL, DataSettings, ExportSettings, PushSettings, RunSettings, form_fields,
                         from_dict, from_form, settings_fields, train_from_form, validate)
@@ -149,7 +148,7 @@ def resume_training(session: Optional[sessions.Session], token_text: Optional[st
     yield from _train(session, settings, sessions.visitor_token(token_text, oauth_token), progress)
 
 
-@gpu(duration=int(float(os.environ.get("RAWTUNE_SEGMENT_SECONDS") or 90)) + 60)
+@gpu(duration=segment_call_seconds())
 def train_segment(settings_dict: dict, token: Any, seconds: Optional[float]) -> Iterator[dict]:
     """One training segment as one GPU call (the data stage and the page stay off the GPU)."""
     yield from segment_events(settings_dict, token, seconds)
@@ -213,8 +212,8 @@ def _train(session: sessions.Session, settings: RunSettings, token: Any, progres
         if budget.seconds or budget.steps:
             append(view.log, f"[app] this app gives each training {budget.describe()}")
         yield view.frame(result="")
-        events = run_segmented(settings, token, space.segment_seconds(), stop=session.stop, budget=budget,
-                               train_call=train_segment, eval_call=eval_segment)
+        events = run_segmented(settings, token, segment_seconds(settings.train.model), stop=session.stop,
+                               budget=budget, train_call=train_segment, eval_call=eval_segment)
         for event in events:
             if isinstance(event, Phase) and event.stage == "train" and turn.ticket is None:
                 for waiting in turn.wait():
