@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .errors import ConfigError, ModelError, StageMissing
+from .quants import label_of_file, sort_key
 from .rundir import RunDir
 
 MODES = ("completion", "chat")
@@ -62,7 +63,7 @@ def gguf_files(run: RunDir) -> dict[str, Path]:
             found[label.upper()] = path
     if run.gguf_dir.is_dir():
         for path in sorted(run.gguf_dir.glob("*.gguf")):
-            label = path.name[: -len(".gguf")].rsplit(".", 1)[-1].upper()
+            label = label_of_file(path.name) or path.name[: -len(".gguf")].rsplit(".", 1)[-1].upper()
             found.setdefault(label, path)
     return found
 
@@ -71,8 +72,7 @@ def tuned_choices(run_dir: str | Path) -> list[str]:
     """What the tuned side can be for this run: ``pytorch`` and ``gguf:<QUANT>`` per exported file."""
     run = RunDir(run_dir)
     choices = ["pytorch"] if run.has_adapter() else []
-    order = {"Q4_K_M": 0, "Q8_0": 1, "F16": 2}
-    labels = sorted(gguf_files(run), key=lambda q: (order.get(q, 9), q))
+    labels = sorted(gguf_files(run), key=lambda q: (sort_key(q), q))
     return choices + [f"gguf:{q}" for q in labels]
 
 
@@ -153,22 +153,10 @@ def load_tuned_torch(run: RunDir) -> Any:
 
 
 def load_gguf(path: Path, n_ctx: int) -> Any:
-    """A llama.cpp model for one GGUF file (llama-cpp-python)."""
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        raise ConfigError("the GGUF side needs llama-cpp-python: `pip install llama-cpp-python`, "
-                          "or compare with the PyTorch tuned model") from None
-    import os
+    """A llama.cpp model for one GGUF file, cached like the PyTorch models."""
+    from .export.llama import load_llama
 
-    def load() -> Any:
-        try:
-            return Llama(model_path=str(path), n_ctx=n_ctx, verbose=False,
-                         n_threads=max(1, (os.cpu_count() or 2)), n_gpu_layers=-1)
-        except Exception as exc:  # llama.cpp reports load failures as ValueError/RuntimeError
-            raise ModelError(f"llama.cpp could not load {path.name}: {exc}; export it again") from None
-
-    return _cached(("gguf", str(path.resolve()), _stamp(path), n_ctx), load)
+    return _cached(("gguf", str(path.resolve()), _stamp(path), n_ctx), lambda: load_llama(path, n_ctx, gpu=True))
 
 
 # ---------------------------------------------------------------- generation

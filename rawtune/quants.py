@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterable, Optional
+
+from .errors import ExportError
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,24 @@ def label_of(name: str) -> Optional[str]:
     """Label of an exportable --quant value (``q4_k_m`` -> ``Q4_K_M``); None when not exportable."""
     quant = BY_LABEL.get(name.upper())
     return quant.label if quant and quant.exportable else None
+
+
+def labels_for(values: Iterable[str]) -> list[str]:
+    """The labels of ``--quant`` values, in the order given, without repeats: THE check of --quant.
+
+    Settings validation and the export stage both call it, so a bad value reads the same from
+    the CLI, a YAML file, the app or a direct ``export_run``.
+    """
+    labels = []
+    for value in values:
+        label = label_of(str(value).strip())
+        if label is None:
+            raise ExportError(f"--quant: unknown quant type {str(value).strip().lower()!r}; "
+                              f"use some of {', '.join(EXPORTABLE)}")
+        labels.append(label)
+    if not labels:
+        raise ExportError("--quant is empty; name at least one of " + ", ".join(EXPORTABLE))
+    return list(dict.fromkeys(labels))
 
 
 def file_name(stem: str, label: str) -> str:

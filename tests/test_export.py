@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rawtune import gguf_writer
+from rawtune.export import gguf_writer
 from rawtune.errors import ExportError
 from rawtune.rundir import RunDir
 from rawtune.settings import ExportSettings
@@ -25,7 +25,8 @@ from tiny import SPECIALS, sentences
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python)")
 
-from rawtune import export  # noqa: E402  (needs llama_cpp for most of what is tested)
+from rawtune.export import export_run, steps  # noqa: E402  (needs llama_cpp for most of what is tested)
+from rawtune.export.llama import load_llama  # noqa: E402
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -106,9 +107,9 @@ def torch_logits(model_dir: Path, tokens: np.ndarray) -> np.ndarray:
 
 
 def gguf_logits(path: Path, tokens: np.ndarray) -> np.ndarray:
-    llm = export.load_llama(path, n_ctx=128, logits_all=True, f32_cache=True)
+    llm = load_llama(path, n_ctx=128, logits_all=True, f32_cache=True)
     try:
-        return export.llama_logits(llm, tokens)
+        return steps.llama_logits(llm, tokens)
     finally:
         llm.close()
 
@@ -136,7 +137,7 @@ def big_llama3_rope(tmp_path_factory, big_llama) -> Path:
 def test_export_logits_match_merged_pytorch(arch, request, tmp_path):
     base = request.getfixturevalue({"llama": "big_llama", "qwen2": "big_qwen2", "llama3-rope": "big_llama3_rope"}[arch])
     run = make_run(tmp_path / "run", base)
-    info = export.export_run(run, ExportSettings(quant=["f16"], name="tiny"), log=lambda s: None)
+    info = export_run(run, ExportSettings(quant=["f16"], name="tiny"), log=lambda s: None)
     f16 = run.gguf_dir / "tiny.F16.gguf"
     assert info["conversion"]["architecture"] == arch.split("-")[0].replace("llama3", "llama")
     assert info["conversion"]["tied_embeddings"] is (arch != "qwen2")
@@ -175,7 +176,7 @@ def test_wrong_permutation_is_caught(big_llama, tmp_path):
 def test_export_run_quantizes_verifies_and_is_idempotent(big_llama, tmp_path):
     run = make_run(tmp_path / "myrun", big_llama)
     lines: list[str] = []
-    info = export.export_run(run, ExportSettings(quant=["q4_k_m", "q8_0"]), log=lines.append)
+    info = export_run(run, ExportSettings(quant=["q4_k_m", "q8_0"]), log=lines.append)
     record = run.load()
     gguf = record["gguf"]
     assert set(gguf) == {"Q4_K_M", "Q8_0"}
@@ -205,14 +206,14 @@ def test_export_run_quantizes_verifies_and_is_idempotent(big_llama, tmp_path):
     # Second export: same merged model, nothing rebuilt or re-verified.
     mtimes = {p.name: p.stat().st_mtime_ns for p in run.gguf_dir.glob("*.gguf")}
     first_lines = len(lines)
-    again = export.export_run(run, ExportSettings(quant=["q4_k_m", "q8_0"]), log=lines.append)
+    again = export_run(run, ExportSettings(quant=["q4_k_m", "q8_0"]), log=lines.append)
     assert again["reused"] == ["Q4_K_M", "Q8_0"] and exp["reused"] == []
     assert (again["seconds_convert"], again["seconds_quantize"]) == (exp["seconds_convert"], exp["seconds_quantize"])
     assert not any(line.startswith("[export] llama.cpp") for line in lines[first_lines:])  # not re-verified
     assert {p.name: p.stat().st_mtime_ns for p in run.gguf_dir.glob("*.gguf")} == mtimes
     assert run.load()["gguf"] == gguf and again["ppl_merged"] == exp["ppl_merged"]
     # Fewer quants: the one no longer asked for leaves gguf/ (it would be published otherwise).
-    export.export_run(run, ExportSettings(quant=["q8_0"]), log=lines.append)
+    export_run(run, ExportSettings(quant=["q8_0"]), log=lines.append)
     assert sorted(p.name for p in run.gguf_dir.glob("*.gguf")) == ["myrun.Q8_0.gguf"]
     assert set(run.load()["gguf"]) == {"Q8_0"} and (run.gguf_dir / "Modelfile").read_text().startswith("FROM ./myrun.Q8_0")
 
@@ -220,7 +221,7 @@ def test_export_run_quantizes_verifies_and_is_idempotent(big_llama, tmp_path):
 def test_export_without_heldout_skips_perplexity(big_qwen2, tmp_path):
     run = make_run(tmp_path / "run", big_qwen2, heldout=False)
     lines: list[str] = []
-    info = export.export_run(run, ExportSettings(quant=["q8_0"], name="nohold"), log=lines.append)
+    info = export_run(run, ExportSettings(quant=["q8_0"], name="nohold"), log=lines.append)
     assert info["ppl_merged"] is None and run.load()["gguf"]["Q8_0"]["ppl"] is None
     assert run.load()["gguf"]["Q8_0"]["tokenizer_ok"]
     assert any("skipping perplexity" in line for line in lines)
@@ -270,10 +271,10 @@ def test_pre_tokenizer_is_read_from_tokenizer_json(pre, tmp_path):
     assert gguf_writer.convert(model_dir, out, "f16")["pre_tokenizer"] == pre
     hf = AutoTokenizer.from_pretrained(model_dir)
     text = "In 2024, 12345 people paid $3.50 each.\n\n  It's   done!"
-    llm = export.load_llama(out, n_ctx=64)
+    llm = load_llama(out, n_ctx=64)
     try:
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == hf.encode(text, add_special_tokens=False)
-        assert export.check_tokenizer(llm, hf, [text, export.SAMPLE_TEXT]) == []
+        assert steps.check_tokenizer(llm, hf, [text, steps.SAMPLE_TEXT]) == []
     finally:
         llm.close()
 
@@ -295,9 +296,9 @@ def test_wrong_pre_tokenizer_label_is_caught(tmp_path):
     finally:
         gguf_writer.PRE_TOKENIZERS.clear()
         gguf_writer.PRE_TOKENIZERS.update(original)
-    llm = export.load_llama(tmp_path / "wrong.gguf", n_ctx=64)
+    llm = load_llama(tmp_path / "wrong.gguf", n_ctx=64)
     try:
-        assert export.check_tokenizer(llm, hf, ["In 2024, 12345 people paid $3.50 each."]) != []
+        assert steps.check_tokenizer(llm, hf, ["In 2024, 12345 people paid $3.50 each."]) != []
     finally:
         llm.close()
 
@@ -328,10 +329,10 @@ def test_sentencepiece_tokenizer(tmp_path):
     report = gguf_writer.convert(model_dir, out, "f16")
     assert report["tokenizer"] == "llama" and report["add_bos"] is True
     hf = AutoTokenizer.from_pretrained(model_dir)
-    texts = [export.SAMPLE_TEXT, "Hello world", "the river carries bright stones.\n\nNew line  two  spaces"]
-    llm = export.load_llama(out, n_ctx=64)
+    texts = [steps.SAMPLE_TEXT, "Hello world", "the river carries bright stones.\n\nNew line  two  spaces"]
+    llm = load_llama(out, n_ctx=64)
     try:
-        assert export.check_tokenizer(llm, hf, texts) == []
+        assert steps.check_tokenizer(llm, hf, texts) == []
         assert llm.tokenize(b"Hello", add_bos=True, special=False)[0] == 1  # BOS added, as HF does
     finally:
         llm.close()
@@ -363,7 +364,7 @@ def test_unsupported_architecture_lists_what_is_supported(tmp_path, tiny_llama_d
 def test_unknown_quant_is_rejected(big_llama, tmp_path):
     run = make_run(tmp_path / "run", big_llama, heldout=False)
     with pytest.raises(ExportError, match="q4_k_m"):
-        export.export_run(run, ExportSettings(quant=["q2_k"]), log=lambda s: None)
+        export_run(run, ExportSettings(quant=["q2_k"]), log=lambda s: None)
 
 
 @pytest.mark.slow
@@ -388,7 +389,7 @@ def test_smollm2_offline_export(tmp_path, monkeypatch):
     run.data_dir.mkdir(parents=True, exist_ok=True)
     np.save(run.data_dir / "heldout.npy", ids)
     started = time.time()
-    info = export.export_run(run, ExportSettings(quant=["q4_k_m", "q8_0", "f16"], name="smol"))
+    info = export_run(run, ExportSettings(quant=["q4_k_m", "q8_0", "f16"], name="smol"))
     gguf = run.load()["gguf"]
     print(json.dumps({"export": {k: v for k, v in info.items() if k != "conversion"},
                       "gguf": {k: {x: y for x, y in v.items() if x != "tokenizer_mismatches"} for k, v in gguf.items()},

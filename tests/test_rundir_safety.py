@@ -231,7 +231,7 @@ def test_item12_bad_inputs_give_one_line_errors(case, tmp_path, capsys, tiny_lla
 
 def test_item12_export_reads_a_truncated_gguf_with_a_clear_error(tmp_path):
     from rawtune.errors import ExportError
-    from rawtune.export import tensor_types
+    from rawtune.export.steps import tensor_types
 
     whole = _gguf_file(tmp_path / "whole.gguf")
     assert tensor_types(whole) == {"F32": 1}

@@ -1,12 +1,17 @@
-"""The export stage: merged model -> GGUF files checked by llama.cpp, plus the files Ollama reads.
+"""The export stage's steps, one function each: plan -> convert -> quantize -> verify -> clean up
+-> Ollama files -> record. :func:`rawtune.export.export_run` runs them in that order.
 
-Steps: merge (``rawtune.merge.merge_run``, reused when current), convert to F16 with rawtune's own
-writer (:mod:`rawtune.gguf_writer`), quantize with llama.cpp's own quantizer through
-llama-cpp-python (no git, cmake or compiler at run time), then load every file in llama.cpp and
-check it: tokenization agrees with the HF tokenizer, a few greedy tokens come out, and the
-perplexity on the run's held-out blocks is close to the merged PyTorch model's. A quantized file
-far above the merged model's perplexity is a conversion bug, so it is reported loudly.
-Running export twice reuses files made from the same merged model.
+- plan: validate ``--quant``, merge (``rawtune.merge.merge_run``, reused when current), and decide
+  from the merged model's fingerprint which earlier outputs are still current (decided once, in
+  :class:`Plan`);
+- convert: the F16 GGUF from rawtune's own writer (:mod:`.gguf_writer`);
+- quantize: llama.cpp's own quantizer through llama-cpp-python (no git, cmake or compiler at run
+  time);
+- verify: every file loaded in llama.cpp (:mod:`.llama`): tokenization agrees with the HF
+  tokenizer, a few greedy tokens come out, and the perplexity on the run's held-out blocks is
+  close to the merged PyTorch model's; a file far above it is a conversion bug, reported loudly;
+- clean up: the F16 work file and files of quant types not asked for this time;
+- Ollama files (:mod:`.ollama`) and the ``gguf``/``export`` records in run.json.
 """
 
 from __future__ import annotations
@@ -16,37 +21,27 @@ import logging
 import os
 import re
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
 
+from .. import quants
 from ..errors import ExportError
 from ..rundir import RunDir
-from ..settings import QUANT_LABELS, QUANTS, ExportSettings
+from ..settings import ExportSettings
+from .llama import cpu_threads, llama_cpp, load_llama
+
+Log = Callable[[str], None]
 
 # Bump when the writer's output changes, so older GGUFs are rebuilt instead of reused.
 WRITER_VERSION = 1
-# llama_ftype values (llama.h) for the quantizer.
-FTYPES = {"Q4_K_M": 15, "Q8_0": 7}
-# Perplexity increase over the merged model (percent) above which a file is suspect.
-PPL_BOUNDS = {"F16": 0.5, "Q8_0": 1.0, "Q4_K_M": 8.0}
 PPL_TOKEN_BUDGET = 4096  # held-out tokens scored per file (whole blocks, at least one)
 SAMPLE_TEXT = ("The quick brown fox jumps over the lazy dog. In 1984, 3 engineers wrote 12,345 lines;\n"
                "they said: \"it's done!\"  Tabs\tand  spaces,  café naïve résumé, emoji 🙂 and (brackets) [x] {y}.")
 GREEDY_TOKENS = 8
-
-
-def _label_list(quants: list[str]) -> list[str]:
-    labels = []
-    for q in quants:
-        q = q.lower()
-        if q not in QUANT_LABELS:
-            raise ExportError(f"--quant {q!r} is unknown; use some of {', '.join(QUANTS)}")
-        labels.append(QUANT_LABELS[q])
-    if not labels:
-        raise ExportError("--quant is empty; name at least one of " + ", ".join(QUANTS))
-    return list(dict.fromkeys(labels))
+WORK_DIR = "gguf_work"
 
 
 def file_stem(run: RunDir, name: Optional[str]) -> str:
@@ -57,7 +52,7 @@ def file_stem(run: RunDir, name: Optional[str]) -> str:
     return stem
 
 
-def _fingerprint(merged: Path, stem: str) -> str:
+def fingerprint(merged: Path, stem: str) -> str:
     """Identifies the merged model an output was made from (file sizes and times) and the writer."""
     parts = [f"v{WRITER_VERSION}", stem]
     for path in sorted(merged.iterdir()):
@@ -67,49 +62,88 @@ def _fingerprint(merged: Path, stem: str) -> str:
     return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
 
 
-# ---------------------------------------------------------------- llama.cpp
+# ---------------------------------------------------------------- plan
 
 
-def _llama_cpp() -> Any:
-    try:
-        import llama_cpp
-    except ImportError:
-        raise ExportError("GGUF quantization and verification need llama-cpp-python: "
-                          "`pip install llama-cpp-python==0.3.36` (or pip install 'rawtune[gguf]')") from None
-    return llama_cpp
+@dataclass
+class Plan:
+    """What this export makes, and what it keeps from the previous one."""
+
+    labels: list[str]  # quant labels asked for, in --quant order
+    stem: str
+    merged: Path
+    out_dir: Path
+    work_dir: Path
+    fingerprint: str
+    earlier: dict[str, Any]  # the previous export record when it was made from this merged model, else {}
+    kept: dict[str, dict[str, Any]] = field(default_factory=dict)  # run.json gguf entries still current
+    seconds_merge: float = 0.0
+
+    def target(self, label: str) -> Path:
+        return self.out_dir / quants.file_name(self.stem, label)
+
+    @property
+    def f16(self) -> Path:
+        """The F16 file the quantizer reads: the requested F16 itself, or a work file."""
+        return self.target("F16") if "F16" in self.labels else self.work_dir / quants.file_name(self.stem, "F16")
+
+    @property
+    def todo(self) -> list[str]:
+        return [label for label in self.labels if label not in self.kept]
 
 
-def cpu_threads() -> int:
-    """Threads for llama.cpp: the idle cores, at least one.
+def plan(run: RunDir, settings: ExportSettings, log: Log) -> Plan:
+    """Check --quant, merge, and keep the earlier outputs made from this very merged model."""
+    from ..merge import merge_run
 
-    llama.cpp's threads wait for each other at every layer, so on a shared machine (a Space, or
-    training running beside export) asking for busy cores makes it several times slower.
-    """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cores, cores - _other_runnable()))
+    labels = quants.labels_for(settings.quant)
+    stem = file_stem(run, settings.name)
+    started = time.time()
+    merged = Path(merge_run(run, log=log))
+    seconds_merge = time.time() - started
+    record = run.load()
+    stamp = fingerprint(merged, stem)
+    earlier = record.get("export") or {}
+    p = Plan(labels, stem, merged, run.gguf_dir, run.path / WORK_DIR, stamp,
+             earlier if earlier.get("fingerprint") == stamp else {}, seconds_merge=seconds_merge)
+    p.out_dir.mkdir(parents=True, exist_ok=True)
+    previous = record.get("gguf") or {}
+    p.kept = {label: info for label, info in previous.items() if label in labels and _current(p, label, info)}
+    for label in p.kept:
+        log(f"[export] {p.target(label).name} is up to date")
+    return p
 
 
-def _other_runnable() -> int:
-    """Tasks running right now besides this one.
+def _current(p: Plan, label: str, info: dict[str, Any]) -> bool:
+    path = p.target(label)
+    return bool(p.earlier) and path.is_file() and info.get("bytes") == path.stat().st_size
 
-    The instantaneous count from /proc/loadavg, not the 1-minute load average: that average still
-    counts rawtune's own training that has just finished, and would leave llama.cpp one thread.
-    """
-    try:
-        with open("/proc/loadavg", encoding="ascii") as handle:
-            return max(0, int(handle.read().split()[3].split("/")[0]) - 1)
-    except (OSError, ValueError, IndexError):
-        try:
-            return max(0, int(os.getloadavg()[0]) - 1)
-        except OSError:  # not available on this platform
-            return 0
+
+# ---------------------------------------------------------------- convert and quantize
+
+
+def convert(p: Plan, license: Optional[str], gguf: dict[str, dict], log: Log) -> tuple[Optional[dict], float]:
+    """Write the F16 GGUF when anything is to be made; return the conversion record and seconds."""
+    from . import gguf_writer
+
+    if not p.todo:
+        return p.earlier.get("conversion"), 0.0
+    t0 = time.time()
+    conversion = gguf_writer.convert(p.merged, p.f16, "f16", name=p.stem, license=license, log=log)
+    seconds = time.time() - t0
+    log(f"[export] wrote F16 GGUF ({conversion['tensors']} tensors, {conversion['tokenizer']} tokenizer"
+        f"{', pre-tokenizer ' + conversion['pre_tokenizer'] if conversion['pre_tokenizer'] else ''}) "
+        f"in {seconds:.1f}s")
+    if "F16" in p.todo:
+        gguf["F16"] = {"file": p.f16.name, "bytes": p.f16.stat().st_size, "seconds": round(seconds, 2)}
+    return conversion, seconds
 
 
 def quantize(src: Path, dst: Path, label: str) -> float:
     """Quantize ``src`` (F16 GGUF) to ``dst`` with llama.cpp's quantizer; returns seconds taken."""
-    llama_cpp = _llama_cpp()
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = FTYPES[label]
+    cpp = llama_cpp()
+    params = cpp.llama_model_quantize_default_params()
+    params.ftype = quants.get(label).ftype
     params.nthread = cpu_threads()
     tmp = dst.with_name(dst.name + ".partial")
     started = time.time()
@@ -118,7 +152,7 @@ def quantize(src: Path, dst: Path, label: str) -> float:
     level = cpp_log.level
     cpp_log.setLevel(logging.ERROR)
     try:
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
+        rc = cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
     finally:
         cpp_log.setLevel(level)
     if rc != 0 or not tmp.is_file():
@@ -127,6 +161,22 @@ def quantize(src: Path, dst: Path, label: str) -> float:
                           f"check free disk space and that the F16 file loads")
     os.replace(tmp, dst)
     return time.time() - started
+
+
+def quantize_all(p: Plan, gguf: dict[str, dict], log: Log) -> float:
+    """Quantize every asked-for type still to be made; record sizes and tensor types; total seconds."""
+    total = 0.0
+    for label in p.todo:
+        if label == "F16":
+            continue
+        seconds = quantize(p.f16, p.target(label), label)
+        total += seconds
+        gguf[label] = {"file": p.target(label).name, "bytes": p.target(label).stat().st_size,
+                       "seconds": round(seconds, 2)}
+        log(f"[export] quantized {p.target(label).name} ({gguf[label]['bytes'] / 2**20:.1f} MiB) in {seconds:.1f}s")
+    for label in p.todo:
+        gguf[label]["tensor_types"] = tensor_types(p.target(label))
+    return total
 
 
 def tensor_types(path: Path) -> dict[str, int]:
@@ -145,21 +195,7 @@ def tensor_types(path: Path) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
-def load_llama(path: Path, n_ctx: int, logits_all: bool = False, f32_cache: bool = False) -> Any:
-    """Open a GGUF with llama.cpp on the CPU (callers must ``close()`` it).
-
-    ``f32_cache`` keeps the KV cache in float32 instead of llama.cpp's default F16, for
-    comparisons with PyTorch at float32 tolerance.
-    """
-    llama_cpp = _llama_cpp()
-    cache = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if f32_cache else {}
-    try:
-        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 512),
-                               logits_all=logits_all, n_threads=cpu_threads(),
-                               n_gpu_layers=0, verbose=False, **cache)
-    except Exception as exc:  # llama-cpp-python raises ValueError/RuntimeError for bad files
-        raise ExportError(f"llama.cpp could not load {path.name}: {exc}; the conversion is broken, "
-                          f"report it with the model's config.json") from None
+# ---------------------------------------------------------------- verify
 
 
 def _nll_from_logits(logits: np.ndarray, tokens: np.ndarray) -> tuple[float, int]:
@@ -234,9 +270,6 @@ def verify_file(path: Path, tokenizer: Any, blocks: Optional[np.ndarray], texts:
             "verify_seconds": round(time.time() - started, 2)}
 
 
-# ---------------------------------------------------------------- the stage
-
-
 def _heldout_blocks(run: RunDir, log: Callable[[str], None]) -> Optional[np.ndarray]:
     path = run.data_dir / "heldout.npy"
     if not path.is_file():
@@ -262,189 +295,155 @@ def _check_texts(tokenizer: Any, blocks: Optional[np.ndarray]) -> tuple[list[str
     return texts, prompt
 
 
-def _warn(log: Callable[[str], None], text: str, warnings: list[str]) -> None:
+def _warn(log: Log, text: str, warnings: list[str]) -> None:
     warnings.append(text)
     bar = "!" * 72
     log(f"[export] {bar}\n[export] WARNING: {text}\n[export] {bar}")
 
 
-def export_run(run: RunDir, settings: ExportSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Merge, convert, quantize and verify; write the Ollama files; record ``gguf`` and ``export``.
+@dataclass
+class Verification:
+    """Perplexities of the merged model and the F16 file, the blocks scored, warnings, time."""
 
-    On any failure the F16 work file and half-written GGUFs are removed: a full disk must not
-    stay full, and a later export must not mistake a fragment for a finished file.
-    """
-    try:
-        with run.lock():  # also when called directly (the app), not only through the pipeline
-            return _export(run, settings, log)
-    except BaseException as exc:
-        _remove_work_files(run, file_stem(run, settings.name))
-        if isinstance(exc, OSError):
-            raise ExportError(f"writing the GGUF files in {run.path} failed ({exc.strerror or exc}); free disk "
-                              f"space there (the F16 file needs about 2 bytes per parameter) and export again") from None
-        raise
+    ppl_merged: Optional[float]
+    ppl_f16: Optional[float]
+    blocks: Optional[list[int]]
+    warnings: list[str]
+    seconds: float
 
 
-def _remove_work_files(run: RunDir, stem: str) -> None:
-    work_dir = run.path / "gguf_work"
+def verify(run: RunDir, p: Plan, enabled: bool, gguf: dict[str, dict], tokenizer: Any, log: Log) -> Verification:
+    """Check each file not verified yet in llama.cpp, then each file's perplexity against its bound."""
+    check = Verification(p.earlier.get("ppl_merged"), p.earlier.get("ppl_f16"), p.earlier.get("ppl_blocks"), [], 0.0)
+    to_verify = [label for label in p.labels if "verify_seconds" not in gguf[label]] if enabled else []
+    t0 = time.time()
+    if to_verify:
+        _verify_files(run, p, to_verify, gguf, tokenizer, check, log)
+    _check_bounds(p, gguf, check, log)
+    check.seconds = time.time() - t0 if to_verify else 0.0
+    return check
+
+
+def _verify_files(run: RunDir, p: Plan, to_verify: list[str], gguf: dict[str, dict], tokenizer: Any,
+                  check: Verification, log: Log) -> None:
+    blocks = _heldout_blocks(run, log)
+    texts, prompt = _check_texts(tokenizer, blocks)
+    n_ctx = int(blocks.shape[1]) if blocks is not None else 512
+    check.blocks = None if blocks is None else [int(blocks.shape[0]), int(blocks.shape[1])]
+    if blocks is not None and check.ppl_merged is None:
+        check.ppl_merged = round(torch_perplexity(p.merged, blocks), 4)
+        log(f"[export] merged PyTorch model: perplexity {check.ppl_merged:.4f} on {blocks.shape[0]} held-out blocks")
+    labels = list(to_verify)
+    if blocks is not None and "F16" not in p.labels and p.f16.is_file():
+        labels.append("F16 (work file)")  # separates conversion error from quantization loss
+    for label in labels:
+        path = p.f16 if label.startswith("F16") else p.target(label)
+        result = verify_file(path, tokenizer, blocks, texts, prompt, n_ctx)
+        if label.startswith("F16"):
+            check.ppl_f16 = result["ppl"]
+        if label in gguf:
+            gguf[label].update(result)
+        log(f"[export] llama.cpp {label}: perplexity {result['ppl']}, tokenizer "
+            f"{'agrees' if result['tokenizer_ok'] else 'DIFFERS'}, greedy {result['sample']!r}")
+        if not result["tokenizer_ok"]:
+            _warn(log, f"{label}: llama.cpp tokenizes differently from the HF tokenizer: "
+                       f"{'; '.join(result['tokenizer_mismatches'][:2])}", check.warnings)
+
+
+def _check_bounds(p: Plan, gguf: dict[str, dict], check: Verification, log: Log) -> None:
+    """Each file's perplexity rise over the merged model, warned about above the table's bound."""
+    checked = {label: gguf[label] for label in p.labels}
+    if "F16" not in p.labels and check.ppl_f16 is not None:
+        checked["F16"] = {"ppl": check.ppl_f16}  # the work file: a rise here is the writer's fault
+    for label, entry in checked.items():
+        ppl = entry.get("ppl")
+        if ppl is None or not check.ppl_merged:
+            continue
+        rise = 100.0 * (ppl / check.ppl_merged - 1.0)
+        entry["ppl_increase_pct"] = round(rise, 3)
+        bound = quants.get(label).bound_pct
+        if bound is not None and rise > bound:
+            _warn(log, f"{label} perplexity {ppl:.4f} is {rise:+.2f}% over the merged model's "
+                       f"{check.ppl_merged:.4f} (bound {bound}%): that is a conversion bug, not "
+                       f"quantization noise", check.warnings)
+
+
+# ---------------------------------------------------------------- clean up, Ollama files, record
+
+
+def clean_up(p: Plan, log: Log) -> None:
+    """Drop the F16 work file (only the quantizer needed it) and files of types not asked for now."""
+    if p.f16.parent == p.work_dir and p.f16.is_file():
+        p.f16.unlink()
+    if p.work_dir.is_dir() and not any(p.work_dir.iterdir()):
+        p.work_dir.rmdir()
+    for label in set(quants.EXPORTABLE_LABELS) - set(p.labels):
+        if p.target(label).is_file():  # from an earlier export with other --quant: not published now
+            p.target(label).unlink()
+            log(f"[export] removed {p.target(label).name} (not in --quant this time)")
+
+
+def remove_work_files(run: RunDir, stem: str) -> None:
+    """After a failure: the F16 work file and half-written GGUFs, so a full disk does not stay full
+    and a later export never mistakes a fragment for a finished file."""
+    work_dir = run.path / WORK_DIR
     for path in [*work_dir.glob(f"{stem}.F16.gguf*"), *run.gguf_dir.glob(f"{stem}.*.gguf.partial")]:
         path.unlink(missing_ok=True)
     if work_dir.is_dir() and not any(work_dir.iterdir()):
         work_dir.rmdir()
 
 
-def _export(run: RunDir, settings: ExportSettings, log: Callable[[str], None]) -> dict[str, Any]:
+def ollama_files(p: Plan, tokenizer: Any, conversion: Optional[dict], log: Log) -> dict[str, Any]:
+    """template, params, system and Modelfile for the smallest file asked for (the table's order)."""
     from . import gguf_writer, ollama
-    from ..merge import merge_run
 
-    labels = _label_list(list(settings.quant))
-    stem = file_stem(run, settings.name)
-    started = time.time()
-    merged = Path(merge_run(run, log=log))
-    seconds_merge = time.time() - started
-
-    record = run.load()
-    fingerprint = _fingerprint(merged, stem)
-    previous = record.get("gguf") or {}
-    prev_export = record.get("export") or {}
-    reusable = prev_export.get("fingerprint") == fingerprint
-    out_dir = run.gguf_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    def target(label: str) -> Path:
-        return out_dir / f"{stem}.{label}.gguf"
-
-    def current(label: str) -> bool:
-        info = previous.get(label) or {}
-        path = target(label)
-        return reusable and path.is_file() and info.get("bytes") == path.stat().st_size
-
-    gguf: dict[str, dict[str, Any]] = {k: v for k, v in previous.items() if k in labels and current(k)}
-    for label in gguf:
-        log(f"[export] {target(label).name} is up to date")
-    todo = [label for label in labels if label not in gguf]
-
-    # F16 from rawtune's writer: the requested F16 file itself, or a work file for the quantizer.
-    work_dir = run.path / "gguf_work"
-    f16 = target("F16") if "F16" in labels else work_dir / f"{stem}.F16.gguf"
-    seconds_convert = 0.0
-    conversion = prev_export.get("conversion") if reusable else None
-    if todo:
-        t0 = time.time()
-        conversion = gguf_writer.convert(merged, f16, "f16", name=stem,
-                                         license=(record.get("model") or {}).get("license"), log=log)
-        seconds_convert = time.time() - t0
-        log(f"[export] wrote F16 GGUF ({conversion['tensors']} tensors, {conversion['tokenizer']} tokenizer"
-            f"{', pre-tokenizer ' + conversion['pre_tokenizer'] if conversion['pre_tokenizer'] else ''}) "
-            f"in {seconds_convert:.1f}s")
-        if "F16" in todo:
-            gguf["F16"] = {"file": f16.name, "bytes": f16.stat().st_size, "seconds": round(seconds_convert, 2)}
-
-    seconds_quantize = 0.0
-    for label in todo:
-        if label == "F16":
-            continue
-        seconds = quantize(f16, target(label), label)
-        seconds_quantize += seconds
-        gguf[label] = {"file": target(label).name, "bytes": target(label).stat().st_size,
-                       "seconds": round(seconds, 2)}
-        log(f"[export] quantized {target(label).name} ({gguf[label]['bytes'] / 2**20:.1f} MiB) in {seconds:.1f}s")
-    for label in todo:
-        gguf[label]["tensor_types"] = tensor_types(target(label))
-
-    # ---- verification (timed separately from the export itself)
-    warnings: list[str] = []
-    ppl_merged = prev_export.get("ppl_merged") if reusable else None
-    ppl_f16 = prev_export.get("ppl_f16") if reusable else None
-    blocks_used = prev_export.get("ppl_blocks") if reusable else None
-    t0 = time.time()
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(merged))
-    config = gguf_writer.read_json(merged / "config.json")
-    to_verify = [label for label in labels if "verify_seconds" not in gguf[label]] if settings.verify else []
-    if to_verify:
-        blocks = _heldout_blocks(run, log)
-        texts, prompt = _check_texts(tokenizer, blocks)
-        n_ctx = int(blocks.shape[1]) if blocks is not None else 512
-        blocks_used = None if blocks is None else [int(blocks.shape[0]), int(blocks.shape[1])]
-        if blocks is not None and ppl_merged is None:
-            ppl_merged = round(torch_perplexity(merged, blocks), 4)
-            log(f"[export] merged PyTorch model: perplexity {ppl_merged:.4f} on {blocks.shape[0]} held-out blocks")
-        check = list(to_verify)
-        if blocks is not None and "F16" not in labels and f16.is_file():
-            check.append("F16 (work file)")  # separates conversion error from quantization loss
-        for label in check:
-            path = f16 if label.startswith("F16") else target(label)
-            result = verify_file(path, tokenizer, blocks, texts, prompt, n_ctx)
-            if label.startswith("F16"):
-                ppl_f16 = result["ppl"]
-            if label in gguf:
-                gguf[label].update(result)
-            log(f"[export] llama.cpp {label}: perplexity {result['ppl']}, tokenizer "
-                f"{'agrees' if result['tokenizer_ok'] else 'DIFFERS'}, greedy {result['sample']!r}")
-            if not result["tokenizer_ok"]:
-                _warn(log, f"{label}: llama.cpp tokenizes differently from the HF tokenizer: "
-                           f"{'; '.join(result['tokenizer_mismatches'][:2])}", warnings)
-    checked = {label: gguf[label] for label in labels}
-    if "F16" not in labels and ppl_f16 is not None:
-        checked["F16"] = {"ppl": ppl_f16}  # the work file: a rise here is the writer's fault
-    for label, entry in checked.items():
-        ppl = entry.get("ppl")
-        if ppl is not None and ppl_merged:
-            rise = 100.0 * (ppl / ppl_merged - 1.0)
-            entry["ppl_increase_pct"] = round(rise, 3)
-            if rise > PPL_BOUNDS[label]:
-                _warn(log, f"{label} perplexity {ppl:.4f} is {rise:+.2f}% over the merged model's "
-                           f"{ppl_merged:.4f} (bound {PPL_BOUNDS[label]}%): that is a conversion bug, not "
-                           f"quantization noise", warnings)
-    seconds_verify = time.time() - t0 if to_verify else 0.0
-    if f16.parent == work_dir and f16.is_file():
-        f16.unlink()  # only the quantizer needed it; the requested files are in gguf/
-        if not any(work_dir.iterdir()):
-            work_dir.rmdir()
-
-    for label in set(QUANT_LABELS.values()) - set(labels):
-        if target(label).is_file():  # from an earlier export with other --quant: not published now
-            target(label).unlink()
-            log(f"[export] removed {target(label).name} (not in --quant this time)")
-
-    # ---- the files Ollama reads
-    first = next(label for label in QUANT_LABELS.values() if label in labels)  # in QUANTS order
+    first = min(p.labels, key=quants.sort_key)
     add_bos = bool((conversion or {}).get("add_bos", False))
     fmt = ollama.chat_format_for(tokenizer, add_bos, log=log)
     specials = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
+    config = gguf_writer.read_json(p.merged / "config.json")
     context = int(config.get("max_position_embeddings") or 2048)
-    written = ollama.write_files(out_dir, target(first).name, fmt, tokenizer.eos_token, specials, context)
+    written = ollama.write_files(p.out_dir, p.target(first).name, fmt, tokenizer.eos_token, specials, context)
     log(f"[export] wrote {', '.join(written['files'])} ({written['template']} template, stops {written['stop']})")
+    return written
 
-    reused = [label for label in labels if label not in todo]
-    if not todo and reusable:
+
+@dataclass
+class Times:
+    convert: float
+    quantize: float
+    verify: float
+
+
+def record(run: RunDir, p: Plan, gguf: dict[str, dict], conversion: Optional[dict], check: Verification,
+           written: dict[str, Any], times: Times, log: Log) -> dict[str, Any]:
+    """Store ``gguf`` and ``export`` in run.json and log the summary; return ``export``."""
+    reused = [label for label in p.labels if label in p.kept]
+    if not p.todo and p.earlier:
         # Nothing was rebuilt: keep the times of the export that made these files.
-        seconds_convert = prev_export.get("seconds_convert", 0.0)
-        seconds_quantize = prev_export.get("seconds_quantize", 0.0)
-        seconds_verify = seconds_verify or prev_export.get("seconds_verify", 0.0)
+        times = Times(p.earlier.get("seconds_convert", 0.0), p.earlier.get("seconds_quantize", 0.0),
+                      times.verify or p.earlier.get("seconds_verify", 0.0))
     export = {
-        "dir": out_dir.name,
-        "name": stem,
-        "seconds_merge": round(seconds_merge, 2),
-        "seconds_convert": round(seconds_convert, 2),
-        "seconds_quantize": round(seconds_quantize, 2),
-        "seconds_verify": round(seconds_verify, 2),
+        "dir": p.out_dir.name,
+        "name": p.stem,
+        "seconds_merge": round(p.seconds_merge, 2),
+        "seconds_convert": round(times.convert, 2),
+        "seconds_quantize": round(times.quantize, 2),
+        "seconds_verify": round(times.verify, 2),
         "reused": reused,
-        "files": [gguf[label]["file"] for label in labels] + written["files"],
-        "ppl_merged": ppl_merged,
-        "ppl_f16": ppl_f16 if "F16" not in labels else gguf["F16"].get("ppl"),
-        "ppl_blocks": blocks_used,
+        "files": [gguf[label]["file"] for label in p.labels] + written["files"],
+        "ppl_merged": check.ppl_merged,
+        "ppl_f16": check.ppl_f16 if "F16" not in p.labels else gguf["F16"].get("ppl"),
+        "ppl_blocks": check.blocks,
         "template": written["template"],
         "stop": written["stop"],
         "conversion": conversion,
-        "fingerprint": fingerprint,
-        "warnings": warnings,
+        "fingerprint": p.fingerprint,
+        "warnings": check.warnings,
     }
-    run.update(gguf={label: gguf[label] for label in labels}, export=export)
-    total = seconds_merge + seconds_convert + seconds_quantize
-    log(f"[export] done: merge {seconds_merge:.1f}s + convert {seconds_convert:.1f}s + quantize "
-        f"{seconds_quantize:.1f}s = {total:.1f}s; verification {seconds_verify:.1f}s"
+    run.update(gguf={label: gguf[label] for label in p.labels}, export=export)
+    total = p.seconds_merge + times.convert + times.quantize
+    log(f"[export] done: merge {p.seconds_merge:.1f}s + convert {times.convert:.1f}s + quantize "
+        f"{times.quantize:.1f}s = {total:.1f}s; verification {times.verify:.1f}s"
         + (f" (reused {', '.join(reused)} from the previous export)" if reused else ""))
     return export

@@ -1,0 +1,69 @@
+"""llama.cpp through llama-cpp-python: the one place that opens a GGUF file, and the thread count.
+
+Export verifies every file it writes here (on the CPU), and Compare generates from a published
+quant here (on the GPU where llama.cpp was built with one). Both get the same errors: a missing
+llama-cpp-python, or a file llama.cpp cannot load, is an :class:`ExportError` saying what to do.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import ExportError
+
+
+def llama_cpp() -> Any:
+    """The llama_cpp module, or an ExportError saying how to install it."""
+    try:
+        import llama_cpp as module
+    except ImportError:
+        raise ExportError("GGUF quantization, verification and the GGUF side of Compare need llama-cpp-python: "
+                          "`pip install llama-cpp-python==0.3.36` (or pip install 'rawtune[gguf]')") from None
+    return module
+
+
+def cpu_threads() -> int:
+    """Threads for llama.cpp: the idle cores, at least one.
+
+    llama.cpp's threads wait for each other at every layer, so on a shared machine (a Space, or
+    training running beside export) asking for busy cores makes it several times slower.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, cores - _other_runnable()))
+
+
+def _other_runnable() -> int:
+    """Tasks running right now besides this one.
+
+    The instantaneous count from /proc/loadavg, not the 1-minute load average: that average still
+    counts rawtune's own training that has just finished, and would leave llama.cpp one thread.
+    """
+    try:
+        with open("/proc/loadavg", encoding="ascii") as handle:
+            return max(0, int(handle.read().split()[3].split("/")[0]) - 1)
+    except (OSError, ValueError, IndexError):
+        try:
+            return max(0, int(os.getloadavg()[0]) - 1)
+        except OSError:  # not available on this platform
+            return 0
+
+
+def load_llama(path: Path, n_ctx: int, logits_all: bool = False, f32_cache: bool = False,
+               gpu: bool = False) -> Any:
+    """Open a GGUF with llama.cpp (callers ``close()`` it, or keep it cached).
+
+    ``f32_cache`` keeps the KV cache in float32 instead of llama.cpp's default F16, for
+    comparisons with PyTorch at float32 tolerance. ``gpu`` offloads every layer where llama.cpp
+    has a GPU (generation); verification stays on the CPU so its numbers do not depend on a card.
+    """
+    cpp = llama_cpp()
+    cache = {"type_k": cpp.GGML_TYPE_F32, "type_v": cpp.GGML_TYPE_F32} if f32_cache else {}
+    try:
+        return cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=logits_all,
+                         n_threads=cpu_threads(), n_gpu_layers=-1 if gpu else 0, verbose=False, **cache)
+    except Exception as exc:  # llama-cpp-python raises ValueError/RuntimeError for bad files
+        raise ExportError(f"llama.cpp could not load {path.name}: {exc}; export it again, and if a fresh "
+                          f"export fails the same way the conversion is broken: report it with the model's "
+                          f"config.json") from None
