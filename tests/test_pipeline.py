@@ -125,3 +125,13 @@ def test_segment_length(monkeypatch):
     assert segment_seconds("any/model") == 30.0 and segment_call_seconds() == 90
     monkeypatch.setenv("RAWTUNE_SEGMENT_SECONDS", "0")
     assert segment_seconds("any/model") is None
+
+
+def test_push_repo_is_checked_before_any_stage(tmp_path):
+    from rawtune.errors import ConfigError
+
+    for repo in ("no-slash", "../x/y", "alice/"):
+        settings = apply(RunSettings(), {"out": str(tmp_path / "r"), "repo": repo, "stages": "data,push"})
+        with pytest.raises(ConfigError, match="give the Hub repo as user/name"):
+            run_pipeline(settings, log=lambda line: None)
+        assert not (tmp_path / "r").exists()
