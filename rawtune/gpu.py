@@ -358,7 +358,7 @@ def known_shape(model_id: str) -> dict:
 def shape_of(spec: str) -> dict:
     """The config of a local config.json, a local folder, or a known model id ({} when none of these)."""
     path = Path(spec)
-    if path.is_file():
+    if path.is_file() and path.suffix == ".json":
         return json.loads(path.read_text(encoding="utf-8"))
     if path.is_dir():
         return model_shape(str(path))
