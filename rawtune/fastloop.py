@@ -72,8 +72,8 @@ def applicable(t: TrainSettings, config: dict, bf16: Optional[bool] = None) -> O
         return f"gradient checkpointing '{t.gradient_checkpointing}' was asked for"
     from .gpu import fast_loop_veto  # ZeroGPU (no torch.compile) and 1B-class models: rawtune.gpu's rule
 
-    if fast_loop_veto(t, config):
-        return fast_loop_veto(t, config)
+    if veto := fast_loop_veto(t, config):
+        return veto
     if bf16 is None:
         import torch
 

@@ -243,7 +243,12 @@ def choose(t: TrainSettings, config: dict, total_bytes: int, bf16: bool = True, 
     if gc == "auto":
         gc = "off" if total_bytes >= 40 * GIB else "unsloth"
     fast = why_not is None and gc in ("off", "False")
-    peak = estimate_fast_bytes(t, config, t.batch_size) / GIB if fast and config else float("nan")
+    if fast and config:
+        peak = estimate_fast_bytes(t, config, t.batch_size) / GIB
+    elif config:
+        peak = estimate_trainer_bytes(t, config, t.batch_size, gc not in ("off", "False"), t.load_in_4bit, engine) / GIB
+    else:
+        peak = float("nan")
     return Plan(t.batch_size, t.grad_accum, gc, fast, peak, why_not or "settings kept as given",
                 "fast loop" if fast else engine, t.load_in_4bit, "bf16" if bf16 else "fp16",
                 fast and compile_allowed(), bool(t.train_embeddings))
