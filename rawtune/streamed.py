@@ -10,7 +10,7 @@ few tensors whatever the model's size:
 - :func:`write_merged_folder` writes a plain HF folder (config with the tie flag fixed, tokenizer,
   safetensors shards written tensor by tensor) for ``rawtune merge`` and for pushing merged weights;
 - :func:`write_skeleton` writes only the config and tokenizer: what a GGUF writer reads besides
-  the tensors.
+  the tensors; :func:`for_gguf` returns that folder together with the tensor iterator.
 
 The maths is PEFT's ``merge_and_unload`` on an fp32 model: ``W + (B @ A) * scale`` in fp32 with
 ``scale = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA), trained ``modules_to_save`` copies
@@ -302,6 +302,18 @@ def write_skeleton(source: Union[RunDir, tuple], out_dir: str | Path, dtype: Any
         shutil.copyfile(base_dir / "generation_config.json", out / "generation_config.json")
     load_tokenizer(base_dir).save_pretrained(str(out))
     return {"untied_embeddings": plan.untied, "tie_word_embeddings": plan.tied_after}
+
+
+def for_gguf(source: Union[RunDir, tuple], work_dir: str | Path) -> tuple[Path, Iterator[tuple[str, Any]], dict]:
+    """What a GGUF writer needs, without a merged folder on disk.
+
+    Returns the folder with the merged config and tokenizer (no weights) written to ``work_dir``, the
+    merged tensors as ``(hf_name, float32 array)`` pairs (what ``gguf_writer.iter_hf_tensors``
+    yields for a merged folder, so the F16 GGUF is bit-identical), and the tie decision.
+    """
+    base_dir, adapter_dir = _dirs(source)
+    info = write_skeleton((base_dir, adapter_dir), work_dir)
+    return Path(work_dir), iter_merged_arrays(base_dir, adapter_dir), info
 
 
 def _shards(specs: list[tuple[str, tuple]], itemsize: dict[str, int], limit: int) -> list[list[tuple[str, tuple]]]:

@@ -128,6 +128,21 @@ def test_gguf_from_streamed_folder_equals_gguf_from_peft_folder(case, tmp_path):
     assert all(files["peft"][n] == files["streamed"][n] for n in files["peft"])
 
 
+def test_for_gguf_gives_config_tokenizer_and_the_same_arrays(case, tmp_path):
+    import numpy as np
+
+    from rawtune import gguf_writer
+
+    folder, arrays, info = streamed.for_gguf(case["run"], tmp_path / "skeleton")
+    assert not list(folder.glob("*.safetensors")) and (folder / "tokenizer.json").is_file()
+    assert _config(folder)["tie_word_embeddings"] == _config(case["reference"])["tie_word_embeddings"]
+    assert info["tie_word_embeddings"] == _config(case["reference"])["tie_word_embeddings"]
+    want = dict(gguf_writer.iter_hf_tensors(case["reference"]))
+    got = dict(arrays)
+    assert sorted(got) == sorted(want)
+    assert all(got[n].dtype == np.float32 and np.array_equal(got[n], want[n]) for n in want)
+
+
 def test_merge_run_streams_and_records(case):
     """rawtune merge writes the streamed folder, identical to PEFT's, and records the tie decision."""
     from rawtune.merge import merge_run
