@@ -12,7 +12,13 @@ measures, each in a fresh Python process, the peak resident memory above that pr
 - ``streamed_gguf``: ``rawtune.streamed.iter_merged_arrays`` feeding an F16 GGUF written tensor by
   tensor with the gguf package (tensor infos first, then each tensor's data as it is merged). The
   writer here carries the architecture numbers but not the tokenizer, which is small;
-- ``streamed_folder``: ``rawtune.streamed.write_merged_folder`` (fp32, as ``rawtune merge`` writes).
+- ``streamed_folder``: ``rawtune.streamed.write_merged_folder`` (fp32, as ``rawtune merge`` writes);
+- ``streamed_convert``: today's ``gguf_writer.convert`` given the merged config/tokenizer folder of
+  ``streamed.for_gguf`` and, in place of its folder reader, the streamed arrays (the bench swaps
+  ``gguf_writer.iter_hf_tensors`` in this process: the wiring an export would do); the writer still
+  keeps every tensor until the end;
+- ``streamed_convert_tempfile``: the same with ``gguf.GGUFWriter(use_temp_file=True)``, which
+  spools each tensor to a temporary file as it is added.
 
 Finally it checks that every tensor of the streamed GGUF equals, byte for byte, the one today's
 path wrote. Usage::
@@ -156,6 +162,22 @@ def stream_gguf(base: Path, adapter: Path, out: Path) -> int:
     return count
 
 
+def _convert_from_stream(base: Path, adapter: Path, work: Path, temp_file: bool) -> None:
+    """gguf_writer.convert on the streamed merge: its folder reader swapped for the stream (bench only)."""
+    import functools
+
+    import gguf
+
+    from rawtune import gguf_writer, streamed
+
+    folder, arrays, _ = streamed.for_gguf((base, adapter), work / "skeleton")
+    gguf_writer.iter_hf_tensors = lambda model_dir: arrays
+    if temp_file:
+        gguf.GGUFWriter = functools.partial(gguf.GGUFWriter, use_temp_file=True)
+    out = work / ("streamed_tmp.f16.gguf" if temp_file else "streamed_conv.f16.gguf")
+    gguf_writer.convert(folder, out, "f16", name="bench", log=lambda s: None)
+
+
 def step(name: str, work: Path) -> None:
     """Run one measured step in this (fresh) process and print its JSON line."""
     import gguf  # noqa: F401  (imported before the baseline, like the others)
@@ -176,6 +198,8 @@ def step(name: str, work: Path) -> None:
         stream_gguf(base, adapter, work / "streamed.f16.gguf")
     elif name == "streamed_folder":
         streamed.write_merged_folder((base, adapter), work / "streamed_merged", log=lambda s: None)
+    elif name.startswith("streamed_convert"):
+        _convert_from_stream(base, adapter, work, temp_file=name.endswith("tempfile"))
     seconds = time.time() - started
     peak = _rss_kib("VmHWM")
     print(json.dumps({"step": name, "seconds": round(seconds, 1), "baseline_MB": round(baseline / 1024),
@@ -190,7 +214,9 @@ def compare(work: Path) -> None:
     a = {t.name: t for t in gguf.GGUFReader(str(work / "peft.f16.gguf")).tensors}
     b = {t.name: t for t in gguf.GGUFReader(str(work / "streamed.f16.gguf")).tensors}
     same = a.keys() == b.keys() and all(np.array_equal(a[n].data, b[n].data) for n in a)
-    print(json.dumps({"tensors": len(a), "identical": bool(same)}))
+    reference = (work / "peft.f16.gguf").read_bytes()
+    whole = {f: (work / f).read_bytes() == reference for f in ("streamed_conv.f16.gguf", "streamed_tmp.f16.gguf")}
+    print(json.dumps({"tensors": len(a), "identical": bool(same), "whole_file_identical": whole}))
 
 
 def main() -> None:
@@ -202,7 +228,8 @@ def main() -> None:
     work = Path(args.work)
     if args.step:
         return compare(work) if args.step == "compare" else (build(work, args.size) if args.step == "build" else step(args.step, work))
-    for name in ("build", "peft_merge", "peft_convert", "streamed_gguf", "streamed_folder", "compare"):
+    for name in ("build", "peft_merge", "peft_convert", "streamed_gguf", "streamed_folder", "streamed_convert",
+                 "streamed_convert_tempfile", "compare"):
         subprocess.run([sys.executable, __file__, "--size", args.size, "--work", str(work), "--step", name], check=True)
 
 

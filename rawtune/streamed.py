@@ -62,7 +62,7 @@ class TensorFile:
         self.entries: dict[str, dict] = header
 
     def names(self) -> list[str]:
-        """Tensor names in file order (by offset), so reads go forward through the file."""
+        """Tensor names in file order (by offset)."""
         return sorted(self.entries, key=lambda n: self.entries[n]["data_offsets"][0])
 
     def shape(self, name: str) -> tuple:
@@ -207,6 +207,9 @@ def merge_plan(base_dir: Path, adapter: Adapter) -> Plan:
         if embed_shape is None:
             raise ExportError(f"{base_dir}: tied embeddings but no {EMBED} in the safetensors files")
         names.append((HEAD, embed_shape, None))
+    # Sorted by name, the order safetensors lists a saved model's tensors in: a GGUF written from
+    # this stream is then the same file, byte for byte, as one written from a saved merged folder.
+    names.sort(key=lambda item: item[0])
     missing = set(adapter.lora) - {n for n, _, _ in names}
     if missing:
         raise ExportError(f"the adapter adapts {sorted(missing)[0]}, which the base model in {base_dir} does not have: "
@@ -279,6 +282,11 @@ def merged_config(base_dir: Path, tied_after: bool, dtype: Any) -> dict:
         config["text_config"]["tie_word_embeddings"] = tied_after
     key = "torch_dtype" if "torch_dtype" in config and "dtype" not in config else "dtype"
     config[key] = str(dtype).replace("torch.", "")
+    if not config.get("architectures"):  # save_pretrained names the model class; a bare config may not
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.get("model_type"))
+        config["architectures"] = [name] if name else config.get("architectures")
     return config
 
 
