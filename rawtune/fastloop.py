@@ -81,6 +81,10 @@ def applicable(t: TrainSettings, config: dict, bf16: Optional[bool] = None) -> O
         return "LoRA dropout"
     if str(t.gradient_checkpointing) in ("on", "True", "unsloth"):
         return f"gradient checkpointing '{t.gradient_checkpointing}' was asked for"
+    from .gpu import fast_loop_veto  # ZeroGPU (no torch.compile) and 1B-class models: rawtune.gpu's rule
+
+    if veto := fast_loop_veto(t, config):
+        return veto
     if bf16 is None:
         import torch
 
@@ -675,7 +679,9 @@ def fit_fast(settings: RunSettings, t: TrainSettings, run: RunDir, model: Any, b
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # cpu: tests of the loop logic
     net = extract(model, None if device.type == "cuda" else torch.float32)
     original = upcast_trainable(net)
-    fast = FastModel(net, compile=os.environ.get("RAWTUNE_COMPILE", "1") != "0")
+    from .gpu import compile_allowed
+
+    fast = FastModel(net, compile=compile_allowed())  # never compiled on ZeroGPU or with RAWTUNE_COMPILE=0
     micro, effective, T = t.batch_size, t.batch_size * t.grad_accum, t.seq_len
     blocks = torch.from_numpy(np.ascontiguousarray(train_blocks)).to(device, torch.long)
     eval_blocks = torch.from_numpy(np.ascontiguousarray(held[: t.eval_batches * t.batch_size])).to(device, torch.long)
