@@ -94,12 +94,15 @@ def runs_root() -> Path:
     return Path(os.environ.get("RAWTUNE_RUNS", "runs")).expanduser().resolve()
 
 
-def segment_seconds() -> Optional[float]:
-    """Length of one training segment: set on ZeroGPU (time-limited GPU calls), else unlimited."""
+def segment_seconds(model: Optional[str] = None) -> Optional[float]:
+    """Length of one training segment: set on ZeroGPU (time-limited GPU calls, sized by rawtune.gpu
+    around the model's load and save times), else unlimited."""
     value = os.environ.get("RAWTUNE_SEGMENT_SECONDS")
     if value:
         return float(value) if float(value) > 0 else None
-    return 90.0 if on_zero_gpu() else None
+    from .train.plan import segment_seconds as planned, shape_of
+
+    return planned(shape_of(model or DEFAULT_MODEL), 150.0) if on_zero_gpu() else None  # 150: train_segment's duration
 
 
 def gpu(duration: int) -> Callable[[Callable], Callable]:
@@ -700,7 +703,7 @@ def _train_loop(session: Session, settings: RunSettings, token: Any, resume: boo
         finished = False
         while not session.stop.is_set():
             settings.stages, settings.train.resume = ["train"], resume
-            yield from follow(train_segment(to_dict(settings), token, segment_seconds()), "Training")
+            yield from follow(train_segment(to_dict(settings), token, segment_seconds(settings.train.model)), "Training")
             resume = True  # later segments continue from the checkpoint this one saved
             record = run.load().get("train") or {}
             if run.stop_file.exists() or session.stop.is_set():
