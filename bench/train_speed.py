@@ -100,7 +100,8 @@ def speed_one(name: str, model_dir: Path, work: Path, steps: int, warmup: int) -
     torch.cuda.reset_peak_memory_stats()
     if engine == "rawtune":
         return rawtune_speed(name, model_dir, work, steps + warmup)
-    from rawtune.train import load_peft, load_unsloth, param_groups
+    from rawtune.train.hf_loop import load_peft, load_unsloth
+    from rawtune.train.optim import param_groups
 
     settings = recipe(model_dir, backend=engine, gradient_checkpointing=gc, batch_size=micro,
                       grad_accum=EFFECTIVE // micro)
@@ -171,9 +172,9 @@ def profile_one(model_dir: Path, out: Path) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from rawtune import fastloop
-    from rawtune.gpu import plan
-    from rawtune.train import load_unsloth
+    from rawtune.train import fast_loop as fastloop
+    from rawtune.train.plan import plan
+    from rawtune.train.hf_loop import load_unsloth
 
     t = plan(recipe(model_dir).train, str(model_dir))
     model = load_unsloth(t, str(model_dir))

@@ -5,6 +5,10 @@ fp32 so the result does not depend on the training card. When embed_tokens and l
 trained, they differ after merging, so a base with tied embeddings is saved untied (both tensors
 kept, ``tie_word_embeddings: false``) instead of silently dropping one of them.
 Running it twice is safe: a merged folder newer than the adapter is reused.
+
+A base stored as safetensors is merged tensor by tensor (:mod:`rawtune.streamed`: a few tensors
+in memory instead of the whole model in fp32), with the same result bit for bit as PEFT's
+``merge_and_unload`` on the fp32 model, which :func:`merge_with_peft` still does for other bases.
 """
 
 from __future__ import annotations
@@ -50,6 +54,26 @@ def untie_if_needed(model: Any) -> bool:
     return True
 
 
+def merge_with_peft(source: RunDir | tuple, out_dir: str | Path) -> Path:
+    """PEFT's merge of the whole model in fp32 (needs 4 bytes of RAM per parameter); returns ``out_dir``.
+
+    ``source``: a run directory or a (base folder, adapter folder) pair.
+    """
+    import torch
+
+    from .models import base_and_adapter, load_tokenizer, load_tuned
+
+    model = load_tuned(source, device="cpu", dtype=torch.float32, merge=True)
+    untie_if_needed(model)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    load_tokenizer(base_and_adapter(source)[0]).save_pretrained(str(out_dir))
+    return Path(out_dir)
+
+
+def _tied(folder: Path) -> bool:
+    return bool(json.loads((folder / "config.json").read_text(encoding="utf-8")).get("tie_word_embeddings", False))
+
+
 def merge_run(run: RunDir, log: Callable[[str], None] = print) -> Path:
     """Write ``merged/`` from the base model and the adapter (reused when already current)."""
     model_info = run.require("model", "train")
@@ -58,21 +82,23 @@ def merge_run(run: RunDir, log: Callable[[str], None] = print) -> Path:
     if is_current(run):
         log(f"[merge] {run.merged_dir} is up to date")
         return run.merged_dir
-    # Imported only when there is work to do: a no-op merge should not pay for torch and peft.
-    import torch
+    from .streamed import has_safetensors, write_merged_folder
 
-    from .models import load_tokenizer, load_tuned
     started = time.time()
-    model = load_tuned(run, device="cpu", dtype=torch.float32, merge=True)
-    untied = untie_if_needed(model)
+    base_dir = Path(model_info["local_dir"])
     tmp = run.path / "merged.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    load_tokenizer(model_info["local_dir"]).save_pretrained(str(tmp))
+    stream = has_safetensors(base_dir)
+    if stream:
+        untied = write_merged_folder(run, tmp, log=log)["untied_embeddings"]
+    else:
+        merge_with_peft(run, tmp)
+        untied = _tied(base_dir) and not _tied(tmp)
     (tmp / STAMP).write_text(json.dumps(_adapter_stamp(run)))
     shutil.rmtree(run.merged_dir, ignore_errors=True)
     os.replace(tmp, run.merged_dir)
     seconds = round(time.time() - started, 2)
-    run.update(merge={"dir": run.merged_dir.name, "seconds": seconds, "untied_embeddings": untied})
+    run.update(merge={"dir": run.merged_dir.name, "seconds": seconds, "untied_embeddings": untied,
+                      "streamed": stream})
     log(f"[merge] wrote {run.merged_dir} in {seconds}s{' (embeddings untied: both were trained)' if untied else ''}")
     return run.merged_dir

@@ -19,7 +19,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 from .errors import ModelError, StageMissing
 from .hubauth import is_repo_id
@@ -338,25 +338,34 @@ def load_causal_lm(local_dir: str | Path, device: Optional[str] = None, dtype: A
     return model.to(device)
 
 
-def load_tuned(run: RunDir, device: Optional[str] = None, dtype: Any = None, base: Any = None,
-               merge: bool = False) -> Any:
-    """The run's base model with its trained LoRA adapter (PEFT), in eval mode.
+def base_and_adapter(source: Union[RunDir, tuple]) -> tuple[Path, Path]:
+    """(base model folder, adapter folder) of a run directory, or the pair given."""
+    if isinstance(source, RunDir):
+        if not source.has_adapter():
+            raise StageMissing(f"{source.adapter_dir} has no adapter: run `rawtune train` first "
+                               "(a stopped training keeps one too)")
+        return Path(source.require("model", "train")["local_dir"]), source.adapter_dir
+    base_dir, adapter_dir = source
+    return Path(base_dir), Path(adapter_dir)
 
-    ``base``: an already loaded base model to wrap (evaluation scores it first, then the
-    adapter on top of the same weights); else the recorded base is loaded on ``device`` in
-    ``dtype``. ``merge``: fold the adapter into the weights and return a plain model.
+
+def load_tuned(source: Union[RunDir, tuple], device: Optional[str] = None, dtype: Any = None,
+               base: Any = None, merge: bool = False) -> Any:
+    """The base model with its trained LoRA adapter (PEFT), in eval mode: THE base+adapter loader.
+
+    ``source``: a run directory, or a (base folder, adapter folder) pair. ``base``: an already
+    loaded base model to wrap (evaluation scores it first, then the adapter on top of the same
+    weights); else the base is loaded on ``device`` in ``dtype``. ``merge``: fold the adapter
+    into the weights and return a plain model.
     """
     from peft import PeftModel
 
-    if not run.has_adapter():
-        raise StageMissing(f"{run.adapter_dir} has no adapter: run `rawtune train` first "
-                           "(a stopped training keeps one too)")
+    base_dir, adapter_dir = base_and_adapter(source)
     if base is None:
-        local = str(run.require("model", "train")["local_dir"])
-        if not Path(local).is_dir():
-            raise ModelError(f"the base model folder {local} is gone; rerun training so it is fetched again")
-        base = load_causal_lm(local, device=device, dtype=dtype)
-    model = PeftModel.from_pretrained(base, str(run.adapter_dir))
+        if not base_dir.is_dir():
+            raise ModelError(f"the base model folder {base_dir} is gone; rerun training so it is fetched again")
+        base = load_causal_lm(base_dir, device=device, dtype=dtype)
+    model = PeftModel.from_pretrained(base, str(adapter_dir))
     model = model.merge_and_unload() if merge else model
     model.eval()
     return model

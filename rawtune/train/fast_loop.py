@@ -47,6 +47,7 @@ import numpy as np
 from ..errors import TrainError
 from ..rundir import RunDir
 from ..settings import TrainSettings
+from .engine import compile_allowed
 from .optim import param_groups, schedule
 from .progress import LoopResult, Progress, StopSignal
 
@@ -84,6 +85,10 @@ def why_not_for_settings(t: TrainSettings, config: dict, bf16: Optional[bool] = 
         return "LoRA dropout"
     if str(t.gradient_checkpointing) in ("on", "True", "unsloth"):
         return f"gradient checkpointing '{t.gradient_checkpointing}' was asked for"
+    from .engine import fast_loop_veto  # ZeroGPU (no torch.compile) and 1B-class models
+
+    if veto := fast_loop_veto(t, config):
+        return veto
     if bf16 is None:
         import torch
 
@@ -699,7 +704,7 @@ def fit(t: TrainSettings, run: RunDir, model: Any, train_blocks: np.ndarray, hel
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # cpu: tests of the loop logic
     net = extract(model, None if device.type == "cuda" else torch.float32)
     original = upcast_trainable(net)
-    fast = FastModel(net, compile=os.environ.get("RAWTUNE_COMPILE", "1") != "0")
+    fast = FastModel(net, compile=compile_allowed())  # never compiled on ZeroGPU or with RAWTUNE_COMPILE=0
     micro, effective, T = t.batch_size, t.batch_size * t.grad_accum, t.seq_len
     blocks = torch.from_numpy(np.ascontiguousarray(train_blocks)).to(device, torch.long)
     eval_blocks = torch.from_numpy(np.ascontiguousarray(held[: t.eval_batches * t.batch_size])).to(device, torch.long)

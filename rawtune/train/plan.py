@@ -1,12 +1,16 @@
-"""The memory planner: how 'auto' training settings are resolved on a CUDA card.
+"""GPU training plan: how 'auto' settings are resolved on a CUDA card, and the cards rawtune plans for.
 
 Called by :func:`rawtune.train.train` only when CUDA is available. It keeps the user's effective
-batch (micro-batch x accumulation) and learning-rate schedule; with gradient checkpointing 'auto'
-it chooses, from the card's memory and the model's shape, the largest micro-batch the fast CUDA
-loop (:mod:`rawtune.train.fast_loop`) can run without checkpointing. Where the fast loop does not apply
-(another architecture, 4-bit, LoRA dropout, a card without bf16) it keeps the user's split and
-turns checkpointing on only on small cards. :func:`choose` is a pure function, so the choice for
-any card size can be shown without that card (``python -m rawtune.train.plan MODEL_DIR``).
+batch (micro-batch x accumulation) and learning-rate schedule, and chooses from the card's memory
+and the model's shape: the engine (the compiled fast CUDA loop of :mod:`rawtune.train.fast_loop` where it
+was measured faster, else the Trainer with Unsloth, or with PEFT when Unsloth is missing), 16-bit or
+4-bit (QLoRA) loading, the largest micro-batch that fits, checkpointing, and fp16 on cards without
+bf16 (T4). Memory counts the frozen weights, LoRA and fully trained embed_tokens/lm_head with their
+fp32 masters, gradients and AdamW moments (several GB for a 128k vocabulary), and activations.
+On ZeroGPU (``SPACES_ZERO_GPU``, or ``RAWTUNE_ZERO_GPU=1``) nothing is compiled: Hugging Face's
+ZeroGPU docs rule ``torch.compile`` out there. :func:`choose` is pure, so ``python -m rawtune.train.plan
+MODEL`` prints the plan for the cards Spaces rent without a GPU. :func:`segment_seconds` sizes a
+ZeroGPU training segment around the model's load and save times.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ import os
 from pathlib import Path
 from typing import Callable, Optional
 
+from ..errors import ConfigError
 from ..settings import TrainSettings
+from .engine import compile_allowed, dims, linear_params, param_count, zero_gpu
 
 GIB = 2**30
 # Measured on an H200 (docs/benchmarks.md): peak allocated bytes per token of the micro-batch,
@@ -36,7 +42,35 @@ class Plan:
     fast_loop: bool
     predicted_peak_gib: float
     why: str
+    engine: str = "fast loop"  # fast loop, unsloth or peft
+    load_in_4bit: bool = False
+    precision: str = "bf16"  # bf16, or fp16 on cards without bf16 (T4)
+    compiled: bool = True  # whether torch.compile is used (only the fast loop compiles)
+    train_embeddings: bool = True
+    embedding_state_gib: float = 0.0  # fp32 masters, gradients and AdamW moments of embed_tokens/lm_head
 
+
+@dataclasses.dataclass(frozen=True)
+class Card:
+    """A card a Space or a cloud rents: the memory torch reports, bf16 support, compute capability."""
+
+    name: str
+    gib: float
+    bf16: bool
+    sm: int
+    compile: bool = True  # ZeroGPU forbids torch.compile
+
+
+CARDS = {
+    "t4": Card("T4", 14.6, False, 75),
+    "l4": Card("L4", 22.0, True, 89),
+    "a10g": Card("A10G", 22.0, True, 86),
+    "zerogpu": Card("ZeroGPU (48 GB slice)", 44.7, True, 100, compile=False),
+    "a100-40": Card("A100 40GB", 39.4, True, 80),
+    "a100-80": Card("A100 80GB", 79.2, True, 80),
+    "h100": Card("H100 80GB", 79.1, True, 90),
+    "h200": Card("H200", 139.8, True, 90),
+}
 
 def model_shape(local_dir: str) -> dict:
     """config.json of a local HF folder ({} if there is none)."""
@@ -73,26 +107,109 @@ def estimate_fast_bytes(t: TrainSettings, c: dict, micro: int) -> int:
     return int(frozen + states + CALIBRATION * tokens * layers * per_token_layer + loss)
 
 
-def choose(t: TrainSettings, config: dict, total_bytes: int, bf16: bool = True) -> Plan:
+# The Trainer path (Unsloth, bf16, seq 2048, standard recipe) on the H200, no checkpointing: bytes per
+# token per layer fitted to two measured slopes, 0.87 GiB per 2048-token block at 135M (hidden 576,
+# intermediate 1536, 30 layers) and 2.03 GiB at the 1B shape (2048, 8192, 16 layers). The static part
+# is 2 bytes per frozen weight plus STATE_BYTES per trained parameter, which matches the measured
+# intercepts (1.1-1.4 GiB and 4.9 GiB).
+ACT_HIDDEN, ACT_INTER = 15.8, 4.17
+STATE_BYTES = 16  # fp32 master, fp32 gradient and two fp32 AdamW moments
+NF4_BYTES = 0.56  # a 4-bit weight with its share of the block scales
+# transformers + PEFT keep fp32 logits and their gradient: 59.3 against Unsloth's 15.3 GiB at 135M, 16 x 2048.
+PEFT_LOGIT_BYTES = 29  # per vocabulary entry per token
+
+
+def embedding_state_bytes(t: TrainSettings, c: dict, engine: str) -> int:
+    """fp32 masters, gradients and AdamW moments of fully trained embed_tokens/lm_head.
+
+    Unsloth trains one copy of a tied embedding (67.4M trainable at 135M against PEFT's 95.7M);
+    everything else trains both.
+    """
+    if not t.train_embeddings:
+        return 0
+    d, _, _, vocab, _, _ = dims(c)
+    copies = 1 if c.get("tie_word_embeddings") and engine == "unsloth" else 2
+    return copies * vocab * d * STATE_BYTES
+
+
+def estimate_trainer_bytes(t: TrainSettings, c: dict, micro: int, checkpointing: bool, four_bit: bool,
+                           engine: str) -> int:
+    """Predicted peak of the Trainer path (Unsloth or PEFT) at this micro-batch."""
+    d, inter, layers, vocab, _, _ = dims(c)
+    embed = vocab * d * (1 if c.get("tie_word_embeddings") else 2)
+    weights = linear_params(c) * (NF4_BYTES if four_bit else 2) + embed * 2
+    states = _lora_params(t, c) * STATE_BYTES + embedding_state_bytes(t, c, engine)
+    layer = ACT_HIDDEN * d + ACT_INTER * inter
+    per_token = (layers * 2 * d + layer) if checkpointing else layers * layer
+    if engine == "peft":
+        per_token += PEFT_LOGIT_BYTES * vocab
+    return int(weights + states + micro * t.seq_len * per_token)
+
+
+def _divisors(n: int) -> list[int]:
+    return sorted((m for m in range(1, n + 1) if n % m == 0), reverse=True)
+
+
+def _trainer_plan(t: TrainSettings, c: dict, budget: float, bf16: bool, engine: str, why_not: str) -> Plan:
+    """Unsloth/PEFT: the fastest setting that fits, trying cheaper memory one step at a time.
+
+    Larger micro-batches without checkpointing were measured on bf16 cards only (Unsloth 16x1 at
+    2.9x-8.9x the seed's 2x8 with checkpointing); on a card without bf16 the given split is kept.
+    """
+    effective = t.batch_size * t.grad_accum
+    sizes = _divisors(effective) if bf16 else [m for m in _divisors(effective) if m <= t.batch_size]
+    emb = bool(t.train_embeddings)
+    steps = [] if t.load_in_4bit else ([(False, False, emb)] if bf16 else []) + [(True, False, emb)]
+    steps += [(True, True, emb)] + ([(True, True, False)] if emb else [])
+    for gc, four_bit, embeddings in steps:
+        tt = dataclasses.replace(t, train_embeddings=embeddings)
+        for micro in sizes:
+            peak = estimate_trainer_bytes(tt, c, micro, gc, four_bit, engine)
+            if peak <= budget:
+                why = why_not if embeddings == emb else (
+                    f"{why_not}; embed_tokens/lm_head not trained: their fp32 weights, gradients and AdamW "
+                    f"moments need {embedding_state_bytes(t, c, engine) / GIB:.1f} GiB")
+                return Plan(micro, effective // micro, "unsloth" if gc else "off", False, peak / GIB, why,
+                            engine, four_bit, "bf16" if bf16 else "fp16", False, embeddings,
+                            embedding_state_bytes(tt, c, engine) / GIB)
+    need = estimate_trainer_bytes(dataclasses.replace(t, train_embeddings=False), c, 1, True, True, engine)
+    raise ConfigError(f"this model needs about {need / GIB:.1f} GiB to train even in 4-bit with checkpointing at "
+                      f"micro-batch 1, more than the {budget / GIB:.1f} GiB this card leaves; use a smaller model, "
+                      f"a shorter --seq-len or a larger card")
+
+
+def choose(t: TrainSettings, config: dict, total_bytes: int, bf16: bool = True, unsloth: bool = True) -> Plan:
     """The plan for a card of ``total_bytes`` memory (pure: no GPU needed)."""
     from .fast_loop import why_not_for_settings
 
     effective = t.batch_size * t.grad_accum
     gc = str(t.gradient_checkpointing)
     budget = total_bytes * 0.92 - RESERVE
+    engine = "unsloth" if unsloth else "peft"
     why_not = why_not_for_settings(dataclasses.replace(t, gradient_checkpointing="off"), config, bf16=bf16) if config else "no config.json"
     if gc == "auto" and why_not is None:
-        for micro in sorted((m for m in range(1, effective + 1) if effective % m == 0), reverse=True):
+        for micro in _divisors(effective):
             peak = estimate_fast_bytes(t, config, micro)
             if peak <= budget:
                 return Plan(micro, effective // micro, "off", True, peak / GIB,
-                            f"largest micro-batch dividing {effective} that fits {budget / GIB:.1f} GiB")
+                            f"largest micro-batch dividing {effective} that fits {budget / GIB:.1f} GiB",
+                            "fast loop", False, "bf16", compile_allowed(), bool(t.train_embeddings),
+                            embedding_state_bytes(t, config, "peft") / GIB)
         why_not = "one block does not fit without checkpointing"
+    if gc == "auto" and config:
+        return _trainer_plan(t, config, budget, bf16, engine, why_not)
     if gc == "auto":
         gc = "off" if total_bytes >= 40 * GIB else "unsloth"
     fast = why_not is None and gc in ("off", "False")
-    peak = estimate_fast_bytes(t, config, t.batch_size) / GIB if fast and config else float("nan")
-    return Plan(t.batch_size, t.grad_accum, gc, fast, peak, why_not or "settings kept as given")
+    if fast and config:
+        peak = estimate_fast_bytes(t, config, t.batch_size) / GIB
+    elif config:
+        peak = estimate_trainer_bytes(t, config, t.batch_size, gc not in ("off", "False"), t.load_in_4bit, engine) / GIB
+    else:
+        peak = float("nan")
+    return Plan(t.batch_size, t.grad_accum, gc, fast, peak, why_not or "settings kept as given",
+                "fast loop" if fast else engine, t.load_in_4bit, "bf16" if bf16 else "fp16",
+                fast and compile_allowed(), bool(t.train_embeddings))
 
 
 def card_bytes() -> int:
@@ -106,39 +223,155 @@ def card_bytes() -> int:
 
 
 def plan(t: TrainSettings, local_dir: str, log: Callable[[str], None] = print) -> TrainSettings:
-    """Resolve gradient checkpointing and the micro-batch split for this card."""
+    """Resolve loading, checkpointing, the micro-batch split and the engine for this card; log the plan."""
+    import importlib.util
+
     import torch
 
     total = card_bytes()
-    p = choose(t, model_shape(local_dir), total, bf16=torch.cuda.is_bf16_supported(including_emulation=False))
-    engine = "fast CUDA loop" if p.fast_loop else f"Trainer ({p.why})"
-    log(f"[gpu] {torch.cuda.get_device_name(0)} ({total / GIB:.0f} GiB): micro-batch {p.micro_batch} x "
-        f"{p.grad_accum} accumulation, checkpointing {p.checkpointing}, {engine}"
-        + (f", predicted peak {p.predicted_peak_gib:.1f} GiB" if p.fast_loop else ""))
-    return dataclasses.replace(t, batch_size=p.micro_batch, grad_accum=p.grad_accum, gradient_checkpointing=p.checkpointing)
+    unsloth = t.backend != "peft" and importlib.util.find_spec("unsloth") is not None
+    p = choose(t, model_shape(local_dir), total, bf16=torch.cuda.is_bf16_supported(including_emulation=False),
+               unsloth=unsloth)
+    log(f"[gpu] {torch.cuda.get_device_name(0)} ({total / GIB:.0f} GiB){' on ZeroGPU' if zero_gpu() else ''}: "
+        + describe(p))
+    return dataclasses.replace(t, batch_size=p.micro_batch, grad_accum=p.grad_accum, gradient_checkpointing=p.checkpointing,
+                               load_in_4bit=p.load_in_4bit, train_embeddings=p.train_embeddings)
+
+
+def describe(p: Plan) -> str:
+    """One line: engine, loading, precision, split, checkpointing, embeddings, predicted peak, why."""
+    engine = {"fast loop": "fast CUDA loop", "unsloth": "Trainer + Unsloth", "peft": "Trainer + PEFT"}[p.engine]
+    embed = f"embeddings trained ({p.embedding_state_gib:.1f} GiB of state)" if p.train_embeddings else "embeddings frozen"
+    return (f"{engine}{' compiled' if p.compiled else ''}, {'4-bit' if p.load_in_4bit else '16-bit'} {p.precision}, "
+            f"micro-batch {p.micro_batch} x {p.grad_accum}, checkpointing {p.checkpointing}, {embed}, "
+            f"predicted peak {p.predicted_peak_gib:.1f} GiB ({p.why})")
+
+
+# ---------------------------------------------------------------- ZeroGPU segments
+
+# A ZeroGPU call is a fresh process: it imports, loads the model, trains until the deadline, then
+# finishes its step and saves a checkpoint. Load and save grow with the model, so the deadline does.
+IMPORT_SECONDS = 20  # torch, transformers, Unsloth's patching, CUDA start
+LOAD_SECONDS_PER_GB = 6  # reading and moving 16-bit weights onto the card
+SAVE_SECONDS_PER_GB = 4  # adapter + optimizer state written per checkpoint
+STEP_MARGIN_SECONDS = 30  # the step in flight at the deadline
+MIN_TRAIN_SECONDS = 20
+
+
+def load_seconds(c: dict) -> float:
+    """Estimated time from a fresh process to a loaded model (a 1B-class guess without a config)."""
+    params = param_count(c) if c and "hidden_size" in c else 1_000_000_000
+    return IMPORT_SECONDS + LOAD_SECONDS_PER_GB * params * 2 / 1e9
+
+
+def _save_seconds(c: dict) -> float:
+    """Checkpoint save: the standard recipe's LoRA and embeddings with AdamW state (12 bytes each)."""
+    if not (c and "hidden_size" in c):
+        return 5 + SAVE_SECONDS_PER_GB * 4.0
+    t = TrainSettings(lora_r=128, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                  "down_proj"], train_embeddings=True)
+    trained = _lora_params(t, c) + embedding_state_bytes(t, c, "peft") // STATE_BYTES
+    return 5 + SAVE_SECONDS_PER_GB * trained * 12 / 1e9
+
+
+def segment_seconds(c: dict, call_seconds: float) -> float:
+    """Seconds from the start of a ZeroGPU call until training is asked to stop.
+
+    The deadline leaves the checkpoint save and one step's margin inside the call; at least
+    MIN_TRAIN_SECONDS of training follow the load even when that overruns a call too short for
+    the model (:func:`call_seconds_for` says how long a call should be).
+    """
+    return max(call_seconds - _save_seconds(c) - STEP_MARGIN_SECONDS, load_seconds(c) + MIN_TRAIN_SECONDS)
+
+
+def call_seconds_for(c: dict, train_seconds: float = 60) -> float:
+    """How long a ZeroGPU call must be to train ``train_seconds`` after loading and before saving."""
+    return load_seconds(c) + train_seconds + STEP_MARGIN_SECONDS + _save_seconds(c)
+
+
+# ---------------------------------------------------------------- the CLI
+
+# Shapes of common bases, so the plan can be printed without downloading anything.
+KNOWN = {
+    "smollm2-135m": (576, 1536, 30, 9, 3, 49152, True, "llama"),
+    "smollm2-360m": (960, 2560, 32, 15, 5, 49152, True, "llama"),
+    "smollm2-1.7b": (2048, 8192, 24, 32, 32, 49152, True, "llama"),
+    "llama-3.2-1b": (2048, 8192, 16, 32, 8, 128256, True, "llama"),
+    "llama-3.2-3b": (3072, 8192, 28, 24, 8, 128256, True, "llama"),
+    "llama-3.1-8b": (4096, 14336, 32, 32, 8, 128256, False, "llama"),
+    "qwen2.5-0.5b": (896, 4864, 24, 14, 2, 151936, True, "qwen2"),
+    "qwen2.5-1.5b": (1536, 8960, 28, 12, 2, 151936, True, "qwen2"),
+    "qwen2.5-3b": (2048, 11008, 36, 16, 2, 151936, True, "qwen2"),
+    "qwen2.5-7b": (3584, 18944, 28, 28, 4, 152064, False, "qwen2"),
+}
+
+
+def known_shape(model_id: str) -> dict:
+    """config.json fields of a known model id ({} when unknown); '-Instruct' and the owner are ignored."""
+    key = model_id.rsplit("/", 1)[-1].lower().replace("meta-", "")
+    key = key.removesuffix("-instruct")
+    if key not in KNOWN:
+        return {}
+    d, inter, layers, heads, kv, vocab, tied, arch = KNOWN[key]
+    return {"model_type": arch, "hidden_size": d, "intermediate_size": inter, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "num_key_value_heads": kv, "vocab_size": vocab,
+            "tie_word_embeddings": tied, "hidden_act": "silu"}
+
+
+def shape_of(spec: str) -> dict:
+    """The config of a local config.json, a local folder, or a known model id ({} when none of these)."""
+    path = Path(spec)
+    if path.is_file() and path.suffix == ".json":
+        return json.loads(path.read_text(encoding="utf-8"))
+    if path.is_dir():
+        return model_shape(str(path))
+    return known_shape(spec)
+
+
+PRINTED = {"t4": "T4 (16 GB)", "l4": "L4 / A10G (24 GB)", "zerogpu": "ZeroGPU (48 GB)", "a100-40": "A100 40GB",
+           "h100": "A100 / H100 80GB"}
 
 
 def main(argv: Optional[list] = None) -> None:
-    """Print the plan the default recipe gets on common card sizes for a model folder."""
+    """Print the plan the default GPU recipe gets on the cards Spaces rent, for a model id, folder or config.json."""
     import argparse
 
     from ..settings import RunSettings, validate
 
     parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("model_dir")
+    parser.add_argument("model", help="model id (known: " + ", ".join(KNOWN) + "), folder or config.json")
     parser.add_argument("--seq-len", type=int, default=None)
+    parser.add_argument("--preset", default="standard", help="quick, standard (the GPU default) or thorough")
     args = parser.parse_args(argv)
+    c = shape_of(args.model)
+    if not c:
+        raise SystemExit(f"error: {args.model} is not a local folder or config.json and not a known model id "
+                         f"({', '.join(KNOWN)}); pass the folder or its config.json")
     s = RunSettings()
-    s.train.preset = "standard"  # the seed's recipe, which 'auto' picks on CUDA
+    s.train.preset = args.preset
     if args.seq_len:
         s.train.seq_len = args.seq_len
     t = validate(s).train
-    c = model_shape(args.model_dir)
-    for name, gib, bf16 in (("80 GiB (H100)", 80, True), ("24 GiB (L4, A10G)", 24, True),
-                            ("16 GiB with bf16", 16, True), ("16 GiB T4 (no bf16)", 15, False)):
-        p = choose(t, c, gib * GIB, bf16)
-        print(f"{name:22s} micro-batch {p.micro_batch:2d} x {p.grad_accum:2d}, checkpointing {p.checkpointing:7s} "
-              f"fast loop {'yes' if p.fast_loop else 'no '} predicted peak {p.predicted_peak_gib:5.1f} GiB  ({p.why})")
+    print(f"{args.model}: {param_count(c) / 1e9:.2f}B parameters, preset {args.preset}, seq {t.seq_len}")
+    for key, label in PRINTED.items():
+        print(f"{label:18s} {describe(plan_for_card(t, c, key))}")
+
+
+def plan_for_card(t: TrainSettings, c: dict, key: str, unsloth: bool = True) -> Plan:
+    """The plan on a card of :data:`CARDS`, made with the ZeroGPU flag set as that card has it."""
+    card = CARDS[key]
+    saved = {k: os.environ.get(k) for k in ("RAWTUNE_ZERO_GPU", "SPACES_ZERO_GPU")}
+    os.environ.update(RAWTUNE_ZERO_GPU="0" if card.compile else "1", SPACES_ZERO_GPU="0")
+    try:
+        return choose(t, c, int(card.gib * GIB), bf16=card.bf16, unsloth=unsloth)
+    except ConfigError as exc:
+        return Plan(0, 0, "-", False, float("nan"), str(exc), "unsloth" if unsloth else "peft")
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 if __name__ == "__main__":
