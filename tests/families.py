@@ -1,0 +1,306 @@
+"""Tiny random models of every model family rawtune supports, each with its family's tokenizer.
+
+``build_family(name, path)`` writes a Hugging Face folder (config, safetensors, tokenizer, chat
+template) for one family in ``FAMILIES``: the family's real config class and architecture name,
+a few layers of a small width, and a tokenizer trained in well under a second that has the
+STRUCTURE of the family's tokenizer (pre-tokenizer, normalizer, byte fallback, special tokens,
+BOS handling). Nothing is downloaded.
+
+The sizes are chosen so that the features that make a family different are exercised: Qwen3 and
+Gemma 3 have a head width times head count different from the hidden size (as the real ones do),
+Gemma 2/3 alternate sliding-window and full-attention layers with a window shorter than the test
+texts, SmolLM3 has a layer without RoPE, Phi-3 rotates only part of each head, Llama 3 carries
+its frequency-dependent RoPE scaling, Granite has all four of its multipliers.
+
+Chat templates: when ``tests/data/templates/<family>.jinja`` exists it is used (those files say
+where they come from); otherwise the short templates below are used. They were written for these
+tests in the turn format of each family's published template (role markers, turn ends), not
+copied from a model repository, and they leave out tool calls, dates and other extras.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from tiny import sentences
+
+TEMPLATE_DIR = Path(__file__).parent / "data" / "templates"
+
+# Pre-tokenizer regexes as the families' tokenizer.json files spell them.
+LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+# Text with what tokenizers disagree on: digits, whitespace runs, non-Latin scripts, emoji.
+MIXED_TEXT = ("In 2024, 12345 people paid $3.50 each.\n\n  It's   done!\tTabs\t\tand  spaces   \n"
+              "Привет, мир! Γειά σου κόσμε. 你好，世界。こんにちは 안녕하세요 مرحبا بالعالم नमस्ते "
+              "Emoji: 🎉🚀 👍🏽 ❤️ café naïve 1,000,000 3.14159 x=42; y==7 <tag> end.")
+# Training text for the tiny tokenizers: English-like sentences plus some of the scripts above,
+# so multi-byte characters get merges; emoji and most CJK stay unseen (byte fallback / bytes).
+EXTRA_TRAINING = ["Привет мир, привет всем. Γειά σου κόσμε.", "In 2024 and 1999 we paid 12345 and 3.50.",
+                  "Hello world! 123 numbers, punctuation; and more.", "  indented   text\n\n\tand tabs",
+                  "你好 世界 你好"] * 10
+
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+# Turn format of Llama 3.x Instruct (header ids around the role, <|eot_id|> after each turn).
+LLAMA3_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+                   "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+                   "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+# Turn format of Gemma 2/3 instruct: no system role (a system message is prefixed to the first user
+# turn), 'assistant' is called 'model'.
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set first = messages[0]['content'] + '\n\n' %}"
+    "{% set loop_messages = messages[1:] %}{% else %}{% set first = '' %}{% set loop_messages = messages %}{% endif %}"
+    "{% for message in loop_messages %}{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' + (first if loop.first else '') + message['content'] | trim + "
+    "'<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
+# Turn format of Phi-3 / Phi-3.5 instruct.
+PHI3_TEMPLATE = ("{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + "
+                 "'<|end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}"
+                 "{{ eos_token }}{% endif %}")
+# Turn format of Mistral Instruct v0.1-v0.3 ([INST] ... [/INST], no system role).
+MISTRAL_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+                    "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+                    "{{ message['content'] + eos_token }}{% else %}{{ message['content'] + '\n\n' }}{% endif %}"
+                    "{% endfor %}")
+# Turn format of Granite 3.x instruct (role markers, end of text after each turn).
+GRANITE_TEMPLATE = ("{% for message in messages %}{{ '<|start_of_role|>' + message['role'] + '<|end_of_role|>' + "
+                    "message['content'] + '<|end_of_text|>\n' }}{% endfor %}{% if add_generation_prompt %}"
+                    "{{ '<|start_of_role|>assistant<|end_of_role|>' }}{% endif %}")
+# Turn format of OLMo 2 instruct (Tulu style: <|user|>/<|assistant|> lines, EOS after replies).
+OLMO2_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + "
+                  "message['content'] + '\n' }}{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
+                  "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}")
+# Qwen3: ChatML, and an empty think block before the answer when generating (the published template
+# emits one when thinking is off); thinking content itself is not modelled here.
+QWEN3_TEMPLATE = CHATML.replace("'<|im_start|>assistant\n'", "'<|im_start|>assistant\n<think>\n\n</think>\n\n'")
+
+
+@dataclass
+class Tokenizer:
+    """The structure of a family's tokenizer."""
+
+    kind: str  # "bpe" (byte-level) or "spm" (SentencePiece-style BPE with byte fallback)
+    specials: list[str]
+    bos: Optional[str]
+    eos: str
+    add_bos: bool
+    pad: Optional[str] = None
+    split_regex: Optional[str] = None  # bpe: Split regex before ByteLevel(use_regex=False)
+    digits: bool = False  # bpe: Digits(individual) + ByteLevel(use_regex=True) (StarCoder/Granite)
+    nfc: bool = False  # bpe: NFC normalizer (Qwen)
+    ignore_merges: bool = False  # bpe: whole words found in the vocab are taken as one token (Llama 3)
+    spm_style: str = "gemma"  # spm: "gemma" (no space prefix) or "llama" (Llama 2 / Phi-3 / Mistral)
+    unk: str = "<unk>"
+
+
+@dataclass
+class Family:
+    arch: str  # the HF architecture class
+    config: str  # the HF config class
+    tokenizer: Tokenizer
+    template: str
+    tied: bool  # what the family's small models do
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+LLAMA3_TOK = Tokenizer("bpe", ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                               "<|eot_id|>"], bos="<|begin_of_text|>", eos="<|eot_id|>", add_bos=True,
+                       split_regex=LLAMA3_REGEX, ignore_merges=True)
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+FAMILY_SPECS: dict[str, Family] = {
+    # Llama 3.2 1B/3B: tied embeddings, llama3 RoPE scaling (old context shortened so it shows in 48 tokens).
+    "llama3": Family("LlamaForCausalLM", "LlamaConfig", LLAMA3_TOK, LLAMA3_TEMPLATE, True, dict(
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
+    # Mistral 7B v0.x: the Llama 2 SentencePiece tokenizer, untied.
+    "mistral": Family("MistralForCausalLM", "MistralConfig", Tokenizer(
+        "spm", ["<unk>", "<s>", "</s>"], bos="<s>", eos="</s>", add_bos=True, spm_style="llama"),
+        MISTRAL_TEMPLATE, False, dict(rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    # Qwen2.5 0.5B: q/k/v biases, tied.
+    "qwen2": Family("Qwen2ForCausalLM", "Qwen2Config", Tokenizer(
+        "bpe", QWEN_SPECIALS, bos=None, eos="<|endoftext|>", add_bos=False, pad="<|endoftext|>",
+        split_regex=QWEN2_REGEX, nfc=True), CHATML, True, dict(
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    # Qwen3 0.6B: q/k RMS norms, head_dim * heads != hidden, tied.
+    "qwen3": Family("Qwen3ForCausalLM", "Qwen3Config", Tokenizer(
+        "bpe", QWEN_SPECIALS + ["<think>", "</think>"], bos=None, eos="<|im_end|>", add_bos=False,
+        pad="<|endoftext|>", split_regex=QWEN2_REGEX, nfc=True), QWEN3_TEMPLATE, True, dict(
+        head_dim=32, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    # Gemma 2 2B: sliding window on every other layer, attention and final logit soft-capping.
+    "gemma2": Family("Gemma2ForCausalLM", "Gemma2Config", Tokenizer(
+        "spm", ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"], bos="<bos>", eos="<eos>", add_bos=True,
+        pad="<pad>"), GEMMA_TEMPLATE, True, dict(
+        head_dim=16, query_pre_attn_scalar=16, sliding_window=8, final_logit_softcapping=30.0,
+        attn_logit_softcapping=50.0, hidden_activation="gelu_pytorch_tanh",
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    # Gemma 3 270M/1B (text): q/k norms, 5 local : 1 global (here 1 : 1), separate local RoPE base.
+    "gemma3": Family("Gemma3ForCausalLM", "Gemma3TextConfig", Tokenizer(
+        "spm", ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"], bos="<bos>", eos="<end_of_turn>", add_bos=True,
+        pad="<pad>"), GEMMA_TEMPLATE, True, dict(
+        head_dim=32, query_pre_attn_scalar=32, sliding_window=8, hidden_activation="gelu_pytorch_tanh",
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}})),
+    # Phi-3 mini / Phi-4 mini layout: fused qkv and gate_up, partial rotary (Phi-4 mini rotates 3/4).
+    "phi3": Family("Phi3ForCausalLM", "Phi3Config", Tokenizer(
+        "spm", ["<unk>", "<s>", "</s>"], bos="<s>", eos="<|end|>", add_bos=False, pad="<|endoftext|>",
+        spm_style="llama"), PHI3_TEMPLATE, False, dict(
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75})),
+    # SmolLM3 3B: the Llama 3 tokenizer with ChatML turns; every 4th layer has no RoPE.
+    "smollm3": Family("SmolLM3ForCausalLM", "SmolLM3Config", Tokenizer(
+        "bpe", LLAMA3_TOK.specials + ["<|im_start|>", "<|im_end|>"], bos=None, eos="<|im_end|>", add_bos=False,
+        split_regex=LLAMA3_REGEX, ignore_merges=True), CHATML, True, dict(
+        no_rope_layer_interval=4, rope_parameters={"rope_type": "default", "rope_theta": 2000000.0})),
+    # Granite 3.x dense: StarCoder-style tokenizer (single digits + GPT-2 byte level), four multipliers.
+    "granite": Family("GraniteForCausalLM", "GraniteConfig", Tokenizer(
+        "bpe", ["<|end_of_text|>", "<|start_of_role|>", "<|end_of_role|>"], bos=None, eos="<|end_of_text|>",
+        add_bos=False, pad="<|end_of_text|>", digits=True), GRANITE_TEMPLATE, True, dict(
+        embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.015625, logits_scaling=8.0,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    # OLMo 2 1B: norms after attention and MLP (no pre-norms), q/k norms over the whole projection;
+    # a cl100k-style tokenizer (the Llama 3 regex, merges applied in order).
+    "olmo2": Family("Olmo2ForCausalLM", "Olmo2Config", Tokenizer(
+        "bpe", ["<|endoftext|>", "<|pad|>", "<|user|>", "<|assistant|>", "<|system|>"], bos="<|endoftext|>",
+        eos="<|endoftext|>", add_bos=False, pad="<|pad|>", split_regex=LLAMA3_REGEX), OLMO2_TEMPLATE, False, dict(
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0})),
+}
+FAMILIES = list(FAMILY_SPECS)
+# Chat tokens every SentencePiece family adds on top of its base vocabulary.
+SPM_CHAT_TOKENS = {"gemma2": ["<start_of_turn>", "<end_of_turn>"], "gemma3": ["<start_of_turn>", "<end_of_turn>"],
+                   "phi3": ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], "mistral": []}
+
+
+def _training_text() -> list[str]:
+    return sentences(400) + EXTRA_TRAINING
+
+
+def _bpe_tokenizer(spec: Tokenizer):
+    """A byte-level BPE with the family's pre-tokenizer, normalizer and merge behaviour."""
+    from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = HFTokenizer(models.BPE())
+    if spec.split_regex:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(spec.split_regex), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)])
+    elif spec.digits:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if spec.nfc:
+        tok.normalizer = normalizers.NFC()
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=spec.specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_training_text(), trainer)
+    if spec.ignore_merges:
+        data = json.loads(tok.to_str())
+        data["model"]["ignore_merges"] = True
+        tok = HFTokenizer.from_str(json.dumps(data))
+    return tok
+
+
+def _spm_tokenizer(spec: Tokenizer, chat_tokens: list[str]):
+    """A SentencePiece-style BPE: '▁' for spaces, <0xNN> byte-fallback pieces, specials first."""
+    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    # Train merges on '▁'-marked words (SentencePiece never merges across a word start).
+    probe = HFTokenizer(models.BPE())
+    probe.normalizer = normalizers.Replace(" ", "▁")
+    probe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    probe.train_from_iterator(_training_text(), trainers.BpeTrainer(vocab_size=420, special_tokens=[]))
+    trained = json.loads(probe.to_str())["model"]
+    vocab: dict[str, int] = {}
+    for text in spec.specials + [f"<0x{b:02X}>" for b in range(256)]:
+        vocab[text] = len(vocab)
+    for text, _ in sorted(trained["vocab"].items(), key=lambda item: item[1]):
+        vocab.setdefault(text, len(vocab))
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=spec.unk, fuse_unk=True, byte_fallback=True))
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if spec.spm_style == "gemma":  # as transformers' GemmaTokenizer builds it
+        tok.normalizer = normalizers.Replace(" ", "▁")
+        tok.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous", invert=False)
+    else:  # Llama 2 / Mistral / Phi-3 tokenizer.json: a '▁' prepended to the text, spaces replaced
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        steps.append(decoders.Strip(" ", 1, 0))
+    tok.decoder = decoders.Sequence(steps)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in spec.specials + chat_tokens])
+    return tok
+
+
+def build_tokenizer(name: str, path: Path):
+    """Train and save the family's tiny tokenizer (with its chat template) into ``path``."""
+    from transformers import PreTrainedTokenizerFast
+
+    family = FAMILY_SPECS[name]
+    spec = family.tokenizer
+    if spec.kind == "bpe":
+        tok = _bpe_tokenizer(spec)
+    else:
+        tok = _spm_tokenizer(spec, SPM_CHAT_TOKENS[name])
+    extra = {"unk_token": spec.unk} if spec.kind == "spm" else {}
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=spec.bos, eos_token=spec.eos,
+                                   pad_token=spec.pad, add_bos_token=spec.add_bos, add_eos_token=False, **extra)
+    fast.chat_template = chat_template(name)
+    path.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(path)
+    return fast
+
+
+def chat_template(name: str) -> str:
+    """The family's chat template: the shared test-data file when there is one, else the one above."""
+    shared = TEMPLATE_DIR / f"{name}.jinja"
+    if shared.is_file():
+        return shared.read_text(encoding="utf-8")
+    return FAMILY_SPECS[name].template
+
+
+def family_config(name: str, tokenizer, *, tied: Optional[bool] = None, layers: Optional[int] = None,
+                  hidden: int = 64):
+    """The family's HF config for a tiny model on ``tokenizer``."""
+    import transformers
+
+    family = FAMILY_SPECS[name]
+    settings = dict(family.settings)
+    n_layers = layers or len(settings.get("layer_types", [])) or 4
+    values = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2,
+                  num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=512, rms_norm_eps=1e-5,
+                  tie_word_embeddings=family.tied if tied is None else tied,
+                  eos_token_id=tokenizer.convert_tokens_to_ids(family.tokenizer.eos),
+                  bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id)
+    values.update(settings)
+    config = getattr(transformers, family.config)(**values)
+    config.architectures = [family.arch]
+    return config
+
+
+def build_family(name: str, path: Path, *, tied: Optional[bool] = None, seed: int = 0) -> Path:
+    """Write a tiny random model of family ``name`` (see ``FAMILIES``) with its tokenizer into ``path``.
+
+    ``tied`` overrides whether the output head shares the embedding matrix (default: what the
+    family's small models do).
+    """
+    import torch
+    import transformers
+
+    if name not in FAMILY_SPECS:
+        raise ValueError(f"unknown family {name!r}; known: {', '.join(FAMILIES)}")
+    path = Path(path)
+    tokenizer = build_tokenizer(name, path)
+    config = family_config(name, tokenizer, tied=tied)
+    torch.manual_seed(seed)
+    model = getattr(transformers, FAMILY_SPECS[name].arch)(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
