@@ -1,0 +1,218 @@
+"""GGUF export of every supported model family, checked against PyTorch with llama.cpp.
+
+For each family in ``families.FAMILIES`` a tiny random model with the family's config class,
+tokenizer structure and chat template is built; its weights are then made large and random
+(norms and biases included), so attention is far from uniform and a layout mistake cannot hide in
+near-zero logits. llama.cpp must then reproduce PyTorch's logits from the F16 and F32 files, the
+tokenizer must agree with the HF tokenizer on a mixed text, and Q8_0 / Q4_K_M must quantize and
+load. A negative control per family writes the file with the family's own weight transform
+done wrong and shows the logits check fails then.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from families import FAMILIES, FAMILY_SPECS, MIXED_TEXT, build_family
+from rawtune import gguf_writer
+from rawtune.errors import ExportError
+from tiny import sentences
+
+pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python)")
+
+from rawtune import export  # noqa: E402
+
+# Tolerances of the llama/qwen2 logits test in test_export.py, relative to the largest logit.
+F16_TOL = 1e-2
+F32_TOL = 2e-4
+TRANSFORM = gguf_writer.transform_tensor
+# Spread of the scrambled matrices: large enough for peaked attention, small enough that 4 layers
+# do not amplify F16 rounding past the tolerance (test_export's 2-layer models use 0.3).
+WEIGHT_STD = 0.2
+
+
+def scramble(model_dir: Path, seed: int) -> None:
+    """Large random weights, norms around 1 (around 0 for Gemma's 1 + w norms) and random biases, in place."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    gemma = model.config.model_type.startswith("gemma")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+            elif p.ndim == 1:
+                p.copy_((0.0 if gemma else 1.0) + torch.randn(p.shape, generator=gen) * 0.2)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * WEIGHT_STD)
+    model.save_pretrained(model_dir)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_model(request, tmp_path_factory) -> tuple[str, Path]:
+    name = request.param
+    path = build_family(name, tmp_path_factory.mktemp(f"fam-{name}"))
+    scramble(path, seed=FAMILIES.index(name) + 1)
+    return name, path
+
+
+def mixed_tokens(model_dir: Path, n: int = 48) -> np.ndarray:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    return np.asarray(tok.encode(" ".join(sentences(4, seed=3)) + " " + MIXED_TEXT)[:n], dtype=np.int64)
+
+
+class TableGelu:
+    """GELU as llama.cpp computes it on the CPU: looked up by the input's float16 value, float16 result.
+
+    Measured on the Gemma models here, this rounding alone accounts for most of llama.cpp's F32
+    difference from PyTorch (3.7e-4 -> 3.7e-5 relative for gemma2), so F32 files of GELU families
+    are compared with this PyTorch model at the same tolerance as the others.
+    """
+
+    def __init__(self, act):
+        self.act = act
+
+    def __call__(self, x):
+        import torch
+
+        y = self.act(x.half().float()).half().float()
+        return torch.where(x <= -10, torch.zeros_like(x), torch.where(x >= 10, x, y))
+
+
+def torch_logits(model_dir: Path, tokens: np.ndarray, ggml_gelu: bool = False) -> np.ndarray:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    # Eager attention: PyTorch's SDPA path leaves out Gemma 2's attention soft-capping, which is
+    # part of the model (and which llama.cpp applies).
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    if ggml_gelu:
+        for layer in model.model.layers:
+            layer.mlp.forward = _gelu_mlp(layer.mlp, TableGelu(layer.mlp.act_fn))
+    with torch.inference_mode():
+        return model(torch.as_tensor(tokens[None, :], dtype=torch.long)).logits[0].numpy()
+
+
+def _gelu_mlp(mlp, act):
+    """Gemma's MLP (down(act(gate(x)) * up(x))) with another activation."""
+    return lambda x: mlp.down_proj(act(mlp.gate_proj(x)) * mlp.up_proj(x))
+
+
+def gguf_logits(path: Path, tokens: np.ndarray) -> np.ndarray:
+    llm = export.load_llama(path, n_ctx=128, logits_all=True, f32_cache=True)
+    try:
+        return export.llama_logits(llm, tokens)
+    finally:
+        llm.close()
+
+
+def relative_error(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def broken_transform(hf_name, data, family, shape):
+    """The family's weight transform done wrong: the mistake a converter for it would make."""
+    if hf_name.endswith("gate_up_proj.weight"):  # llama.cpp wants gate first, up second
+        half = data.shape[0] // 2
+        return np.concatenate([data[half:], data[:half]])
+    if family.norm_offset and hf_name.endswith("norm.weight"):
+        return data  # Gemma's 1 + w left out
+    if hf_name.endswith(("q_proj.weight", "k_proj.weight")):  # the other RoPE layout
+        heads = shape.n_head if "q_proj" in hf_name else shape.n_head_kv
+        return data if family.permute_qk else gguf_writer.permute_rope(data, heads)
+    return TRANSFORM(hf_name, data, family, shape)
+
+
+def test_logits_tokenizer_and_quants(family_model, tmp_path, monkeypatch, record_property):
+    name, model_dir = family_model
+    from transformers import AutoTokenizer
+
+    tokens = mixed_tokens(model_dir)
+    want = torch_logits(model_dir, tokens)
+    scale = float(np.abs(want).max())
+    assert scale > 1.0  # the scrambled weights give logits far from zero
+
+    f16, f32 = tmp_path / f"{name}.F16.gguf", tmp_path / f"{name}.F32.gguf"
+    report = gguf_writer.convert(model_dir, f16, "f16", log=lambda s: None)
+    assert report["hf_architecture"] == FAMILY_SPECS[name].arch
+    assert report["tied_embeddings"] is FAMILY_SPECS[name].tied
+    gguf_writer.convert(model_dir, f32, "f32", log=lambda s: None)
+    got16, got32 = gguf_logits(f16, tokens), gguf_logits(f32, tokens)
+    gelu = name.startswith("gemma")
+    err16 = relative_error(got16, want)
+    err32 = relative_error(got32, torch_logits(model_dir, tokens, ggml_gelu=True) if gelu else want)
+    record_property("errors", {"f16": err16, "f32": err32, "scale": scale})
+    print(f"\n[family] {name}: arch {report['architecture']}, pre {report['pre_tokenizer']}, tokenizer "
+          f"{report['tokenizer']}, max |logit| {scale:.2f}, max abs error F16 {err16 * scale:.2e} "
+          f"({err16:.1e} rel), F32 {err32 * scale:.2e} ({err32:.1e} rel)")
+    assert err16 < F16_TOL, err16
+    assert (got16.argmax(-1) == want.argmax(-1)).mean() > 0.95
+    assert err32 < F32_TOL, err32
+
+    # Negative control: the family's transform done wrong gives logits the check rejects.
+    bad = tmp_path / f"{name}.bad.gguf"
+    monkeypatch.setattr(gguf_writer, "transform_tensor", broken_transform)
+    gguf_writer.convert(model_dir, bad, "f32", log=lambda s: None)
+    monkeypatch.undo()
+    assert relative_error(gguf_logits(bad, tokens), want) > F16_TOL
+
+    # Tokenizer: llama.cpp splits mixed text exactly as the HF tokenizer does (with and without BOS).
+    hf = AutoTokenizer.from_pretrained(model_dir)
+    llm = export.load_llama(f16, n_ctx=512)
+    try:
+        mismatches = export.check_tokenizer(llm, hf, [MIXED_TEXT, export.SAMPLE_TEXT, "  leading spaces", "x\n\n\ny"])
+    finally:
+        llm.close()
+    print(f"[family] {name}: tokenizer mismatches {mismatches}")
+    assert mismatches == []
+
+    # Quantized files load and still follow the model (tiny widths: k-quants fall back per tensor).
+    for label in ("Q8_0", "Q4_K_M"):
+        out = tmp_path / f"{name}.{label}.gguf"
+        export.quantize(f16, out, label)
+        got = gguf_logits(out, tokens)
+        assert np.isfinite(got).all()
+        corr = float(np.corrcoef(got.ravel(), want.ravel())[0, 1])
+        top1 = float((got.argmax(-1) == want.argmax(-1)).mean())
+        print(f"[family] {name}: {label} relative error {relative_error(got, want):.3f}, correlation {corr:.4f}, "
+              f"top-1 {top1:.2f}, types {export.tensor_types(out)}")
+        # Unrelated logits correlate near 0; 8-bit keeps the model, 4/5-bit at these tiny widths less so.
+        assert corr > (0.99 if label == "Q8_0" else 0.8), corr
+
+
+def test_tokenizer_structure_is_detected(family_model):
+    """Each family's tokenizer.json maps to the llama.cpp tokenizer llama.cpp itself names for it."""
+    name, model_dir = family_model
+    tok = json.loads((model_dir / "tokenizer.json").read_text())
+    spec = FAMILY_SPECS[name].tokenizer
+    if spec.kind == "spm":
+        assert gguf_writer.is_sentencepiece(tok)
+        assert gguf_writer.read_vocab(tok, 10_000).model == "llama"
+    else:
+        expected = {"llama3": "llama-bpe", "smollm3": "llama-bpe", "olmo2": "dbrx", "qwen2": "qwen2",
+                    "qwen3": "qwen2", "granite": "smollm"}[name]
+        assert gguf_writer.detect_pre_tokenizer(tok) == expected
+
+
+def test_gemma2_needs_tied_embeddings(tmp_path):
+    model_dir = build_family("gemma2", tmp_path / "g2", tied=False)
+    with pytest.raises(ExportError, match="untied"):
+        gguf_writer.convert(model_dir, tmp_path / "x.gguf")
+
+
+def test_smollm3_other_no_rope_layout_is_refused(tmp_path):
+    model_dir = build_family("smollm3", tmp_path / "s3")
+    config = json.loads((model_dir / "config.json").read_text())
+    config["no_rope_layers"] = [1, 0, 1, 0]
+    (model_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ExportError, match="every 4th layer"):
+        gguf_writer.convert(model_dir, tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
