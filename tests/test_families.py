@@ -216,3 +216,54 @@ def test_smollm3_other_no_rope_layout_is_refused(tmp_path):
     with pytest.raises(ExportError, match="every 4th layer"):
         gguf_writer.convert(model_dir, tmp_path / "x.gguf")
     assert not (tmp_path / "x.gguf").exists()
+
+
+# Families trained through rawtune's pipeline (one LoRA step on the CPU), merged and exported;
+# (family, train_embeddings): LoRA only keeps a tied family tied, trained embeddings untie it.
+TRAINED = [("qwen3", False), ("gemma3", False), ("gemma3", True), ("phi3", False)]
+PHI3_MODULES = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]  # Phi-3 fuses q/k/v and gate/up
+
+
+@pytest.mark.parametrize("name,embeddings", TRAINED, ids=[f"{n}-{'embed' if e else 'lora'}" for n, e in TRAINED])
+def test_trained_merged_model_exports(name, embeddings, tmp_path, tiny_corpus):
+    from conftest import train_tiny
+    from rawtune.settings import ExportSettings
+
+    base = build_family(name, tmp_path / "base")
+    scramble(base, seed=11)
+    extra = {"target_modules": PHI3_MODULES} if name == "phi3" else {}
+    # No warm-up: with one step a warm-up would leave the learning rate at 0 and the model unchanged.
+    run = train_tiny(tmp_path / "run", base, tiny_corpus, max_steps=1, warmup_ratio=0.0, train_embeddings=embeddings,
+                     stages=["data", "train"], **extra)
+    assert run.load()["train"]["steps"] == 1
+    info = export.export_run(run, ExportSettings(quant=["f16", "q8_0", "q4_k_m"], name=name), log=lambda s: None)
+    tied = FAMILY_SPECS[name].tied and not embeddings
+    assert info["conversion"]["hf_architecture"] == FAMILY_SPECS[name].arch
+    assert info["conversion"]["tied_embeddings"] is tied
+    record = run.load()["gguf"]
+    assert set(record) == {"F16", "Q8_0", "Q4_K_M"}
+    for label, entry in record.items():
+        assert entry["tokenizer_ok"], (label, entry["tokenizer_mismatches"])
+        assert entry["ppl"] > 1
+    assert info["ppl_f16"] == pytest.approx(info["ppl_merged"], rel=5e-3)
+
+    tokens = mixed_tokens(run.merged_dir)
+    want = torch_logits(run.merged_dir, tokens)
+    assert relative_error(torch_logits(base, tokens), want) > 1e-3  # training changed the model
+    got16 = gguf_logits(run.gguf_dir / f"{name}.F16.gguf", tokens)
+    f32 = tmp_path / f"{name}.F32.gguf"
+    gguf_writer.convert(run.merged_dir, f32, "f32", log=lambda s: None)
+    gelu = name.startswith("gemma")
+    err16 = relative_error(got16, want)
+    err32 = relative_error(gguf_logits(f32, tokens), torch_logits(run.merged_dir, tokens, ggml_gelu=gelu))
+    print(f"\n[trained] {name} (train_embeddings={embeddings}, tied={tied}): F16 {err16 * np.abs(want).max():.2e} "
+          f"({err16:.1e} rel), F32 {err32 * np.abs(want).max():.2e} ({err32:.1e} rel), ppl merged "
+          f"{info['ppl_merged']} F16 {info['ppl_f16']} Q8_0 {record['Q8_0']['ppl']} Q4_K_M {record['Q4_K_M']['ppl']}")
+    assert err16 < F16_TOL and err32 < F32_TOL, (err16, err32)
+    from transformers import AutoTokenizer
+
+    llm = export.load_llama(run.gguf_dir / f"{name}.Q8_0.gguf", n_ctx=512)
+    try:
+        assert export.check_tokenizer(llm, AutoTokenizer.from_pretrained(run.merged_dir), [MIXED_TEXT]) == []
+    finally:
+        llm.close()
