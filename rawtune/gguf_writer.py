@@ -2,20 +2,26 @@
 
 llama.cpp's converter script is not a dependency: it lives in a git checkout, imports torch
 helpers of its own and (through a PyPI repackaging) replaces the official ``gguf`` package. This
-module covers the architectures rawtune trains (the llama family: Llama 2/3, SmolLM/SmolLM2,
-Mistral; and Qwen2/Qwen2.5 with attention biases) and fails with a clear :class:`ExportError`
-for anything else, instead of writing a file that loads but generates garbage.
+module covers the families in :data:`FAMILIES` (Llama 2/3/3.x, SmolLM/SmolLM2, Mistral, Qwen2/2.5,
+Qwen3, Gemma 2, Gemma 3 text, Phi-3/Phi-4-mini, SmolLM3, Granite 3.x dense, OLMo 2) and fails with
+a clear :class:`ExportError` for anything else, or for a checkpoint of a known family that uses a
+feature llama.cpp's architecture cannot express, instead of writing a file that loads but
+generates garbage. Tensor names come from the gguf package's per-architecture maps; what is
+model-specific is one table row per family.
 
 What llama.cpp needs beyond the weights, and why:
 
-- the llama architecture applies RoPE to interleaved pairs while Hugging Face checkpoints use
-  the "rotate half" layout, so Q and K projections of llama-family models are permuted per head
-  (Qwen2 is run by llama.cpp in the NEOX layout, so its weights are written unchanged);
+- architectures llama.cpp runs with RoPE on interleaved pairs (llama, granite, smollm3) get their
+  Q and K projections permuted per head, since HF checkpoints use the "rotate half" layout; the
+  others (qwen2/3, gemma2/3, phi3, olmo2) run in the NEOX layout and are written unchanged;
+- Gemma's RMSNorm multiplies by (1 + w), llama.cpp's by w: Gemma norm weights are written + 1;
+- per-family hyperparameters: sliding-window size and per-layer pattern, soft-capping, the RoPE
+  base of local layers (Gemma), Granite's four multipliers, partial rotary dimensions (Phi);
 - byte-level BPE tokenizers need ``tokenizer.ggml.pre``, the name of the regex pre-tokenizer
   llama.cpp must use to split text the way the HF tokenizer does. It is read from the structure
   of ``tokenizer.json`` (not by hashing sample output), so an unknown structure fails loudly;
-- SentencePiece-style tokenizers (Llama 2, Mistral) are written as llama.cpp's ``llama``
-  vocabulary, with scores that reproduce the BPE merge order.
+- SentencePiece-style tokenizers (Llama 2, Mistral, Phi-3, Gemma) are written as llama.cpp's
+  ``llama`` vocabulary, with scores that reproduce the BPE merge order.
 """
 
 from __future__ import annotations
@@ -643,7 +649,8 @@ def convert(model_dir: str | Path, out_path: str | Path, ftype: str = "f16", nam
         family.check(config, shape)
     if family.must_tie and not shape.tied:
         raise ExportError(f"llama.cpp's {arch} has no separate output matrix, but this {family.label} model has "
-                          f"untied embeddings (tie_word_embeddings false); merge without training lm_head")
+                          f"untied embeddings (tie_word_embeddings false, e.g. after training the embeddings): "
+                          f"train it with LoRA only (train_embeddings false) to export it")
     if config.get("attention_bias") and family.permute_qk:
         log(f"[export] note: {arch} model with attention biases; biases are written and permuted like Q/K")
     tok_json = read_json(model_dir / "tokenizer.json")

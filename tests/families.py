@@ -209,11 +209,11 @@ def _bpe_tokenizer(spec: Tokenizer):
     return tok
 
 
-def _spm_tokenizer(spec: Tokenizer, chat_tokens: list[str]):
-    """A SentencePiece-style BPE: '▁' for spaces, <0xNN> byte-fallback pieces, specials first."""
-    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+def _spm_vocab(spec: Tokenizer) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A SentencePiece-style vocabulary: specials, the 256 <0xNN> byte-fallback pieces, then merges
+    trained on '▁'-marked words (SentencePiece never merges across a word start)."""
+    from tokenizers import Tokenizer as HFTokenizer, models, normalizers, pre_tokenizers, trainers
 
-    # Train merges on '▁'-marked words (SentencePiece never merges across a word start).
     probe = HFTokenizer(models.BPE())
     probe.normalizer = normalizers.Replace(" ", "▁")
     probe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
@@ -225,16 +225,26 @@ def _spm_tokenizer(spec: Tokenizer, chat_tokens: list[str]):
     for text, _ in sorted(trained["vocab"].items(), key=lambda item: item[1]):
         vocab.setdefault(text, len(vocab))
     merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
-    tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=spec.unk, fuse_unk=True, byte_fallback=True))
-    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-    if spec.spm_style == "gemma":  # as transformers' GemmaTokenizer builds it
-        tok.normalizer = normalizers.Replace(" ", "▁")
-        tok.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous", invert=False)
-    else:  # Llama 2 / Mistral / Phi-3 tokenizer.json: a '▁' prepended to the text, spaces replaced
-        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-        steps.append(decoders.Strip(" ", 1, 0))
-    tok.decoder = decoders.Sequence(steps)
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in spec.specials + chat_tokens])
+    return vocab, merges
+
+
+def _spm_tokenizer(spec: Tokenizer, chat_tokens: list[str]):
+    """The family's transformers tokenizer class on that vocabulary, as transformers 5 builds it when it
+    loads the real model: GemmaTokenizer (no space prefix) or LlamaTokenizer (Llama 2, Mistral, Phi-3:
+    a '▁' before the text only, not after special tokens)."""
+    from transformers import GemmaTokenizer, LlamaTokenizer
+
+    vocab, merges = _spm_vocab(spec)
+    cls = GemmaTokenizer if spec.spm_style == "gemma" else LlamaTokenizer
+    extra = {"pad_token": spec.pad} if spec.pad else {}
+    if spec.spm_style == "gemma":
+        extra["mask_token"] = "<mask>"
+    tok = cls(vocab=vocab, merges=merges, unk_token=spec.unk, bos_token=spec.bos, eos_token=spec.eos,
+              add_bos_token=spec.add_bos, add_eos_token=False, **extra)
+    if chat_tokens:
+        tok.add_special_tokens({"additional_special_tokens": chat_tokens})
+    if spec.eos not in tok.get_vocab():
+        raise ValueError(f"{spec.eos} is not in the vocabulary")
     return tok
 
 
@@ -245,12 +255,11 @@ def build_tokenizer(name: str, path: Path):
     family = FAMILY_SPECS[name]
     spec = family.tokenizer
     if spec.kind == "bpe":
-        tok = _bpe_tokenizer(spec)
+        fast = PreTrainedTokenizerFast(tokenizer_object=_bpe_tokenizer(spec), bos_token=spec.bos,
+                                       eos_token=spec.eos, pad_token=spec.pad, add_bos_token=spec.add_bos,
+                                       add_eos_token=False)
     else:
-        tok = _spm_tokenizer(spec, SPM_CHAT_TOKENS[name])
-    extra = {"unk_token": spec.unk} if spec.kind == "spm" else {}
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=spec.bos, eos_token=spec.eos,
-                                   pad_token=spec.pad, add_bos_token=spec.add_bos, add_eos_token=False, **extra)
+        fast = _spm_tokenizer(spec, SPM_CHAT_TOKENS[name])
     fast.chat_template = chat_template(name)
     path.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(path)
