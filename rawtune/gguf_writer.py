@@ -465,6 +465,46 @@ def _smollm3_check(config: dict[str, Any], shape: Shape) -> None:
                           f"4th layer only ({want}), so this checkpoint would run differently")
 
 
+def _longrope(config: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """LongRoPE settings (Phi-3.5 mini, Phi-4 mini: per-frequency factors, short and long context)."""
+    rope = _rope_settings(config)
+    if str(rope.get("rope_type") or "").lower() not in ("longrope", "su"):
+        return None
+    orig = int(rope.get("original_max_position_embeddings") or config.get("original_max_position_embeddings"))
+    factor = float(rope.get("factor") or int(config["max_position_embeddings"]) / orig)
+    # The same cos/sin scale transformers applies (its default when the config names none).
+    attn = rope.get("attention_factor") or (math.sqrt(1 + math.log(factor) / math.log(orig)) if factor > 1 else 1.0)
+    return {"orig": orig, "attn_factor": float(attn), "long": rope["long_factor"], "short": rope["short_factor"]}
+
+
+def _phi3_hparams(writer: Any, config: dict[str, Any], shape: Shape) -> None:
+    # llama.cpp picks the long factors when the context it runs with exceeds the original one;
+    # transformers picks them by sequence length: the same for prompts shorter than the context.
+    longrope = _longrope(config)
+    if longrope:
+        writer.add_rope_scaling_orig_ctx_len(longrope["orig"])
+        writer.add_rope_scaling_attn_factors(longrope["attn_factor"])
+
+
+def extra_tensors(config: dict[str, Any], shape: Shape, rope_type: str) -> dict[str, np.ndarray]:
+    """Tensors llama.cpp reads that the checkpoint does not hold: RoPE frequency factors."""
+    import gguf
+
+    if rope_type == "llama3":
+        return {"rope_freqs.weight": llama3_rope_factors(_rope_settings(config), shape.head_dim)}
+    longrope = _longrope(config) if rope_type in ("longrope", "su") else None
+    if not longrope:
+        return {}
+    out = {}
+    for key, kind in (("long", gguf.MODEL_TENSOR.ROPE_FACTORS_LONG), ("short", gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT)):
+        factors = np.asarray(longrope[key], dtype=np.float32)
+        if factors.shape != (shape.rope_dim // 2,):
+            raise ExportError(f"rope {key}_factor has {factors.size} values; llama.cpp needs one per rotated "
+                              f"pair ({shape.rope_dim // 2})")
+        out[gguf.TENSOR_NAMES[kind] + ".weight"] = factors
+    return out
+
+
 def _phi3_check(config: dict[str, Any], shape: Shape) -> None:
     if shape.head_dim * shape.n_head != shape.n_embd:
         raise ExportError("Phi-3 with head_dim * heads != hidden_size cannot be run by llama.cpp's phi3")
@@ -488,7 +528,8 @@ FAMILIES: dict[str, Family] = {
     "Gemma3ForCausalLM": Family("GEMMA3", "Gemma 3 (text)", norm_offset=1.0, hparams=_gemma3_hparams,
                                 check=_gemma3_check, blocks=Family.blocks + (
                                     "ATTN_POST_NORM", "FFN_POST_NORM", "ATTN_Q_NORM", "ATTN_K_NORM")),
-    "Phi3ForCausalLM": Family("PHI3", "Phi-3/Phi-3.5/Phi-4-mini", check=_phi3_check,
+    "Phi3ForCausalLM": Family("PHI3", "Phi-3/Phi-3.5/Phi-4-mini", check=_phi3_check, hparams=_phi3_hparams,
+                              rope_types=("default", "longrope", "su"),
                               blocks=("ATTN_NORM", "ATTN_QKV", "ATTN_OUT", "FFN_NORM", "FFN_UP", "FFN_DOWN")),
     "SmolLM3ForCausalLM": Family("SMOLLM3", "SmolLM3", permute_qk=True, check=_smollm3_check),
     "GraniteForCausalLM": Family("GRANITE", "Granite 3.x dense", hparams=_granite_hparams, **LLAMA_LIKE),
@@ -666,9 +707,9 @@ def convert(model_dir: str | Path, out_path: str | Path, ftype: str = "f16", nam
         rope_type = _write_hparams(writer, config, family, shape, ftype)
         vocab = _write_vocab(writer, model_dir, tok_json, shape.vocab_size)
         seen = _write_tensors(writer, model_dir, hf_arch, family, shape, np.float16 if ftype == "f16" else np.float32)
-        if rope_type == "llama3":
-            writer.add_tensor("rope_freqs.weight", llama3_rope_factors(_rope_settings(config), shape.head_dim))
-            seen.add("rope_freqs.weight")
+        for extra_name, data in extra_tensors(config, shape, rope_type).items():
+            writer.add_tensor(extra_name, data)
+            seen.add(extra_name)
         _check_complete(seen, required_tensors(family, shape))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()

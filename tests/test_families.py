@@ -300,3 +300,42 @@ def test_trained_merged_model_exports(name, embeddings, tmp_path, tiny_corpus):
         assert export.check_tokenizer(llm, AutoTokenizer.from_pretrained(run.merged_dir), [MIXED_TEXT]) == []
     finally:
         llm.close()
+
+
+@pytest.mark.parametrize("context", ["short", "long"])
+def test_phi3_longrope(context, tmp_path):
+    """Phi-3.5 / Phi-4 mini's LongRoPE: frequency factors and cos/sin scale, for both factor sets.
+
+    transformers picks the long factors for sequences longer than the original context and
+    llama.cpp for contexts longer than it; with 48 tokens in a 128-token context an original
+    context of 16 selects the long factors in both, one of 4096 the short ones.
+    """
+    model_dir = build_family("phi3", tmp_path / "phi3")
+    scramble(model_dir, seed=21)
+    config = json.loads((model_dir / "config.json").read_text())
+    rng = np.random.default_rng(0)
+    pairs = int(16 * 0.75) // 2  # head_dim 16, Phi-4 mini's partial rotary factor
+    orig = 16 if context == "long" else 4096
+    config["max_position_embeddings"] = orig * 32
+    config["original_max_position_embeddings"] = orig  # transformers picks the factor set by this one
+    config["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+                                 "original_max_position_embeddings": orig,
+                                 "short_factor": rng.uniform(1.0, 3.0, pairs).tolist(),
+                                 "long_factor": rng.uniform(2.0, 30.0, pairs).tolist()}
+    (model_dir / "config.json").write_text(json.dumps(config))
+    tokens = mixed_tokens(model_dir)
+    want = torch_logits(model_dir, tokens)
+    out = tmp_path / "phi3.F32.gguf"
+    gguf_writer.convert(model_dir, out, "f32", log=lambda s: None)
+    err = relative_error(gguf_logits(out, tokens), want)
+    print(f"\n[family] phi3 longrope ({context} factors): F32 {err:.1e} rel")
+    assert err < F32_TOL
+    # Without the factor tensors llama.cpp runs plain RoPE: the check sees it.
+    plain = tmp_path / "plain.gguf"
+    original = gguf_writer.extra_tensors
+    gguf_writer.extra_tensors = lambda *a: {}
+    try:
+        gguf_writer.convert(model_dir, plain, "f32", log=lambda s: None)
+    finally:
+        gguf_writer.extra_tensors = original
+    assert relative_error(gguf_logits(plain, tokens), want) > F16_TOL
