@@ -45,6 +45,10 @@ LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# o200k (GPT-4o; Phi-4 mini): case-aware letter runs, contractions attached, '/' kept after punctuation.
+GPT4O_REGEX = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+               r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+               r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 # Sequence of split regexes -> the llama.cpp pre-tokenizer that applies the same splits.
 # (llama.cpp's "smollm" runs \p{N} then the GPT-2 regex, which is what SmolLM/StarCoder's
@@ -54,13 +58,14 @@ PRE_TOKENIZERS: dict[tuple[str, ...], str] = {
     (DIGIT_REGEX, GPT2_REGEX): "smollm",
     (LLAMA3_REGEX,): "llama-bpe",
     (QWEN2_REGEX,): "qwen2",
+    (GPT4O_REGEX,): "gpt-4o",
 }
 # The same regex, for tokenizers that apply their merges even to words found whole in the vocabulary
 # (tokenizer.json's ignore_merges false): llama.cpp's "llama-bpe" takes such words whole, its
 # "dbrx" (the cl100k split OLMo 2 uses) applies the merges, as HF does.
 MERGES_APPLIED = {"llama-bpe": "dbrx"}
 PRE_TOKENIZER_TEXT = ("GPT-2 byte-level, SmolLM/StarCoder/Granite (digits + byte-level), Llama 3/SmolLM3, "
-                      "OLMo 2 (cl100k), Qwen2/Qwen3")
+                      "OLMo 2 (cl100k), Qwen2/Qwen3, Phi-4 mini (o200k)")
 
 # Normalizers that do not change ordinary text (NFC is what Qwen2 ships; llama.cpp skips it too).
 HARMLESS_NORMALIZERS = {None, "NFC"}

@@ -1,7 +1,7 @@
 """Tiny random models of every model family rawtune supports, each with its family's tokenizer.
 
 ``build_family(name, path)`` writes a Hugging Face folder (config, safetensors, tokenizer, chat
-template) for one family in ``FAMILIES``: the family's real config class and architecture name,
+template) for one family in ``FAMILIES`` (or a variant in ``VARIANTS``, e.g. Phi-4 mini): the family's real config class and architecture name,
 a few layers of a small width, and a tokenizer trained in well under a second that has the
 STRUCTURE of the family's tokenizer (pre-tokenizer, normalizer, byte fallback, special tokens,
 BOS handling). Nothing is downloaded.
@@ -32,6 +32,9 @@ TEMPLATE_DIR = Path(__file__).parent / "data" / "templates"
 # Pre-tokenizer regexes as the families' tokenizer.json files spell them.
 LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+GPT4O_REGEX = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+               r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+               r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
@@ -63,6 +66,9 @@ GEMMA_TEMPLATE = (
 PHI3_TEMPLATE = ("{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + "
                  "'<|end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}"
                  "{{ eos_token }}{% endif %}")
+# Turn format of Phi-4 mini instruct (the Phi-3 markers without newlines).
+PHI4_TEMPLATE = ("{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+                 "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}")
 # Turn format of Mistral Instruct v0.1-v0.3 ([INST] ... [/INST], no system role).
 MISTRAL_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
                     "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
@@ -170,8 +176,18 @@ FAMILY_SPECS: dict[str, Family] = {
         "bpe", ["<|endoftext|>", "<|pad|>", "<|user|>", "<|assistant|>", "<|system|>"], bos="<|endoftext|>",
         eos="<|endoftext|>", add_bos=False, pad="<|pad|>", split_regex=LLAMA3_REGEX), OLMO2_TEMPLATE, False, dict(
         rope_parameters={"rope_type": "default", "rope_theta": 500000.0})),
+    # Phi-4 mini: the Phi-3 architecture with an o200k byte-level tokenizer, tied embeddings and
+    # LongRoPE (short factors at these lengths). A variant: not in FAMILIES, built by name.
+    "phi4mini": Family("Phi3ForCausalLM", "Phi3Config", Tokenizer(
+        "bpe", ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], bos=None, eos="<|end|>",
+        add_bos=False, pad="<|endoftext|>", split_regex=GPT4O_REGEX), PHI4_TEMPLATE, True, dict(
+        original_max_position_embeddings=4096, max_position_embeddings=131072,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+                         "original_max_position_embeddings": 4096,
+                         "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5], "long_factor": [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]})),
 }
-FAMILIES = list(FAMILY_SPECS)
+VARIANTS = ["phi4mini"]
+FAMILIES = [name for name in FAMILY_SPECS if name not in VARIANTS]
 # Chat tokens every SentencePiece family adds on top of its base vocabulary.
 SPM_CHAT_TOKENS = {"gemma2": ["<start_of_turn>", "<end_of_turn>"], "gemma3": ["<start_of_turn>", "<end_of_turn>"],
                    "phi3": ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], "mistral": []}

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from families import FAMILIES, FAMILY_SPECS, MIXED_TEXT, build_family
+from families import FAMILIES, FAMILY_SPECS, MIXED_TEXT, VARIANTS, build_family
 from rawtune import gguf_writer
 from rawtune.errors import ExportError
 from tiny import sentences
@@ -54,11 +54,14 @@ def scramble(model_dir: Path, seed: int) -> None:
     model.save_pretrained(model_dir)
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+ALL = FAMILIES + VARIANTS
+
+
+@pytest.fixture(scope="module", params=ALL)
 def family_model(request, tmp_path_factory) -> tuple[str, Path]:
     name = request.param
     path = build_family(name, tmp_path_factory.mktemp(f"fam-{name}"))
-    scramble(path, seed=FAMILIES.index(name) + 1)
+    scramble(path, seed=ALL.index(name) + 1)
     return name, path
 
 
@@ -198,7 +201,7 @@ def test_tokenizer_structure_is_detected(family_model):
         assert gguf_writer.read_vocab(tok, 10_000).model == "llama"
     else:
         expected = {"llama3": "llama-bpe", "smollm3": "llama-bpe", "olmo2": "dbrx", "qwen2": "qwen2",
-                    "qwen3": "qwen2", "granite": "smollm"}[name]
+                    "qwen3": "qwen2", "granite": "smollm", "phi4mini": "gpt-4o"}[name]
         assert gguf_writer.detect_pre_tokenizer(tok) == expected
 
 
