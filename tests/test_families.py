@@ -342,3 +342,43 @@ def test_phi3_longrope(context, tmp_path):
     finally:
         gguf_writer.extra_tensors = original
     assert relative_error(gguf_logits(plain, tokens), want) > F16_TOL
+
+
+def test_whole_word_label_matters(tmp_path):
+    """OLMo 2's cl100k split applies merges even to words found whole in the vocabulary (llama.cpp's
+    dbrx); labelled llama-bpe (Llama 3, which takes such words whole) llama.cpp tokenizes differently.
+
+    A merge is removed from the tiny OLMo 2 tokenizer so that one word stays in the vocabulary but
+    can no longer be reached by merges, which is where the two rules part.
+    """
+    from transformers import AutoTokenizer
+
+    model_dir = build_family("olmo2", tmp_path / "olmo2")
+    path = model_dir / "tokenizer.json"
+    tok = json.loads(path.read_text())
+    word = "Ġriver"
+    assert word in tok["model"]["vocab"]
+    tok["model"]["merges"] = [m for m in tok["model"]["merges"]
+                              if "".join(m.split(" ") if isinstance(m, str) else m) != word]
+    path.write_text(json.dumps(tok))
+    hf = AutoTokenizer.from_pretrained(model_dir)
+    text = "the river carries bright stones"
+    assert hf.convert_tokens_to_ids(word) not in hf.encode(text, add_special_tokens=False)
+
+    def mismatches(out: Path) -> list[str]:
+        llm = export.load_llama(out, n_ctx=64)
+        try:
+            return export.check_tokenizer(llm, hf, [text])
+        finally:
+            llm.close()
+
+    assert gguf_writer.convert(model_dir, tmp_path / "right.gguf", "f16", log=lambda s: None)["pre_tokenizer"] == "dbrx"
+    assert mismatches(tmp_path / "right.gguf") == []
+    original = dict(gguf_writer.MERGES_APPLIED)
+    gguf_writer.MERGES_APPLIED.clear()  # label it llama-bpe regardless of ignore_merges
+    try:
+        assert gguf_writer.convert(model_dir, tmp_path / "wrong.gguf", "f16", log=lambda s: None)["pre_tokenizer"] \
+            == "llama-bpe"
+    finally:
+        gguf_writer.MERGES_APPLIED.update(original)
+    assert mismatches(tmp_path / "wrong.gguf") != []
