@@ -191,6 +191,33 @@ def test_logits_tokenizer_and_quants(family_model, tmp_path, monkeypatch, record
         assert corr > (0.99 if label == "Q8_0" else 0.8), corr
 
 
+def test_special_token_ids_and_types(family_model, tmp_path):
+    """llama.cpp reads the HF tokenizer's BOS/EOS ids, and chat markers are control tokens (never text)."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    name, model_dir = family_model
+    out = tmp_path / "v.gguf"
+    report = gguf_writer.convert(model_dir, out, "f16", log=lambda s: None)
+    hf = AutoTokenizer.from_pretrained(model_dir)
+    spec = FAMILY_SPECS[name].tokenizer
+    assert report["tokenizer"] == ("llama" if spec.kind == "spm" else "gpt2")
+    assert report["add_bos"] is spec.add_bos and report["chat_template"]
+    reader = gguf.GGUFReader(str(out))
+    types = reader.fields["tokenizer.ggml.token_type"]
+    type_of = {i: int(types.parts[types.data[i]][0]) for i in range(len(types.data))}
+    for token in hf.all_special_tokens:
+        want = gguf.TokenType.UNKNOWN if token == hf.unk_token else gguf.TokenType.CONTROL
+        assert type_of[hf.convert_tokens_to_ids(token)] == want, token
+    llm = export.load_llama(out, n_ctx=64)
+    try:
+        assert llm.token_eos() == hf.convert_tokens_to_ids(spec.eos)
+        if spec.bos:
+            assert llm.token_bos() == hf.bos_token_id
+    finally:
+        llm.close()
+
+
 def test_tokenizer_structure_is_detected(family_model):
     """Each family's tokenizer.json maps to the llama.cpp tokenizer llama.cpp itself names for it."""
     name, model_dir = family_model
@@ -256,7 +283,7 @@ def test_smollm3_other_no_rope_layout_is_refused(tmp_path):
 
 # Families trained through rawtune's pipeline (one LoRA step on the CPU), merged and exported;
 # (family, train_embeddings): LoRA only keeps a tied family tied, trained embeddings untie it.
-TRAINED = [("qwen3", False), ("gemma3", False), ("gemma3", True), ("phi3", False)]
+TRAINED = [("qwen3", False), ("gemma3", False), ("gemma3", True), ("phi3", False), ("gemma2", False)]
 PHI3_MODULES = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]  # Phi-3 fuses q/k/v and gate/up
 
 
