@@ -164,11 +164,12 @@ FAMILY_SPECS: dict[str, Family] = {
         "bpe", LLAMA3_TOK.specials + ["<|im_start|>", "<|im_end|>"], bos=None, eos="<|im_end|>", add_bos=False,
         split_regex=LLAMA3_REGEX, ignore_merges=True), CHATML, True, dict(
         no_rope_layer_interval=4, rope_parameters={"rope_type": "default", "rope_theta": 2000000.0})),
-    # Granite 3.x dense: StarCoder-style tokenizer (single digits + GPT-2 byte level), four multipliers.
+    # Granite 3.x dense: StarCoder-style tokenizer (single digits + GPT-2 byte level), four multipliers
+    # (attention 1/head_dim as in Granite 3.x, residual and logit values of the 2B model).
     "granite": Family("GraniteForCausalLM", "GraniteConfig", Tokenizer(
         "bpe", ["<|end_of_text|>", "<|start_of_role|>", "<|end_of_role|>"], bos=None, eos="<|end_of_text|>",
         add_bos=False, pad="<|end_of_text|>", digits=True), GRANITE_TEMPLATE, True, dict(
-        embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.015625, logits_scaling=8.0,
+        embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0625, logits_scaling=8.0,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
     # OLMo 2 1B: norms after attention and MLP (no pre-norms), q/k norms over the whole projection;
     # a cl100k-style tokenizer (the Llama 3 regex, merges applied in order).

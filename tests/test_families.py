@@ -410,3 +410,22 @@ def test_whole_word_label_matters(tmp_path):
     finally:
         gguf_writer.MERGES_APPLIED.update(original)
     assert mismatches(tmp_path / "wrong.gguf") != []
+
+
+def test_granite_multipliers_matter(tmp_path, monkeypatch):
+    """Granite written as a plain llama (its four multipliers left out) fails the logits check."""
+    import dataclasses
+
+    model_dir = build_family("granite", tmp_path / "granite")
+    scramble(model_dir, seed=31)
+    tokens = mixed_tokens(model_dir)
+    want = torch_logits(model_dir, tokens)
+    good, bad = tmp_path / "good.gguf", tmp_path / "bad.gguf"
+    gguf_writer.convert(model_dir, good, "f32", log=lambda s: None)
+    family = gguf_writer.FAMILIES["GraniteForCausalLM"]
+    # llama.cpp requires the logit scale key; 1.0 is what a llama-style converter would mean.
+    plain = dataclasses.replace(family, hparams=lambda writer, config, shape: writer.add_logit_scale(1.0))
+    monkeypatch.setitem(gguf_writer.FAMILIES, "GraniteForCausalLM", plain)
+    gguf_writer.convert(model_dir, bad, "f32", log=lambda s: None)
+    assert relative_error(gguf_logits(good, tokens), want) < F32_TOL
+    assert relative_error(gguf_logits(bad, tokens), want) > F16_TOL
