@@ -408,17 +408,26 @@ def _gemma_attention_scale(config: dict[str, Any], shape: Shape, big_layers: int
                           f"1/sqrt({expected:g}); this checkpoint would run with different attention in llama.cpp")
 
 
-def _swa_pattern(writer: Any, config: dict[str, Any], shape: Shape) -> None:
-    """Sliding window size and which layers use it, from config.json's layer_types."""
+def _layer_types(config: dict[str, Any], shape: Shape, default_every: int) -> list[str]:
+    """Per-layer attention kinds: config.json's layer_types, or (older configs) its sliding-window
+    pattern, every n-th layer global, as transformers derives them."""
     types = config.get("layer_types") or []
+    if not types:
+        every = int(config.get("sliding_window_pattern") or default_every)
+        types = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(shape.n_layer)]
     if len(types) != shape.n_layer:
-        raise ExportError("config.json has no layer_types for every layer; re-save the model with transformers 5")
+        raise ExportError(f"config.json lists {len(types)} layer_types for {shape.n_layer} layers; re-save the model")
+    return types
+
+
+def _swa_pattern(writer: Any, config: dict[str, Any], types: list[str]) -> None:
+    """Sliding window size and which layers use it."""
     writer.add_sliding_window(int(config["sliding_window"]))
     writer.add_sliding_window_pattern([t == "sliding_attention" for t in types])
 
 
 def _gemma2_hparams(writer: Any, config: dict[str, Any], shape: Shape) -> None:
-    _swa_pattern(writer, config, shape)
+    _swa_pattern(writer, config, _layer_types(config, shape, default_every=2))
     writer.add_attn_logit_softcapping(float(config["attn_logit_softcapping"]))
     writer.add_final_logit_softcapping(float(config["final_logit_softcapping"]))
 
@@ -433,8 +442,9 @@ def _gemma2_check(config: dict[str, Any], shape: Shape) -> None:
 
 
 def _gemma3_hparams(writer: Any, config: dict[str, Any], shape: Shape) -> None:
-    if config.get("sliding_window") and "sliding_attention" in (config.get("layer_types") or []):
-        _swa_pattern(writer, config, shape)
+    types = _layer_types(config, shape, default_every=6)
+    if config.get("sliding_window") and "sliding_attention" in types:
+        _swa_pattern(writer, config, types)
         local = _sliding_rope_theta(config)
         if local is not None:
             writer.add_rope_freq_base_swa(local)
@@ -465,7 +475,10 @@ def _smollm3_check(config: dict[str, Any], shape: Shape) -> None:
     _no_sliding_window(config, shape)
     want = [int((i + 1) % 4 != 0) for i in range(shape.n_layer)]
     have = config.get("no_rope_layers")
-    if have is not None and [int(x) for x in have] != want:
+    if have is None:  # transformers derives the list from the interval
+        every = int(config.get("no_rope_layer_interval") or 4)
+        have = [int((i + 1) % every != 0) for i in range(shape.n_layer)]
+    if [int(x) for x in have] != want:
         raise ExportError(f"SmolLM3 layers without RoPE are {have}; llama.cpp's smollm3 leaves out RoPE on every "
                           f"4th layer only ({want}), so this checkpoint would run differently")
 

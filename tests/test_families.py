@@ -429,3 +429,27 @@ def test_granite_multipliers_matter(tmp_path, monkeypatch):
     gguf_writer.convert(model_dir, bad, "f32", log=lambda s: None)
     assert relative_error(gguf_logits(good, tokens), want) < F32_TOL
     assert relative_error(gguf_logits(bad, tokens), want) > F16_TOL
+
+
+def test_gemma3_config_without_layer_types(tmp_path):
+    """Gemma 3 configs saved before layer_types existed give the pattern as sliding_window_pattern."""
+    model_dir = build_family("gemma3", tmp_path / "gemma3")
+    scramble(model_dir, seed=41)
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config.pop("layer_types") == ["sliding_attention", "full_attention"] * 2
+    config["sliding_window_pattern"] = 2
+    (model_dir / "config.json").write_text(json.dumps(config))
+    tokens = mixed_tokens(model_dir)
+    out = tmp_path / "g.gguf"
+    gguf_writer.convert(model_dir, out, "f32", log=lambda s: None)
+    assert relative_error(gguf_logits(out, tokens), torch_logits(model_dir, tokens, ggml_gelu=True)) < F32_TOL
+
+
+def test_smollm3_interval_without_list_is_checked(tmp_path):
+    model_dir = build_family("smollm3", tmp_path / "s3")
+    config = json.loads((model_dir / "config.json").read_text())
+    config.pop("no_rope_layers")
+    config["no_rope_layer_interval"] = 2
+    (model_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ExportError, match="every 4th layer"):
+        gguf_writer.convert(model_dir, tmp_path / "x.gguf")
