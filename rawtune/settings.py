@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional
 
 import yaml
 
+from . import quants
 from .errors import ConfigError
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M"
@@ -29,9 +30,7 @@ ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 FUSED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 EMBEDDING_MODULES = ["embed_tokens", "lm_head"]
 STAGES = ["data", "train", "eval", "merge", "export", "push"]
-QUANTS = ["q4_k_m", "q8_0", "f16"]
-# How each quant type is spelled in GGUF file names, the UI and run.json.
-QUANT_LABELS = {q: q.upper() for q in QUANTS}
+QUANTS = quants.EXPORTABLE  # the --quant values, from the one quant table
 PRESET_NAMES = ["quick", "standard", "thorough"]
 # What a field's value is: how the CLI, YAML and the app's form read it.
 KINDS = ("str", "int", "float", "bool", "list")
@@ -120,7 +119,7 @@ class ExportSettings:
     """GGUF export: quantization and the files Ollama reads."""
 
     quant: list[str] = setting(doc="quant types to write", kind="list", choices=QUANTS,
-                               factory=lambda: ["q4_k_m", "q8_0"])
+                               factory=lambda: list(quants.DEFAULT))
     name: Optional[str] = setting(None, "file name stem for the GGUFs (default: the run directory's name)")
     verify: bool = setting(True, "load each GGUF in llama.cpp and measure its perplexity", "bool")
 
@@ -416,10 +415,7 @@ def validate(settings: RunSettings) -> RunSettings:
         _check(stage in STAGES, "stages", f"unknown stage {stage!r}; use some of {', '.join(STAGES)}")
     _validate_data(s.data)
     s.train = _validate_train(resolve_preset(s.train))
-    e = s.export
-    e.quant = [q.lower() for q in _as_list(e.quant)]
-    for q in e.quant:
-        _check(q in QUANTS, "quant", f"unknown quant type {q!r}; use some of {', '.join(QUANTS)}")
+    s.export.quant = [quants.get(label).key for label in quants.labels_for(_as_list(s.export.quant))]
     if "push" in s.stages:  # its form is checked by the pipeline, with the one Hub-id rule (hubauth)
         _check(bool(s.push.repo), "repo", "give the Hub repo as user/name")
     return s

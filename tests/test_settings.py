@@ -81,6 +81,10 @@ def test_validate_returns_a_new_object_and_never_mutates():
     assert checked.train.seq_len == S.PRESETS["quick"]["seq_len"] and given.train.seq_len is None
     checked.train.max_steps = 99  # the result is the caller's own: changing it leaves the input alone
     assert given.train.max_steps is None
+    from rawtune.errors import ExportError
+
+    with pytest.raises(ExportError, match="--quant: unknown quant type 'q5'; use some of q4_k_m, q8_0, f16"):
+        validate(apply(RunSettings(), {"quant": "q4_k_m,q5"}))  # the one --quant check (quants.labels_for)
 
 
 def test_form_fields_map_to_settings():
