@@ -370,11 +370,11 @@ def resumable(run: RunDir) -> bool:
 
 
 def gguf_name(repo: Optional[str], run: RunDir) -> str:
-    """The file name stem of a run's GGUFs: the repo's name when one is given (what the Hub page
-    shows), else the base model's name with ``-rawtune``."""
+    """The file name stem of a run's GGUFs: the repo's name when a Hub repo id is given (what the
+    Hub page shows), else the base model's name with ``-rawtune``."""
     repo = (repo or "").strip()
-    if "/" in repo and repo.split("/", 1)[1]:
-        return re.sub(r"[^A-Za-z0-9_.-]", "-", repo.split("/", 1)[1])
+    if is_repo_id(repo):
+        return repo.split("/", 1)[1]
     model = run.load().get("model") or {}
     spec = model.get("upstream_id") or model.get("spec") or "model"
     return re.sub(r"[^A-Za-z0-9_.-]", "-", Path(str(spec)).name) + "-rawtune"

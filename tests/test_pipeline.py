@@ -87,7 +87,8 @@ def test_stop_then_resume_across_segments(tmp_path, tiny_llama_dir, tiny_corpus)
     assert done.completed and done.record["train"]["steps"] == 8 and _steps(done.record) == list(range(1, 9))
     assert done.record["train"]["resumed_from_step"] >= first["steps"] - 1
     assert done.record["metrics"]["ppl_tuned"] > 0 and not resumable(RunDir(tmp_path / "r"))
-    assert gguf_name("alice/My Model", RunDir(tmp_path / "r")) == "My-Model"
+    assert gguf_name(" alice/my.model ", RunDir(tmp_path / "r")) == "my.model"
+    assert gguf_name("alice/", RunDir(tmp_path / "r")) == f"{tiny_llama_dir.name}-rawtune"
     assert gguf_name("", RunDir(tmp_path / "r")) == f"{tiny_llama_dir.name}-rawtune"
 
 
