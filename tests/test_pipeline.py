@@ -48,6 +48,7 @@ def test_segments_resume_until_done_like_one_run(tmp_path, tiny_llama_dir, tiny_
     record = RunDir(tmp_path / "seg").load()
     assert record == done.record
     assert record["train"]["steps"] == record["train"]["max_steps"] == STEPS and _steps(record) == list(range(1, 7))
+    assert record["train"]["resumed_from_step"] == ends[-2].steps  # the last segment went on from the one before
     assert record["settings"]["stages"] == SEGMENTED_STAGES and record["settings"]["train"]["max_steps"] == STEPS
     assert record["metrics"]["ppl_tuned"] < record["metrics"]["ppl_base"]
     assert sum(isinstance(e, Progress) and e.event["type"] == "step" for e in events) == STEPS
