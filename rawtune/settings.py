@@ -174,8 +174,17 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def settings_fields(cls: type) -> list[Field]:
-    """The fields of one settings section that carry metadata (every field except the sections)."""
-    return [f for f in fields(cls) if "kind" in f.metadata]
+    """The settings fields of one section (for ``RunSettings``: its own, not the sections)."""
+    return [f for f in fields(cls) if not (cls is RunSettings and f.name in SECTIONS)]
+
+
+def _require_metadata() -> None:
+    """Every field must be declared with :func:`setting`: a field without its doc and kind
+    would be missing from the CLI, YAML and the app, so it fails here, at import."""
+    for cls in [RunSettings] + [section_class(s) for s in SECTIONS]:
+        for f in settings_fields(cls):
+            if f.metadata.get("kind") not in KINDS or not f.metadata.get("doc"):
+                raise TypeError(f"{cls.__name__}.{f.name} has no doc and kind: declare it with setting(...)")
 
 
 def docs(cls: type) -> dict[str, str]:
@@ -508,3 +517,6 @@ def from_dict(values: dict[str, Any]) -> RunSettings:
         elif key in {f.name for f in fields(RunSettings)}:
             setattr(s, key, value)
     return s
+
+
+_require_metadata()
