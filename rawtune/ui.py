@@ -95,7 +95,7 @@ def runs_root() -> Path:
 
 
 def segment_seconds(model: Optional[str] = None) -> Optional[float]:
-    """Length of one training segment: set on ZeroGPU (time-limited GPU calls, sized by rawtune.gpu
+    """Length of one training segment: set on ZeroGPU (time-limited GPU calls, sized by rawtune.train.plan
     around the model's load and save times), else unlimited."""
     value = os.environ.get("RAWTUNE_SEGMENT_SECONDS")
     if value:
