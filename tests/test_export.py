@@ -227,7 +227,7 @@ def test_export_without_heldout_skips_perplexity(big_qwen2, tmp_path):
     assert any("skipping perplexity" in line for line in lines)
 
 
-def number_tokenizer(path: Path, pre_tokenizer, normalizer=None) -> Path:
+def number_tokenizer(path: Path, pre_tokenizer, normalizer=None, ignore_merges=False) -> Path:
     """A byte-level BPE with the given pre-tokenizer, trained on number-heavy text (so a
     tokenizer that does not split digits learns merges such as 'Ġ12' or '2024')."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -241,6 +241,10 @@ def number_tokenizer(path: Path, pre_tokenizer, normalizer=None) -> Path:
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(sentences(400) + ["1234 5678 99 2024 in 1999, 42 and 12345 numbers\n\n"] * 20, trainer)
+    if ignore_merges:  # Llama 3's tokenizer.json takes words found in the vocabulary whole
+        data = json.loads(tok.to_str())
+        data["model"]["ignore_merges"] = True
+        tok = Tokenizer.from_str(json.dumps(data))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     fast.save_pretrained(path)
     return path
@@ -254,12 +258,13 @@ def pre_tokenizer_cases():
     return {
         "gpt-2": (byte_level, None),
         "smollm": (pt.Sequence([pt.Digits(individual_digits=True), byte_level]), None),
-        "llama-bpe": (pt.Sequence([pt.Split(Regex(gguf_writer.LLAMA3_REGEX), "isolated"), bare]), None),
+        "llama-bpe": (pt.Sequence([pt.Split(Regex(gguf_writer.LLAMA3_REGEX), "isolated"), bare]), None, True),
+        "dbrx": (pt.Sequence([pt.Split(Regex(gguf_writer.LLAMA3_REGEX), "isolated"), bare]), None),
         "qwen2": (pt.Sequence([pt.Split(Regex(gguf_writer.QWEN2_REGEX), "isolated"), bare]), normalizers.NFC()),
     }
 
 
-@pytest.mark.parametrize("pre", ["gpt-2", "smollm", "llama-bpe", "qwen2"])
+@pytest.mark.parametrize("pre", ["gpt-2", "smollm", "llama-bpe", "dbrx", "qwen2"])
 def test_pre_tokenizer_is_read_from_tokenizer_json(pre, tmp_path):
     from tiny import tiny_model
     from transformers import AutoTokenizer
