@@ -245,6 +245,18 @@ CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
 SPACE_PREFIX_FAMILIES = {"phi3", "mistral"}
 
 
+def _render_chat(hf) -> str:
+    """CHAT through the family's template; Gemma 2's real template refuses a system turn, so the
+    system text goes into the first user turn there, as Gemma's own instructions do."""
+    from jinja2.exceptions import TemplateError
+
+    try:
+        return hf.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
+    except TemplateError:
+        folded = [{"role": "user", "content": CHAT[0]["content"] + "\n\n" + CHAT[1]["content"]}] + CHAT[2:]
+        return hf.apply_chat_template(folded, tokenize=False, add_generation_prompt=True)
+
+
 @pytest.mark.parametrize("case", ["chat prompt", "leading spaces"])
 def test_special_and_leading_space_tokenization(case, family_model, tmp_path, request):
     """A rendered chat template (special tokens inside) and a text starting with spaces tokenize alike."""
@@ -257,7 +269,7 @@ def test_special_and_leading_space_tokenization(case, family_model, tmp_path, re
     gguf_writer.convert(model_dir, out, "f16", log=lambda s: None)
     hf = AutoTokenizer.from_pretrained(model_dir)
     if case == "chat prompt":
-        text = hf.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
+        text = _render_chat(hf)
     else:
         text = "  leading spaces and\ttabs"
     llm = load_llama(out, n_ctx=256)
