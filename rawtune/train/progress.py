@@ -138,6 +138,10 @@ class Progress:
         self.log(f"[train] step {step} held-out loss {loss:.4f}")
         return self._emit(EvalEvent(step, loss))
 
+    def done(self, steps: int, max_steps: int, stopped_early: bool, final_loss: Optional[float]) -> dict:
+        """Training ended and the adapter is saved (not part of the history)."""
+        return self._emit(DoneEvent(steps, max_steps, stopped_early, final_loss))
+
     def losses(self) -> list[float]:
         return [e["loss"] for e in self.history if e["type"] == "step"]
 
@@ -258,5 +262,5 @@ def write_record(t: TrainSettings, run: RunDir, loop: LoopResult, progress: Prog
     metrics.update(train_tokens=tokens, train_seconds=round(loop.seconds, 2),
                    train_tokens_per_s=round(tokens / loop.seconds, 1) if loop.seconds > 0 else None)
     run.update(train=dataclasses.asdict(result), metrics=metrics, versions=versions(backend))
-    progress._emit(DoneEvent(result.steps, result.max_steps, result.stopped_early, result.final_loss))
+    progress.done(result.steps, result.max_steps, result.stopped_early, result.final_loss)
     return result
