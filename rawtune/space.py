@@ -13,7 +13,8 @@ A *shared* app is one that strangers reach: a Hugging Face Space (``SPACE_ID`` i
   waits its turn for the GPU in :class:`GpuSlot`, which exports and Compare share.
 
 Off a shared app (the CLI, a local single-user app) none of these limits apply unless their
-variable is set. Every function reads the environment when called, so tests and owners can
+variable is set. It also says where the app runs: on a Space, on ZeroGPU (a GPU lent per call),
+and whether training will get a GPU. Every function reads the environment when called, so tests and owners can
 change a setting without restarting Python. Nothing here imports gradio.
 """
 
