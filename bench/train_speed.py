@@ -157,10 +157,10 @@ def rawtune_speed(name: str, model_dir: Path, work: Path, steps: int) -> dict:
     lines: list[str] = []
     t0 = time.time()
     record = train(settings, run, log=lambda s: (lines.append(s), print(s, flush=True)))
-    events = [e for e in record["history"] if e["type"] == "step"]
-    eff = record["effective_settings"]
+    events = [e for e in record.history if e["type"] == "step"]
+    eff = record.effective_settings
     return {"variant": name, "micro": eff["batch_size"], "accum": eff["grad_accum"], "gc": eff["gradient_checkpointing"],
-            "load_s": round(time.time() - t0 - record["seconds"], 1), "wall_s": record["seconds"],
+            "load_s": round(time.time() - t0 - record.seconds, 1), "wall_s": record.seconds,
             "step_ms": round(EFFECTIVE * T / events[-1]["tokens_per_s"] * 1000, 1),
             "tok_s": round(events[-1]["tokens_per_s"]),
             "peak_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2), "loss": round(events[-1]["loss"], 3),

