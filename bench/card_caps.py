@@ -31,8 +31,9 @@ tensor of the GGUF is checked against ``W + scale * B @ A`` computed here. llama
 GPU machine, so the GGUF is not loaded there. If the export call finds no trained adapter (a fresh
 machine), it writes a random adapter of the same shape and says so.
 
-The short tables go to stdout at the end (one line per variant as it finishes, too); full logs
-and JSON results go under ``$OUT`` when it is set (else under ``--work``/logs).
+The short tables go to stdout at the end (one line per variant as it finishes, too); every
+process's full log goes to one file, ``card_caps_TABLE.log``, and the results to
+``card_caps_TABLE.json``, in ``$OUT`` when it is set (else in ``--work``/logs).
 
 Commands on the GPU machine (carry ``.device-bundle``; one call each, 10 minutes at most; Table A
 takes one call per cap because 18 processes of imports, loads and compiles do not fit one call;
@@ -281,6 +282,9 @@ def child_rawtune(a) -> None:
                   max_steps=a.steps + a.warmup)
     if a.four_bit:
         values.update(load_in_4bit=True, backend="unsloth")
+    if a.split:  # an explicit split with checkpointing: the planner keeps it as given
+        micro, accum = (int(x) for x in a.split.split("x"))
+        values.update(batch_size=micro, grad_accum=accum, gradient_checkpointing="unsloth")
     settings = validate(apply(RunSettings(), values))
     vocab = json.loads((Path(a.model_dir) / "config.json").read_text())["vocab_size"]
     run = random_run(Path(a.run_dir), Path(a.model_dir), EFFECTIVE * (a.steps + a.warmup), a.seq, vocab)
@@ -534,8 +538,8 @@ def check_one_tensor(gguf_path: Path, model_dir: Path, adapter_dir: Path, np) ->
 class Runner:
     """Spawns one child per variant with a shared deadline; logs and results under the output folder."""
 
-    def __init__(self, a, out: Path):
-        self.a, self.out = a, out
+    def __init__(self, a, out: Path, logs: Path):
+        self.a, self.out, self.logs = a, out, logs
         self.deadline = time.time() + a.budget
         self.results: list[dict] = []
 
@@ -547,7 +551,7 @@ class Runner:
         if self.left() < need_s:
             return self.record(tag, {"status": "skipped (time budget)"})
         timeout = max(5.0, min(limit_s, self.left() - 5))
-        log = self.out / f"{tag}.log"
+        log = self.logs / f"{tag}.log"
         cmd = [sys.executable, str(Path(__file__).resolve()), "child", *args, *self.common()]
         t0 = time.time()
         with log.open("w") as handle:
@@ -569,6 +573,9 @@ class Runner:
             result = {"status": f"timeout after {timeout:.0f}s" if rc == "timeout" else f"error (rc {rc})",
                       "detail": (progress or tail)[0][:300]}
         result["process_s"] = round(time.time() - t0, 1)
+        # One log file for the whole call: few files come back from the GPU machine.
+        with (self.out / f"card_caps_{self.a.table}.log").open("a") as handle:
+            handle.write(f"\n===== {tag} rc={rc} {result['process_s']} s\n{text[-200_000:]}\n")
         return self.record(tag, result)
 
     def common(self) -> list[str]:
@@ -580,7 +587,7 @@ class Runner:
         self.results.append(result)
         short = {k: v for k, v in result.items() if k not in ("plan", "losses")}
         print(json.dumps(short), flush=True)
-        (self.out / "results.json").write_text(json.dumps(self.results, indent=1))
+        (self.out / f"card_caps_{self.a.table}.json").write_text(json.dumps(self.results, indent=1))
         return result
 
 
@@ -662,12 +669,18 @@ def build(r: Runner, shape: str, model_dir: Path, limit_s: float) -> dict:
     return res
 
 
-def table_8b_train(r: Runner, model_dir: Path, run_dir: Path) -> dict:
+def table_8b_train(r: Runner, model_dir: Path, run_dir: Path) -> list:
+    """rawtune's default plan; if that does not train, once more at the seed's 2 x 8 with checkpointing."""
     a = r.a
-    res = r.spawn("8b-train", ["rawtune", "--model-dir", str(model_dir), "--cap", "24", "--run-dir", str(run_dir)]
-                  + ([] if a.tiny else ["--four-bit"]), need_s=60, limit_s=a.budget)
-    (Path(a.work) / f"{model_dir.name}-train.json").write_text(json.dumps(res))
-    return res
+    args = ["rawtune", "--model-dir", str(model_dir), "--cap", "24", "--run-dir", str(run_dir)]
+    args += [] if a.tiny else ["--four-bit"]
+    attempts = [r.spawn("8b-train", args, need_s=60, limit_s=a.budget)]
+    attempts[0]["attempt"] = "rawtune's default plan"
+    if attempts[0].get("status") != "ok":
+        attempts.append(r.spawn("8b-train-2x8", args + ["--split", "2x8"], need_s=120, limit_s=a.budget))
+        attempts[1]["attempt"] = "retry: --batch-size 2 --grad-accum 8 --gradient-checkpointing unsloth"
+    (Path(a.work) / f"{model_dir.name}-train.json").write_text(json.dumps(attempts))
+    return attempts
 
 
 def table_8b_export(r: Runner, model_dir: Path, run_dir: Path) -> dict:
@@ -685,13 +698,14 @@ def table_8b_export(r: Runner, model_dir: Path, run_dir: Path) -> dict:
     return res
 
 
-def print_8b(train_res, export_res, build_res, tiny: bool) -> None:
+def print_8b(attempts, export_res, build_res, tiny: bool) -> None:
     lines = ["\n### 8B-class llama, 4-bit (QLoRA) under a 24 GiB cap" + ("  (tiny stand-in, CPU, 16-bit)" if tiny else "")]
     if build_res:
         lines.append(f"base: {build_res.get('params', 0) / 1e9:.2f}B parameters, bf16 safetensors "
                      f"{build_res.get('disk_GB')} GB, " + ("reused" if build_res.get("reused")
                                                            else f"written in {build_res.get('build_s')} s"))
-    if train_res:
+    for train_res in attempts or []:
+        lines.append(f"train ({train_res.get('attempt')}):")
         if train_res.get("status") == "ok":
             finite = all(math.isfinite(x) for x in train_res.get("losses", [])) and train_res.get("losses")
             lines += [f"train: {train_res['micro']} x {train_res['accum']}, checkpointing {train_res['gc']}, "
@@ -703,7 +717,8 @@ def print_8b(train_res, export_res, build_res, tiny: bool) -> None:
                       f"{train_res['process_s']} s"]
             lines += [f"rawtune plan: {s}" for s in train_res.get("plan", [])]
         else:
-            lines.append(f"train: {train_res.get('status')} {train_res.get('detail', '')}")
+            lines.append(f"train: {train_res.get('status')} {train_res.get('detail', '')} "
+                         f"(peak {train_res.get('peak_GiB', '-')} GiB)")
     if export_res:
         lines.append(f"export input: {export_res.get('adapter_source')}")
         if export_res.get("status") == "ok":
@@ -734,6 +749,7 @@ def child_main(argv: list[str]) -> None:
     p.add_argument("--micro", type=int, default=16)
     p.add_argument("--gc", action="store_true")
     p.add_argument("--four-bit", action="store_true")
+    p.add_argument("--split", help="MxK: micro-batch x accumulation, with checkpointing")
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
@@ -770,12 +786,14 @@ def main() -> None:
     work = Path(a.work).resolve()
     a.work = str(work)
     work.mkdir(parents=True, exist_ok=True)
-    out = Path(os.environ["OUT"]) / "card_caps" if os.environ.get("OUT") else work / "logs"
-    out.mkdir(parents=True, exist_ok=True)
-    r = Runner(a, out)
+    logs = work / "logs"
+    out = Path(os.environ["OUT"]) if os.environ.get("OUT") else logs
+    for folder in (logs, out):
+        folder.mkdir(parents=True, exist_ok=True)
+    r = Runner(a, out, logs)
     free = shutil.disk_usage(work).free / 1e9
     print(f"card_caps --table {a.table}{' --tiny' if a.tiny else ''}: work {work} ({free:.0f} GB free), "
-          f"logs {out}, budget {a.budget:.0f} s", flush=True)
+          f"full logs {out}/card_caps_{a.table}.log, budget {a.budget:.0f} s", flush=True)
     if a.table == "caps":
         model_dir = work / ("tiny-1b" if a.tiny else "llama-1b-shape")
         build(r, "tiny-1b" if a.tiny else "1b", model_dir, limit_s=240)
