@@ -282,9 +282,9 @@ def child_rawtune(a) -> None:
                   max_steps=a.steps + a.warmup)
     if a.four_bit:
         values.update(load_in_4bit=True, backend="unsloth")
-    if a.split:  # an explicit split with checkpointing: the planner keeps it as given
+    if a.split:  # explicit settings are kept as given by the planner, embeddings included: freeze them
         micro, accum = (int(x) for x in a.split.split("x"))
-        values.update(batch_size=micro, grad_accum=accum, gradient_checkpointing="unsloth")
+        values.update(batch_size=micro, grad_accum=accum, gradient_checkpointing="unsloth", train_embeddings=False)
     settings = validate(apply(RunSettings(), values))
     vocab = json.loads((Path(a.model_dir) / "config.json").read_text())["vocab_size"]
     run = random_run(Path(a.run_dir), Path(a.model_dir), EFFECTIVE * (a.steps + a.warmup), a.seq, vocab)
@@ -678,7 +678,7 @@ def table_8b_train(r: Runner, model_dir: Path, run_dir: Path) -> list:
     attempts[0]["attempt"] = "rawtune's default plan"
     if attempts[0].get("status") != "ok":
         attempts.append(r.spawn("8b-train-2x8", args + ["--split", "2x8"], need_s=120, limit_s=a.budget))
-        attempts[1]["attempt"] = "retry: --batch-size 2 --grad-accum 8 --gradient-checkpointing unsloth"
+        attempts[1]["attempt"] = "retry: --batch-size 2 --grad-accum 8 --gradient-checkpointing unsloth, embeddings frozen"
     (Path(a.work) / f"{model_dir.name}-train.json").write_text(json.dumps(attempts))
     return attempts
 
@@ -749,7 +749,7 @@ def child_main(argv: list[str]) -> None:
     p.add_argument("--micro", type=int, default=16)
     p.add_argument("--gc", action="store_true")
     p.add_argument("--four-bit", action="store_true")
-    p.add_argument("--split", help="MxK: micro-batch x accumulation, with checkpointing")
+    p.add_argument("--split", help="MxK: micro-batch x accumulation, with checkpointing, embeddings frozen")
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
