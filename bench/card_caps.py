@@ -363,6 +363,8 @@ def child_unsloth(a) -> None:
 
     cuda = torch.cuda.is_available()
     engine = "unsloth" if cuda and _has("unsloth") else "peft-standin"
+    if cuda and engine != "unsloth":  # a stand-in only where Unsloth cannot run at all (--tiny on a CPU)
+        return emit({"status": "unsloth not installed", **cap})
     if engine == "unsloth":
         import unsloth  # noqa: F401  (first, so its patches of transformers all apply)
     from rawtune.settings import PRESETS
