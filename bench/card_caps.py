@@ -306,15 +306,15 @@ def child_rawtune(a) -> None:
         if not is_oom(exc):
             raise
         return emit({"status": "OOM", "peak_GiB": peak_gib(), **cap, "plan": plan_lines(lines)})
-    eff = record["effective_settings"]
-    steps = [e for e in record["history"] if e["type"] == "step"]
+    eff = record.effective_settings
+    steps = [e for e in record.history if e["type"] == "step"]
     tokens_per_step = eff["batch_size"] * eff["grad_accum"] * eff["seq_len"]
     first = a.warmup if a.warmup in stamps else min(stamps)
     last = max(stamps)
     tok_s = tokens_per_step * (last - first) / (stamps[last] - stamps[first]) if last > first else None
     emit({"status": "ok", "micro": eff["batch_size"], "accum": eff["grad_accum"],
           "gc": str(eff["gradient_checkpointing"]), "four_bit": bool(eff.get("load_in_4bit")),
-          "train_embeddings": eff.get("train_embeddings"), "backend": record.get("backend"),
+          "train_embeddings": eff.get("train_embeddings"), "backend": record.backend,
           "tok_s": round(tok_s) if tok_s else None, "timed_steps": f"{first + 1}..{last}",
           "rawtune_tok_s": round(steps[-1]["tokens_per_s"]) if steps else None,
           "peak_GiB": peak_gib(), "loss": steps[-1]["loss"] if steps else None,
@@ -471,7 +471,8 @@ def child_export(a) -> None:
     import peft  # noqa: F401  (imported before the baseline, as a real export process would have)
     import torch  # noqa: F401
 
-    from rawtune import gguf_writer, streamed
+    from rawtune import streamed
+    from rawtune.export import gguf_writer
 
     model_dir, adapter_dir, out = Path(a.model_dir), Path(a.adapter_dir), Path(a.gguf)
     base_bytes = sum(f.stat().st_size for f in streamed.base_files(model_dir))

@@ -26,6 +26,8 @@ without RoPE), Granite (its embedding, residual, attention and logit multipliers
 (Gemma 2/3: GELU, offset norms, soft-capping, sliding windows; Phi-3: fused projections, partial
 RoPE) train on the Trainer path, said in one log line.
 
+The model side (flattening, the layer function, the chunked loss) is :mod:`.fast_model`.
+
 Checkpoints are ``checkpoints/checkpoint-N`` folders with the adapter and ``fastloop_state.pt``;
 only this loop resumes them, and reads the state back with ``weights_only=True`` (plain tensors
 and numbers: loading a checkpoint can never run code).
@@ -33,14 +35,12 @@ and numbers: loading a checkpoint can never run code).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import shutil
 import time
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -48,10 +48,10 @@ from ..errors import TrainError
 from ..rundir import RunDir
 from ..settings import TrainSettings
 from .engine import compile_allowed
+from .fast_model import PROJ, FastModel, Net, base_linear, extract, float_types, projection, shifted_labels
 from .optim import param_groups, schedule
 from .progress import LoopResult, Progress, StopSignal
 
-PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite", "olmo2")
 STATE_FILE = "fastloop_state.pt"
 
@@ -110,14 +110,6 @@ def family_reason(t: TrainSettings, config: dict) -> Optional[str]:
     return None
 
 
-def _active(module: Any) -> Any:
-    """The module PEFT actually runs: the trained copy of a modules_to_save wrapper, else itself."""
-    saved = getattr(module, "modules_to_save", None)
-    if saved is not None and "default" in saved:
-        return saved["default"]
-    return module
-
-
 def why_not_for_model(model: Any, t: TrainSettings, resume_from: Optional[Path]) -> Optional[str]:
     """After loading: None when the fast loop can train this PEFT model (plain LoRA on float
     weights) and resume this checkpoint, else why not. Includes :func:`why_not_for_settings`."""
@@ -129,426 +121,13 @@ def why_not_for_model(model: Any, t: TrainSettings, resume_from: Optional[Path])
         return f"{resume_from.name} was written by the Trainer path"
     for layer in base.model.layers:
         for name in PROJ:
-            mod = _proj(layer, name)
+            mod = projection(layer, name)
             if hasattr(mod, "lora_A") and "default" in mod.lora_A:
                 if type(mod.lora_A["default"]).__name__ != "Linear" or getattr(mod, "use_dora", {}).get("default"):
                     return "a LoRA variant other than plain LoRA"
-            if not hasattr(_base_linear(mod), "weight") or _base_linear(mod).weight.dtype not in _float_types():
+            if not hasattr(base_linear(mod), "weight") or base_linear(mod).weight.dtype not in float_types():
                 return "quantized base weights"
     return None
-
-
-def _float_types() -> tuple:
-    import torch
-
-    return (torch.bfloat16, torch.float16, torch.float32)
-
-
-def _proj(layer: Any, name: str) -> Any:
-    return getattr(layer.self_attn if name in PROJ[:4] else layer.mlp, name)
-
-
-def _base_linear(mod: Any) -> Any:
-    return getattr(mod, "base_layer", mod)
-
-
-# ---------------------------------------------------------------- the network as flat tensors
-
-
-@dataclasses.dataclass
-class Net:
-    """The tensors the fast forward reads, taken (not copied, except fused frozen weights) from the model."""
-
-    embed: Any  # [V, d] weight used by the input embedding
-    head: Any  # [V, d] weight used by lm_head (may be the same tensor as embed)
-    norm: Any  # final RMSNorm weight
-    layers: list  # one tuple of tensors per layer, see _layer_tensors
-    cfg: SimpleNamespace  # static shapes and constants
-    rotary: Any  # the model's rotary embedding module (for cos/sin)
-    trainable: list  # (name, parameter) pairs the optimizer updates
-
-
-def extract(model: Any, dtype: Any = None) -> Net:
-    """Flatten a PEFT-wrapped model of :data:`ARCHS` into the tensors of :class:`Net` (shared with the model).
-
-    ``dtype`` is the compute dtype (bf16 on CUDA; the CPU tests use fp32 to compare with PEFT).
-    """
-    import torch
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    c = base.config
-    dt = dtype or torch.bfloat16
-    heads, kv = c.num_attention_heads, c.num_key_value_heads
-    hd = getattr(c, "head_dim", None) or c.hidden_size // heads
-    lora_on, ranks, scales = [], [], []
-    first = base.model.layers[0]
-    for name in PROJ:
-        mod = _proj(first, name)
-        has = hasattr(mod, "lora_A") and "default" in mod.lora_A
-        lora_on.append(has)
-        ranks.append(mod.lora_A["default"].weight.shape[0] if has else 0)
-        scales.append(float(mod.scaling["default"]) if has else 0.0)
-    cfg = SimpleNamespace(hidden=c.hidden_size, heads=heads, kv=kv, hd=hd, eps=c.rms_norm_eps,
-                          inter=c.intermediate_size, lora=tuple(lora_on), ranks=tuple(ranks),
-                          scales=tuple(scales), dtype=dt, vocab=c.vocab_size, **family_constants(c, first))
-    layers = [_layer_tensors(layer, dt) + _family_tensors(layer, dt) for layer in base.model.layers]
-    embed = _active(base.get_input_embeddings()).weight
-    head = _active(base.get_output_embeddings()).weight
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    rotary = getattr(base.model, "rotary_emb", None) or first.self_attn.rotary_emb
-    return Net(embed, head, base.model.norm.weight.detach().to(dt), layers, cfg, rotary, trainable)
-
-
-def family_constants(c: Any, first_layer: Any) -> dict:
-    """What sets a family's layer apart from Llama's, as constants of the layer function.
-
-    qk_norm: "head" for Qwen3's RMSNorm over each head of q and k (before RoPE), "full" for
-    OLMo 2's over the whole projection, else False; post_norm: OLMo 2 normalizes the attention and
-    MLP outputs instead of their inputs; rope_layers: per layer, whether it applies RoPE (SmolLM3
-    leaves every fourth out); Granite's multipliers (1.0 and the default 1/sqrt(head_dim)
-    attention scale elsewhere).
-    """
-    n = c.num_hidden_layers
-    no_rope = getattr(c, "no_rope_layers", None)
-    attn = first_layer.self_attn
-    qk_norm = False
-    if hasattr(attn, "q_norm"):
-        qk_norm = "head" if attn.q_norm.weight.shape[0] == getattr(attn, "head_dim", -1) else "full"
-    return dict(qk_norm=qk_norm, post_norm=not hasattr(first_layer, "input_layernorm"),
-                rope_layers=tuple(bool(x) for x in no_rope) if no_rope else (True,) * n,
-                emb_mult=float(getattr(c, "embedding_multiplier", 1.0) or 1.0),
-                res_mult=float(getattr(c, "residual_multiplier", 1.0) or 1.0),
-                attn_scale=getattr(c, "attention_multiplier", None),
-                logit_scale=float(getattr(c, "logits_scaling", 1.0) or 1.0))
-
-
-def _family_tensors(layer: Any, dt: Any) -> tuple:
-    """(q_norm, k_norm, post-MLP norm) weights where the family has them (Qwen3, OLMo 2), else None,
-    appended after the LoRA pairs."""
-    def weight(module: Any, name: str) -> Any:
-        norm = getattr(module, name, None)
-        return None if norm is None else norm.weight.detach().to(dt)
-
-    attn = layer.self_attn
-    return (weight(attn, "q_norm"), weight(attn, "k_norm"), weight(layer, "post_feedforward_layernorm"))
-
-
-def _layer_tensors(layer: Any, dt: Any) -> tuple:
-    """(ln1, w_qkv, b_qkv, w_o, ln2, w_gu, w_down, A_q, B_q, ..., A_down, B_down) for one layer."""
-    import torch
-
-    def w(name):
-        return _base_linear(_proj(layer, name)).weight.detach().to(dt)
-
-    def b(name):
-        bias = _base_linear(_proj(layer, name)).bias
-        return None if bias is None else bias.detach().to(dt)
-
-    qkv_bias = [b(n) for n in PROJ[:3]]
-    fused_bias = torch.cat(qkv_bias) if all(x is not None for x in qkv_bias) else None
-    pre_norm = getattr(layer, "input_layernorm", None)  # OLMo 2 has none (it normalizes outputs)
-    ln1 = None if pre_norm is None else pre_norm.weight.detach().to(dt)
-    out = [ln1, torch.cat([w(n) for n in PROJ[:3]]), fused_bias,
-           w("o_proj"), layer.post_attention_layernorm.weight.detach().to(dt),
-           torch.cat([w("gate_proj"), w("up_proj")]), w("down_proj")]
-    for name in PROJ:
-        mod = _proj(layer, name)
-        if hasattr(mod, "lora_A") and "default" in mod.lora_A:
-            out += [mod.lora_A["default"].weight, mod.lora_B["default"].weight]
-        else:
-            out += [None, None]
-    return tuple(out)
-
-
-def _rms(x: Any, w: Any, eps: float) -> Any:
-    import torch
-
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return w * xf.to(x.dtype)
-
-
-def _rms_out(x: Any, w: Any, eps: float) -> Any:
-    """OLMo 2's RMSNorm: the weight multiplies in fp32 before the cast back (Llama's after)."""
-    import torch
-
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (w * xf).to(x.dtype)
-
-
-def _rotate(x: Any, cos: Any, sin: Any) -> Any:
-    import torch
-
-    half = x.shape[-1] // 2
-    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rot * sin
-
-
-def _fused_lora_linear() -> Any:
-    """y = [x, s*u] @ [W, B]^T as ONE matmul, with gradients for x, s*u and B only (W is frozen).
-
-    Folding LoRA's B product into the base matmul writes the output once instead of three times
-    (base, delta, sum) and, in backward, gets dx and d(s*u) from one matmul over dy. Autograd on a
-    concatenated weight would also compute the frozen W's gradient (+50 % matmul work), hence
-    this Function.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    class _Fn(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x, su, w, b):
-            xin = torch.cat([x, su], dim=-1)
-            wcat = torch.cat([w, b], dim=1)
-            ctx.save_for_backward(xin, wcat)
-            ctx.din = x.shape[-1]
-            return F.linear(xin, wcat)
-
-        @staticmethod
-        def backward(ctx, dy):
-            xin, wcat = ctx.saved_tensors
-            dxin = dy @ wcat
-            din = ctx.din
-            db = dy.reshape(-1, dy.shape[-1]).t() @ xin[..., din:].reshape(-1, xin.shape[-1] - din)
-            return dxin[..., :din], dxin[..., din:], None, db
-
-    return _Fn
-
-
-def make_layer(cfg: SimpleNamespace, attn_backends: Optional[list] = None, fuse: bool = True) -> Callable:
-    """The decoder layer as a function of (hidden, cos, sin, tensors): one graph for every layer.
-
-    ``fuse``: fold the LoRA B products into the base matmuls (see :func:`_fused_lora_linear`);
-    False keeps them as separate matmuls added afterwards (RAWTUNE_FUSED_LORA=0, kept so the
-    benchmark can measure what the fusion bought).
-    """
-    import torch
-    import torch.nn.functional as F
-
-    H, KV, hd, dt = cfg.heads, cfg.kv, cfg.hd, cfg.dtype
-    fused = _fused_lora_linear()
-    outs = {"q_proj": H * hd, "k_proj": KV * hd, "v_proj": KV * hd, "o_proj": cfg.hidden,
-            "gate_proj": cfg.inter, "up_proj": cfg.inter, "down_proj": cfg.hidden}
-
-    def proj(x, w, bias, tensors, names):
-        """Base projection(s) sharing input x plus their LoRA deltas (one A matmul for all)."""
-        idx = [PROJ.index(n) for n in names]
-        present = [i for i in idx if cfg.lora[i]]
-        if not present:
-            return F.linear(x, w, bias)
-        a = torch.cat([tensors[7 + 2 * i].to(dt) for i in present]) if len(present) > 1 else tensors[7 + 2 * present[0]].to(dt)
-        u = F.linear(x, a)
-        parts = u.split([cfg.ranks[i] for i in present], dim=-1)
-        if not fuse:
-            y = F.linear(x, w, bias)
-            deltas = [F.linear(p * cfg.scales[i], tensors[8 + 2 * i].to(dt)) for i, p in zip(present, parts)]
-            cols = [deltas[present.index(i)] if i in present else None for i in idx]
-            chunks = list(y.split([outs[PROJ[i]] for i in idx], dim=-1))
-            return torch.cat([c + d if d is not None else c for c, d in zip(chunks, cols)], dim=-1) if len(idx) > 1 \
-                else chunks[0] + cols[0]
-        su = torch.cat([p * cfg.scales[i] for i, p in zip(present, parts)], dim=-1) if len(present) > 1 \
-            else parts[0] * cfg.scales[present[0]]
-        blocks = [tensors[8 + 2 * i].to(dt) if cfg.lora[i] else x.new_zeros(outs[PROJ[i]], 0) for i in idx]
-        b = torch.block_diag(*blocks) if len(blocks) > 1 else blocks[0]
-        y = fused.apply(x, su, w, b)
-        return y + bias if bias is not None else y
-
-    scale = getattr(cfg, "attn_scale", None)
-    qk_norm = getattr(cfg, "qk_norm", False)
-    res_mult = getattr(cfg, "res_mult", 1.0)
-
-    def attention(q, k, v):
-        if attn_backends:
-            from torch.nn.attention import sdpa_kernel
-
-            with sdpa_kernel(attn_backends):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=KV != H)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=KV != H)
-
-    post_norm = getattr(cfg, "post_norm", False)
-
-    def heads(x, n, norm):
-        """[B, T, n*hd] -> [B, n, T, hd], with the family's q/k RMSNorm (whole projection or per head)."""
-        if qk_norm == "full":
-            x = _rms_out(x, norm, cfg.eps)
-        x = x.view(x.shape[0], x.shape[1], n, hd)
-        if qk_norm and qk_norm != "full":
-            x = _rms(x, norm, cfg.eps)
-        return x.transpose(1, 2)
-
-    def residual(h, x, norm):
-        """h + x, with the family's output norm (OLMo 2) and residual multiplier (Granite)."""
-        if post_norm:
-            x = _rms_out(x, norm, cfg.eps)
-        return h + x * res_mult if res_mult != 1.0 else h + x
-
-    def layer(h, cos, sin, tensors):
-        ln1, w_qkv, b_qkv, w_o, ln2, w_gu, w_down = tensors[:7]
-        B, T, _ = h.shape
-        x = h if post_norm else _rms(h, ln1, cfg.eps)
-        q, k, v = proj(x, w_qkv, b_qkv, tensors, PROJ[:3]).split([H * hd, KV * hd, KV * hd], dim=-1)
-        # (RoPE before the head transpose was measured too: same tokens/s; docs/benchmarks.md.)
-        q = _rotate(heads(q, H, tensors[21]), cos, sin)
-        k = _rotate(heads(k, KV, tensors[22]), cos, sin)
-        v = v.view(B, T, KV, hd).transpose(1, 2)
-        a = attention(q, k, v).transpose(1, 2).reshape(B, T, H * hd)
-        h = residual(h, proj(a, w_o, None, tensors, PROJ[3:4]), ln2)
-        x = h if post_norm else _rms(h, ln2, cfg.eps)
-        g, u = proj(x, w_gu, None, tensors, PROJ[4:6]).split([cfg.inter, cfg.inter], dim=-1)
-        return residual(h, proj(F.silu(g) * u, w_down, None, tensors, PROJ[6:]), tensors[23])
-
-    return layer
-
-
-# ---------------------------------------------------------------- chunked cross-entropy
-
-
-def _ce_chunk(logits: Any, labels: Any, scale: Any) -> tuple:
-    """Summed token loss of one chunk and d(loss*scale)/d(logits); fp32 maths, bf16 gradient."""
-    import torch
-
-    x = logits.float()
-    lse = torch.logsumexp(x, dim=-1)
-    valid = labels >= 0
-    safe = torch.where(valid, labels, 0)
-    picked = x.gather(-1, safe[:, None]).squeeze(-1)
-    loss = torch.where(valid, lse - picked, 0.0).sum()
-    p = torch.exp(x - lse[:, None])
-    hot = torch.arange(x.shape[-1], device=x.device)[None, :] == safe[:, None]
-    grad = (p - hot.float()) * (valid.float() * scale)[:, None]
-    return loss, grad.to(logits.dtype)
-
-
-class LinearCrossEntropy:
-    """loss = sum of token losses / n_items, from hidden states and the lm_head weight, in chunks.
-
-    The gradients for the hidden states and the weight are computed during the forward pass, one
-    chunk of rows at a time, so only one chunk's logits ever exist.
-    """
-
-    @staticmethod
-    def build(chunk_fn: Callable) -> Any:
-        import torch
-
-        class _Fn(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, h, weight, labels, n_items, rows, grads):
-                w = weight.to(h.dtype)
-                need_h, need_w = grads and ctx.needs_input_grad[0], grads and ctx.needs_input_grad[1]
-                scale = (1.0 / n_items).to(torch.float32)
-                total = torch.zeros((), device=h.device, dtype=torch.float32)
-                dh = torch.empty_like(h) if need_h else None
-                dw = torch.zeros(weight.shape, device=h.device, dtype=torch.float32) if need_w else None
-                for s in range(0, h.shape[0], rows):
-                    hc = h[s:s + rows]
-                    loss, g = chunk_fn(hc @ w.t(), labels[s:s + rows], scale)
-                    total += loss
-                    if need_h:
-                        dh[s:s + rows] = g @ w
-                    if need_w:
-                        dw += (g.t() @ hc).float()
-                ctx.save_for_backward(dh, dw)
-                ctx.weight_dtype = weight.dtype
-                return total * scale
-
-            @staticmethod
-            def backward(ctx, grad_out):
-                dh, dw = ctx.saved_tensors
-                gh = dh * grad_out.to(dh.dtype) if dh is not None else None
-                gw = (dw * grad_out).to(ctx.weight_dtype) if dw is not None else None
-                return gh, gw, None, None, None, None
-
-        return _Fn
-
-
-def _chunk_rows(n: int, seq: int, vocab: int) -> int:
-    """Rows per cross-entropy chunk: about 4096 tokens of 49k logits (~400 MB bf16), dividing n."""
-    target = max(1, (4096 * 49152) // max(vocab, 1))
-    best = seq if n % seq == 0 else n
-    for rows in range(seq, n + 1, seq):
-        if n % rows == 0 and rows <= max(target, seq):
-            best = rows
-    return best
-
-
-# ---------------------------------------------------------------- the model's loss
-
-
-class FastModel:
-    """Forward/backward of the flattened network; ``loss(ids, labels, n_items)`` returns sum/n_items."""
-
-    def __init__(self, net: Net, compile: bool = True, attn: Optional[str] = None,
-                 log: Callable[[str], None] = print):
-        import torch
-
-        self.net = net
-        backends = _attn_backends(attn)
-        layer = make_layer(net.cfg, backends, fuse=os.environ.get("RAWTUNE_FUSED_LORA", "1") != "0")
-        self.compiled = compile
-        if compile:
-            layer = torch.compile(layer, dynamic=False)
-            chunk = torch.compile(_ce_chunk, dynamic=False)
-        else:
-            chunk = _ce_chunk
-        self.layer = layer
-        self.ce = LinearCrossEntropy.build(chunk)
-        self._rope: dict = {}
-
-    def rope(self, T: int, device: Any) -> tuple:
-        """cos/sin as the model's rotary module makes them (fp32 maths, then the compute dtype)."""
-        import torch
-
-        if T not in self._rope:
-            inv_freq = self.net.rotary.inv_freq.to(device, torch.float32)
-            scaling = float(getattr(self.net.rotary, "attention_scaling", 1.0) or 1.0)
-            freqs = torch.arange(T, device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]
-            emb = torch.cat((freqs, freqs), dim=-1)
-            dt = self.net.cfg.dtype
-            self._rope[T] = ((emb.cos() * scaling).to(dt), (emb.sin() * scaling).to(dt))
-        return self._rope[T]
-
-    def loss(self, ids: Any, labels: Any, n_items: Any) -> Any:
-        import torch
-        import torch.nn.functional as F
-
-        net = self.net
-        B, T = ids.shape
-        cos, sin = self.rope(T, ids.device)
-        plain = (torch.ones_like(cos), torch.zeros_like(sin))  # x*1 + rot*0 == x: a layer without RoPE
-        c = net.cfg
-        h = F.embedding(ids, net.embed).to(c.dtype)
-        if getattr(c, "emb_mult", 1.0) != 1.0:
-            h = h * c.emb_mult
-        rope_layers = getattr(c, "rope_layers", None) or (True,) * len(net.layers)
-        for tensors, rope in zip(net.layers, rope_layers):
-            h = self.layer(h, *((cos, sin) if rope else plain), tensors)
-        h = _rms(h, net.norm, c.eps).reshape(B * T, -1)
-        if getattr(c, "logit_scale", 1.0) != 1.0:
-            h = h / c.logit_scale  # (h / s) @ W^T is the model's logits / logits_scaling
-        rows = _chunk_rows(B * T, T, net.cfg.vocab)
-        return self.ce.apply(h, net.head, labels.reshape(-1), n_items, rows, torch.is_grad_enabled())
-
-
-def _attn_backends(name: Optional[str]) -> Optional[list]:
-    """RAWTUNE_SDPA=cudnn|flash|efficient pins the attention kernel (default: PyTorch's choice)."""
-    name = name or os.environ.get("RAWTUNE_SDPA", "")
-    if not name:
-        return None
-    from torch.nn.attention import SDPBackend
-
-    table = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
-    return [table[name]]
-
-
-def shifted_labels(ids: Any, real_rows: int) -> Any:
-    """Causal-LM labels: next token at each position, -100 at each block's end and on padding rows."""
-    import torch
-
-    labels = torch.full_like(ids, -100)
-    labels[:real_rows, :-1] = ids[:real_rows, 1:]
-    return labels
 
 
 # ---------------------------------------------------------------- optimizer, schedule, state
