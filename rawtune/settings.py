@@ -120,6 +120,8 @@ class ExportSettings:
 
     quant: list[str] = setting(doc="quant types to write", kind="list", choices=QUANTS,
                                factory=lambda: list(quants.DEFAULT))
+    imatrix_blocks: int = setting(16, "training blocks for the importance matrix of k-quants (0: llama.cpp's "
+                                      "plain quantization)", "int")
     name: Optional[str] = setting(None, "file name stem for the GGUFs (default: the run directory's name)")
     verify: bool = setting(True, "load each GGUF in llama.cpp and measure its perplexity", "bool")
 
@@ -425,6 +427,7 @@ def validate(settings: RunSettings) -> RunSettings:
     _validate_data(s.data)
     s.train = _validate_train(resolve_preset(s.train))
     s.export.quant = [quants.get(label).key for label in quants.labels_for(_as_list(s.export.quant))]
+    _check(s.export.imatrix_blocks >= 0, "imatrix_blocks", "must be 0 (no importance matrix) or more, e.g. 16")
     if "push" in s.stages:  # its form is checked by the pipeline, with the one Hub-id rule (hubauth)
         _check(bool(s.push.repo), "repo", "give the Hub repo as user/name")
     return s
