@@ -142,3 +142,19 @@ def test_fallback_summary_text():
     assert export.fallback_summary(text, 10) == ("3 of 10 tensors fell back from Q4_K to Q5_0; 1 from Q6_K to Q8_0: "
                                                  "width 576 is not a multiple of 256")
     assert export.fallback_summary("llama_model_quantize_impl: model size = 1 MiB\n", 10) is None
+
+
+def test_card_and_record_say_where_the_calibration_tokens_came_from(wide_trained_run):
+    from rawtune.card import render
+
+    run = wide_trained_run
+    export.export_run(run, ExportSettings(quant=["q4_k_m", "q8_0"], imatrix_blocks=8, name="card"), log=lambda s: None)
+    record = run.load()
+    seq_len = np.load(run.data_dir / "train.npy").shape[1]
+    assert record["export"]["imatrix"]["tokens"] == 8 * seq_len and record["export"]["imatrix"]["blocks"] == 8
+    assert record["gguf"]["Q4_K_M"]["imatrix_tokens"] == 8 * seq_len and record["gguf"]["Q8_0"]["imatrix_tokens"] == 0
+    card = render(record, "alice/card", [record["gguf"][q]["file"] for q in ("Q4_K_M", "Q8_0")])
+    assert f"Q4_K_M was quantized with an importance matrix computed from {8 * seq_len:,} tokens of the training text" in card
+    assert "Q8_0 was quantized with an importance matrix" not in card
+    blocks = record["export"]["ppl_blocks"]
+    assert f"never trained on ({blocks[0] * blocks[1]:,} tokens)" in card
