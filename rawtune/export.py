@@ -457,7 +457,7 @@ def export_run(run: RunDir, settings: ExportSettings, log: Callable[[str], None]
     config = gguf_writer.read_json(merged / "config.json")
     blocks = _heldout_blocks(run, log) if settings.verify else None
     shape = None if blocks is None else [int(blocks.shape[0]), int(blocks.shape[1])]
-    if shape != blocks_used:  # other held-out blocks than the earlier export scored: score all again
+    if settings.verify and shape != blocks_used:  # other blocks than the earlier export scored: score all again
         ppl_merged = ppl_f16 = None
         for label in labels:
             gguf[label].pop("verify_seconds", None)
