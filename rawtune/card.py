@@ -8,20 +8,15 @@ Ollama, llama.cpp and Python that use the real repo id.
 
 from __future__ import annotations
 
-import re
 from typing import Any, Optional
 
 import yaml
 
+from . import quants
+
 # Quant names as they appear in GGUF file names, in the order the card lists them.
-QUANT_ORDER = ["Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "F16", "BF16", "F32"]
-_QUANT_RE = re.compile(r"(?<![A-Za-z0-9])(" + "|".join(QUANT_ORDER) + r")(?![A-Za-z0-9])", re.IGNORECASE)
-
-
-def quant_of(filename: str) -> Optional[str]:
-    """The quant type a GGUF file name carries (``name.Q4_K_M.gguf`` -> ``Q4_K_M``)."""
-    match = _QUANT_RE.search(filename)
-    return match.group(1).upper() if match else None
+QUANT_ORDER = quants.ORDER
+quant_of = quants.label_of_file
 
 
 def is_hub_dataset(spec: Optional[str]) -> bool:
@@ -85,8 +80,19 @@ def _gguf_rows(record: dict[str, Any], files: list[str]) -> list[tuple[str, str,
     for name in files:
         if name.endswith(".gguf") and "/" not in name and name not in known:
             rows.append((quant_of(name) or name, name, None, None))
-    order = {q: i for i, q in enumerate(QUANT_ORDER)}
-    return sorted(rows, key=lambda r: (order.get(r[0], len(order)), r[1]))
+    return sorted(rows, key=lambda r: (quants.sort_key(r[0]), r[1]))
+
+
+def _calibration_lines(record: dict[str, Any]) -> list[str]:
+    """Which files were quantized with an importance matrix, from how many tokens of what."""
+    info = (record.get("export") or {}).get("imatrix") or {}
+    weighted = [label for label, entry in (record.get("gguf") or {}).items()
+                if isinstance(entry, dict) and entry.get("imatrix_tokens")]
+    if not info or not weighted:
+        return []
+    return ["", f"{', '.join(sorted(weighted, key=quants.sort_key))} was quantized with an importance matrix "
+                f"computed from {info.get('tokens', 0):,} tokens of the training text ({info.get('blocks')} "
+                f"training blocks), so its 4-bit rounding favours the weights this text uses most."]
 
 
 def _training_rows(record: dict[str, Any]) -> list[tuple[str, str]]:
@@ -165,13 +171,17 @@ def render(record: dict[str, Any], repo_id: str, files: list[str]) -> str:
                 f'base = AutoModelForCausalLM.from_pretrained("{base}")',
                 f'model = PeftModel.from_pretrained(base, "{repo_id}", subfolder="adapter")',
                 f'tokenizer = AutoTokenizer.from_pretrained("{base}")', "```", ""]
+    blocks = metrics.get("ppl_blocks") or (record.get("export") or {}).get("ppl_blocks")
+    scored = f" ({blocks[0] * blocks[1]:,} tokens)" if blocks else ""
     out += ["## Evaluation", "",
-            "Perplexity on held-out documents that were never trained on (lower is better).", "",
+            f"Perplexity on held-out documents that were never trained on{scored}, the same tokens for every "
+            f"row (lower is better).", "",
             "| model | held-out perplexity |", "|---|---|",
             f"| base | {_num(metrics.get('ppl_base'))} |", f"| tuned | {_num(metrics.get('ppl_tuned'))} |"]
     if gguf_rows:
         out += ["", "| GGUF | quant | size | held-out perplexity |", "|---|---|---|---|"]
         out += [f"| `{file}` | {q} | {_size(size)} | {_num(ppl)} |" for q, file, size, ppl in gguf_rows]
+        out += _calibration_lines(record)
     out += ["", "## Training", "", "| setting | value |", "|---|---|"]
     out += [f"| {k} | {v} |" for k, v in _training_rows(record)]
     out += ["", "## Files", ""]

@@ -2,36 +2,37 @@
 
 Steps: merge (``rawtune.merge.merge_run``, reused when current), convert to F16 with rawtune's own
 writer (:mod:`rawtune.gguf_writer`), quantize with llama.cpp's own quantizer through
-llama-cpp-python (no git, cmake or compiler at run time), then load every file in llama.cpp and
-check it: tokenization agrees with the HF tokenizer, a few greedy tokens come out, and the
-perplexity on the run's held-out blocks is close to the merged PyTorch model's. A quantized file
-far above the merged model's perplexity is a conversion bug, so it is reported loudly.
-Running export twice reuses files made from the same merged model.
+llama-cpp-python (no git, cmake or compiler at run time) and, for k-quants, re-quantize each
+tensor with an importance matrix from the training text (:mod:`rawtune.imatrix`), then load every
+file in llama.cpp and check it: tokenization agrees with the HF tokenizer, a few greedy tokens
+come out, and the perplexity on the run's held-out blocks (the same blocks ``rawtune eval``
+scores) is close to the merged PyTorch model's. A quantized file far above the merged model's
+perplexity is a conversion bug, so it is reported loudly. llama.cpp's own log goes to
+``logs/export.log``; the console gets one summary line per file. Running export twice reuses
+files made from the same merged model with the same importance-matrix setting.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
-import logging
 import os
 import re
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
+from . import quants as quants_table
 from .errors import ExportError
 from .rundir import RunDir
-from .settings import QUANT_LABELS, QUANTS, ExportSettings
+from .settings import ExportSettings
 
 # Bump when the writer's output changes, so older GGUFs are rebuilt instead of reused.
 WRITER_VERSION = 1
-# llama_ftype values (llama.h) for the quantizer.
-FTYPES = {"Q4_K_M": 15, "Q8_0": 7}
-# Perplexity increase over the merged model (percent) above which a file is suspect.
-PPL_BOUNDS = {"F16": 0.5, "Q8_0": 1.0, "Q4_K_M": 8.0}
-PPL_TOKEN_BUDGET = 4096  # held-out tokens scored per file (whole blocks, at least one)
+LOG_FILE = "logs/export.log"  # llama.cpp's full quantizer output, inside the run directory
 SAMPLE_TEXT = ("The quick brown fox jumps over the lazy dog. In 1984, 3 engineers wrote 12,345 lines;\n"
                "they said: \"it's done!\"  Tabs\tand  spaces,  café naïve résumé, emoji 🙂 and (brackets) [x] {y}.")
 GREEDY_TOKENS = 8
@@ -40,12 +41,12 @@ GREEDY_TOKENS = 8
 def _label_list(quants: list[str]) -> list[str]:
     labels = []
     for q in quants:
-        q = q.lower()
-        if q not in QUANT_LABELS:
-            raise ExportError(f"--quant {q!r} is unknown; use some of {', '.join(QUANTS)}")
-        labels.append(QUANT_LABELS[q])
+        label = quants_table.label_of(q)
+        if label is None:
+            raise ExportError(f"--quant {q!r} is unknown; use some of {', '.join(quants_table.EXPORTABLE)}")
+        labels.append(label)
     if not labels:
-        raise ExportError("--quant is empty; name at least one of " + ", ".join(QUANTS))
+        raise ExportError("--quant is empty; name at least one of " + ", ".join(quants_table.EXPORTABLE))
     return list(dict.fromkeys(labels))
 
 
@@ -105,28 +106,77 @@ def _other_runnable() -> int:
             return 0
 
 
-def quantize(src: Path, dst: Path, label: str) -> float:
-    """Quantize ``src`` (F16 GGUF) to ``dst`` with llama.cpp's quantizer; returns seconds taken."""
+@contextmanager
+def llama_log(path: Path, title: str) -> Iterator[list[str]]:
+    """Send llama.cpp's log to a list (appended to ``path`` afterwards) instead of the console.
+
+    llama.cpp logs a line or two per tensor while quantizing (a fallback warning for most tensors
+    of a small model); the caller turns those into one summary line.
+    """
+    llama_cpp = _llama_cpp()
+    import llama_cpp._logger as cpp_logger  # llama-cpp-python's own callback, restored afterwards
+
+    chunks: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def collect(level: int, text: bytes, user_data: Any) -> None:
+        chunks.append(text.decode("utf-8", "replace"))
+
+    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
+    try:
+        yield chunks
+    finally:
+        llama_cpp.llama_log_set(cpp_logger.llama_log_callback, ctypes.c_void_p(0))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8") as handle:
+            handle.write(f"==== {title} ({time.strftime('%Y-%m-%d %H:%M:%S')})\n{''.join(chunks)}\n")
+
+
+_FALLBACK_RE = re.compile(r"warning:\s+(\S+)\s+-\s+ncols\s+(\d+)\s+not divisible by\s+(\d+)\s+"
+                          r"\(required for type\s+(\S+)\)\s*(?:\(WARNING:[^)]*\)\s*)?-> falling back to\s+(\S+)")
+
+
+def fallback_summary(log_text: str, quantized: int) -> Optional[str]:
+    """One line for llama.cpp's per-tensor fallback warnings, or None when no tensor fell back.
+
+    ``quantized`` is the number of tensors llama.cpp quantized (the 2-D ones).
+    """
+    moves: dict[tuple[str, str], int] = {}
+    reasons: dict[tuple[int, int], None] = {}
+    for _name, cols, block, old, new in _FALLBACK_RE.findall(log_text):
+        key = (old.upper(), new.upper())
+        moves[key] = moves.get(key, 0) + 1
+        reasons[(int(cols), int(block))] = None
+    if not moves:
+        return None
+    parts = [f"{n} of {quantized} tensors fell back from {a} to {b}" if i == 0 else f"{n} from {a} to {b}"
+             for i, ((a, b), n) in enumerate(sorted(moves.items(), key=lambda kv: -kv[1]))]
+    why = ", ".join(f"width {cols} is not a multiple of {block}" for cols, block in reasons)
+    return f"{'; '.join(parts)}: {why}"
+
+
+def quantize(src: Path, dst: Path, label: str, log_path: Path) -> tuple[float, Optional[str]]:
+    """Quantize ``src`` (F16 GGUF) to ``dst`` with llama.cpp's quantizer.
+
+    Returns the seconds taken and the fallback summary line (None when no tensor fell back);
+    llama.cpp's own log is appended to ``log_path``.
+    """
     llama_cpp = _llama_cpp()
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = FTYPES[label]
+    params.ftype = quants_table.get(label).ftype
     params.nthread = cpu_threads()
     tmp = dst.with_name(dst.name + ".partial")
     started = time.time()
-    # llama.cpp logs a line per tensor through llama-cpp-python's logger; keep errors only.
-    cpp_log = logging.getLogger("llama-cpp-python")
-    level = cpp_log.level
-    cpp_log.setLevel(logging.ERROR)
-    try:
+    with llama_log(log_path, f"llama_model_quantize {src.name} -> {dst.name} ({label})") as chunks:
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
-    finally:
-        cpp_log.setLevel(level)
     if rc != 0 or not tmp.is_file():
         tmp.unlink(missing_ok=True)
         raise ExportError(f"llama.cpp could not quantize {src.name} to {label} (code {rc}); "
-                          f"check free disk space and that the F16 file loads")
+                          f"check free disk space and that the F16 file loads (details in {log_path})")
     os.replace(tmp, dst)
-    return time.time() - started
+    seconds = time.time() - started
+    counts = tensor_types(dst)
+    return seconds, fallback_summary("".join(chunks), sum(n for t, n in counts.items() if t != "F32"))
 
 
 def tensor_types(path: Path) -> dict[str, int]:
@@ -187,20 +237,17 @@ def llama_perplexity(llm: Any, blocks: np.ndarray) -> float:
 
 
 def torch_perplexity(model_dir: Path, blocks: np.ndarray) -> float:
-    """The merged PyTorch model's perplexity on the same blocks, scored the same way (fp32, CPU)."""
+    """The merged PyTorch model's perplexity (fp32, CPU), computed exactly as ``rawtune eval`` does."""
     import torch
 
+    from .evaluate import perplexity
     from .models import load_causal_lm
 
-    model = load_causal_lm(model_dir, device="cpu", dtype=torch.float32).eval()
-    total, count = 0.0, 0
-    with torch.inference_mode():
-        for block in blocks:
-            logits = model(torch.as_tensor(block[None, :], dtype=torch.long)).logits[0].float().numpy()
-            nll, n = _nll_from_logits(logits, block)
-            total, count = total + nll, count + n
-    del model
-    return float(np.exp(total / count))
+    model = load_causal_lm(model_dir, device="cpu", dtype=torch.float32)
+    try:
+        return perplexity(model, blocks)
+    finally:
+        del model
 
 
 def check_tokenizer(llm: Any, tokenizer: Any, texts: list[str]) -> list[str]:
@@ -238,16 +285,18 @@ def verify_file(path: Path, tokenizer: Any, blocks: Optional[np.ndarray], texts:
 
 
 def _heldout_blocks(run: RunDir, log: Callable[[str], None]) -> Optional[np.ndarray]:
+    """The held-out blocks ``rawtune eval`` scores (None when the run has none)."""
+    from .evaluate import scoring_blocks
+
     path = run.data_dir / "heldout.npy"
     if not path.is_file():
         log(f"[export] {path} not found: skipping perplexity checks (run `rawtune data` to get held-out blocks)")
         return None
-    blocks = np.load(path)
-    if blocks.ndim != 2 or not len(blocks):
+    blocks = scoring_blocks(np.load(path))
+    if not len(blocks):
         log(f"[export] {path} holds no blocks: skipping perplexity checks")
         return None
-    keep = max(1, min(len(blocks), PPL_TOKEN_BUDGET // blocks.shape[1]))
-    return blocks[:keep].astype(np.int64)
+    return blocks
 
 
 def _check_texts(tokenizer: Any, blocks: Optional[np.ndarray]) -> tuple[list[str], str]:
@@ -262,10 +311,69 @@ def _check_texts(tokenizer: Any, blocks: Optional[np.ndarray]) -> tuple[list[str
     return texts, prompt
 
 
+def _ppl_text(ppl: Optional[float], merged: Optional[float]) -> str:
+    """``12.3456 (+4.37% over the merged model)``, or just the number when there is nothing to compare."""
+    if ppl is None:
+        return "not measured"
+    if not merged:
+        return f"{ppl:.4f}"
+    return f"{ppl:.4f} ({100.0 * (ppl / merged - 1.0):+.2f}% over the merged model)"
+
+
+def _tuned_note(record: dict[str, Any], shape: Optional[list[int]]) -> str:
+    """Eval's tuned-model number when it was measured on the same blocks (it should be the same)."""
+    metrics = record.get("metrics") or {}
+    if metrics.get("ppl_tuned") is not None and metrics.get("ppl_blocks") == shape:
+        return f" (rawtune eval, tuned model with its adapter: {metrics['ppl_tuned']:.4f})"
+    return ""
+
+
 def _warn(log: Callable[[str], None], text: str, warnings: list[str]) -> None:
     warnings.append(text)
     bar = "!" * 72
     log(f"[export] {bar}\n[export] WARNING: {text}\n[export] {bar}")
+
+
+def _calibration_blocks(run: RunDir, settings: ExportSettings, labels: list[str],
+                        log: Callable[[str], None]) -> Optional[np.ndarray]:
+    """Training blocks for the importance matrix, or None when no file takes one or none is asked for."""
+    from .imatrix import pick_blocks
+
+    if settings.imatrix_blocks <= 0 or not any(quants_table.get(label).imatrix for label in labels):
+        return None
+    path = run.data_dir / "train.npy"
+    if not path.is_file():
+        log(f"[export] {path} not found: quantizing without an importance matrix")
+        return None
+    blocks = pick_blocks(np.load(path, mmap_mode="r"), settings.imatrix_blocks)
+    return np.asarray(blocks, dtype=np.int64) if len(blocks) else None
+
+
+def _quantize_one(f16: Path, target: Path, label: str, imatrix: Any, work_dir: Path,
+                  log_path: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    """One quantized file: llama.cpp's, then (k-quants with a matrix) re-quantized with the matrix."""
+    from . import imatrix as imatrix_mod
+
+    weighted = imatrix is not None and quants_table.get(label).imatrix
+    out = work_dir / f"{target.stem}.default.gguf" if weighted else target
+    out.parent.mkdir(parents=True, exist_ok=True)
+    seconds, fallback = quantize(f16, out, label, log_path)
+    entry: dict[str, Any] = {"file": target.name, "imatrix_tokens": imatrix.tokens if weighted else 0}
+    note = ""
+    if weighted:
+        t0 = time.time()
+        try:
+            count = imatrix_mod.quantize_file(f16, out, target, imatrix, cpu_threads())
+        finally:
+            out.unlink(missing_ok=True)
+        entry["seconds_weighting"] = round(time.time() - t0, 2)
+        seconds += entry["seconds_weighting"]
+        note = f", {count} tensors weighted by the importance matrix"
+    entry.update(bytes=target.stat().st_size, seconds=round(seconds, 2), fallback=fallback)
+    log(f"[export] quantized {target.name} ({entry['bytes'] / 2**20:.1f} MiB) in {seconds:.1f}s{note}")
+    if fallback:
+        log(f"[export] {label}: {fallback} (llama.cpp's log: {LOG_FILE})")
+    return entry
 
 
 def export_run(run: RunDir, settings: ExportSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -314,10 +422,16 @@ def _export(run: RunDir, settings: ExportSettings, log: Callable[[str], None]) -
     def target(label: str) -> Path:
         return out_dir / f"{stem}.{label}.gguf"
 
+    calibration = _calibration_blocks(run, settings, labels, log)
+
+    def wanted_imatrix_tokens(label: str) -> int:
+        return int(calibration.size) if calibration is not None and quants_table.get(label).imatrix else 0
+
     def current(label: str) -> bool:
         info = previous.get(label) or {}
         path = target(label)
-        return reusable and path.is_file() and info.get("bytes") == path.stat().st_size
+        return (reusable and path.is_file() and info.get("bytes") == path.stat().st_size
+                and (info.get("imatrix_tokens") or 0) == wanted_imatrix_tokens(label))
 
     gguf: dict[str, dict[str, Any]] = {k: v for k, v in previous.items() if k in labels and current(k)}
     for label in gguf:
@@ -340,15 +454,23 @@ def _export(run: RunDir, settings: ExportSettings, log: Callable[[str], None]) -
         if "F16" in todo:
             gguf["F16"] = {"file": f16.name, "bytes": f16.stat().st_size, "seconds": round(seconds_convert, 2)}
 
+    imatrix = None
+    seconds_imatrix = 0.0
+    if calibration is not None and any(wanted_imatrix_tokens(label) for label in todo):
+        from .imatrix import compute
+
+        imatrix = compute(merged, calibration, source="data/train.npy (training blocks, spread evenly)")
+        seconds_imatrix = imatrix.seconds
+        log(f"[export] importance matrix from {imatrix.tokens:,} training tokens ({imatrix.blocks} blocks of "
+            f"data/train.npy, {len(imatrix.values)} weights) in {seconds_imatrix:.1f}s")
     seconds_quantize = 0.0
     for label in todo:
         if label == "F16":
             continue
-        seconds = quantize(f16, target(label), label)
-        seconds_quantize += seconds
-        gguf[label] = {"file": target(label).name, "bytes": target(label).stat().st_size,
-                       "seconds": round(seconds, 2)}
-        log(f"[export] quantized {target(label).name} ({gguf[label]['bytes'] / 2**20:.1f} MiB) in {seconds:.1f}s")
+        gguf[label] = _quantize_one(f16, target(label), label, imatrix, work_dir, run.path / LOG_FILE, log)
+        seconds_quantize += gguf[label]["seconds"]
+    if work_dir.is_dir() and not any(work_dir.iterdir()):
+        work_dir.rmdir()  # held only the default quantizations the importance matrix replaced
     for label in todo:
         gguf[label]["tensor_types"] = tensor_types(target(label))
 
@@ -362,15 +484,21 @@ def _export(run: RunDir, settings: ExportSettings, log: Callable[[str], None]) -
 
     tokenizer = AutoTokenizer.from_pretrained(str(merged))
     config = gguf_writer.read_json(merged / "config.json")
+    blocks = _heldout_blocks(run, log) if settings.verify else None
+    shape = None if blocks is None else [int(blocks.shape[0]), int(blocks.shape[1])]
+    if settings.verify and shape != blocks_used:  # other blocks than the earlier export scored: score all again
+        ppl_merged = ppl_f16 = None
+        for label in labels:
+            gguf[label].pop("verify_seconds", None)
     to_verify = [label for label in labels if "verify_seconds" not in gguf[label]] if settings.verify else []
     if to_verify:
-        blocks = _heldout_blocks(run, log)
         texts, prompt = _check_texts(tokenizer, blocks)
         n_ctx = int(blocks.shape[1]) if blocks is not None else 512
-        blocks_used = None if blocks is None else [int(blocks.shape[0]), int(blocks.shape[1])]
+        blocks_used = shape
         if blocks is not None and ppl_merged is None:
             ppl_merged = round(torch_perplexity(merged, blocks), 4)
-            log(f"[export] merged PyTorch model: perplexity {ppl_merged:.4f} on {blocks.shape[0]} held-out blocks")
+            log(f"[export] merged PyTorch model: perplexity {ppl_merged:.4f} on {blocks.shape[0]} held-out blocks"
+                + _tuned_note(record, shape))
         check = list(to_verify)
         if blocks is not None and "F16" not in labels and f16.is_file():
             check.append("F16 (work file)")  # separates conversion error from quantization loss
@@ -381,7 +509,7 @@ def _export(run: RunDir, settings: ExportSettings, log: Callable[[str], None]) -
                 ppl_f16 = result["ppl"]
             if label in gguf:
                 gguf[label].update(result)
-            log(f"[export] llama.cpp {label}: perplexity {result['ppl']}, tokenizer "
+            log(f"[export] llama.cpp {label}: perplexity {_ppl_text(result['ppl'], ppl_merged)}, tokenizer "
                 f"{'agrees' if result['tokenizer_ok'] else 'DIFFERS'}, greedy {result['sample']!r}")
             if not result["tokenizer_ok"]:
                 _warn(log, f"{label}: llama.cpp tokenizes differently from the HF tokenizer: "
@@ -394,9 +522,10 @@ def _export(run: RunDir, settings: ExportSettings, log: Callable[[str], None]) -
         if ppl is not None and ppl_merged:
             rise = 100.0 * (ppl / ppl_merged - 1.0)
             entry["ppl_increase_pct"] = round(rise, 3)
-            if rise > PPL_BOUNDS[label]:
+            bound = quants_table.get(label).bound_pct
+            if bound is not None and rise > bound:
                 _warn(log, f"{label} perplexity {ppl:.4f} is {rise:+.2f}% over the merged model's "
-                           f"{ppl_merged:.4f} (bound {PPL_BOUNDS[label]}%): that is a conversion bug, not "
+                           f"{ppl_merged:.4f} (bound {bound}%): that is a conversion bug, not "
                            f"quantization noise", warnings)
     seconds_verify = time.time() - t0 if to_verify else 0.0
     if f16.parent == work_dir and f16.is_file():
@@ -404,13 +533,13 @@ def _export(run: RunDir, settings: ExportSettings, log: Callable[[str], None]) -
         if not any(work_dir.iterdir()):
             work_dir.rmdir()
 
-    for label in set(QUANT_LABELS.values()) - set(labels):
+    for label in set(quants_table.EXPORTABLE_LABELS) - set(labels):
         if target(label).is_file():  # from an earlier export with other --quant: not published now
             target(label).unlink()
             log(f"[export] removed {target(label).name} (not in --quant this time)")
 
     # ---- the files Ollama reads
-    first = next(label for label in QUANT_LABELS.values() if label in labels)  # in QUANTS order
+    first = min(labels, key=quants_table.sort_key)  # smallest file first, in the table's order
     add_bos = bool((conversion or {}).get("add_bos", False))
     fmt = ollama.chat_format_for(tokenizer, add_bos, log=log)
     specials = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
@@ -424,6 +553,13 @@ def _export(run: RunDir, settings: ExportSettings, log: Callable[[str], None]) -
         seconds_convert = prev_export.get("seconds_convert", 0.0)
         seconds_quantize = prev_export.get("seconds_quantize", 0.0)
         seconds_verify = seconds_verify or prev_export.get("seconds_verify", 0.0)
+    if imatrix is not None:
+        imatrix_info = imatrix.summary()
+    elif any(gguf[label].get("imatrix_tokens") for label in labels):
+        imatrix_info = prev_export.get("imatrix")  # the weighted files were reused
+        seconds_imatrix = (imatrix_info or {}).get("seconds", 0.0)
+    else:
+        imatrix_info = None
     export = {
         "dir": out_dir.name,
         "name": stem,
@@ -431,6 +567,9 @@ def _export(run: RunDir, settings: ExportSettings, log: Callable[[str], None]) -
         "seconds_convert": round(seconds_convert, 2),
         "seconds_quantize": round(seconds_quantize, 2),
         "seconds_verify": round(seconds_verify, 2),
+        "seconds_imatrix": round(seconds_imatrix, 2),
+        "imatrix": imatrix_info,
+        "log": LOG_FILE if (run.path / LOG_FILE).is_file() else None,
         "reused": reused,
         "files": [gguf[label]["file"] for label in labels] + written["files"],
         "ppl_merged": ppl_merged,
@@ -443,8 +582,8 @@ def _export(run: RunDir, settings: ExportSettings, log: Callable[[str], None]) -
         "warnings": warnings,
     }
     run.update(gguf={label: gguf[label] for label in labels}, export=export)
-    total = seconds_merge + seconds_convert + seconds_quantize
-    log(f"[export] done: merge {seconds_merge:.1f}s + convert {seconds_convert:.1f}s + quantize "
-        f"{seconds_quantize:.1f}s = {total:.1f}s; verification {seconds_verify:.1f}s"
+    total = seconds_merge + seconds_convert + seconds_imatrix + seconds_quantize
+    log(f"[export] done: merge {seconds_merge:.1f}s + convert {seconds_convert:.1f}s + importance matrix "
+        f"{seconds_imatrix:.1f}s + quantize {seconds_quantize:.1f}s = {total:.1f}s; verification {seconds_verify:.1f}s"
         + (f" (reused {', '.join(reused)} from the previous export)" if reused else ""))
     return export

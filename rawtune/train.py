@@ -45,6 +45,18 @@ def choose_backend(requested: str) -> str:
     return requested
 
 
+def import_backend_first(requested: str) -> None:
+    """Import unsloth before anything imports transformers, when it is the backend that will run.
+
+    Unsloth patches transformers, TRL and PEFT as it is imported and warns ("may run slower")
+    when they were imported first; the pipeline calls this before the data stage loads a
+    tokenizer. Only where CUDA is available: unsloth is a GPU-only import.
+    """
+    if requested not in ("auto", "unsloth") or importlib.util.find_spec("unsloth") is None or not has_cuda():
+        return
+    import unsloth  # noqa: F401  (import order is the point)
+
+
 # ---------------------------------------------------------------- data
 
 
@@ -377,6 +389,7 @@ def train(settings: RunSettings, run: RunDir, callback: Optional[Callback] = Non
         raise TrainError(f"the packed blocks have length {train_blocks.shape[1]} but --seq-len is {t.seq_len}; "
                          "rerun the data stage (`rawtune train` without --resume)")
     backend = choose_backend(t.backend)
+    import_backend_first(backend)  # a no-op when the pipeline already did it
     if has_cuda():
         from .gpu import plan
 

@@ -1,0 +1,78 @@
+"""The one table of GGUF quant types rawtune knows: names, llama.cpp ftypes, bounds and order.
+
+Every other module asks this table instead of keeping its own list: the spelling in file names,
+run.json and the UI (``label``), the ``--quant`` value (``key``), the ``llama_ftype`` llama.cpp's
+quantizer takes, the perplexity increase over the merged model above which a file is reported
+as a conversion bug, and whether an importance matrix changes the file. ``exportable`` types are
+the ones ``rawtune export`` writes; the others are only recognised in file names (model cards of
+repos that hold files rawtune did not make).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class Quant:
+    label: str  # as in file names, run.json and the UI: Q4_K_M
+    ftype: Optional[int]  # llama.cpp's llama_ftype (llama.h); None: written by rawtune's own writer
+    bound_pct: Optional[float]  # perplexity increase over the merged model that counts as a bug
+    imatrix: bool  # an importance matrix changes the result (k-quants; Q8_0 and floats ignore it)
+    exportable: bool  # `rawtune export --quant` can write it
+
+    @property
+    def key(self) -> str:
+        """The ``--quant`` spelling: q4_k_m."""
+        return self.label.lower()
+
+
+# In the order files are listed (cards, the UI, the Modelfile's first choice): smallest first.
+TABLE: tuple[Quant, ...] = (
+    # Q4_K_M's bound is far above llama.cpp's usual few percent on purpose: small models
+    # (width not a multiple of 256) fall back to Q5_0 for most tensors and lose more.
+    Quant("Q4_K_M", 15, 8.0, True, True),
+    Quant("Q5_K_M", 17, None, True, False),
+    Quant("Q6_K", 18, None, True, False),
+    Quant("Q8_0", 7, 1.0, False, True),
+    Quant("F16", None, 0.5, False, True),
+    Quant("BF16", None, None, False, False),
+    Quant("F32", None, None, False, False),
+)
+BY_LABEL = {q.label: q for q in TABLE}
+ORDER = [q.label for q in TABLE]
+# `--quant` values rawtune export takes, in table order.
+EXPORTABLE = [q.key for q in TABLE if q.exportable]
+EXPORTABLE_LABELS = [q.label for q in TABLE if q.exportable]
+DEFAULT = ["q4_k_m", "q8_0"]
+
+_LABEL_RE = re.compile(r"(?<![A-Za-z0-9])(" + "|".join(ORDER) + r")(?![A-Za-z0-9])", re.IGNORECASE)
+
+
+def get(name: str) -> Quant:
+    """The table row for a label or --quant value (any case); KeyError when unknown."""
+    return BY_LABEL[name.upper()]
+
+
+def label_of(name: str) -> Optional[str]:
+    """Label of an exportable --quant value (``q4_k_m`` -> ``Q4_K_M``); None when not exportable."""
+    quant = BY_LABEL.get(name.upper())
+    return quant.label if quant and quant.exportable else None
+
+
+def file_name(stem: str, label: str) -> str:
+    """The GGUF file name for a quant: ``stem.Q4_K_M.gguf``."""
+    return f"{stem}.{get(label).label}.gguf"
+
+
+def label_of_file(filename: str) -> Optional[str]:
+    """The quant label a GGUF file name carries (``name.Q4_K_M.gguf`` -> ``Q4_K_M``)."""
+    match = _LABEL_RE.search(filename)
+    return match.group(1).upper() if match else None
+
+
+def sort_key(label: str) -> int:
+    """Position in the table (unknown labels last)."""
+    return ORDER.index(label) if label in ORDER else len(ORDER)
