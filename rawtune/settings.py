@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 import yaml
 
+from . import quants
 from .errors import ConfigError
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M"
@@ -24,9 +25,9 @@ ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 FUSED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 EMBEDDING_MODULES = ["embed_tokens", "lm_head"]
 STAGES = ["data", "train", "eval", "merge", "export", "push"]
-QUANTS = ["q4_k_m", "q8_0", "f16"]
+QUANTS = quants.EXPORTABLE  # --quant values; the table itself is rawtune.quants
 # How each quant type is spelled in GGUF file names, the UI and run.json.
-QUANT_LABELS = {q: q.upper() for q in QUANTS}
+QUANT_LABELS = {q: quants.get(q).label for q in QUANTS}
 
 
 @dataclass
@@ -86,7 +87,8 @@ class TrainSettings:
 class ExportSettings:
     """GGUF export: quantization and the files Ollama reads."""
 
-    quant: list[str] = field(default_factory=lambda: ["q4_k_m", "q8_0"])  # quant types to write
+    quant: list[str] = field(default_factory=lambda: list(quants.DEFAULT))  # quant types to write
+    imatrix_blocks: int = 16  # training blocks for the importance matrix of k-quants (0: llama.cpp's plain quantization)
     name: Optional[str] = None  # file name stem for the GGUFs (default: the run directory's name)
     verify: bool = True  # load each GGUF in llama.cpp and measure its perplexity
 
@@ -322,7 +324,8 @@ def validate(settings: RunSettings) -> RunSettings:
     e = s.export
     e.quant = [q.lower() for q in _as_list(e.quant)]
     for q in e.quant:
-        _check(q in QUANTS, "quant", f"unknown quant type {q!r}; use some of {', '.join(QUANTS)}")
+        _check(quants.label_of(q) is not None, "quant", f"unknown quant type {q!r}; use some of {', '.join(QUANTS)}")
+    _check(e.imatrix_blocks >= 0, "imatrix_blocks", "must be 0 (no importance matrix) or more, e.g. 16")
     if "push" in s.stages:
         _check(bool(s.push.repo) and "/" in str(s.push.repo), "repo", "give the Hub repo as user/name")
     return s
