@@ -124,6 +124,10 @@ def run_pipeline(settings: RunSettings, token: Optional[str] = None, callback=No
         check_resume(settings, run)
         run.stop_file.unlink(missing_ok=True)
         run.update(settings=to_dict(settings))
+        if "train" in settings.stages:
+            from .train import import_backend_first
+
+            import_backend_first(settings.train.backend)
         for stage in [s for s in STAGES if s in settings.stages]:
             if stop is not None and stop.is_set():
                 log(f"[pipeline] stopped before {stage}")

@@ -404,3 +404,27 @@ def test_smollm2_offline_export(tmp_path, monkeypatch):
     assert gguf["Q8_0"]["ppl_increase_pct"] < 1.0 and gguf["Q4_K_M"]["ppl_increase_pct"] < 8.0
     assert all(v["tokenizer_ok"] for v in gguf.values())
     assert info["template"] == "chat" and (run.gguf_dir / "system").is_file()
+
+
+def test_eval_and_export_score_the_same_blocks_and_agree(trained_run):
+    """`rawtune eval`'s tuned model (base + adapter) and export's merged model: one model, one number."""
+    from rawtune.evaluate import evaluate_run, scoring_blocks
+
+    metrics = evaluate_run(trained_run, log=lambda s: None)
+    info = export_run(trained_run, ExportSettings(quant=["q8_0"], name="agree"), log=lambda s: None)
+    held = np.load(trained_run.data_dir / "heldout.npy")
+    blocks = scoring_blocks(held)
+    assert metrics["ppl_blocks"] == info["ppl_blocks"] == [len(blocks), held.shape[1]]
+    assert metrics["heldout_tokens"] == blocks.size
+    assert info["ppl_merged"] == pytest.approx(metrics["ppl_tuned"], rel=1e-4)
+    assert info["ppl_merged"] != pytest.approx(metrics["ppl_base"], rel=1e-3)  # the adapter is in it
+
+
+def test_scoring_blocks_keep_whole_blocks_within_the_budget():
+    from rawtune.evaluate import SCORING_TOKEN_BUDGET, scoring_blocks
+
+    held = np.arange(40 * 512, dtype=np.int32).reshape(40, 512)
+    picked = scoring_blocks(held)
+    assert picked.shape == (SCORING_TOKEN_BUDGET // 512, 512) and (picked == held[: len(picked)]).all()
+    assert scoring_blocks(held[:3]).shape == (3, 512)
+    assert scoring_blocks(np.zeros((2, 3 * SCORING_TOKEN_BUDGET), dtype=np.int32)).shape[0] == 1

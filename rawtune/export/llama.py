@@ -1,4 +1,5 @@
-"""llama.cpp through llama-cpp-python: the one place that opens a GGUF file, and the thread count.
+"""llama.cpp through llama-cpp-python: the one place that opens a GGUF file, its thread count, and
+where its log goes while it quantizes.
 
 Export verifies every file it writes here (on the CPU), and Compare generates from a published
 quant here (on the GPU where llama.cpp was built with one). Both get the same errors: a missing
@@ -7,9 +8,12 @@ llama-cpp-python, or a file llama.cpp cannot load, is an :class:`ExportError` sa
 
 from __future__ import annotations
 
+import ctypes
 import os
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ..errors import ExportError
 
@@ -48,6 +52,32 @@ def _other_runnable() -> int:
             return max(0, int(os.getloadavg()[0]) - 1)
         except OSError:  # not available on this platform
             return 0
+
+
+@contextmanager
+def llama_log(path: Path, title: str) -> Iterator[list[str]]:
+    """Send llama.cpp's log to a list (appended to ``path`` afterwards) instead of the console.
+
+    llama.cpp logs a line or two per tensor while quantizing (a fallback warning for most tensors
+    of a small model); the caller turns those into one summary line.
+    """
+    cpp = llama_cpp()
+    import llama_cpp._logger as cpp_logger  # llama-cpp-python's own callback, restored afterwards
+
+    chunks: list[str] = []
+
+    @cpp.llama_log_callback
+    def collect(level: int, text: bytes, user_data: Any) -> None:
+        chunks.append(text.decode("utf-8", "replace"))
+
+    cpp.llama_log_set(collect, ctypes.c_void_p(0))
+    try:
+        yield chunks
+    finally:
+        cpp.llama_log_set(cpp_logger.llama_log_callback, ctypes.c_void_p(0))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8") as handle:
+            handle.write(f"==== {title} ({time.strftime('%Y-%m-%d %H:%M:%S')})\n{''.join(chunks)}\n")
 
 
 def load_llama(path: Path, n_ctx: int, logits_all: bool = False, f32_cache: bool = False,

@@ -6,10 +6,13 @@
   :class:`Plan`);
 - convert: the F16 GGUF from rawtune's own writer (:mod:`.gguf_writer`);
 - quantize: llama.cpp's own quantizer through llama-cpp-python (no git, cmake or compiler at run
-  time);
+  time) and, for k-quants, each tensor re-quantized with an importance matrix from the training
+  text (:mod:`.imatrix`); llama.cpp's log goes to ``logs/export.log``, the console gets one
+  summary line per file;
 - verify: every file loaded in llama.cpp (:mod:`.llama`): tokenization agrees with the HF
-  tokenizer, a few greedy tokens come out, and the perplexity on the run's held-out blocks is
-  close to the merged PyTorch model's; a file far above it is a conversion bug, reported loudly;
+  tokenizer, a few greedy tokens come out, and the perplexity on the run's held-out blocks (the
+  same blocks ``rawtune eval`` scores) is close to the merged PyTorch model's; a file far above
+  it is a conversion bug, reported loudly;
 - clean up: the F16 work file and files of quant types not asked for this time;
 - Ollama files (:mod:`.ollama`) and the ``gguf``/``export`` records in run.json.
 """
@@ -17,7 +20,6 @@
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import re
 import time
@@ -31,13 +33,13 @@ from .. import quants
 from ..errors import ExportError
 from ..rundir import RunDir
 from ..settings import ExportSettings
-from .llama import cpu_threads, llama_cpp, load_llama
+from .llama import cpu_threads, llama_cpp, llama_log, load_llama
 
 Log = Callable[[str], None]
 
 # Bump when the writer's output changes, so older GGUFs are rebuilt instead of reused.
 WRITER_VERSION = 1
-PPL_TOKEN_BUDGET = 4096  # held-out tokens scored per file (whole blocks, at least one)
+LOG_FILE = "logs/export.log"  # llama.cpp's full quantizer output, inside the run directory
 SAMPLE_TEXT = ("The quick brown fox jumps over the lazy dog. In 1984, 3 engineers wrote 12,345 lines;\n"
                "they said: \"it's done!\"  Tabs\tand  spaces,  café naïve résumé, emoji 🙂 and (brackets) [x] {y}.")
 GREEDY_TOKENS = 8
@@ -78,6 +80,7 @@ class Plan:
     earlier: dict[str, Any]  # the previous export record when it was made from this merged model, else {}
     kept: dict[str, dict[str, Any]] = field(default_factory=dict)  # run.json gguf entries still current
     seconds_merge: float = 0.0
+    calibration: Optional[np.ndarray] = None  # training blocks for the importance matrix (None: no matrix)
 
     def target(self, label: str) -> Path:
         return self.out_dir / quants.file_name(self.stem, label)
@@ -86,6 +89,10 @@ class Plan:
     def f16(self) -> Path:
         """The F16 file the quantizer reads: the requested F16 itself, or a work file."""
         return self.target("F16") if "F16" in self.labels else self.work_dir / quants.file_name(self.stem, "F16")
+
+    def imatrix_tokens(self, label: str) -> int:
+        """Calibration tokens the file of ``label`` is made with (0: no importance matrix)."""
+        return int(self.calibration.size) if self.calibration is not None and quants.get(label).imatrix else 0
 
     @property
     def todo(self) -> list[str]:
@@ -107,6 +114,7 @@ def plan(run: RunDir, settings: ExportSettings, log: Log) -> Plan:
     p = Plan(labels, stem, merged, run.gguf_dir, run.path / WORK_DIR, stamp,
              earlier if earlier.get("fingerprint") == stamp else {}, seconds_merge=seconds_merge)
     p.out_dir.mkdir(parents=True, exist_ok=True)
+    p.calibration = _calibration_blocks(run, settings, labels, log)
     previous = record.get("gguf") or {}
     p.kept = {label: info for label, info in previous.items() if label in labels and _current(p, label, info)}
     for label in p.kept:
@@ -116,7 +124,23 @@ def plan(run: RunDir, settings: ExportSettings, log: Log) -> Plan:
 
 def _current(p: Plan, label: str, info: dict[str, Any]) -> bool:
     path = p.target(label)
-    return bool(p.earlier) and path.is_file() and info.get("bytes") == path.stat().st_size
+    return (bool(p.earlier) and path.is_file() and info.get("bytes") == path.stat().st_size
+            and (info.get("imatrix_tokens") or 0) == p.imatrix_tokens(label))
+
+
+def _calibration_blocks(run: RunDir, settings: ExportSettings, labels: list[str],
+                        log: Log) -> Optional[np.ndarray]:
+    """Training blocks for the importance matrix, or None when no file takes one or none is asked for."""
+    from .imatrix import pick_blocks
+
+    if settings.imatrix_blocks <= 0 or not any(quants.get(label).imatrix for label in labels):
+        return None
+    path = run.data_dir / "train.npy"
+    if not path.is_file():
+        log(f"[export] {path} not found: quantizing without an importance matrix")
+        return None
+    blocks = pick_blocks(np.load(path, mmap_mode="r"), settings.imatrix_blocks)
+    return np.asarray(blocks, dtype=np.int64) if len(blocks) else None
 
 
 # ---------------------------------------------------------------- convert and quantize
@@ -139,44 +163,101 @@ def convert(p: Plan, license: Optional[str], gguf: dict[str, dict], log: Log) ->
     return conversion, seconds
 
 
-def quantize(src: Path, dst: Path, label: str) -> float:
-    """Quantize ``src`` (F16 GGUF) to ``dst`` with llama.cpp's quantizer; returns seconds taken."""
+_FALLBACK_RE = re.compile(r"warning:\s+(\S+)\s+-\s+ncols\s+(\d+)\s+not divisible by\s+(\d+)\s+"
+                          r"\(required for type\s+(\S+)\)\s*(?:\(WARNING:[^)]*\)\s*)?-> falling back to\s+(\S+)")
+
+
+def fallback_summary(log_text: str, quantized: int) -> Optional[str]:
+    """One line for llama.cpp's per-tensor fallback warnings, or None when no tensor fell back.
+
+    ``quantized`` is the number of tensors llama.cpp quantized (the 2-D ones).
+    """
+    moves: dict[tuple[str, str], int] = {}
+    reasons: dict[tuple[int, int], None] = {}
+    for _name, cols, block, old, new in _FALLBACK_RE.findall(log_text):
+        key = (old.upper(), new.upper())
+        moves[key] = moves.get(key, 0) + 1
+        reasons[(int(cols), int(block))] = None
+    if not moves:
+        return None
+    parts = [f"{n} of {quantized} tensors fell back from {a} to {b}" if i == 0 else f"{n} from {a} to {b}"
+             for i, ((a, b), n) in enumerate(sorted(moves.items(), key=lambda kv: -kv[1]))]
+    why = ", ".join(f"width {cols} is not a multiple of {block}" for cols, block in reasons)
+    return f"{'; '.join(parts)}: {why}"
+
+
+def quantize(src: Path, dst: Path, label: str, log_path: Path) -> tuple[float, Optional[str]]:
+    """Quantize ``src`` (F16 GGUF) to ``dst`` with llama.cpp's quantizer.
+
+    Returns the seconds taken and the fallback summary line (None when no tensor fell back);
+    llama.cpp's own log is appended to ``log_path``.
+    """
     cpp = llama_cpp()
     params = cpp.llama_model_quantize_default_params()
     params.ftype = quants.get(label).ftype
     params.nthread = cpu_threads()
     tmp = dst.with_name(dst.name + ".partial")
     started = time.time()
-    # llama.cpp logs a line per tensor through llama-cpp-python's logger; keep errors only.
-    cpp_log = logging.getLogger("llama-cpp-python")
-    level = cpp_log.level
-    cpp_log.setLevel(logging.ERROR)
-    try:
+    with llama_log(log_path, f"llama_model_quantize {src.name} -> {dst.name} ({label})") as chunks:
         rc = cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
-    finally:
-        cpp_log.setLevel(level)
     if rc != 0 or not tmp.is_file():
         tmp.unlink(missing_ok=True)
         raise ExportError(f"llama.cpp could not quantize {src.name} to {label} (code {rc}); "
-                          f"check free disk space and that the F16 file loads")
+                          f"check free disk space and that the F16 file loads (details in {log_path})")
     os.replace(tmp, dst)
-    return time.time() - started
+    seconds = time.time() - started
+    counts = tensor_types(dst)
+    return seconds, fallback_summary("".join(chunks), sum(n for t, n in counts.items() if t != "F32"))
 
 
-def quantize_all(p: Plan, gguf: dict[str, dict], log: Log) -> float:
-    """Quantize every asked-for type still to be made; record sizes and tensor types; total seconds."""
+def quantize_all(run: RunDir, p: Plan, gguf: dict[str, dict], log: Log) -> tuple[float, Any]:
+    """Quantize every asked-for type still to be made (with the importance matrix where it
+    changes the file); record sizes and tensor types. Returns (seconds, the matrix or None)."""
+    imatrix = None
+    if any(p.imatrix_tokens(label) for label in p.todo):
+        from .imatrix import compute
+
+        imatrix = compute(p.merged, p.calibration, source="data/train.npy (training blocks, spread evenly)")
+        log(f"[export] importance matrix from {imatrix.tokens:,} training tokens ({imatrix.blocks} blocks of "
+            f"data/train.npy, {len(imatrix.values)} weights) in {imatrix.seconds:.1f}s")
     total = 0.0
     for label in p.todo:
         if label == "F16":
             continue
-        seconds = quantize(p.f16, p.target(label), label)
-        total += seconds
-        gguf[label] = {"file": p.target(label).name, "bytes": p.target(label).stat().st_size,
-                       "seconds": round(seconds, 2)}
-        log(f"[export] quantized {p.target(label).name} ({gguf[label]['bytes'] / 2**20:.1f} MiB) in {seconds:.1f}s")
+        gguf[label] = _quantize_one(p.f16, p.target(label), label, imatrix, p.work_dir, run.path / LOG_FILE, log)
+        total += gguf[label]["seconds"]
+    if p.work_dir.is_dir() and not any(p.work_dir.iterdir()):
+        p.work_dir.rmdir()  # held only the default quantizations the importance matrix replaced
     for label in p.todo:
         gguf[label]["tensor_types"] = tensor_types(p.target(label))
-    return total
+    return total, imatrix
+
+
+def _quantize_one(f16: Path, target: Path, label: str, imatrix: Any, work_dir: Path,
+                  log_path: Path, log: Log) -> dict[str, Any]:
+    """One quantized file: llama.cpp's, then (k-quants with a matrix) re-quantized with the matrix."""
+    from . import imatrix as imatrix_mod
+
+    weighted = imatrix is not None and quants.get(label).imatrix
+    out = work_dir / f"{target.stem}.default.gguf" if weighted else target
+    out.parent.mkdir(parents=True, exist_ok=True)
+    seconds, fallback = quantize(f16, out, label, log_path)
+    entry: dict[str, Any] = {"file": target.name, "imatrix_tokens": imatrix.tokens if weighted else 0}
+    note = ""
+    if weighted:
+        t0 = time.time()
+        try:
+            count = imatrix_mod.quantize_file(f16, out, target, imatrix, cpu_threads())
+        finally:
+            out.unlink(missing_ok=True)
+        entry["seconds_weighting"] = round(time.time() - t0, 2)
+        seconds += entry["seconds_weighting"]
+        note = f", {count} tensors weighted by the importance matrix"
+    entry.update(bytes=target.stat().st_size, seconds=round(seconds, 2), fallback=fallback)
+    log(f"[export] quantized {target.name} ({entry['bytes'] / 2**20:.1f} MiB) in {seconds:.1f}s{note}")
+    if fallback:
+        log(f"[export] {label}: {fallback} (llama.cpp's log: {LOG_FILE})")
+    return entry
 
 
 def tensor_types(path: Path) -> dict[str, int]:
@@ -223,20 +304,17 @@ def llama_perplexity(llm: Any, blocks: np.ndarray) -> float:
 
 
 def torch_perplexity(model_dir: Path, blocks: np.ndarray) -> float:
-    """The merged PyTorch model's perplexity on the same blocks, scored the same way (fp32, CPU)."""
+    """The merged PyTorch model's perplexity (fp32, CPU), computed exactly as ``rawtune eval`` does."""
     import torch
 
+    from ..evaluate import perplexity
     from ..models import load_causal_lm
 
-    model = load_causal_lm(model_dir, device="cpu", dtype=torch.float32).eval()
-    total, count = 0.0, 0
-    with torch.inference_mode():
-        for block in blocks:
-            logits = model(torch.as_tensor(block[None, :], dtype=torch.long)).logits[0].float().numpy()
-            nll, n = _nll_from_logits(logits, block)
-            total, count = total + nll, count + n
-    del model
-    return float(np.exp(total / count))
+    model = load_causal_lm(model_dir, device="cpu", dtype=torch.float32)
+    try:
+        return perplexity(model, blocks)
+    finally:
+        del model
 
 
 def check_tokenizer(llm: Any, tokenizer: Any, texts: list[str]) -> list[str]:
@@ -270,17 +348,19 @@ def verify_file(path: Path, tokenizer: Any, blocks: Optional[np.ndarray], texts:
             "verify_seconds": round(time.time() - started, 2)}
 
 
-def _heldout_blocks(run: RunDir, log: Callable[[str], None]) -> Optional[np.ndarray]:
+def _heldout_blocks(run: RunDir, log: Log) -> Optional[np.ndarray]:
+    """The held-out blocks ``rawtune eval`` scores (None when the run has none)."""
+    from ..evaluate import scoring_blocks
+
     path = run.data_dir / "heldout.npy"
     if not path.is_file():
         log(f"[export] {path} not found: skipping perplexity checks (run `rawtune data` to get held-out blocks)")
         return None
-    blocks = np.load(path)
-    if blocks.ndim != 2 or not len(blocks):
+    blocks = scoring_blocks(np.load(path))
+    if not len(blocks):
         log(f"[export] {path} holds no blocks: skipping perplexity checks")
         return None
-    keep = max(1, min(len(blocks), PPL_TOKEN_BUDGET // blocks.shape[1]))
-    return blocks[:keep].astype(np.int64)
+    return blocks
 
 
 def _check_texts(tokenizer: Any, blocks: Optional[np.ndarray]) -> tuple[list[str], str]:
@@ -293,6 +373,23 @@ def _check_texts(tokenizer: Any, blocks: Optional[np.ndarray]) -> tuple[list[str
         texts.append(tokenizer.decode(blocks[0][:256].tolist(), skip_special_tokens=True).strip())
         prompt = tokenizer.decode(blocks[0][:24].tolist(), skip_special_tokens=True) or prompt
     return texts, prompt
+
+
+def _ppl_text(ppl: Optional[float], merged: Optional[float]) -> str:
+    """``12.3456 (+4.37% over the merged model)``, or just the number when there is nothing to compare."""
+    if ppl is None:
+        return "not measured"
+    if not merged:
+        return f"{ppl:.4f}"
+    return f"{ppl:.4f} ({100.0 * (ppl / merged - 1.0):+.2f}% over the merged model)"
+
+
+def _tuned_note(record: dict[str, Any], shape: Optional[list[int]]) -> str:
+    """Eval's tuned-model number when it was measured on the same blocks (it should be the same)."""
+    metrics = record.get("metrics") or {}
+    if metrics.get("ppl_tuned") is not None and metrics.get("ppl_blocks") == shape:
+        return f" (rawtune eval, tuned model with its adapter: {metrics['ppl_tuned']:.4f})"
+    return ""
 
 
 def _warn(log: Log, text: str, warnings: list[str]) -> None:
@@ -313,26 +410,33 @@ class Verification:
 
 
 def verify(run: RunDir, p: Plan, enabled: bool, gguf: dict[str, dict], tokenizer: Any, log: Log) -> Verification:
-    """Check each file not verified yet in llama.cpp, then each file's perplexity against its bound."""
+    """Check each file not verified on these held-out blocks yet in llama.cpp, then each file's
+    perplexity against its bound."""
     check = Verification(p.earlier.get("ppl_merged"), p.earlier.get("ppl_f16"), p.earlier.get("ppl_blocks"), [], 0.0)
-    to_verify = [label for label in p.labels if "verify_seconds" not in gguf[label]] if enabled else []
     t0 = time.time()
+    blocks = _heldout_blocks(run, log) if enabled else None
+    shape = None if blocks is None else [int(blocks.shape[0]), int(blocks.shape[1])]
+    if enabled and shape != check.blocks:  # other blocks than the earlier export scored: score all again
+        check.ppl_merged = check.ppl_f16 = None
+        for label in p.labels:
+            gguf[label].pop("verify_seconds", None)
+    to_verify = [label for label in p.labels if "verify_seconds" not in gguf[label]] if enabled else []
     if to_verify:
-        _verify_files(run, p, to_verify, gguf, tokenizer, check, log)
+        check.blocks = shape
+        _verify_files(run, p, to_verify, blocks, gguf, tokenizer, check, log)
     _check_bounds(p, gguf, check, log)
     check.seconds = time.time() - t0 if to_verify else 0.0
     return check
 
 
-def _verify_files(run: RunDir, p: Plan, to_verify: list[str], gguf: dict[str, dict], tokenizer: Any,
-                  check: Verification, log: Log) -> None:
-    blocks = _heldout_blocks(run, log)
+def _verify_files(run: RunDir, p: Plan, to_verify: list[str], blocks: Optional[np.ndarray], gguf: dict[str, dict],
+                  tokenizer: Any, check: Verification, log: Log) -> None:
     texts, prompt = _check_texts(tokenizer, blocks)
     n_ctx = int(blocks.shape[1]) if blocks is not None else 512
-    check.blocks = None if blocks is None else [int(blocks.shape[0]), int(blocks.shape[1])]
     if blocks is not None and check.ppl_merged is None:
         check.ppl_merged = round(torch_perplexity(p.merged, blocks), 4)
-        log(f"[export] merged PyTorch model: perplexity {check.ppl_merged:.4f} on {blocks.shape[0]} held-out blocks")
+        log(f"[export] merged PyTorch model: perplexity {check.ppl_merged:.4f} on {blocks.shape[0]} held-out blocks"
+            + _tuned_note(run.load(), check.blocks))
     labels = list(to_verify)
     if blocks is not None and "F16" not in p.labels and p.f16.is_file():
         labels.append("F16 (work file)")  # separates conversion error from quantization loss
@@ -343,7 +447,7 @@ def _verify_files(run: RunDir, p: Plan, to_verify: list[str], gguf: dict[str, di
             check.ppl_f16 = result["ppl"]
         if label in gguf:
             gguf[label].update(result)
-        log(f"[export] llama.cpp {label}: perplexity {result['ppl']}, tokenizer "
+        log(f"[export] llama.cpp {label}: perplexity {_ppl_text(result['ppl'], check.ppl_merged)}, tokenizer "
             f"{'agrees' if result['tokenizer_ok'] else 'DIFFERS'}, greedy {result['sample']!r}")
         if not result["tokenizer_ok"]:
             _warn(log, f"{label}: llama.cpp tokenizes differently from the HF tokenizer: "
@@ -413,16 +517,21 @@ class Times:
     convert: float
     quantize: float
     verify: float
+    imatrix: float = 0.0
 
 
 def record(run: RunDir, p: Plan, gguf: dict[str, dict], conversion: Optional[dict], check: Verification,
-           written: dict[str, Any], times: Times, log: Log) -> dict[str, Any]:
+           written: dict[str, Any], times: Times, imatrix: Any, log: Log) -> dict[str, Any]:
     """Store ``gguf`` and ``export`` in run.json and log the summary; return ``export``."""
     reused = [label for label in p.labels if label in p.kept]
     if not p.todo and p.earlier:
         # Nothing was rebuilt: keep the times of the export that made these files.
         times = Times(p.earlier.get("seconds_convert", 0.0), p.earlier.get("seconds_quantize", 0.0),
-                      times.verify or p.earlier.get("seconds_verify", 0.0))
+                      times.verify or p.earlier.get("seconds_verify", 0.0), times.imatrix)
+    imatrix_info = imatrix.summary() if imatrix is not None else None
+    if imatrix is None and any(gguf[label].get("imatrix_tokens") for label in p.labels):
+        imatrix_info = p.earlier.get("imatrix")  # the weighted files were reused
+        times.imatrix = (imatrix_info or {}).get("seconds", 0.0)
     export = {
         "dir": p.out_dir.name,
         "name": p.stem,
@@ -430,6 +539,9 @@ def record(run: RunDir, p: Plan, gguf: dict[str, dict], conversion: Optional[dic
         "seconds_convert": round(times.convert, 2),
         "seconds_quantize": round(times.quantize, 2),
         "seconds_verify": round(times.verify, 2),
+        "seconds_imatrix": round(times.imatrix, 2),
+        "imatrix": imatrix_info,
+        "log": LOG_FILE if (run.path / LOG_FILE).is_file() else None,
         "reused": reused,
         "files": [gguf[label]["file"] for label in p.labels] + written["files"],
         "ppl_merged": check.ppl_merged,
@@ -442,8 +554,8 @@ def record(run: RunDir, p: Plan, gguf: dict[str, dict], conversion: Optional[dic
         "warnings": check.warnings,
     }
     run.update(gguf={label: gguf[label] for label in p.labels}, export=export)
-    total = p.seconds_merge + times.convert + times.quantize
-    log(f"[export] done: merge {p.seconds_merge:.1f}s + convert {times.convert:.1f}s + quantize "
-        f"{times.quantize:.1f}s = {total:.1f}s; verification {times.verify:.1f}s"
+    total = p.seconds_merge + times.convert + times.imatrix + times.quantize
+    log(f"[export] done: merge {p.seconds_merge:.1f}s + convert {times.convert:.1f}s + importance matrix "
+        f"{times.imatrix:.1f}s + quantize {times.quantize:.1f}s = {total:.1f}s; verification {times.verify:.1f}s"
         + (f" (reused {', '.join(reused)} from the previous export)" if reused else ""))
     return export

@@ -85,6 +85,18 @@ def _gguf_rows(record: dict[str, Any], files: list[str]) -> list[tuple[str, str,
     return sorted(rows, key=lambda r: (sort_key(r[0]), r[1]))
 
 
+def _calibration_lines(record: dict[str, Any]) -> list[str]:
+    """Which files were quantized with an importance matrix, from how many tokens of what."""
+    info = (record.get("export") or {}).get("imatrix") or {}
+    weighted = [label for label, entry in (record.get("gguf") or {}).items()
+                if isinstance(entry, dict) and entry.get("imatrix_tokens")]
+    if not info or not weighted:
+        return []
+    return ["", f"{', '.join(sorted(weighted, key=sort_key))} was quantized with an importance matrix "
+                f"computed from {info.get('tokens', 0):,} tokens of the training text ({info.get('blocks')} "
+                f"training blocks), so its 4-bit rounding favours the weights this text uses most."]
+
+
 def _training_rows(record: dict[str, Any]) -> list[tuple[str, str]]:
     settings = record.get("settings") or {}
     data_s = settings.get("data") or {}
@@ -161,13 +173,17 @@ def render(record: dict[str, Any], repo_id: str, files: list[str]) -> str:
                 f'base = AutoModelForCausalLM.from_pretrained("{base}")',
                 f'model = PeftModel.from_pretrained(base, "{repo_id}", subfolder="adapter")',
                 f'tokenizer = AutoTokenizer.from_pretrained("{base}")', "```", ""]
+    blocks = metrics.get("ppl_blocks") or (record.get("export") or {}).get("ppl_blocks")
+    scored = f" ({blocks[0] * blocks[1]:,} tokens)" if blocks else ""
     out += ["## Evaluation", "",
-            "Perplexity on held-out documents that were never trained on (lower is better).", "",
+            f"Perplexity on held-out documents that were never trained on{scored}, the same tokens for every "
+            f"row (lower is better).", "",
             "| model | held-out perplexity |", "|---|---|",
             f"| base | {_num(metrics.get('ppl_base'))} |", f"| tuned | {_num(metrics.get('ppl_tuned'))} |"]
     if gguf_rows:
         out += ["", "| GGUF | quant | size | held-out perplexity |", "|---|---|---|---|"]
         out += [f"| `{file}` | {q} | {_size(size)} | {_num(ppl)} |" for q, file, size, ppl in gguf_rows]
+        out += _calibration_lines(record)
     out += ["", "## Training", "", "| setting | value |", "|---|---|"]
     out += [f"| {k} | {v} |" for k, v in _training_rows(record)]
     out += ["", "## Files", ""]

@@ -16,10 +16,11 @@ from typing import Any, Callable, Optional
 from ..errors import TrainError
 from ..rundir import RunDir
 from ..settings import RunSettings, TrainSettings, has_cuda
+from .hf_loop import import_backend_first
 from .progress import (Callback, Progress, StopSignal, TrainResult, format_duration, latest_checkpoint,
                        step_of, write_record)
 
-__all__ = ["TrainResult", "format_duration", "latest_checkpoint", "train"]
+__all__ = ["TrainResult", "format_duration", "import_backend_first", "latest_checkpoint", "train"]
 
 
 def train(settings: RunSettings, run: RunDir, callback: Optional[Callback] = None,
@@ -37,6 +38,7 @@ def train(settings: RunSettings, run: RunDir, callback: Optional[Callback] = Non
         raise TrainError(f"the packed blocks have length {train_blocks.shape[1]} but --seq-len is {t.seq_len}; "
                          "rerun the data stage (`rawtune train` without --resume)")
     backend = choose_backend(t.backend)
+    import_backend_first(backend)  # a no-op when the pipeline already did it
     if has_cuda():
         from .plan import plan
 

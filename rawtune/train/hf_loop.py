@@ -41,6 +41,18 @@ def choose_backend(requested: str) -> str:
     return requested
 
 
+def import_backend_first(requested: str) -> None:
+    """Import unsloth before anything imports transformers, when it is the backend that will run.
+
+    Unsloth patches transformers, TRL and PEFT as it is imported and warns ("may run slower")
+    when they were imported first; the pipeline calls this before the data stage loads a
+    tokenizer. Only where CUDA is available: unsloth is a GPU-only import.
+    """
+    if requested not in ("auto", "unsloth") or importlib.util.find_spec("unsloth") is None or not has_cuda():
+        return
+    import unsloth  # noqa: F401  (import order is the point)
+
+
 # ---------------------------------------------------------------- data
 
 

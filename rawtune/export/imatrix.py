@@ -1,0 +1,215 @@
+"""Importance-matrix quantization: weight each weight column by how much the user's text uses it.
+
+Two halves:
+
+- :func:`compute` runs the merged model on a few training blocks and records, for every linear
+  layer of every transformer block, the mean of x² per input column (PyTorch forward hooks), keyed
+  by the GGUF tensor name rawtune's writer gives that weight. The writer permutes the *rows* of Q
+  and K for RoPE; their input columns stay where they were, so the matrix applies unchanged.
+- :func:`requantize` rewrites the tensors of a file that llama.cpp's ``llama_model_quantize`` has
+  just written, one tensor at a time through ``ggml_quantize_chunk`` (llama-cpp-python's
+  ``libggml-base``), from the float16 values of the F16 GGUF, with the same GGML type llama.cpp
+  chose for that tensor. Without an importance matrix this reproduces llama.cpp's bytes exactly;
+  with one, ggml searches each block's scales weighted by the importance of each column.
+  (``llama_model_quantize_params.imatrix`` is a C++ map that ctypes cannot build, hence this route.)
+
+A tensor with no entry is quantized without weights: never with a matrix of ones, because any
+matrix switches ggml from plain rounding to a weighted search, and all ones measured worse.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from ..errors import ExportError
+
+# Types stored as plain floats: llama.cpp copied them, there is nothing to re-quantize.
+FLOAT_TYPES = {"F32", "F16", "BF16", "F64"}
+
+
+@dataclass
+class Imatrix:
+    """Mean x² per input column for each GGUF weight name, and where it came from."""
+
+    values: dict[str, np.ndarray]
+    blocks: int
+    tokens: int
+    source: str
+    seconds: float = 0.0
+    skipped: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        """What run.json records (no values)."""
+        return {"blocks": self.blocks, "tokens": self.tokens, "source": self.source,
+                "entries": len(self.values), "seconds": round(self.seconds, 2)}
+
+
+def pick_blocks(blocks: np.ndarray, n: int) -> np.ndarray:
+    """``n`` blocks spread evenly over the training blocks (the first ones are often one document)."""
+    if n <= 0 or not len(blocks):
+        return blocks[:0]
+    if n >= len(blocks):
+        return blocks
+    index = np.linspace(0, len(blocks) - 1, n).round().astype(int)
+    return blocks[index]
+
+
+def _gguf_names(model: Any, config: dict[str, Any]) -> dict[str, str]:
+    """HF module name -> GGUF tensor name for every linear layer inside the transformer blocks."""
+    import gguf
+    import torch
+
+    from .gguf_writer import hf_architecture
+
+    _, arch = hf_architecture(config)
+    model_arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}[arch]
+    tensor_map = gguf.get_tensor_name_map(model_arch, int(config["num_hidden_layers"]))
+    names = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in name:
+            gguf_name = tensor_map.get_name(name + ".weight", try_suffixes=(".weight",))
+            if gguf_name is None:
+                raise ExportError(f"no GGUF name for {name}.weight; the importance matrix cannot be mapped "
+                                  f"(pass --imatrix-blocks 0 to export without one)")
+            names[name] = gguf_name
+    return names
+
+
+def compute(model_dir: Path, blocks: np.ndarray, source: str, batch_size: int = 4) -> Imatrix:
+    """Mean x² per input column of every block linear of the model in ``model_dir`` over ``blocks``."""
+    import torch
+
+    from .gguf_writer import read_json
+    from ..models import load_causal_lm
+
+    started = time.time()
+    model = load_causal_lm(model_dir, device="cpu", dtype=torch.float32).eval()
+    names = _gguf_names(model, read_json(Path(model_dir) / "config.json"))
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook(module_name: str) -> Callable:
+        def collect(module: Any, inputs: tuple) -> None:
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
+            key = names[module_name]
+            sums[key] = sums.get(key, 0) + x.square().sum(0)
+            counts[key] = counts.get(key, 0) + x.shape[0]
+        return collect
+
+    modules = dict(model.named_modules())
+    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(blocks), batch_size):
+                ids = torch.as_tensor(np.asarray(blocks[start:start + batch_size], dtype=np.int64))
+                model(input_ids=ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    del model
+    values = {k: (sums[k] / counts[k]).float().numpy() for k in sums}
+    return Imatrix(values, int(len(blocks)), int(blocks.size), source, time.time() - started)
+
+
+# ---------------------------------------------------------------- ggml through ctypes
+
+
+def _ggml() -> ctypes.CDLL:
+    """llama-cpp-python's ggml base library with the two functions used here typed."""
+    from .llama import llama_cpp
+
+    lib_dir = Path(llama_cpp().__file__).parent / "lib"
+    found = sorted(p for p in lib_dir.glob("*ggml-base*") if p.suffix in (".so", ".dylib", ".dll"))
+    if not found:
+        raise ExportError(f"llama-cpp-python has no ggml-base library in {lib_dir.name}/; reinstall it "
+                          f"(pip install --force-reinstall llama-cpp-python==0.3.36) or pass --imatrix-blocks 0")
+    lib = ctypes.CDLL(str(found[0]))
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    lib.ggml_row_size.restype = ctypes.c_size_t
+    lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
+    return lib
+
+
+def quantize_tensor(lib: ctypes.CDLL, values: np.ndarray, ggml_type: int,
+                    importance: Optional[np.ndarray], threads: int = 1) -> bytes:
+    """Quantize a 2-D float32 ``[rows, cols]`` array to ``ggml_type`` (rows split over threads)."""
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    rows, cols = values.shape
+    row_size = lib.ggml_row_size(ggml_type, cols)
+    out = np.empty(rows * row_size, dtype=np.uint8)
+    weights = None if importance is None else np.ascontiguousarray(importance, dtype=np.float32)
+    if weights is not None and weights.shape != (cols,):
+        raise ExportError(f"importance matrix of {weights.shape[0]} columns for a tensor of {cols}; "
+                          f"this is a rawtune bug: export with --imatrix-blocks 0 meanwhile")
+    w_ptr = None if weights is None else weights.ctypes.data
+    step = max(1, -(-rows // max(1, threads)))
+
+    def run(first: int) -> int:
+        n = min(step, rows - first)
+        # start counts elements; ggml writes the rows at dst + first * row_size itself.
+        return lib.ggml_quantize_chunk(ggml_type, values.ctypes.data, out.ctypes.data,
+                                       first * cols, n, cols, w_ptr)
+
+    starts = list(range(0, rows, step))
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(starts)))) as pool:
+        written = sum(pool.map(run, starts))  # ctypes drops the GIL during each call
+    if written != out.size:
+        raise ExportError(f"ggml wrote {written} bytes for a tensor of {out.size}; export with --imatrix-blocks 0")
+    return out.tobytes()
+
+
+def requantize(f16_path: Path, quantized: Path, imatrix: Optional[Imatrix], threads: int = 1,
+               only_weighted: bool = True) -> int:
+    """Rewrite the quantized tensors of ``quantized`` (a llama.cpp output of ``f16_path``) in place.
+
+    Each tensor keeps the type llama.cpp chose and its place in the file; its bytes come from
+    ``ggml_quantize_chunk`` on the F16 values, weighted by the importance matrix where it has an
+    entry. ``only_weighted`` skips tensors without an entry (their bytes would not change).
+    Returns how many tensors were written.
+    """
+    from gguf import GGUFReader
+
+    lib = _ggml()
+    source = {t.name: t for t in GGUFReader(str(f16_path)).tensors}
+    targets = [(t.name, int(t.tensor_type), t.tensor_type.name, int(t.data_offset), int(t.n_bytes))
+               for t in GGUFReader(str(quantized)).tensors]
+    values = imatrix.values if imatrix else {}
+    written = 0
+    with open(quantized, "r+b") as handle:
+        for name, ggml_type, type_name, offset, n_bytes in targets:
+            if type_name in FLOAT_TYPES or (only_weighted and name not in values):
+                continue
+            src = source[name]
+            data = np.asarray(src.data).astype(np.float32).reshape(-1, int(src.shape[0]))
+            blob = quantize_tensor(lib, data, ggml_type, values.get(name), threads)
+            if len(blob) != n_bytes:
+                raise ExportError(f"{name}: {len(blob)} bytes quantized, {n_bytes} in llama.cpp's file; "
+                                  f"export with --imatrix-blocks 0")
+            handle.seek(offset)
+            handle.write(blob)
+            written += 1
+    return written
+
+
+def quantize_file(f16_path: Path, default_file: Path, dst: Path, imatrix: Imatrix, threads: int = 1) -> int:
+    """``dst``: llama.cpp's ``default_file`` with every tensor that has an entry re-quantized."""
+    tmp = dst.with_name(dst.name + ".partial")
+    shutil.copyfile(default_file, tmp)
+    try:
+        count = requantize(f16_path, tmp, imatrix, threads)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, dst)
+    return count

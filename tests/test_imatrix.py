@@ -1,0 +1,160 @@
+"""Importance-matrix quantization: llama.cpp's bytes without a matrix, a better file with one.
+
+The models are 384 wide with a 768-wide MLP, so a Q4_K_M file mixes what SmolLM2's does: Q4_K and
+Q6_K where the width is a multiple of 256 (ffn_down), and llama.cpp's fallbacks (Q5_0, Q8_0) where
+it is not.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rawtune.export import gguf_writer
+from rawtune.settings import ExportSettings
+
+from conftest import train_tiny
+from tiny import tiny_model, write_corpus
+
+llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python)")
+
+from rawtune.export import export_run, imatrix, steps  # noqa: E402
+
+WIDE = 384  # not a multiple of 256 (fallbacks); the MLP's 768 is (real k-quant blocks)
+
+
+@pytest.fixture(scope="module")
+def wide_f16(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    root = tmp_path_factory.mktemp("wide")
+    model = tiny_model(root / "model", tiny_tokenizer_dir, "llama", hidden=WIDE, tie=False, seed=3)
+    f16 = root / "wide.F16.gguf"
+    gguf_writer.convert(model, f16, "f16")
+    return f16
+
+
+def _zero_quantized(src: Path, dst: Path) -> int:
+    """Copy ``src`` with the bytes of every quantized tensor set to zero; returns how many."""
+    from gguf import GGUFReader
+
+    shutil.copyfile(src, dst)
+    count = 0
+    with open(dst, "r+b") as handle:
+        for tensor in GGUFReader(str(src)).tensors:
+            if tensor.tensor_type.name not in imatrix.FLOAT_TYPES:
+                handle.seek(int(tensor.data_offset))
+                handle.write(b"\0" * int(tensor.n_bytes))
+                count += 1
+    return count
+
+
+@pytest.mark.parametrize("label", ["Q4_K_M", "Q8_0"])
+def test_per_tensor_path_without_imatrix_is_llama_cpp_bit_for_bit(label, wide_f16, tmp_path):
+    reference = tmp_path / f"ref.{label}.gguf"
+    steps.quantize(wide_f16, reference, label, tmp_path / "export.log")
+    types = steps.tensor_types(reference)
+    if label == "Q4_K_M":
+        assert {"Q4_K", "Q6_K", "Q5_0", "Q8_0"} <= set(types), types  # the mix, fallbacks included
+    mine = tmp_path / "mine.gguf"
+    zeroed = _zero_quantized(reference, mine)
+    assert zeroed == sum(n for t, n in types.items() if t != "F32") and mine.read_bytes() != reference.read_bytes()
+    rewritten = imatrix.requantize(wide_f16, mine, None, threads=2, only_weighted=False)
+    assert rewritten == zeroed
+    assert mine.read_bytes() == reference.read_bytes()  # every tensor's bytes, and everything else
+
+
+def test_imatrix_entries_match_tensors_and_change_only_k_quant_bytes(wide_f16, tmp_path):
+    """Matrix entries carry the GGUF names and input widths; weighting changes the Q4_K_M bytes."""
+    from gguf import GGUFReader
+
+    reference = tmp_path / "ref.gguf"
+    steps.quantize(wide_f16, reference, "Q4_K_M", tmp_path / "export.log")
+    shapes = {t.name: int(t.shape[0]) for t in GGUFReader(str(wide_f16)).tensors}
+    rng = np.random.default_rng(0)
+    values = {name: rng.lognormal(0.0, 1.0, cols).astype(np.float32)
+              for name, cols in shapes.items() if name.startswith("blk.") and not name.endswith("norm.weight")}
+    matrix = imatrix.Imatrix(values, blocks=1, tokens=1, source="random")
+    weighted = tmp_path / "weighted.gguf"
+    assert imatrix.quantize_file(wide_f16, reference, weighted, matrix) == len(values)
+    after = {t.name: bytes(t.data) for t in GGUFReader(str(weighted)).tensors}
+    before = {t.name: bytes(t.data) for t in GGUFReader(str(reference)).tensors}
+    changed = {name for name in before if after[name] != before[name]}
+    assert changed and changed <= set(values)  # token_embd, output and norms are untouched
+    assert steps.tensor_types(weighted) == steps.tensor_types(reference)  # llama.cpp's types kept
+
+
+@pytest.fixture(scope="module")
+def wide_trained_run(tmp_path_factory, tiny_tokenizer_dir):
+    """A tiny 384-wide model trained for 40 steps (far enough that its weights carry structure)."""
+    root = tmp_path_factory.mktemp("wide_run")
+    model = tiny_model(root / "model", tiny_tokenizer_dir, "llama", hidden=WIDE)
+    corpus = write_corpus(root / "corpus.jsonl", documents=200)
+    return train_tiny(root / "run", model, corpus, max_steps=40)
+
+
+def test_imatrix_lowers_heldout_perplexity_of_q4_k_m(wide_trained_run):
+    run = wide_trained_run
+    lines: list[str] = []
+    plain = export_run(run, ExportSettings(quant=["q4_k_m"], imatrix_blocks=0), log=lines.append)
+    ppl_plain = run.load()["gguf"]["Q4_K_M"]["ppl"]
+    assert plain["imatrix"] is None and run.load()["gguf"]["Q4_K_M"]["imatrix_tokens"] == 0
+    weighted = export_run(run, ExportSettings(quant=["q4_k_m"], imatrix_blocks=32), log=lines.append)
+    entry = run.load()["gguf"]["Q4_K_M"]
+    train_blocks = np.load(run.data_dir / "train.npy")
+    used = min(32, len(train_blocks))
+    assert weighted["imatrix"]["blocks"] == used and weighted["imatrix"]["tokens"] == used * train_blocks.shape[1]
+    assert entry["imatrix_tokens"] == weighted["imatrix"]["tokens"] and "train.npy" in weighted["imatrix"]["source"]
+    assert weighted["ppl_merged"] == plain["ppl_merged"] and weighted["ppl_blocks"] == plain["ppl_blocks"]
+    # Both numbers are real llama.cpp perplexities of two files on the same held-out tokens.
+    assert entry["ppl"] < ppl_plain, (entry["ppl"], ppl_plain, plain["ppl_merged"])
+    assert entry["ppl"] > plain["ppl_merged"] * 0.99  # still a 4-bit file, not a copy of the merged model
+
+
+def test_fallback_warnings_become_one_summary_line(wide_trained_run, capfd):
+    run = wide_trained_run
+    log_file = run.path / steps.LOG_FILE
+    log_file.unlink(missing_ok=True)
+    lines: list[str] = []
+    export_run(run, ExportSettings(quant=["q4_k_m", "q8_0"], imatrix_blocks=0, name="quiet"),
+                      log=lines.append)
+    printed = capfd.readouterr()
+    console = "\n".join(lines) + printed.out + printed.err
+    assert "falling back" not in console and "ncols" not in console  # llama.cpp's per-tensor lines
+    full = log_file.read_text()
+    warned = full.count("-> falling back to")
+    q5 = full.count("(required for type    q4_K) -> falling back to    q5_0")
+    assert warned > 0 and q5 > 0
+    summaries = [line for line in lines if "fell back" in line]
+    assert len(summaries) == 1, summaries  # Q8_0 has no fallbacks: no line for it
+    quantized = sum(n for t, n in run.load()["gguf"]["Q4_K_M"]["tensor_types"].items() if t != "F32")
+    assert f"{q5} of {quantized} tensors fell back from Q4_K to Q5_0" in summaries[0]
+    assert f"width {WIDE} is not a multiple of 256" in summaries[0]
+    assert run.load()["gguf"]["Q4_K_M"]["fallback"] in summaries[0]
+
+
+def test_fallback_summary_text():
+    text = ("warning: blk.0.attn_q.weight                 - ncols    576 not divisible by 256 (required for type    q4_K) "
+            "-> falling back to    q5_0\n" * 3
+            + "warning: output.weight - ncols    576 not divisible by 256 (required for type    q6_K) "
+              "-> falling back to    q8_0\n")
+    assert steps.fallback_summary(text, 10) == ("3 of 10 tensors fell back from Q4_K to Q5_0; 1 from Q6_K to Q8_0: "
+                                                 "width 576 is not a multiple of 256")
+    assert steps.fallback_summary("llama_model_quantize_impl: model size = 1 MiB\n", 10) is None
+
+
+def test_card_and_record_say_where_the_calibration_tokens_came_from(wide_trained_run):
+    from rawtune.publish.card import render
+
+    run = wide_trained_run
+    export_run(run, ExportSettings(quant=["q4_k_m", "q8_0"], imatrix_blocks=8, name="card"), log=lambda s: None)
+    record = run.load()
+    seq_len = np.load(run.data_dir / "train.npy").shape[1]
+    assert record["export"]["imatrix"]["tokens"] == 8 * seq_len and record["export"]["imatrix"]["blocks"] == 8
+    assert record["gguf"]["Q4_K_M"]["imatrix_tokens"] == 8 * seq_len and record["gguf"]["Q8_0"]["imatrix_tokens"] == 0
+    card = render(record, "alice/card", [record["gguf"][q]["file"] for q in ("Q4_K_M", "Q8_0")])
+    assert f"Q4_K_M was quantized with an importance matrix computed from {8 * seq_len:,} tokens of the training text" in card
+    assert "Q8_0 was quantized with an importance matrix" not in card
+    blocks = record["export"]["ppl_blocks"]
+    assert f"never trained on ({blocks[0] * blocks[1]:,} tokens)" in card
