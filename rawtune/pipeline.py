@@ -116,9 +116,6 @@ def run_pipeline(settings: RunSettings, token: Optional[str] = None, callback=No
     settings = validate(settings)
     if not settings.out:
         raise ConfigError("--out: give a run directory, e.g. --out runs/my-run")
-    if "push" in settings.stages and not is_repo_id(settings.push.repo):
-        # Checked before the stages run, so a long training does not end in a refused push.
-        raise ConfigError(f"--repo {settings.push.repo!r}: give the Hub repo as user/name, e.g. alice/my-model")
     run = RunDir(settings.out)
     with run.lock():
         check_resume(settings, run)

@@ -22,6 +22,7 @@ import yaml
 
 from . import quants
 from .errors import ConfigError
+from .hubauth import is_repo_id
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M"
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -428,8 +429,8 @@ def validate(settings: RunSettings) -> RunSettings:
     s.train = _validate_train(resolve_preset(s.train))
     s.export.quant = [quants.get(label).key for label in quants.labels_for(_as_list(s.export.quant))]
     _check(s.export.imatrix_blocks >= 0, "imatrix_blocks", "must be 0 (no importance matrix) or more, e.g. 16")
-    if "push" in s.stages:  # its form is checked by the pipeline, with the one Hub-id rule (hubauth)
-        _check(bool(s.push.repo), "repo", "give the Hub repo as user/name")
+    if "push" in s.stages:  # checked before any stage runs, so a long training does not end in a refused push
+        _check(is_repo_id(s.push.repo), "repo", "give the Hub repo as user/name, e.g. alice/my-model")
     return s
 
 
