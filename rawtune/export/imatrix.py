@@ -68,10 +68,10 @@ def _gguf_names(model: Any, config: dict[str, Any]) -> dict[str, str]:
     import gguf
     import torch
 
-    from .gguf_writer import hf_architecture
+    from .gguf_writer import FAMILIES, hf_architecture
 
-    _, arch = hf_architecture(config)
-    model_arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}[arch]
+    name, _ = hf_architecture(config)
+    model_arch = FAMILIES[name].model_arch
     tensor_map = gguf.get_tensor_name_map(model_arch, int(config["num_hidden_layers"]))
     names = {}
     for name, module in model.named_modules():

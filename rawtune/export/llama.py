@@ -13,7 +13,7 @@ import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 from ..errors import ExportError
 
@@ -55,8 +55,8 @@ def _other_runnable() -> int:
 
 
 @contextmanager
-def llama_log(path: Path, title: str) -> Iterator[list[str]]:
-    """Send llama.cpp's log to a list (appended to ``path`` afterwards) instead of the console.
+def llama_log(path: Optional[Path], title: str) -> Iterator[list[str]]:
+    """Send llama.cpp's log to a list (appended to ``path`` afterwards, if given) instead of the console.
 
     llama.cpp logs a line or two per tensor while quantizing (a fallback warning for most tensors
     of a small model); the caller turns those into one summary line.
@@ -75,6 +75,8 @@ def llama_log(path: Path, title: str) -> Iterator[list[str]]:
         yield chunks
     finally:
         cpp.llama_log_set(cpp_logger.llama_log_callback, ctypes.c_void_p(0))
+        if path is None:
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a", encoding="utf-8") as handle:
             handle.write(f"==== {title} ({time.strftime('%Y-%m-%d %H:%M:%S')})\n{''.join(chunks)}\n")

@@ -186,11 +186,11 @@ def fallback_summary(log_text: str, quantized: int) -> Optional[str]:
     return f"{'; '.join(parts)}: {why}"
 
 
-def quantize(src: Path, dst: Path, label: str, log_path: Path) -> tuple[float, Optional[str]]:
+def quantize(src: Path, dst: Path, label: str, log_path: Optional[Path] = None) -> tuple[float, Optional[str]]:
     """Quantize ``src`` (F16 GGUF) to ``dst`` with llama.cpp's quantizer.
 
     Returns the seconds taken and the fallback summary line (None when no tensor fell back);
-    llama.cpp's own log is appended to ``log_path``.
+    llama.cpp's own log is appended to ``log_path`` (dropped when None).
     """
     cpp = llama_cpp()
     params = cpp.llama_model_quantize_default_params()
