@@ -115,8 +115,11 @@ class Family:
     settings: dict[str, Any] = field(default_factory=dict)
 
 
+# Llama 3.1+ ships reserved special tokens with no pad token declared; Unsloth pads with
+# <|finetune_right_pad_id|> from among them (a vocabulary without a spare token makes it refuse).
 LLAMA3_TOK = Tokenizer("bpe", ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-                               "<|eot_id|>"], bos="<|begin_of_text|>", eos="<|eot_id|>", add_bos=True,
+                               "<|eot_id|>", "<|finetune_right_pad_id|>"], bos="<|begin_of_text|>", eos="<|eot_id|>",
+                       add_bos=True,
                        split_regex=LLAMA3_REGEX, ignore_merges=True)
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
