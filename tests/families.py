@@ -121,7 +121,9 @@ LLAMA3_TOK = Tokenizer("bpe", ["<|begin_of_text|>", "<|end_of_text|>", "<|start_
                                "<|eot_id|>", "<|finetune_right_pad_id|>"], bos="<|begin_of_text|>", eos="<|eot_id|>",
                        add_bos=True,
                        split_regex=LLAMA3_REGEX, ignore_merges=True)
-QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# Qwen's real vocabularies also hold <|fim_pad|> among their special tokens; Unsloth pads with such
+# a token when the declared pad is the EOS (Qwen2.5 base) and refuses a tokenizer without one.
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|fim_pad|>"]
 
 FAMILY_SPECS: dict[str, Family] = {
     # Llama 3.2 1B/3B: tied embeddings, llama3 RoPE scaling (old context shortened so it shows in 48 tokens).
@@ -170,7 +172,8 @@ FAMILY_SPECS: dict[str, Family] = {
     # Granite 3.x dense: StarCoder-style tokenizer (single digits + GPT-2 byte level), four multipliers
     # (attention 1/head_dim as in Granite 3.x, residual and logit values of the 2B model).
     "granite": Family("GraniteForCausalLM", "GraniteConfig", Tokenizer(
-        "bpe", ["<|end_of_text|>", "<|start_of_role|>", "<|end_of_role|>"], bos=None, eos="<|end_of_text|>",
+        "bpe", ["<|end_of_text|>", "<fim_pad>", "<|start_of_role|>", "<|end_of_role|>"], bos=None,
+        eos="<|end_of_text|>",
         add_bos=False, pad="<|end_of_text|>", digits=True), GRANITE_TEMPLATE, True, dict(
         embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0625, logits_scaling=8.0,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),

@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, TrainError
 from ..rundir import RunDir
 from ..settings import EMBEDDING_MODULES, FUSED_PROJECTIONS, TrainSettings, has_cuda
 from .optim import param_groups
@@ -120,6 +120,7 @@ def load_unsloth(t: TrainSettings, local_dir: str) -> Any:
 
     model, _tokenizer = FastLanguageModel.from_pretrained(
         model_name=local_dir, max_seq_length=t.seq_len, dtype=None, load_in_4bit=t.load_in_4bit)
+    _check_vocab_kept(model, local_dir)
     t = with_model_targets(model, t)
     check_targets(model, t)
     gc = _checkpointing(t)
@@ -129,6 +130,21 @@ def load_unsloth(t: TrainSettings, local_dir: str) -> Any:
         lora_dropout=t.lora_dropout, bias="none", use_rslora=t.use_rslora, random_state=t.seed,
         use_gradient_checkpointing={"off": False, "on": True, "unsloth": "unsloth"}[gc],
         max_seq_length=t.seq_len)
+
+
+def _check_vocab_kept(model: Any, local_dir: str) -> None:
+    """Refuse to train when Unsloth grew the vocabulary (it adds a pad token when the tokenizer has
+    no usable one): the adapter would then not load onto the base for eval, merge and export, and the
+    run would be lost at its last step. rawtune packs blocks without padding, so PEFT needs none."""
+    import json
+
+    config = json.loads((Path(local_dir) / "config.json").read_text(encoding="utf-8"))
+    expected = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    rows = model.get_input_embeddings().weight.shape[0]
+    if expected and rows != expected:
+        raise TrainError(f"--backend unsloth: Unsloth resized the embeddings from {expected} to {rows} rows "
+                         "(it added a pad token this tokenizer lacks), so the adapter would not fit the "
+                         "base model; train this model with --backend peft")
 
 
 def _checkpointing(t: TrainSettings) -> str:
