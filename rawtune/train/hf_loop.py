@@ -111,6 +111,9 @@ def load_peft(t: TrainSettings, local_dir: str) -> Any:
     elif _checkpointing(t) != "off":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    # LoRA's A matrices are drawn from torch's global generator: seed it here so --seed decides
+    # the initial adapter, whatever ran before in this process (Unsloth gets random_state).
+    torch.manual_seed(t.seed)
     return get_peft_model(model, peft_config(t))
 
 
