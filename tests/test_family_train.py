@@ -230,3 +230,22 @@ def test_model_list_covers_every_family_with_known_sizes():
     assert param_count("meta-llama/Llama-3.2-3B-Instruct") == 3.21e9
     assert estimate_seconds(10**6, 1.0, param_count("Qwen/Qwen3-0.6B"), cuda=True) == pytest.approx(
         6 * 0.6e9 * 10**6 / 30e12)
+
+
+def test_gemma2_keeps_shared_embeddings_so_its_run_exports(family_dir, tiny_corpus, tmp_path):
+    """Asked to train embed_tokens/lm_head (as the standard preset does), a Gemma 2 run trains
+    LoRA only and says so, so its adapter still exports (llama.cpp's gemma2 has no output matrix)."""
+    lines: list[str] = []
+    from rawtune.pipeline import run_pipeline
+    from rawtune.rundir import RunDir
+    from rawtune.settings import apply
+
+    values = dict(out=str(tmp_path / "g2"), dataset=str(tiny_corpus), model=str(family_dir("gemma2")),
+                  preset="quick", seq_len=64, batch_size=2, max_steps=2, save_steps=100, backend="peft",
+                  train_embeddings=True, quant=["f16"], stages=["data", "train", "eval", "merge", "export"])
+    run_pipeline(apply(RunSettings(), values), log=lines.append)
+    run = RunDir(tmp_path / "g2")
+    assert any("embed_tokens/lm_head stay frozen" in line for line in lines)
+    config = json.loads((run.adapter_dir / "adapter_config.json").read_text())
+    assert not config.get("modules_to_save")
+    assert (run.gguf_dir / run.load()["gguf"]["F16"]["file"]).is_file()

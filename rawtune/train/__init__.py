@@ -38,6 +38,7 @@ def train(settings: RunSettings, run: RunDir, callback: Optional[Callback] = Non
         raise TrainError(f"the packed blocks have length {train_blocks.shape[1]} but --seq-len is {t.seq_len}; "
                          "rerun the data stage (`rawtune train` without --resume)")
     backend = choose_backend(t.backend)
+    t, backend = _family_limits(t, backend, model_info["local_dir"], log)
     import_backend_first(backend)  # a no-op when the pipeline already did it
     if has_cuda():
         from .plan import plan
@@ -53,6 +54,34 @@ def train(settings: RunSettings, run: RunDir, callback: Optional[Callback] = Non
     result = loop(t, run, model, train_blocks, held, progress, signal, resume_from)
     _save_adapter(run, model)
     return write_record(t, run, result, progress, signal, backend)
+
+
+# Architectures whose GGUF (llama.cpp) reads one matrix for both the input embedding and the
+# output layer: a separately trained lm_head could not be exported (the writer's family table
+# refuses it), so their embeddings stay tied and frozen.
+SHARED_EMBEDDING_ARCHS = {"Gemma2ForCausalLM"}
+# Architectures whose Unsloth training fails inside Unsloth: its compiled Gemma 2 layer stops with
+# an Inductor assertion (Unsloth 2026.10.9, torch 2.11, H200); `--backend auto` trains them with PEFT.
+UNSLOTH_FAILS = {"Gemma2ForCausalLM"}
+
+
+def _family_limits(t: TrainSettings, backend: str, local_dir: str,
+                   log: Callable[[str], None]) -> tuple[TrainSettings, str]:
+    """Adjust what this model family cannot do (each change said in one log line)."""
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    config = json.loads((Path(local_dir) / "config.json").read_text(encoding="utf-8"))
+    arch = (config.get("architectures") or [""])[0]
+    if arch in SHARED_EMBEDDING_ARCHS and t.train_embeddings:
+        log(f"[train] {arch}: embed_tokens/lm_head stay frozen (llama.cpp reads one shared matrix for "
+            "both, so a trained lm_head could not be exported)")
+        t = dataclasses.replace(t, train_embeddings=False)
+    if arch in UNSLOTH_FAILS and backend == "unsloth" and t.backend == "auto":
+        log(f"[train] {arch}: training with PEFT (Unsloth's compiled layer fails for this architecture)")
+        backend = "peft"
+    return t, backend
 
 
 def _resume_point(t: TrainSettings, run: RunDir, log: Callable[[str], None]) -> Any:
