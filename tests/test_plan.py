@@ -154,7 +154,7 @@ def test_segment_leaves_room_for_load_and_save():
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    return subprocess.run([sys.executable, "-m", "rawtune.gpu", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "rawtune.train.plan", *args], capture_output=True, text=True, env=env,
                           timeout=120)
 
 

@@ -113,7 +113,7 @@ def test_merged_folder_matches_peft_folder(case):
 def test_gguf_from_streamed_folder_equals_gguf_from_peft_folder(case, tmp_path):
     """Today's GGUF writer, fed the streamed folder, writes the same tensors as from PEFT's folder."""
     gguf = pytest.importorskip("gguf")
-    from rawtune import gguf_writer
+    from rawtune.export import gguf_writer
 
     if case["dtype"] != torch.float32:
         pytest.skip("the fp32 cases (tied with embeddings, untied LoRA-only) cover the writer")
@@ -131,7 +131,7 @@ def test_gguf_from_streamed_folder_equals_gguf_from_peft_folder(case, tmp_path):
 def test_for_gguf_gives_config_tokenizer_and_the_same_arrays(case, tmp_path):
     import numpy as np
 
-    from rawtune import gguf_writer
+    from rawtune.export import gguf_writer
 
     folder, arrays, info = streamed.for_gguf(case["run"], tmp_path / "skeleton")
     assert not list(folder.glob("*.safetensors")) and (folder / "tokenizer.json").is_file()
