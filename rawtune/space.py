@@ -31,6 +31,7 @@ from typing import Any, Optional
 
 from .errors import ConfigError
 from .hubauth import is_repo_id
+from .units import format_duration
 
 # Defaults on a shared app; each is overridden by its environment variable (0 = no limit).
 SHARED_UPLOAD_MB = 50
@@ -174,7 +175,7 @@ class Budget:
     def describe(self) -> str:
         parts = []
         if self.seconds:
-            parts.append(f"{_duration(self.seconds)}")
+            parts.append(f"{format_duration(self.seconds, 'unknown')}")
         if self.steps:
             parts.append(f"{self.steps:,} steps")
         return " or ".join(parts) + " per training" if parts else "no limit per training"
@@ -182,7 +183,7 @@ class Budget:
     def time_up(self, elapsed_s: float) -> Optional[str]:
         """Why the training must stop now, or None while it is within its time."""
         if self.seconds and elapsed_s >= self.seconds:
-            return f"this app's time budget per training ({_duration(self.seconds)}) is used up"
+            return f"this app's time budget per training ({format_duration(self.seconds, 'unknown')}) is used up"
         return None
 
     def cap_steps(self, max_steps: Optional[int], epochs: Optional[float], batch_size: int,
@@ -206,15 +207,6 @@ class Budget:
         return max(0.0, self.seconds - elapsed_s) if self.seconds else None
 
 
-def _duration(seconds: Optional[float]) -> str:
-    if seconds is None:
-        return "unknown"
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 @dataclass
@@ -323,7 +315,7 @@ class GpuSlot:
     def _doing(self, ticket: Ticket) -> str:
         if ticket.kind == "training" and ticket.max_steps:
             return (f"a training at step {ticket.step:,}/{ticket.max_steps:,}"
-                    f" (about {_duration(self._expected_s(ticket, time.time()))} left)")
+                    f" (about {format_duration(self._expected_s(ticket, time.time()), 'unknown')} left)")
         if ticket.kind == "training":
             return "a training that is starting"
         return f"a{'n' if ticket.kind[0] in 'aeiou' else ''} {ticket.kind.capitalize()} (about a minute)"
@@ -336,7 +328,7 @@ class GpuSlot:
         now_text = ", ".join(self._doing(t) for t in info["running"])
         more = len(info["waiting"])
         queue = f", then {more} more waiting before you" if more else ""
-        wait = f"; expected wait about {_duration(info['wait_s'])}" if info["wait_s"] is not None else ""
+        wait = f"; expected wait about {format_duration(info['wait_s'], 'unknown')}" if info["wait_s"] is not None else ""
         return (f"Waiting for the GPU: you are number {info['position']} in line. Running now: {now_text}"
                 f"{queue}{wait}. Each training here gets {self.budget.describe()}.")
 

@@ -9,7 +9,6 @@ callback as plain dicts (``{"type": "step", ...}``), the shape the CLI and the a
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import signal
 import threading
@@ -20,6 +19,7 @@ from typing import Any, Callable, Optional
 
 from ..rundir import RunDir
 from ..settings import TrainSettings
+from ..units import format_duration
 
 Callback = Callable[[dict], None]
 Log = Callable[[str], None]
@@ -68,16 +68,6 @@ def as_dict(event: Any) -> dict:
     return {"type": values.pop("type"), **values}
 
 
-def format_duration(seconds: Optional[float]) -> str:
-    """A short duration for progress lines: 59s, 1m01s, 2h01m ('?' when unknown)."""
-    if seconds is None or not math.isfinite(seconds):
-        return "?"
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
 
 
 # ---------------------------------------------------------------- meter and progress
