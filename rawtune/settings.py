@@ -104,8 +104,8 @@ class TrainSettings:
     lr_scheduler: Optional[str] = setting(None, "learning-rate schedule: cosine, linear or constant",
                                           choices=["cosine", "linear", "constant"])
     weight_decay: Optional[float] = setting(None, "AdamW weight decay", "float")
-    optimizer: str = setting("auto", "auto (8-bit AdamW on CUDA, AdamW on CPU), adamw_8bit or adamw_torch",
-                             choices=["auto", "adamw_8bit", "adamw_torch"])
+    optimizer: str = setting("auto", "auto (fused AdamW on CUDA, 8-bit AdamW with 4-bit loading, AdamW on "
+                             "CPU), adamw_8bit or adamw_torch", choices=["auto", "adamw_8bit", "adamw_torch"])
     seed: int = setting(3407, "random seed for data order and LoRA init", "int")
     save_steps: Optional[int] = setting(None, "write a resumable checkpoint every this many steps", "int")
     eval_steps: Optional[int] = setting(None, "compute held-out loss every this many steps (0: only at the end)",
