@@ -309,9 +309,13 @@ def child_rawtune(a) -> None:
     eff = record.effective_settings
     steps = [e for e in record.history if e["type"] == "step"]
     tokens_per_step = eff["batch_size"] * eff["grad_accum"] * eff["seq_len"]
+    # rawtune reports every 10th step on a GPU, so its own figure (timed from the end of step 1, its
+    # compile and warm-up left out) is the measurement; per-event stamps remain for settings that log more.
     first = a.warmup if a.warmup in stamps else min(stamps)
     last = max(stamps)
     tok_s = tokens_per_step * (last - first) / (stamps[last] - stamps[first]) if last > first else None
+    if tok_s is None and steps:
+        tok_s, first = steps[-1]["tokens_per_s"], 1
     emit({"status": "ok", "micro": eff["batch_size"], "accum": eff["grad_accum"],
           "gc": str(eff["gradient_checkpointing"]), "four_bit": bool(eff.get("load_in_4bit")),
           "train_embeddings": eff.get("train_embeddings"), "backend": record.backend,
@@ -611,6 +615,8 @@ def table_caps(r: Runner, model_dir: Path, cap: float) -> None:
     for gc in (False, True):
         for micro in MICROS:
             tag = f"cap{cap:g}-unsloth-{micro}x{EFFECTIVE // micro}-{'gc' if gc else 'nogc'}"
+            if a.unsloth and tag.split("-", 2)[2] not in a.unsloth.split(","):
+                continue
             args = ["unsloth", "--model-dir", str(model_dir), "--cap", str(cap), "--micro", str(micro)]
             rows.append(("Unsloth", r.spawn(tag, args + (["--gc"] if gc else []), need_s=30, limit_s=180)))
     print_caps_table(cap, rows, a.tiny)
@@ -782,6 +788,8 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=None,
                    help="seconds: no variant starts after this (default 560; 3000 with --tiny on a slow CPU)")
     p.add_argument("--tiny", "--dry-run", action="store_true", help="tiny shapes on a CPU, to exercise the code")
+    p.add_argument("--unsloth", default="", help="only these Unsloth settings, e.g. 8x2-nogc,4x4-nogc "
+                   "(default: all eight; use it to rerun the best ones of a full sweep)")
     a = p.parse_args()
     a.seq, a.steps = (64, 2) if a.tiny else (2048, 8)
     a.warmup = 2

@@ -96,7 +96,7 @@ def test_form_fields_map_to_settings():
     assert (t.model, t.preset, t.seq_len, t.learning_rate, t.max_steps, t.seed) == ("./some/model", "quick", 64, 1e-3, 12, 7)
     # Empty boxes and "preset" keep the dataclass defaults, so the preset fills them later.
     assert t.lora_r is None and t.use_rslora is None and t.lr_scheduler is None and t.target_modules is None
-    assert t.train_embeddings is False and t.eval_batches == 8 and t.logging_steps == 1
+    assert t.train_embeddings is False and t.eval_batches == 8 and t.logging_steps is None
     with pytest.raises(ConfigError, match="seq len must be a whole number"):
         train_from_form("m", "quick", {**values, "seq_len": "64.5"}, gpu=False)
     with pytest.raises(ConfigError, match="learning rate must be a number"):

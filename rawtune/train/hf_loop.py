@@ -270,16 +270,20 @@ def _trainer_callback(progress: Progress, stop: StopSignal) -> Any:
         """Hands the Trainer's logs and evaluations to ``progress``, and its stop requests back."""
 
         def on_train_begin(self, args, state, control, **kw):
-            progress.meter.mark(state.global_step)
+            self.first = state.global_step + 1
+
+        def on_step_end(self, args, state, control, **kw):
+            # Time from the first finished step, as the fast loop does: its compiling and
+            # allocator warm-up are not training (they made a 10-step bench read 6x slow).
+            if state.global_step == self.first:
+                progress.meter.mark(state.global_step)
+            return self._check_stop(control)
 
         def _check_stop(self, control):
             if stop.requested():
                 control.should_save = True
                 control.should_training_stop = True
             return control
-
-        def on_step_end(self, args, state, control, **kw):
-            return self._check_stop(control)
 
         def on_log(self, args, state, control, logs=None, **kw):
             if not logs or "loss" not in logs:
