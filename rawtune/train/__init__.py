@@ -42,6 +42,8 @@ def train(settings: RunSettings, run: RunDir, callback: Optional[Callback] = Non
     held = load_blocks(run, "heldout")
     decided = _decide(settings.train, run, local_dir, train_blocks, dist, log) if dist.main else None
     t, backend, resume_from = dist.share(decided)
+    if not dist.main:
+        _quiet_libraries()
     log(f"[train] backend {backend}; LoRA r={t.lora_r} alpha={t.lora_alpha}"
         f"{' rsLoRA' if t.use_rslora else ''}{' + embed_tokens/lm_head' if t.train_embeddings else ''}")
     model = _load_model(backend, t, local_dir)
@@ -80,7 +82,25 @@ def _decide(t: TrainSettings, run: RunDir, local_dir: str, train_blocks: Any, di
         from .plan import plan
 
         t = plan(t, local_dir, log=log)
+        _say_idle_gpus(dist, log)
     return t, backend, _resume_point(t, run, log)
+
+
+def _say_idle_gpus(dist: distributed.Dist, log: Callable[[str], None]) -> None:
+    """One process on a machine with several GPUs trains on one of them: say so, and how to use all."""
+    import torch
+
+    count = torch.cuda.device_count()
+    if not dist.active and count > 1:
+        log(f"[train] 1 of {count} GPUs: this process trains on one; `rawtune train --gpus {count} ...` "
+            "(or torchrun) trains data-parallel on all of them")
+
+
+def _quiet_libraries() -> None:
+    """Ranks other than 0: no progress bars from transformers (rank 0's are the ones shown)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def _split(t: TrainSettings, dist: distributed.Dist, loop: Callable, log: Callable[[str], None]) -> TrainSettings:
