@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -176,8 +177,14 @@ def relaunch_command(gpus: int, argv: Sequence[str]) -> tuple[list[str], dict]:
             "-m", "rawtune.cli", *rest], env
 
 
-def _relaunch(gpus: int, argv: Sequence[str]) -> int:
-    """Run this command again in ``gpus`` processes through torchrun; its exit code."""
+def _relaunch(gpus: int, argv: Sequence[str], out: Optional[str]) -> int:
+    """Run this command again in ``gpus`` processes through torchrun; its exit code.
+
+    torchrun passes a Ctrl-C on to its processes once more, which would abort them mid-step; so
+    torchrun runs in its own session, and a first Ctrl-C here writes the run's STOP file instead
+    (every process stops after the same step, rank 0 saves the adapter and a checkpoint); a second
+    one is passed on to torchrun (abort).
+    """
     from .settings import has_cuda
     from .train.distributed import world_size
 
@@ -193,7 +200,24 @@ def _relaunch(gpus: int, argv: Sequence[str]) -> int:
                               "use at most that many")
     command, env = relaunch_command(gpus, argv)
     print(f"rawtune: training on {gpus} {'GPUs' if has_cuda() else 'CPU processes'} through torchrun", flush=True)
-    return subprocess.call(command, env=env)
+    proc = subprocess.Popen(command, env=env, start_new_session=True)
+    interrupted = False
+    while True:
+        try:
+            code = proc.wait()
+            if interrupted and code == 0:
+                print(f"rawtune: interrupted; the adapter and a checkpoint are saved: continue with "
+                      f"`rawtune train --out {out} --resume --gpus {gpus}`", file=sys.stderr)
+                return 130
+            return code
+        except KeyboardInterrupt:
+            if interrupted or not out:
+                proc.send_signal(signal.SIGINT)
+            else:
+                RunDir(out).stop_file.touch()
+                print("rawtune: stopping after this step; the adapter and a checkpoint will be saved "
+                      "(Ctrl-C again to abort)", file=sys.stderr, flush=True)
+            interrupted = True
 
 
 def _follow(args: argparse.Namespace) -> int:
@@ -216,7 +240,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             _run_on_dir(args)
             return 0
         if getattr(args, "gpus", None) is not None and args.gpus != 1:
-            return _relaunch(args.gpus, sys.argv[1:] if argv is None else argv)
+            return _relaunch(args.gpus, sys.argv[1:] if argv is None else argv, _settings_for(args).out)
         from .train.distributed import rank
 
         if rank() > 0:
