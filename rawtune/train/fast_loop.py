@@ -304,9 +304,9 @@ def fit(t: TrainSettings, run: RunDir, model: Any, train_blocks: np.ndarray, hel
     params = [p for _, p in net.trainable]
     broadcast_params(params, dist)  # the same starting weights on every rank, as DDP's wrapper does
     eval_every = t.eval_steps if len(eval_blocks) and t.eval_steps else 0
-    progress.log(f"[train] fast CUDA loop: micro-batch {micro} x {t.grad_accum} accumulation"
-                 f"{f' over {dist.world} processes' if dist.active else ''}, "
-                 f"{'compiled' if fast.compiled else 'eager'}, {max_steps} steps")
+    split = (f"micro-batch {micro} x {math.ceil(effective / dist.world / micro)} accumulation on each of "
+             f"{dist.world} processes" if dist.active else f"micro-batch {micro} x {t.grad_accum} accumulation")
+    progress.log(f"[train] fast CUDA loop: {split}, {'compiled' if fast.compiled else 'eager'}, {max_steps} steps")
     pending = _Pending(progress, t, max_steps, steps_per_epoch(len(train_blocks), effective))
     step = start_step
     started = time.time()
