@@ -15,7 +15,9 @@ tokenizer); data: ``tests/tiny.py``'s repetitive corpus, so the loss falls and c
 compared. Settings: the ``standard`` preset (r=128 rsLoRA on 7 projections + embed_tokens/lm_head),
 sequence 2048, micro-batch 16 x 2 accumulation (32 blocks, 65,536 tokens per optimizer step) kept
 as given (``--gradient-checkpointing off``), so one GPU runs two micro-batches of 16 per step and
-each of two GPUs runs one. tokens/s is rawtune's own figure at the last step (timed from the end
+each of two GPUs runs one. ``--backend peft`` in every run: several processes always load the model
+with PEFT, and the one-GPU run must start from the same LoRA initialisation to compare losses (the
+fast loop trains either loader's model at the same speed). tokens/s is rawtune's own figure at the last step (timed from the end
 of the first step, so compiling is left out), for the whole job.
 
 It prints a markdown table last (card, command, tokens/s, speed-up, losses) and writes
@@ -75,7 +77,7 @@ def train_command(a, out: Path, model_dir: Path, corpus: Path, gpus: int, resume
     cmd = [sys.executable, "-m", "rawtune.cli", "train", "--out", str(out)]
     if resume:  # the Trainer path (--tiny) also saves at the last step: give it two more steps there
         return cmd + ["--resume"] + (["--max-steps", str(a.steps + 2)] if a.tiny else [])
-    cmd += ["--dataset", str(corpus), "--model", str(model_dir), "--preset", "standard",
+    cmd += ["--dataset", str(corpus), "--model", str(model_dir), "--preset", "standard", "--backend", "peft",
             "--seq-len", str(a.seq), "--batch-size", str(a.micro), "--grad-accum", str(a.accum),
             "--gradient-checkpointing", "off", "--max-steps", str(a.steps), "--save-steps", str(a.steps // 2),
             "--eval-steps", "0", "--logging-steps", str(max(a.steps // 6, 1))]
