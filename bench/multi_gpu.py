@@ -38,6 +38,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -87,17 +88,45 @@ def train_command(a, out: Path, model_dir: Path, corpus: Path, gpus: int, resume
 
 
 def run(tag: str, cmd: list[str], log: Path, limit_s: float) -> dict:
-    """Run one command line; its exit code and seconds (its output goes to the shared log)."""
+    """Run one command line; its exit code and seconds (its output goes to the shared log).
+
+    Past ``limit_s`` the command and every process under it (torchrun, its workers, compile
+    workers) are killed, so a hung run cannot hold the GPUs for the next one.
+    """
     t0 = time.time()
     with log.open("a") as handle:
         handle.write(f"\n===== {tag}: {' '.join(cmd)}\n")
         handle.flush()
+        proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
         try:
-            rc = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT, timeout=limit_s).returncode
+            rc = proc.wait(timeout=max(limit_s, 1))
         except subprocess.TimeoutExpired:
+            for pid in [proc.pid, *descendants(proc.pid)]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            proc.wait()
             rc = "timeout"
     print(f"{tag}: rc {rc}, {time.time() - t0:.0f} s", flush=True)
     return {"rc": rc, "wall_s": round(time.time() - t0, 1)}
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (read from /proc: torchrun starts its workers in their own session)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
 
 
 def summary(run_dir: Path) -> dict:
@@ -138,7 +167,7 @@ def table(c: str, a, res: dict) -> None:
     print("|---|---|---|---|---|---|---|---|")
     base = one.get("tok_s")
     for name, r, command in (("1 GPU", one, "rawtune train ..."), ("2 GPUs", two, "rawtune train ... --gpus 2"),
-                             (f"2-GPU checkpoint-{back.get('resumed_from_step')} resumed on 1 GPU", back,
+                             (f"2-GPU checkpoint-{back.get('resumed_from_step') or '?'} resumed on 1 GPU", back,
                               "rawtune train --out RUN --resume")):
         if not r:
             print(f"| {name} | `{command}` | failed, see the log | | | | | |")
@@ -160,7 +189,9 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/multi_gpu", help="scratch folder (model, corpus, run directories)")
     p.add_argument("--steps", type=int, default=30, help="optimizer steps per run (the checkpoint is at half)")
     p.add_argument("--tiny", action="store_true", help="a tiny model in CPU processes, to exercise the code")
+    p.add_argument("--budget", type=float, default=450, help="seconds for the whole call; a run past it is killed")
     a = p.parse_args()
+    deadline = time.time() + a.budget
     a.seq, a.micro, a.accum = (64, 2, 2) if a.tiny else (2048, 16, 2)
     if a.tiny:
         a.steps = min(a.steps, 6)
@@ -181,7 +212,7 @@ def main() -> None:
     print(f"card: {c}", flush=True)
     model_dir = work / ("tiny-model" if a.tiny else "smollm2-135m-shape")
     built = run("build", [sys.executable, __file__, "--build-only", str(model_dir), "tiny" if a.tiny else "135m"],
-                log, 300) if not (model_dir / "built.json").is_file() else {"rc": 0, "reused": True}
+                log, 180) if not (model_dir / "built.json").is_file() else {"rc": 0, "reused": True}
     corpus = write_corpus(work / "corpus.jsonl", documents=600 if a.tiny else 9000, seed=0)
     res: dict = {"card": c, "build": built, "steps": a.steps, "seq": a.seq, "micro": a.micro, "accum": a.accum}
     for tag, gpus, resume, folder in (("one", 1, False, "run-1gpu"), ("two", 2, False, "run-2gpu"),
@@ -189,7 +220,8 @@ def main() -> None:
         run_dir = work / folder
         if not resume:
             shutil.rmtree(run_dir, ignore_errors=True)
-        r = run(tag, train_command(a, run_dir, model_dir, corpus, gpus, resume), log, 200)
+        r = run(tag, train_command(a, run_dir, model_dir, corpus, gpus, resume), log,
+                min(240, deadline - time.time() - 10))
         res[tag] = summary(run_dir) if r["rc"] == 0 else None
         res[f"{tag}_process"] = r
         (out / "multi_gpu.json").write_text(json.dumps(res, indent=1))
