@@ -178,9 +178,10 @@ def table(c: str, a, res: dict) -> None:
         print(f"| {name} | `{command}` | {r['micro']} x {r['accum']} | {r['tok_s']:,} | {speed} | "
               f"{losses.get(1, '-')} | {losses.get(max(losses), '-')} | {ppl} |")
     l1, l2, l3 = ({int(k): v for k, v in (r or {}).get("losses", {}).items()} for r in (one, two, back))
+    second = range(half + 1, a.steps + 1)
     print(f"\nlargest loss difference per step, 1 GPU vs 2 GPUs (steps 1..{a.steps}): "
           f"{max_diff(l1, l2, range(1, a.steps + 1))}; resumed vs 2 GPUs (steps {half + 1}..{a.steps}): "
-          f"{max_diff(l3, l2, range(half + 1, a.steps + 1))}; resumed vs 1 GPU: {max_diff(l3, l1, range(half + 1, a.steps + 1))}")
+          f"{max_diff(l3, l2, second)}; resumed vs 1 GPU: {max_diff(l3, l1, second)}")
     print(f"2-GPU run directory: {two.get('files')}; checkpoints {two.get('checkpoints')}")
 
 

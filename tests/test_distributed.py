@@ -10,7 +10,6 @@ write; a 2-process checkpoint must resume in 1 process. The whole command (``raw
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -28,8 +27,8 @@ from rawtune.rundir import RunDir
 from rawtune.train import distributed
 
 ROOT = Path(__file__).resolve().parents[1]
-VALUES = dict(preset="quick", seq_len=64, train_embeddings=True, learning_rate=3e-3, batch_size=2, grad_accum=2, max_steps=5, save_steps=100, eval_steps=2,
-              optimizer="adamw_torch", logging_steps=1)
+VALUES = dict(preset="quick", seq_len=64, train_embeddings=True, learning_rate=3e-3, batch_size=2, grad_accum=2,
+              max_steps=5, save_steps=100, eval_steps=2, optimizer="adamw_torch", logging_steps=1)
 
 
 def _free_port() -> int:
@@ -110,11 +109,13 @@ def test_split_keeps_the_effective_batch():
     from rawtune.settings import TrainSettings
 
     t = TrainSettings(batch_size=16, grad_accum=1)
-    assert (distributed.split_for(t, 2, trainer=False).batch_size, distributed.split_for(t, 2, trainer=False).grad_accum) == (8, 2)
+    two = distributed.split_for(t, 2, trainer=False)
+    assert (two.batch_size, two.grad_accum) == (8, 2)
     assert distributed.split_for(TrainSettings(batch_size=16, grad_accum=2), 2, trainer=False).batch_size == 16
     three = distributed.split_for(t, 3, trainer=False)  # 16 blocks over 3 ranks: shares of 6, 5, 5
     assert three.batch_size * three.grad_accum == 16 and three.batch_size <= 6
-    assert distributed.trainer_accumulation(distributed.split_for(TrainSettings(batch_size=2, grad_accum=8), 2, True), 2) == 4
+    trainer = distributed.split_for(TrainSettings(batch_size=2, grad_accum=8), 2, trainer=True)
+    assert (trainer.batch_size, distributed.trainer_accumulation(trainer, 2)) == (2, 4)
     with pytest.raises(ConfigError, match="divisible by 3"):
         distributed.split_for(t, 3, trainer=True)
     assert distributed.split_for(t, 1, trainer=True) is t
@@ -182,7 +183,8 @@ def test_cli_gpus_two_writes_one_run_that_resumes_in_one_process(tmp_path, tiny_
     text = two.stdout + two.stderr
     assert "data-parallel on 2 CPU processes" in text
     # Rank 0 alone logs: each step once, the data stage once.
-    assert [line.split()[2] for line in text.splitlines() if line.startswith("[train] step ")] == ["1/4", "2/4", "3/4", "4/4"]
+    steps = [line.split()[2] for line in text.splitlines() if line.startswith("[train] step ")]
+    assert steps == ["1/4", "2/4", "3/4", "4/4"]
     assert sum(line.startswith("[data] ") and "documents kept" in line for line in text.splitlines()) == 1
     record = RunDir(out).load()
     assert record["train"]["steps"] == 4 and record["metrics"]["ppl_tuned"] > 0
