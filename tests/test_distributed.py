@@ -67,17 +67,18 @@ def _fit(run_path: str, model_dir: str, out: str, stop_at: int = 0, resume: bool
     distributed.finish(dist)
 
 
-def _rank(rank: int, world: int, port: int, runs: list, model_dir: str, outs: list, stop_at: int) -> None:
+def _rank(rank: int, world: int, port: int, runs: list, model_dir: str, outs: list, stop_at: int,
+          resume: bool) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank))
-    _fit(runs[rank], model_dir, outs[rank], stop_at=stop_at)
+    _fit(runs[rank], model_dir, outs[rank], stop_at=stop_at, resume=resume)
 
 
-def _two_ranks(runs: list, model_dir: str, outs: list, stop_at: int = 0) -> None:
+def _two_ranks(runs: list, model_dir: str, outs: list, stop_at: int = 0, resume: bool = False) -> None:
     import torch.multiprocessing as mp
 
-    mp.spawn(_rank, args=(2, _free_port(), [str(r) for r in runs], model_dir, [str(o) for o in outs], stop_at),
-             nprocs=2, join=True)
+    mp.spawn(_rank, args=(2, _free_port(), [str(r) for r in runs], model_dir, [str(o) for o in outs], stop_at,
+                          resume), nprocs=2, join=True)
 
 
 def _copy_run(src: RunDir, dst: Path) -> RunDir:
@@ -162,6 +163,25 @@ def test_stop_on_one_rank_stops_both_and_resumes_in_one_process(tmp_path, data_r
     np.testing.assert_allclose(resumed["losses"], reference["losses"][stopped:], rtol=1e-5, atol=1e-5)
     for name, value in reference["weights"].items():
         torch.testing.assert_close(resumed["weights"][name], value, rtol=1e-4, atol=1e-5)
+
+
+def test_one_process_checkpoint_resumes_on_two_ranks(tmp_path, data_run, tiny_llama_dir, monkeypatch):
+    monkeypatch.setenv("RAWTUNE_COMPILE", "0")
+    one = _copy_run(data_run, tmp_path / "one")
+    _fit(str(one.path), str(tiny_llama_dir), str(tmp_path / "one.pt"))
+    reference = torch.load(tmp_path / "one.pt")
+    first = _copy_run(data_run, tmp_path / "first")
+    _fit(str(first.path), str(tiny_llama_dir), str(tmp_path / "first.pt"), stop_at=2)
+    stopped = torch.load(tmp_path / "first.pt")["steps"]
+    assert 2 <= stopped < 5
+    # Rank 1 reads the checkpoint from its own copy of the run directory (it writes nothing there).
+    second = RunDir(shutil.copytree(first.path, tmp_path / "second"))
+    _two_ranks([first.path, second.path], str(tiny_llama_dir), [tmp_path / "r0.pt", tmp_path / "r1.pt"], resume=True)
+    ranks = [torch.load(tmp_path / f"r{r}.pt") for r in range(2)]
+    assert ranks[0]["start"] == ranks[1]["start"] == stopped and ranks[0]["steps"] == ranks[1]["steps"] == 5
+    np.testing.assert_allclose(ranks[0]["losses"], reference["losses"][stopped:], rtol=1e-5, atol=1e-5)
+    for name, value in reference["weights"].items():
+        torch.testing.assert_close(ranks[0]["weights"][name], value, rtol=1e-4, atol=1e-5)
 
 
 def _cli(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
