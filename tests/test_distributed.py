@@ -223,6 +223,47 @@ def test_cli_gpus_two_writes_one_run_that_resumes_in_one_process(tmp_path, tiny_
     assert [e["step"] for e in train["history"] if e["type"] == "step"] == [1, 2, 3, 4, 5, 6]
 
 
+def test_in_process_caller_trains_in_workers_and_gets_their_reports(tmp_path, tiny_llama_dir, tiny_corpus,
+                                                                    monkeypatch):
+    """What the app does (run_pipeline in its own process, a callback and a stop event), with
+    RAWTUNE_GPUS=2: the training runs in 2 worker processes and reports back as if in-process."""
+    from rawtune.pipeline import run_pipeline
+    from rawtune.settings import RunSettings, apply
+
+    values = dict(dataset=str(tiny_corpus), model=str(tiny_llama_dir), preset="quick", seq_len=64, batch_size=2,
+                  grad_accum=2, max_steps=6, save_steps=100, logging_steps=1, optimizer="adamw_torch",
+                  stages=["data", "train"])
+    monkeypatch.delenv("RAWTUNE_GPUS", raising=False)
+    single = run_pipeline(apply(RunSettings(), {**values, "out": str(tmp_path / "single")}), log=lambda s: None)
+    reference = [e["loss"] for e in single["train"]["history"] if e["type"] == "step"]
+    monkeypatch.setenv("RAWTUNE_GPUS", "2")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    stop, events, lines = threading.Event(), [], []
+
+    def on_event(event: dict) -> None:
+        events.append(event)
+        if event["type"] == "step" and event["step"] >= 2:
+            stop.set()
+
+    out = tmp_path / "workers"
+    first = run_pipeline(apply(RunSettings(), {**values, "out": str(out)}), callback=on_event, stop=stop,
+                         log=lines.append)
+    assert any("2 worker processes through torchrun" in s for s in lines)
+    assert any("data-parallel on 2 CPU processes" in s for s in lines)  # rank 0's own line, relayed
+    stopped = first["train"]["steps"]
+    assert first["train"]["stopped_early"] and 2 <= stopped < 6
+    assert [e["step"] for e in events if e["type"] == "step"] == list(range(1, stopped + 1))
+    assert events[-1]["type"] == "done" and not (out / "STOP").exists()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"checkpoint-{stopped}"]
+    # Resumed in this process: on a CPU the Trainer's own resume in several processes fails inside
+    # torch.load (transformers passes the process's device as map_location when world_size > 1).
+    monkeypatch.delenv("RAWTUNE_GPUS")
+    resumed = run_pipeline(apply(RunSettings(), {**values, "out": str(out), "resume": True}), log=lambda s: None)
+    losses = [e["loss"] for e in resumed["train"]["history"] if e["type"] == "step"]
+    assert resumed["train"]["steps"] == 6 and resumed["train"]["resumed_from_step"] == stopped
+    np.testing.assert_allclose(losses, reference, rtol=1e-4)
+
+
 def test_gpus_relaunch_command_drops_the_flag_and_moves_the_token(monkeypatch):
     from rawtune.cli import relaunch_command
 

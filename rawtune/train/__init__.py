@@ -10,7 +10,9 @@ resumable checkpoint.
 Under a launcher that starts several processes (``torchrun``, ``accelerate launch``, ``rawtune
 train --gpus N``) every process calls :func:`train`: rank 0 decides the settings (backend, memory
 plan, resume point) and shares them, all ranks train data-parallel (:mod:`.distributed`), and only
-rank 0 logs, reports to the callback and writes the adapter and the record.
+rank 0 logs, reports to the callback and writes the adapter and the record. A caller that trains
+in its own process (the app) gets the same on all GPUs with ``RAWTUNE_GPUS=all``: :mod:`.launch`
+starts the workers and relays rank 0's reports.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from ..rundir import RunDir
 from ..settings import RunSettings, TrainSettings, has_cuda
 from . import distributed
 from .hf_loop import import_backend_first
+from .launch import requested_processes, train_in_workers
 from .progress import (Callback, Progress, StopSignal, TrainResult, format_duration, latest_checkpoint,
                        make_record, step_of, write_record)
 
@@ -35,6 +38,9 @@ def train(settings: RunSettings, run: RunDir, callback: Optional[Callback] = Non
     """Train a LoRA adapter on ``run``'s packed blocks; store the train record and return it."""
     from ..data import load_blocks
 
+    processes = requested_processes()  # RAWTUNE_GPUS: this process hands the training to workers
+    if processes > 1:
+        return train_in_workers(settings, run, processes, callback, stop, log)
     dist = distributed.setup()  # a single process: no process group, nothing changes
     log, callback = dist.log_for(log), (callback if dist.main else None)
     local_dir = run.require("model", "train")["local_dir"]
@@ -92,8 +98,8 @@ def _say_idle_gpus(dist: distributed.Dist, log: Callable[[str], None]) -> None:
 
     count = torch.cuda.device_count()
     if not dist.active and count > 1:
-        log(f"[train] 1 of {count} GPUs: this process trains on one; `rawtune train --gpus {count} ...` "
-            "(or torchrun) trains data-parallel on all of them")
+        log(f"[train] 1 of {count} GPUs: this process trains on one; `rawtune train --gpus {count} ...`, "
+            "torchrun, or RAWTUNE_GPUS=all (the app) trains data-parallel on all of them")
 
 
 def _quiet_libraries() -> None:
