@@ -27,6 +27,9 @@ from rawtune.rundir import RunDir
 from rawtune.train import distributed
 
 ROOT = Path(__file__).resolve().parents[1]
+# The multi-process tests below check the CPU (gloo) path; on a CUDA machine the same processes
+# would take GPUs (and need two), which the gpu-marked test covers.
+cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU (gloo) path")
 VALUES = dict(preset="quick", seq_len=64, train_embeddings=True, learning_rate=3e-3, batch_size=2, grad_accum=2,
               max_steps=5, save_steps=100, eval_steps=2, optimizer="adamw_torch", logging_steps=1)
 
@@ -122,6 +125,7 @@ def test_split_keeps_the_effective_batch():
     assert distributed.split_for(t, 1, trainer=True) is t
 
 
+@cpu_only
 def test_fast_loop_on_two_ranks_equals_one_process(tmp_path, data_run, tiny_llama_dir, monkeypatch):
     monkeypatch.setenv("RAWTUNE_COMPILE", "0")
     one = _copy_run(data_run, tmp_path / "one")
@@ -144,6 +148,7 @@ def test_fast_loop_on_two_ranks_equals_one_process(tmp_path, data_run, tiny_llam
     assert runs[1].run_file.read_bytes() == stamp and not runs[1].checkpoints_dir.exists()
 
 
+@cpu_only
 def test_stop_on_one_rank_stops_both_and_resumes_in_one_process(tmp_path, data_run, tiny_llama_dir, monkeypatch):
     monkeypatch.setenv("RAWTUNE_COMPILE", "0")
     one = _copy_run(data_run, tmp_path / "one")
@@ -165,6 +170,7 @@ def test_stop_on_one_rank_stops_both_and_resumes_in_one_process(tmp_path, data_r
         torch.testing.assert_close(resumed["weights"][name], value, rtol=1e-4, atol=1e-5)
 
 
+@cpu_only
 def test_one_process_checkpoint_resumes_on_two_ranks(tmp_path, data_run, tiny_llama_dir, monkeypatch):
     monkeypatch.setenv("RAWTUNE_COMPILE", "0")
     one = _copy_run(data_run, tmp_path / "one")
@@ -191,6 +197,7 @@ def _cli(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
                           env=env, timeout=timeout, cwd=ROOT)
 
 
+@cpu_only
 def test_cli_gpus_two_writes_one_run_that_resumes_in_one_process(tmp_path, tiny_llama_dir, tiny_corpus):
     out = tmp_path / "run"
     common = ["--dataset", str(tiny_corpus), "--model", str(tiny_llama_dir), "--preset", "quick", "--seq-len", "64",
@@ -223,6 +230,7 @@ def test_cli_gpus_two_writes_one_run_that_resumes_in_one_process(tmp_path, tiny_
     assert [e["step"] for e in train["history"] if e["type"] == "step"] == [1, 2, 3, 4, 5, 6]
 
 
+@cpu_only
 def test_in_process_caller_trains_in_workers_and_gets_their_reports(tmp_path, tiny_llama_dir, tiny_corpus,
                                                                     monkeypatch):
     """What the app does (run_pipeline in its own process, a callback and a stop event), with
@@ -262,6 +270,34 @@ def test_in_process_caller_trains_in_workers_and_gets_their_reports(tmp_path, ti
     losses = [e["loss"] for e in resumed["train"]["history"] if e["type"] == "step"]
     assert resumed["train"]["steps"] == 6 and resumed["train"]["resumed_from_step"] == stopped
     np.testing.assert_allclose(losses, reference, rtol=1e-4)
+
+
+@pytest.mark.gpu
+def test_two_gpus_fast_loop_matches_one_gpu_and_resumes_on_one(tmp_path, tiny_llama_dir, tiny_corpus):
+    """On a machine with 2 GPUs: the compiled fast loop through the command line, 1 GPU against 2."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    common = ["--dataset", str(tiny_corpus), "--model", str(tiny_llama_dir), "--preset", "standard", "--seq-len",
+              "64", "--backend", "peft", "--gradient-checkpointing", "off", "--batch-size", "4", "--grad-accum", "2",
+              "--max-steps", "6", "--save-steps", "3", "--eval-steps", "0", "--logging-steps", "1"]
+    one = _cli(["train", "--out", str(tmp_path / "one"), *common])
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _cli(["train", "--out", str(tmp_path / "two"), *common, "--gpus", "2"])
+    assert two.returncode == 0, two.stderr[-3000:]
+    text = two.stdout + two.stderr
+    assert "data-parallel on 2 GPUs (nccl, fast loop)" in text and "on each of 2 processes" in text
+
+    def losses(name: str) -> list[float]:
+        return [e["loss"] for e in RunDir(tmp_path / name).load()["train"]["history"] if e["type"] == "step"]
+
+    reference, both = losses("one"), losses("two")
+    assert len(reference) == len(both) == 6
+    np.testing.assert_allclose(both, reference, rtol=1e-2)
+    resumed = _cli(["train", "--out", str(tmp_path / "two"), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    train = RunDir(tmp_path / "two").load()["train"]
+    assert train["resumed_from_step"] == 3 and train["steps"] == 6
+    np.testing.assert_allclose(losses("two")[3:], reference[3:], rtol=1e-2)
 
 
 def test_gpus_relaunch_command_drops_the_flag_and_moves_the_token(monkeypatch):
