@@ -4,11 +4,18 @@ Every settings field is a flag (``max_steps`` -> ``--max-steps``) and a YAML key
 ``rawtune run --config``. Errors a user can cause print one line and exit with code 1; Ctrl-C
 exits with 130 (after training has saved its adapter and checkpoint). ``--resume`` starts from the
 settings stored in the run's ``run.json``; flags given with it may only extend or re-time the run.
+
+``--gpus N`` (train, run) starts the same command again in N processes through torchrun, without
+``--gpus``; under any launcher (torchrun, accelerate launch) rank 0 runs the whole pipeline and
+the other ranks join it for the training stage only (:func:`rawtune.train.follow`).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import subprocess
 import sys
 import threading
 import traceback
@@ -70,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
                 add_settings_flags(p, ("export",))
             if name == "push":
                 add_settings_flags(p, ("push",))
+        if name in ("train", "run"):
+            p.add_argument("--gpus", type=int, default=None, metavar="N",
+                           help="train data-parallel on N GPUs of this machine: runs this command again through "
+                                "torchrun in N processes (without CUDA: N CPU processes, for tests)")
         if name in ("train", "data", "run", "push"):
             p.add_argument("--token", default=None,
                            help="Hugging Face token (default: HF_TOKEN or the hf CLI login); never stored")
@@ -83,7 +94,7 @@ def _token(args: argparse.Namespace) -> Optional[str]:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    skip = {"command", "config", "run_dir", "token"}
+    skip = {"command", "config", "run_dir", "token", "gpus"}
     return {k: v for k, v in vars(args).items() if k not in skip}
 
 
@@ -144,6 +155,82 @@ def _summary(record: dict) -> None:
         print(f"held-out perplexity: {metrics['ppl_base']:.3f} -> {metrics['ppl_tuned']:.3f}")
 
 
+def relaunch_command(gpus: int, argv: Sequence[str]) -> tuple[list[str], dict]:
+    """The torchrun command (and environment) that runs ``argv`` in ``gpus`` processes.
+
+    ``--gpus`` is dropped, so the children do not launch again; a ``--token`` moves into the
+    children's environment (``HF_TOKEN``) instead of their command lines.
+    """
+    rest, env, items = [], dict(os.environ), list(argv)
+    while items:
+        item = items.pop(0)
+        if item == "--gpus" or item == "--token":
+            value = items.pop(0) if items else ""
+        elif item.startswith(("--gpus=", "--token=")):
+            item, value = item.split("=", 1)
+        else:
+            rest.append(item)
+            continue
+        if item == "--token":
+            env["HF_TOKEN"] = value
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
+            "-m", "rawtune.cli", *rest], env
+
+
+def _relaunch(gpus: int, argv: Sequence[str], out: Optional[str]) -> int:
+    """Run this command again in ``gpus`` processes through torchrun; its exit code.
+
+    torchrun passes a Ctrl-C on to its processes once more, which would abort them mid-step; so
+    torchrun runs in its own session, and a first Ctrl-C here writes the run's STOP file instead
+    (every process stops after the same step, rank 0 saves the adapter and a checkpoint); a second
+    one is passed on to torchrun (abort).
+    """
+    from .settings import has_cuda
+    from .train.distributed import world_size
+
+    if world_size() > 1:
+        raise ConfigError("--gpus: this process was already started by a launcher (WORLD_SIZE is set); drop --gpus")
+    if gpus < 1:
+        raise ConfigError(f"--gpus {gpus}: give the number of GPUs to train on (1 or more)")
+    if has_cuda():
+        import torch
+
+        if gpus > torch.cuda.device_count():
+            raise ConfigError(f"--gpus {gpus}: this machine shows {torch.cuda.device_count()} GPU(s); "
+                              "use at most that many")
+    command, env = relaunch_command(gpus, argv)
+    print(f"rawtune: training on {gpus} {'GPUs' if has_cuda() else 'CPU processes'} through torchrun", flush=True)
+    proc = subprocess.Popen(command, env=env, start_new_session=True)
+    interrupted = False
+    while True:
+        try:
+            code = proc.wait()
+            if interrupted and code == 0:
+                print(f"rawtune: interrupted; the adapter and a checkpoint are saved: continue with "
+                      f"`rawtune train --out {out} --resume --gpus {gpus}`", file=sys.stderr)
+                return 130
+            return code
+        except KeyboardInterrupt:
+            if interrupted or not out:
+                proc.send_signal(signal.SIGINT)
+            else:
+                RunDir(out).stop_file.touch()
+                print("rawtune: stopping after this step; the adapter and a checkpoint will be saved "
+                      "(Ctrl-C again to abort)", file=sys.stderr, flush=True)
+            interrupted = True
+
+
+def _follow(args: argparse.Namespace) -> int:
+    """Ranks other than 0 of a launched job: join rank 0's training stage (it runs the other stages)."""
+    from .settings import validate
+    from .train import follow
+
+    settings = validate(_settings_for(args))
+    if "train" in settings.stages and settings.out:
+        follow(settings, RunDir(settings.out))
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``rawtune`` console script; returns the exit code."""
     parser = build_parser()
@@ -152,6 +239,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command in ("eval", "merge", "export", "push"):
             _run_on_dir(args)
             return 0
+        if getattr(args, "gpus", None) is not None and args.gpus != 1:
+            return _relaunch(args.gpus, sys.argv[1:] if argv is None else argv, _settings_for(args).out)
+        from .train.distributed import rank
+
+        if rank() > 0:
+            return _follow(args)
         from .pipeline import run_pipeline
 
         stop = threading.Event()  # set by the first Ctrl-C during training

@@ -6,6 +6,13 @@ batch on CUDA, loads the LoRA model and hands it to one of two loops: the fast C
 report through :mod:`.progress`; the adapter and the ``train`` record are written here, once.
 A stop event, a STOP file or Ctrl-C stops after the current step and keeps the adapter and a
 resumable checkpoint.
+
+Under a launcher that starts several processes (``torchrun``, ``accelerate launch``, ``rawtune
+train --gpus N``) every process calls :func:`train`: rank 0 decides the settings (backend, memory
+plan, resume point) and shares them, all ranks train data-parallel (:mod:`.distributed`), and only
+rank 0 logs, reports to the callback and writes the adapter and the record. A caller that trains
+in its own process (the app) gets the same on all GPUs with ``RAWTUNE_GPUS=all``: :mod:`.launch`
+starts the workers and relays rank 0's reports.
 """
 
 from __future__ import annotations
@@ -16,11 +23,13 @@ from typing import Any, Callable, Optional
 from ..errors import TrainError
 from ..rundir import RunDir
 from ..settings import RunSettings, TrainSettings, has_cuda
+from . import distributed
 from .hf_loop import import_backend_first
+from .launch import requested_processes, train_in_workers
 from .progress import (Callback, Progress, StopSignal, TrainResult, format_duration, latest_checkpoint,
-                       step_of, write_record)
+                       make_record, step_of, write_record)
 
-__all__ = ["TrainResult", "format_duration", "import_backend_first", "latest_checkpoint", "train"]
+__all__ = ["TrainResult", "follow", "format_duration", "import_backend_first", "latest_checkpoint", "train"]
 
 
 def train(settings: RunSettings, run: RunDir, callback: Optional[Callback] = None,
@@ -28,32 +37,94 @@ def train(settings: RunSettings, run: RunDir, callback: Optional[Callback] = Non
           log: Callable[[str], None] = print) -> TrainResult:
     """Train a LoRA adapter on ``run``'s packed blocks; store the train record and return it."""
     from ..data import load_blocks
-    from .hf_loop import choose_backend
 
-    t = settings.train
-    model_info = run.require("model", "train")
+    processes = requested_processes()  # RAWTUNE_GPUS: this process hands the training to workers
+    if processes > 1:
+        return train_in_workers(settings, run, processes, callback, stop, log)
+    dist = distributed.setup()  # a single process: no process group, nothing changes
+    log, callback = dist.log_for(log), (callback if dist.main else None)
+    local_dir = run.require("model", "train")["local_dir"]
     train_blocks = load_blocks(run, "train")
     held = load_blocks(run, "heldout")
+    decided = _decide(settings.train, run, local_dir, train_blocks, dist, log) if dist.main else None
+    t, backend, resume_from = dist.share(decided)
+    if not dist.main:
+        _quiet_libraries()
+    log(f"[train] backend {backend}; LoRA r={t.lora_r} alpha={t.lora_alpha}"
+        f"{' rsLoRA' if t.use_rslora else ''}{' + embed_tokens/lm_head' if t.train_embeddings else ''}")
+    model = _load_model(backend, t, local_dir)
+    progress = Progress(t.batch_size * t.grad_accum * t.seq_len, callback, log)
+    signal = StopSignal(run, stop, log)
+    loop = _loop_for(model, t, resume_from, log)
+    t = _split(t, dist, loop, log)
+    result = loop(t, run, model, train_blocks, held, progress, signal, resume_from, dist=dist)
+    if dist.main:
+        _save_adapter(run, model)
+        record = write_record(t, run, result, progress, signal, backend)
+    else:
+        record = make_record(t, run, result, progress, signal, backend)
+    distributed.finish(dist)  # every rank waits here until rank 0 has written the adapter
+    return record
+
+
+def _decide(t: TrainSettings, run: RunDir, local_dir: str, train_blocks: Any, dist: distributed.Dist,
+            log: Callable[[str], None]) -> tuple[TrainSettings, str, Any]:
+    """Rank 0's decisions for the run: checked blocks, backend, family limits, memory plan, resume point."""
+    from .hf_loop import choose_backend
+
     if train_blocks.shape[1] != t.seq_len:
         raise TrainError(f"the packed blocks have length {train_blocks.shape[1]} but --seq-len is {t.seq_len}; "
                          "rerun the data stage (`rawtune train` without --resume)")
     backend = choose_backend(t.backend)
-    t, backend = _family_limits(t, backend, model_info["local_dir"], log)
+    t, backend = _family_limits(t, backend, local_dir, log)
+    if dist.active and backend == "unsloth":
+        # Unsloth documents multi-GPU training only through its own launch recipes, and rawtune has
+        # not measured it; PEFT loads the same LoRA model, which both loops train data-parallel.
+        log(f"[train] {dist.world} processes: loading with PEFT, not Unsloth (rawtune's data-parallel "
+            "training is measured with PEFT's model)")
+        backend = "peft"
     import_backend_first(backend)  # a no-op when the pipeline already did it
     if has_cuda():
         from .plan import plan
 
-        t = plan(t, model_info["local_dir"], log=log)
-    resume_from = _resume_point(t, run, log)
-    log(f"[train] backend {backend}; LoRA r={t.lora_r} alpha={t.lora_alpha}"
-        f"{' rsLoRA' if t.use_rslora else ''}{' + embed_tokens/lm_head' if t.train_embeddings else ''}")
-    model = _load_model(backend, t, model_info["local_dir"])
-    progress = Progress(t.batch_size * t.grad_accum * t.seq_len, callback, log)
-    signal = StopSignal(run, stop, log)
-    loop = _loop_for(model, t, resume_from, log)
-    result = loop(t, run, model, train_blocks, held, progress, signal, resume_from)
-    _save_adapter(run, model)
-    return write_record(t, run, result, progress, signal, backend)
+        t = plan(t, local_dir, log=log)
+        _say_idle_gpus(dist, log)
+    return t, backend, _resume_point(t, run, log)
+
+
+def _say_idle_gpus(dist: distributed.Dist, log: Callable[[str], None]) -> None:
+    """One process on a machine with several GPUs trains on one of them: say so, and how to use all."""
+    import torch
+
+    count = torch.cuda.device_count()
+    if not dist.active and count > 1:
+        log(f"[train] 1 of {count} GPUs: this process trains on one; `rawtune train --gpus {count} ...`, "
+            "torchrun, or RAWTUNE_GPUS=all (the app) trains data-parallel on all of them")
+
+
+def _quiet_libraries() -> None:
+    """Ranks other than 0: no progress bars from transformers (rank 0's are the ones shown)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def _split(t: TrainSettings, dist: distributed.Dist, loop: Callable, log: Callable[[str], None]) -> TrainSettings:
+    """With several processes: a micro-batch that fits one rank's share of each step (same effective batch)."""
+    from . import hf_loop
+
+    if not dist.active:
+        return t
+    split = distributed.split_for(t, dist.world, trainer=loop is hf_loop.fit)
+    log(distributed.describe(dist, "Trainer" if loop is hf_loop.fit else "fast loop")
+        + f"; micro-batch {split.batch_size}, {split.batch_size * split.grad_accum} blocks per step in all")
+    return split
+
+
+def follow(settings: RunSettings, run: RunDir) -> TrainResult:
+    """A rank other than 0 of a launched job: wait until rank 0 reaches its training stage (after
+    the data stage has written the blocks), then train beside it, silently; rank 0 writes."""
+    return train(settings, run, log=lambda line: None)
 
 
 # Architectures whose GGUF (llama.cpp) reads one matrix for both the input embedding and the

@@ -28,6 +28,11 @@ RoPE) train on the Trainer path, said in one log line.
 
 The model side (flattening, the layer function, the chunked loss) is :mod:`.fast_model`.
 
+Data parallel (several processes, :mod:`.distributed`): every rank computes the same step on its
+share of that step's blocks, with the loss divided by the token count of the whole step, and the
+trainable tensors' gradients are summed over the ranks before clipping, so the step equals one
+process's; only rank 0 evaluates, logs and writes checkpoints.
+
 Checkpoints are ``checkpoints/checkpoint-N`` folders with the adapter and ``fastloop_state.pt``;
 only this loop resumes them, and reads the state back with ``weights_only=True`` (plain tensors
 and numbers: loading a checkpoint can never run code).
@@ -48,6 +53,7 @@ from ..errors import TrainError
 from ..rundir import RunDir
 from ..settings import TrainSettings
 from .engine import compile_allowed
+from .distributed import Dist, all_reduce_grads, broadcast_params, shard
 from .fast_model import PROJ, FastModel, Net, base_linear, extract, float_types, projection, shifted_labels
 from .optim import param_groups, schedule
 from .progress import LoopResult, Progress, StopSignal
@@ -276,10 +282,14 @@ def _train_step(fast: FastModel, blocks: Any, idx: Any, micro: int, n_items: Any
 
 
 def fit(t: TrainSettings, run: RunDir, model: Any, train_blocks: np.ndarray, held: np.ndarray,
-        progress: Progress, stop: StopSignal, resume_from: Optional[Path]) -> LoopResult:
-    """Train with the fast loop; the same outputs as the Trainer path (adapter weights, checkpoints)."""
+        progress: Progress, stop: StopSignal, resume_from: Optional[Path], dist: Optional[Dist] = None) -> LoopResult:
+    """Train with the fast loop; the same outputs as the Trainer path (adapter weights, checkpoints).
+
+    ``dist``: this process's place in a data-parallel job (None or one process: train alone).
+    """
     import torch
 
+    dist = dist or Dist()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # cpu: tests of the loop logic
     net = extract(model, None if device.type == "cuda" else torch.float32)
     original = upcast_trainable(net)
@@ -292,17 +302,22 @@ def fit(t: TrainSettings, run: RunDir, model: Any, train_blocks: np.ndarray, hel
     scheduler = schedule(t, optimizer, max_steps)
     start_step = load_checkpoint(resume_from, model, optimizer, scheduler) if resume_from else 0
     params = [p for _, p in net.trainable]
+    broadcast_params(params, dist)  # the same starting weights on every rank, as DDP's wrapper does
     eval_every = t.eval_steps if len(eval_blocks) and t.eval_steps else 0
-    progress.log(f"[train] fast CUDA loop: micro-batch {micro} x {t.grad_accum} accumulation, "
-                 f"{'compiled' if fast.compiled else 'eager'}, {max_steps} steps")
+    split = (f"micro-batch {micro} x {math.ceil(effective / dist.world / micro)} accumulation on each of "
+             f"{dist.world} processes" if dist.active else f"micro-batch {micro} x {t.grad_accum} accumulation")
+    progress.log(f"[train] fast CUDA loop: {split}, {'compiled' if fast.compiled else 'eager'}, {max_steps} steps")
     pending = _Pending(progress, t, max_steps, steps_per_epoch(len(train_blocks), effective))
     step = start_step
     started = time.time()
     with stop:
         while step < max_steps:
-            idx = torch.from_numpy(step_blocks(step, len(train_blocks), effective, t.seed)).to(device)
-            n_items = torch.tensor(float(len(idx) * (T - 1)), device=device)
+            every = step_blocks(step, len(train_blocks), effective, t.seed)
+            idx = torch.from_numpy(shard(every, dist)).to(device)
+            n_items = torch.tensor(float(len(every) * (T - 1)), device=device)  # the whole step's tokens
             step_loss = _train_step(fast, blocks, idx, micro, n_items)
+            all_reduce_grads(params, dist)
+            dist.sum_(step_loss)
             torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
@@ -313,18 +328,28 @@ def fit(t: TrainSettings, run: RunDir, model: Any, train_blocks: np.ndarray, hel
                 _sync()
                 progress.meter.mark(step)
             pending.put(step, step_loss, lr)
-            if eval_every and step % eval_every == 0:
+            if eval_every and step % eval_every == 0 and dist.main:
                 pending.flush()
                 progress.eval(step, evaluate(fast, eval_blocks, micro))
-            if step % t.save_steps == 0 and step < max_steps:
+            if step % t.save_steps == 0 and step < max_steps and dist.main:
                 save_checkpoint(run, model, optimizer, scheduler, step)
-            if stop.requested():
-                save_checkpoint(run, model, optimizer, scheduler, step)
+            if _stop_now(stop, dist, device):
+                if dist.main:
+                    save_checkpoint(run, model, optimizer, scheduler, step)
                 break
     _sync()
     pending.flush(now=True)
     restore_dtypes(net, original)
     return LoopResult(step, max_steps, start_step, time.time() - started)
+
+
+def _stop_now(stop: StopSignal, dist: Dist, device: Any) -> bool:
+    """Whether to stop after this step; with several processes, every rank stops when any was asked."""
+    if not dist.active:
+        return stop.requested()
+    if dist.agree_stop(stop.requested(), device):
+        stop.stopped = True
+    return stop.stopped
 
 
 def _sync() -> None:

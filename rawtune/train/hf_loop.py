@@ -21,6 +21,7 @@ import numpy as np
 from ..errors import ConfigError, TrainError
 from ..rundir import RunDir
 from ..settings import EMBEDDING_MODULES, FUSED_PROJECTIONS, TrainSettings, has_cuda
+from .distributed import Dist, trainer_accumulation
 from .optim import param_groups
 from .progress import LoopResult, Progress, StopSignal, step_of
 
@@ -95,7 +96,7 @@ def load_peft(t: TrainSettings, local_dir: str) -> Any:
     kwargs: dict[str, Any] = {"dtype": torch.float32}
     if has_cuda():
         kwargs["dtype"] = torch.bfloat16 if _bf16_ok() else torch.float16
-        kwargs["device_map"] = {"": 0}
+        kwargs["device_map"] = {"": torch.cuda.current_device()}  # LOCAL_RANK's GPU in a data-parallel job
     if t.load_in_4bit:
         if not has_cuda():
             raise ConfigError("--load-in-4bit needs a CUDA GPU and bitsandbytes; drop it on CPU")
@@ -237,14 +238,14 @@ def _optimizer(t: TrainSettings) -> str:
     return "adamw_torch_fused" if has_cuda() else "adamw_torch"
 
 
-def training_arguments(t: TrainSettings, run: RunDir, has_eval: bool) -> Any:
+def training_arguments(t: TrainSettings, run: RunDir, has_eval: bool, world: int = 1) -> Any:
     from transformers import TrainingArguments
 
     cuda = has_cuda()
     eval_every = t.eval_steps if has_eval and t.eval_steps else 0
     return TrainingArguments(
         output_dir=str(run.checkpoints_dir), per_device_train_batch_size=t.batch_size,
-        per_device_eval_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
+        per_device_eval_batch_size=t.batch_size, gradient_accumulation_steps=trainer_accumulation(t, world),
         num_train_epochs=t.epochs, max_steps=t.max_steps if t.max_steps else -1,
         learning_rate=t.learning_rate, warmup_steps=t.warmup_ratio, lr_scheduler_type=t.lr_scheduler,
         weight_decay=t.weight_decay, optim=_optimizer(t), seed=t.seed, data_seed=t.seed,
@@ -253,6 +254,7 @@ def training_arguments(t: TrainSettings, run: RunDir, has_eval: bool) -> Any:
         eval_steps=eval_every or None, report_to="none", disable_tqdm=True,
         remove_unused_columns=False, use_cpu=not cuda,
         bf16=cuda and _bf16_ok(), fp16=cuda and not _bf16_ok(), dataloader_num_workers=0, max_grad_norm=1.0,
+        **({"ddp_find_unused_parameters": False} if world > 1 else {}),  # LoRA uses every trainable tensor
     )
 
 
@@ -263,7 +265,7 @@ def _bf16_ok() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
-def _trainer_callback(progress: Progress, stop: StopSignal) -> Any:
+def _trainer_callback(progress: Progress, stop: StopSignal, dist: Dist) -> Any:
     from transformers import TrainerCallback
 
     class Report(TrainerCallback):
@@ -280,7 +282,7 @@ def _trainer_callback(progress: Progress, stop: StopSignal) -> Any:
             return self._check_stop(control)
 
         def _check_stop(self, control):
-            if stop.requested():
+            if _stop_agreed(stop, dist):
                 control.should_save = True
                 control.should_training_stop = True
             return control
@@ -300,6 +302,18 @@ def _trainer_callback(progress: Progress, stop: StopSignal) -> Any:
     return Report()
 
 
+def _stop_agreed(stop: StopSignal, dist: Dist) -> bool:
+    """A stop asked on any rank stops every rank at the same step (each must leave the collectives together)."""
+    if not dist.active:
+        return stop.requested()
+    import torch
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.backend == "nccl" else torch.device("cpu")
+    if dist.agree_stop(stop.requested(), device):
+        stop.stopped = True
+    return stop.stopped
+
+
 def _quiet(trainer: Any) -> None:
     """Drop the Trainer's own printing: rawtune's progress reports instead."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -312,14 +326,20 @@ def _quiet(trainer: Any) -> None:
 
 
 def fit(t: TrainSettings, run: RunDir, model: Any, train_blocks: np.ndarray, held: np.ndarray,
-        progress: Progress, stop: StopSignal, resume_from: Optional[Path]) -> LoopResult:
-    """Train ``model`` with the Trainer; checkpoints go to ``checkpoints/``."""
+        progress: Progress, stop: StopSignal, resume_from: Optional[Path], dist: Optional[Dist] = None) -> LoopResult:
+    """Train ``model`` with the Trainer; checkpoints go to ``checkpoints/``.
+
+    In a data-parallel job (``dist``) the Trainer itself spreads the blocks over the ranks and
+    averages the gradients; each rank accumulates ``grad_accum / world`` micro-batches, so the
+    effective batch is that of one process, and only rank 0 writes checkpoints.
+    """
+    dist = dist or Dist()
     eval_blocks = held[: t.eval_batches * t.batch_size]
     trainer = _trainer_class()(
-        model=model, args=training_arguments(t, run, len(eval_blocks) > 0),
+        model=model, args=training_arguments(t, run, len(eval_blocks) > 0, dist.world),
         train_dataset=BlockDataset(train_blocks),
         eval_dataset=BlockDataset(eval_blocks) if len(eval_blocks) else None,
-        callbacks=[_trainer_callback(progress, stop)])
+        callbacks=[_trainer_callback(progress, stop, dist)])
     trainer.embedding_learning_rate = t.embedding_learning_rate
     _quiet(trainer)
     started = time.time()

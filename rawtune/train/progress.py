@@ -236,18 +236,24 @@ def versions(backend: str) -> dict[str, str]:
     return out
 
 
+def make_record(t: TrainSettings, run: RunDir, loop: LoopResult, progress: Progress, stop: StopSignal,
+                backend: str) -> TrainResult:
+    """The ``train`` record of this training (run.json is only read)."""
+    losses = progress.losses()
+    previous = run.load().get("train", {}).get("history", []) if loop.start_step else []
+    return TrainResult(
+        backend=backend, steps=loop.steps, max_steps=loop.max_steps, resumed_from_step=loop.start_step,
+        stopped_early=stop.stopped, final_loss=losses[-1] if losses else None, seconds=round(loop.seconds, 2),
+        history=[e for e in previous if e["step"] <= loop.start_step] + progress.history,
+        adapter=run.adapter_dir.name, effective_settings=dataclasses.asdict(t))
+
+
 def write_record(t: TrainSettings, run: RunDir, loop: LoopResult, progress: Progress, stop: StopSignal,
                  backend: str) -> TrainResult:
     """Store ``train`` (with ``t``, the settings training really used), the training metrics and
     the library versions in run.json, once; then send the done event."""
     tokens = (loop.steps - loop.start_step) * progress.tokens_per_step
-    losses = progress.losses()
-    previous = run.load().get("train", {}).get("history", []) if loop.start_step else []
-    result = TrainResult(
-        backend=backend, steps=loop.steps, max_steps=loop.max_steps, resumed_from_step=loop.start_step,
-        stopped_early=stop.stopped, final_loss=losses[-1] if losses else None, seconds=round(loop.seconds, 2),
-        history=[e for e in previous if e["step"] <= loop.start_step] + progress.history,
-        adapter=run.adapter_dir.name, effective_settings=dataclasses.asdict(t))
+    result = make_record(t, run, loop, progress, stop, backend)
     metrics = run.load().get("metrics", {})
     metrics.update(train_tokens=tokens, train_seconds=round(loop.seconds, 2),
                    train_tokens_per_s=round(tokens / loop.seconds, 1) if loop.seconds > 0 else None)

@@ -1,0 +1,244 @@
+"""Data-parallel training over several processes (one per GPU), with ``torch.distributed``.
+
+A launcher (``torchrun``, ``python -m torch.distributed.run``, ``accelerate launch``, or
+``rawtune train --gpus N``, which calls torchrun) starts one process per GPU and sets
+``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK``. Only then is a process group created here
+(:func:`setup`); a single process never touches ``torch.distributed``, so it behaves exactly as
+before.
+
+The rules every rank follows:
+
+- every rank trains the same step on its own share of that step's blocks (:func:`shard`), so the
+  effective batch, the learning-rate schedule and the loss after the same tokens are those of one
+  process; the summed gradients of the trainable tensors are all-reduced (:func:`all_reduce_grads`)
+  before clipping, so every rank takes the same optimizer step and holds the same weights;
+- only rank 0 writes: run.json, the log, the adapter and the checkpoints; a checkpoint holds only
+  what does not depend on the number of processes (the step, the optimizer and scheduler state of
+  the full trainable tensors), so a run can resume on another number of GPUs;
+- a stop (event, STOP file, Ctrl-C) seen by any rank stops every rank after the same step
+  (:meth:`Dist.agree_stop`), so no rank waits forever in a collective.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from ..errors import ConfigError
+from ..settings import TrainSettings
+
+# A rank that waits for rank 0 (which may still be reading and packing a large dataset before
+# training starts) must not give up after torch's default 10 minutes.
+WAIT = timedelta(hours=int(os.environ.get("RAWTUNE_DIST_TIMEOUT_HOURS", "6")))
+BUCKET_BYTES = 64 * 2**20  # gradients are all-reduced in flat buckets of about this size
+
+
+def world_size() -> int:
+    """Processes in the job, as the launcher set it (1 without a launcher)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def local_rank() -> int:
+    """This process's GPU on its node."""
+    return int(os.environ.get("LOCAL_RANK", "0") or 0)
+
+
+@dataclass
+class Dist:
+    """This process's place in the job; ``world == 1`` is a plain single process (no collectives)."""
+
+    world: int = 1
+    rank: int = 0
+    backend: str = ""
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one process that logs and writes the run directory."""
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    def share(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every rank (picklable objects; the same object back in one process)."""
+        if not self.active:
+            return value
+        import torch.distributed as td
+
+        box = [value if self.main else None]
+        td.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.active:
+            import torch.distributed as td
+
+            td.barrier()
+
+    def sum_(self, tensor: Any) -> Any:
+        """Sum ``tensor`` over the ranks, in place."""
+        if self.active:
+            import torch.distributed as td
+
+            td.all_reduce(tensor, op=td.ReduceOp.SUM)
+        return tensor
+
+    def agree_stop(self, local: bool, device: Any) -> bool:
+        """True on every rank when any rank was asked to stop (one tiny all-reduce)."""
+        if not self.active:
+            return local
+        import torch
+        import torch.distributed as td
+
+        flag = torch.tensor([1.0 if local else 0.0], device=device)
+        td.all_reduce(flag, op=td.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+    def log_for(self, log: Callable[[str], None]) -> Callable[[str], None]:
+        """Rank 0 logs; the other ranks stay silent (their lines would repeat rank 0's)."""
+        return log if self.main else _silent
+
+
+def _silent(_line: str) -> None:
+    return None
+
+
+def setup() -> Dist:
+    """Join the job's process group when a launcher started several processes, else a single ``Dist``.
+
+    Each rank takes the GPU ``LOCAL_RANK`` (NCCL); without CUDA the ranks run on the CPU (gloo),
+    which is what the CPU tests use.
+    """
+    world = world_size()
+    if world <= 1:
+        return Dist()
+    import torch
+    import torch.distributed as td
+
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local_rank())
+    if not td.is_initialized():
+        td.init_process_group("nccl" if cuda else "gloo", timeout=WAIT,
+                              **({"device_id": torch.device("cuda", local_rank())} if cuda else {}))
+    return Dist(td.get_world_size(), td.get_rank(), td.get_backend())
+
+
+def finish(d: Dist) -> None:
+    """Wait for every rank (rank 0 has written the adapter), then leave the process group."""
+    if not d.active:
+        return
+    import torch.distributed as td
+
+    td.barrier()
+    td.destroy_process_group()
+
+
+# ---------------------------------------------------------------- splitting the work
+
+
+def shard(idx: np.ndarray, d: Dist) -> np.ndarray:
+    """This rank's share of one step's block indices: contiguous, sizes differing by at most one."""
+    if not d.active:
+        return idx
+    return np.array_split(idx, d.world)[d.rank]
+
+
+def split_for(t: TrainSettings, world: int, trainer: bool) -> TrainSettings:
+    """Settings whose micro-batch fits one rank's share of a step, keeping the effective batch.
+
+    ``batch_size`` stays the micro-batch of one process and ``batch_size * grad_accum`` the blocks
+    of one optimizer step over all processes. The micro-batch becomes the largest divisor of the
+    effective batch that is no larger than the planned one or a rank's share (a larger one would
+    only compute padding rows). The Trainer accumulates ``grad_accum / world`` micro-batches per
+    process, so there the effective batch must split evenly.
+    """
+    if world <= 1:
+        return t
+    effective = t.batch_size * t.grad_accum
+    if trainer and effective % world:
+        raise ConfigError(f"an effective batch of {effective} blocks (--batch-size x --grad-accum) does not "
+                          f"split over {world} processes on the Trainer path; choose one divisible by {world}")
+    share = math.ceil(effective / world)
+    fits = [m for m in range(1, min(t.batch_size, share) + 1)
+            if effective % m == 0 and (not trainer or share % m == 0)]
+    micro = max(fits)
+    return dataclasses.replace(t, batch_size=micro, grad_accum=effective // micro)
+
+
+def trainer_accumulation(t: TrainSettings, world: int) -> int:
+    """Micro-batches each process accumulates per optimizer step on the Trainer path."""
+    return max(t.grad_accum // max(world, 1), 1)
+
+
+# ---------------------------------------------------------------- gradients
+
+
+def broadcast_params(params: list, d: Dist) -> None:
+    """Rank 0's values of ``params`` on every rank (each rank drew its own initial LoRA weights)."""
+    if not d.active:
+        return
+    import torch.distributed as td
+
+    for p in params:
+        td.broadcast(p.data, src=0)
+
+
+def all_reduce_grads(params: list, d: Dist) -> None:
+    """Sum the gradients of ``params`` over the ranks, in flat buckets (a rank whose share of the
+    step was empty contributes zeros). The loss was already divided by the step's token count over
+    all ranks, so the sum is the single-process gradient."""
+    if not d.active:
+        return
+    import torch
+    import torch.distributed as td
+
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    for bucket in _buckets(params):
+        grads = [p.grad for p in bucket]
+        if len(grads) == 1:
+            td.all_reduce(grads[0], op=td.ReduceOp.SUM)
+            continue
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        td.all_reduce(flat, op=td.ReduceOp.SUM)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+def _buckets(params: list) -> list[list]:
+    """Consecutive parameters of one dtype and device, about :data:`BUCKET_BYTES` per bucket."""
+    out: list[list] = []
+    size = 0
+    for p in params:
+        nbytes = p.numel() * p.element_size()
+        same = out and out[-1][0].dtype == p.dtype and out[-1][0].device == p.device
+        if not same or size + nbytes > BUCKET_BYTES:
+            out.append([])
+            size = 0
+        out[-1].append(p)
+        size += nbytes
+    return out
+
+
+def describe(d: Dist, engine: str) -> Optional[str]:
+    """The log line that says how the job is spread (None for one process)."""
+    if not d.active:
+        return None
+    where = "GPUs" if d.backend == "nccl" else "CPU processes"
+    return (f"[train] data-parallel on {d.world} {where} ({d.backend}, {engine}): each takes its share of every "
+            "step's blocks, gradients are summed over all of them; only rank 0 writes the run directory")
