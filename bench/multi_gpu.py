@@ -6,8 +6,8 @@ One call on a machine with two GPUs measures, each as the real command line in i
 2. the same command with ``--gpus 2`` (torchrun, two processes, NCCL), same effective batch and
    steps, so the same tokens;
 3. ``rawtune train --out <the 2-GPU run> --resume`` on one GPU: it continues from the 2-GPU run's
-   middle checkpoint to the same last step, so its losses over the second half can be compared
-   with both runs above.
+   checkpoint (at two thirds of the steps, ``--save-at``) to the same last step, so its losses
+   after the checkpoint can be compared with both runs above.
 
 Model: the SmolLM2-135M architecture (30 layers, hidden 576, 9/3 heads, vocab 49,152, tied) with
 random bf16 weights, built on the machine by ``bench/card_caps.py``'s builder (its padded BPE
@@ -17,15 +17,17 @@ sequence 2048, micro-batch 16 x 2 accumulation (32 blocks, 65,536 tokens per opt
 as given (``--gradient-checkpointing off``), so one GPU runs two micro-batches of 16 per step and
 each of two GPUs runs one. ``--backend peft`` in every run: several processes always load the model
 with PEFT, and the one-GPU run must start from the same LoRA initialisation to compare losses (the
-fast loop trains either loader's model at the same speed). tokens/s is rawtune's own figure at the last step (timed from the end
-of the first step, so compiling is left out), for the whole job.
+fast loop trains either loader's model at the same speed). tokens/s is rawtune's own figure (timed from the end of the first
+step, so compiling is left out) twice: at the last step before the checkpoint (training alone,
+the speed-up that measures scaling) and at the last step (the whole job, with the checkpoint that
+rank 0 writes while the other ranks wait).
 
 It prints a markdown table last (card, command, tokens/s, speed-up, losses) and writes
 ``multi_gpu.json`` and the full logs (``multi_gpu.log``) to ``$OUT`` (else ``--work``).
 
 On the GPU machine (2 GPUs; carry ``.device-bundle``; about 5 minutes)::
 
-    mkdir -p /tmp/site && tar -C /tmp/site -xJf .device-bundle/site.tar.xz && export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1; python bench/multi_gpu.py --work /tmp/multi_gpu --steps 30
+    mkdir -p /tmp/site && tar -C /tmp/site -xJf .device-bundle/site.tar.xz && export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1; python bench/multi_gpu.py --work /tmp/multi_gpu --steps 45 --budget 300
 
 On a CPU, ``--tiny`` runs the same three commands on a tiny model in CPU processes (gloo)::
 
@@ -80,7 +82,7 @@ def train_command(a, out: Path, model_dir: Path, corpus: Path, gpus: int, resume
         return cmd + ["--resume"] + (["--max-steps", str(a.steps + 2)] if a.tiny else [])
     cmd += ["--dataset", str(corpus), "--model", str(model_dir), "--preset", "standard", "--backend", "peft",
             "--seq-len", str(a.seq), "--batch-size", str(a.micro), "--grad-accum", str(a.accum),
-            "--gradient-checkpointing", "off", "--max-steps", str(a.steps), "--save-steps", str(a.steps // 2),
+            "--gradient-checkpointing", "off", "--max-steps", str(a.steps), "--save-steps", str(a.save_at),
             "--eval-steps", "0", "--logging-steps", str(max(a.steps // 6, 1))]
     if a.tiny:  # the CPU trains fp32 on the Trainer path; keep its optimizer explicit
         cmd += ["--optimizer", "adamw_torch"]
@@ -138,10 +140,21 @@ def summary(run_dir: Path) -> dict:
     return {"steps": train.get("steps"), "resumed_from_step": train.get("resumed_from_step"),
             "losses": {e["step"]: round(e["loss"], 4) for e in steps},
             "tok_s": round(steps[-1]["tokens_per_s"]) if steps else None,
+            # rawtune's figure at the last step before the first checkpoint: training alone (it is timed
+            # from the end of step 1; the checkpoint, written by rank 0 only, counts in tok_s above)
+            "train_tok_s": _before_checkpoint(steps, record),
             "micro": eff.get("batch_size"), "accum": eff.get("grad_accum"),
             "ppl_base": metrics.get("ppl_base"), "ppl_tuned": metrics.get("ppl_tuned"),
             "checkpoints": sorted(p.name for p in (run_dir / "checkpoints").glob("checkpoint-*")),
             "files": sorted(p.name for p in run_dir.iterdir())}
+
+
+def _before_checkpoint(steps: list, record: dict) -> int | None:
+    save = (record.get("settings") or {}).get("train", {}).get("save_steps") or \
+        (record.get("train", {}).get("effective_settings") or {}).get("save_steps")
+    first = record.get("train", {}).get("resumed_from_step") or 0
+    before = [e for e in steps if save and first < e["step"] <= save]
+    return round(before[-1]["tokens_per_s"]) if before else None
 
 
 def card() -> str:
@@ -160,23 +173,26 @@ def max_diff(a: dict, b: dict, steps) -> float | None:
 
 def table(c: str, a, res: dict) -> None:
     one, two, back = res.get("one") or {}, res.get("two") or {}, res.get("resume") or {}
-    half = a.steps // 2
+    half = a.save_at
     print(f"\ncard: {c}; {a.steps} steps of {a.micro * a.accum} blocks x {a.seq} tokens "
           f"({a.micro * a.accum * a.seq * a.steps:,} tokens per run)\n")
-    print("| run | command | micro x accum | tokens/s | speed-up | loss at step 1 | loss at last step | held-out ppl |")
-    print("|---|---|---|---|---|---|---|---|")
-    base = one.get("tok_s")
+    print("| run | command | micro x accum | tokens/s, training (before the checkpoint) | speed-up | "
+          "tokens/s, whole job | speed-up | loss at step 1 | loss at last step | held-out ppl |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    base, base_train = one.get("tok_s"), one.get("train_tok_s")
     for name, r, command in (("1 GPU", one, "rawtune train ..."), ("2 GPUs", two, "rawtune train ... --gpus 2"),
                              (f"2-GPU checkpoint-{back.get('resumed_from_step') or '?'} resumed on 1 GPU", back,
                               "rawtune train --out RUN --resume")):
         if not r:
-            print(f"| {name} | `{command}` | failed, see the log | | | | | |")
+            print(f"| {name} | `{command}` | failed, see the log | | | | | | | |")
             continue
         losses = {int(k): v for k, v in r["losses"].items()}
         speed = f"{r['tok_s'] / base:.2f}x" if base and r.get("tok_s") else "-"
+        train = r.get("train_tok_s")
+        speed_train = f"{train / base_train:.2f}x" if base_train and train else "-"
         ppl = f"{r['ppl_base']:.2f} -> {r['ppl_tuned']:.2f}" if r.get("ppl_tuned") else "-"
-        print(f"| {name} | `{command}` | {r['micro']} x {r['accum']} | {r['tok_s']:,} | {speed} | "
-              f"{losses.get(1, '-')} | {losses.get(max(losses), '-')} | {ppl} |")
+        print(f"| {name} | `{command}` | {r['micro']} x {r['accum']} | {f'{train:,}' if train else '-'} | "
+              f"{speed_train} | {r['tok_s']:,} | {speed} | {losses.get(1, '-')} | {losses.get(max(losses), '-')} | {ppl} |")
     l1, l2, l3 = ({int(k): v for k, v in (r or {}).get("losses", {}).items()} for r in (one, two, back))
     second = range(half + 1, a.steps + 1)
     print(f"\nlargest loss difference per step, 1 GPU vs 2 GPUs (steps 1..{a.steps}): "
@@ -188,7 +204,9 @@ def table(c: str, a, res: dict) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work", default="/tmp/multi_gpu", help="scratch folder (model, corpus, run directories)")
-    p.add_argument("--steps", type=int, default=30, help="optimizer steps per run (the checkpoint is at half)")
+    p.add_argument("--steps", type=int, default=45, help="optimizer steps per run")
+    p.add_argument("--save-at", type=int, default=None,
+                   help="the step of the checkpoint the 1-GPU resume starts from (default: two thirds of --steps)")
     p.add_argument("--tiny", action="store_true", help="a tiny model in CPU processes, to exercise the code")
     p.add_argument("--budget", type=float, default=450, help="seconds for the whole call; a run past it is killed")
     a = p.parse_args()
@@ -197,6 +215,7 @@ def main() -> None:
     if a.tiny:
         a.steps = min(a.steps, 6)
         os.environ.setdefault("RAWTUNE_COMPILE", "0")
+    a.save_at = a.save_at or max(1, a.steps * 2 // 3)
     work = Path(a.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     out = Path(os.environ["OUT"]) if os.environ.get("OUT") else work

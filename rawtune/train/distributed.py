@@ -10,7 +10,7 @@ The rules every rank follows:
 
 - every rank trains the same step on its own share of that step's blocks (:func:`shard`), so the
   effective batch, the learning-rate schedule and the loss after the same tokens are those of one
-  process; the summed gradients of the trainable tensors are all-reduced (:func:`all_reduce_grads`)
+  process; the summed gradients of the trainable tensors are all-reduced (:class:`OverlappedReduce`)
   before clipping, so every rank takes the same optimizer step and holds the same weights;
 - only rank 0 writes: run.json, the log, the adapter and the checkpoints; a checkpoint holds only
   what does not depend on the number of processes (the step, the optimizer and scheduler state of
@@ -195,29 +195,61 @@ def broadcast_params(params: list, d: Dist) -> None:
         td.broadcast(p.data, src=0)
 
 
-def all_reduce_grads(params: list, d: Dist) -> None:
-    """Sum the gradients of ``params`` over the ranks, in flat buckets (a rank whose share of the
-    step was empty contributes zeros). The loss was already divided by the step's token count over
-    all ranks, so the sum is the single-process gradient."""
-    if not d.active:
-        return
-    import torch
-    import torch.distributed as td
+class OverlappedReduce:
+    """Sums the trainable tensors' gradients over the ranks, starting while backward still runs (as DDP does).
 
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    for bucket in _buckets(params):
-        grads = [p.grad for p in bucket]
-        if len(grads) == 1:
-            td.all_reduce(grads[0], op=td.ReduceOp.SUM)
-            continue
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        td.all_reduce(flat, op=td.ReduceOp.SUM)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+    The loss was already divided by the step's token count over all ranks, so the sum is the
+    single-process gradient; a rank whose share of the step was empty contributes zeros. Each trainable tensor's gradient is a view into a flat bucket. On the step's last micro-batch
+    (:meth:`arm`), a bucket's all-reduce starts asynchronously once backward has written every
+    gradient in it, so communication overlaps the rest of backward (measured on 2 H100s: the
+    all-reduce after backward cost about 13 ms of a 136 ms step). Buckets start strictly in their
+    order (reversed parameter order, about the order backward produces them), because every rank
+    must issue the same collectives in the same order. :meth:`finish` starts the rest and waits.
+    """
+
+    def __init__(self, params: list, d: Dist):
+        import torch
+
+        self.d = d
+        self.buckets = _buckets(list(reversed(params)))
+        self.flats, self.where = [], {}
+        for i, bucket in enumerate(self.buckets):
+            flat = torch.zeros(sum(p.numel() for p in bucket), dtype=bucket[0].dtype, device=bucket[0].device)
+            offset = 0
+            for p in bucket:
+                p.grad = flat[offset:offset + p.numel()].view_as(p)  # autograd accumulates into the view
+                offset += p.numel()
+                self.where[id(p)] = i
+                p.register_post_accumulate_grad_hook(self._ready)
+            self.flats.append(flat)
+        self.armed, self.left, self.works = False, [], []
+
+    def arm(self) -> None:
+        """The next backward is the step's last on this rank: reduce buckets as they fill."""
+        self.armed, self.left, self.works = True, [len(b) for b in self.buckets], []
+
+    def _ready(self, param: Any) -> None:
+        if not self.armed:
+            return
+        self.left[self.where[id(param)]] -= 1
+        self._launch(until=len(self.buckets), only_full=True)
+
+    def _launch(self, until: int, only_full: bool) -> None:
+        import torch.distributed as td
+
+        while len(self.works) < until and (not only_full or self.left[len(self.works)] <= 0):
+            self.works.append(td.all_reduce(self.flats[len(self.works)], op=td.ReduceOp.SUM, async_op=True))
+
+    def finish(self) -> None:
+        """Start the buckets still waiting (all of them on a rank whose share was empty) and wait for all."""
+        self._launch(until=len(self.buckets), only_full=False)
+        for work in self.works:
+            work.wait()
+        self.armed = False
+
+    def zero(self) -> None:
+        for flat in self.flats:
+            flat.zero_()
 
 
 def _buckets(params: list) -> list[list]:

@@ -53,7 +53,7 @@ from ..errors import TrainError
 from ..rundir import RunDir
 from ..settings import TrainSettings
 from .engine import compile_allowed
-from .distributed import Dist, all_reduce_grads, broadcast_params, shard
+from .distributed import Dist, OverlappedReduce, broadcast_params, shard
 from .fast_model import PROJ, FastModel, Net, base_linear, extract, float_types, projection, shifted_labels
 from .optim import param_groups, schedule
 from .progress import LoopResult, Progress, StopSignal
@@ -264,20 +264,30 @@ class _Pending:
                            when=time.time() if now else done_at, show=show)
 
 
-def _train_step(fast: FastModel, blocks: Any, idx: Any, micro: int, n_items: Any) -> Any:
-    """Forward and backward over one optimizer step's blocks in micro-batches; the summed loss."""
+def _train_step(fast: FastModel, blocks: Any, idx: Any, micro: int, n_items: Any,
+                reduce: Optional[OverlappedReduce] = None) -> Any:
+    """Forward and backward over one optimizer step's blocks in micro-batches; the summed loss.
+
+    ``reduce`` (several processes): the gradients are summed over the ranks, starting during the
+    last micro-batch's backward.
+    """
     import torch
 
     T = blocks.shape[1]
     step_loss = torch.zeros((), device=blocks.device)
-    for s in range(0, len(idx), micro):
+    starts = range(0, len(idx), micro)
+    for s in starts:
         ids = blocks[idx[s:s + micro]]
         real = len(ids)
         if real < micro:  # keep one shape (no recompiles): pad rows carry no labels
             ids = torch.cat([ids, ids.new_zeros(micro - real, T)])
+        if reduce is not None and s == starts[-1]:
+            reduce.arm()
         loss = fast.loss(ids, shifted_labels(ids, real), n_items)
         loss.backward()
         step_loss += loss.detach()
+    if reduce is not None:
+        reduce.finish()
     return step_loss
 
 
@@ -303,6 +313,7 @@ def fit(t: TrainSettings, run: RunDir, model: Any, train_blocks: np.ndarray, hel
     start_step = load_checkpoint(resume_from, model, optimizer, scheduler) if resume_from else 0
     params = [p for _, p in net.trainable]
     broadcast_params(params, dist)  # the same starting weights on every rank, as DDP's wrapper does
+    reduce = OverlappedReduce(params, dist) if dist.active else None
     eval_every = t.eval_steps if len(eval_blocks) and t.eval_steps else 0
     split = (f"micro-batch {micro} x {math.ceil(effective / dist.world / micro)} accumulation on each of "
              f"{dist.world} processes" if dist.active else f"micro-batch {micro} x {t.grad_accum} accumulation")
@@ -315,14 +326,16 @@ def fit(t: TrainSettings, run: RunDir, model: Any, train_blocks: np.ndarray, hel
             every = step_blocks(step, len(train_blocks), effective, t.seed)
             idx = torch.from_numpy(shard(every, dist)).to(device)
             n_items = torch.tensor(float(len(every) * (T - 1)), device=device)  # the whole step's tokens
-            step_loss = _train_step(fast, blocks, idx, micro, n_items)
-            all_reduce_grads(params, dist)
+            step_loss = _train_step(fast, blocks, idx, micro, n_items, reduce)
             dist.sum_(step_loss)
             torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            if reduce is None:
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                reduce.zero()  # the gradients stay views into the buckets
             step += 1
             if progress.meter.origin is None:  # time from the first finished step: compiling is not training
                 _sync()
