@@ -18,6 +18,7 @@ import pytest
 
 from rawtune.export import gguf_writer
 from rawtune.errors import ExportError
+from rawtune.merge import merge_run
 from rawtune.rundir import RunDir
 from rawtune.settings import ExportSettings
 
@@ -141,8 +142,10 @@ def test_export_logits_match_merged_pytorch(arch, request, tmp_path):
     f16 = run.gguf_dir / "tiny.F16.gguf"
     assert info["conversion"]["architecture"] == arch.split("-")[0].replace("llama3", "llama")
     assert info["conversion"]["tied_embeddings"] is (arch != "qwen2")
-    tokens = sample_tokens(run.merged_dir)
-    want = torch_logits(run.merged_dir, tokens)
+    assert info["streamed"] and not run.merged_dir.exists()  # export merged while writing
+    merged = merge_run(run, log=lambda s: None)  # the reference: the merged folder in PyTorch
+    tokens = sample_tokens(merged)
+    want = torch_logits(merged, tokens)
     got = gguf_logits(f16, tokens)
     scale = np.abs(want).max()
     assert scale > 1.0  # the scrambled weights give logits far from zero
@@ -151,7 +154,7 @@ def test_export_logits_match_merged_pytorch(arch, request, tmp_path):
     assert (got.argmax(-1) == want.argmax(-1)).mean() > 0.95
     # An F32 GGUF from the same writer agrees to float rounding.
     f32 = tmp_path / "tiny.F32.gguf"
-    gguf_writer.convert(run.merged_dir, f32, "f32")
+    gguf_writer.convert(merged, f32, "f32")
     got32 = gguf_logits(f32, tokens)
     assert np.abs(got32 - want).max() < 2e-4 * scale, np.abs(got32 - want).max()
 
