@@ -56,6 +56,8 @@ WORK_DIR = "gguf_work"
 SOURCE_DIR = "model"  # inside WORK_DIR: the merged model's config and tokenizer, for the streamed writer
 # The PyTorch reference model is fp32 up to this many parameters (2.4 GB), bf16 above: fp32 keeps
 # the small models' numbers exactly those of `rawtune eval`; a 1B+ model in fp32 needs 4+ GB.
+# Above it the model also reads one block at a time: four blocks of 512 tokens make 400 MB of
+# logits with a 49k vocabulary, and more than that in the softmax, on top of the model.
 FP32_MAX_PARAMS = 600_000_000
 
 
@@ -367,7 +369,8 @@ def load_reference(p: Plan, log: Log) -> Any:
 
     dtype = reference_dtype(p.params)
     why = (f"up to {FP32_MAX_PARAMS / 1e6:.0f}M parameters" if p.params <= FP32_MAX_PARAMS else
-           f"above {FP32_MAX_PARAMS / 1e6:.0f}M parameters; fp32 would need {4 * p.params / 1e9:.1f} GB")
+           f"above {FP32_MAX_PARAMS / 1e6:.0f}M parameters; fp32 would need {4 * p.params / 1e9:.1f} GB; "
+           f"one block at a time")
     log(f"[export] merged PyTorch model for the importance matrix and the perplexity check: "
         f"{p.params / 1e6:,.0f}M parameters in {str(dtype).replace('torch.', '')} ({why})")
     if not p.streamed:
@@ -508,12 +511,13 @@ def reference(run: RunDir, p: Plan, check: Verification, log: Log) -> Any:
 
     t0 = time.time()
     model = load_reference(p, log)
+    batch = 4 if p.params <= FP32_MAX_PARAMS else 1
     log(f"[export] loaded the merged PyTorch model in {time.time() - t0:.1f}s")
     try:
-        imatrix = _importance(p, model, log) if need_imatrix else None
+        imatrix = _importance(p, model, batch, log) if need_imatrix else None
         if need_ppl:
             t1 = time.time()
-            check.ppl_merged = round(perplexity(model, check.heldout), 4)
+            check.ppl_merged = round(perplexity(model, check.heldout, batch), 4)
             check.seconds_reference = time.time() - t1
             log(f"[export] merged PyTorch model: perplexity {check.ppl_merged:.4f} on {check.heldout.shape[0]} "
                 f"held-out blocks" + _tuned_note(run.load(), check.blocks))
@@ -523,11 +527,11 @@ def reference(run: RunDir, p: Plan, check: Verification, log: Log) -> Any:
     return imatrix
 
 
-def _importance(p: Plan, model: Any, log: Log) -> Any:
+def _importance(p: Plan, model: Any, batch: int, log: Log) -> Any:
     from .imatrix import compute
 
     imatrix = compute(p.model_dir, p.calibration, source="data/train.npy (training blocks, spread evenly)",
-                      model=model)
+                      batch_size=batch, model=model)
     log(f"[export] importance matrix from {imatrix.tokens:,} training tokens ({imatrix.blocks} blocks of "
         f"data/train.npy, {len(imatrix.values)} weights) in {imatrix.seconds:.1f}s")
     return imatrix
