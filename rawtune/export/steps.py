@@ -177,8 +177,6 @@ def _source(run: RunDir, work_dir: Path, log: Log) -> tuple[Path, Optional[Path]
     skeleton = work_dir / SOURCE_DIR
     shutil.rmtree(skeleton, ignore_errors=True)
     write_skeleton((base_dir, adapter_dir), skeleton)
-    log(f"[export] merging {adapter_dir.name}/ into {base_dir.name} tensor by tensor while writing the GGUF "
-        f"(no merged/ folder; `rawtune merge` writes one)")
     return skeleton, base_dir, adapter_dir, [base_dir, adapter_dir]
 
 
@@ -212,6 +210,9 @@ def convert(p: Plan, license: Optional[str], gguf: dict[str, dict], log: Log) ->
 
     if not p.todo:
         return p.earlier.get("conversion"), 0.0
+    if p.streamed:
+        log(f"[export] merging {p.adapter_dir.name}/ into {p.base_dir.name} tensor by tensor while writing the "
+            f"F16 GGUF (no merged/ folder; `rawtune merge` writes one)")
     t0 = time.time()
     conversion = gguf_writer.convert(p.model_dir, p.f16, "f16", name=p.stem, license=license, log=log,
                                      tensors=p.tensors())
@@ -481,6 +482,7 @@ class Verification:
     to_verify: list[str] = field(default_factory=list)  # labels to load in llama.cpp this time
     rescore: bool = False  # other blocks than the earlier export's: every file is scored again
     seconds_reference: float = 0.0  # the PyTorch model's perplexity
+    seconds_model: float = 0.0  # loading the PyTorch model (shared by the importance matrix and the perplexity)
 
 
 def prepare_verification(run: RunDir, p: Plan, enabled: bool, log: Log) -> Verification:
@@ -512,7 +514,8 @@ def reference(run: RunDir, p: Plan, check: Verification, log: Log) -> Any:
     t0 = time.time()
     model = load_reference(p, log)
     batch = 4 if p.params <= FP32_MAX_PARAMS else 1
-    log(f"[export] loaded the merged PyTorch model in {time.time() - t0:.1f}s")
+    check.seconds_model = time.time() - t0
+    log(f"[export] loaded the merged PyTorch model in {check.seconds_model:.1f}s")
     try:
         imatrix = _importance(p, model, batch, log) if need_imatrix else None
         if need_ppl:
@@ -661,6 +664,7 @@ def record(run: RunDir, p: Plan, gguf: dict[str, dict], conversion: Optional[dic
         "seconds_quantize": round(times.quantize, 2),
         "seconds_verify": round(times.verify, 2),
         "seconds_imatrix": round(times.imatrix, 2),
+        "seconds_reference_model": round(check.seconds_model, 2),
         "imatrix": imatrix_info,
         "log": LOG_FILE if (run.path / LOG_FILE).is_file() else None,
         "reused": reused,
