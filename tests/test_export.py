@@ -221,6 +221,28 @@ def test_export_run_quantizes_verifies_and_is_idempotent(big_llama, tmp_path):
     assert set(run.load()["gguf"]) == {"Q8_0"} and (run.gguf_dir / "Modelfile").read_text().startswith("FROM ./myrun.Q8_0")
 
 
+def test_base_without_safetensors_is_merged_to_a_folder_first(big_llama, tmp_path):
+    """A base stored otherwise (pytorch_model.bin) cannot be streamed: export writes merged/ and
+    converts that, and gets the same GGUF tensors and perplexity as the streamed export."""
+    import gguf
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    bin_base = tmp_path / "bin-base"
+    shutil.copytree(big_llama, bin_base)
+    state = AutoModelForCausalLM.from_pretrained(big_llama, dtype=torch.float32).state_dict()
+    (bin_base / "model.safetensors").unlink()
+    torch.save(state, bin_base / "pytorch_model.bin")
+    runs = {"bin": make_run(tmp_path / "bin", bin_base), "safetensors": make_run(tmp_path / "st", big_llama)}
+    infos = {k: export_run(run, ExportSettings(quant=["f16"], name="t"), log=lambda s: None) for k, run in runs.items()}
+    assert infos["bin"]["streamed"] is False and runs["bin"].merged_dir.is_dir()
+    assert infos["safetensors"]["streamed"] is True and not runs["safetensors"].merged_dir.exists()
+    tensors = {k: {t.name: t.data.tobytes() for t in gguf.GGUFReader(str(run.gguf_dir / "t.F16.gguf")).tensors}
+               for k, run in runs.items()}
+    assert len(tensors["bin"]) > 10 and tensors["bin"] == tensors["safetensors"]
+    assert infos["bin"]["ppl_merged"] == infos["safetensors"]["ppl_merged"]
+
+
 def test_export_without_heldout_skips_perplexity(big_qwen2, tmp_path):
     run = make_run(tmp_path / "run", big_qwen2, heldout=False)
     lines: list[str] = []
