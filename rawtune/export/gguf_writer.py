@@ -7,7 +7,9 @@ Qwen3, Gemma 2, Gemma 3 text, Phi-3/Phi-4-mini, SmolLM3, Granite 3.x dense, OLMo
 a clear :class:`ExportError` for anything else, or for a checkpoint of a known family that uses a
 feature llama.cpp's architecture cannot express, instead of writing a file that loads but
 generates garbage. Tensor names come from the gguf package's per-architecture maps; what is
-model-specific is one table row per family.
+model-specific is one table row per family. The tensors come from a :class:`TensorSource`
+(a saved folder, or the streamed merge of a base and an adapter): the tensor infos are written
+from the shapes first, then each tensor's data as it arrives, so memory holds one tensor.
 
 What llama.cpp needs beyond the weights, and why:
 

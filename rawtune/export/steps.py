@@ -381,11 +381,12 @@ def load_reference(p: Plan, log: Log) -> Any:
     model = load_causal_lm(p.base_dir, device="cpu", dtype=dtype)
     try:
         fill_merged(model, (p.base_dir, p.adapter_dir))
+        return model.eval()
     except KeyError as exc:  # a model class that renames checkpoint keys: let PEFT merge instead
-        del model
-        log(f"[export] {exc} is not a parameter name of the loaded model: merging with PEFT instead")
-        return load_tuned((p.base_dir, p.adapter_dir), device="cpu", dtype=dtype, merge=True)
-    return model.eval()
+        missing = exc
+    del model  # before PEFT loads a second copy
+    log(f"[export] {missing} is not a parameter name of the loaded model: merging with PEFT instead")
+    return load_tuned((p.base_dir, p.adapter_dir), device="cpu", dtype=dtype, merge=True)
 
 
 def check_tokenizer(llm: Any, tokenizer: Any, texts: list[str]) -> list[str]:
