@@ -25,6 +25,18 @@ path wrote. Usage::
 
     python bench/export_memory.py --size 135m --work /tmp/xm135
     python bench/export_memory.py --size 1b --work /tmp/xm1b
+
+``--export`` measures the real thing instead: a run directory is made around the same base and
+adapter (``run.json``, ``adapter/``, training and held-out blocks of the test tokenizer's text),
+then ``rawtune.export.export_run`` runs in a fresh process with Q4_K_M (importance matrix) and
+Q8_0, exactly as ``rawtune export DIR --quant q4_k_m,q8_0`` does. Each line export logs is
+printed with the seconds since the previous line and the peak resident memory over the
+baseline in between (``VmHWM`` is reset after every line through ``/proc/self/clear_refs``), so
+every step gets its own peak; the last line gives the whole export's peak. A last process loads
+the F16 GGUF in llama.cpp and compares its logits on a short prompt with the merged model's in
+PyTorch (fp32). The 1b run directory needs about 8 GB of disk::
+
+    python bench/export_memory.py --size 1b --work /tmp/xe1b --export --imatrix-blocks 4 --heldout-blocks 2
 """
 
 from __future__ import annotations
@@ -222,18 +234,163 @@ def compare(work: Path) -> None:
     print(json.dumps({"tensors": len(a), "identical": bool(same), "whole_file_identical": whole}))
 
 
+# ---------------------------------------------------------------- the real export, measured
+
+
+def make_run(work: Path, seq_len: int, train_blocks: int, heldout_blocks: int) -> None:
+    """A run directory as training leaves it, around the built base and adapter."""
+    import shutil
+
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from tiny import sentences
+
+    from rawtune.rundir import RunDir
+
+    run = RunDir(work / "run")
+    shutil.rmtree(run.path, ignore_errors=True)
+    run.update(model={"spec": str(work / "base"), "local_dir": str(work / "base"), "upstream_id": None,
+                      "source": "local", "license": "apache-2.0"},
+               train={"backend": "bench", "steps": 0, "note": "random r=16 adapter built by the bench"})
+    shutil.copytree(work / "adapter", run.adapter_dir)
+    tok = AutoTokenizer.from_pretrained(work / "base")
+    ids: list[int] = []
+    for text in sentences(40 * (train_blocks + heldout_blocks) * seq_len // 64 + 100, seed=5):
+        ids += tok.encode(text) + [tok.eos_token_id]
+    blocks = np.asarray(ids[: (train_blocks + heldout_blocks) * seq_len], dtype=np.int32).reshape(-1, seq_len)
+    run.data_dir.mkdir(parents=True, exist_ok=True)
+    np.save(run.data_dir / "train.npy", blocks[:train_blocks])
+    np.save(run.data_dir / "heldout.npy", blocks[train_blocks:])
+    print(json.dumps({"run": str(run.path), "train_blocks": train_blocks, "heldout_blocks": heldout_blocks,
+                      "seq_len": seq_len}))
+
+
+class StepMeter:
+    """Per log line: seconds since the previous line and the peak RSS over the baseline in between."""
+
+    def __init__(self) -> None:
+        self.baseline = _rss_kib("VmRSS")
+        self.started = self.last = time.time()
+        self.peak = 0
+        self.steps: list[dict] = []
+        self._reset()
+
+    @staticmethod
+    def _reset() -> None:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS, so the next peak is this step's own
+
+    def __call__(self, line: str) -> None:
+        now = time.time()
+        peak = (_rss_kib("VmHWM") - self.baseline) // 1024
+        self.peak = max(self.peak, peak)
+        self.steps.append({"seconds": round(now - self.last, 1), "peak_over_baseline_MB": peak, "line": line[:150]})
+        print(f"[bench] +{now - self.last:7.1f}s  peak {peak:6d} MB over baseline | {line}", flush=True)
+        self.last = now
+        self._reset()
+
+
+def export_step(work: Path, imatrix_blocks: int) -> None:
+    """``export_run`` on the bench's run directory, in this fresh process, measured per log line."""
+    import gguf  # noqa: F401  (imported before the baseline: part of any process that exports)
+    import llama_cpp  # noqa: F401
+    import peft  # noqa: F401
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+    from rawtune.export import export_run
+    from rawtune.rundir import RunDir
+    from rawtune.settings import ExportSettings
+
+    meter = StepMeter()
+    info = export_run(RunDir(work / "run"), ExportSettings(quant=["q4_k_m", "q8_0"], imatrix_blocks=imatrix_blocks),
+                      log=meter)
+    meter("(end of export_run)")
+    base_bytes = sum(f.stat().st_size for f in (work / "base").glob("*.safetensors"))
+    print(json.dumps({"export_seconds": round(time.time() - meter.started, 1), "baseline_MB": meter.baseline // 1024,
+                      "peak_over_baseline_MB": meter.peak, "base_bf16_MB": base_bytes // 2**20,
+                      "ppl_merged": info["ppl_merged"], "ppl_f16": info["ppl_f16"],
+                      "reference_dtype": info["reference_dtype"], "streamed": info["streamed"],
+                      "merged_dir_exists": (work / "run" / "merged").exists()}))
+
+
+def logits_step(work: Path) -> None:
+    """The F16 GGUF's logits on a short prompt against the merged model's in PyTorch (fp32)."""
+    import numpy as np
+    import torch
+    from transformers import AutoTokenizer
+
+    from rawtune import streamed
+    from rawtune.export.llama import load_llama
+    from rawtune.export.steps import llama_logits
+    from rawtune.models import load_causal_lm
+
+    run = work / "run"
+    tok = AutoTokenizer.from_pretrained(work / "base")
+    tokens = np.asarray(tok.encode("The river carries bright stones past old mills at dawn.")[:16], dtype=np.int64)
+    f16 = next((run / "gguf").glob("*.F16.gguf"), None) or next((run / "gguf_work").glob("*.F16.gguf"), None)
+    if f16 is None:  # export deletes its F16 work file: write one the same way for this check
+        from rawtune.export import gguf_writer
+
+        f16 = work / "check.F16.gguf"
+        folder = streamed.write_skeleton((work / "base", run / "adapter"), work / "check-skeleton")
+        source = gguf_writer.TensorSource(streamed.merged_shapes((work / "base", run / "adapter")),
+                                          streamed.iter_merged_arrays(work / "base", run / "adapter"))
+        gguf_writer.convert(work / "check-skeleton", f16, "f16", name="check", log=lambda s: None, tensors=source)
+        del folder
+    llm = load_llama(f16, n_ctx=64, logits_all=True)
+    try:
+        got = llama_logits(llm, tokens)
+    finally:
+        llm.close()
+    del llm
+    model = load_causal_lm(work / "base", device="cpu", dtype=torch.float32)
+    streamed.fill_merged(model, (work / "base", run / "adapter"))
+    with torch.inference_mode():
+        want = model(input_ids=torch.as_tensor(tokens[None, :])).logits[0].float().numpy()
+    err = float(np.abs(got - want).max())
+    print(json.dumps({"prompt_tokens": len(tokens), "max_abs_logit": round(float(np.abs(want).max()), 4),
+                      "max_abs_diff": round(err, 5), "relative": round(err / float(np.abs(want).max()), 5),
+                      "top1_agree": float((got.argmax(-1) == want.argmax(-1)).mean())}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", choices=sorted(SHAPES), required=True)
     parser.add_argument("--work", required=True, help="scratch folder (the 1b build needs ~15 GB)")
+    parser.add_argument("--export", action="store_true", help="measure the real `rawtune export` on a run directory")
+    parser.add_argument("--imatrix-blocks", type=int, default=16, help="--export: training blocks for the importance matrix")
+    parser.add_argument("--heldout-blocks", type=int, default=16, help="--export: held-out blocks scored")
+    parser.add_argument("--seq-len", type=int, default=512, help="--export: tokens per block")
     parser.add_argument("--step", help=argparse.SUPPRESS)
     args = parser.parse_args()
     work = Path(args.work)
     if args.step:
-        return compare(work) if args.step == "compare" else (build(work, args.size) if args.step == "build" else step(args.step, work))
-    for name in ("build", "peft_merge", "peft_convert", "streamed_gguf", "streamed_folder", "streamed_convert",
-                 "streamed_convert_tempfile", "compare"):
-        subprocess.run([sys.executable, __file__, "--size", args.size, "--work", str(work), "--step", name], check=True)
+        return _one_step(args, work)
+    names = ["build", "peft_merge", "peft_convert", "streamed_gguf", "streamed_folder", "streamed_convert",
+             "streamed_convert_tempfile", "compare"]
+    if args.export:
+        names = (["build"] if not (work / "base" / "model.safetensors").is_file() else []) + ["run", "export", "logits"]
+    for name in names:
+        subprocess.run([sys.executable, __file__, "--size", args.size, "--work", str(work), "--step", name,
+                        "--imatrix-blocks", str(args.imatrix_blocks), "--heldout-blocks", str(args.heldout_blocks),
+                        "--seq-len", str(args.seq_len)], check=True)
+
+
+def _one_step(args: argparse.Namespace, work: Path) -> None:
+    if args.step == "compare":
+        compare(work)
+    elif args.step == "build":
+        build(work, args.size)
+    elif args.step == "run":
+        make_run(work, args.seq_len, max(args.imatrix_blocks, 4), args.heldout_blocks)
+    elif args.step == "export":
+        export_step(work, args.imatrix_blocks)
+    elif args.step == "logits":
+        logits_step(work)
+    else:
+        step(args.step, work)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """The merge stage: fold the LoRA adapter into the base and save a plain HF folder.
 
-The merged folder (safetensors + tokenizer) is what GGUF export reads. Merging runs on the CPU in
+The merged folder (safetensors + tokenizer) is for whoever wants merged weights; GGUF export
+does not need it for a safetensors base (it merges tensor by tensor while writing the GGUF) and
+writes it only for other bases. Merging runs on the CPU in
 fp32 so the result does not depend on the training card. When embed_tokens and lm_head were
 trained, they differ after merging, so a base with tied embeddings is saved untied (both tensors
 kept, ``tie_word_embeddings: false``) instead of silently dropping one of them.

@@ -10,7 +10,10 @@ few tensors whatever the model's size:
 - :func:`write_merged_folder` writes a plain HF folder (config with the tie flag fixed, tokenizer,
   safetensors shards written tensor by tensor) for ``rawtune merge`` and for pushing merged weights;
 - :func:`write_skeleton` writes only the config and tokenizer: what a GGUF writer reads besides
-  the tensors; :func:`for_gguf` returns that folder together with the tensor iterator.
+  the tensors; :func:`for_gguf` returns that folder together with the tensor iterator, and
+  :func:`merged_shapes` the names and shapes from the file headers alone (a GGUF's tensor infos);
+- :func:`fill_merged` puts the merged weights into a base model loaded in PyTorch (export's
+  reference model for the importance matrix and the perplexity check), without a merged folder.
 
 The maths is PEFT's ``merge_and_unload`` on an fp32 model: ``W + (B @ A) * scale`` in fp32 with
 ``scale = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA), trained ``modules_to_save`` copies
@@ -251,7 +254,9 @@ def iter_merged_tensors(base_dir: str | Path, adapter_dir: str | Path, dtype: An
     embed_file = next((f for n, _, f in plan.names if n == EMBED), None)
     for name, _shape, source in plan.names:
         tensor = _merged(name, source, adapter, embed_file)
-        yield name, tensor.to(dtype) if tensor.is_floating_point() else tensor
+        tensor = tensor.to(dtype) if tensor.is_floating_point() else tensor
+        yield name, tensor
+        del tensor  # before the next one is merged: one tensor held here, not two
 
 
 def iter_merged_arrays(base_dir: str | Path, adapter_dir: str | Path) -> Iterator[tuple[str, Any]]:
@@ -259,7 +264,10 @@ def iter_merged_arrays(base_dir: str | Path, adapter_dir: str | Path) -> Iterato
     import torch
 
     for name, tensor in iter_merged_tensors(base_dir, adapter_dir, torch.float32):
-        yield name, tensor.numpy()
+        array = tensor.numpy()
+        del tensor
+        yield name, array
+        del array
 
 
 # ---------------------------------------------------------------- writing a merged folder
@@ -320,6 +328,47 @@ def for_gguf(source: Union[RunDir, tuple], work_dir: str | Path) -> tuple[Path, 
     base_dir, adapter_dir = _dirs(source)
     info = write_skeleton((base_dir, adapter_dir), work_dir)
     return Path(work_dir), iter_merged_arrays(base_dir, adapter_dir), info
+
+
+def merged_shapes(source: Union[RunDir, tuple]) -> list[tuple[str, tuple]]:
+    """``(hf_name, shape)`` of every merged tensor, in the order the iterators yield them (headers only)."""
+    base_dir, adapter_dir = _dirs(source)
+    return [(name, shape) for name, shape, _ in merge_plan(base_dir, read_adapter(adapter_dir)).names]
+
+
+def fill_merged(model: Any, source: Union[RunDir, tuple]) -> int:
+    """Overwrite a loaded base model's weights with the merged ones, tensor by tensor, in the model's dtype.
+
+    The model is the base loaded with ``from_pretrained`` (any dtype): the merge is computed in
+    fp32 as everywhere here and rounded once to that dtype, so in fp32 the model equals the merged
+    folder loaded back, without the folder and with one extra tensor in memory instead of a
+    second model. A tied base whose embeddings were trained gets its own lm_head. Returns the
+    number of tensors written; raises ``KeyError`` when a merged name is not one of the model's
+    parameters (a class that renames checkpoint keys).
+    """
+    import torch
+
+    base_dir, adapter_dir = _dirs(source)
+    adapter = read_adapter(adapter_dir)
+    plan = merge_plan(base_dir, adapter)
+    dtype = next(model.parameters()).dtype
+    if plan.untied:
+        head = model.get_output_embeddings()
+        head.weight = torch.nn.Parameter(torch.empty_like(model.get_input_embeddings().weight), requires_grad=False)
+        model.config.tie_word_embeddings = False
+        text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        text.tie_word_embeddings = False
+    state = model.state_dict(keep_vars=True)
+    missing = [name for name, _, _ in plan.names if name not in state]
+    if missing:
+        raise KeyError(missing[0])
+    count = 0
+    with torch.no_grad():
+        for name, tensor in iter_merged_tensors(base_dir, adapter_dir, dtype, plan=plan):
+            state[name].data.copy_(tensor)
+            del tensor
+            count += 1
+    return count
 
 
 def _shards(specs: list[tuple[str, tuple]], itemsize: dict[str, int], limit: int) -> list[list[tuple[str, tuple]]]:

@@ -18,6 +18,7 @@ import pytest
 
 from rawtune.export import gguf_writer
 from rawtune.errors import ExportError
+from rawtune.merge import merge_run
 from rawtune.rundir import RunDir
 from rawtune.settings import ExportSettings
 
@@ -141,8 +142,10 @@ def test_export_logits_match_merged_pytorch(arch, request, tmp_path):
     f16 = run.gguf_dir / "tiny.F16.gguf"
     assert info["conversion"]["architecture"] == arch.split("-")[0].replace("llama3", "llama")
     assert info["conversion"]["tied_embeddings"] is (arch != "qwen2")
-    tokens = sample_tokens(run.merged_dir)
-    want = torch_logits(run.merged_dir, tokens)
+    assert info["streamed"] and not run.merged_dir.exists()  # export merged while writing
+    merged = merge_run(run, log=lambda s: None)  # the reference: the merged folder in PyTorch
+    tokens = sample_tokens(merged)
+    want = torch_logits(merged, tokens)
     got = gguf_logits(f16, tokens)
     scale = np.abs(want).max()
     assert scale > 1.0  # the scrambled weights give logits far from zero
@@ -151,7 +154,7 @@ def test_export_logits_match_merged_pytorch(arch, request, tmp_path):
     assert (got.argmax(-1) == want.argmax(-1)).mean() > 0.95
     # An F32 GGUF from the same writer agrees to float rounding.
     f32 = tmp_path / "tiny.F32.gguf"
-    gguf_writer.convert(run.merged_dir, f32, "f32")
+    gguf_writer.convert(merged, f32, "f32")
     got32 = gguf_logits(f32, tokens)
     assert np.abs(got32 - want).max() < 2e-4 * scale, np.abs(got32 - want).max()
 
@@ -216,6 +219,28 @@ def test_export_run_quantizes_verifies_and_is_idempotent(big_llama, tmp_path):
     export_run(run, ExportSettings(quant=["q8_0"]), log=lines.append)
     assert sorted(p.name for p in run.gguf_dir.glob("*.gguf")) == ["myrun.Q8_0.gguf"]
     assert set(run.load()["gguf"]) == {"Q8_0"} and (run.gguf_dir / "Modelfile").read_text().startswith("FROM ./myrun.Q8_0")
+
+
+def test_base_without_safetensors_is_merged_to_a_folder_first(big_llama, tmp_path):
+    """A base stored otherwise (pytorch_model.bin) cannot be streamed: export writes merged/ and
+    converts that, and gets the same GGUF tensors and perplexity as the streamed export."""
+    import gguf
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    bin_base = tmp_path / "bin-base"
+    shutil.copytree(big_llama, bin_base)
+    state = AutoModelForCausalLM.from_pretrained(big_llama, dtype=torch.float32).state_dict()
+    (bin_base / "model.safetensors").unlink()
+    torch.save(state, bin_base / "pytorch_model.bin")
+    runs = {"bin": make_run(tmp_path / "bin", bin_base), "safetensors": make_run(tmp_path / "st", big_llama)}
+    infos = {k: export_run(run, ExportSettings(quant=["f16"], name="t"), log=lambda s: None) for k, run in runs.items()}
+    assert infos["bin"]["streamed"] is False and runs["bin"].merged_dir.is_dir()
+    assert infos["safetensors"]["streamed"] is True and not runs["safetensors"].merged_dir.exists()
+    tensors = {k: {t.name: t.data.tobytes() for t in gguf.GGUFReader(str(run.gguf_dir / "t.F16.gguf")).tensors}
+               for k, run in runs.items()}
+    assert len(tensors["bin"]) > 10 and tensors["bin"] == tensors["safetensors"]
+    assert infos["bin"]["ppl_merged"] == infos["safetensors"]["ppl_merged"]
 
 
 def test_export_without_heldout_skips_perplexity(big_qwen2, tmp_path):

@@ -304,6 +304,7 @@ PHI3_MODULES = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]  # Phi-3 fuse
 @pytest.mark.parametrize("name,embeddings", TRAINED, ids=[f"{n}-{'embed' if e else 'lora'}" for n, e in TRAINED])
 def test_trained_merged_model_exports(name, embeddings, tmp_path, tiny_corpus):
     from conftest import train_tiny
+    from rawtune.merge import merge_run
     from rawtune.settings import ExportSettings
 
     base = build_family(name, tmp_path / "base")
@@ -324,15 +325,17 @@ def test_trained_merged_model_exports(name, embeddings, tmp_path, tiny_corpus):
         assert entry["ppl"] > 1 and isinstance(entry["sample"], str)  # perplexity and greedy sample per file
     assert info["ppl_f16"] == pytest.approx(info["ppl_merged"], rel=5e-3)
 
-    tokens = mixed_tokens(run.merged_dir)
-    want = torch_logits(run.merged_dir, tokens)
+    assert not run.merged_dir.exists()  # export merged while writing; the reference is `rawtune merge`'s folder
+    merged = merge_run(run, log=lambda s: None)
+    tokens = mixed_tokens(merged)
+    want = torch_logits(merged, tokens)
     assert relative_error(torch_logits(base, tokens), want) > 1e-3  # training changed the model
     got16 = gguf_logits(run.gguf_dir / f"{name}.F16.gguf", tokens)
     f32 = tmp_path / f"{name}.F32.gguf"
-    gguf_writer.convert(run.merged_dir, f32, "f32", log=lambda s: None)
+    gguf_writer.convert(merged, f32, "f32", log=lambda s: None)
     gelu = name.startswith("gemma")
     err16 = relative_error(got16, want)
-    err32 = relative_error(gguf_logits(f32, tokens), torch_logits(run.merged_dir, tokens, ggml_gelu=gelu))
+    err32 = relative_error(gguf_logits(f32, tokens), torch_logits(merged, tokens, ggml_gelu=gelu))
     print(f"\n[trained] {name} (train_embeddings={embeddings}, tied={tied}): F16 {err16 * np.abs(want).max():.2e} "
           f"({err16:.1e} rel), F32 {err32 * np.abs(want).max():.2e} ({err32:.1e} rel), ppl merged "
           f"{info['ppl_merged']} F16 {info['ppl_f16']} Q8_0 {record['Q8_0']['ppl']} Q4_K_M {record['Q4_K_M']['ppl']}")
@@ -341,7 +344,7 @@ def test_trained_merged_model_exports(name, embeddings, tmp_path, tiny_corpus):
 
     llm = load_llama(run.gguf_dir / f"{name}.Q8_0.gguf", n_ctx=512)
     try:
-        assert steps.check_tokenizer(llm, AutoTokenizer.from_pretrained(run.merged_dir), [MIXED_TEXT]) == []
+        assert steps.check_tokenizer(llm, AutoTokenizer.from_pretrained(merged), [MIXED_TEXT]) == []
     finally:
         llm.close()
 

@@ -10,6 +10,8 @@ trained, rsLoRA on and off, bf16/fp16/fp32 base files and a sharded base.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -141,6 +143,75 @@ def test_for_gguf_gives_config_tokenizer_and_the_same_arrays(case, tmp_path):
     got = dict(arrays)
     assert list(got) == list(want)  # same order too, so a GGUF written from either is the same file
     assert all(got[n].dtype == np.float32 and np.array_equal(got[n], want[n]) for n in want)
+
+
+def _fresh_copy(case, dst: Path):
+    """The case's run without merged/ or earlier GGUFs (the fixture's run is shared by the module)."""
+    from rawtune.rundir import RunDir
+
+    return RunDir(shutil.copytree(case["run"].path, dst, ignore=shutil.ignore_patterns("merged", "gguf*")))
+
+
+def _reference_perplexity(case, run) -> float:
+    """The merged folder PEFT wrote, loaded in fp32, on the blocks export scores."""
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    from rawtune.evaluate import perplexity, scoring_blocks
+
+    model = AutoModelForCausalLM.from_pretrained(case["reference"], dtype=torch.float32)
+    return perplexity(model, scoring_blocks(np.load(run.data_dir / "heldout.npy")))
+
+
+def test_export_streams_the_same_gguf_as_the_merged_folder_without_writing_one(case, tmp_path):
+    """`rawtune export` merges while writing: the F16 file equals, byte for byte, the writer's file
+    from the merged folder; no merged/ appears; the PyTorch check scores exactly the merged model;
+    a merged/ written later by `rawtune merge` is kept, and a second export reuses the file until
+    the adapter changes."""
+    pytest.importorskip("llama_cpp")
+    from rawtune.export import export_run, gguf_writer
+    from rawtune.merge import merge_run
+    from rawtune.settings import ExportSettings
+
+    run = _fresh_copy(case, tmp_path / "run")
+    info = export_run(run, ExportSettings(quant=["f16"], name="s"), log=lambda s: None)
+    assert info["streamed"] is True and info["reference_dtype"] == "float32"
+    assert not run.merged_dir.exists() and not (run.path / "gguf_work").exists()
+    got = (run.gguf_dir / "s.F16.gguf").read_bytes()
+    license = run.load()["model"].get("license")
+    for label, folder in (("peft", case["reference"]), ("merge", merge_run(run, log=lambda s: None))):
+        gguf_writer.convert(folder, tmp_path / f"{label}.gguf", "f16", name="s", license=license, log=lambda s: None)
+        assert (tmp_path / f"{label}.gguf").read_bytes() == got, label
+    assert info["conversion"]["tensors"] > 10
+    assert info["ppl_merged"] == round(_reference_perplexity(case, run), 4)
+
+    again = export_run(run, ExportSettings(quant=["f16"], name="s"), log=lambda s: None)
+    assert again["reused"] == ["F16"] and run.merged_dir.is_dir()
+    weights = run.adapter_dir / "adapter_model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    third = export_run(run, ExportSettings(quant=["f16"], name="s"), log=lambda s: None)
+    assert third["reused"] == [] and third["fingerprint"] != again["fingerprint"]
+    assert (run.gguf_dir / "s.F16.gguf").read_bytes() == got
+
+
+def test_large_models_get_a_bf16_reference_model(case, tmp_path, monkeypatch):
+    """Above FP32_MAX_PARAMS the one PyTorch model export loads is bf16 (said in the log); its
+    perplexity is the merged model's within bf16 rounding, and the GGUF is unchanged."""
+    pytest.importorskip("llama_cpp")
+    from rawtune.export import export_run, steps
+    from rawtune.settings import ExportSettings
+
+    if not (case["tied"] and case["embeddings"]):
+        pytest.skip("once is enough")
+    run = _fresh_copy(case, tmp_path / "run")
+    monkeypatch.setattr(steps, "FP32_MAX_PARAMS", 1000)
+    lines: list[str] = []
+    info = export_run(run, ExportSettings(quant=["f16"], name="s"), log=lines.append)
+    assert info["reference_dtype"] == "bfloat16"
+    assert sum("in bfloat16 (above" in line for line in lines) == 1  # loaded once
+    want = _reference_perplexity(case, run)
+    assert info["ppl_merged"] != round(want, 4) and info["ppl_merged"] == pytest.approx(want, rel=2e-2)
+    assert info["ppl_f16"] == pytest.approx(want, rel=5e-3)
 
 
 def test_merge_run_streams_and_records(case):

@@ -1,10 +1,11 @@
-"""The export stage: merged model -> GGUF files checked by llama.cpp, plus the files Ollama reads.
+"""The export stage: base model + adapter -> GGUF files checked by llama.cpp, plus the files Ollama reads.
 
-:func:`export_run` is an orchestrator over :mod:`.steps` (plan, convert, quantize, verify, clean
-up, Ollama files, record). :mod:`.gguf_writer` is rawtune's own HF -> GGUF writer, :mod:`.imatrix`
+:func:`export_run` is an orchestrator over :mod:`.steps` (plan, convert, reference model,
+quantize, verify, Ollama files, clean up, record). A safetensors base is merged tensor by tensor
+while the GGUF is written: no merged folder, memory bounded by a few tensors. :mod:`.gguf_writer` is rawtune's own HF -> GGUF writer, :mod:`.imatrix`
 the importance matrix for k-quants,
 :mod:`.ollama` writes the Ollama files, :mod:`.llama` is the one place that opens a GGUF in
-llama.cpp. Running export twice reuses files made from the same merged model.
+llama.cpp. Running export twice reuses files made from the same base model and adapter.
 """
 
 from __future__ import annotations
@@ -43,10 +44,12 @@ def _export(run: RunDir, settings: ExportSettings, log: Callable[[str], None]) -
     gguf = dict(plan.kept)
     license = (run.load().get("model") or {}).get("license")
     conversion, seconds_convert = steps.convert(plan, license, gguf, log)
-    seconds_quantize, imatrix = steps.quantize_all(run, plan, gguf, log)
-    tokenizer = AutoTokenizer.from_pretrained(str(plan.merged))
-    check = steps.verify(run, plan, settings.verify, gguf, tokenizer, log)
-    steps.clean_up(plan, log)
+    check = steps.prepare_verification(run, plan, settings.verify, log)
+    imatrix = steps.reference(run, plan, check, log)  # the one PyTorch model, freed before llama.cpp runs
+    seconds_quantize = steps.quantize_all(run, plan, gguf, imatrix, log)
+    tokenizer = AutoTokenizer.from_pretrained(str(plan.model_dir))
+    steps.verify(plan, gguf, tokenizer, check, log)
     written = steps.ollama_files(plan, tokenizer, conversion, log)
+    steps.clean_up(plan, log)
     times = steps.Times(seconds_convert, seconds_quantize, check.seconds, imatrix.seconds if imatrix else 0.0)
     return steps.record(run, plan, gguf, conversion, check, written, times, imatrix, log)

@@ -7,7 +7,9 @@ Qwen3, Gemma 2, Gemma 3 text, Phi-3/Phi-4-mini, SmolLM3, Granite 3.x dense, OLMo
 a clear :class:`ExportError` for anything else, or for a checkpoint of a known family that uses a
 feature llama.cpp's architecture cannot express, instead of writing a file that loads but
 generates garbage. Tensor names come from the gguf package's per-architecture maps; what is
-model-specific is one table row per family.
+model-specific is one table row per family. The tensors come from a :class:`TensorSource`
+(a saved folder, or the streamed merge of a base and an adapter): the tensor infos are written
+from the shapes first, then each tensor's data as it arrives, so memory holds one tensor.
 
 What llama.cpp needs beyond the weights, and why:
 
@@ -301,6 +303,26 @@ def iter_hf_tensors(model_dir: Path) -> Iterator[tuple[str, np.ndarray]]:
             for name in handle.keys():
                 tensor = handle.get_tensor(name)
                 yield name, tensor.to(torch.float32).numpy()
+
+
+@dataclass
+class TensorSource:
+    """The model's tensors as the writer takes them: every name and shape up front (for the tensor
+    infos at the head of the file), then the arrays, one at a time, in the same order."""
+
+    specs: list[tuple[str, tuple[int, ...]]]  # (HF name, shape) in the order ``arrays`` yields them
+    arrays: Iterator[tuple[str, np.ndarray]]  # (HF name, float32 array)
+
+
+def folder_tensors(model_dir: Path) -> TensorSource:
+    """The tensors of a saved HF folder: shapes from the safetensors headers, arrays read one by one."""
+    from safetensors import safe_open
+
+    specs = []
+    for path in _safetensor_files(Path(model_dir)):
+        with safe_open(str(path), framework="pt") as handle:
+            specs += [(name, tuple(handle.get_slice(name).get_shape())) for name in handle.keys()]
+    return TensorSource(specs, iter_hf_tensors(Path(model_dir)))
 
 
 def _rope_settings(config: dict[str, Any]) -> dict[str, Any]:
@@ -654,26 +676,58 @@ def transform_tensor(hf_name: str, data: np.ndarray, family: Family, shape: Shap
     return data
 
 
-def _write_tensors(writer: Any, model_dir: Path, hf_arch: str, family: Family, shape: Shape,
-                   float_type: Any) -> set[str]:
+def _skipped(hf_name: str, shape: Shape) -> bool:
+    """Tensors a checkpoint may hold that the GGUF leaves out."""
+    if hf_name.endswith("rotary_emb.inv_freq"):
+        return True  # recomputed by llama.cpp from the rope settings
+    return shape.tied and hf_name == "lm_head.weight"  # llama.cpp reuses token_embd when output.weight is absent
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One tensor of the GGUF: where it comes from, its GGUF name, shape and stored dtype."""
+
+    hf_name: str
+    gguf_name: str
+    shape: tuple[int, ...]
+    dtype: Any  # numpy dtype written
+
+
+def _plan_tensors(specs: list[tuple[str, tuple[int, ...]]], hf_arch: str, family: Family, shape: Shape,
+                  float_type: Any) -> list[Planned]:
+    """The GGUF tensors, in file order, from names and shapes alone (the family's transforms keep shapes)."""
     import gguf
 
     tensor_map = gguf.get_tensor_name_map(family.model_arch, shape.n_layer)
-    seen: set[str] = set()
-    for hf_name, data in iter_hf_tensors(model_dir):
-        if hf_name.endswith("rotary_emb.inv_freq"):
-            continue  # recomputed by llama.cpp from the rope settings
-        if shape.tied and hf_name == "lm_head.weight":
-            continue  # llama.cpp reuses token_embd when output.weight is absent
+    planned = []
+    for hf_name, dims in specs:
+        if _skipped(hf_name, shape):
+            continue
         gguf_name = tensor_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise ExportError(f"tensor {hf_name} has no GGUF name for {hf_arch}; this checkpoint holds "
                               f"weights rawtune's writer does not know (supported: {SUPPORTED_TEXT})")
-        data = transform_tensor(hf_name, data, family, shape)
         # 1-D tensors (norms, biases) stay float32, as llama.cpp expects for them.
-        writer.add_tensor(gguf_name, data.astype(np.float32 if data.ndim == 1 else float_type))
-        seen.add(gguf_name)
-    return seen
+        planned.append(Planned(hf_name, gguf_name, tuple(dims), np.dtype(np.float32 if len(dims) == 1 else float_type)))
+    return planned
+
+
+def _write_tensor_data(writer: Any, planned: list[Planned], arrays: Iterator[tuple[str, np.ndarray]],
+                       family: Family, shape: Shape) -> None:
+    """Each tensor's data as it arrives, in the order of the infos already written: one in memory at a time."""
+    expected = iter(planned)
+    for hf_name, data in arrays:
+        if _skipped(hf_name, shape):
+            continue
+        want = next(expected, None)
+        if want is None or want.hf_name != hf_name or tuple(data.shape) != want.shape:
+            raise ExportError(f"internal: the tensor stream gave {hf_name} {tuple(data.shape)} where "
+                              f"{want.hf_name if want else 'nothing'} {want.shape if want else ''} was announced")
+        writer.write_tensor_data(np.ascontiguousarray(transform_tensor(hf_name, data, family, shape), dtype=want.dtype))
+        del data
+    left = next(expected, None)
+    if left is not None:
+        raise ExportError(f"internal: the tensor stream ended before {left.hf_name}")
 
 
 def required_tensors(family: Family, shape: Shape) -> set[str]:
@@ -690,9 +744,13 @@ def required_tensors(family: Family, shape: Shape) -> set[str]:
 
 
 def convert(model_dir: str | Path, out_path: str | Path, ftype: str = "f16", name: Optional[str] = None,
-            license: Optional[str] = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+            license: Optional[str] = None, log: Callable[[str], None] = print,
+            tensors: Optional[TensorSource] = None) -> dict[str, Any]:
     """Write the HF model in ``model_dir`` as one GGUF file (``ftype`` f16 or f32).
 
+    ``tensors``: where the weights come from (default: the folder's safetensors files); the
+    folder then only needs config.json and the tokenizer. The tensor infos are written first,
+    then each tensor's data as it arrives, so memory holds one tensor, not the model.
     Returns a small report: architecture, pre-tokenizer, tensor count and bytes written.
     """
     import gguf
@@ -713,6 +771,8 @@ def convert(model_dir: str | Path, out_path: str | Path, ftype: str = "f16", nam
     if config.get("attention_bias") and family.permute_qk:
         log(f"[export] note: {arch} model with attention biases; biases are written and permuted like Q/K")
     tok_json = read_json(model_dir / "tokenizer.json")
+    source = tensors or folder_tensors(model_dir)
+    planned = _plan_tensors(source.specs, hf_arch, family, shape, np.float16 if ftype == "f16" else np.float32)
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".partial")
@@ -724,14 +784,19 @@ def convert(model_dir: str | Path, out_path: str | Path, ftype: str = "f16", nam
             writer.add_license(license)
         rope_type = _write_hparams(writer, config, family, shape, ftype)
         vocab = _write_vocab(writer, model_dir, tok_json, shape.vocab_size)
-        seen = _write_tensors(writer, model_dir, hf_arch, family, shape, np.float16 if ftype == "f16" else np.float32)
-        for extra_name, data in extra_tensors(config, shape, rope_type).items():
-            writer.add_tensor(extra_name, data)
-            seen.add(extra_name)
+        extras = extra_tensors(config, shape, rope_type)  # small: held until their turn at the end
+        for t in planned:
+            writer.add_tensor_info(t.gguf_name, t.shape, t.dtype, math.prod(t.shape) * t.dtype.itemsize)
+        for extra_name, data in extras.items():
+            writer.add_tensor_info(extra_name, data.shape, data.dtype, data.nbytes)
+        seen = {t.gguf_name for t in planned} | set(extras)
         _check_complete(seen, required_tensors(family, shape))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        writer.write_ti_data_to_file()
+        _write_tensor_data(writer, planned, source.arrays, family, shape)
+        for data in extras.values():
+            writer.write_tensor_data(data)
     finally:
         writer.close()
     tmp.replace(out_path)
@@ -744,4 +809,5 @@ def _check_complete(seen: set[str], need: set[str]) -> None:
     missing = sorted(need - seen)
     if missing:
         raise ExportError(f"the model is missing {len(missing)} tensors llama.cpp needs "
-                          f"(e.g. {', '.join(missing[:4])}); the merged folder is incomplete: re-run `rawtune merge`")
+                          f"(e.g. {', '.join(missing[:4])}); the model's safetensors files are incomplete: fetch the base "
+                          f"model again (or, for a merged folder, re-run `rawtune merge`)")

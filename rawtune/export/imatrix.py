@@ -90,15 +90,21 @@ def _gguf_names(model: Any, config: dict[str, Any]) -> dict[str, str]:
     return names
 
 
-def compute(model_dir: Path, blocks: np.ndarray, source: str, batch_size: int = 4) -> Imatrix:
-    """Gradient-weighted mean x² per input column of every block linear of the model in ``model_dir``."""
+def compute(model_dir: Path, blocks: np.ndarray, source: str, batch_size: int = 4, model: Any = None) -> Imatrix:
+    """Gradient-weighted mean x² per input column of every block linear of the model in ``model_dir``.
+
+    ``model``: the merged model already loaded (export loads it once for this and its perplexity
+    check, and frees it); else it is loaded from ``model_dir`` in fp32. ``model_dir`` gives the config.
+    """
     import torch
 
     from .gguf_writer import read_json
     from ..models import load_causal_lm
 
     started = time.time()
-    model = load_causal_lm(model_dir, device="cpu", dtype=torch.float32).eval()
+    if model is None:
+        model = load_causal_lm(model_dir, device="cpu", dtype=torch.float32)
+    model = model.eval()
     try:
         values = collect(model, _gguf_names(model, read_json(Path(model_dir) / "config.json")), blocks, batch_size)
     finally:

@@ -1,27 +1,36 @@
-"""The export stage's steps, one function each: plan -> convert -> quantize -> verify -> clean up
--> Ollama files -> record. :func:`rawtune.export.export_run` runs them in that order.
+"""The export stage's steps, one function each: plan -> convert -> reference model -> quantize ->
+verify -> Ollama files -> clean up -> record. :func:`rawtune.export.export_run` runs them in that order.
 
-- plan: validate ``--quant``, merge (``rawtune.merge.merge_run``, reused when current), and decide
-  from the merged model's fingerprint which earlier outputs are still current (decided once, in
-  :class:`Plan`);
-- convert: the F16 GGUF from rawtune's own writer (:mod:`.gguf_writer`);
+- plan: validate ``--quant``, decide where the weights come from and, from a fingerprint of those
+  files, which earlier outputs are still current (decided once, in :class:`Plan`). A base stored
+  as safetensors is merged with the adapter tensor by tensor while the GGUF is written
+  (:mod:`rawtune.streamed`), so no merged folder is written and memory holds a few tensors, not
+  the model; only for other bases is ``merged/`` written first (``rawtune.merge.merge_run``);
+- convert: the F16 GGUF from rawtune's own writer (:mod:`.gguf_writer`), tensor infos first, then
+  each tensor as it is merged;
+- reference model: the merged model in PyTorch, loaded once, for the importance matrix
+  (:mod:`.imatrix`) and the merged model's held-out perplexity; fp32 up to
+  :data:`FP32_MAX_PARAMS` parameters, bf16 above (it would need 4 bytes per parameter); freed
+  before llama.cpp opens any GGUF;
 - quantize: llama.cpp's own quantizer through llama-cpp-python (no git, cmake or compiler at run
-  time) and, for k-quants, each tensor re-quantized with an importance matrix from the training
-  text (:mod:`.imatrix`); llama.cpp's log goes to ``logs/export.log``, the console gets one
-  summary line per file;
+  time) and, for k-quants, each tensor re-quantized with the importance matrix from the training
+  text; llama.cpp's log goes to ``logs/export.log``, the console gets one summary line per file;
 - verify: every file loaded in llama.cpp (:mod:`.llama`): tokenization agrees with the HF
   tokenizer, a few greedy tokens come out, and the perplexity on the run's held-out blocks (the
   same blocks ``rawtune eval`` scores) is close to the merged PyTorch model's; a file far above
   it is a conversion bug, reported loudly;
-- clean up: the F16 work file and files of quant types not asked for this time;
-- Ollama files (:mod:`.ollama`) and the ``gguf``/``export`` records in run.json.
+- Ollama files (:mod:`.ollama`); clean up: the F16 work file, the config/tokenizer folder the
+  writer read and files of quant types not asked for this time; the ``gguf``/``export`` records
+  in run.json.
 """
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +53,12 @@ SAMPLE_TEXT = ("The quick brown fox jumps over the lazy dog. In 1984, 3 engineer
                "they said: \"it's done!\"  Tabs\tand  spaces,  café naïve résumé, emoji 🙂 and (brackets) [x] {y}.")
 GREEDY_TOKENS = 8
 WORK_DIR = "gguf_work"
+SOURCE_DIR = "model"  # inside WORK_DIR: the merged model's config and tokenizer, for the streamed writer
+# The PyTorch reference model is fp32 up to this many parameters (2.4 GB), bf16 above: fp32 keeps
+# the small models' numbers exactly those of `rawtune eval`; a 1B+ model in fp32 needs 4+ GB.
+# Above it the model also reads one block at a time: four blocks of 512 tokens make 400 MB of
+# logits with a 49k vocabulary, and more than that in the softmax, on top of the model.
+FP32_MAX_PARAMS = 600_000_000
 
 
 def file_stem(run: RunDir, name: Optional[str]) -> str:
@@ -54,13 +69,17 @@ def file_stem(run: RunDir, name: Optional[str]) -> str:
     return stem
 
 
-def fingerprint(merged: Path, stem: str) -> str:
-    """Identifies the merged model an output was made from (file sizes and times) and the writer."""
+def fingerprint(folders: list[Path], stem: str) -> str:
+    """Identifies what the GGUF is made from (the files of ``folders``: sizes and times) and the writer.
+
+    Streamed, the folders are the base model's and the adapter's; else the merged folder's.
+    """
     parts = [f"v{WRITER_VERSION}", stem]
-    for path in sorted(merged.iterdir()):
-        if path.is_file():
-            st = path.stat()
-            parts.append(f"{path.name}:{st.st_size}:{st.st_mtime_ns}")
+    for folder in folders:
+        for path in sorted(folder.iterdir()):
+            if path.is_file():
+                st = path.stat()
+                parts.append(f"{folder.name}/{path.name}:{st.st_size}:{st.st_mtime_ns}")
     return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
 
 
@@ -73,14 +92,17 @@ class Plan:
 
     labels: list[str]  # quant labels asked for, in --quant order
     stem: str
-    merged: Path
+    model_dir: Path  # config.json and tokenizer of the merged model (and its weights when not streamed)
     out_dir: Path
     work_dir: Path
     fingerprint: str
-    earlier: dict[str, Any]  # the previous export record when it was made from this merged model, else {}
+    earlier: dict[str, Any]  # the previous export record when it was made from the same files, else {}
     kept: dict[str, dict[str, Any]] = field(default_factory=dict)  # run.json gguf entries still current
     seconds_merge: float = 0.0
     calibration: Optional[np.ndarray] = None  # training blocks for the importance matrix (None: no matrix)
+    base_dir: Optional[Path] = None  # streamed: the base model the tensors are merged from ...
+    adapter_dir: Optional[Path] = None  # ... with this adapter (None: the weights are in model_dir)
+    params: int = 0  # parameters of the merged model (decides the reference model's dtype)
 
     def target(self, label: str) -> Path:
         return self.out_dir / quants.file_name(self.stem, label)
@@ -89,6 +111,21 @@ class Plan:
     def f16(self) -> Path:
         """The F16 file the quantizer reads: the requested F16 itself, or a work file."""
         return self.target("F16") if "F16" in self.labels else self.work_dir / quants.file_name(self.stem, "F16")
+
+    @property
+    def streamed(self) -> bool:
+        return self.base_dir is not None
+
+    def tensors(self) -> Any:
+        """The writer's tensor source: merged while written (streamed), else the merged folder's files."""
+        from .gguf_writer import TensorSource, folder_tensors
+
+        if not self.streamed:
+            return folder_tensors(self.model_dir)
+        from ..streamed import iter_merged_arrays, merged_shapes
+
+        source = (self.base_dir, self.adapter_dir)
+        return TensorSource(merged_shapes(source), iter_merged_arrays(*source))
 
     def imatrix_tokens(self, label: str) -> int:
         """Calibration tokens the file of ``label`` is made with (0: no importance matrix)."""
@@ -100,19 +137,20 @@ class Plan:
 
 
 def plan(run: RunDir, settings: ExportSettings, log: Log) -> Plan:
-    """Check --quant, merge, and keep the earlier outputs made from this very merged model."""
-    from ..merge import merge_run
-
+    """Check --quant, find the weights, and keep the earlier outputs made from the very same files."""
     labels = quants.labels_for(settings.quant)
     stem = file_stem(run, settings.name)
     started = time.time()
-    merged = Path(merge_run(run, log=log))
+    work_dir = run.path / WORK_DIR
+    model_dir, base_dir, adapter_dir, folders = _source(run, work_dir, log)
     seconds_merge = time.time() - started
     record = run.load()
-    stamp = fingerprint(merged, stem)
+    stamp = fingerprint(folders, stem)
     earlier = record.get("export") or {}
-    p = Plan(labels, stem, merged, run.gguf_dir, run.path / WORK_DIR, stamp,
-             earlier if earlier.get("fingerprint") == stamp else {}, seconds_merge=seconds_merge)
+    p = Plan(labels, stem, model_dir, run.gguf_dir, work_dir, stamp,
+             earlier if earlier.get("fingerprint") == stamp else {}, seconds_merge=seconds_merge,
+             base_dir=base_dir, adapter_dir=adapter_dir)
+    p.params = sum(int(np.prod(shape)) for _, shape in p.tensors().specs)
     p.out_dir.mkdir(parents=True, exist_ok=True)
     p.calibration = _calibration_blocks(run, settings, labels, log)
     previous = record.get("gguf") or {}
@@ -120,6 +158,26 @@ def plan(run: RunDir, settings: ExportSettings, log: Log) -> Plan:
     for label in p.kept:
         log(f"[export] {p.target(label).name} is up to date")
     return p
+
+
+def _source(run: RunDir, work_dir: Path, log: Log) -> tuple[Path, Optional[Path], Optional[Path], list[Path]]:
+    """(folder with config + tokenizer, base dir, adapter dir, folders the fingerprint covers).
+
+    A safetensors base is streamed: only the merged config and tokenizer are written (to the work
+    folder). Any other base is merged into ``merged/`` first, which the writer then reads.
+    """
+    from ..merge import merge_run
+    from ..models import base_and_adapter
+    from ..streamed import has_safetensors, write_skeleton
+
+    base_dir, adapter_dir = base_and_adapter(run)
+    if not has_safetensors(base_dir):
+        merged = Path(merge_run(run, log=log))
+        return merged, None, None, [merged]
+    skeleton = work_dir / SOURCE_DIR
+    shutil.rmtree(skeleton, ignore_errors=True)
+    write_skeleton((base_dir, adapter_dir), skeleton)
+    return skeleton, base_dir, adapter_dir, [base_dir, adapter_dir]
 
 
 def _current(p: Plan, label: str, info: dict[str, Any]) -> bool:
@@ -152,10 +210,14 @@ def convert(p: Plan, license: Optional[str], gguf: dict[str, dict], log: Log) ->
 
     if not p.todo:
         return p.earlier.get("conversion"), 0.0
+    if p.streamed:
+        log(f"[export] merging {p.adapter_dir.name}/ into {p.base_dir.name} tensor by tensor while writing the "
+            f"F16 GGUF (no merged/ folder; `rawtune merge` writes one)")
     t0 = time.time()
-    conversion = gguf_writer.convert(p.merged, p.f16, "f16", name=p.stem, license=license, log=log)
+    conversion = gguf_writer.convert(p.model_dir, p.f16, "f16", name=p.stem, license=license, log=log,
+                                     tensors=p.tensors())
     seconds = time.time() - t0
-    log(f"[export] wrote F16 GGUF ({conversion['tensors']} tensors, {conversion['tokenizer']} tokenizer"
+    log(f"[export] {'merged and wrote' if p.streamed else 'wrote'} F16 GGUF ({conversion['tensors']} tensors, {conversion['tokenizer']} tokenizer"
         f"{', pre-tokenizer ' + conversion['pre_tokenizer'] if conversion['pre_tokenizer'] else ''}) "
         f"in {seconds:.1f}s")
     if "F16" in p.todo:
@@ -210,27 +272,18 @@ def quantize(src: Path, dst: Path, label: str, log_path: Optional[Path] = None) 
     return seconds, fallback_summary("".join(chunks), sum(n for t, n in counts.items() if t != "F32"))
 
 
-def quantize_all(run: RunDir, p: Plan, gguf: dict[str, dict], log: Log) -> tuple[float, Any]:
+def quantize_all(run: RunDir, p: Plan, gguf: dict[str, dict], imatrix: Any, log: Log) -> float:
     """Quantize every asked-for type still to be made (with the importance matrix where it
-    changes the file); record sizes and tensor types. Returns (seconds, the matrix or None)."""
-    imatrix = None
-    if any(p.imatrix_tokens(label) for label in p.todo):
-        from .imatrix import compute
-
-        imatrix = compute(p.merged, p.calibration, source="data/train.npy (training blocks, spread evenly)")
-        log(f"[export] importance matrix from {imatrix.tokens:,} training tokens ({imatrix.blocks} blocks of "
-            f"data/train.npy, {len(imatrix.values)} weights) in {imatrix.seconds:.1f}s")
+    changes the file); record sizes and tensor types. Returns the seconds taken."""
     total = 0.0
     for label in p.todo:
         if label == "F16":
             continue
         gguf[label] = _quantize_one(p.f16, p.target(label), label, imatrix, p.work_dir, run.path / LOG_FILE, log)
         total += gguf[label]["seconds"]
-    if p.work_dir.is_dir() and not any(p.work_dir.iterdir()):
-        p.work_dir.rmdir()  # held only the default quantizations the importance matrix replaced
     for label in p.todo:
         gguf[label]["tensor_types"] = tensor_types(p.target(label))
-    return total, imatrix
+    return total
 
 
 def _quantize_one(f16: Path, target: Path, label: str, imatrix: Any, work_dir: Path,
@@ -303,18 +356,37 @@ def llama_perplexity(llm: Any, blocks: np.ndarray) -> float:
     return float(np.exp(total / count))
 
 
-def torch_perplexity(model_dir: Path, blocks: np.ndarray) -> float:
-    """The merged PyTorch model's perplexity (fp32, CPU), computed exactly as ``rawtune eval`` does."""
+def reference_dtype(params: int) -> Any:
+    """fp32 up to :data:`FP32_MAX_PARAMS` parameters, bf16 above."""
     import torch
 
-    from ..evaluate import perplexity
-    from ..models import load_causal_lm
+    return torch.float32 if params <= FP32_MAX_PARAMS else torch.bfloat16
 
-    model = load_causal_lm(model_dir, device="cpu", dtype=torch.float32)
+
+def load_reference(p: Plan, log: Log) -> Any:
+    """The merged model in PyTorch on the CPU, without a merged folder when streamed: the base is
+    loaded and each weight overwritten with its merged value (one extra tensor in memory)."""
+    from ..models import load_causal_lm, load_tuned
+
+    dtype = reference_dtype(p.params)
+    why = (f"up to {FP32_MAX_PARAMS / 1e6:.0f}M parameters" if p.params <= FP32_MAX_PARAMS else
+           f"above {FP32_MAX_PARAMS / 1e6:.0f}M parameters; fp32 would need {4 * p.params / 1e9:.1f} GB; "
+           f"one block at a time")
+    log(f"[export] merged PyTorch model for the importance matrix and the perplexity check: "
+        f"{p.params / 1e6:,.0f}M parameters in {str(dtype).replace('torch.', '')} ({why})")
+    if not p.streamed:
+        return load_causal_lm(p.model_dir, device="cpu", dtype=dtype).eval()
+    from ..streamed import fill_merged
+
+    model = load_causal_lm(p.base_dir, device="cpu", dtype=dtype)
     try:
-        return perplexity(model, blocks)
-    finally:
-        del model
+        fill_merged(model, (p.base_dir, p.adapter_dir))
+        return model.eval()
+    except KeyError as exc:  # a model class that renames checkpoint keys: let PEFT merge instead
+        missing = exc
+    del model  # before PEFT loads a second copy
+    log(f"[export] {missing} is not a parameter name of the loaded model: merging with PEFT instead")
+    return load_tuned((p.base_dir, p.adapter_dir), device="cpu", dtype=dtype, merge=True)
 
 
 def check_tokenizer(llm: Any, tokenizer: Any, texts: list[str]) -> list[str]:
@@ -407,36 +479,86 @@ class Verification:
     blocks: Optional[list[int]]
     warnings: list[str]
     seconds: float
+    heldout: Optional[np.ndarray] = None  # the blocks scored now (None: no perplexity)
+    to_verify: list[str] = field(default_factory=list)  # labels to load in llama.cpp this time
+    rescore: bool = False  # other blocks than the earlier export's: every file is scored again
+    seconds_reference: float = 0.0  # the PyTorch model's perplexity
+    seconds_model: float = 0.0  # loading the PyTorch model (shared by the importance matrix and the perplexity)
 
 
-def verify(run: RunDir, p: Plan, enabled: bool, gguf: dict[str, dict], tokenizer: Any, log: Log) -> Verification:
-    """Check each file not verified on these held-out blocks yet in llama.cpp, then each file's
-    perplexity against its bound."""
+def prepare_verification(run: RunDir, p: Plan, enabled: bool, log: Log) -> Verification:
+    """Which files llama.cpp checks this time, on which held-out blocks, and what is kept from before."""
     check = Verification(p.earlier.get("ppl_merged"), p.earlier.get("ppl_f16"), p.earlier.get("ppl_blocks"), [], 0.0)
-    t0 = time.time()
-    blocks = _heldout_blocks(run, log) if enabled else None
-    shape = None if blocks is None else [int(blocks.shape[0]), int(blocks.shape[1])]
-    if enabled and shape != check.blocks:  # other blocks than the earlier export scored: score all again
+    if not enabled:
+        return check
+    check.heldout = _heldout_blocks(run, log)
+    shape = None if check.heldout is None else [int(check.heldout.shape[0]), int(check.heldout.shape[1])]
+    if shape != check.blocks:  # other blocks than the earlier export scored: score all again
         check.ppl_merged = check.ppl_f16 = None
-        for label in p.labels:
-            gguf[label].pop("verify_seconds", None)
-    to_verify = [label for label in p.labels if "verify_seconds" not in gguf[label]] if enabled else []
-    if to_verify:
+        check.rescore = True
+    check.to_verify = [label for label in p.labels
+                       if check.rescore or label not in p.kept or "verify_seconds" not in p.kept[label]]
+    if check.to_verify:
         check.blocks = shape
-        _verify_files(run, p, to_verify, blocks, gguf, tokenizer, check, log)
-    _check_bounds(p, gguf, check, log)
-    check.seconds = time.time() - t0 if to_verify else 0.0
     return check
 
 
-def _verify_files(run: RunDir, p: Plan, to_verify: list[str], blocks: Optional[np.ndarray], gguf: dict[str, dict],
+def reference(run: RunDir, p: Plan, check: Verification, log: Log) -> Any:
+    """Load the merged PyTorch model once (when anything needs it): the importance matrix and the
+    merged model's perplexity, then free it before llama.cpp opens a GGUF. Returns the matrix or None."""
+    need_imatrix = any(p.imatrix_tokens(label) for label in p.todo)
+    need_ppl = bool(check.to_verify) and check.heldout is not None and check.ppl_merged is None
+    if not (need_imatrix or need_ppl):
+        return None
+    from ..evaluate import perplexity
+
+    t0 = time.time()
+    model = load_reference(p, log)
+    batch = 4 if p.params <= FP32_MAX_PARAMS else 1
+    check.seconds_model = time.time() - t0
+    log(f"[export] loaded the merged PyTorch model in {check.seconds_model:.1f}s")
+    try:
+        imatrix = _importance(p, model, batch, log) if need_imatrix else None
+        if need_ppl:
+            t1 = time.time()
+            check.ppl_merged = round(perplexity(model, check.heldout, batch), 4)
+            check.seconds_reference = time.time() - t1
+            log(f"[export] merged PyTorch model: perplexity {check.ppl_merged:.4f} on {check.heldout.shape[0]} "
+                f"held-out blocks" + _tuned_note(run.load(), check.blocks))
+    finally:
+        del model
+        gc.collect()  # the model's memory goes back before llama.cpp loads a file
+    return imatrix
+
+
+def _importance(p: Plan, model: Any, batch: int, log: Log) -> Any:
+    from .imatrix import compute
+
+    imatrix = compute(p.model_dir, p.calibration, source="data/train.npy (training blocks, spread evenly)",
+                      batch_size=batch, model=model)
+    log(f"[export] importance matrix from {imatrix.tokens:,} training tokens ({imatrix.blocks} blocks of "
+        f"data/train.npy, {len(imatrix.values)} weights) in {imatrix.seconds:.1f}s")
+    return imatrix
+
+
+def verify(p: Plan, gguf: dict[str, dict], tokenizer: Any, check: Verification, log: Log) -> Verification:
+    """Check each file not verified on these held-out blocks yet in llama.cpp, then each file's
+    perplexity against its bound."""
+    t0 = time.time()
+    if check.rescore:
+        for label in p.labels:
+            gguf[label].pop("verify_seconds", None)
+    if check.to_verify:
+        _verify_files(p, check.to_verify, check.heldout, gguf, tokenizer, check, log)
+    _check_bounds(p, gguf, check, log)
+    check.seconds = time.time() - t0 + check.seconds_reference if check.to_verify else 0.0
+    return check
+
+
+def _verify_files(p: Plan, to_verify: list[str], blocks: Optional[np.ndarray], gguf: dict[str, dict],
                   tokenizer: Any, check: Verification, log: Log) -> None:
     texts, prompt = _check_texts(tokenizer, blocks)
     n_ctx = int(blocks.shape[1]) if blocks is not None else 512
-    if blocks is not None and check.ppl_merged is None:
-        check.ppl_merged = round(torch_perplexity(p.merged, blocks), 4)
-        log(f"[export] merged PyTorch model: perplexity {check.ppl_merged:.4f} on {blocks.shape[0]} held-out blocks"
-            + _tuned_note(run.load(), check.blocks))
     labels = list(to_verify)
     if blocks is not None and "F16" not in p.labels and p.f16.is_file():
         labels.append("F16 (work file)")  # separates conversion error from quantization loss
@@ -476,9 +598,11 @@ def _check_bounds(p: Plan, gguf: dict[str, dict], check: Verification, log: Log)
 
 
 def clean_up(p: Plan, log: Log) -> None:
-    """Drop the F16 work file (only the quantizer needed it) and files of types not asked for now."""
+    """Drop the F16 work file (only the quantizer needed it), the config/tokenizer folder the
+    streamed writer read, and files of types not asked for now."""
     if p.f16.parent == p.work_dir and p.f16.is_file():
         p.f16.unlink()
+    shutil.rmtree(p.work_dir / SOURCE_DIR, ignore_errors=True)
     if p.work_dir.is_dir() and not any(p.work_dir.iterdir()):
         p.work_dir.rmdir()
     for label in set(quants.EXPORTABLE_LABELS) - set(p.labels):
@@ -493,6 +617,7 @@ def remove_work_files(run: RunDir, stem: str) -> None:
     work_dir = run.path / WORK_DIR
     for path in [*work_dir.glob(f"{stem}.F16.gguf*"), *run.gguf_dir.glob(f"{stem}.*.gguf.partial")]:
         path.unlink(missing_ok=True)
+    shutil.rmtree(work_dir / SOURCE_DIR, ignore_errors=True)
     if work_dir.is_dir() and not any(work_dir.iterdir()):
         work_dir.rmdir()
 
@@ -505,7 +630,7 @@ def ollama_files(p: Plan, tokenizer: Any, conversion: Optional[dict], log: Log) 
     add_bos = bool((conversion or {}).get("add_bos", False))
     fmt = ollama.chat_format_for(tokenizer, add_bos, log=log)
     specials = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
-    config = gguf_writer.read_json(p.merged / "config.json")
+    config = gguf_writer.read_json(p.model_dir / "config.json")
     context = int(config.get("max_position_embeddings") or 2048)
     written = ollama.write_files(p.out_dir, p.target(first).name, fmt, tokenizer.eos_token, specials, context)
     log(f"[export] wrote {', '.join(written['files'])} ({written['template']} template, stops {written['stop']})")
@@ -540,6 +665,7 @@ def record(run: RunDir, p: Plan, gguf: dict[str, dict], conversion: Optional[dic
         "seconds_quantize": round(times.quantize, 2),
         "seconds_verify": round(times.verify, 2),
         "seconds_imatrix": round(times.imatrix, 2),
+        "seconds_reference_model": round(check.seconds_model, 2),
         "imatrix": imatrix_info,
         "log": LOG_FILE if (run.path / LOG_FILE).is_file() else None,
         "reused": reused,
@@ -550,12 +676,15 @@ def record(run: RunDir, p: Plan, gguf: dict[str, dict], conversion: Optional[dic
         "template": written["template"],
         "stop": written["stop"],
         "conversion": conversion,
+        "streamed": p.streamed,
+        "reference_dtype": str(reference_dtype(p.params)).replace("torch.", ""),
         "fingerprint": p.fingerprint,
         "warnings": check.warnings,
     }
     run.update(gguf={label: gguf[label] for label in p.labels}, export=export)
     total = p.seconds_merge + times.convert + times.imatrix + times.quantize
-    log(f"[export] done: merge {p.seconds_merge:.1f}s + convert {times.convert:.1f}s + importance matrix "
+    log(f"[export] done: {'prepare' if p.streamed else 'merge'} {p.seconds_merge:.1f}s + "
+        f"{'merge-and-convert' if p.streamed else 'convert'} {times.convert:.1f}s + importance matrix "
         f"{times.imatrix:.1f}s + quantize {times.quantize:.1f}s = {total:.1f}s; verification {times.verify:.1f}s"
         + (f" (reused {', '.join(reused)} from the previous export)" if reused else ""))
     return export
