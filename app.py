@@ -11,6 +11,9 @@ import os
 import sys
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+# On a Space with several GPUs one training uses all of them (one worker process per GPU); with
+# one GPU, or on ZeroGPU, training stays in the app's process.
+os.environ.setdefault("RAWTUNE_GPUS", "all")
 if "--share" in sys.argv[1:]:
     # A public link makes this a shared app: visitors get the same limits as on a Space. Set
     # before the page is built, so the page states those limits too.

@@ -141,7 +141,7 @@ class RunSettings:
     """A whole run: the run directory, the stages to run and every section above."""
 
     out: Optional[str] = setting(None, "run directory")
-    stages: Optional[list[str]] = setting(None, "stages to run (default: all; push only when --repo is given)",
+    stages: Optional[list[str]] = setting(None, "stages to run (default: all but merge; push only when --repo is given)",
                                           "list", choices=STAGES)
     data: DataSettings = field(default_factory=DataSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
@@ -429,7 +429,9 @@ def validate(settings: RunSettings) -> RunSettings:
     """
     s = copy.deepcopy(settings)
     if not s.stages:
-        s.stages = [st for st in STAGES if st != "push" or s.push.repo]
+        # merge only when asked: export merges tensor by tensor while it writes the GGUF, and a merged
+        # folder is a second full copy of the model on disk.
+        s.stages = [st for st in STAGES if st != "merge" and (st != "push" or s.push.repo)]
     s.stages = [st.lower() for st in _as_list(s.stages)]
     for stage in s.stages:
         _check(stage in STAGES, "stages", f"unknown stage {stage!r}; use some of {', '.join(STAGES)}")

@@ -324,7 +324,7 @@ def stop_training(session: Optional[sessions.Session]) -> str:
 def _gguf_table(run: RunDir) -> list[list]:
     record = run.load()
     merged = (record.get("export") or {}).get("ppl_merged")
-    rows = [["merged (PyTorch)", "merged/", None, round(merged, 4) if merged else None, ""]]
+    rows = [["merged (PyTorch)", "base + adapter", None, round(merged, 4) if merged else None, ""]]
     for label, info in (record.get("gguf") or {}).items():
         ppl, rise = info.get("ppl"), info.get("ppl_increase_pct")
         rows.append([label, Path(str(info.get("file", ""))).name, round(info.get("bytes", 0) / 1e6, 2),
