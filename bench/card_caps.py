@@ -78,6 +78,10 @@ SHAPES = {
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False,
                rope_theta=500000.0, max_position_embeddings=8192),
+    # SmolLM2-135M's architecture (bench/multi_gpu.py).
+    "135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                 num_key_value_heads=3, head_dim=64, vocab_size=49152, tie_word_embeddings=True,
+                 rope_theta=100000.0, max_position_embeddings=8192),
     # Stand-ins of the same kind (tied / untied) for --tiny on a CPU.
     "tiny-1b": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, head_dim=16, vocab_size=1024, tie_word_embeddings=True,

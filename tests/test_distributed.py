@@ -125,16 +125,26 @@ def test_split_keeps_the_effective_batch():
     assert distributed.split_for(t, 1, trainer=True) is t
 
 
+def _one_process(tmp_path, data_run, model_dir) -> dict:
+    """The fast loop in this process on a copy of ``data_run``: the reference the ranks must equal."""
+    one = _copy_run(data_run, tmp_path / "one")
+    _fit(str(one.path), str(model_dir), str(tmp_path / "one.pt"))
+    return torch.load(tmp_path / "one.pt")
+
+
+def _run_two_ranks(tmp_path, runs, model_dir, **kw) -> list[dict]:
+    """Two gloo ranks, each on its own copy of the run directory; what each reported."""
+    _two_ranks([r.path for r in runs], str(model_dir), [tmp_path / "r0.pt", tmp_path / "r1.pt"], **kw)
+    return [torch.load(tmp_path / f"r{r}.pt") for r in range(2)]
+
+
 @cpu_only
 def test_fast_loop_on_two_ranks_equals_one_process(tmp_path, data_run, tiny_llama_dir, monkeypatch):
     monkeypatch.setenv("RAWTUNE_COMPILE", "0")
-    one = _copy_run(data_run, tmp_path / "one")
-    _fit(str(one.path), str(tiny_llama_dir), str(tmp_path / "one.pt"))
-    reference = torch.load(tmp_path / "one.pt")
+    reference = _one_process(tmp_path, data_run, tiny_llama_dir)
     runs = [_copy_run(data_run, tmp_path / "rank0"), _copy_run(data_run, tmp_path / "rank1")]
     stamp = runs[1].run_file.read_bytes()
-    _two_ranks([r.path for r in runs], str(tiny_llama_dir), [tmp_path / "r0.pt", tmp_path / "r1.pt"])
-    ranks = [torch.load(tmp_path / f"r{r}.pt") for r in range(2)]
+    ranks = _run_two_ranks(tmp_path, runs, tiny_llama_dir)
     assert reference["steps"] == ranks[0]["steps"] == ranks[1]["steps"] == 5
     assert reference["micro"] == 2 and ranks[0]["micro"] == 2  # each rank: one micro-batch of its 2 blocks
     # The loss of each step (summed over the ranks) and the trained tensors equal one process's.
@@ -151,12 +161,9 @@ def test_fast_loop_on_two_ranks_equals_one_process(tmp_path, data_run, tiny_llam
 @cpu_only
 def test_stop_on_one_rank_stops_both_and_resumes_in_one_process(tmp_path, data_run, tiny_llama_dir, monkeypatch):
     monkeypatch.setenv("RAWTUNE_COMPILE", "0")
-    one = _copy_run(data_run, tmp_path / "one")
-    _fit(str(one.path), str(tiny_llama_dir), str(tmp_path / "one.pt"))
-    reference = torch.load(tmp_path / "one.pt")
+    reference = _one_process(tmp_path, data_run, tiny_llama_dir)
     runs = [_copy_run(data_run, tmp_path / "rank0"), _copy_run(data_run, tmp_path / "rank1")]
-    _two_ranks([r.path for r in runs], str(tiny_llama_dir), [tmp_path / "r0.pt", tmp_path / "r1.pt"], stop_at=2)
-    ranks = [torch.load(tmp_path / f"r{r}.pt") for r in range(2)]
+    ranks = _run_two_ranks(tmp_path, runs, tiny_llama_dir, stop_at=2)
     stopped = ranks[0]["steps"]
     assert 2 <= stopped < 5 and ranks[1]["steps"] == stopped  # rank 1 stopped at rank 0's step
     assert [p.name for p in runs[0].checkpoints_dir.iterdir()] == [f"checkpoint-{stopped}"]
@@ -173,9 +180,7 @@ def test_stop_on_one_rank_stops_both_and_resumes_in_one_process(tmp_path, data_r
 @cpu_only
 def test_one_process_checkpoint_resumes_on_two_ranks(tmp_path, data_run, tiny_llama_dir, monkeypatch):
     monkeypatch.setenv("RAWTUNE_COMPILE", "0")
-    one = _copy_run(data_run, tmp_path / "one")
-    _fit(str(one.path), str(tiny_llama_dir), str(tmp_path / "one.pt"))
-    reference = torch.load(tmp_path / "one.pt")
+    reference = _one_process(tmp_path, data_run, tiny_llama_dir)
     first = _copy_run(data_run, tmp_path / "first")
     _fit(str(first.path), str(tiny_llama_dir), str(tmp_path / "first.pt"), stop_at=2)
     stopped = torch.load(tmp_path / "first.pt")["steps"]

@@ -112,6 +112,31 @@ def test_imatrix_lowers_heldout_perplexity_of_q4_k_m(wide_trained_run):
     assert entry["ppl"] > plain["ppl_merged"] * 0.99  # still a 4-bit file, not a copy of the merged model
 
 
+def test_check_keeps_llama_cpp_file_when_the_matrix_scores_worse(wide_trained_run, tmp_path):
+    """A matrix that only cares for every 7th column rounds the other columns badly: scored on other
+    training blocks it loses to llama.cpp's plain file, which export then keeps byte for byte."""
+    from gguf import GGUFReader
+
+    run = wide_trained_run
+    export_run(run, ExportSettings(quant=["f16", "q4_k_m"], imatrix_blocks=0, name="chk"), log=lambda s: None)
+    f16, plain = run.gguf_dir / "chk.F16.gguf", run.gguf_dir / "chk.Q4_K_M.gguf"
+    values = {}
+    for t in GGUFReader(str(f16)).tensors:
+        if t.name.startswith("blk.") and not t.name.endswith("norm.weight"):
+            cols = np.full(int(t.shape[0]), 1e-6, dtype=np.float32)
+            cols[::7] = 1e6
+            values[t.name] = cols
+    weighted = tmp_path / "weighted.gguf"
+    imatrix.quantize_file(f16, plain, weighted, imatrix.Imatrix(values, blocks=1, tokens=1, source="skewed"))
+    keep = tmp_path / "plain.gguf"
+    shutil.copyfile(plain, keep)
+    calibration, rest = imatrix.pick_blocks(np.load(run.data_dir / "train.npy"), 16, with_rest=True)
+    assert len(rest) and not set(map(bytes, rest)) & set(map(bytes, calibration))
+    check = steps.keep_better(keep, weighted, imatrix.pick_blocks(rest, steps.CHECK_BLOCKS))
+    assert check["kept"] == "plain" and check["ppl_weighted"] > check["ppl_plain"] and check["blocks"] > 0
+    assert weighted.read_bytes() == plain.read_bytes()
+
+
 def test_fallback_warnings_become_one_summary_line(wide_trained_run, capfd):
     run = wide_trained_run
     log_file = run.path / steps.LOG_FILE

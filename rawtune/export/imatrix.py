@@ -59,14 +59,21 @@ class Imatrix:
                 "entries": len(self.values), "seconds": round(self.seconds, 2)}
 
 
-def pick_blocks(blocks: np.ndarray, n: int) -> np.ndarray:
-    """``n`` blocks spread evenly over the training blocks (the first ones are often one document)."""
+def pick_blocks(blocks: np.ndarray, n: int, with_rest: bool = False) -> Any:
+    """``n`` blocks spread evenly over the training blocks (the first ones are often one document).
+
+    ``with_rest``: also return the blocks not picked (export checks the matrix on some of them).
+    """
     if n <= 0 or not len(blocks):
-        return blocks[:0]
-    if n >= len(blocks):
-        return blocks
-    index = np.linspace(0, len(blocks) - 1, n).round().astype(int)
-    return blocks[index]
+        index = np.arange(0)
+    elif n >= len(blocks):
+        index = np.arange(len(blocks))
+    else:
+        index = np.unique(np.linspace(0, len(blocks) - 1, n).round().astype(int))
+    if not with_rest:
+        return blocks[index]
+    rest = np.setdiff1d(np.arange(len(blocks)), index)
+    return blocks[index], blocks[rest]
 
 
 def _gguf_names(model: Any, config: dict[str, Any]) -> dict[str, str]:
