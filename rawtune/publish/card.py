@@ -88,13 +88,18 @@ def _gguf_rows(record: dict[str, Any], files: list[str]) -> list[tuple[str, str,
 def _calibration_lines(record: dict[str, Any]) -> list[str]:
     """Which files were quantized with an importance matrix, from how many tokens of what."""
     info = (record.get("export") or {}).get("imatrix") or {}
-    weighted = [label for label, entry in (record.get("gguf") or {}).items()
-                if isinstance(entry, dict) and entry.get("imatrix_tokens")]
-    if not info or not weighted:
-        return []
-    return ["", f"{', '.join(sorted(weighted, key=sort_key))} was quantized with an importance matrix "
-                f"computed from {info.get('tokens', 0):,} tokens of the training text ({info.get('blocks')} "
-                f"training blocks), so its 4-bit rounding favours the weights this text uses most."]
+    entries = {label: entry for label, entry in (record.get("gguf") or {}).items() if isinstance(entry, dict)}
+    weighted = [label for label, entry in entries.items() if entry.get("imatrix_tokens")]
+    plain = [label for label, entry in entries.items() if (entry.get("imatrix_check") or {}).get("kept") == "plain"]
+    lines = []
+    if info and weighted:
+        lines += ["", f"{', '.join(sorted(weighted, key=sort_key))} was quantized with an importance matrix "
+                      f"computed from {info.get('tokens', 0):,} tokens of the training text ({info.get('blocks')} "
+                      f"training blocks), so its 4-bit rounding favours the weights this text uses most."]
+    if info and plain:
+        lines += ["", f"{', '.join(sorted(plain, key=sort_key))} is llama.cpp's plain quantization: an importance "
+                      f"matrix from the training text was tried and scored worse on other training blocks."]
+    return lines
 
 
 def _training_rows(record: dict[str, Any]) -> list[tuple[str, str]]:
