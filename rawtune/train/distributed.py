@@ -273,4 +273,4 @@ def describe(d: Dist, engine: str) -> Optional[str]:
         return None
     where = "GPUs" if d.backend == "nccl" else "CPU processes"
     return (f"[train] data-parallel on {d.world} {where} ({d.backend}, {engine}): each takes its share of every "
-            "step's blocks, gradients are summed over all of them; only rank 0 writes the run directory")
+            "step's blocks, their gradients are all-reduced; only rank 0 writes the run directory")

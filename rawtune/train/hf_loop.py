@@ -292,8 +292,9 @@ def _trainer_callback(progress: Progress, stop: StopSignal, dist: Dist) -> Any:
                 return
             progress.step(state.global_step, state.max_steps, float(logs["loss"]),
                           float(logs.get("learning_rate", 0.0)), float(state.epoch or 0.0))
-            # Checked again after the callback, which may have asked to stop at this very step.
-            return self._check_stop(control)
+            # Checked again after the callback, which may have asked to stop at this very step. With
+            # several processes only at the step's end, where every rank agrees on it together.
+            return control if dist.active else self._check_stop(control)
 
         def on_evaluate(self, args, state, control, metrics=None, **kw):
             if metrics and "eval_loss" in metrics:
