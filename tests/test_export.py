@@ -22,7 +22,7 @@ from rawtune.merge import merge_run
 from rawtune.rundir import RunDir
 from rawtune.settings import ExportSettings
 
-from tiny import SPECIALS, sentences
+from tiny import SPECIALS, gguf_logits, scramble_weights, sentences
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python)")
 
@@ -38,15 +38,7 @@ def scrambled_copy(src: Path, dst: Path, seed: int = 1) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-            elif p.ndim == 1:
-                p.copy_(1.0 + torch.randn(p.shape, generator=gen) * 0.2)
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    scramble_weights(model, seed, weight_std=0.3)
     model.save_pretrained(dst)
     AutoTokenizer.from_pretrained(src).save_pretrained(dst)
     return dst
@@ -105,14 +97,6 @@ def torch_logits(model_dir: Path, tokens: np.ndarray) -> np.ndarray:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.inference_mode():
         return model(torch.as_tensor(tokens[None, :], dtype=torch.long)).logits[0].numpy()
-
-
-def gguf_logits(path: Path, tokens: np.ndarray) -> np.ndarray:
-    llm = load_llama(path, n_ctx=128, logits_all=True, f32_cache=True)
-    try:
-        return steps.llama_logits(llm, tokens)
-    finally:
-        llm.close()
 
 
 def sample_tokens(model_dir: Path, n: int = 40) -> np.ndarray:

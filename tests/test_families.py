@@ -20,7 +20,7 @@ import pytest
 from families import FAMILIES, FAMILY_SPECS, MIXED_TEXT, VARIANTS, build_family
 from rawtune.export import gguf_writer
 from rawtune.errors import ExportError
-from tiny import sentences
+from tiny import gguf_logits, scramble_weights, sentences
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python)")
 
@@ -43,15 +43,7 @@ def scramble(model_dir: Path, seed: int) -> None:
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     gemma = model.config.model_type.startswith("gemma")
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-            elif p.ndim == 1:
-                p.copy_((0.0 if gemma else 1.0) + torch.randn(p.shape, generator=gen) * 0.2)
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) * WEIGHT_STD)
+    scramble_weights(model, seed, WEIGHT_STD, norm_center=0.0 if gemma else 1.0)
     model.save_pretrained(model_dir)
 
 
@@ -108,14 +100,6 @@ def torch_logits(model_dir: Path, tokens: np.ndarray, ggml_gelu: bool = False) -
 def _gelu_mlp(mlp, act):
     """Gemma's MLP (down(act(gate(x)) * up(x))) with another activation."""
     return lambda x: mlp.down_proj(act(mlp.gate_proj(x)) * mlp.up_proj(x))
-
-
-def gguf_logits(path: Path, tokens: np.ndarray) -> np.ndarray:
-    llm = load_llama(path, n_ctx=128, logits_all=True, f32_cache=True)
-    try:
-        return steps.llama_logits(llm, tokens)
-    finally:
-        llm.close()
 
 
 def relative_error(got: np.ndarray, want: np.ndarray) -> float:

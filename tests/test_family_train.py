@@ -19,6 +19,7 @@ import torch
 
 from conftest import train_tiny
 from families import FAMILIES, VARIANTS, build_family
+from tiny import fast_loop_vs_peft
 from rawtune.train import fast_loop as fastloop
 from rawtune.settings import ALL_PROJECTIONS, RunSettings, validate
 
@@ -91,18 +92,9 @@ def parity(model_dir) -> tuple[float, float]:
     """(|loss difference|, largest relative gradient error) between the fast loop and PEFT."""
     model, _ = _cpu_peft(model_dir)
     ids = torch.randint(0, model.config.vocab_size, (3, 32), generator=torch.Generator().manual_seed(1))
-    ref = model(input_ids=ids, labels=ids).loss
-    ref.backward()
-    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad()
-    fast = fastloop.FastModel(fastloop.extract(model, torch.float32), compile=False)
-    labels = fastloop.shifted_labels(ids, 3)
-    loss = fast.loss(ids, labels, torch.tensor(float((labels >= 0).sum())))
-    loss.backward()
-    assert len(ref_grads) > 10
-    errors = [((p.grad - ref_grads[n]).norm() / (ref_grads[n].norm() + 1e-12)).item()
-              for n, p in model.named_parameters() if p.requires_grad]
-    return abs(loss.item() - ref.item()), max(errors)
+    loss_diff, errors = fast_loop_vs_peft(model, ids)
+    assert len(errors) > 10
+    return loss_diff, max(errors.values())
 
 
 @pytest.mark.parametrize("name", FAST)

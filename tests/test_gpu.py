@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import train_tiny
+from tiny import fast_loop_vs_peft
 from rawtune.train import fast_loop as fastloop
 from rawtune.train.plan import GIB, choose, estimate_fast_bytes, usable_bytes
 from rawtune.settings import RunSettings, TrainSettings, resolve_preset, validate
@@ -50,20 +51,11 @@ def test_fast_forward_matches_peft_loss_and_gradients(fixture, request):
         if "lora_B" in name:  # PEFT starts B at zero; random B makes the LoRA path count
             p.data.normal_(0, 0.05)
     ids = torch.randint(0, model.config.vocab_size, (3, 32))
-    ref = model(input_ids=ids, labels=ids).loss
-    ref.backward()
-    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad()
-    fast = fastloop.FastModel(fastloop.extract(model, torch.float32), compile=False)
-    labels = fastloop.shifted_labels(ids, 3)
-    loss = fast.loss(ids, labels, torch.tensor(float((labels >= 0).sum())))
-    loss.backward()
-    assert abs(loss.item() - ref.item()) < 1e-5
-    assert len(ref_grads) > 10
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            err = (p.grad - ref_grads[name]).norm() / (ref_grads[name].norm() + 1e-12)
-            assert err < 1e-4, name
+    loss_diff, errors = fast_loop_vs_peft(model, ids)
+    assert loss_diff < 1e-5
+    assert len(errors) > 10
+    for name, err in errors.items():
+        assert err < 1e-4, name
 
 
 def test_padding_rows_do_not_change_the_loss(tiny_llama_dir):

@@ -85,3 +85,55 @@ def tiny_model(path: Path, tokenizer_dir: Path, arch: str = "llama", tie: bool =
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def scramble_weights(model, seed: int, weight_std: float, norm_center: float = 1.0) -> None:
+    """Large random weights, norms around ``norm_center`` and random biases, in place.
+
+    Trained-looking spreads (unlike a fresh model's near-zero init) make export bugs show in the logits.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+            elif p.ndim == 1:
+                p.copy_(norm_center + torch.randn(p.shape, generator=gen) * 0.2)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * weight_std)
+
+
+def fast_loop_vs_peft(model, ids) -> tuple[float, dict]:
+    """Loss and gradients of the fast loop's model against the PEFT ``model`` it was extracted from.
+
+    Returns |loss difference| and, per trainable tensor, the relative error of its gradient.
+    """
+    import torch
+
+    from rawtune.train import fast_loop
+
+    ref = model(input_ids=ids, labels=ids).loss
+    ref.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    fast = fast_loop.FastModel(fast_loop.extract(model, torch.float32), compile=False)
+    labels = fast_loop.shifted_labels(ids, len(ids))
+    loss = fast.loss(ids, labels, torch.tensor(float((labels >= 0).sum())))
+    loss.backward()
+    errors = {n: ((p.grad - ref_grads[n]).norm() / (ref_grads[n].norm() + 1e-12)).item()
+              for n, p in model.named_parameters() if p.requires_grad}
+    return abs(loss.item() - ref.item()), errors
+
+
+def gguf_logits(path, tokens):
+    """llama.cpp's logits for every position of ``tokens`` in the GGUF at ``path`` (fp32 KV cache)."""
+    from rawtune.export import steps
+    from rawtune.export.llama import load_llama
+
+    llm = load_llama(path, n_ctx=128, logits_all=True, f32_cache=True)
+    try:
+        return steps.llama_logits(llm, tokens)
+    finally:
+        llm.close()
