@@ -393,6 +393,35 @@ def test_push_needs_token_repo_and_export(hub_server, tmp_path, monkeypatch):
         push_run(empty, PushSettings(repo="alice/needs"), token=WRITE_TOKEN, log=lambda _: None)
 
 
+def test_push_is_refused_while_another_task_holds_the_run(hub_server, tmp_path):
+    """The app exports and pushes in worker threads: a push of a run another task is writing is
+    refused at once (RunBusy) rather than uploading half-written files, and works once it is free."""
+    import threading
+
+    from rawtune.rundir import RunBusy
+
+    run = make_run(tmp_path / "busy")
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with run.lock():
+            held.set()
+            release.wait(30)
+
+    other = threading.Thread(target=hold)
+    other.start()
+    try:
+        assert held.wait(10)
+        with pytest.raises(RunBusy, match="another task of this rawtune process"):
+            push_run(run, PushSettings(repo="alice/busy"), token=WRITE_TOKEN, log=lambda _: None)
+        assert not hub_server.has_repo("alice/busy")
+    finally:
+        release.set()
+        other.join()
+    push_run(run, PushSettings(repo="alice/busy"), token=WRITE_TOKEN, log=lambda _: None)
+    assert hub_server.has_repo("alice/busy")
+
+
 def test_sentinel_token_never_written(hub_server, tmp_path, monkeypatch, capsys, caplog, tiny_tokenizer_dir):
     from transformers import AutoTokenizer
 

@@ -85,13 +85,20 @@ def push_run(run: RunDir, settings: PushSettings, token: Token = None,
     (what ``ollama run hf.co/<repo>:Q4_K_M`` reads), plus ``adapter/``, a scrubbed ``run.json``
     and a generated ``README.md``. Pushing again makes one new commit.
     """
+    repo = str(settings.repo or "").strip()
+    if not is_repo_id(repo):
+        raise HubError(f"--repo {repo or '(missing)'!r}: give the Hub model repo as user/name, e.g. alice/my-model")
+    # Held while the files are read and uploaded: an export of this run in another task (the app)
+    # could otherwise replace a GGUF halfway through its upload.
+    with run.lock():
+        return _push(run, repo, settings, token, log)
+
+
+def _push(run: RunDir, repo: str, settings: PushSettings, token: Token, log: Callable[[str], None]) -> dict:
     from huggingface_hub import HfApi
 
     from .. import __version__
 
-    repo = str(settings.repo or "").strip()
-    if not is_repo_id(repo):
-        raise HubError(f"--repo {repo or '(missing)'!r}: give the Hub model repo as user/name, e.g. alice/my-model")
     record = run.load()
     if not record:
         raise StageMissing(f"{run.path} is not a rawtune run directory (no run.json)")
