@@ -24,8 +24,8 @@ Table B (``--table 8b``, or ``8b-train`` then ``8b-export`` in two back-to-back 
 128,256, untied) written as bf16 safetensors shards tensor by tensor (random values drawn on the
 GPU), trained 3 steps through ``rawtune.train.train`` with ``load_in_4bit=True`` and the Unsloth
 backend under a 24 GiB cap; then the adapter goes through the streamed merge
-(``rawtune.streamed.for_gguf``) into rawtune's GGUF writer (F16, its folder reader swapped for the
-stream, the gguf writer spooling tensors to a temporary file when the disk has room) on the CPU,
+(``rawtune.streamed.for_gguf``) into rawtune's GGUF writer (F16, the stream as its tensor source,
+written tensor by tensor as ``rawtune export`` does) on the CPU,
 with the peak RSS (VmHWM over the process's RSS after imports) and the time of that process. One
 tensor of the GGUF is checked against ``W + scale * B @ A`` computed here. llama.cpp is not on the
 GPU machine, so the GGUF is not loaded there. If the export call finds no trained adapter (a fresh
@@ -472,9 +472,7 @@ def write_random_adapter(adapter_dir: Path, model_dir: Path) -> None:
 
 def child_export(a) -> None:
     """Streamed merge into rawtune's GGUF writer (F16); peak RSS over the post-import baseline and time."""
-    import functools
-
-    import gguf
+    import gguf  # noqa: F401  (imported before the baseline, as the writer would import it)
     import numpy as np
     import peft  # noqa: F401  (imported before the baseline, as a real export process would have)
     import torch  # noqa: F401
@@ -485,9 +483,6 @@ def child_export(a) -> None:
     model_dir, adapter_dir, out = Path(a.model_dir), Path(a.adapter_dir), Path(a.gguf)
     base_bytes = sum(f.stat().st_size for f in streamed.base_files(model_dir))
     free = shutil.disk_usage(out.parent).free
-    # The writer's temp file and the GGUF are each about the base's size; without room for both,
-    # the writer keeps the tensors in RAM instead (and the peak says so).
-    temp_file = free > 2.2 * base_bytes
     baseline = rss_kib("VmRSS")
     t0 = time.time()
     folder, arrays, info = streamed.for_gguf((model_dir, adapter_dir), out.parent / "skeleton")
@@ -500,11 +495,9 @@ def child_export(a) -> None:
                       flush=True)
             yield item
 
-    # The wiring an export does: the writer reads the streamed tensors instead of a merged folder.
-    gguf_writer.iter_hf_tensors = lambda _model_dir: progress(arrays)
-    if temp_file:
-        gguf.GGUFWriter = functools.partial(gguf.GGUFWriter, use_temp_file=True)
-    report = gguf_writer.convert(folder, out, "f16", name="card-caps-8b", log=lambda s: print(s, flush=True))
+    source = gguf_writer.TensorSource(streamed.merged_shapes((model_dir, adapter_dir)), progress(arrays))
+    report = gguf_writer.convert(folder, out, "f16", name="card-caps-8b", log=lambda s: print(s, flush=True),
+                                 tensors=source)
     seconds = time.time() - t0
     peak = rss_kib("VmHWM")
     check = check_one_tensor(out, model_dir, adapter_dir, np)
@@ -513,7 +506,7 @@ def child_export(a) -> None:
     emit({"status": "ok", "seconds": round(seconds, 1), "baseline_GiB": round(baseline / 2**20, 2),
           "peak_over_baseline_GiB": round((peak - baseline) / 2**20, 2), "vmhwm_GiB": round(peak / 2**20, 2),
           "gguf_GB": round(size / 1e9, 2), "base_GB": round(base_bytes / 1e9, 2), "tensors": report["tensors"],
-          "temp_file": temp_file, "free_disk_GB": round(free / 1e9, 1), "untied": info.get("untied_embeddings"),
+          "free_disk_GB": round(free / 1e9, 1), "untied": info.get("untied_embeddings"),
           "check": check})
 
 
@@ -738,7 +731,7 @@ def print_8b(attempts, export_res, build_res, tiny: bool) -> None:
             e = export_res
             lines += [f"export (streamed merge -> F16 GGUF, CPU): {e['seconds']} s, peak RSS {e['peak_over_baseline_GiB']} "
                       f"GiB over the {e['baseline_GiB']} GiB after imports (VmHWM {e['vmhwm_GiB']} GiB), GGUF "
-                      f"{e['gguf_GB']} GB, {e['tensors']} tensors, writer temp file {e['temp_file']} "
+                      f"{e['gguf_GB']} GB, {e['tensors']} tensors "
                       f"(free disk {e['free_disk_GB']} GB), process {e['process_s']} s",
                       f"export check: {e['check']}"]
         else:

@@ -9,19 +9,17 @@ measures, each in a fresh Python process, the peak resident memory above that pr
 - ``peft_merge``: PEFT's merge of the whole model in fp32 and saving the merged folder (what
   ``rawtune merge`` did before it streamed, ``rawtune.merge.merge_with_peft``);
 - ``peft_convert``: today's GGUF writer (``rawtune.gguf_writer.convert``) on that merged folder;
-- ``streamed_gguf``: ``rawtune.streamed.iter_merged_arrays`` feeding an F16 GGUF written tensor by
-  tensor with the gguf package (tensor infos first, then each tensor's data as it is merged). The
-  writer here carries the architecture numbers but not the tokenizer, which is small;
 - ``streamed_folder``: ``rawtune.streamed.write_merged_folder`` (fp32, as ``rawtune merge`` writes);
-- ``streamed_convert``: today's ``gguf_writer.convert`` given the merged config/tokenizer folder of
-  ``streamed.for_gguf`` and, in place of its folder reader, the streamed arrays (the bench swaps
-  ``gguf_writer.iter_hf_tensors`` in this process: the wiring an export would do); the writer still
-  keeps every tensor until the end;
-- ``streamed_convert_tempfile``: the same with ``gguf.GGUFWriter(use_temp_file=True)``, which
-  spools each tensor to a temporary file as it is added.
+- ``streamed_convert``: ``gguf_writer.convert`` on the merged config/tokenizer folder of
+  ``streamed.for_gguf`` with the streamed merge as its tensor source: what ``rawtune export``
+  does for a safetensors base (tensor infos first, then each tensor's data as it is merged).
 
-Finally it checks that every tensor of the streamed GGUF equals, byte for byte, the one today's
-path wrote. Usage::
+(Earlier versions of this bench also timed a hand-written streaming writer and the gguf writer
+with a temporary file, before ``gguf_writer.convert`` streamed; docs/benchmarks.md keeps those
+numbers.)
+
+Finally it checks that the streamed GGUF equals, byte for byte, the one written from PEFT's
+merged folder. Usage::
 
     python bench/export_memory.py --size 135m --work /tmp/xm135
     python bench/export_memory.py --size 1b --work /tmp/xm1b
@@ -130,66 +128,14 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(field)
 
 
-def stream_gguf(base: Path, adapter: Path, out: Path) -> int:
-    """Write the merged model's tensors as an F16 GGUF, one tensor in memory at a time."""
-    import gguf
-    import numpy as np
-
+def convert_streamed(base: Path, adapter: Path, skeleton: Path, out: Path, name: str) -> None:
+    """gguf_writer.convert fed the streamed merge, as export does for a safetensors base."""
     from rawtune import streamed
     from rawtune.export import gguf_writer
 
-    config = json.loads((base / "config.json").read_text())
-    n_layer, n_head, n_kv = config["num_hidden_layers"], config["num_attention_heads"], config["num_key_value_heads"]
-    ad = streamed.read_adapter(adapter)
-    plan = streamed.merge_plan(base, ad)
-    tied = plan.tied_after
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layer)
-    writer = gguf.GGUFWriter(str(out), "llama")
-    writer.add_block_count(n_layer)
-    writer.add_embedding_length(config["hidden_size"])
-    writer.add_head_count(n_head)
-    writer.add_head_count_kv(n_kv)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
-    order = []
-    for name, shape, _ in plan.names:
-        if tied and name == "lm_head.weight":
-            continue
-        dtype = np.float32 if len(shape) == 1 else np.float16
-        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        writer.add_tensor_info(names.get_name(name, try_suffixes=(".weight", ".bias")), shape, np.dtype(dtype), nbytes)
-        order.append(name)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    count = 0
-    for name, data in streamed.iter_merged_arrays(base, adapter):
-        if name not in order:
-            continue
-        if name.endswith("q_proj.weight"):
-            data = gguf_writer.permute_rope(data, n_head)
-        elif name.endswith("k_proj.weight"):
-            data = gguf_writer.permute_rope(data, n_kv)
-        writer.write_tensor_data(data.astype(np.float32 if data.ndim == 1 else np.float16))
-        count += 1
-    writer.close()
-    return count
-
-
-def _convert_from_stream(base: Path, adapter: Path, work: Path, temp_file: bool) -> None:
-    """gguf_writer.convert on the streamed merge: its folder reader swapped for the stream (bench only)."""
-    import functools
-
-    import gguf
-
-    from rawtune import streamed
-    from rawtune.export import gguf_writer
-
-    folder, arrays, _ = streamed.for_gguf((base, adapter), work / "skeleton")
-    gguf_writer.iter_hf_tensors = lambda model_dir: arrays
-    if temp_file:
-        gguf.GGUFWriter = functools.partial(gguf.GGUFWriter, use_temp_file=True)
-    out = work / ("streamed_tmp.f16.gguf" if temp_file else "streamed_conv.f16.gguf")
-    gguf_writer.convert(folder, out, "f16", name="bench", log=lambda s: None)
+    folder, arrays, _ = streamed.for_gguf((base, adapter), skeleton)
+    source = gguf_writer.TensorSource(streamed.merged_shapes((base, adapter)), arrays)
+    gguf_writer.convert(folder, out, "f16", name=name, log=lambda s: None, tensors=source)
 
 
 def step(name: str, work: Path) -> None:
@@ -209,12 +155,10 @@ def step(name: str, work: Path) -> None:
         merge.merge_with_peft((base, adapter), work / "peft_merged")
     elif name == "peft_convert":
         gguf_writer.convert(work / "peft_merged", work / "peft.f16.gguf", "f16", name="bench", log=lambda s: None)
-    elif name == "streamed_gguf":
-        stream_gguf(base, adapter, work / "streamed.f16.gguf")
     elif name == "streamed_folder":
         streamed.write_merged_folder((base, adapter), work / "streamed_merged", log=lambda s: None)
-    elif name.startswith("streamed_convert"):
-        _convert_from_stream(base, adapter, work, temp_file=name.endswith("tempfile"))
+    elif name == "streamed_convert":
+        convert_streamed(base, adapter, work / "skeleton", work / "streamed_conv.f16.gguf", "bench")
     seconds = time.time() - started
     peak = _rss_kib("VmHWM")
     print(json.dumps({"step": name, "seconds": round(seconds, 1), "baseline_MB": round(baseline / 1024),
@@ -222,15 +166,14 @@ def step(name: str, work: Path) -> None:
 
 
 def compare(work: Path) -> None:
-    """Every tensor of the streamed GGUF equals today's path's, byte for byte."""
+    """The streamed GGUF equals the one written from PEFT's merged folder: every tensor, and the whole file."""
     import gguf
     import numpy as np
 
     a = {t.name: t for t in gguf.GGUFReader(str(work / "peft.f16.gguf")).tensors}
-    b = {t.name: t for t in gguf.GGUFReader(str(work / "streamed.f16.gguf")).tensors}
+    b = {t.name: t for t in gguf.GGUFReader(str(work / "streamed_conv.f16.gguf")).tensors}
     same = a.keys() == b.keys() and all(np.array_equal(a[n].data, b[n].data) for n in a)
-    reference = (work / "peft.f16.gguf").read_bytes()
-    whole = {f: (work / f).read_bytes() == reference for f in ("streamed_conv.f16.gguf", "streamed_tmp.f16.gguf")}
+    whole = (work / "streamed_conv.f16.gguf").read_bytes() == (work / "peft.f16.gguf").read_bytes()
     print(json.dumps({"tensors": len(a), "identical": bool(same), "whole_file_identical": whole}))
 
 
@@ -331,14 +274,8 @@ def logits_step(work: Path) -> None:
     tokens = np.asarray(tok.encode("The river carries bright stones past old mills at dawn.")[:16], dtype=np.int64)
     f16 = next((run / "gguf").glob("*.F16.gguf"), None) or next((run / "gguf_work").glob("*.F16.gguf"), None)
     if f16 is None:  # export deletes its F16 work file: write one the same way for this check
-        from rawtune.export import gguf_writer
-
         f16 = work / "check.F16.gguf"
-        folder = streamed.write_skeleton((work / "base", run / "adapter"), work / "check-skeleton")
-        source = gguf_writer.TensorSource(streamed.merged_shapes((work / "base", run / "adapter")),
-                                          streamed.iter_merged_arrays(work / "base", run / "adapter"))
-        gguf_writer.convert(work / "check-skeleton", f16, "f16", name="check", log=lambda s: None, tensors=source)
-        del folder
+        convert_streamed(work / "base", run / "adapter", work / "check-skeleton", f16, "check")
     llm = load_llama(f16, n_ctx=64, logits_all=True)
     try:
         got = llama_logits(llm, tokens)
@@ -368,8 +305,7 @@ def main() -> None:
     work = Path(args.work)
     if args.step:
         return _one_step(args, work)
-    names = ["build", "peft_merge", "peft_convert", "streamed_gguf", "streamed_folder", "streamed_convert",
-             "streamed_convert_tempfile", "compare"]
+    names = ["build", "peft_merge", "peft_convert", "streamed_folder", "streamed_convert", "compare"]
     if args.export:
         names = (["build"] if not (work / "base" / "model.safetensors").is_file() else []) + ["run", "export", "logits"]
     for name in names:
