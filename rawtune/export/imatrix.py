@@ -97,7 +97,7 @@ def _gguf_names(model: Any, config: dict[str, Any]) -> dict[str, str]:
     return names
 
 
-def compute(model_dir: Path, blocks: np.ndarray, source: str, batch_size: int = 4, model: Any = None) -> Imatrix:
+def compute(model_dir: Path, blocks: np.ndarray, source: str, batch_size: int = 1, model: Any = None) -> Imatrix:
     """Gradient-weighted mean x² per input column of every block linear of the model in ``model_dir``.
 
     ``model``: the merged model already loaded (export loads it once for this and its perplexity
@@ -125,16 +125,15 @@ class _Stats:
     def __init__(self) -> None:
         self.weighted: dict[str, Any] = {}
         self.weights: dict[str, Any] = {}
-        self.plain: dict[str, Any] = {}  # Σ_t x_t² and the count: the fallback when no gradient arrived
-        self.counts: dict[str, int] = {}
 
     def hook(self, key: str) -> Callable:
         def forward(module: Any, inputs: tuple, output: Any) -> None:
-            x2 = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double().square()
-            self.plain[key] = self.plain.get(key, 0) + x2.sum(0)
-            self.counts[key] = self.counts.get(key, 0) + x2.shape[0]
+            # Keep the input itself (q, k and v share one) until backward, not a float64 copy of
+            # its square per layer: that copy was most of the backward pass's extra memory.
+            x = inputs[0].detach()
 
             def backward(grad: Any) -> None:
+                x2 = x.reshape(-1, x.shape[-1]).double().square()
                 w = grad.detach().reshape(-1, grad.shape[-1]).double().square().sum(1)
                 self.weighted[key] = self.weighted.get(key, 0) + w @ x2
                 self.weights[key] = self.weights.get(key, 0) + w.sum()
@@ -144,18 +143,18 @@ class _Stats:
         return forward
 
     def values(self) -> dict[str, np.ndarray]:
-        out = {}
-        for key, plain in self.plain.items():
-            total = float(self.weights.get(key, 0.0))
-            mean = self.weighted[key] / total if total > 0 else plain / self.counts[key]
-            out[key] = mean.float().numpy()
-        return out
+        """The importances; a weight no gradient reached gets no entry (quantized without weights)."""
+        return {key: (weighted / self.weights[key]).float().numpy()
+                for key, weighted in self.weighted.items() if float(self.weights[key]) > 0}
 
 
-def collect(model: Any, names: dict[str, str], blocks: np.ndarray, batch_size: int = 4) -> dict[str, np.ndarray]:
+def collect(model: Any, names: dict[str, str], blocks: np.ndarray, batch_size: int = 1) -> dict[str, np.ndarray]:
     """Run ``blocks`` forward and backward through ``model`` (weights frozen) and return the importances.
 
     Only the input embeddings carry a gradient into the network: no weight gradient is allocated.
+    One block at a time by default: the backward pass keeps every layer's activations, and four
+    512-token blocks of the 135M quick start took 6.6 GB against 2.2 GB for one, for the same
+    matrix bit for bit.
     """
     import torch
 

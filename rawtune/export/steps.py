@@ -564,7 +564,7 @@ def reference(run: RunDir, p: Plan, check: Verification, log: Log) -> Any:
     check.seconds_model = time.time() - t0
     log(f"[export] loaded the merged PyTorch model in {check.seconds_model:.1f}s")
     try:
-        imatrix = _importance(p, model, batch, log) if need_imatrix else None
+        imatrix = _importance(p, model, log) if need_imatrix else None
         if need_ppl:
             t1 = time.time()
             check.ppl_merged = round(perplexity(model, check.heldout, batch), 4)
@@ -577,11 +577,11 @@ def reference(run: RunDir, p: Plan, check: Verification, log: Log) -> Any:
     return imatrix
 
 
-def _importance(p: Plan, model: Any, batch: int, log: Log) -> Any:
+def _importance(p: Plan, model: Any, log: Log) -> Any:
     from .imatrix import compute
 
     imatrix = compute(p.model_dir, p.calibration, source="data/train.npy (training blocks, spread evenly)",
-                      batch_size=batch, model=model)
+                      model=model)
     log(f"[export] importance matrix from {imatrix.tokens:,} training tokens ({imatrix.blocks} blocks of "
         f"data/train.npy, {len(imatrix.values)} weights) in {imatrix.seconds:.1f}s")
     return imatrix
