@@ -173,8 +173,9 @@ def relaunch_command(gpus: int, argv: Sequence[str]) -> tuple[list[str], dict]:
             continue
         if item == "--token":
             env["HF_TOKEN"] = value
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
-            "-m", "rawtune.cli", *rest], env
+    from .train.launch import torchrun_command
+
+    return torchrun_command(gpus, "rawtune.cli", rest), env
 
 
 def _relaunch(gpus: int, argv: Sequence[str], out: Optional[str]) -> int:

@@ -16,7 +16,7 @@ The rules every rank follows:
   what does not depend on the number of processes (the step, the optimizer and scheduler state of
   the full trainable tensors), so a run can resume on another number of GPUs;
 - a stop (event, STOP file, Ctrl-C) seen by any rank stops every rank after the same step
-  (:meth:`Dist.agree_stop`), so no rank waits forever in a collective.
+  (:meth:`Dist.should_stop`), so no rank waits forever in a collective.
 """
 
 from __future__ import annotations
@@ -104,6 +104,18 @@ class Dist:
         flag = torch.tensor([1.0 if local else 0.0], device=device)
         td.all_reduce(flag, op=td.ReduceOp.MAX)
         return bool(flag.item() > 0)
+
+    def should_stop(self, stop: Any) -> bool:
+        """Whether to stop after this step (``stop``: the run's StopSignal). With several processes
+        every rank stops when any rank was asked, and ``stop.stopped`` is then set on all of them."""
+        if not self.active:
+            return stop.requested()
+        import torch
+
+        device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
+        if self.agree_stop(stop.requested(), device):
+            stop.stopped = True
+        return stop.stopped
 
     def log_for(self, log: Callable[[str], None]) -> Callable[[str], None]:
         """Rank 0 logs; the other ranks stay silent (their lines would repeat rank 0's)."""

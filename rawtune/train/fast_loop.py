@@ -346,7 +346,7 @@ def fit(t: TrainSettings, run: RunDir, model: Any, train_blocks: np.ndarray, hel
                 progress.eval(step, evaluate(fast, eval_blocks, micro))
             if step % t.save_steps == 0 and step < max_steps and dist.main:
                 save_checkpoint(run, model, optimizer, scheduler, step)
-            if _stop_now(stop, dist, device):
+            if dist.should_stop(stop):
                 if dist.main:
                     save_checkpoint(run, model, optimizer, scheduler, step)
                 break
@@ -354,15 +354,6 @@ def fit(t: TrainSettings, run: RunDir, model: Any, train_blocks: np.ndarray, hel
     pending.flush(now=True)
     restore_dtypes(net, original)
     return LoopResult(step, max_steps, start_step, time.time() - started)
-
-
-def _stop_now(stop: StopSignal, dist: Dist, device: Any) -> bool:
-    """Whether to stop after this step; with several processes, every rank stops when any was asked."""
-    if not dist.active:
-        return stop.requested()
-    if dist.agree_stop(stop.requested(), device):
-        stop.stopped = True
-    return stop.stopped
 
 
 def _sync() -> None:

@@ -282,7 +282,7 @@ def _trainer_callback(progress: Progress, stop: StopSignal, dist: Dist) -> Any:
             return self._check_stop(control)
 
         def _check_stop(self, control):
-            if _stop_agreed(stop, dist):
+            if dist.should_stop(stop):
                 control.should_save = True
                 control.should_training_stop = True
             return control
@@ -301,18 +301,6 @@ def _trainer_callback(progress: Progress, stop: StopSignal, dist: Dist) -> Any:
                 progress.eval(state.global_step, float(metrics["eval_loss"]))
 
     return Report()
-
-
-def _stop_agreed(stop: StopSignal, dist: Dist) -> bool:
-    """A stop asked on any rank stops every rank at the same step (each must leave the collectives together)."""
-    if not dist.active:
-        return stop.requested()
-    import torch
-
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.backend == "nccl" else torch.device("cpu")
-    if dist.agree_stop(stop.requested(), device):
-        stop.stopped = True
-    return stop.stopped
 
 
 def _quiet(trainer: Any) -> None:

@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 
 from ..errors import ConfigError, TrainError
 from ..rundir import RunDir
-from ..settings import RunSettings, to_dict
+from ..settings import RunSettings, has_cuda, to_dict
 from .distributed import world_size
 from .progress import Callback, StopSignal, TrainResult
 
@@ -50,16 +50,21 @@ def requested_processes() -> int:
     return int(value)
 
 
+def torchrun_command(processes: int, module: str, args: list[str]) -> list[str]:
+    """``python -m torch.distributed.run`` starting ``processes`` copies of ``python -m module args`` here."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+            "-m", module, *args]
+
+
 def train_in_workers(settings: RunSettings, run: RunDir, processes: int, callback: Optional[Callback],
                      stop: Optional[threading.Event], log: Callable[[str], None]) -> TrainResult:
     """Train in ``processes`` torchrun workers; relay rank 0's reports; return its ``train`` record."""
     fd, settings_file = tempfile.mkstemp(prefix="rawtune-settings-", suffix=".json")
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         json.dump(to_dict(settings), handle)  # settings hold no token
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-               "-m", "rawtune.train.worker", settings_file, str(run.path)]
+    command = torchrun_command(processes, "rawtune.train.worker", [settings_file, str(run.path)])
     log(f"[train] {processes} worker processes through torchrun, one per "
-        f"{'GPU' if _cuda() else 'CPU process (no CUDA)'}; rank 0 reports here")
+        f"{'GPU' if has_cuda() else 'CPU process (no CUDA)'}; rank 0 reports here")
     # Its own session: a Ctrl-C here becomes the STOP file, not a signal torchrun would repeat.
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, start_new_session=True, bufsize=1)
     try:
@@ -118,9 +123,3 @@ def _dispatch(line: str, callback: Optional[Callback], log: Callable[[str], None
         errors.append(line[len(ERROR):])
     else:
         print(line, flush=True)  # the libraries' own output, as it would have been printed in-process
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
