@@ -430,19 +430,30 @@ def test_item6_compare_waits_for_a_running_training(on_space, monkeypatch):
     assert space.SLOT._line == [other]
 
 
-def test_item6_training_keeps_to_the_step_budget(tmp_path, monkeypatch, tiny_llama_dir, tiny_corpus):
+def _train_under_budget(tmp_path, monkeypatch, model_dir, corpus, budget: dict) -> tuple:
+    """An 8-step training started from the app with the shared-app budget ``budget`` (env
+    variables) in force; the session and the last frame's status and log."""
     from rawtune import space
 
     monkeypatch.setenv("RAWTUNE_RUNS", str(tmp_path))
-    monkeypatch.setenv("RAWTUNE_MAX_TRAIN_STEPS", "3")
+    for name, value in budget.items():
+        monkeypatch.setenv(name, value)
     monkeypatch.delenv("SPACE_ID", raising=False)
     monkeypatch.setattr(space, "SLOT", space.GpuSlot())
     session = sessions.new_session()
     frames = list(handlers.start_training(
-        session, {**data_form(str(tiny_corpus), model=str(tiny_llama_dir)),
+        session, {**data_form(str(corpus), model=str(model_dir)),
                   **_form(seq_len=64, lora_r=8, max_steps=8, learning_rate=0.01, save_steps=100, eval_steps=0)},
         progress=lambda *a, **k: None))
     status, _plot, log, _result = frames[-1][:4]
+    return session, status, log
+
+
+def test_item6_training_keeps_to_the_step_budget(tmp_path, monkeypatch, tiny_llama_dir, tiny_corpus):
+    from rawtune import space
+
+    session, status, log = _train_under_budget(tmp_path, monkeypatch, tiny_llama_dir, tiny_corpus,
+                                               {"RAWTUNE_MAX_TRAIN_STEPS": "3"})
     assert status.startswith("**Done**") and "step budget per training is 3 steps" in log
     record = session.run.load()["train"]
     assert record["steps"] == record["max_steps"] == 3
@@ -473,16 +484,9 @@ def test_item7_ttl_cleanup_skips_open_sessions(on_space, monkeypatch):
 def test_item6_training_stops_at_the_time_budget(tmp_path, monkeypatch, tiny_llama_dir, tiny_corpus):
     from rawtune import space
 
-    monkeypatch.setenv("RAWTUNE_RUNS", str(tmp_path))
-    monkeypatch.setenv("RAWTUNE_MAX_TRAIN_MINUTES", "0.001")  # 0.06 s: over before the first step ends
-    monkeypatch.delenv("SPACE_ID", raising=False)
-    monkeypatch.setattr(space, "SLOT", space.GpuSlot())
-    session = sessions.new_session()
-    frames = list(handlers.start_training(
-        session, {**data_form(str(tiny_corpus), model=str(tiny_llama_dir)),
-                  **_form(seq_len=64, lora_r=8, max_steps=8, learning_rate=0.01, save_steps=100, eval_steps=0)},
-        progress=lambda *a, **k: None))
-    status, _plot, log, _result = frames[-1][:4]
+    # 0.001 minutes = 0.06 s: over before the first step ends
+    session, status, log = _train_under_budget(tmp_path, monkeypatch, tiny_llama_dir, tiny_corpus,
+                                               {"RAWTUNE_MAX_TRAIN_MINUTES": "0.001"})
     assert "time budget per training" in status and "Resume" in status
     record = session.run.load()["train"]
     assert 1 <= record["steps"] < 8 and session.run.has_adapter()
