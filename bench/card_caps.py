@@ -399,6 +399,7 @@ def _has(name: str) -> bool:
 def bare_loop(model, t: dict, a, device: str) -> dict:
     """Forward, backward, clip and fused AdamW over a.warmup + a.steps optimizer steps; time the last a.steps."""
     import torch
+    from train_speed import bare_step  # the same bare loop as the speed bench (bench/ is on the path)
 
     model.train()
     lora, embed = [], []
@@ -414,18 +415,7 @@ def bare_loop(model, t: dict, a, device: str) -> dict:
     g = torch.Generator(device=device).manual_seed(0)
     data = torch.randint(0, vocab, (EFFECTIVE, a.seq), device=device, generator=g)
     accum = EFFECTIVE // a.micro
-
-    def step():
-        total = 0.0
-        for s in range(0, EFFECTIVE, a.micro):
-            x = data[s:s + a.micro]
-            loss = model(input_ids=x, labels=x).loss / accum
-            loss.backward()
-            total += loss.detach()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return total
+    step = bare_step(model, opt, params, data, a.micro)
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for _ in range(a.warmup):

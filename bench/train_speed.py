@@ -92,6 +92,28 @@ def random_run(work: Path, name: str, model_dir: Path, steps: int):
     return run
 
 
+def bare_step(model, opt, params: list, data, micro: int):
+    """One optimizer step over all of ``data`` in micro-batches of ``micro``: forward, backward,
+    clip at 1.0, AdamW; the loss without the Trainer or rawtune's loops (returns the step function)."""
+    import torch
+
+    accum = len(data) // micro
+
+    def step():
+        total = 0.0
+        for s in range(0, len(data), micro):
+            x = data[s:s + micro]
+            loss = model(input_ids=x, labels=x).loss / accum
+            loss.backward()
+            total += loss.detach()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return total
+
+    return step
+
+
 def speed_one(name: str, model_dir: Path, work: Path, steps: int, warmup: int) -> dict:
     """One variant in this process: tokens/s over the timed steps and peak memory."""
     import torch
@@ -116,18 +138,7 @@ def speed_one(name: str, model_dir: Path, work: Path, steps: int, warmup: int) -
     data = torch.randint(0, SMOL["vocab_size"], (EFFECTIVE, T), device="cuda", generator=g)
     losses = []
 
-    def step():
-        total = 0.0
-        for s in range(0, EFFECTIVE, micro):
-            x = data[s:s + micro]
-            loss = model(input_ids=x, labels=x).loss / (EFFECTIVE // micro)
-            loss.backward()
-            total += loss.detach()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return total
-
+    step = bare_step(model, opt, params, data, micro)
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()
