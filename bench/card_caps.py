@@ -139,19 +139,13 @@ def emit(result: dict) -> None:
 
 def build_tokenizer(path: Path, vocab_size: int) -> None:
     """A byte-level BPE trained on generated text, padded with unused tokens to ``vocab_size``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
     sys.path.insert(0, str(ROOT / "tests"))
-    from tiny import CHATML, sentences
+    from tiny import CHATML, train_bpe
 
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(sentences(400) + ["Hello world! 123 numbers, punctuation; and more."], trainer)
+    tok = train_bpe(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"])
     data = json.loads(tok.to_str())
     vocab = data["model"]["vocab"]
     i = 0

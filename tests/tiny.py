@@ -43,17 +43,24 @@ def write_corpus(path: Path, documents: int = 120, seed: int = 0) -> Path:
     return path
 
 
-def tiny_tokenizer(path: Path) -> Path:
-    """Train and save a small byte-level BPE tokenizer with ChatML special tokens."""
+def train_bpe(specials: list[str]):
+    """A 400-token byte-level BPE (``tokenizers.Tokenizer``) trained on the generated sentences."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS,
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(sentences(400) + ["Hello world! 123 numbers, punctuation; and more."], trainer)
+    return tok
+
+
+def tiny_tokenizer(path: Path) -> Path:
+    """Train and save a small byte-level BPE tokenizer with ChatML special tokens."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = train_bpe(SPECIALS)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
                                    pad_token="<|endoftext|>", bos_token=None)
     fast.chat_template = CHATML
