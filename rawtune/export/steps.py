@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import math
 import os
 import re
 import shutil
@@ -103,7 +104,12 @@ class Plan:
     check_blocks: Optional[np.ndarray] = None  # other training blocks: is the weighted file better than the plain?
     base_dir: Optional[Path] = None  # streamed: the base model the tensors are merged from ...
     adapter_dir: Optional[Path] = None  # ... with this adapter (None: the weights are in model_dir)
-    params: int = 0  # parameters of the merged model (decides the reference model's dtype)
+    specs: list = field(default_factory=list)  # (HF name, shape) of every merged tensor, from the file headers
+
+    @property
+    def params(self) -> int:
+        """Parameters of the merged model (decides the reference model's dtype)."""
+        return sum(math.prod(shape) for _, shape in self.specs)
 
     def target(self, label: str) -> Path:
         return self.out_dir / quants.file_name(self.stem, label)
@@ -119,14 +125,13 @@ class Plan:
 
     def tensors(self) -> Any:
         """The writer's tensor source: merged while written (streamed), else the merged folder's files."""
-        from .gguf_writer import TensorSource, folder_tensors
+        from .gguf_writer import TensorSource, iter_hf_tensors
 
         if not self.streamed:
-            return folder_tensors(self.model_dir)
-        from ..streamed import iter_merged_arrays, merged_shapes
+            return TensorSource(self.specs, iter_hf_tensors(self.model_dir))
+        from ..streamed import iter_merged_arrays
 
-        source = (self.base_dir, self.adapter_dir)
-        return TensorSource(merged_shapes(source), iter_merged_arrays(*source))
+        return TensorSource(self.specs, iter_merged_arrays(self.base_dir, self.adapter_dir))
 
     def imatrix_tokens(self, label: str) -> int:
         """Calibration tokens the file of ``label`` is made with (0: no importance matrix)."""
@@ -151,7 +156,7 @@ def plan(run: RunDir, settings: ExportSettings, log: Log) -> Plan:
     p = Plan(labels, stem, model_dir, run.gguf_dir, work_dir, stamp,
              earlier if earlier.get("fingerprint") == stamp else {}, seconds_merge=seconds_merge,
              base_dir=base_dir, adapter_dir=adapter_dir)
-    p.params = sum(int(np.prod(shape)) for _, shape in p.tensors().specs)
+    p.specs = _specs(p)
     p.out_dir.mkdir(parents=True, exist_ok=True)
     p.calibration, p.check_blocks = _calibration_blocks(run, settings, labels, log)
     previous = record.get("gguf") or {}
@@ -179,6 +184,17 @@ def _source(run: RunDir, work_dir: Path, log: Log) -> tuple[Path, Optional[Path]
     shutil.rmtree(skeleton, ignore_errors=True)
     write_skeleton((base_dir, adapter_dir), skeleton)
     return skeleton, base_dir, adapter_dir, [base_dir, adapter_dir]
+
+
+def _specs(p: Plan) -> list:
+    """Names and shapes of the merged tensors, read once from the file headers (no weights loaded)."""
+    if not p.streamed:
+        from .gguf_writer import folder_tensors
+
+        return folder_tensors(p.model_dir).specs
+    from ..streamed import merged_shapes
+
+    return merged_shapes((p.base_dir, p.adapter_dir))
 
 
 def _current(p: Plan, label: str, info: dict[str, Any]) -> bool:
