@@ -416,7 +416,9 @@ def test_whole_path_in_browser(page, artifacts, tiny_llama_dir, tiny_corpus, hub
         raise AssertionError(f"Stop was not clickable at step 6: status {_text(page, 'train-status')!r}, "
                              f"buttons enabled {states}") from None
     status = _wait_text(page, "train-status", "Stopped", 60)
-    stopped_at = int(re.search(rf"step (\d+)/{STEPS}", status).group(1))
+    found = re.search(rf"step (\d+)/{STEPS}", status)
+    assert found, f"the stopped status does not say the step: {status!r}"
+    stopped_at = int(found.group(1))
     assert 6 <= stopped_at < STEPS
     second = _wait_plot(page, max(first + 1, stopped_at - 1))
     assert second > first >= 2, f"the loss plot did not gain points: x axis max {first} -> {second}"

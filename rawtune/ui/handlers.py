@@ -172,7 +172,9 @@ class TrainView:
     def frame(self, phase: Optional[str] = None, result: Any = None, training: bool = True,
               plot: bool = True) -> tuple:
         phase = phase or self.phase
-        if self.last:
+        # The progress overlay is for a running training only: on the last frame it would lay the
+        # final phase over the status line, and the page would read the overlay, not the status.
+        if self.last and training:
             self.progress((self.last["step"], self.last["max_steps"]), desc=f"{phase}: step", unit="steps")
         return (_status(self.last, len(self.history), phase), _plot_frame(self.history) if plot else gr.skip(),
                 "\n".join(self.log), gr.skip() if result is None else result,
