@@ -771,8 +771,9 @@ def main() -> None:
     p.add_argument("--tiny", "--dry-run", action="store_true", help="tiny shapes on a CPU, to exercise the code")
     p.add_argument("--unsloth", default="", help="only these Unsloth settings, e.g. 8x2-nogc,4x4-nogc "
                    "(default: all eight; use it to rerun the best ones of a full sweep)")
+    p.add_argument("--steps", type=int, default=None, help="timed optimizer steps per variant (default 8; 2 with --tiny)")
     a = p.parse_args()
-    a.seq, a.steps = (64, 2) if a.tiny else (2048, 8)
+    a.seq, a.steps = (64, a.steps or 2) if a.tiny else (2048, a.steps or 8)
     a.warmup = 2
     a.budget = a.budget or (3000 if a.tiny else 560)
     work = Path(a.work).resolve()

@@ -17,6 +17,7 @@ starts the workers and relays rank 0's reports.
 
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Any, Callable, Optional
 
@@ -55,7 +56,7 @@ def train(settings: RunSettings, run: RunDir, callback: Optional[Callback] = Non
     model = _load_model(backend, t, local_dir)
     progress = Progress(t.batch_size * t.grad_accum * t.seq_len, callback, log)
     signal = StopSignal(run, stop, log)
-    loop = _loop_for(model, t, resume_from, log)
+    loop = _loop_for(model, t, resume_from, backend, log)
     t = _split(t, dist, loop, log)
     result = loop(t, run, model, train_blocks, held, progress, signal, resume_from, dist=dist)
     if dist.main:
@@ -176,8 +177,9 @@ def _load_model(backend: str, t: TrainSettings, local_dir: str) -> Any:
     return (load_unsloth if backend == "unsloth" else load_peft)(t, local_dir)
 
 
-def _loop_for(model: Any, t: TrainSettings, resume_from: Any, log: Callable[[str], None]) -> Callable:
-    """The fast CUDA loop where it can train this model, else the Trainer path (saying why)."""
+def _loop_for(model: Any, t: TrainSettings, resume_from: Any, backend: str, log: Callable[[str], None]) -> Callable:
+    """The fast CUDA loop where it can train this model; else that loop around Unsloth's own
+    forward (:mod:`.model_loss`); else the Trainer path (saying why)."""
     from . import hf_loop
 
     if has_cuda():
@@ -186,7 +188,11 @@ def _loop_for(model: Any, t: TrainSettings, resume_from: Any, log: Callable[[str
         why_not = fast_loop.why_not_for_model(model, t, resume_from)
         if why_not is None:
             return fast_loop.fit
-        log(f"[train] Trainer loop ({why_not})")
+        why_not_own = fast_loop.why_not_own_forward(backend, resume_from)
+        if why_not_own is None:
+            log(f"[train] fast CUDA loop with Unsloth's forward (not the flattened model: {why_not})")
+            return functools.partial(fast_loop.fit, own_forward=True)
+        log(f"[train] Trainer loop ({why_not}; {why_not_own})")
     return hf_loop.fit
 
 

@@ -104,6 +104,22 @@ def why_not_for_settings(t: TrainSettings, config: dict, bf16: Optional[bool] = 
     return None
 
 
+def why_not_own_forward(backend: str, resume_from: Optional[Path]) -> Optional[str]:
+    """None when this loop can drive the model's own forward instead of the Trainer (Unsloth's model
+    on a bf16 card), else why not."""
+    import torch
+
+    if disabled():
+        return "RAWTUNE_FASTLOOP=0"
+    if backend != "unsloth":
+        return "PEFT's model trains in the Trainer"
+    if not torch.cuda.is_bf16_supported(including_emulation=False):
+        return "fp16 needs the Trainer's loss scaling"
+    if resume_from is not None and not (resume_from / STATE_FILE).is_file():
+        return f"{resume_from.name} was written by the Trainer path"
+    return None
+
+
 def family_reason(t: TrainSettings, config: dict) -> Optional[str]:
     """Why this family's layer differs from the one the fast loop computes (None when it does not)."""
     arch = config.get("model_type")
@@ -273,11 +289,11 @@ def _train_step(fast: FastModel, blocks: Any, idx: Any, micro: int, n_items: Any
     """
     import torch
 
-    T = blocks.shape[1]
-    step_loss = torch.zeros((), device=blocks.device)
+    T, device = blocks.shape[1], n_items.device
+    step_loss = torch.zeros((), device=device)
     starts = range(0, len(idx), micro)
     for s in starts:
-        ids = blocks[idx[s:s + micro]]
+        ids = blocks[idx[s:s + micro]].to(device)  # a no-op where the blocks live on the card
         real = len(ids)
         if real < micro:  # keep one shape (no recompiles): pad rows carry no labels
             ids = torch.cat([ids, ids.new_zeros(micro - real, T)])
@@ -291,40 +307,69 @@ def _train_step(fast: FastModel, blocks: Any, idx: Any, micro: int, n_items: Any
     return step_loss
 
 
+def _loss_model(model: Any, device: Any, own_forward: bool) -> tuple:
+    """(the loss computer, its trainable (name, parameter) pairs, dtypes to restore at the end)."""
+    import torch
+
+    if own_forward:  # the model's (Unsloth's) forward; its parameters keep the dtypes the Trainer sees
+        from .model_loss import ModelLoss
+
+        loss = ModelLoss(model)
+        return loss, loss.trainable, {}
+    net = extract(model, None if device.type == "cuda" else torch.float32)
+    original = upcast_trainable(net)
+    # never compiled on ZeroGPU or with RAWTUNE_COMPILE=0
+    return FastModel(net, compile=compile_allowed()), net.trainable, (net, original)
+
+
+# Token blocks up to this size sit on the card (no copy per micro-batch); a larger corpus stays in
+# CPU memory, so a big dataset cannot take the memory the plan gave the model (100M tokens: 800 MB).
+BLOCKS_ON_CARD_BYTES = 256 * 2**20
+
+
+def _train_tensor(train_blocks: np.ndarray, device: Any) -> Any:
+    import torch
+
+    blocks = torch.from_numpy(np.ascontiguousarray(train_blocks)).long()
+    return blocks.to(device) if blocks.numel() * 8 <= BLOCKS_ON_CARD_BYTES else blocks
+
+
 def fit(t: TrainSettings, run: RunDir, model: Any, train_blocks: np.ndarray, held: np.ndarray,
-        progress: Progress, stop: StopSignal, resume_from: Optional[Path], dist: Optional[Dist] = None) -> LoopResult:
+        progress: Progress, stop: StopSignal, resume_from: Optional[Path], dist: Optional[Dist] = None,
+        own_forward: bool = False) -> LoopResult:
     """Train with the fast loop; the same outputs as the Trainer path (adapter weights, checkpoints).
 
     ``dist``: this process's place in a data-parallel job (None or one process: train alone).
+    ``own_forward``: compute the loss with the model's own forward (:mod:`.model_loss`, Unsloth's
+    kernels) instead of the flattened fast model.
     """
     import torch
 
     dist = dist or Dist()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # cpu: tests of the loop logic
-    net = extract(model, None if device.type == "cuda" else torch.float32)
-    original = upcast_trainable(net)
-    fast = FastModel(net, compile=compile_allowed())  # never compiled on ZeroGPU or with RAWTUNE_COMPILE=0
+    fast, trainable, original = _loss_model(model, device, own_forward)
     micro, effective, T = t.batch_size, t.batch_size * t.grad_accum, t.seq_len
-    blocks = torch.from_numpy(np.ascontiguousarray(train_blocks)).to(device, torch.long)
+    blocks = _train_tensor(train_blocks, device)
     eval_blocks = torch.from_numpy(np.ascontiguousarray(held[: t.eval_batches * t.batch_size])).to(device, torch.long)
     max_steps = total_steps(t, len(train_blocks))
     optimizer = make_optimizer(model, t)
     scheduler = schedule(t, optimizer, max_steps)
     start_step = load_checkpoint(resume_from, model, optimizer, scheduler) if resume_from else 0
-    params = [p for _, p in net.trainable]
+    params = [p for _, p in trainable]
     broadcast_params(params, dist)  # the same starting weights on every rank, as DDP's wrapper does
     reduce = OverlappedReduce(params, dist) if dist.active else None
     eval_every = t.eval_steps if len(eval_blocks) and t.eval_steps else 0
     split = (f"micro-batch {micro} x {math.ceil(effective / dist.world / micro)} accumulation on each of "
              f"{dist.world} processes" if dist.active else f"micro-batch {micro} x {t.grad_accum} accumulation")
-    progress.log(f"[train] fast CUDA loop: {split}, {'compiled' if fast.compiled else 'eager'}, {max_steps} steps")
+    how = "the model's own forward" if own_forward else ("compiled" if fast.compiled else "eager")
+    progress.log(f"[train] fast CUDA loop: {split}, {how}, {max_steps} steps")
     pending = _Pending(progress, t, max_steps, steps_per_epoch(len(train_blocks), effective))
     step = start_step
     started = time.time()
     with stop:
         while step < max_steps:
             every = step_blocks(step, len(train_blocks), effective, t.seed)
-            idx = torch.from_numpy(shard(every, dist)).to(device)
+            idx = torch.from_numpy(shard(every, dist)).to(blocks.device)
             n_items = torch.tensor(float(len(every) * (T - 1)), device=device)  # the whole step's tokens
             step_loss = _train_step(fast, blocks, idx, micro, n_items, reduce)
             dist.sum_(step_loss)
@@ -352,7 +397,8 @@ def fit(t: TrainSettings, run: RunDir, model: Any, train_blocks: np.ndarray, hel
                 break
     _sync()
     pending.flush(now=True)
-    restore_dtypes(net, original)
+    if original:
+        restore_dtypes(*original)
     return LoopResult(step, max_steps, start_step, time.time() - started)
 
 

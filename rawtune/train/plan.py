@@ -251,7 +251,8 @@ def plan(t: TrainSettings, local_dir: str, log: Callable[[str], None] = print) -
 
 def describe(p: Plan) -> str:
     """One line: engine, loading, precision, split, checkpointing, embeddings, predicted peak, why."""
-    engine = {"fast loop": "fast CUDA loop", "unsloth": "Trainer + Unsloth", "peft": "Trainer + PEFT"}[p.engine]
+    unsloth = "fast CUDA loop + Unsloth's forward" if p.precision == "bf16" else "Trainer + Unsloth"
+    engine = {"fast loop": "fast CUDA loop", "unsloth": unsloth, "peft": "Trainer + PEFT"}[p.engine]
     embed = f"embeddings trained ({p.embedding_state_gib:.1f} GiB of state)" if p.train_embeddings else "embeddings frozen"
     return (f"{engine}{' compiled' if p.compiled else ''}, {'4-bit' if p.load_in_4bit else '16-bit'} {p.precision}, "
             f"micro-batch {p.micro_batch} x {p.grad_accum}, checkpointing {p.checkpointing}, {embed}, "
