@@ -15,8 +15,8 @@ The rules every rank follows:
 - only rank 0 writes: run.json, the log, the adapter and the checkpoints; a checkpoint holds only
   what does not depend on the number of processes (the step, the optimizer and scheduler state of
   the full trainable tensors), so a run can resume on another number of GPUs;
-- a stop (event, STOP file, Ctrl-C) seen by any rank stops every rank after the same step
-  (:meth:`Dist.should_stop`), so no rank waits forever in a collective.
+- a stop (event, STOP file, Ctrl-C) seen by any rank stops every rank after the same step, the
+  one after it was seen (:meth:`Dist.should_stop`), so no rank waits forever in a collective.
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ class Dist:
     world: int = 1
     rank: int = 0
     backend: str = ""
+    stop_flag: Any = dataclasses.field(default=None, repr=False, compare=False)  # last step's, being agreed
 
     @property
     def main(self) -> bool:
@@ -107,14 +108,26 @@ class Dist:
 
     def should_stop(self, stop: Any) -> bool:
         """Whether to stop after this step (``stop``: the run's StopSignal). With several processes
-        every rank stops when any rank was asked, and ``stop.stopped`` is then set on all of them."""
+        every rank stops when any rank was asked, and ``stop.stopped`` is then set on all of them.
+
+        The ranks agree one step late: this step's flags are summed while the next step runs, and
+        the previous step's sum is read now. Reading this step's sum at once would make the host
+        wait for the card after every step, and the card then waits for the host to queue the next
+        step's first kernels (on 2 GPUs, 135M, 2 x 16 blocks a step: the 1.80x scaling measured before
+        this change, with that wait in every step).
+        """
         if not self.active:
             return stop.requested()
         import torch
+        import torch.distributed as td
 
         device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
-        if self.agree_stop(stop.requested(), device):
-            stop.stopped = True
+        flag = torch.tensor([1.0 if stop.requested() else 0.0], device=device)
+        td.all_reduce(flag, op=td.ReduceOp.MAX)  # queued behind this step's work
+        previous, self.stop_flag = self.stop_flag, flag
+        # requested() marked a local request as a stop; it counts once every rank knows of it (the
+        # request itself stays: an event, a STOP file, Ctrl-C's event, so it is seen again next step).
+        stop.stopped = previous is not None and bool(previous.item() > 0)
         return stop.stopped
 
     def log_for(self, log: Callable[[str], None]) -> Callable[[str], None]:
