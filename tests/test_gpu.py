@@ -242,6 +242,7 @@ def test_unsloth_forward_in_the_fast_loop_stops_and_resumes(tmp_path, padded_lla
     from rawtune.settings import apply
 
     pytest.importorskip("unsloth")
+    monkeypatch.setenv("RAWTUNE_UNSLOTH_LOOP", "fast")
     monkeypatch.setattr(fastloop, "BLOCKS_ON_CARD_BYTES", 0)
     stop, lines = threading.Event(), []
     values = dict(out=str(tmp_path / "r"), dataset=str(tiny_corpus), model=str(padded_llama_dir), preset="quick",

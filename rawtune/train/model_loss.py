@@ -4,13 +4,18 @@ Above the fast loop's size (:data:`.engine.FAST_LOOP_MAX_PARAMS`), with 4-bit ba
 checkpointing, Unsloth's patched model is the fastest way to compute the loss. Around it the
 Trainer cost 2-4 % at a 1B shape held to 24 and 16 GiB (``bench/card_caps.py``: 0.96x-0.98x a bare
 loop at the same micro-batch and peak memory), time the GPU spends waiting on the host between
-steps. :class:`ModelLoss` gives :mod:`.fast_loop` the interface of :class:`.fast_model.FastModel`, so
+steps (presumably; not profiled). :class:`ModelLoss` gives :mod:`.fast_loop` the interface of :class:`.fast_model.FastModel`, so
 that loop's step (the loss summed over the step's tokens and divided by their count, clipping,
 AdamW, schedule), its checkpoints, stop and progress drive Unsloth's model directly.
 
 The labels are the fast loop's, already shifted (``shift_labels``), and the step's token count
 goes in as ``num_items_in_batch``, as the Trainer passes it; both Unsloth's fused loss and
 transformers' loss read these two arguments.
+
+Opt-in for now (``RAWTUNE_UNSLOTH_LOOP=fast``): it is checked on the CPU against the flattened
+model (``tests/test_gpu.py``) but has not yet run on a GPU, where Unsloth's kernels compute the
+loss; the GPU test and ``bench/card_caps.py`` with that variable set are the measurements to make
+before it becomes the default.
 """
 
 from __future__ import annotations

@@ -251,7 +251,10 @@ def plan(t: TrainSettings, local_dir: str, log: Callable[[str], None] = print) -
 
 def describe(p: Plan) -> str:
     """One line: engine, loading, precision, split, checkpointing, embeddings, predicted peak, why."""
-    unsloth = "fast CUDA loop + Unsloth's forward" if p.precision == "bf16" else "Trainer + Unsloth"
+    from .fast_loop import own_forward_asked
+
+    own = p.precision == "bf16" and own_forward_asked()
+    unsloth = "fast CUDA loop + Unsloth's forward" if own else "Trainer + Unsloth"
     engine = {"fast loop": "fast CUDA loop", "unsloth": unsloth, "peft": "Trainer + PEFT"}[p.engine]
     embed = f"embeddings trained ({p.embedding_state_gib:.1f} GiB of state)" if p.train_embeddings else "embeddings frozen"
     return (f"{engine}{' compiled' if p.compiled else ''}, {'4-bit' if p.load_in_4bit else '16-bit'} {p.precision}, "
