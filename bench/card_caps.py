@@ -44,6 +44,9 @@ takes one call per cap because 18 processes of imports, loads and compiles do no
     mkdir -p /tmp/site && tar -C /tmp/site -xJf .device-bundle/site.tar.xz && export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1; python bench/card_caps.py --table 8b-train --work /tmp/card_caps --budget 560
     mkdir -p /tmp/site && tar -C /tmp/site -xJf .device-bundle/site.tar.xz && export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1; python bench/card_caps.py --table 8b-export --work /tmp/card_caps --budget 560
 
+With ``RAWTUNE_UNSLOTH_LOOP=fast`` in the environment (the child processes inherit it), rawtune's row
+trains Unsloth's model in rawtune's fast loop instead of the Trainer (:mod:`rawtune.train.model_loss`).
+
 On a CPU, ``--tiny`` runs the same code paths on tiny shapes (no cap is enforced; without CUDA or
 unsloth the Unsloth rows run the same bare loop on a PEFT model and are labelled as stand-ins;
 4-bit loading needs CUDA, so the tiny 8B stand-in trains in 16 bits)::
