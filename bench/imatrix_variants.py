@@ -107,12 +107,13 @@ def main(argv=None) -> int:
         imatrix.quantize_file(f16, default, out, imatrix.Imatrix(values, len(calib), int(calib.size), kind), 2)
         h, c = losses(out, held), losses(out, check)
         inc = ppl(h) / merged - 1
+        first = len(lines)
         lines.append(f"| {kind} mean x², power {power} | {ppl(h):.4f} | {100 * inc:+.2f} % | {inc / base_inc:.2f} x "
                      f"| {ppl(c):.4f} |")
         if a.per_block:
             d = h[:, 0] / h[:, 1] - base_held[:, 0] / base_held[:, 1]
             lines.append(f"|  per block, loss - default's | mean {d.mean():+.4f} | se {d.std(ddof=1) / np.sqrt(len(d)):.4f} | | |")
-        print(lines[-1], flush=True)
+        print("\n".join(lines[first:]), flush=True)
     print("\n".join(lines))
     return 0
 
