@@ -12,7 +12,7 @@ blocks (training blocks outside the calibration set). It prints one markdown tab
 
 Usage (CPU; about a minute per variant at 135M on 2 cores)::
 
-    python bench/imatrix_variants.py RUN --work /tmp/imx-variants --variants plain:1,plain:2,grad:1,grad:2
+    python bench/imatrix_variants.py RUN --work imx-variants --variants plain:1,plain:2,grad:1,grad:2
 
 ``--per-block`` also prints, for each variant, the mean and standard error over held-out blocks
 of the per-token loss difference to the default file (is a difference more than noise?).
