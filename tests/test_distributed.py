@@ -315,10 +315,14 @@ def test_gpus_relaunch_command_drops_the_flag_and_moves_the_token(monkeypatch):
     assert env["HF_TOKEN"] == "hf_secret" and "hf_secret" not in " ".join(cmd)
 
 
-def test_single_process_never_starts_a_process_group(monkeypatch):
+def test_single_process_never_starts_a_process_group(monkeypatch, tmp_path):
     import torch.distributed as td
+
+    from rawtune.train.progress import StopSignal
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     d = distributed.setup()
     assert (d.world, d.rank, d.active, d.main) == (1, 0, False, True) and not td.is_initialized()
-    assert d.share({"a": 1}) == {"a": 1} and d.agree_stop(True, "cpu") is True
+    asked = threading.Event()
+    asked.set()
+    assert d.share({"a": 1}) == {"a": 1} and d.should_stop(StopSignal(RunDir(tmp_path), asked)) is True

@@ -95,17 +95,6 @@ class Dist:
             td.all_reduce(tensor, op=td.ReduceOp.SUM)
         return tensor
 
-    def agree_stop(self, local: bool, device: Any) -> bool:
-        """True on every rank when any rank was asked to stop (one tiny all-reduce)."""
-        if not self.active:
-            return local
-        import torch
-        import torch.distributed as td
-
-        flag = torch.tensor([1.0 if local else 0.0], device=device)
-        td.all_reduce(flag, op=td.ReduceOp.MAX)
-        return bool(flag.item() > 0)
-
     def should_stop(self, stop: Any) -> bool:
         """Whether to stop after this step (``stop``: the run's StopSignal). With several processes
         every rank stops when any rank was asked, and ``stop.stopped`` is then set on all of them.

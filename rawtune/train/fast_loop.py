@@ -122,6 +122,11 @@ def why_not_own_forward(backend: str, resume_from: Optional[Path]) -> Optional[s
         return "PEFT's model trains in the Trainer"
     if not torch.cuda.is_bf16_supported(including_emulation=False):
         return "fp16 needs the Trainer's loss scaling"
+    return trainer_checkpoint(resume_from)
+
+
+def trainer_checkpoint(resume_from: Optional[Path]) -> Optional[str]:
+    """Why this loop cannot resume ``resume_from`` (a Trainer checkpoint), None when it can or there is none."""
     if resume_from is not None and not (resume_from / STATE_FILE).is_file():
         return f"{resume_from.name} was written by the Trainer path"
     return None
@@ -146,8 +151,8 @@ def why_not_for_model(model: Any, t: TrainSettings, resume_from: Optional[Path])
     reason = why_not_for_settings(t, base.config.to_dict())
     if reason:
         return reason
-    if resume_from is not None and not (resume_from / STATE_FILE).is_file():
-        return f"{resume_from.name} was written by the Trainer path"
+    if reason := trainer_checkpoint(resume_from):
+        return reason
     for layer in base.model.layers:
         for name in PROJ:
             mod = projection(layer, name)
@@ -315,18 +320,19 @@ def _train_step(fast: FastModel, blocks: Any, idx: Any, micro: int, n_items: Any
 
 
 def _loss_model(model: Any, device: Any, own_forward: bool) -> tuple:
-    """(the loss computer, its trainable (name, parameter) pairs, dtypes to restore at the end)."""
+    """(the loss computer, its trainable (name, parameter) pairs, what to call at the end to give
+    the trained tensors back their dtypes)."""
     import torch
 
     if own_forward:  # the model's (Unsloth's) forward; its parameters keep the dtypes the Trainer sees
         from .model_loss import ModelLoss
 
         loss = ModelLoss(model)
-        return loss, loss.trainable, {}
+        return loss, loss.trainable, lambda: None
     net = extract(model, None if device.type == "cuda" else torch.float32)
     original = upcast_trainable(net)
     # never compiled on ZeroGPU or with RAWTUNE_COMPILE=0
-    return FastModel(net, compile=compile_allowed()), net.trainable, (net, original)
+    return FastModel(net, compile=compile_allowed()), net.trainable, lambda: restore_dtypes(net, original)
 
 
 # Token blocks up to this size sit on the card (no copy per micro-batch); a larger corpus stays in
@@ -354,7 +360,7 @@ def fit(t: TrainSettings, run: RunDir, model: Any, train_blocks: np.ndarray, hel
 
     dist = dist or Dist()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # cpu: tests of the loop logic
-    fast, trainable, original = _loss_model(model, device, own_forward)
+    fast, trainable, restore = _loss_model(model, device, own_forward)
     micro, effective, T = t.batch_size, t.batch_size * t.grad_accum, t.seq_len
     blocks = _train_tensor(train_blocks, device)
     eval_blocks = torch.from_numpy(np.ascontiguousarray(held[: t.eval_batches * t.batch_size])).to(device, torch.long)
@@ -404,8 +410,7 @@ def fit(t: TrainSettings, run: RunDir, model: Any, train_blocks: np.ndarray, hel
                 break
     _sync()
     pending.flush(now=True)
-    if original:
-        restore_dtypes(*original)
+    restore()
     return LoopResult(step, max_steps, start_step, time.time() - started)
 
 
