@@ -44,8 +44,11 @@ takes one call per cap because 18 processes of imports, loads and compiles do no
     mkdir -p /tmp/site && tar -C /tmp/site -xJf .device-bundle/site.tar.xz && export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1; python bench/card_caps.py --table 8b-train --work /tmp/card_caps --budget 560
     mkdir -p /tmp/site && tar -C /tmp/site -xJf .device-bundle/site.tar.xz && export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1; python bench/card_caps.py --table 8b-export --work /tmp/card_caps --budget 560
 
-With ``RAWTUNE_UNSLOTH_LOOP=fast`` in the environment (the child processes inherit it), rawtune's row
-trains Unsloth's model in rawtune's fast loop instead of the Trainer (:mod:`rawtune.train.model_loss`).
+On a bf16 card rawtune's row trains Unsloth's model in rawtune's fast loop
+(:mod:`rawtune.train.model_loss`); with ``RAWTUNE_UNSLOTH_LOOP=trainer`` in the environment (the child
+processes inherit it) it trains in the Trainer instead, as before 2026-11-28. The loss columns are not
+comparable between rows: rawtune's row trains on fresh random blocks every step (its loss stays near
+ln(vocab)), the bare Unsloth loop on the same 16 random blocks every step (it memorises them).
 
 On a CPU, ``--tiny`` runs the same code paths on tiny shapes (no cap is enforced; without CUDA or
 unsloth the Unsloth rows run the same bare loop on a PEFT model and are labelled as stand-ins;

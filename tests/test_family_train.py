@@ -21,7 +21,8 @@ from conftest import train_tiny
 from families import FAMILIES, VARIANTS, build_family
 from tiny import fast_loop_vs_peft
 from rawtune.train import fast_loop as fastloop
-from rawtune.settings import ALL_PROJECTIONS, RunSettings, validate
+from rawtune.errors import TrainError
+from rawtune.settings import ALL_PROJECTIONS, RunSettings, TrainSettings, validate
 
 # Projection modules each family's layers must carry LoRA on, by the names the family uses.
 FUSED = {name: ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"] for name in ("phi3", "phi4mini")}
@@ -148,6 +149,10 @@ def test_family_trains_with_unsloth_on_cuda(name, tmp_path_factory, tiny_corpus,
     """Each family through the Unsloth backend (its loader and LoRA wrapper), 20 steps."""
     pytest.importorskip("unsloth")
     model_dir = build_family(name, tmp_path_factory.mktemp(f"gpu-{name}"))
+    if name == "gemma2":  # refused before loading (test_unsloth_by_name_is_refused_for_gemma2)
+        with pytest.raises(TrainError, match="--backend peft"):
+            train_tiny(tmp_path / "r", model_dir, tiny_corpus, backend="unsloth", max_steps=20)
+        return
     run = train_tiny(tmp_path / "r", model_dir, tiny_corpus, backend="unsloth", max_steps=20,
                      gradient_checkpointing="auto")
     losses = [e["loss"] for e in _steps(run)]
@@ -157,6 +162,21 @@ def test_family_trains_with_unsloth_on_cuda(name, tmp_path_factory, tiny_corpus,
     assert record["train"]["backend"] == "unsloth"
     assert record["metrics"]["ppl_tuned"] < record["metrics"]["ppl_base"]
     assert (run.adapter_dir / "adapter_model.safetensors").is_file()
+
+
+def test_unsloth_by_name_is_refused_for_gemma2(family_dir):
+    """Unsloth's compiled Gemma 2 layer stops in Inductor (measured on H100 and H200): asked for by
+    name it is refused with the fix; auto trains Gemma 2 with PEFT and says so."""
+    from rawtune.train import _family_limits
+
+    lines: list[str] = []
+    t = TrainSettings(backend="unsloth", train_embeddings=False)
+    with pytest.raises(TrainError, match="--backend peft"):
+        _family_limits(t, "unsloth", str(family_dir("gemma2")), lines.append)
+    auto = TrainSettings(backend="auto", train_embeddings=False)
+    assert _family_limits(auto, "unsloth", str(family_dir("gemma2")), lines.append)[1] == "peft"
+    assert any("training with PEFT" in line for line in lines)
+    assert _family_limits(t, "unsloth", str(family_dir("gemma3")), lines.append)[1] == "unsloth"
 
 
 # ---------------------------------------------------------------- the model list

@@ -119,7 +119,7 @@ def padded_llama_dir(tmp_path_factory, tiny_tokenizer_dir):
     return tiny_model(tmp_path_factory.mktemp("padded-llama"), tok_dir, "llama", tie=True)
 
 
-def _fit_alone(run, model_dir, own_forward: bool) -> tuple:
+def _fit_alone(run, model_dir, own_forward: bool, resume_from=None) -> tuple:
     """The fast loop on the CPU in this process, with the flattened model or the model's own forward."""
     from rawtune.data import load_blocks
     from rawtune.settings import apply
@@ -133,7 +133,7 @@ def _fit_alone(run, model_dir, own_forward: bool) -> tuple:
     model = load_peft(t, str(model_dir))
     progress = Progress(t.batch_size * t.grad_accum * t.seq_len, None, lambda line: None)
     fastloop.fit(t, run, model, load_blocks(run, "train"), load_blocks(run, "heldout"), progress,
-                 StopSignal(run, None, lambda line: None), None, own_forward=own_forward)
+                 StopSignal(run, None, lambda line: None), resume_from, own_forward=own_forward)
     weights = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
     return progress.losses(), progress.history, weights
 
@@ -158,6 +158,10 @@ def test_own_forward_takes_the_fast_models_steps(tmp_path, tiny_llama_dir, tiny_
     for name in own:  # measured: at most 1.4 % (a LoRA B), 0.06 % for the embeddings
         assert ((own[name] - flat[name]).norm() / flat[name].norm()).item() < 0.05, name
     assert (data.checkpoints_dir / "checkpoint-4" / fastloop.STATE_FILE).is_file()
+    # A fresh model resumed from the own-forward run's checkpoint takes that run's last two steps.
+    resumed, _, _ = _fit_alone(data, tiny_llama_dir, own_forward=True, resume_from=data.checkpoints_dir / "checkpoint-4")
+    assert len(resumed) == 2
+    np.testing.assert_allclose(resumed, own_losses[4:], rtol=1e-5)
 
 
 def _losses(run) -> list[float]:
@@ -242,7 +246,7 @@ def test_unsloth_forward_in_the_fast_loop_stops_and_resumes(tmp_path, padded_lla
     from rawtune.settings import apply
 
     pytest.importorskip("unsloth")
-    monkeypatch.setenv("RAWTUNE_UNSLOTH_LOOP", "fast")
+    monkeypatch.delenv("RAWTUNE_UNSLOTH_LOOP", raising=False)  # the default
     monkeypatch.setattr(fastloop, "BLOCKS_ON_CARD_BYTES", 0)
     stop, lines = threading.Event(), []
     values = dict(out=str(tmp_path / "r"), dataset=str(tiny_corpus), model=str(padded_llama_dir), preset="quick",

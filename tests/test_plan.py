@@ -163,7 +163,7 @@ def test_cli_prints_every_card(tmp_path, tiny_llama_dir):
     assert out.returncode == 0, out.stderr
     rows = out.stdout.splitlines()[1:]
     assert [r.split("  ")[0] for r in rows] == list(gpu.PRINTED.values())
-    assert "fp16" in rows[0] and "4-bit" in rows[1] and "Trainer + Unsloth, 16-bit" in rows[2]
+    assert "fp16" in rows[0] and "4-bit" in rows[1] and "fast CUDA loop + Unsloth's forward, 16-bit" in rows[2]
     folder = _cli(str(tiny_llama_dir))  # a local folder (its config.json)
     assert folder.returncode == 0 and len(folder.stdout.splitlines()) == 1 + len(gpu.PRINTED)
     unknown = _cli("someone/unknown-model")

@@ -150,7 +150,10 @@ def _family_limits(t: TrainSettings, backend: str, local_dir: str,
         log(f"[train] {arch}: embed_tokens/lm_head stay frozen (llama.cpp reads one shared matrix for "
             "both, so a trained lm_head could not be exported)")
         t = dataclasses.replace(t, train_embeddings=False)
-    if arch in UNSLOTH_FAILS and backend == "unsloth" and t.backend == "auto":
+    if arch in UNSLOTH_FAILS and backend == "unsloth":
+        if t.backend != "auto":  # asked for by name: say so now, not with an Inductor traceback
+            raise TrainError(f"--backend unsloth: Unsloth's compiled {arch} layer fails in torch's Inductor "
+                             "for this architecture; use --backend peft (or auto, which picks PEFT for it)")
         log(f"[train] {arch}: training with PEFT (Unsloth's compiled layer fails for this architecture)")
         backend = "peft"
     return t, backend

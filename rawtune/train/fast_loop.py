@@ -105,19 +105,19 @@ def why_not_for_settings(t: TrainSettings, config: dict, bf16: Optional[bool] = 
 
 
 def own_forward_asked() -> bool:
-    """RAWTUNE_UNSLOTH_LOOP=fast: train Unsloth's model in this loop rather than in the Trainer."""
-    return os.environ.get("RAWTUNE_UNSLOTH_LOOP", "").lower() == "fast"
+    """Train Unsloth's model in this loop rather than in the Trainer, unless RAWTUNE_UNSLOTH_LOOP=trainer."""
+    return os.environ.get("RAWTUNE_UNSLOTH_LOOP", "fast").lower() != "trainer"
 
 
 def why_not_own_forward(backend: str, resume_from: Optional[Path]) -> Optional[str]:
     """None when this loop can drive the model's own forward instead of the Trainer (Unsloth's model
-    on a bf16 card, asked for with RAWTUNE_UNSLOTH_LOOP=fast), else why not."""
+    on a bf16 card, unless RAWTUNE_UNSLOTH_LOOP=trainer), else why not."""
     import torch
 
     if disabled():
         return "RAWTUNE_FASTLOOP=0"
     if not own_forward_asked():
-        return "Unsloth's model in the fast loop is opt-in (RAWTUNE_UNSLOTH_LOOP=fast) until measured on a GPU"
+        return "RAWTUNE_UNSLOTH_LOOP=trainer"
     if backend != "unsloth":
         return "PEFT's model trains in the Trainer"
     if not torch.cuda.is_bf16_supported(including_emulation=False):

@@ -3,8 +3,7 @@
 Above the fast loop's size (:data:`.engine.FAST_LOOP_MAX_PARAMS`), with 4-bit bases or
 checkpointing, Unsloth's patched model is the fastest way to compute the loss. Around it the
 Trainer cost 2-4 % at a 1B shape held to 24 and 16 GiB (``bench/card_caps.py``: 0.96x-0.98x a bare
-loop at the same micro-batch and peak memory), time the GPU spends waiting on the host between
-steps (presumably; not profiled). :class:`ModelLoss` gives :mod:`.fast_loop` the interface of :class:`.fast_model.FastModel`, so
+loop at the same micro-batch and peak memory). :class:`ModelLoss` gives :mod:`.fast_loop` the interface of :class:`.fast_model.FastModel`, so
 that loop's step (the loss summed over the step's tokens and divided by their count, clipping,
 AdamW, schedule), its checkpoints, stop and progress drive Unsloth's model directly.
 
@@ -12,10 +11,9 @@ The labels are the fast loop's, already shifted (``shift_labels``), and the step
 goes in as ``num_items_in_batch``, as the Trainer passes it; both Unsloth's fused loss and
 transformers' loss read these two arguments.
 
-Opt-in for now (``RAWTUNE_UNSLOTH_LOOP=fast``): it is checked on the CPU against the flattened
-model (``tests/test_gpu.py``) but has not yet run on a GPU, where Unsloth's kernels compute the
-loss; the GPU test and ``bench/card_caps.py`` with that variable set are the measurements to make
-before it becomes the default.
+The default for Unsloth's model on a bf16 card (``RAWTUNE_UNSLOTH_LOOP=trainer`` keeps the Trainer):
+at a 1B shape held to 24 and 16 GiB on an H100 it ran 1.04x and 1.06x the bare Unsloth loop, where
+the Trainer ran 0.96x and 0.98x (docs/benchmarks.md). fp16 cards keep the Trainer for its loss scaling.
 """
 
 from __future__ import annotations
