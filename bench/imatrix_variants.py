@@ -4,7 +4,9 @@ For a run directory that has ``merged/`` (``rawtune merge RUN`` writes it) and a
 this writes the F16 GGUF and llama.cpp's default Q4_K_M into ``--work``, computes from the same 16
 training blocks export uses (``imatrix.pick_blocks``) two statistics per weight column, llama.cpp's
 plain mean of x² and rawtune's gradient-weighted mean of x² (``imatrix.compute``), raises each to
-the powers asked, re-quantizes Q4_K_M with each (``imatrix.quantize_file``), and scores every file
+the powers asked, re-quantizes Q4_K_M with each (``imatrix.quantize_file``; the variant
+``compensated`` is what export does: the gradient-weighted statistic with its H matrices, each
+group's rounding error moved onto the later columns, ``imatrix.compensated``), and scores every file
 with llama.cpp on the run's held-out blocks (the tokens export reports) and on export's 8 check
 blocks (training blocks outside the calibration set). It prints one markdown table:
 
@@ -12,7 +14,7 @@ blocks (training blocks outside the calibration set). It prints one markdown tab
 
 Usage (CPU; about a minute per variant at 135M on 2 cores)::
 
-    python bench/imatrix_variants.py RUN --work imx-variants --variants plain:1,plain:2,grad:1,grad:2
+    python bench/imatrix_variants.py RUN --work imx-variants --variants plain:1,grad:1,compensated
 
 ``--per-block`` also prints, for each variant, the mean and standard error over held-out blocks
 of the per-token loss difference to the default file (is a difference more than noise?).
@@ -65,7 +67,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("run", type=Path)
     p.add_argument("--work", type=Path, required=True)
-    p.add_argument("--variants", default="plain:1,grad:1")
+    p.add_argument("--variants", default="plain:1,grad:1,compensated")
     p.add_argument("--per-block", action="store_true")
     a = p.parse_args(argv)
     a.work.mkdir(parents=True, exist_ok=True)
@@ -97,18 +99,24 @@ def main(argv=None) -> int:
              "| variant | held-out ppl | increase | / default's | check blocks |", "|---|---|---|---|---|",
              f"| llama.cpp default | {ppl(base_held):.4f} | {100 * base_inc:+.2f} % | 1.00 x | {ppl(base_check):.4f} |"]
     for variant in a.variants.split(","):
-        kind, power = variant.split(":")
-        if kind not in stats:
-            stats[kind] = (plain_statistic(a.run / "merged", calib) if kind == "plain"
-                           else imatrix.compute(a.run / "merged", calib, "bench").values)
-        values = {k: (np.asarray(v, dtype=np.float64) ** float(power)).astype(np.float32)
-                  for k, v in stats[kind].items()}
+        kind, power = (variant.split(":") + ["1"])[:2]
+        source = "plain" if kind == "plain" else "grad"  # grad and compensated share one pass
+        if source not in stats:
+            stats[source] = (plain_statistic(a.run / "merged", calib) if kind == "plain"
+                             else imatrix.compute(a.run / "merged", calib, "bench"))
+        stat = stats[source]
+        if kind == "compensated":
+            matrix, label = stat, "compensated rounding (export's file)"
+        else:
+            values = stat if kind == "plain" else stat.values
+            values = {k: (np.asarray(v, dtype=np.float64) ** float(power)).astype(np.float32) for k, v in values.items()}
+            matrix, label = imatrix.Imatrix(values, len(calib), int(calib.size), kind), f"{kind} mean x², power {power}"
         out = a.work / f"m.{kind}{power}.gguf"
-        imatrix.quantize_file(f16, default, out, imatrix.Imatrix(values, len(calib), int(calib.size), kind), 2)
+        imatrix.quantize_file(f16, default, out, matrix, 2)
         h, c = losses(out, held), losses(out, check)
         inc = ppl(h) / merged - 1
         first = len(lines)
-        lines.append(f"| {kind} mean x², power {power} | {ppl(h):.4f} | {100 * inc:+.2f} % | {inc / base_inc:.2f} x "
+        lines.append(f"| {label} | {ppl(h):.4f} | {100 * inc:+.2f} % | {inc / base_inc:.2f} x "
                      f"| {ppl(c):.4f} |")
         if a.per_block:
             d = h[:, 0] / h[:, 1] - base_held[:, 0] / base_held[:, 1]

@@ -85,6 +85,50 @@ def test_imatrix_entries_match_tensors_and_change_only_k_quant_bytes(wide_f16, t
     assert steps.tensor_types(weighted) == steps.tensor_types(reference)  # llama.cpp's types kept
 
 
+@pytest.mark.parametrize("type_name", ["Q4_K", "Q5_0", "Q6_K"])
+def test_error_compensation_lowers_the_layer_output_error(type_name):
+    """On inputs like a layer's (a few strong directions plus noise, unevenly scaled columns), moving
+    each group's rounding error onto the later columns gives a smaller error in the layer's output
+    than weighted rounding alone, in the same number of bytes of the same type (measured: 0.45 x
+    Q4_K, 0.22 x Q5_0, 0.40 x Q6_K)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    lib = imatrix._ggml()
+    rng = np.random.default_rng(0)
+    rows, cols, tokens = 48, 1024, 4096
+    strong = rng.normal(size=(tokens, 64)) @ rng.normal(size=(64, cols))
+    x = (strong + 0.3 * rng.normal(size=(tokens, cols))) * rng.lognormal(0.0, 1.0, cols)
+    h = x.T @ x / tokens
+    w = rng.normal(size=(rows, cols)).astype(np.float32)
+    qtype = GGMLQuantizationType[type_name]
+
+    def output_error(blob: bytes) -> float:
+        q = dequantize(np.frombuffer(blob, dtype=np.uint8).reshape(rows, -1), qtype).reshape(rows, cols)
+        return float(np.linalg.norm((w - q) @ x.T))
+
+    rounded = imatrix.quantize_tensor(lib, w, int(qtype), np.diag(h).astype(np.float32))
+    compensated = imatrix.compensated(lib, w, int(qtype), h)
+    assert len(compensated) == len(rounded)
+    assert output_error(compensated) < 0.7 * output_error(rounded), (output_error(compensated), output_error(rounded))
+
+
+def test_hessians_agree_with_the_importances_and_keep_to_the_budget(tmp_path, tiny_tokenizer_dir, monkeypatch):
+    """H's diagonal is the importance (both Σ w x² / Σ w); H is symmetric and positive semi-definite;
+    past the byte budget a weight gets its importance only."""
+    model_dir = tiny_model(tmp_path / "m", tiny_tokenizer_dir, "llama", hidden=64)
+    blocks = np.random.default_rng(1).integers(3, 200, size=(3, 32))
+    full = imatrix.compute(model_dir, blocks, "random")
+    assert full.hessians and set(full.hessians) == set(full.values)
+    for name, h in full.hessians.items():
+        np.testing.assert_allclose(np.diag(h), full.values[name], rtol=1e-4, atol=1e-9)
+        np.testing.assert_allclose(h, h.T, rtol=1e-4, atol=1e-6 * np.abs(h).max())
+        assert np.linalg.eigvalsh(h.astype(np.float64)).min() > -1e-5 * np.abs(h).max()
+    monkeypatch.setattr(imatrix, "HESSIAN_BUDGET_BYTES", 3 * 64 * 64 * 4)
+    capped = imatrix.compute(model_dir, blocks, "random")
+    assert len(capped.hessians) == 3 and set(capped.values) == set(full.values)
+
+
 @pytest.fixture(scope="module")
 def wide_trained_run(tmp_path_factory, tiny_tokenizer_dir):
     """A tiny 384-wide model trained for 40 steps (far enough that its weights carry structure)."""
@@ -107,6 +151,8 @@ def test_imatrix_lowers_heldout_perplexity_of_q4_k_m(wide_trained_run):
     assert weighted["imatrix"]["blocks"] == used and weighted["imatrix"]["tokens"] == used * train_blocks.shape[1]
     assert entry["imatrix_tokens"] == weighted["imatrix"]["tokens"] and "train.npy" in weighted["imatrix"]["source"]
     assert weighted["ppl_merged"] == plain["ppl_merged"] and weighted["ppl_blocks"] == plain["ppl_blocks"]
+    assert weighted["imatrix"]["hessians"] == weighted["imatrix"]["entries"]  # every weight fits the budget
+    assert entry["imatrix_check"]["kept"] == "importance matrix" and entry["compensated_tensors"] > 0
     # Both numbers are real llama.cpp perplexities of two files on the same held-out tokens.
     assert entry["ppl"] < ppl_plain, (entry["ppl"], ppl_plain, plain["ppl_merged"])
     assert entry["ppl"] > plain["ppl_merged"] * 0.99  # still a 4-bit file, not a copy of the merged model
@@ -181,5 +227,6 @@ def test_card_and_record_say_where_the_calibration_tokens_came_from(wide_trained
     card = render(record, "alice/card", [record["gguf"][q]["file"] for q in ("Q4_K_M", "Q8_0")])
     assert f"Q4_K_M was quantized with an importance matrix computed from {8 * seq_len:,} tokens of the training text" in card
     assert "Q8_0 was quantized with an importance matrix" not in card
+    assert record["gguf"]["Q4_K_M"]["compensated_tensors"] > 0 and "each group's error compensated" in card
     blocks = record["export"]["ppl_blocks"]
     assert f"never trained on ({blocks[0] * blocks[1]:,} tokens)" in card

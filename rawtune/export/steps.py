@@ -322,15 +322,17 @@ def _quantize_one(f16: Path, target: Path, label: str, imatrix: Any, p: Plan,
     if weighted:
         t0 = time.time()
         try:
-            count = imatrix_mod.quantize_file(f16, out, target, imatrix, cpu_threads())
+            counts: dict[str, int] = {}
+            count = imatrix_mod.quantize_file(f16, out, target, imatrix, cpu_threads(), counts=counts)
+            entry["compensated_tensors"] = counts.get("compensated", 0)
             entry["imatrix_check"] = keep_better(out, target, p.check_blocks)
         finally:
             out.unlink(missing_ok=True)
         entry["seconds_weighting"] = round(time.time() - t0, 2)
         seconds += entry["seconds_weighting"]
-        note = _check_note(entry["imatrix_check"], count)
+        note = _check_note(entry["imatrix_check"], count, entry["compensated_tensors"])
         if entry["imatrix_check"]["kept"] == "plain":
-            entry["imatrix_tokens"] = 0
+            entry["imatrix_tokens"] = entry["compensated_tensors"] = 0
     entry.update(bytes=target.stat().st_size, seconds=round(seconds, 2), fallback=fallback)
     log(f"[export] quantized {target.name} ({entry['bytes'] / 2**20:.1f} MiB) in {seconds:.1f}s{note}")
     if fallback:
@@ -365,14 +367,17 @@ def keep_better(plain: Path, weighted: Path, blocks: Optional[np.ndarray]) -> di
     return {"kept": kept, "blocks": int(len(blocks)), "ppl_plain": scores["plain"], "ppl_weighted": scores["weighted"]}
 
 
-def _check_note(check: dict[str, Any], count: int) -> str:
+def _check_note(check: dict[str, Any], count: int, compensated: int = 0) -> str:
+    how = f"{count} tensors weighted by the importance matrix"
+    if compensated:
+        how += f", {compensated} of them with error compensation"
     if not check.get("blocks"):
-        return f", {count} tensors weighted by the importance matrix"
+        return f", {how}"
     scores = (f"perplexity {check['ppl_weighted']:.4f} with it, {check['ppl_plain']:.4f} without, on "
               f"{check['blocks']} other training blocks")
     if check["kept"] == "plain":
         return f"; kept llama.cpp's plain file: the importance matrix scored worse ({scores})"
-    return f", {count} tensors weighted by the importance matrix ({scores})"
+    return f", {how} ({scores})"
 
 
 def tensor_types(path: Path) -> dict[str, int]:

@@ -96,6 +96,9 @@ def _calibration_lines(record: dict[str, Any]) -> list[str]:
         lines += ["", f"{', '.join(sorted(weighted, key=sort_key))} was quantized with an importance matrix "
                       f"computed from {info.get('tokens', 0):,} tokens of the training text ({info.get('blocks')} "
                       f"training blocks), so its 4-bit rounding favours the weights this text uses most."]
+        if any(entries[label].get("compensated_tensors") for label in weighted):
+            lines[-1] += (" Its tensors were rounded one group of columns at a time, each group's error "
+                          "compensated in the columns after it (GPTQ-style), on the same tokens.")
     if info and plain:
         lines += ["", f"{', '.join(sorted(plain, key=sort_key))} is llama.cpp's plain quantization: an importance "
                       f"matrix from the training text was tried and scored worse on other training blocks."]
