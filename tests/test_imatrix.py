@@ -115,7 +115,9 @@ def test_error_compensation_lowers_the_layer_output_error(type_name):
 
 def test_hessians_agree_with_the_importances_and_keep_to_the_budget(tmp_path, tiny_tokenizer_dir, monkeypatch):
     """H's diagonal is the importance (both Σ w x² / Σ w); H is symmetric and positive semi-definite;
-    past the byte budget a weight gets its importance only."""
+    past the byte budget, or on a 16-bit model, a weight gets its importance only."""
+    import torch
+
     model_dir = tiny_model(tmp_path / "m", tiny_tokenizer_dir, "llama", hidden=64)
     blocks = np.random.default_rng(1).integers(3, 200, size=(3, 32))
     full = imatrix.compute(model_dir, blocks, "random")
@@ -127,6 +129,11 @@ def test_hessians_agree_with_the_importances_and_keep_to_the_budget(tmp_path, ti
     monkeypatch.setattr(imatrix, "HESSIAN_BUDGET_BYTES", 3 * 64 * 64 * 4)
     capped = imatrix.compute(model_dir, blocks, "random")
     assert len(capped.hessians) == 3 and set(capped.values) == set(full.values)
+    # A 16-bit reference (export's choice above 600M parameters) records no H at all.
+    from rawtune.models import load_causal_lm
+
+    bf16 = imatrix.compute(model_dir, blocks, "random", model=load_causal_lm(model_dir, device="cpu", dtype=torch.bfloat16))
+    assert not bf16.hessians and set(bf16.values) == set(full.values)
 
 
 @pytest.fixture(scope="module")
