@@ -191,7 +191,7 @@ def _loop_for(model: Any, t: TrainSettings, resume_from: Any, backend: str, log:
         why_not = fast_loop.why_not_for_model(model, t, resume_from)
         if why_not is None:
             return fast_loop.fit
-        why_not_own = fast_loop.why_not_own_forward(backend, resume_from)
+        why_not_own = fast_loop.why_not_own_forward(backend, resume_from, bool(t.load_in_4bit))
         if why_not_own is None:
             log(f"[train] fast CUDA loop with Unsloth's forward (not the flattened model: {why_not})")
             return functools.partial(fast_loop.fit, own_forward=True)

@@ -1,7 +1,8 @@
 """The model's own forward as the loss of rawtune's loop, for models the fast model does not cover.
 
-Above the fast loop's size (:data:`.engine.FAST_LOOP_MAX_PARAMS`), with 4-bit bases or
-checkpointing, Unsloth's patched model is the fastest way to compute the loss. Around it the
+Above the fast loop's size (:data:`.engine.FAST_LOOP_MAX_PARAMS`), for families it does not
+flatten, or with checkpointing, Unsloth's patched model is the fastest way to compute the loss
+(4-bit bases stay in the Trainer, where they were measured). Around it the
 Trainer cost 2-4 % at a 1B shape held to 24 and 16 GiB (``bench/card_caps.py``: 0.96x-0.98x a bare
 loop at the same micro-batch and peak memory). :class:`ModelLoss` gives :mod:`.fast_loop` the interface of :class:`.fast_model.FastModel`, so
 that loop's step (the loss summed over the step's tokens and divided by their count, clipping,

@@ -253,7 +253,7 @@ def describe(p: Plan) -> str:
     """One line: engine, loading, precision, split, checkpointing, embeddings, predicted peak, why."""
     from .fast_loop import own_forward_asked
 
-    own = p.precision == "bf16" and own_forward_asked()
+    own = p.precision == "bf16" and not p.load_in_4bit and own_forward_asked()
     unsloth = "fast CUDA loop + Unsloth's forward" if own else "Trainer + Unsloth"
     engine = {"fast loop": "fast CUDA loop", "unsloth": unsloth, "peft": "Trainer + PEFT"}[p.engine]
     embed = f"embeddings trained ({p.embedding_state_gib:.1f} GiB of state)" if p.train_embeddings else "embeddings frozen"
