@@ -25,7 +25,7 @@ Two halves:
   columns at a time, and the rounding error of each group is moved onto the columns not yet
   quantized, in the proportion that keeps the layer's output on the calibration tokens closest
   (the GPTQ update, here with ggml's block quantizer inside). On held-out text Q4_K_M's perplexity
-  increase over the merged model fell to 0.29 x llama.cpp's plain file on Linux man pages, where the
+  increase over the merged model fell to 0.30 x llama.cpp's plain file on Linux man pages, where the
   importance matrix alone reached 0.92 x (docs/benchmarks.md).
 
 A tensor with no entry is quantized without weights: never with a matrix of ones, because any

@@ -195,7 +195,7 @@ def _loop_for(model: Any, t: TrainSettings, resume_from: Any, backend: str, log:
         if why_not_own is None:
             log(f"[train] fast CUDA loop with Unsloth's forward (not the flattened model: {why_not})")
             return functools.partial(fast_loop.fit, own_forward=True)
-        log(f"[train] Trainer loop ({why_not}; {why_not_own})")
+        log(f"[train] Trainer loop ({why_not if why_not_own == why_not else f'{why_not}; {why_not_own}'})")
     return hf_loop.fit
 
 

@@ -109,11 +109,9 @@ def own_forward_asked() -> bool:
     return os.environ.get("RAWTUNE_UNSLOTH_LOOP", "fast").lower() != "trainer"
 
 
-def why_not_own_forward(backend: str, resume_from: Optional[Path], four_bit: bool = False) -> Optional[str]:
-    """None when this loop can drive the model's own forward instead of the Trainer (Unsloth's
-    16-bit model on a bf16 card, unless RAWTUNE_UNSLOTH_LOOP=trainer), else why not."""
-    import torch
-
+def own_forward_veto(four_bit: bool, bf16: bool, backend: str = "unsloth") -> Optional[str]:
+    """Why Unsloth's model stays in the Trainer rather than this loop (None: it trains here).
+    The training stage and the plan's description both ask this."""
     if disabled():
         return "RAWTUNE_FASTLOOP=0"
     if not own_forward_asked():
@@ -122,9 +120,18 @@ def why_not_own_forward(backend: str, resume_from: Optional[Path], four_bit: boo
         return "PEFT's model trains in the Trainer"
     if four_bit:  # measured in the Trainer (8B under 24 GiB); this loop is measured on 16-bit models
         return "4-bit models train in the Trainer"
-    if not torch.cuda.is_bf16_supported(including_emulation=False):
+    if not bf16:
         return "fp16 needs the Trainer's loss scaling"
-    return trainer_checkpoint(resume_from)
+    return None
+
+
+def why_not_own_forward(backend: str, resume_from: Optional[Path], four_bit: bool = False) -> Optional[str]:
+    """None when this loop can drive the model's own forward instead of the Trainer (Unsloth's
+    16-bit model on a bf16 card, unless RAWTUNE_UNSLOTH_LOOP=trainer), else why not."""
+    import torch
+
+    bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    return own_forward_veto(four_bit, bf16, backend) or trainer_checkpoint(resume_from)
 
 
 def trainer_checkpoint(resume_from: Optional[Path]) -> Optional[str]:

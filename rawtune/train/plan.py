@@ -251,9 +251,9 @@ def plan(t: TrainSettings, local_dir: str, log: Callable[[str], None] = print) -
 
 def describe(p: Plan) -> str:
     """One line: engine, loading, precision, split, checkpointing, embeddings, predicted peak, why."""
-    from .fast_loop import own_forward_asked
+    from .fast_loop import own_forward_veto
 
-    own = p.precision == "bf16" and not p.load_in_4bit and own_forward_asked()
+    own = own_forward_veto(p.load_in_4bit, p.precision == "bf16") is None
     unsloth = "fast CUDA loop + Unsloth's forward" if own else "Trainer + Unsloth"
     engine = {"fast loop": "fast CUDA loop", "unsloth": unsloth, "peft": "Trainer + PEFT"}[p.engine]
     embed = f"embeddings trained ({p.embedding_state_gib:.1f} GiB of state)" if p.train_embeddings else "embeddings frozen"
