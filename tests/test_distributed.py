@@ -104,8 +104,10 @@ def test_shards_split_every_step_between_the_ranks():
         parts = [distributed.shard(every, distributed.Dist(2, r)) for r in range(2)]
         assert len(parts[0]) and len(parts[1]) and not set(parts[0]) & set(parts[1])
         assert sorted(np.concatenate(parts)) == sorted(every)
-    tail = step_blocks(5, 23, 4, 3407)  # 23 blocks, 4 per step: the sixth step has 3
-    assert [len(distributed.shard(tail, distributed.Dist(2, r))) for r in range(2)] == [2, 1]
+    # 23 blocks, 4 per step: the sixth step ends the epoch and starts the next, full on both ranks
+    assert [len(distributed.shard(step_blocks(5, 23, 4, 3407), distributed.Dist(2, r))) for r in range(2)] == [2, 2]
+    small = step_blocks(0, 3, 4, 3407)  # a corpus smaller than a step: shares differ by one
+    assert [len(distributed.shard(small, distributed.Dist(2, r))) for r in range(2)] == [2, 1]
 
 
 def test_split_keeps_the_effective_batch():

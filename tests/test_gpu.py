@@ -71,11 +71,17 @@ def test_padding_rows_do_not_change_the_loss(tiny_llama_dir):
     assert abs(a.item() - b.item()) < 1e-6
 
 
-def test_each_epoch_visits_every_block_once():
-    seen = np.concatenate([fastloop.step_blocks(s, 37, 8, seed=1) for s in range(5)])
-    assert sorted(seen.tolist()) == list(range(37))
-    assert fastloop.total_steps(_standard(batch_size=2, grad_accum=4, epochs=2.0), 37) == 10
-    assert not np.array_equal(fastloop.step_blocks(0, 37, 8, 1), fastloop.step_blocks(5, 37, 8, 1))
+def test_each_epoch_visits_every_block_once_and_every_step_is_full():
+    steps = [fastloop.step_blocks(s, 37, 8, seed=1) for s in range(10)]
+    assert all(len(s) == 8 for s in steps)  # the fifth step ends epoch 0 and starts epoch 1
+    stream = np.concatenate(steps).tolist()
+    assert sorted(stream[:37]) == list(range(37)) and len(set(stream[37:74])) == 37
+    assert stream[37:40] != stream[:3]  # epoch 1 in a fresh order
+    assert fastloop.total_steps(_standard(batch_size=2, grad_accum=4, epochs=2.0), 37) == 10  # 74 / 8
+    assert fastloop.total_steps(_standard(batch_size=2, grad_accum=4, epochs=1.0), 32) == 4
+    assert fastloop.total_steps(_standard(batch_size=3, grad_accum=1, epochs=0.1), 30) == 1
+    small = [fastloop.step_blocks(s, 5, 8, seed=1) for s in range(2)]  # smaller than one step: all of it
+    assert [sorted(s.tolist()) for s in small] == [list(range(5))] * 2 and small[0].tolist() != small[1].tolist()
 
 
 def test_plan_keeps_effective_batch_and_fits_small_cards():
@@ -191,7 +197,7 @@ def test_unsloth_trainer_path_trains_on_cuda(tmp_path, padded_llama_dir, tiny_co
     pytest.importorskip("unsloth")
     monkeypatch.setenv("RAWTUNE_FASTLOOP", "0")
     run = train_tiny(tmp_path / "r", padded_llama_dir, tiny_corpus, backend="unsloth", max_steps=30,
-                     gradient_checkpointing="unsloth")
+                     gradient_checkpointing="unsloth", logging_steps=1)  # the Trainer records logged steps only
     losses = _losses(run)
     assert len(losses) == 30 and np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.3
 
@@ -265,3 +271,39 @@ def test_unsloth_forward_in_the_fast_loop_stops_and_resumes(tmp_path, padded_lla
     assert record["train"]["resumed_from_step"] == first["steps"] and record["train"]["steps"] == 30
     assert all(np.isfinite(losses)) and np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.3
     assert record["metrics"]["ppl_tuned"] < record["metrics"]["ppl_base"]
+
+
+@pytest.mark.gpu
+def test_step_inputs_reach_the_card_without_making_the_host_wait(tmp_path):
+    """What the loop copies to the card every step (block indices, a block batch from host memory, the
+    token count, the stop flag) is queued without a stream synchronisation, so the host keeps queueing
+    the next step while the card works; torch raises on any synchronisation in this mode."""
+    import threading
+
+    import torch.distributed as td
+
+    from rawtune.rundir import RunDir
+    from rawtune.train import distributed
+    from rawtune.train.progress import StopSignal
+
+    card = torch.device("cuda", torch.cuda.current_device())
+    td.init_process_group("nccl", store=td.HashStore(), rank=0, world_size=1, device_id=card)
+    try:
+        d = distributed.Dist(2, 0, "nccl")  # the several-process path, over a group of one
+        d.sum_(torch.ones(1, device=card))  # the communicator's first use, outside the check
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            idx = fastloop.to_device(torch.from_numpy(np.arange(8)), card)
+            ids = fastloop.to_device(torch.arange(64).view(4, 16)[[0, 2]], card)
+            n_items = torch.full((), 2.0 * 15, device=card)
+            first = d.should_stop(StopSignal(RunDir(tmp_path), threading.Event()))
+            with pytest.raises(RuntimeError, match="synchroniz"):  # what the mode catches: a plain copy
+                torch.tensor([1.0], device=card)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    finally:
+        td.destroy_process_group()
+    assert idx.device == card and idx.tolist() == list(range(8))
+    assert ids.device == card and ids[1, 0].item() == 32 and n_items.item() == 30.0
+    assert first is False and d.stop_flag.item() == 0.0

@@ -111,7 +111,9 @@ class Dist:
         import torch.distributed as td
 
         device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
-        flag = torch.tensor([1.0 if stop.requested() else 0.0], device=device)
+        # torch.full writes on the card; torch.tensor(..., device=cuda) would copy from the host and
+        # make the host wait for the step queued before it
+        flag = torch.full((1,), 1.0 if stop.requested() else 0.0, device=device)
         td.all_reduce(flag, op=td.ReduceOp.MAX)  # queued behind this step's work
         previous, self.stop_flag = self.stop_flag, flag
         # requested() marked a local request as a stop; it counts once every rank knows of it (the
