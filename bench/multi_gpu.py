@@ -7,7 +7,8 @@ One call on a machine with two GPUs measures, each as the real command line in i
    steps, so the same tokens;
 3. ``rawtune train --out <the 2-GPU run> --resume`` on one GPU: it continues from the 2-GPU run's
    checkpoint (at two thirds of the steps, ``--save-at``) to the same last step, so its losses
-   after the checkpoint can be compared with both runs above.
+   after the checkpoint can be compared with both runs above;
+4. with ``--gpus 1,2,4`` (a machine with 4 GPUs), the same command with ``--gpus 4`` too.
 
 Model: the SmolLM2-135M architecture (30 layers, hidden 576, 9/3 heads, vocab 49,152, tied) with
 random bf16 weights, built on the machine by ``bench/card_caps.py``'s builder (its padded BPE
@@ -166,7 +167,12 @@ def max_diff(a: dict, b: dict, steps) -> float | None:
 
 
 def table(c: str, a, res: dict) -> None:
-    one, two, back = res.get("one") or {}, res.get("two") or {}, res.get("resume") or {}
+    runs = [(f"{n} GPU{'s' if n > 1 else ''}", res.get(f"gpus{n}") or {},
+             "rawtune train ..." + (f" --gpus {n}" if n > 1 else "")) for n in a.gpus]
+    back = res.get("resume") or {}
+    runs.append((f"2-GPU checkpoint-{back.get('resumed_from_step') or '?'} resumed on 1 GPU", back,
+                 "rawtune train --out RUN --resume"))
+    one, two = res.get("gpus1") or {}, res.get("gpus2") or {}
     half = a.save_at
     print(f"\ncard: {c}; {a.steps} steps of {a.micro * a.accum} blocks x {a.seq} tokens "
           f"({a.micro * a.accum * a.seq * a.steps:,} tokens per run)\n")
@@ -174,24 +180,25 @@ def table(c: str, a, res: dict) -> None:
           "tokens/s, whole job | speed-up | loss at step 1 | loss at last step | held-out ppl |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     base, base_train = one.get("tok_s"), one.get("train_tok_s")
-    for name, r, command in (("1 GPU", one, "rawtune train ..."), ("2 GPUs", two, "rawtune train ... --gpus 2"),
-                             (f"2-GPU checkpoint-{back.get('resumed_from_step') or '?'} resumed on 1 GPU", back,
-                              "rawtune train --out RUN --resume")):
+    for name, r, command in runs:
         if not r:
             print(f"| {name} | `{command}` | failed, see the log | | | | | | | |")
             continue
         losses = {int(k): v for k, v in r["losses"].items()}
         speed = f"{r['tok_s'] / base:.2f}x" if base and r.get("tok_s") else "-"
         train = r.get("train_tok_s")
-        speed_train = f"{train / base_train:.2f}x" if base_train and train else "-"
+        speed_train = f"{train / base_train:.3f}x" if base_train and train else "-"
         ppl = f"{r['ppl_base']:.2f} -> {r['ppl_tuned']:.2f}" if r.get("ppl_tuned") else "-"
         print(f"| {name} | `{command}` | {r['micro']} x {r['accum']} | {f'{train:,}' if train else '-'} | "
               f"{speed_train} | {r['tok_s']:,} | {speed} | {losses.get(1, '-')} | {losses.get(max(losses), '-')} | {ppl} |")
-    l1, l2, l3 = ({int(k): v for k, v in (r or {}).get("losses", {}).items()} for r in (one, two, back))
+    curves = {n: {int(k): v for k, v in (res.get(f"gpus{n}") or {}).get("losses", {}).items()} for n in a.gpus}
+    l3 = {int(k): v for k, v in back.get("losses", {}).items()}
     second = range(half + 1, a.steps + 1)
-    print(f"\nlargest loss difference per step, 1 GPU vs 2 GPUs (steps 1..{a.steps}): "
-          f"{max_diff(l1, l2, range(1, a.steps + 1))}; resumed vs 2 GPUs (steps {half + 1}..{a.steps}): "
-          f"{max_diff(l3, l2, second)}; resumed vs 1 GPU: {max_diff(l3, l1, second)}")
+    for n in a.gpus[1:]:
+        print(f"\nlargest loss difference per step, 1 GPU vs {n} GPUs (steps 1..{a.steps}): "
+              f"{max_diff(curves.get(1, {}), curves[n], range(1, a.steps + 1))}")
+    print(f"resumed vs 2 GPUs (steps {half + 1}..{a.steps}): {max_diff(l3, curves.get(2, {}), second)}; "
+          f"resumed vs 1 GPU: {max_diff(l3, curves.get(1, {}), second)}")
     print(f"2-GPU run directory: {two.get('files')}; checkpoints {two.get('checkpoints')}")
 
 
@@ -203,7 +210,9 @@ def main() -> None:
                    help="the step of the checkpoint the 1-GPU resume starts from (default: two thirds of --steps)")
     p.add_argument("--tiny", action="store_true", help="a tiny model in CPU processes, to exercise the code")
     p.add_argument("--budget", type=float, default=450, help="seconds for the whole call; a run past it is killed")
+    p.add_argument("--gpus", default="1,2", help="GPU counts to run, comma-separated (1 and 2 always; e.g. 1,2,4)")
     a = p.parse_args()
+    a.gpus = sorted({1, 2, *(int(n) for n in a.gpus.split(","))})
     deadline = time.time() + a.budget
     a.seq, a.micro, a.accum = (64, 2, 2) if a.tiny else (2048, 16, 2)
     if a.tiny:
@@ -229,8 +238,9 @@ def main() -> None:
                 log, 180) if not (model_dir / "built.json").is_file() else {"rc": 0, "reused": True}
     corpus = write_corpus(work / "corpus.jsonl", documents=600 if a.tiny else 9000, seed=0)
     res: dict = {"card": c, "build": built, "steps": a.steps, "seq": a.seq, "micro": a.micro, "accum": a.accum}
-    for tag, gpus, resume, folder in (("one", 1, False, "run-1gpu"), ("two", 2, False, "run-2gpu"),
-                                      ("resume", 1, True, "run-2gpu")):
+    plan = [(f"gpus{n}", n, False, f"run-{n}gpu") for n in a.gpus]
+    plan.insert(2, ("resume", 1, True, "run-2gpu"))  # right after the 2-GPU run, before larger counts
+    for tag, gpus, resume, folder in plan:
         run_dir = work / folder
         if not resume:
             shutil.rmtree(run_dir, ignore_errors=True)
