@@ -1,12 +1,15 @@
-"""Where a data-parallel step of the fast loop spends its time: 1 GPU against 2, with variants of
-the gradient all-reduce, read from CUDA events and the PyTorch profiler.
+"""Where a data-parallel step of the fast loop spends its time: 1 GPU against 2 (or ``--gpus N``),
+with variants of the gradient all-reduce, read from CUDA events, host timers and the PyTorch profiler.
 
 ``bench/multi_gpu.py`` measures the scaling of the real command; this script says why it is what
 it is. Each run is the real ``rawtune train`` command (``bench/multi_gpu.py``'s case, fewer steps),
-started in one process or under torchrun, with two things added from outside the library:
+started in one process or under torchrun, with three things added from outside the library:
 
 - a CUDA event at the start of every optimizer step (no synchronisation, so the host still runs
   ahead as it does in training): the steady step time is the median gap between events;
+- the host's time inside each step's forward and backward calls (``_train_step``). Nothing in
+  them waits for the card, unless CUDA's launch queue is full: a host time close to the step time
+  says the host, not the card, sets the pace;
 - the PyTorch profiler over the last ``--profiled`` steps of rank 0: kernel time per kind
   (matmul, attention, NCCL, optimizer, other), the NCCL time that no compute kernel overlaps, and
   the time the card is idle.
@@ -20,7 +23,7 @@ Variants of the gradient sum (on ``--gpus`` GPUs, 2 by default), swapped in for 
 
 On the GPU machine (2 GPUs; carry ``.device-bundle``)::
 
-    <bundle prefix>; python bench/ddp_profile.py --work /tmp/multi_gpu --steps 20
+    (bench/multi_gpu.py's prefix); python bench/ddp_profile.py --work /tmp/multi_gpu --steps 20
 
 It prints one table and writes ``ddp_profile.json`` and the per-run kernel tables to ``$OUT``.
 """
@@ -31,7 +34,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -155,6 +157,7 @@ def worker(variant: str, profiled: int, out: Path, train_args: list[str]) -> int
     rank = int(os.environ.get("RANK", "0") or 0)
     steps = int(train_args[train_args.index("--max-steps") + 1])
     marks: list = []
+    host: list = []  # host milliseconds spent in each step's forward/backward calls
     world = os.environ.get("WORLD_SIZE", "1")
     result: dict = {"variant": variant, "rank": rank}
 
@@ -181,7 +184,10 @@ def worker(variant: str, profiled: int, out: Path, train_args: list[str]) -> int
         event = torch.cuda.Event(enable_timing=True)
         event.record()
         marks.append(event)
-        return original(*args, **kwargs)
+        began = time.perf_counter()
+        out = original(*args, **kwargs)
+        host.append(1000 * (time.perf_counter() - began))  # queueing forward and backward (no sync inside)
+        return out
 
     fast_loop._train_step = timed
     code = cli.main(train_args)
@@ -189,7 +195,7 @@ def worker(variant: str, profiled: int, out: Path, train_args: list[str]) -> int
     if rank == 0:
         prof.stop()
     gaps = [a.elapsed_time(b) for a, b in zip(marks, marks[1:])]
-    result.update(code=code, step_ms=[round(g, 2) for g in gaps])
+    result.update(code=code, step_ms=[round(g, 2) for g in gaps], host_ms=[round(h, 2) for h in host])
     world = os.environ.get("WORLD_SIZE", "1")
     (out / f"steps-{variant}-{world}gpu-rank{rank}.json").write_text(json.dumps(result))
     return code
@@ -254,6 +260,7 @@ def main() -> None:
         step = max(steady(x["step_ms"][:a.steps - a.profiled - 2], 3) for x in ranks)
         rows.append({"gpus": gpus, "variant": variant, "step_ms": round(step, 2),
                      "per_rank_step_ms": [round(steady(x["step_ms"][:a.steps - a.profiled - 2], 3), 2) for x in ranks],
+                     "host_ms": round(steady(ranks[0]["host_ms"][:a.steps - a.profiled - 2], 3), 2),
                      "profile": ranks[0].get("profile", {})})
     transports = sorted({line.split("NCCL INFO", 1)[1].strip() for line in log.read_text().splitlines()
                          if "NCCL INFO" in line and (" via " in line or "Connected all" in line)})[:12]
@@ -261,15 +268,16 @@ def main() -> None:
     (out / "ddp_profile.json").write_text(json.dumps({"card": c, "rows": rows}, indent=1))
     base = next((r["step_ms"] for r in rows if r["gpus"] == 1 and "step_ms" in r), None)
     print(f"\ncard: {c}; 32 blocks x 2048 tokens a step; steady step = median gap between step starts\n")
-    print("| GPUs | all-reduce | step ms (each rank) | speed-up | kernel ms per step by kind | NCCL ms not under compute | idle ms |")
-    print("|---|---|---|---|---|---|---|")
+    print("| GPUs | all-reduce | step ms (each rank) | speed-up | host ms queueing forward/backward (rank 0) | "
+          "kernel ms per step by kind | NCCL ms not under compute | idle ms |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "step_ms" not in r:
-            print(f"| {r['gpus']} | {r['variant']} | failed ({r['failed']}) | | | | |")
+            print(f"| {r['gpus']} | {r['variant']} | failed ({r['failed']}) | | | | | |")
             continue
         pr = r["profile"]
         print(f"| {r['gpus']} | {r['variant']} | {r['step_ms']} ({', '.join(map(str, r['per_rank_step_ms']))}) | "
-              f"{base / r['step_ms']:.3f}x | {pr.get('kernel_ms')} | {pr.get('nccl_alone_ms')} | {pr.get('idle_ms')} |")
+              f"{base / r['step_ms']:.3f}x | {r['host_ms']} | {pr.get('kernel_ms')} | {pr.get('nccl_alone_ms')} | {pr.get('idle_ms')} |")
 
 
 if __name__ == "__main__":
