@@ -222,6 +222,9 @@ def main() -> None:
                    help="comma-separated name[@bucket MiB][+ENV=VALUE...], e.g. overlap@16+NCCL_MAX_NCHANNELS=8")
     p.add_argument("--budget", type=float, default=540)
     p.add_argument("--gpus", type=int, default=2, help="GPUs of the data-parallel runs (against 1)")
+    p.add_argument("--runs", default="", help="instead of --gpus/--variants: comma-separated GPUS:VARIANT, e.g. "
+                   "1:overlap,2:overlap,1:overlap+RAWTUNE_COMPILE_MODE=reduce-overhead,2:overlap+RAWTUNE_COMPILE_MODE=reduce-overhead; "
+                   "each speed-up is against the 1-GPU run with the same environment")
     a = p.parse_args()
     deadline = time.time() + a.budget
     work = Path(a.work).resolve()
@@ -242,7 +245,9 @@ def main() -> None:
     c = card()
     print(f"card: {c}", flush=True)
     rows = []
-    for gpus, variant in [(1, "overlap")] + [(a.gpus, v) for v in a.variants.split(",")]:
+    runs = [(int(n), v) for n, v in (item.split(":", 1) for item in a.runs.split(","))] if a.runs else \
+        [(1, "overlap")] + [(a.gpus, v) for v in a.variants.split(",")]
+    for gpus, variant in runs:
         run_dir = work / f"profile-{gpus}-{variant}"
         args = train_command(case, run_dir, model_dir, corpus, 1, False)[3:]  # after "python -m rawtune.cli"
         env = parse_variant(variant)[2]
@@ -266,7 +271,13 @@ def main() -> None:
                          if "NCCL INFO" in line and (" via " in line or "Connected all" in line)})[:12]
     print("NCCL transport lines (runs with NCCL_DEBUG=INFO):", *transports, sep="\n  ")
     (out / "ddp_profile.json").write_text(json.dumps({"card": c, "rows": rows}, indent=1))
-    base = next((r["step_ms"] for r in rows if r["gpus"] == 1 and "step_ms" in r), None)
+    ones = [r for r in rows if r["gpus"] == 1 and "step_ms" in r]
+
+    def base(r: dict) -> float:
+        """The 1-GPU step with the same environment (e.g. the same compile mode), else the first."""
+        same = [o for o in ones if parse_variant(o["variant"])[2] == parse_variant(r["variant"])[2]]
+        return (same or ones or [{"step_ms": float("nan")}])[0]["step_ms"]
+
     print(f"\ncard: {c}; 32 blocks x 2048 tokens a step; steady step = median gap between step starts\n")
     print("| GPUs | all-reduce | step ms (each rank) | speed-up | host ms queueing forward/backward (rank 0) | "
           "kernel ms per step by kind | NCCL ms not under compute | idle ms |")
@@ -277,7 +288,7 @@ def main() -> None:
             continue
         pr = r["profile"]
         print(f"| {r['gpus']} | {r['variant']} | {r['step_ms']} ({', '.join(map(str, r['per_rank_step_ms']))}) | "
-              f"{base / r['step_ms']:.3f}x | {r['host_ms']} | {pr.get('kernel_ms')} | {pr.get('nccl_alone_ms')} | {pr.get('idle_ms')} |")
+              f"{base(r) / r['step_ms']:.3f}x | {r['host_ms']} | {pr.get('kernel_ms')} | {pr.get('nccl_alone_ms')} | {pr.get('idle_ms')} |")
 
 
 if __name__ == "__main__":

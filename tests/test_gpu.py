@@ -170,6 +170,21 @@ def test_own_forward_takes_the_fast_models_steps(tmp_path, tiny_llama_dir, tiny_
     np.testing.assert_allclose(resumed, own_losses[4:], rtol=1e-5)
 
 
+def test_compile_mode_is_checked_by_name(monkeypatch, tiny_llama_dir):
+    from rawtune.errors import ConfigError
+    from rawtune.train.engine import compile_mode
+
+    monkeypatch.delenv("RAWTUNE_COMPILE_MODE", raising=False)
+    assert compile_mode() is None
+    monkeypatch.setenv("RAWTUNE_COMPILE_MODE", "reduce-overhead")
+    assert compile_mode() == "reduce-overhead"
+    net = fastloop.extract(_cpu_peft(_standard(seq_len=32), tiny_llama_dir), torch.float32)
+    assert not fastloop.FastModel(net, compile=False, mode=compile_mode()).graphs  # eager: nothing recorded
+    monkeypatch.setenv("RAWTUNE_COMPILE_MODE", "fast")
+    with pytest.raises(ConfigError, match="RAWTUNE_COMPILE_MODE='fast': use one of default, reduce-overhead"):
+        compile_mode()
+
+
 def _losses(run) -> list[float]:
     return [e["loss"] for e in run.load()["train"]["history"] if e["type"] == "step"]
 
@@ -307,3 +322,28 @@ def test_step_inputs_reach_the_card_without_making_the_host_wait(tmp_path):
     assert idx.device == card and idx.tolist() == list(range(8))
     assert ids.device == card and ids[1, 0].item() == 32 and n_items.item() == 30.0
     assert first is False and d.stop_flag.item() == 0.0
+
+
+@pytest.mark.gpu
+def test_layers_recorded_as_cuda_graphs_train_as_the_default_compile_does(tmp_path, padded_llama_dir, tiny_corpus,
+                                                                         monkeypatch):
+    """RAWTUNE_COMPILE_MODE=reduce-overhead: the same losses as torch.compile's default mode."""
+    from rawtune.pipeline import run_pipeline
+    from rawtune.rundir import RunDir
+    from rawtune.settings import apply
+
+    def losses(name: str) -> tuple[list[float], list[str]]:
+        lines: list[str] = []
+        values = dict(out=str(tmp_path / name), dataset=str(tiny_corpus), model=str(padded_llama_dir), preset="quick",
+                      seq_len=64, batch_size=2, max_steps=8, learning_rate=3e-3, save_steps=100, backend="peft",
+                      logging_steps=1, stages=["data", "train"])
+        run_pipeline(apply(RunSettings(), values), log=lines.append)
+        return _losses(RunDir(tmp_path / name)), lines
+
+    monkeypatch.delenv("RAWTUNE_COMPILE_MODE", raising=False)
+    default, _ = losses("default")
+    monkeypatch.setenv("RAWTUNE_COMPILE_MODE", "reduce-overhead")
+    graphs, lines = losses("graphs")
+    assert any("fast CUDA loop" in line and "compiled as CUDA graphs" in line for line in lines)
+    assert len(graphs) == len(default) == 8
+    np.testing.assert_allclose(graphs, default, rtol=2e-3)

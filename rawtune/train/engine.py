@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from ..errors import ConfigError
 from ..settings import TrainSettings
 
 # The fast loop earns its memory at 135M: 1.60x Unsloth's best (279,506 vs 174,685 tok/s) and, held to
@@ -47,6 +48,22 @@ def zero_gpu() -> bool:
 def compile_allowed() -> bool:
     """torch.compile is off on ZeroGPU (Hugging Face's ZeroGPU docs) and with RAWTUNE_COMPILE=0."""
     return not zero_gpu() and os.environ.get("RAWTUNE_COMPILE", "1") != "0"
+
+
+# torch.compile's modes. "reduce-overhead" records each compiled layer as a CUDA graph (its forward
+# and backward), so a step no longer costs the host one launch per kernel; kept behind
+# RAWTUNE_COMPILE_MODE until measured (bench/ddp_profile.py --runs ... +RAWTUNE_COMPILE_MODE=...).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_mode() -> Optional[str]:
+    """torch.compile's mode for the fast loop's layer from RAWTUNE_COMPILE_MODE (None: torch's default)."""
+    mode = os.environ.get("RAWTUNE_COMPILE_MODE", "").strip()
+    if not mode:
+        return None
+    if mode not in COMPILE_MODES:
+        raise ConfigError(f"RAWTUNE_COMPILE_MODE={mode!r}: use one of {', '.join(COMPILE_MODES)}, or unset it")
+    return mode
 
 
 def fast_loop_veto(t: TrainSettings, c: dict) -> Optional[str]:

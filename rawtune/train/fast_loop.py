@@ -53,7 +53,7 @@ import numpy as np
 from ..errors import TrainError
 from ..rundir import RunDir
 from ..settings import TrainSettings
-from .engine import compile_allowed
+from .engine import compile_allowed, compile_mode
 from .distributed import Dist, OverlappedReduce, broadcast_params, shard
 from .fast_model import PROJ, FastModel, Net, base_linear, extract, float_types, projection, shifted_labels
 from .optim import param_groups, schedule
@@ -287,6 +287,7 @@ def evaluate(fast: FastModel, blocks: Any, micro: int) -> float:
             ids = blocks[s:s + micro]
             labels = shifted_labels(ids, len(ids))
             n = torch.tensor(float((labels >= 0).sum().item()), device=ids.device)
+            fast.begin()
             total += float(fast.loss(ids, labels, n).item()) * n.item()
             count += int(n.item())
     return total / max(count, 1)
@@ -333,6 +334,7 @@ def _train_step(fast: FastModel, blocks: Any, idx: Any, micro: int, n_items: Any
             ids = torch.cat([ids, ids.new_zeros(micro - real, T)])
         if reduce is not None and s == starts[-1]:
             reduce.arm()
+        fast.begin()
         loss = fast.loss(ids, shifted_labels(ids, real), n_items)
         loss.backward()
         step_loss += loss.detach()
@@ -354,7 +356,8 @@ def _loss_model(model: Any, device: Any, own_forward: bool) -> tuple:
     net = extract(model, None if device.type == "cuda" else torch.float32)
     original = upcast_trainable(net)
     # never compiled on ZeroGPU or with RAWTUNE_COMPILE=0
-    return FastModel(net, compile=compile_allowed()), net.trainable, lambda: restore_dtypes(net, original)
+    fast = FastModel(net, compile=compile_allowed(), mode=compile_mode())
+    return fast, net.trainable, lambda: restore_dtypes(net, original)
 
 
 # Token blocks up to this size sit on the card (no copy per micro-batch); a larger corpus stays in
@@ -412,7 +415,8 @@ def fit(t: TrainSettings, run: RunDir, model: Any, train_blocks: np.ndarray, hel
     eval_every = t.eval_steps if len(eval_blocks) and t.eval_steps else 0
     split = (f"micro-batch {micro} x {math.ceil(effective / dist.world / micro)} accumulation on each of "
              f"{dist.world} processes" if dist.active else f"micro-batch {micro} x {t.grad_accum} accumulation")
-    how = "the model's own forward" if own_forward else ("compiled" if fast.compiled else "eager")
+    how = "the model's own forward" if own_forward else \
+        ("eager" if not fast.compiled else f"compiled{' as CUDA graphs' if fast.graphs else ''}")
     progress.log(f"[train] fast CUDA loop: {split}, {how}, {max_steps} steps")
     pending = _Pending(progress, t, max_steps, steps_per_epoch(len(train_blocks), effective))
     step = start_step

@@ -368,15 +368,18 @@ class FastModel:
     """Forward/backward of the flattened network; ``loss(ids, labels, n_items)`` returns sum/n_items."""
 
     def __init__(self, net: Net, compile: bool = True, attn: Optional[str] = None,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, mode: Optional[str] = None):
         import torch
 
         self.net = net
         backends = _attn_backends(attn)
         layer = make_layer(net.cfg, backends, fuse=os.environ.get("RAWTUNE_FUSED_LORA", "1") != "0")
         self.compiled = compile
+        # ``mode``: torch.compile's mode for the layer; the CUDA-graph modes need a new iteration
+        # marked before each forward (:meth:`begin`)
+        self.graphs = compile and mode in ("reduce-overhead", "max-autotune")
         if compile:
-            layer = torch.compile(layer, dynamic=False)
+            layer = torch.compile(layer, dynamic=False, mode=mode)
             chunk = torch.compile(_ce_chunk, dynamic=False)
         else:
             chunk = _ce_chunk
@@ -396,6 +399,13 @@ class FastModel:
             dt = self.net.cfg.dtype
             self._rope[T] = ((emb.cos() * scaling).to(dt), (emb.sin() * scaling).to(dt))
         return self._rope[T]
+
+    def begin(self) -> None:
+        """Before each forward: with CUDA graphs, the graphs' outputs of the last one may now be overwritten."""
+        if self.graphs:
+            import torch
+
+            torch.compiler.cudagraph_mark_step_begin()
 
     def loss(self, ids: Any, labels: Any, n_items: Any) -> Any:
         import torch

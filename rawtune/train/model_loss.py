@@ -32,5 +32,8 @@ class ModelLoss:
         self.trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         model.train()
 
+    def begin(self) -> None:
+        """Nothing to mark: the model's own forward records no CUDA graphs."""
+
     def loss(self, ids: Any, labels: Any, n_items: Any) -> Any:
         return self.model(input_ids=ids, labels=ids, shift_labels=labels, num_items_in_batch=n_items).loss
