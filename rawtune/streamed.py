@@ -414,6 +414,15 @@ def _write_shard(path: Path, specs: list[tuple[str, tuple]], st_dtype: dict[str,
     return offset
 
 
+def save_tensors(path: Path, tensors: dict[str, Any]) -> int:
+    """``tensors`` as one safetensors file, each written straight from its memory (a tensor on a card
+    is copied to host memory one at a time, so the host never holds all of them at once)."""
+    specs = [(name, tuple(t.shape)) for name, t in tensors.items()]
+    st_dtype = {name: _ST_NAMES[str(t.dtype).replace("torch.", "")] for name, t in tensors.items()}
+    itemsize = {name: t.element_size() for name, t in tensors.items()}
+    return _write_shard(path, specs, st_dtype, itemsize, ((n, t.detach().cpu()) for n, t in tensors.items()))
+
+
 def write_merged_folder(source: Union[RunDir, tuple], out_dir: str | Path, dtype: Any = None,
                         shard_bytes: int = SHARD_BYTES, log: Callable[[str], None] = print) -> dict:
     """Write the merged model as an HF folder, tensor by tensor, shard by shard.

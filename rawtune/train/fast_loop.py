@@ -43,16 +43,17 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 
-from ..errors import TrainError
 from ..rundir import RunDir
 from ..settings import TrainSettings
+from .checkpoints import STATE_FILE
+from .checkpoints import load as load_checkpoint
+from .checkpoints import save as save_checkpoint
 from .engine import compile_allowed, compile_mode
 from .distributed import Dist, OverlappedReduce, broadcast_params, shard
 from .fast_model import PROJ, FastModel, Net, base_linear, extract, float_types, projection, shifted_labels
@@ -60,7 +61,6 @@ from .optim import param_groups, schedule
 from .progress import LoopResult, Progress, StopSignal
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite", "olmo2")
-STATE_FILE = "fastloop_state.pt"
 
 
 # ---------------------------------------------------------------- when it applies
@@ -238,40 +238,6 @@ def step_blocks(step: int, n_blocks: int, effective: int, seed: int) -> np.ndarr
     stream = np.concatenate([np.random.default_rng(seed + e).permutation(n_blocks) for e in range(first, last + 1)])
     offset = start - first * n_blocks
     return stream[offset:offset + effective]
-
-
-def save_checkpoint(run: RunDir, model: Any, optimizer: Any, scheduler: Any, step: int, keep: int = 2) -> Path:
-    import torch
-
-    path = run.checkpoints_dir / f"checkpoint-{step}"
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(path))
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-               path / STATE_FILE)
-    old = sorted((int(p.name.split("-")[1]), p) for p in run.checkpoints_dir.glob("checkpoint-*")
-                 if p.name.split("-")[1].isdigit())
-    for _, p in old[:-keep]:
-        shutil.rmtree(p, ignore_errors=True)
-    return path
-
-
-def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any) -> int:
-    import torch
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    weights = path / "adapter_model.safetensors"
-    if weights.is_file():
-        set_peft_model_state_dict(model, load_file(str(weights)))
-    try:  # weights_only: a checkpoint is data; unpickling arbitrary objects could run code
-        state = torch.load(path / STATE_FILE, map_location="cuda" if torch.cuda.is_available() else "cpu",
-                           weights_only=True)
-    except Exception as exc:  # torch raises UnpicklingError, RuntimeError or EOFError for bad files
-        raise TrainError(f"{path / STATE_FILE} is not a plain optimizer state ({type(exc).__name__}); "
-                         f"delete {path.name} to resume from an older checkpoint, or train without --resume") from None
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    return int(state["step"])
 
 
 # ---------------------------------------------------------------- the loop
