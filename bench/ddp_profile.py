@@ -262,10 +262,11 @@ def main() -> None:
         if r["rc"] != 0 or not ranks:
             rows.append({"gpus": gpus, "variant": variant, "failed": r["rc"]})
             continue
-        step = max(steady(x["step_ms"][:a.steps - a.profiled - 2], 3) for x in ranks)
-        rows.append({"gpus": gpus, "variant": variant, "step_ms": round(step, 2),
-                     "per_rank_step_ms": [round(steady(x["step_ms"][:a.steps - a.profiled - 2], 3), 2) for x in ranks],
-                     "host_ms": round(steady(ranks[0]["host_ms"][:a.steps - a.profiled - 2], 3), 2),
+        unprofiled = a.steps - a.profiled - 2  # the steps before the profiler's warm-up
+        per_rank = [steady(x["step_ms"][:unprofiled], 3) for x in ranks]
+        rows.append({"gpus": gpus, "variant": variant, "step_ms": round(max(per_rank), 2),
+                     "per_rank_step_ms": [round(ms, 2) for ms in per_rank],
+                     "host_ms": round(steady(ranks[0]["host_ms"][:unprofiled], 3), 2),
                      "profile": ranks[0].get("profile", {})})
     transports = sorted({line.split("NCCL INFO", 1)[1].strip() for line in log.read_text().splitlines()
                          if "NCCL INFO" in line and (" via " in line or "Connected all" in line)})[:12]

@@ -84,6 +84,14 @@ class RunDir:
     def checkpoints_dir(self) -> Path:
         return self.path / "checkpoints"
 
+    def checkpoints(self) -> list[Path]:
+        """The ``checkpoints/checkpoint-N`` folders, oldest step first (half-written ones are hidden)."""
+        if not self.checkpoints_dir.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.checkpoints_dir.iterdir()
+                 if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and p.is_dir()]
+        return [p for _, p in sorted(found)]
+
     @property
     def merged_dir(self) -> Path:
         return self.path / "merged"

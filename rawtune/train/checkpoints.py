@@ -51,10 +51,8 @@ def save(run: RunDir, model: Any, optimizer: Any, scheduler: Any, step: int, kee
         raise
     shutil.rmtree(final, ignore_errors=True)
     partial.rename(final)
-    old = sorted((int(p.name.split("-")[1]), p) for p in run.checkpoints_dir.glob("checkpoint-*")
-                 if p.name.split("-")[1].isdigit())
-    for _, p in old[:-keep]:
-        shutil.rmtree(p, ignore_errors=True)
+    for old in run.checkpoints()[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
     return final
 
 

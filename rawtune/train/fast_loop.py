@@ -338,9 +338,8 @@ def to_device(tensor: Any, device: Any) -> Any:
     the card has finished everything queued, then queues the next layers while the card idles. With
     these copies and the stop flag (:meth:`.distributed.Dist.should_stop`) no longer waiting, a
     2-GPU step at 135M went from 133.4 to 124.4 ms (2 H200s; two calls, the 1-GPU step 238-239 ms in
-    both; ``bench/ddp_profile.py``). From pinned
-    memory the copy is queued like a kernel; PyTorch's pinned-memory cache keeps the buffer until the
-    copy is done.
+    both; ``bench/ddp_profile.py``). From pinned memory the copy is queued like a kernel; PyTorch's
+    pinned-memory cache keeps the buffer until the copy is done.
     """
     if tensor.device.type != "cpu" or device.type != "cuda":
         return tensor.to(device)

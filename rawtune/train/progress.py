@@ -9,7 +9,6 @@ callback as plain dicts (``{"type": "step", ...}``), the shape the CLI and the a
 from __future__ import annotations
 
 import dataclasses
-import re
 import signal
 import threading
 import time
@@ -184,11 +183,8 @@ class StopSignal:
 
 def latest_checkpoint(run: RunDir) -> Optional[Path]:
     """The newest ``checkpoints/checkpoint-N`` folder, or None."""
-    if not run.checkpoints_dir.is_dir():
-        return None
-    found = [(int(m.group(1)), p) for p in run.checkpoints_dir.iterdir()
-             if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and p.is_dir()]
-    return max(found)[1] if found else None
+    found = run.checkpoints()
+    return found[-1] if found else None
 
 
 def step_of(checkpoint: Optional[Path]) -> int:
