@@ -8,7 +8,9 @@ One call on a machine with two GPUs measures, each as the real command line in i
 3. ``rawtune train --out <the 2-GPU run> --resume`` on one GPU: it continues from the 2-GPU run's
    checkpoint (at two thirds of the steps, ``--save-at``) to the same last step, so its losses
    after the checkpoint can be compared with both runs above;
-4. with ``--gpus 1,2,4`` (a machine with 4 GPUs), the same command with ``--gpus 4`` too.
+4. with ``--gpus 1,2,4`` (a machine with 4 GPUs), the same command with ``--gpus 4`` too;
+5. with ``--repeat``, the one-GPU command once more: how far two runs of the same command drift
+   apart (bf16 kernels and atomic adds are not bit-reproducible), the floor for the differences above.
 
 Model: the SmolLM2-135M architecture (30 layers, hidden 576, 9/3 heads, vocab 49,152, tied) with
 random bf16 weights, built on the machine by ``bench/card_caps.py``'s builder (its padded BPE
@@ -197,6 +199,11 @@ def table(c: str, a, res: dict) -> None:
     for n in a.gpus[1:]:
         print(f"\nlargest loss difference per step, 1 GPU vs {n} GPUs (steps 1..{a.steps}): "
               f"{max_diff(curves.get(1, {}), curves[n], range(1, a.steps + 1))}")
+    if res.get("again"):
+        again = {int(k): v for k, v in res["again"]["losses"].items()}
+        print(f"1 GPU vs the same command run again (steps 1..{a.steps}): "
+              f"{max_diff(curves.get(1, {}), again, range(1, a.steps + 1))}; "
+              f"its training tokens/s {res['again'].get('train_tok_s')}")
     print(f"resumed vs 2 GPUs (steps {half + 1}..{a.steps}): {max_diff(l3, curves.get(2, {}), second)}; "
           f"resumed vs 1 GPU: {max_diff(l3, curves.get(1, {}), second)}")
     print(f"2-GPU run directory: {two.get('files')}; checkpoints {two.get('checkpoints')}")
@@ -211,6 +218,8 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="a tiny model in CPU processes, to exercise the code")
     p.add_argument("--budget", type=float, default=450, help="seconds for the whole call; a run past it is killed")
     p.add_argument("--gpus", default="1,2", help="GPU counts to run, comma-separated (1 and 2 always; e.g. 1,2,4)")
+    p.add_argument("--repeat", action="store_true",
+                   help="run the one-GPU command a second time, for the run-to-run loss difference")
     a = p.parse_args()
     a.gpus = sorted({1, 2, *(int(n) for n in a.gpus.split(","))})
     deadline = time.time() + a.budget
@@ -240,6 +249,8 @@ def main() -> None:
     res: dict = {"card": c, "build": built, "steps": a.steps, "seq": a.seq, "micro": a.micro, "accum": a.accum}
     plan = [(f"gpus{n}", n, False, f"run-{n}gpu") for n in a.gpus]
     plan.insert(2, ("resume", 1, True, "run-2gpu"))  # right after the 2-GPU run, before larger counts
+    if a.repeat:
+        plan.append(("again", 1, False, "run-1gpu-again"))
     for tag, gpus, resume, folder in plan:
         run_dir = work / folder
         if not resume:

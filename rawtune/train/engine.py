@@ -51,8 +51,10 @@ def compile_allowed() -> bool:
 
 
 # torch.compile's modes. "reduce-overhead" records each compiled layer as a CUDA graph (its forward
-# and backward), so a step no longer costs the host one launch per kernel; kept behind
-# RAWTUNE_COMPILE_MODE until measured (bench/ddp_profile.py --runs ... +RAWTUNE_COMPILE_MODE=...).
+# and backward), so a step no longer costs the host one launch per kernel. Opt-in through
+# RAWTUNE_COMPILE_MODE: on 4 H200s at 135M it took a steady step from 104.9 to 66.1 ms (2.25x to
+# 3.55x one GPU), but data-parallel runs paid about 3 s more in their first steps, so a 45-step run
+# was slower; one GPU gained nothing (docs/benchmarks.md).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 

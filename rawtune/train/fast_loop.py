@@ -346,6 +346,20 @@ def to_device(tensor: Any, device: Any) -> Any:
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
+def _grads_of_their_own(params: list) -> None:
+    """Give each trainable tensor a gradient buffer that autograd adds into.
+
+    With CUDA graphs, a gradient autograd creates is the graph's output buffer, which the next
+    micro-batch's replay overwrites before the step ends (PyTorch issue 169545): with 2 micro-batches
+    a step the first backward's gradient would be lost. A buffer of our own is added into instead.
+    The data-parallel path needs nothing: its gradients are views into its buckets already.
+    """
+    import torch
+
+    for p in params:
+        p.grad = torch.zeros_like(p)
+
+
 def _train_tensor(train_blocks: np.ndarray, device: Any) -> Any:
     import torch
 
@@ -377,6 +391,9 @@ def fit(t: TrainSettings, run: RunDir, model: Any, train_blocks: np.ndarray, hel
     params = [p for _, p in trainable]
     broadcast_params(params, dist)  # the same starting weights on every rank, as DDP's wrapper does
     reduce = OverlappedReduce(params, dist) if dist.active else None
+    keep_grads = reduce is None and getattr(fast, "graphs", False)
+    if keep_grads:
+        _grads_of_their_own(params)
     eval_every = t.eval_steps if len(eval_blocks) and t.eval_steps else 0
     split = (f"micro-batch {micro} x {math.ceil(effective / dist.world / micro)} accumulation on each of "
              f"{dist.world} processes" if dist.active else f"micro-batch {micro} x {t.grad_accum} accumulation")
@@ -398,7 +415,7 @@ def fit(t: TrainSettings, run: RunDir, model: Any, train_blocks: np.ndarray, hel
             optimizer.step()
             scheduler.step()
             if reduce is None:
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad(set_to_none=not keep_grads)
             else:
                 reduce.zero()  # the gradients stay views into the buckets
             step += 1
@@ -417,6 +434,8 @@ def fit(t: TrainSettings, run: RunDir, model: Any, train_blocks: np.ndarray, hel
                 break
     _sync()
     pending.flush(now=True)
+    if keep_grads:
+        optimizer.zero_grad(set_to_none=True)  # before restore() may change the tensors' dtypes
     restore()
     return LoopResult(step, max_steps, start_step, time.time() - started)
 
