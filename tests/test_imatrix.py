@@ -61,7 +61,7 @@ def test_per_tensor_path_without_imatrix_is_llama_cpp_bit_for_bit(label, wide_f1
     zeroed = _zero_quantized(reference, mine)
     assert zeroed == sum(n for t, n in types.items() if t != "F32") and mine.read_bytes() != reference.read_bytes()
     rewritten = imatrix.requantize(wide_f16, mine, None, threads=2, only_weighted=False)
-    assert rewritten == zeroed
+    assert rewritten == (zeroed, 0)  # (tensors written, compensated): no H matrices here
     assert mine.read_bytes() == reference.read_bytes()  # every tensor's bytes, and everything else
 
 
@@ -77,7 +77,7 @@ def test_imatrix_entries_match_tensors_and_change_only_k_quant_bytes(wide_f16, t
               for name, cols in shapes.items() if name.startswith("blk.") and not name.endswith("norm.weight")}
     matrix = imatrix.Imatrix(values, blocks=1, tokens=1, source="random")
     weighted = tmp_path / "weighted.gguf"
-    assert imatrix.quantize_file(wide_f16, reference, weighted, matrix) == len(values)
+    assert imatrix.quantize_file(wide_f16, reference, weighted, matrix) == (len(values), 0)
     after = {t.name: bytes(t.data) for t in GGUFReader(str(weighted)).tensors}
     before = {t.name: bytes(t.data) for t in GGUFReader(str(reference)).tensors}
     changed = {name for name in before if after[name] != before[name]}

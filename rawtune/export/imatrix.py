@@ -277,14 +277,14 @@ def quantize_tensor(lib: ctypes.CDLL, values: np.ndarray, ggml_type: int,
 
 
 def requantize(f16_path: Path, quantized: Path, imatrix: Optional[Imatrix], threads: int = 1,
-               only_weighted: bool = True, counts: Optional[dict] = None) -> int:
+               only_weighted: bool = True) -> tuple[int, int]:
     """Rewrite the quantized tensors of ``quantized`` (a llama.cpp output of ``f16_path``) in place.
 
     Each tensor keeps the type llama.cpp chose and its place in the file; its bytes come from
     ``ggml_quantize_chunk`` on the F16 values, weighted by the importance matrix where it has an
     entry, with the error compensation of :func:`compensated` where it also has an H matrix.
     ``only_weighted`` skips tensors without an entry (their bytes would not change).
-    Returns how many tensors were written (``counts``, if given, gets how many were compensated).
+    Returns how many tensors were written, and how many of them with error compensation.
     """
     from gguf import GGUFReader
 
@@ -294,7 +294,7 @@ def requantize(f16_path: Path, quantized: Path, imatrix: Optional[Imatrix], thre
                for t in GGUFReader(str(quantized)).tensors]
     values = imatrix.values if imatrix else {}
     hessians = imatrix.hessians if imatrix else {}
-    written = 0
+    written = compensated_count = 0
     with open(quantized, "r+b") as handle:
         for name, ggml_type, type_name, offset, n_bytes in targets:
             if type_name in FLOAT_TYPES or (only_weighted and name not in values):
@@ -304,8 +304,7 @@ def requantize(f16_path: Path, quantized: Path, imatrix: Optional[Imatrix], thre
             h = hessians.get(name)
             if h is not None and h.shape == (data.shape[1],) * 2 and data.shape[1] % lib.ggml_blck_size(ggml_type) == 0:
                 blob = compensated(lib, data, ggml_type, h, threads)
-                if counts is not None:
-                    counts["compensated"] = counts.get("compensated", 0) + 1
+                compensated_count += 1
             else:
                 blob = quantize_tensor(lib, data, ggml_type, values.get(name), threads)
             if len(blob) != n_bytes:
@@ -314,21 +313,22 @@ def requantize(f16_path: Path, quantized: Path, imatrix: Optional[Imatrix], thre
             handle.seek(offset)
             handle.write(blob)
             written += 1
-    return written
+    return written, compensated_count
 
 
-def quantize_file(f16_path: Path, default_file: Path, dst: Path, imatrix: Imatrix, threads: int = 1,
-                  counts: Optional[dict] = None) -> int:
-    """``dst``: llama.cpp's ``default_file`` with every tensor that has an entry re-quantized."""
+def quantize_file(f16_path: Path, default_file: Path, dst: Path, imatrix: Imatrix,
+                  threads: int = 1) -> tuple[int, int]:
+    """``dst``: llama.cpp's ``default_file`` with every tensor that has an entry re-quantized;
+    (tensors written, of them compensated), as :func:`requantize` counts them."""
     tmp = dst.with_name(dst.name + ".partial")
     shutil.copyfile(default_file, tmp)
     try:
-        count = requantize(f16_path, tmp, imatrix, threads, counts=counts)
+        counts = requantize(f16_path, tmp, imatrix, threads)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, dst)
-    return count
+    return counts
 
 
 # ---------------------------------------------------------------- error compensation (GPTQ)

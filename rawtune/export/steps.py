@@ -322,9 +322,7 @@ def _quantize_one(f16: Path, target: Path, label: str, imatrix: Any, p: Plan,
     if weighted:
         t0 = time.time()
         try:
-            counts: dict[str, int] = {}
-            count = imatrix_mod.quantize_file(f16, out, target, imatrix, cpu_threads(), counts=counts)
-            entry["compensated_tensors"] = counts.get("compensated", 0)
+            count, entry["compensated_tensors"] = imatrix_mod.quantize_file(f16, out, target, imatrix, cpu_threads())
             entry["imatrix_check"] = keep_better(out, target, p.check_blocks)
         finally:
             out.unlink(missing_ok=True)

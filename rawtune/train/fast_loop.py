@@ -391,7 +391,7 @@ def fit(t: TrainSettings, run: RunDir, model: Any, train_blocks: np.ndarray, hel
     params = [p for _, p in trainable]
     broadcast_params(params, dist)  # the same starting weights on every rank, as DDP's wrapper does
     reduce = OverlappedReduce(params, dist) if dist.active else None
-    keep_grads = reduce is None and getattr(fast, "graphs", False)
+    keep_grads = reduce is None and fast.graphs
     if keep_grads:
         _grads_of_their_own(params)
     eval_every = t.eval_steps if len(eval_blocks) and t.eval_steps else 0

@@ -25,7 +25,7 @@ from typing import Any
 class ModelLoss:
     """``loss(ids, labels, n_items)``: the PEFT model's own forward, returning sum/n_items."""
 
-    compiled = False
+    compiled = graphs = False
 
     def __init__(self, model: Any):
         self.model = model
