@@ -4,7 +4,8 @@ The Hub is unreachable from the test machines, so the tests run the real ``huggi
 ``datasets`` clients against this server instead. It speaks the subset of the Hub's HTTP API those
 clients use for what rawtune does:
 
-- ``GET /api/whoami-v2`` (token role ``read`` or ``write``),
+- ``GET /api/whoami-v2`` (token role ``read``, ``write`` or ``contribute``: an app's OAuth token with the
+  contribute-repos scope, which creates repos and writes only those it created),
 - ``POST /api/repos/create``, ``GET /api/{models,datasets}/{id}[/revision/{rev}]``,
 - ``GET .../auth-check``, ``POST /api/validate-yaml``, ``POST .../preupload/{rev}``, ``POST .../commit/{rev}`` (NDJSON),
 - the Git LFS batch API with the ``basic`` transfer (PUT upload + verify),
@@ -49,6 +50,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 WRITE_TOKEN = "hf_emuAliceWrite000000000000000000"  # alice, may write to alice/* and org acme/*
 READ_TOKEN = "hf_emuAliceRead0000000000000000000"  # alice, read-only
 BOB_TOKEN = "hf_emuBobWrite00000000000000000000"  # bob, write on bob/* only
+# alice signed in to the app (OAuth scopes read-repos + contribute-repos): creates repos, writes only those
+OAUTH_TOKEN = "hf_oauth_emuAliceApp00000000000000"
 
 # Suffixes the Hub's default .gitattributes routes through LFS (plus .gguf, which the Hub treats
 # as LFS as well); any binary or large file is LFS too, as on the real Hub.
@@ -78,8 +81,9 @@ class Token:
     """A user access token the emulator accepts."""
 
     user: str
-    role: str = "write"  # "read" or "write"
+    role: str = "write"  # "read", "write", or "contribute" (an OAuth app's contribute-repos scope)
     orgs: tuple[str, ...] = ()
+    value: str = ""  # the token itself (which repos a contribute-repos token created)
 
 
 @dataclass
@@ -106,6 +110,7 @@ class Repo:
     granted: set[str] = field(default_factory=set)  # users who accepted a gated repo's terms
     commits: list[Commit] = field(default_factory=list)
     created_at: str = field(default_factory=_now)
+    created_by: Optional[str] = None  # the token that created it through the API (contribute-repos writes only these)
 
     @property
     def owner(self) -> str:
@@ -192,7 +197,7 @@ class HubEmulator:
     # ------------------------------------------------------------ test-side API (no HTTP)
 
     def add_token(self, token: str, user: str, role: str = "write", orgs: tuple[str, ...] = ()) -> None:
-        self.tokens[token] = Token(user, role, tuple(orgs))
+        self.tokens[token] = Token(user, role, tuple(orgs), token)
 
     def create_repo(self, repo_id: str, repo_type: str = "model", private: bool = False,
                     gated: bool = False, files: Optional[dict[str, bytes | str]] = None) -> Repo:
@@ -296,10 +301,16 @@ class HubEmulator:
             raise HubError(403, f"Access to {repo.repo_type} {repo.repo_id} is restricted and you are not in "
                            "the authorized list. Visit the repo page to ask for access.", "GatedRepo")
 
-    def check_write(self, namespace: str, token: Optional[Token], what: str) -> None:
+    def check_write(self, namespace: str, token: Optional[Token], what: str, repo: Optional[Repo] = None) -> None:
+        """Write access as the Hub grants it. A contribute-repos token (an OAuth app's least privilege)
+        may create repos in its user's namespace and write only to the repos it created."""
         if token is None:
             raise HubError(401, "You must be authenticated to " + what)
-        if token.role != "write" or (namespace != token.user and namespace not in token.orgs):
+        own = namespace == token.user or namespace in token.orgs
+        created_here = repo is None or (repo.created_by is not None and repo.created_by == token.value)
+        allowed = own and (token.role == "write" or (token.role == "contribute" and namespace == token.user
+                                                      and created_here))
+        if not allowed:
             raise HubError(403, f"You don't have the rights to {what} under the namespace \"{namespace}\"")
 
 
@@ -440,7 +451,7 @@ class _Handler(BaseHTTPRequestHandler):
         if (repo_type, repo_id) in self.hub.repos:
             return self._json({"error": f"You already created this {repo_type} repo", "url": url}, 409)
         private = payload.get("visibility") == "private" or bool(payload.get("private"))
-        self.hub.create_repo(repo_id, repo_type, private=private)
+        self.hub.create_repo(repo_id, repo_type, private=private).created_by = token.value
         self._json({"url": url, "name": repo_id, "id": hashlib.sha1(repo_id.encode()).hexdigest()[:24]})
 
     def _validate_yaml(self, payload: dict) -> None:
@@ -470,17 +481,17 @@ class _Handler(BaseHTTPRequestHandler):
         if action == "auth-check" and method == "GET":
             repo = self.hub.readable(repo_type, repo_id, token)
             if rest[1:2] == ["write"]:
-                self.hub.check_write(repo.owner, token, "write")
+                self.hub.check_write(repo.owner, token, "write", repo)
             else:
                 self.hub.check_gate(repo, token)
             return self._json({})
         if action == "preupload" and method == "POST":
             repo = self.hub.readable(repo_type, repo_id, token)
-            self.hub.check_write(repo.owner, token, "upload files")
+            self.hub.check_write(repo.owner, token, "upload files", repo)
             return self._preupload(repo, json.loads(body))
         if action == "commit" and method == "POST":
             repo = self.hub.readable(repo_type, repo_id, token)
-            self.hub.check_write(repo.owner, token, "commit")
+            self.hub.check_write(repo.owner, token, "commit", repo)
             return self._commit(repo, revision, body, token)
         if action == "tree" and method == "GET":
             repo = self.hub.readable(repo_type, repo_id, token)
@@ -533,7 +544,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _lfs_batch(self, repo_type: str, repo_id: str, token: Optional[Token], payload: dict) -> None:
         repo = self.hub.readable(repo_type, repo_id, token)
         if payload.get("operation") == "upload":
-            self.hub.check_write(repo.owner, token, "upload files")
+            self.hub.check_write(repo.owner, token, "upload files", repo)
         objects = []
         for obj in payload.get("objects", []):
             entry = {"oid": obj["oid"], "size": obj["size"], "authenticated": True}
@@ -774,6 +785,7 @@ def seed_default(hub: HubEmulator) -> HubEmulator:
     hub.add_token(WRITE_TOKEN, "alice", "write", orgs=("acme",))
     hub.add_token(READ_TOKEN, "alice", "read", orgs=("acme",))
     hub.add_token(BOB_TOKEN, "bob", "write")
+    hub.add_token(OAUTH_TOKEN, "alice", "contribute")
     # Public, parquet with train and test splits (file names give the splits, as on the Hub).
     hub.create_repo("alice/public-text", "dataset", files={
         "README.md": "---\nlicense: cc-by-4.0\n---\n# Public text\n",

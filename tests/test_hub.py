@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hub_emulator import BOB_TOKEN, READ_TOKEN, WRITE_TOKEN, point_clients_at
+from hub_emulator import BOB_TOKEN, OAUTH_TOKEN, READ_TOKEN, WRITE_TOKEN, point_clients_at
 from rawtune.data import prepare, read_documents
 from rawtune.errors import DataError, HubError, StageMissing
 from rawtune.data.hub import load_hub_rows
@@ -365,6 +365,26 @@ def test_read_only_token_is_refused(hub_server, tmp_path):
     with pytest.raises(HubError, match="this token cannot write to alice/ro-model; create a token with write access"):
         push_run(run, PushSettings(repo="alice/ro-model"), token=BOB_TOKEN, log=lambda _: None)
     assert not hub_server.has_repo("alice/ro-model")
+
+
+def test_signed_in_visitor_pushes_only_to_repos_the_app_created(hub_server, tmp_path):
+    """The app's Sign-in asks for contribute-repos, not write-repos: the visitor's token creates a
+    repo and pushes to it again, but an existing repo of theirs that the app did not create is
+    refused with a message that gives both ways out (a new name, or a pasted write token)."""
+    run = make_run(tmp_path / "oauth")
+    first = push_run(run, PushSettings(repo="alice/made-by-app"), token=OAUTH_TOKEN, log=lambda _: None)
+    again = push_run(make_run(tmp_path / "oauth2"), PushSettings(repo="alice/made-by-app"), token=OAUTH_TOKEN,
+                     log=lambda _: None)
+    assert first["commit"] != again["commit"] and len(hub_server.commits("alice/made-by-app")) == 3
+    push_run(run, PushSettings(repo="alice/made-by-hand"), token=WRITE_TOKEN, log=lambda _: None)
+    before = len(hub_server.commits("alice/made-by-hand"))
+    with pytest.raises(HubError) as exc:
+        push_run(make_run(tmp_path / "oauth3"), PushSettings(repo="alice/made-by-hand"), token=OAUTH_TOKEN,
+                 log=lambda _: None)
+    message = str(exc.value)
+    assert "create new repos and write only to the repos it created" in message
+    assert "push to a new repo name, or paste a write token" in message and OAUTH_TOKEN not in message
+    assert len(hub_server.commits("alice/made-by-hand")) == before
 
 
 def test_push_needs_token_repo_and_export(hub_server, tmp_path, monkeypatch):

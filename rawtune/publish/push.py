@@ -21,7 +21,17 @@ from ..rundir import RunDir, scrub
 from ..settings import PushSettings
 
 
-def write_error(repo: str) -> HubError:
+# What the app's Sign-in grants (README's hf_oauth_scopes): repos it creates, nothing it did not.
+OAUTH_PREFIX = "hf_oauth_"
+
+
+def write_error(repo: str, token: Token = None) -> HubError:
+    """Why a push to ``repo`` was refused, and the way out that fits the kind of token."""
+    if isinstance(token, str) and token.startswith(OAUTH_PREFIX):
+        return HubError(f"signing in with Hugging Face lets this app create new repos and write only to the "
+                        f"repos it created (scope contribute-repos, never full write access), and {repo} is "
+                        "not one of them; push to a new repo name, or paste a write token that can write to "
+                        f"{repo} ({endpoint()}/settings/tokens) in the token box")
     return HubError(f"this token cannot write to {repo}; create a token with write access "
                     f"({endpoint()}/settings/tokens) for an account that owns {repo.split('/')[0]} or "
                     "belongs to it, then pass it with --token or HF_TOKEN")
@@ -111,7 +121,7 @@ def _push(run: RunDir, repo: str, settings: PushSettings, token: Token, log: Cal
     operations = _operations(files, _public_record(record), repo)
     total = sum(f.stat().st_size for f in files.values())
     log(f"[push] uploading {len(operations)} files ({total / 1e6:.1f} MB) to {repo} in one commit")
-    url, before, info = _commit(api, repo, settings.private, operations, f"rawtune: {run.path.name}")
+    url, before, info = _commit(api, repo, settings.private, operations, f"rawtune: {run.path.name}", token)
     repo_url = str(url).rstrip("/") or f"{endpoint()}/{repo}"
     hub = {"repo": repo, "url": repo_url, "commit": info.oid, "private": bool(before.private),
            "files": [op.path_in_repo for op in operations]}
@@ -137,7 +147,8 @@ def _operations(files: dict[str, Path], public: dict[str, Any], repo: str) -> li
     return operations
 
 
-def _commit(api: Any, repo: str, private: bool, operations: list, message: str) -> tuple[Any, Any, Any]:
+def _commit(api: Any, repo: str, private: bool, operations: list, message: str,
+            token: Token = None) -> tuple[Any, Any, Any]:
     """Create the repo if needed and make the one commit; (repo url, repo info before, commit info)."""
     import httpx
     from huggingface_hub.errors import HfHubHTTPError
@@ -155,7 +166,7 @@ def _commit(api: Any, repo: str, private: bool, operations: list, message: str) 
         )
     except HfHubHTTPError as exc:
         if http_status(exc) in (401, 403):
-            raise write_error(repo) from None
+            raise write_error(repo, token) from None
         raise HubError(f"pushing to {repo} failed ({safe_text(exc)}); nothing was committed, so retrying the "
                        "push is safe") from None
     except (OSError, RuntimeError, ValueError) as exc:
