@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
             if name == "push":
                 add_settings_flags(p, ("push",))
         if name in ("train", "run"):
+            for key in ("report_to", "trackio_space"):
+                p.add_argument(flag(key), dest=key, default=argparse.SUPPRESS, metavar=key.upper(),
+                               help=docs(RunSettings)[key])
             p.add_argument("--gpus", type=int, default=None, metavar="N",
                            help="train data-parallel on N GPUs of this machine: runs this command again through "
                                 "torchrun in N processes (without CUDA: N CPU processes, for tests)")

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
 
+from . import track
 from .errors import ConfigError, RawtuneError
 from .hubauth import is_repo_id
 from .rundir import RunDir, scrub
@@ -117,6 +118,7 @@ def run_pipeline(settings: RunSettings, token: Optional[str] = None, callback=No
     if not settings.out:
         raise ConfigError("--out: give a run directory, e.g. --out runs/my-run")
     run = RunDir(settings.out)
+    track.check(settings, token)
     with run.lock():
         check_resume(settings, run)
         run.stop_file.unlink(missing_ok=True)
@@ -125,12 +127,37 @@ def run_pipeline(settings: RunSettings, token: Optional[str] = None, callback=No
             from .train import import_backend_first
 
             import_backend_first(settings.train.backend)
-        for stage in [s for s in STAGES if s in settings.stages]:
-            if stop is not None and stop.is_set():
-                log(f"[pipeline] stopped before {stage}")
-                break
-            run_stage(stage, settings, run, token, callback, stop, log)
+        tracker = track.open_tracker(settings, run, token, log)
+        try:
+            _run_stages(settings, run, token, _tracked(callback, tracker), stop, log)
+            if tracker:
+                tracker.final(run.load())
+        finally:
+            if tracker:
+                tracker.close()
         return run.load()
+
+
+def _tracked(callback, tracker: Optional[track.Tracker]):
+    """The training callback, with each event also sent to the tracker."""
+    if tracker is None:
+        return callback
+
+    def both(event: dict) -> None:
+        tracker.event(event)
+        if callback is not None:
+            callback(event)
+
+    return both
+
+
+def _run_stages(settings: RunSettings, run: RunDir, token: Optional[str], callback,
+                stop: Optional[threading.Event], log: Callable[[str], None]) -> None:
+    for stage in [s for s in STAGES if s in settings.stages]:
+        if stop is not None and stop.is_set():
+            log(f"[pipeline] stopped before {stage}")
+            break
+        run_stage(stage, settings, run, token, callback, stop, log)
 
 
 def run_stage(stage: str, settings: RunSettings, run: RunDir, token: Optional[str], callback,

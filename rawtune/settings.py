@@ -143,6 +143,12 @@ class RunSettings:
     out: Optional[str] = setting(None, "run directory")
     stages: Optional[list[str]] = setting(None, "stages to run (default: all but merge; push only when --repo is given)",
                                           "list", choices=STAGES)
+    report_to: str = setting("none", "experiment tracker: none, or trackio (loss, learning rate, held-out loss, "
+                             "tokens/s, perplexities and per-file quant numbers, the run's name as trackio's run)",
+                             choices=["none", "trackio"], form=False)
+    trackio_space: Optional[str] = setting(None, "with --report-to trackio: also log to this Hugging Face Space "
+                                           "(user/name, created private); default: trackio's local store only",
+                                           form=False)
     data: DataSettings = field(default_factory=DataSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
     export: ExportSettings = field(default_factory=ExportSettings)
@@ -435,6 +441,8 @@ def validate(settings: RunSettings) -> RunSettings:
     s.stages = [st.lower() for st in _as_list(s.stages)]
     for stage in s.stages:
         _check(stage in STAGES, "stages", f"unknown stage {stage!r}; use some of {', '.join(STAGES)}")
+    s.report_to = str(s.report_to or "none").lower()
+    _check(s.report_to in choices("report_to"), "report_to", f"use {_one_of('report_to')}")
     _validate_data(s.data)
     s.train = _validate_train(resolve_preset(s.train))
     s.export.quant = [quants.get(label).key for label in quants.labels_for(_as_list(s.export.quant))]
