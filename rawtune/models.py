@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
+from . import env
 from .errors import ModelError, StageMissing
 from .hubauth import is_repo_id
 from .rundir import RunDir
@@ -137,7 +138,7 @@ def check_gated_access(repo: str, token: Optional[str]) -> None:
 
 def cache_root() -> Path:
     """Where converted models are kept (``RAWTUNE_CACHE``, default ``~/.cache/rawtune``)."""
-    return Path(os.environ.get("RAWTUNE_CACHE", Path.home() / ".cache" / "rawtune"))
+    return Path(env.get("RAWTUNE_CACHE") or Path.home() / ".cache" / "rawtune")
 
 
 def offline_gguf() -> Optional[Path]:

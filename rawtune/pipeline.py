@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
 
+from . import env
 from . import track
 from .errors import ConfigError, RawtuneError
 from .hubauth import is_repo_id
@@ -256,14 +257,14 @@ TICK = 0.5  # seconds between Tick events while a segment runs
 def segment_call_seconds() -> int:
     """How long one GPU call that trains a segment may last (the app's ``@spaces.GPU`` duration):
     the segment (``RAWTUNE_SEGMENT_SECONDS``, default 90 s) and a minute to load and save."""
-    return int(float(os.environ.get("RAWTUNE_SEGMENT_SECONDS") or 90)) + 60
+    return int(float(env.get("RAWTUNE_SEGMENT_SECONDS") or 90)) + 60
 
 
 def segment_seconds(model: Optional[str] = None) -> Optional[float]:
     """Training time of one segment: ``RAWTUNE_SEGMENT_SECONDS`` when set (0: unlimited); on
     ZeroGPU, what the memory planner leaves of one GPU call once the model's load and save times
     are taken out; elsewhere None (one segment, unlimited)."""
-    value = os.environ.get("RAWTUNE_SEGMENT_SECONDS")
+    value = env.get("RAWTUNE_SEGMENT_SECONDS")
     if value:
         return float(value) if float(value) > 0 else None
     from .space import on_zero_gpu

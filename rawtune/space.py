@@ -29,25 +29,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from . import env
 from .errors import ConfigError
 from .hubauth import is_repo_id
 from .units import format_duration
 
-# Defaults on a shared app; each is overridden by its environment variable (0 = no limit).
-SHARED_UPLOAD_MB = 50
-SHARED_MAX_CHARS = 20_000_000  # about 5M tokens: plenty for a demo, a few hundred MB of RAM at most
-SHARED_TRAIN_MINUTES = 20
-SHARED_TRAIN_STEPS = 2000
 COMPARE_SECONDS_GUESS = 60  # what one Compare is assumed to take, for a waiting visitor's estimate
-
-
-def _flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def shared() -> bool:
     """True where strangers reach the app: on a Space, or with ``--share``."""
-    return bool(os.environ.get("SPACE_ID")) or _flag("RAWTUNE_SHARED")
+    return bool(os.environ.get("SPACE_ID")) or env.flag("RAWTUNE_SHARED")
 
 
 def on_spaces() -> bool:
@@ -69,34 +61,41 @@ def gpu_expected() -> bool:
 
 def allow_owner_token() -> bool:
     """Whether a visitor's Hub actions may fall back to the machine's own token."""
-    return not shared() or _flag("RAWTUNE_ALLOW_OWNER_TOKEN")
+    return not shared() or env.flag("RAWTUNE_ALLOW_OWNER_TOKEN")
 
 
 def allow_server_paths() -> bool:
     """Whether the dataset and model boxes may name files on the server."""
-    return not shared() or _flag("RAWTUNE_ALLOW_SERVER_PATHS")
+    return not shared() or env.flag("RAWTUNE_ALLOW_SERVER_PATHS")
 
 
-def _limit(name: str, shared_default: float) -> Optional[float]:
+def shared_default(name: str) -> float:
+    """A limit's value on a shared app when its variable is unset (declared in rawtune/env.py)."""
+    value = env.declared(name).shared_default
+    assert value is not None, f"{name} is not a limit"
+    return value
+
+
+def _limit(name: str) -> Optional[float]:
     """A positive number from ``name``; else the default on a shared app; 0 or unset: no limit."""
-    raw = os.environ.get(name, "").strip()
+    raw = env.get(name)
     if raw:
         try:
             value = float(raw)
         except ValueError:
             raise ConfigError(f"{name} must be a number, not {raw!r}") from None
         return value if value > 0 else None
-    return shared_default if shared() else None
+    return shared_default(name) if shared() else None
 
 
 def max_upload_bytes() -> Optional[int]:
-    mb = _limit("RAWTUNE_MAX_UPLOAD_MB", SHARED_UPLOAD_MB)
+    mb = _limit("RAWTUNE_MAX_UPLOAD_MB")
     return int(mb * 1024 * 1024) if mb else None
 
 
 def max_chars() -> Optional[int]:
     """Most characters read from one source (files and Hub datasets); None: no cap."""
-    value = _limit("RAWTUNE_MAX_CHARS", SHARED_MAX_CHARS)
+    value = _limit("RAWTUNE_MAX_CHARS")
     return int(value) if value else None
 
 
@@ -168,8 +167,8 @@ class Budget:
 
     @classmethod
     def from_env(cls) -> "Budget":
-        minutes = _limit("RAWTUNE_MAX_TRAIN_MINUTES", SHARED_TRAIN_MINUTES)
-        steps = _limit("RAWTUNE_MAX_TRAIN_STEPS", SHARED_TRAIN_STEPS)
+        minutes = _limit("RAWTUNE_MAX_TRAIN_MINUTES")
+        steps = _limit("RAWTUNE_MAX_TRAIN_STEPS")
         return cls(minutes * 60 if minutes else None, int(steps) if steps else None)
 
     def describe(self) -> str:
@@ -245,7 +244,7 @@ class GpuSlot:
     def slots(self) -> int:
         if self._slots:
             return self._slots
-        raw = os.environ.get("RAWTUNE_GPU_SLOTS", "").strip()
+        raw = env.get("RAWTUNE_GPU_SLOTS")
         try:
             return max(int(raw), 1) if raw else 1
         except ValueError:

@@ -289,7 +289,7 @@ def test_item5_upload_cap(on_space, tmp_path, monkeypatch):
         _load(sessions.new_session(), upload=str(big))
     assert ui.launch_options()["max_file_size"] == 1024 * 1024
     monkeypatch.delenv("RAWTUNE_MAX_UPLOAD_MB")
-    assert ui.launch_options()["max_file_size"] == space.SHARED_UPLOAD_MB * 1024 * 1024
+    assert ui.launch_options()["max_file_size"] == space.shared_default("RAWTUNE_MAX_UPLOAD_MB") * 1024 * 1024
 
 
 PARQUET_BOMB = """
@@ -324,7 +324,7 @@ def test_item5_small_parquet_cannot_take_hundreds_of_mb(tmp_path):
     out = subprocess.run([sys.executable, "-c", READ_AND_MEASURE, str(bomb)], env=env, check=True,
                          capture_output=True, text=True).stdout
     result = json.loads(out.strip().splitlines()[-1])
-    assert result["chars"] == space.SHARED_MAX_CHARS  # the cap, not the 400 M characters inside
+    assert result["chars"] == space.shared_default("RAWTUNE_MAX_CHARS")  # the cap, not the 400 M characters inside
     assert result["peak_mb"] < 250, result  # reading all of it took about 940 MB
 
 
@@ -401,7 +401,7 @@ def test_item6_budget_decisions(monkeypatch):
     assert space.Budget.from_env() == space.Budget(None, None)  # the CLI and a local app: no budget
     monkeypatch.setenv("SPACE_ID", "alice/rawtune")
     budget = space.Budget.from_env()
-    assert budget == space.Budget(space.SHARED_TRAIN_MINUTES * 60, space.SHARED_TRAIN_STEPS)
+    assert budget == space.Budget(space.shared_default("RAWTUNE_MAX_TRAIN_MINUTES") * 60, space.shared_default("RAWTUNE_MAX_TRAIN_STEPS"))
     monkeypatch.setenv("RAWTUNE_MAX_TRAIN_MINUTES", "0")
     monkeypatch.setenv("RAWTUNE_MAX_TRAIN_STEPS", "100")
     budget = space.Budget.from_env()

@@ -25,9 +25,10 @@ from ..settings import PushSettings
 OAUTH_PREFIX = "hf_oauth_"
 
 
-def write_error(repo: str, token: Token = None) -> HubError:
-    """Why a push to ``repo`` was refused, and the way out that fits the kind of token."""
-    if isinstance(token, str) and token.startswith(OAUTH_PREFIX):
+def write_error(repo: str, token: Token = None, user: str = "") -> HubError:
+    """Why a push to ``repo`` was refused, and the way out that fits the kind of token: a signed-in
+    visitor's own namespace refuses only the repos the app did not create."""
+    if isinstance(token, str) and token.startswith(OAUTH_PREFIX) and repo.split("/")[0] == user:
         return HubError(f"signing in with Hugging Face lets this app create new repos and write only to the "
                         f"repos it created (scope contribute-repos, never full write access), and {repo} is "
                         "not one of them; push to a new repo name, or paste a write token that can write to "
@@ -117,11 +118,12 @@ def _push(run: RunDir, repo: str, settings: PushSettings, token: Token, log: Cal
     if not token:
         raise HubError(f"pushing to {repo} needs a Hugging Face token with write access: {login_hint(token)}")
     api = HfApi(endpoint=endpoint(), token=token, library_name="rawtune", library_version=__version__)
-    _check_can_write(api, repo, log)
+    user = _check_can_write(api, repo, log)
     operations = _operations(files, _public_record(record), repo)
     total = sum(f.stat().st_size for f in files.values())
     log(f"[push] uploading {len(operations)} files ({total / 1e6:.1f} MB) to {repo} in one commit")
-    url, before, info = _commit(api, repo, settings.private, operations, f"rawtune: {run.path.name}", token)
+    url, before, info = _commit(api, repo, settings.private, operations, f"rawtune: {run.path.name}",
+                                lambda: write_error(repo, token, user))
     repo_url = str(url).rstrip("/") or f"{endpoint()}/{repo}"
     hub = {"repo": repo, "url": repo_url, "commit": info.oid, "private": bool(before.private),
            "files": [op.path_in_repo for op in operations]}
@@ -148,7 +150,7 @@ def _operations(files: dict[str, Path], public: dict[str, Any], repo: str) -> li
 
 
 def _commit(api: Any, repo: str, private: bool, operations: list, message: str,
-            token: Token = None) -> tuple[Any, Any, Any]:
+            refused: Callable[[], HubError]) -> tuple[Any, Any, Any]:
     """Create the repo if needed and make the one commit; (repo url, repo info before, commit info)."""
     import httpx
     from huggingface_hub.errors import HfHubHTTPError
@@ -166,7 +168,7 @@ def _commit(api: Any, repo: str, private: bool, operations: list, message: str,
         )
     except HfHubHTTPError as exc:
         if http_status(exc) in (401, 403):
-            raise write_error(repo, token) from None
+            raise refused() from None
         raise HubError(f"pushing to {repo} failed ({safe_text(exc)}); nothing was committed, so retrying the "
                        "push is safe") from None
     except (OSError, RuntimeError, ValueError) as exc:

@@ -30,12 +30,13 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from .. import env
 from ..errors import ConfigError
 from ..settings import TrainSettings
 
 # A rank that waits for rank 0 (which may still be reading and packing a large dataset before
 # training starts) must not give up after torch's default 10 minutes.
-WAIT = timedelta(hours=int(os.environ.get("RAWTUNE_DIST_TIMEOUT_HOURS", "6")))
+WAIT = timedelta(hours=int(env.get("RAWTUNE_DIST_TIMEOUT_HOURS")))
 BUCKET_BYTES = 64 * 2**20  # gradients are all-reduced in flat buckets of about this size
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from .. import env
 from ..errors import ConfigError
 from ..settings import TrainSettings
 
@@ -41,13 +42,13 @@ def param_count(c: dict) -> int:
 
 def zero_gpu() -> bool:
     """True on a ZeroGPU Space (its SPACES_ZERO_GPU variable) or when RAWTUNE_ZERO_GPU=1 says so."""
-    flags = (os.environ.get("RAWTUNE_ZERO_GPU", ""), os.environ.get("SPACES_ZERO_GPU", ""))
+    flags = ((env.get("RAWTUNE_ZERO_GPU") or ""), os.environ.get("SPACES_ZERO_GPU", ""))
     return any(f.lower() in ("1", "t", "true", "yes") for f in flags)
 
 
 def compile_allowed() -> bool:
     """torch.compile is off on ZeroGPU (Hugging Face's ZeroGPU docs) and with RAWTUNE_COMPILE=0."""
-    return not zero_gpu() and os.environ.get("RAWTUNE_COMPILE", "1") != "0"
+    return not zero_gpu() and env.get("RAWTUNE_COMPILE") != "0"
 
 
 # torch.compile's modes. "reduce-overhead" records each compiled layer as a CUDA graph (its forward
@@ -60,7 +61,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 def compile_mode() -> Optional[str]:
     """torch.compile's mode for the fast loop's layer from RAWTUNE_COMPILE_MODE (None: torch's default)."""
-    mode = os.environ.get("RAWTUNE_COMPILE_MODE", "").strip()
+    mode = (env.get("RAWTUNE_COMPILE_MODE") or "")
     if not mode:
         return None
     if mode not in COMPILE_MODES:

@@ -49,6 +49,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from .. import env
 from ..rundir import RunDir
 from ..settings import TrainSettings
 from .checkpoints import STATE_FILE
@@ -68,7 +69,7 @@ ARCHS = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite", "olmo2")
 
 def disabled() -> bool:
     """RAWTUNE_FASTLOOP=0 sends CUDA training back to the Trainer path (for comparisons)."""
-    return os.environ.get("RAWTUNE_FASTLOOP", "1") == "0"
+    return env.get("RAWTUNE_FASTLOOP") == "0"
 
 
 def why_not_for_settings(t: TrainSettings, config: dict, bf16: Optional[bool] = None) -> Optional[str]:
@@ -107,7 +108,7 @@ def why_not_for_settings(t: TrainSettings, config: dict, bf16: Optional[bool] = 
 
 def own_forward_asked() -> bool:
     """Train Unsloth's model in this loop rather than in the Trainer, unless RAWTUNE_UNSLOTH_LOOP=trainer."""
-    return os.environ.get("RAWTUNE_UNSLOTH_LOOP", "fast").lower() != "trainer"
+    return env.get("RAWTUNE_UNSLOTH_LOOP").lower() != "trainer"
 
 
 def own_forward_veto(four_bit: bool, bf16: bool, backend: str = "unsloth") -> Optional[str]:

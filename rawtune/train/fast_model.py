@@ -9,9 +9,10 @@ against PEFT on the CPU). :mod:`.fast_loop` trains it.
 from __future__ import annotations
 
 import dataclasses
-import os
 from types import SimpleNamespace
 from typing import Any, Callable, Optional
+
+from .. import env
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -373,7 +374,7 @@ class FastModel:
 
         self.net = net
         backends = _attn_backends(attn)
-        layer = make_layer(net.cfg, backends, fuse=os.environ.get("RAWTUNE_FUSED_LORA", "1") != "0")
+        layer = make_layer(net.cfg, backends, fuse=env.get("RAWTUNE_FUSED_LORA") != "0")
         self.compiled = compile
         # ``mode``: torch.compile's mode for the layer; the CUDA-graph modes need a new iteration
         # marked before each forward (:meth:`begin`)
@@ -431,7 +432,7 @@ class FastModel:
 
 def _attn_backends(name: Optional[str]) -> Optional[list]:
     """RAWTUNE_SDPA=cudnn|flash|efficient pins the attention kernel (default: PyTorch's choice)."""
-    name = name or os.environ.get("RAWTUNE_SDPA", "")
+    name = name or env.get("RAWTUNE_SDPA")
     if not name:
         return None
     from torch.nn.attention import SDPBackend

@@ -20,6 +20,7 @@ import tempfile
 import threading
 from typing import Any, Callable, Optional
 
+from .. import env
 from ..errors import ConfigError, TrainError
 from ..rundir import RunDir
 from ..settings import RunSettings, has_cuda, to_dict
@@ -35,7 +36,7 @@ def requested_processes() -> int:
     ``all`` is every CUDA GPU of the machine; a number is that many GPUs (without CUDA: that many
     CPU processes, which is what the CPU tests use). Inside a launched job it is always 1.
     """
-    value = os.environ.get("RAWTUNE_GPUS", "").strip().lower()
+    value = (env.get("RAWTUNE_GPUS") or "").lower()
     if not value or world_size() > 1:
         return 1
     import torch

@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 from typing import Callable, Optional
 
+from .. import env
 from ..errors import ConfigError
 from ..settings import TrainSettings
 from .engine import compile_allowed, dims, linear_params, param_count, zero_gpu
@@ -227,7 +228,7 @@ def card_bytes() -> int:
     """The card's memory, or RAWTUNE_GPU_MEMORY_GIB when set (to plan for a smaller or shared card)."""
     import torch
 
-    override = os.environ.get("RAWTUNE_GPU_MEMORY_GIB")
+    override = env.get("RAWTUNE_GPU_MEMORY_GIB")
     if override:
         return int(float(override) * GIB)
     return torch.cuda.get_device_properties(0).total_memory

@@ -9,11 +9,11 @@ decides (settings from the form, presets, segments, estimates) is the library's.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import gradio as gr
 
+from .. import env
 from .. import space
 from . import forms, handlers
 from .forms import Form, bind
@@ -37,7 +37,7 @@ def launch_options() -> dict[str, Any]:
 
 def _token_input() -> Any:
     """The login button on Spaces (or when asked), else a box for a pasted token."""
-    if space.on_spaces() or os.environ.get("RAWTUNE_LOGIN_BUTTON") == "1":
+    if space.on_spaces() or env.flag("RAWTUNE_LOGIN_BUTTON"):
         gr.LoginButton(scale=0, min_width=260)
         return gr.State(None)
     hint = "; HF_TOKEN or `hf auth login` work too" if space.allow_owner_token() else ""

@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 import gradio as gr
 
+from .. import env
 from .. import space
 from ..errors import ConfigError
 from ..rundir import RunDir
@@ -31,12 +32,12 @@ UPLOAD_TYPES = [".jsonl", ".json", ".csv", ".tsv", ".txt", ".md", ".parquet"]
 
 
 def runs_root() -> Path:
-    return Path(os.environ.get("RAWTUNE_RUNS", "runs")).expanduser().resolve()
+    return Path(env.get("RAWTUNE_RUNS")).expanduser().resolve()
 
 
 def default_model() -> str:
     """The model the app offers first (``RAWTUNE_DEFAULT_MODEL``), always allowed in the model box."""
-    return os.environ.get("RAWTUNE_DEFAULT_MODEL", DEFAULT_MODEL)
+    return env.get("RAWTUNE_DEFAULT_MODEL") or DEFAULT_MODEL
 
 
 @dataclass
@@ -86,7 +87,7 @@ def cleanup_old_runs(root: Path, max_age_s: float, live: Optional[set[Path]] = N
 def new_session() -> Session:
     """A fresh session folder (and a sweep of old ones)."""
     root = runs_root()
-    ttl = float(os.environ.get("RAWTUNE_RUN_TTL_HOURS", "24")) * 3600
+    ttl = float(env.get("RAWTUNE_RUN_TTL_HOURS")) * 3600
     cleanup_old_runs(root, ttl)
     folder = root / f"session-{uuid.uuid4().hex[:12]}"
     folder.mkdir(parents=True, exist_ok=True)
