@@ -9,6 +9,7 @@ A *shared* app is one that strangers reach: a Hugging Face Space (``SPACE_ID`` i
   the server (``RAWTUNE_ALLOW_SERVER_PATHS=1`` opts in);
 - uploads are capped (``RAWTUNE_MAX_UPLOAD_MB``), reading stops at ``RAWTUNE_MAX_CHARS``
   characters, and Hub datasets are streamed instead of downloaded whole;
+- a Hub model is downloaded only up to ``RAWTUNE_MAX_MODEL_GB``, checked on its file list first;
 - each training gets a budget (``RAWTUNE_MAX_TRAIN_MINUTES``, ``RAWTUNE_MAX_TRAIN_STEPS``) and
   waits its turn for the GPU in :class:`GpuSlot`, which exports and Compare share.
 
@@ -38,6 +39,7 @@ SHARED_UPLOAD_MB = 50
 SHARED_MAX_CHARS = 20_000_000  # about 5M tokens: plenty for a demo, a few hundred MB of RAM at most
 SHARED_TRAIN_MINUTES = 20
 SHARED_TRAIN_STEPS = 2000
+SHARED_MODEL_GB = 10  # largest Hub model download; the app's list tops out near 8 GB (Phi-4-mini in bf16)
 COMPARE_SECONDS_GUESS = 60  # what one Compare is assumed to take, for a waiting visitor's estimate
 
 
@@ -98,6 +100,12 @@ def max_chars() -> Optional[int]:
     """Most characters read from one source (files and Hub datasets); None: no cap."""
     value = _limit("RAWTUNE_MAX_CHARS", SHARED_MAX_CHARS)
     return int(value) if value else None
+
+
+def max_model_bytes() -> Optional[int]:
+    """Most bytes one Hub model download may take (``RAWTUNE_MAX_MODEL_GB``); None: no cap."""
+    gb = _limit("RAWTUNE_MAX_MODEL_GB", SHARED_MODEL_GB)
+    return int(gb * 1e9) if gb else None
 
 
 def force_streaming() -> bool:
