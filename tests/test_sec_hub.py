@@ -222,8 +222,8 @@ def test_item6_model_cap_is_off_outside_a_shared_app(monkeypatch):
 
 
 def test_item6_not_a_causal_lm_is_refused_before_download(hub_server, hub_model):
-    bert = json.dumps({"model_type": "bert", "architectures": ["BertModel"], "hidden_size": 64}).encode()
-    repo = hub_model("bert", **{"config.json": bert})
+    vision = json.dumps({"model_type": "vit", "architectures": ["ViTModel"], "hidden_size": 64}).encode()
+    repo = hub_model("vit", **{"config.json": vision})
     before = len(hub_server.requests)
     with pytest.raises(ModelError, match=r"is not a causal language model transformers implements"):
         resolve_model(repo, log=lambda line: None)
