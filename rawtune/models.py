@@ -248,7 +248,7 @@ def check_hub_files(repo_id: str, files: dict[str, int]) -> int:
     wanted = list(filter_repo_objects(list(files), allow_patterns=HF_PATTERNS))
     missing = [what for what, ok in (
         ("config.json", "config.json" in files),
-        ("safetensors weights", any(p.endswith(".safetensors") for p in wanted)),
+        ("model.safetensors (or its index)", bool({"model.safetensors", "model.safetensors.index.json"} & set(files))),
         ("tokenizer", any(p.rsplit("/", 1)[-1] in TOKENIZER_FILES for p in wanted))) if not ok]
     if missing:
         raise ModelError(f"model {repo_id} on the Hub has no {', no '.join(missing)}: rawtune trains Hugging Face "
@@ -466,7 +466,8 @@ def load_tuned(source: Union[RunDir, tuple], device: Optional[str] = None, dtype
     base_dir, adapter_dir = base_and_adapter(source)
     if base is None:
         if not base_dir.is_dir():
-            raise ModelError(f"the base model folder of {shown(base_dir)} is gone; rerun training so it is fetched again")
+            raise ModelError(f"the base model folder of {shown(base_dir)} is gone; rerun training so it is "
+                             "fetched again")
         base = load_causal_lm(base_dir, device=device, dtype=dtype)
     model = PeftModel.from_pretrained(base, str(adapter_dir))
     model = model.merge_and_unload() if merge else model

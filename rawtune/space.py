@@ -153,8 +153,14 @@ def guard_source(spec: str, own_folder: Path, what: str, allowed: tuple[str, ...
                       + (" or upload a file" if what == "dataset" else ""))
 
 
+# A path into a Hugging Face cache snapshot (models--<owner>--<name>/snapshots/<commit>), wherever the cache is.
+SNAPSHOT = re.compile(r"(?<![\w/.:-])/[^\s'\"]*?/(?:models|datasets)--([\w.-]+?)--([\w.-]+)/snapshots/[0-9a-f]{40}")
+
+
 def hide_paths(text: str, roots: list[Path]) -> str:
-    """``text`` with the server's folders (``roots``, the working folder) cut out of paths."""
+    """``text`` with the server's folders (``roots``, the working folder) cut out of paths, and
+    a Hugging Face cache snapshot named by its repo id (``owner/name/file``) instead."""
+    text = SNAPSHOT.sub(lambda m: f"{m.group(1)}/{m.group(2)}", text)
     for root in sorted({str(r) for r in roots} | {os.getcwd()}, key=len, reverse=True):
         if len(root) > 1:
             # Only where a path starts (not inside a URL such as https://host/app/...).

@@ -231,7 +231,7 @@ def test_item6_not_a_causal_lm_is_refused_before_download(hub_server, hub_model)
     no_weights = _name("no-weights")
     hub_server.create_repo(no_weights, "model", files={"config.json": json.dumps({"model_type": "llama"}),
                                                        "big.bin": b"\0" * 4096})
-    with pytest.raises(ModelError, match=r"has no safetensors weights, no tokenizer"):
+    with pytest.raises(ModelError, match=r"has no model.safetensors \(or its index\), no tokenizer"):
         resolve_model(no_weights, log=lambda line: None)
 
 
@@ -247,6 +247,17 @@ def test_item6_errors_never_show_the_cache_path(hub_server, hub_model):
     message = str(caught.value)
     assert repo in message and "snapshots" not in message and str(constants.HF_HUB_CACHE) not in message
     assert cache not in message
+    # Later stages name the folder they read; the page shows such a message with the repo id instead.
+    pytest.importorskip("gradio")
+    from rawtune.errors import ExportError
+    from rawtune.streamed import base_files
+    from rawtune.ui.background import public
+
+    (Path(source.local_dir) / "model.safetensors").unlink()
+    with pytest.raises(ExportError) as caught:
+        base_files(Path(source.local_dir))
+    shown = public(str(caught.value))
+    assert f"{repo} has no model.safetensors" in shown and cache not in shown and "snapshots" not in shown
 
 
 def test_item6_download_waits_for_the_visitors_gpu_turn(hub_server, hub_model, shared_app, monkeypatch):
