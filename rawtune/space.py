@@ -9,6 +9,7 @@ A *shared* app is one that strangers reach: a Hugging Face Space (``SPACE_ID`` i
   the server (``RAWTUNE_ALLOW_SERVER_PATHS=1`` opts in);
 - uploads are capped (``RAWTUNE_MAX_UPLOAD_MB``), reading stops at ``RAWTUNE_MAX_CHARS``
   characters, and Hub datasets are streamed instead of downloaded whole;
+- a Hub model is downloaded only up to ``RAWTUNE_MAX_MODEL_GB``, checked on its file list first;
 - each training gets a budget (``RAWTUNE_MAX_TRAIN_MINUTES``, ``RAWTUNE_MAX_TRAIN_STEPS``) and
   waits its turn for the GPU in :class:`GpuSlot`, which exports and Compare share.
 
@@ -99,6 +100,12 @@ def max_chars() -> Optional[int]:
     return int(value) if value else None
 
 
+def max_model_bytes() -> Optional[int]:
+    """Most bytes one Hub model download may take (``RAWTUNE_MAX_MODEL_GB``); None: no cap."""
+    gb = _limit("RAWTUNE_MAX_MODEL_GB")
+    return int(gb * 1e9) if gb else None
+
+
 def force_streaming() -> bool:
     """Hub datasets are streamed on a shared app, so only what is read is downloaded."""
     return shared()
@@ -144,8 +151,14 @@ def guard_source(spec: str, own_folder: Path, what: str, allowed: tuple[str, ...
                       + (" or upload a file" if what == "dataset" else ""))
 
 
+# A path into a Hugging Face cache snapshot (models--<owner>--<name>/snapshots/<commit>), wherever the cache is.
+SNAPSHOT = re.compile(r"(?<![\w/.:-])/[^\s'\"]*?/(?:models|datasets)--([\w.-]+?)--([\w.-]+)/snapshots/[0-9a-f]{40}")
+
+
 def hide_paths(text: str, roots: list[Path]) -> str:
-    """``text`` with the server's folders (``roots``, the working folder) cut out of paths."""
+    """``text`` with the server's folders (``roots``, the working folder) cut out of paths, and
+    a Hugging Face cache snapshot named by its repo id (``owner/name/file``) instead."""
+    text = SNAPSHOT.sub(lambda m: f"{m.group(1)}/{m.group(2)}", text)
     for root in sorted({str(r) for r in roots} | {os.getcwd()}, key=len, reverse=True):
         if len(root) > 1:
             # Only where a path starts (not inside a URL such as https://host/app/...).

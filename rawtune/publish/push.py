@@ -71,6 +71,22 @@ def _public_record(record: dict[str, Any]) -> dict[str, Any]:
     return clean(public)
 
 
+ADAPTER_CONFIG = "adapter/adapter_config.json"
+
+
+def adapter_config(path: Path, upstream: Any) -> bytes:
+    """The adapter's config as published: ``base_model_name_or_path`` is the base's Hub id, so
+    PEFT finds the base anywhere, and never the folder it was trained from on this machine (a
+    cache or home path); null for a base that has no Hub id."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise StageMissing(f"{path.name} in the run's adapter folder is not readable JSON: train again, "
+                           "or restore the adapter") from None
+    config["base_model_name_or_path"] = upstream if is_repo_id(upstream) else None
+    return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+
+
 def collect_files(run: RunDir) -> dict[str, Path]:
     """Repo path -> local file for everything a push uploads (not the card or run.json)."""
     gguf_dir = run.gguf_dir
@@ -143,7 +159,11 @@ def _operations(files: dict[str, Path], public: dict[str, Any], repo: str) -> li
     from .card import render
 
     card = render(public, repo, sorted(files) + ["run.json", "README.md"])
-    operations = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(f)) for p, f in files.items()]
+    operations = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(f)) for p, f in files.items()
+                  if p != ADAPTER_CONFIG]
+    if ADAPTER_CONFIG in files:
+        config = adapter_config(files[ADAPTER_CONFIG], (public.get("model") or {}).get("upstream_id"))
+        operations.append(CommitOperationAdd(ADAPTER_CONFIG, config))
     operations.append(CommitOperationAdd("run.json", (json.dumps(public, indent=2) + "\n").encode()))
     operations.append(CommitOperationAdd("README.md", card.encode()))
     return operations

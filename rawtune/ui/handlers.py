@@ -198,9 +198,9 @@ class TrainView:
 
 
 def _train(session: sessions.Session, settings: RunSettings, token: Any, progress: Any) -> Iterator[tuple]:
-    """The shared body of Start and Resume: the run's events streamed to the page. The data stage
-    runs first (CPU); then the run waits its turn in the GPU line, trains within this app's
-    budget, and leaves the line when done, stopped or gone."""
+    """The shared body of Start and Resume: the run's events streamed to the page. The run waits
+    its turn in the GPU line first; then the model download and the data stage (CPU) and the
+    training run within this app's budget, and the run leaves the line when done, stopped or gone."""
     sessions.claim(session, "training")
     resume = settings.train.resume
     view, turn = TrainView(session.run, progress, resume), GpuTurn(session)
@@ -214,15 +214,16 @@ def _train(session: sessions.Session, settings: RunSettings, token: Any, progres
         if budget.seconds or budget.steps:
             append(view.log, f"[app] this app gives each training {budget.describe()}")
         yield view.frame(result="")
+        # The whole run, the model's download and the data stage included, happens in this
+        # visitor's turn, so a download never competes with another visitor's training.
+        for waiting in turn.wait():
+            yield view.frame(waiting, plot=False)
+        if not turn.holds():
+            yield view.frame("Stopped while waiting for the GPU", result="", training=False)
+            return
         events = run_segmented(settings, token, segment_seconds(settings.train.model), stop=session.stop,
                                budget=budget, train_call=train_segment, eval_call=eval_segment)
         for event in events:
-            if isinstance(event, Phase) and event.stage == "train" and turn.ticket is None:
-                for waiting in turn.wait():
-                    yield view.frame(waiting, plot=False)
-                if not turn.holds():
-                    yield view.frame("Stopped while waiting for the GPU", result="", training=False)
-                    return
             yield from _follow(event, view, turn)
     except BaseException as exc:
         raise friendly(exc) from None
