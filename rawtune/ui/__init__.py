@@ -17,12 +17,15 @@ import gradio as gr
 from .. import space
 from . import forms, handlers
 from .forms import Form, bind
-from .session import default_model, end_session, new_session
+from .session import attach, default_model, end_session, new_session, page_closed
 
 __all__ = ["build_demo", "launch_options"]
 
 # Handlers that may wait inside for the GPU line at once (beyond this, Gradio's own queue holds them).
 WAITING_LIMIT = 16
+# Data loads Gradio lets in at once: they wait in the app's own load pool, and a visitor's loads
+# beyond their share are refused there at once, so one visitor's loads never queue up another's.
+LOADS_ENTERING = 32
 
 
 def launch_options() -> dict[str, Any]:
@@ -64,6 +67,11 @@ def build_demo() -> gr.Blocks:
         _wire_data_and_train(session, token, data, train)
         _wire_export_and_compare(session, token, export, compare, compare_tab)
         demo.load(handlers.default_repo, None, export["repo"])
+        # The session ends when its page is closed or reloaded: unload runs then, with the page's
+        # session hash, which attach has linked to its session. The State is also an output of
+        # attach, so Gradio's own deletion of the State (an hour later) calls end_session too.
+        demo.load(attach, session, session, queue=False)
+        demo.unload(page_closed)
     return demo
 
 
@@ -74,9 +82,11 @@ def _wire_data_and_train(session: gr.State, token: Any, data: dict, train: dict)
                                         "max_documents", "dedupe", "split_blank_lines", "streaming", "revision")}
     load_form = Form(**data_fields, model=train["model"], preset=train["preset"])
     shown = [data["summary"], data["first_docs"], data["text_column"]]
-    data["load"].click(bind(handlers.load_new_source, load_form), [session, token, *load_form.inputs()], shown)
+    loads = dict(concurrency_limit=LOADS_ENTERING, concurrency_id="data")
+    data["load"].click(bind(handlers.load_source, load_form), [session, token, *load_form.inputs()], shown, **loads)
     # Picking another column (a user action, not the update above) shows that column's documents.
-    data["text_column"].input(bind(handlers.load_data, load_form), [session, token, *load_form.inputs()], shown)
+    data["text_column"].input(bind(handlers.column_picked, load_form), [session, token, *load_form.inputs()], shown,
+                              **loads)
     text_boxes = [train["advanced"][f.name] for f in forms.text_fields()]
     train["preset"].change(handlers.preset_changed, train["preset"], [train["recipe"], *text_boxes], queue=False)
 

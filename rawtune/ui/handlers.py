@@ -28,7 +28,8 @@ from ..rundir import RunDir
 from ..settings import (DEFAULT_MODEL, DataSettings, ExportSettings, PushSettings, RunSettings, form_fields,
                         from_dict, from_form, settings_fields, train_from_form, validate)
 from . import session as sessions
-from .background import Background, GpuTurn, append, friendly, gpu, public, stream_log, wait_for_gpu
+from .background import (Background, GpuTurn, append, friendly, gpu, gpu_place, in_load_pool, public, stream_log,
+                         wait_for_gpu)
 from .forms import preset_hint, preset_summary, text_fields
 
 PLOT_POINTS = 1000  # most train-loss points sent to the plot
@@ -83,6 +84,18 @@ def load_new_source(session: Optional[sessions.Session], form: dict[str, Any], t
     return load_data(session, {**form, "text_column": None}, token_text, oauth_token)
 
 
+async def load_source(session: Optional[sessions.Session], form: dict[str, Any], token_text: Optional[str] = None,
+                      oauth_token: Any = None, request: Any = None):
+    """The Load button, in the app's data-load pool (a few loads per visitor at once)."""
+    return await in_load_pool(sessions.visitor(request), load_new_source, session, form, token_text, oauth_token)
+
+
+async def column_picked(session: Optional[sessions.Session], form: dict[str, Any], token_text: Optional[str] = None,
+                        oauth_token: Any = None, request: Any = None):
+    """Another text column picked: the same source read again, in the data-load pool."""
+    return await in_load_pool(sessions.visitor(request), load_data, session, form, token_text, oauth_token)
+
+
 def _data_summary(info: dict, estimate: Estimate) -> str:
     dropped = info["dropped_empty"] + info["dropped_short"] + info["dropped_duplicate"]
     return (
@@ -126,18 +139,19 @@ def run_settings(session: sessions.Session, form: dict[str, Any]) -> RunSettings
 
 
 def start_training(session: Optional[sessions.Session], form: dict[str, Any], token_text: Optional[str] = None,
-                   oauth_token: Any = None, progress: Any = gr.Progress()):
+                   oauth_token: Any = None, progress: Any = gr.Progress(), request: Any = None):
     """Start a new run: data stage, training (in segments on ZeroGPU), held-out perplexity."""
     session = sessions.current(session)
-    try:
-        settings = run_settings(session, form)
-    except BaseException as exc:
-        raise friendly(exc) from None
-    yield from _train(session, settings, sessions.visitor_token(token_text, oauth_token), progress)
+    with gpu_place(sessions.visitor(request)):
+        try:
+            settings = run_settings(session, form)
+        except BaseException as exc:
+            raise friendly(exc) from None
+        yield from _train(session, settings, sessions.visitor_token(token_text, oauth_token), progress)
 
 
 def resume_training(session: Optional[sessions.Session], token_text: Optional[str] = None,
-                    oauth_token: gr.OAuthToken | None = None, progress=gr.Progress()):
+                    oauth_token: gr.OAuthToken | None = None, request: gr.Request = None, progress=gr.Progress()):
     """Continue the session's stopped run from its newest checkpoint, with its own settings."""
     session = sessions.current(session)
     record = session.run.load()
@@ -145,7 +159,8 @@ def resume_training(session: Optional[sessions.Session], token_text: Optional[st
         raise gr.Error("Nothing to resume: start a training first (Stop keeps a checkpoint to resume from).")
     stored = from_dict(record["settings"])
     settings = dataclasses.replace(stored, train=dataclasses.replace(stored.train, resume=True))
-    yield from _train(session, settings, sessions.visitor_token(token_text, oauth_token), progress)
+    with gpu_place(sessions.visitor(request)):
+        yield from _train(session, settings, sessions.visitor_token(token_text, oauth_token), progress)
 
 
 @gpu(duration=segment_call_seconds())
@@ -345,7 +360,7 @@ def _ollama_lines(run: RunDir) -> str:
             f"cd {run.gguf_dir.name} && ollama create {name} -f Modelfile && ollama run {name}")
 
 
-def export_model(session: Optional[sessions.Session], quants: list[str], repo: str):
+def export_model(session: Optional[sessions.Session], quants: list[str], repo: str, request: gr.Request = None):
     """Merge, convert and quantize the session's run to GGUF, streaming the log."""
     session = sessions.current(session)
     run = session.run
@@ -353,8 +368,19 @@ def export_model(session: Optional[sessions.Session], quants: list[str], repo: s
         raise gr.Error("No adapter yet: train first in the Train tab (Stop also keeps the adapter).")
     if not quants:
         raise gr.Error("Tick at least one quant type (Q4_K_M is what Ollama pulls by default).")
-    sessions.claim(session, "export")
-    log: list[str] = []
+    with gpu_place(sessions.visitor(request)):
+        sessions.claim(session, "export")
+        try:
+            sessions.room_for_export()
+        except BaseException as exc:
+            sessions.release(session)
+            raise friendly(exc) from None
+        yield from _export(session, quants, repo)
+
+
+def _export(session: sessions.Session, quants: list[str], repo: str):
+    """The export once claimed: its turn in the GPU line, then the export's log streamed."""
+    run, log = session.run, []
     ticket = space.SLOT.join("export", session.dir.name)
     try:
         from ..export import export_run
@@ -453,14 +479,19 @@ def compare_options(form: dict[str, Any]) -> dict:
             "top_p": number("top_p", "top-p", False, 1.0), "seed": number("seed", "seed", True, 0)}
 
 
-def run_compare(session: Optional[sessions.Session], form: dict[str, Any]):
+def run_compare(session: Optional[sessions.Session], form: dict[str, Any], request: Any = None):
     """Stream the base and the tuned answers side by side."""
     session = sessions.current(session)
     if session.busy == "training":
         raise gr.Error("A training is running in this session: wait for it or stop it, then compare.")
     if not session.run.exists():
         raise gr.Error("Nothing to compare yet: train a model first.")
-    # Compare loads up to three models: it waits for the GPU like a training does.
+    with gpu_place(sessions.visitor(request)):
+        yield from _compare(session, form)
+
+
+def _compare(session: sessions.Session, form: dict[str, Any]):
+    """Compare in its turn: it loads up to three models, so it waits for the GPU like a training."""
     ticket = space.SLOT.join("compare", session.dir.name)
     try:
         for waiting in wait_for_gpu(ticket, lambda: session.closed):

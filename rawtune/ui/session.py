@@ -2,9 +2,12 @@
 
 Each browser session gets its own folder under ``RAWTUNE_RUNS`` (default ``./runs``) holding its
 uploads and its one run directory; nothing (files, tokens, models in training) is shared between
-sessions. Folders of closed sessions older than ``RAWTUNE_RUN_TTL_HOURS`` (default 24) are deleted
-when a new session starts, and a session's folder is deleted when Gradio drops the session. Files
-are handed out as per-request copies, never from the runs folder.
+sessions. A session ends when its page is closed or reloaded (the page's unload event): its
+training stops and its folder is deleted once nothing runs in it. Folders left behind (from before
+a restart) are deleted by the sweep of folders older than ``RAWTUNE_RUN_TTL_HOURS`` (default 24)
+when a new session starts, and by the disk budget (``space.max_disk_bytes``), which deletes the
+oldest closed sessions' folders first when an upload, a training or an export needs the room.
+Files are handed out as per-request copies, never from the runs folder.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -58,29 +62,52 @@ class Session:
         return self
 
 
-# Folders of sessions whose page is still open: the TTL sweep never touches them.
+# Folders of sessions whose page is open or in which something still runs: neither the TTL sweep
+# nor the disk budget touches them.
 _LIVE: set[Path] = set()
+# Each open page's session by Gradio's session hash, for the page's unload event.
+_PAGES: dict[str, Session] = {}
+# Uploads, trainings and exports measure the disk and take their room one at a time.
+_DISK = threading.Lock()
+
+
+def _measure(path: Path) -> Optional[space.Folder]:
+    """A session folder's size in bytes and newest modification time (None if it vanished)."""
+    try:
+        stats = [path.lstat()] + [p.lstat() for p in path.rglob("*")]
+    except OSError:
+        return None
+    return space.Folder(path, max(s.st_mtime for s in stats),
+                        sum(s.st_size for s in stats if stat.S_ISREG(s.st_mode)), path.resolve() not in _LIVE)
+
+
+def _session_folders(root: Path) -> list[space.Folder]:
+    if not root.is_dir():
+        return []
+    found = (_measure(p) for p in root.iterdir() if p.is_dir() and p.name.startswith("session-"))
+    return [f for f in found if f is not None]
 
 
 def cleanup_old_runs(root: Path, max_age_s: float, live: Optional[set[Path]] = None) -> list[Path]:
     """Delete session folders under ``root`` not modified for ``max_age_s`` seconds, except those
     of sessions still open (``live``, default: this process's open sessions)."""
-    removed = []
-    if not root.is_dir():
-        return removed
     keep = {p.resolve() for p in (_LIVE if live is None else live)}
     now = time.time()
-    for path in root.iterdir():
-        if not path.is_dir() or not path.name.startswith("session-") or path.resolve() in keep:
-            continue
-        try:
-            newest = max([path.stat().st_mtime] + [p.stat().st_mtime for p in path.rglob("*")])
-        except OSError:
-            continue
-        if now - newest > max_age_s:
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
+    removed = []
+    for folder in _session_folders(root):
+        if folder.path.resolve() not in keep and now - folder.modified > max_age_s:
+            shutil.rmtree(folder.path, ignore_errors=True)
+            removed.append(folder.path)
     return removed
+
+
+def make_room(need: int, what: str) -> None:
+    """Delete the oldest closed sessions' folders until ``need`` more bytes fit in the app's disk
+    budget; a :class:`LimitError` naming ``what`` when open sessions leave no room (call under ``_DISK``)."""
+    if not space.max_disk_bytes():
+        return
+    for path in space.evictions(_session_folders(runs_root()), need, what):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def new_session() -> Session:
@@ -94,17 +121,35 @@ def new_session() -> Session:
     return Session(folder)
 
 
+def attach(session: Optional[Session], request: gr.Request) -> Optional[Session]:
+    """The page has loaded: remember its session under Gradio's session hash for :func:`page_closed`.
+    Returned as the State's output, so Gradio's own deletion of the State reaches end_session too."""
+    if isinstance(session, Session) and request is not None and request.session_hash:
+        _PAGES[request.session_hash] = session
+    return session
+
+
+def page_closed(request: gr.Request) -> None:
+    """The page was closed or reloaded (Gradio's unload event): its session ends."""
+    if request is not None and request.session_hash:
+        end_session(_PAGES.pop(request.session_hash, None))
+
+
 def end_session(session: Optional[Session]) -> None:
-    """Gradio dropped the session: stop its training and delete its folder once idle."""
+    """The session's page is gone: stop its training and delete its folder once idle."""
     if not isinstance(session, Session):
         return
     session.closed = True
-    _LIVE.discard(session.dir.resolve())
     session.stop.set()
     if session.run.path.is_dir():
         session.run.stop_file.touch()
     if session.busy is None:
-        shutil.rmtree(session.dir, ignore_errors=True)
+        _delete(session)
+
+
+def _delete(session: Session) -> None:
+    shutil.rmtree(session.dir, ignore_errors=True)
+    _LIVE.discard(session.dir.resolve())
 
 
 def current(session: Optional[Session]) -> Session:
@@ -125,14 +170,23 @@ def release(session: Session) -> None:
     """The long task ended; a session closed meanwhile is deleted now."""
     session.busy = None
     if session.closed:
-        shutil.rmtree(session.dir, ignore_errors=True)
+        _delete(session)
 
 
 def fresh_run(session: Session) -> RunDir:
-    """An empty run directory for a new training (a session holds one run)."""
+    """An empty run directory for a new training (a session holds one run), if the disk budget
+    has room for one."""
     shutil.rmtree(session.run.path, ignore_errors=True)
+    with _DISK:
+        make_room(0, "a new training")
     session.run.path.mkdir(parents=True, exist_ok=True)
     return session.run
+
+
+def room_for_export() -> None:
+    """Refuse an export while the disk budget is used up (after deleting closed sessions)."""
+    with _DISK:
+        make_room(0, "an export")
 
 
 def keep_upload(session: Session, upload: Optional[str]) -> Optional[Path]:
@@ -144,9 +198,15 @@ def keep_upload(session: Session, upload: Optional[str]) -> Optional[Path]:
     if path.suffix.lower() not in UPLOAD_TYPES:
         raise ConfigError(f"{path.name}: unsupported file type; upload one of {', '.join(UPLOAD_TYPES)}")
     space.check_upload(path)
-    target = session.dir / "uploads" / re.sub(r"[^A-Za-z0-9_.-]", "_", path.name)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(path, target)
+    folder = session.dir / "uploads"
+    target = folder / re.sub(r"[^A-Za-z0-9_.-]", "_", path.name)
+    with _DISK:
+        # The new upload replaces the session's earlier ones, so their bytes count as free.
+        kept = sum(p.stat().st_size for p in folder.glob("*") if p.is_file()) if folder.is_dir() else 0
+        make_room(max(path.stat().st_size - kept, 0), f"your upload {path.name}")
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        shutil.copyfile(path, target)
     session.upload = target
     return target
 
@@ -158,6 +218,28 @@ def hand_out(path: Path) -> Optional[Path]:
         return None
     folder = Path(tempfile.mkdtemp(prefix="rawtune-file-"))
     return Path(shutil.copy2(path, folder / path.name))
+
+
+def visitor(request: Any) -> Optional[str]:
+    """Who sent ``request``, for the limits per visitor: the signed-in user (Gradio's own login or
+    a Space's Hugging Face login), else the client's address as Gradio gives it; None without a
+    request (a direct call from Python)."""
+    if request is None:
+        return None
+    user = getattr(request, "username", None) or _hub_login(request)
+    if user:
+        return f"user:{user}"
+    host = getattr(getattr(request, "client", None), "host", None)
+    return f"address:{host}" if host else None
+
+
+def _hub_login(request: Any) -> Optional[str]:
+    """The username of a Space's "Sign in with Hugging Face" login, read from the request's
+    session (present only where that login is set up)."""
+    scope = getattr(getattr(request, "request", None), "scope", None)
+    session = scope.get("session") if isinstance(scope, dict) else None
+    info = (session or {}).get("oauth_info") or {}
+    return (info.get("userinfo") or {}).get("preferred_username")
 
 
 def visitor_token(token_text: Optional[str], oauth_token: Any) -> Any:
