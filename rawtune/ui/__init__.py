@@ -17,7 +17,7 @@ import gradio as gr
 from .. import space
 from . import forms, handlers
 from .forms import Form, bind
-from .session import attach, default_model, end_session, new_session, page_closed
+from .session import default_model, end_session, open_page, page_closed
 
 __all__ = ["build_demo", "launch_options"]
 
@@ -51,7 +51,7 @@ def _token_input() -> Any:
 def build_demo() -> gr.Blocks:
     """The whole app; ``app.py`` launches it."""
     with gr.Blocks(title="rawtune", delete_cache=(3600, 24 * 3600)) as demo:
-        session = gr.State(new_session, delete_callback=end_session)
+        session = gr.State(None, delete_callback=end_session)
         gr.Markdown(forms.INTRO)
         with gr.Row():
             token = _token_input()
@@ -67,10 +67,9 @@ def build_demo() -> gr.Blocks:
         _wire_data_and_train(session, token, data, train)
         _wire_export_and_compare(session, token, export, compare, compare_tab)
         demo.load(handlers.default_repo, None, export["repo"])
-        # The session ends when its page is closed or reloaded: unload runs then, with the page's
-        # session hash, which attach has linked to its session. The State is also an output of
-        # attach, so Gradio's own deletion of the State (an hour later) calls end_session too.
-        demo.load(attach, session, session, queue=False)
+        # A session begins when its page loads and ends when the page is closed or reloaded: the
+        # unload event comes with the page's session hash, under which open_page kept the session.
+        demo.load(open_page, None, session, queue=False)
         demo.unload(page_closed)
     return demo
 

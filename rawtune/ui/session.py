@@ -65,8 +65,10 @@ class Session:
 # Folders of sessions whose page is open or in which something still runs: neither the TTL sweep
 # nor the disk budget touches them.
 _LIVE: set[Path] = set()
-# Each open page's session by Gradio's session hash, for the page's unload event.
+# Each open page's session by Gradio's session hash, for the page's unload event (and for API
+# clients, whose State stays empty: they run no page-load event).
 _PAGES: dict[str, Session] = {}
+_PAGES_LOCK = threading.Lock()
 # Uploads, trainings and exports measure the disk and take their room one at a time.
 _DISK = threading.Lock()
 
@@ -121,18 +123,47 @@ def new_session() -> Session:
     return Session(folder)
 
 
-def attach(session: Optional[Session], request: gr.Request) -> Optional[Session]:
-    """The page has loaded: remember its session under Gradio's session hash for :func:`page_closed`.
-    Returned as the State's output, so Gradio's own deletion of the State reaches end_session too."""
-    if isinstance(session, Session) and request is not None and request.session_hash:
-        _PAGES[request.session_hash] = session
+def _hash(request: Any) -> Optional[str]:
+    return getattr(request, "session_hash", None) if request is not None else None
+
+
+def open_page(request: gr.Request) -> Session:
+    """A page has loaded: its new session, kept under Gradio's session hash for :func:`page_closed`.
+    It reaches the page's State as this load event's output, so Gradio's own deletion of the State
+    (an hour after the page is gone) calls end_session too."""
+    session = new_session()
+    if _hash(request):
+        with _PAGES_LOCK:
+            _PAGES[_hash(request)] = session
     return session
 
 
 def page_closed(request: gr.Request) -> None:
     """The page was closed or reloaded (Gradio's unload event): its session ends."""
-    if request is not None and request.session_hash:
-        end_session(_PAGES.pop(request.session_hash, None))
+    if _hash(request):
+        with _PAGES_LOCK:
+            session = _PAGES.pop(_hash(request), None)
+        end_session(session)
+
+
+def known(session: Optional[Session], request: Any = None) -> Optional[Session]:
+    """The page's session: the State's, else the one kept under the request's session hash."""
+    if isinstance(session, Session):
+        return session
+    with _PAGES_LOCK:
+        return _PAGES.get(_hash(request)) if _hash(request) else None
+
+
+def current(session: Optional[Session], request: Any = None) -> Session:
+    """The page's session; an API client (no page-load event, so an empty State) gets one on its
+    first call, kept under its session hash. A message to reload the page when Gradio has dropped it."""
+    found = known(session, request)
+    if found is None and _hash(request):
+        with _PAGES_LOCK:
+            found = _PAGES.get(_hash(request)) or _PAGES.setdefault(_hash(request), new_session())
+    if found is None:
+        raise gr.Error("This page's session has expired: reload the page to start a new one.")
+    return found
 
 
 def end_session(session: Optional[Session]) -> None:
@@ -150,13 +181,6 @@ def end_session(session: Optional[Session]) -> None:
 def _delete(session: Session) -> None:
     shutil.rmtree(session.dir, ignore_errors=True)
     _LIVE.discard(session.dir.resolve())
-
-
-def current(session: Optional[Session]) -> Session:
-    """The page's session, or a message to reload the page when Gradio has dropped it."""
-    if not isinstance(session, Session):
-        raise gr.Error("This page's session has expired: reload the page to start a new one.")
-    return session
 
 
 def claim(session: Session, what: str) -> None:
