@@ -23,8 +23,7 @@ import pytest
 gr = pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
 
-from rawtune import space, ui  # noqa: E402
-from rawtune.errors import LimitError  # noqa: E402
+from rawtune import errors, space, ui  # noqa: E402
 from rawtune.ui import handlers  # noqa: E402
 from rawtune.ui import session as sessions  # noqa: E402
 from test_ui_browser import _form, data_form  # noqa: E402
@@ -137,7 +136,7 @@ def test_item2_disk_budget_decisions(shared, monkeypatch):
     assert space.evictions(folders, 100, "x") == []  # 900 + 100 fit in 1000
     assert space.evictions(folders, 150, "x") == [Path("closed-old")]
     assert space.evictions(folders, 500, "x") == [Path("closed-old"), Path("closed-new")]
-    with pytest.raises(LimitError, match="taken by open sessions: x .* does not fit"):
+    with pytest.raises(errors.LimitError, match="taken by open sessions: x .* does not fit"):
         space.evictions(folders, 800, "x")
     monkeypatch.setenv("RAWTUNE_MAX_DISK_MB", "0")
     assert space.evictions(folders, 10**12, "x") == []
@@ -163,24 +162,32 @@ def test_item2_training_refused_while_open_sessions_fill_the_disk(shared, monkey
 # ---------------------------------------------------------------- item 4: one visitor, one share
 
 
-def test_item4_visitor_is_the_signed_in_user_else_the_address():
+def test_item4_visitor_is_the_signed_in_user_else_the_address(monkeypatch):
     from starlette.requests import Request as Starlette
 
-    def request(session: dict | None = None) -> gr.Request:
-        scope = {"type": "http", "client": ("10.0.0.5", 4242), "headers": [], "method": "POST", "path": "/"}
+    def request(session: dict | None = None, forwarded: str = "") -> gr.Request:
+        headers = [(b"x-forwarded-for", forwarded.encode())] if forwarded else []
+        scope = {"type": "http", "client": ("10.16.3.80", 4242), "headers": headers, "method": "POST", "path": "/"}
         if session is not None:
             scope["session"] = session
         return gr.Request(Starlette(scope))
 
+    monkeypatch.delenv("SPACE_ID", raising=False)
     assert sessions.visitor(gr.Request(username="alice")) == "user:alice"
     assert sessions.visitor(request({"oauth_info": {"userinfo": {"preferred_username": "carol"}}})) == "user:carol"
-    assert sessions.visitor(request()) == sessions.visitor(request({})) == "address:10.0.0.5"
+    assert sessions.visitor(request()) == sessions.visitor(request({})) == "address:10.16.3.80"
+    # Off a Space the header is whatever the client sent: the connecting address counts.
+    assert sessions.visitor(request(forwarded="203.0.113.7")) == "address:10.16.3.80"
+    # On a Space every request comes from the Space's proxy, which forwards the visitor's address.
+    monkeypatch.setenv("SPACE_ID", "alice/rawtune")
+    assert sessions.visitor(request(forwarded="203.0.113.7, 10.16.0.1")) == "address:203.0.113.7"
+    assert sessions.visitor(request()) == "address:10.16.3.80"
     assert sessions.visitor(None) is None
 
     loads = space.PerVisitor(lambda: 2, "You already have {limit} loads")
     loads.take("user:alice")
     loads.take("user:alice")
-    with pytest.raises(LimitError, match="You already have 2 loads"):
+    with pytest.raises(errors.LimitError, match="You already have 2 loads"):
         loads.take("user:alice")
     loads.take("user:bob")
     loads.give_back("user:alice")

@@ -246,15 +246,24 @@ def hand_out(path: Path) -> Optional[Path]:
 
 def visitor(request: Any) -> Optional[str]:
     """Who sent ``request``, for the limits per visitor: the signed-in user (Gradio's own login or
-    a Space's Hugging Face login), else the client's address as Gradio gives it; None without a
-    request (a direct call from Python)."""
+    a Space's Hugging Face login), else the client's address; None without a request (a direct
+    call from Python). Gradio gives the address of whoever connected; on a Space that is the
+    Space's proxy, for every visitor, so there the address the proxy forwarded is used."""
     if request is None:
         return None
     user = getattr(request, "username", None) or _hub_login(request)
     if user:
         return f"user:{user}"
-    host = getattr(getattr(request, "client", None), "host", None)
+    host = (_forwarded(request) if space.on_spaces() else None) or getattr(getattr(request, "client", None), "host", None)
     return f"address:{host}" if host else None
+
+
+def _forwarded(request: Any) -> Optional[str]:
+    """The first address of the request's X-Forwarded-For header (the visitor, as a Space's proxy
+    reports it)."""
+    headers = getattr(request, "headers", None)
+    value = headers.get("x-forwarded-for") if headers is not None else None
+    return value.split(",")[0].strip() or None if value else None
 
 
 def _hub_login(request: Any) -> Optional[str]:
