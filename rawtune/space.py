@@ -330,7 +330,8 @@ class GpuSlot:
     Only the first ``slots`` tickets of the line use the GPU (one by default, so a Compare never
     loads models beside someone else's training; ``RAWTUNE_GPU_SLOTS`` raises it where each call
     gets a GPU of its own, as on ZeroGPU or a multi-GPU machine). Holders report their progress,
-    which :meth:`describe` turns into what a waiting visitor sees.
+    which :meth:`describe` turns into what a waiting visitor sees. ``places`` counts each visitor's
+    work that uses or waits for the GPU, so one visitor cannot fill the line from several tabs.
     """
 
     def __init__(self, budget: Optional[Budget] = None, slots: Optional[int] = None):

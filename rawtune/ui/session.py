@@ -218,6 +218,8 @@ def keep_upload(session: Session, upload: Optional[str]) -> Optional[Path]:
     if not upload:
         session.upload = None
         return None
+    if session.closed:  # a load that waited in the pool past its page's end: nothing to keep
+        raise ConfigError("This page's session has ended: reload the page to start a new one")
     path = Path(upload)
     if path.suffix.lower() not in UPLOAD_TYPES:
         raise ConfigError(f"{path.name}: unsupported file type; upload one of {', '.join(UPLOAD_TYPES)}")
