@@ -85,10 +85,17 @@ def test_handler_reads_a_form_by_name():
         seen.append((session, form, token_text))
         return "ok"
 
+    def asks_who(session, form, token_text=None, oauth_token=None, request=None):
+        seen.append((session, form, request))
+        return "ok"
+
     with gr.Blocks():
         form = forms.Form(first=gr.Textbox(), second=gr.Number())
-    assert forms.bind(handler, form)("s", "tok", None, "one", 2) == "ok"
-    assert seen == [("s", {"first": "one", "second": 2}, "tok")]
+    # Gradio passes (session, token text, login token, request, *form values), filling the login
+    # token and the request itself by their annotations; a handler gets the request if it asks.
+    assert forms.bind(handler, form)("s", "tok", None, "req", "one", 2) == "ok"
+    assert forms.bind(asks_who, form)("s", "tok", None, "req", "one", 2) == "ok"
+    assert seen == [("s", {"first": "one", "second": 2}, "tok"), ("s", {"first": "one", "second": 2}, "req")]
 
 
 def test_ui_functions_are_short():

@@ -78,6 +78,7 @@ def _named(handler: Callable, call: Callable) -> Callable:
         def call(*args):  # noqa: F811  (the streaming form of the same call)
             yield from plain(*args)
         call.__signature__ = inspect.signature(plain)  # type: ignore[attr-defined]
+        call.__annotations__ = plain.__annotations__  # Gradio fills the request by its annotation
     call.__name__ = call.__qualname__ = handler.__name__
     call.__doc__ = handler.__doc__
     return call
