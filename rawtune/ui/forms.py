@@ -47,7 +47,9 @@ def bind(handler: Callable, form: Form, with_token: bool = True) -> Callable:
     dict by name, and Gradio fills the login token, the progress bar and the request (who the
     visitor is) by their annotations."""
     extra = inspect.signature(handler).parameters
-    asks = (lambda name, value: {name: value} if name in extra else {})
+
+    def asks(name: str, value: Any) -> dict:
+        return {name: value} if name in extra else {}
     if not with_token:
         def plain(session, request: gr.Request = None, *sent):
             return handler(session, form.by_name(sent), **asks("request", request))
