@@ -50,6 +50,11 @@ VARIABLES: tuple[Variable, ...] = (
              shared_default=2000),
     Variable("RAWTUNE_MAX_MODEL_GB", SHARED, "largest Hub model download in GB, checked on the repo's file list "
              "before anything is downloaded (the app's model list tops out near 8 GB)", shared_default=10),
+    Variable("RAWTUNE_MAX_DISK_MB", SHARED, "disk budget in MB for the uploads and runs of all sessions; the oldest "
+             "closed sessions are deleted first to make room", shared_default=20_000),
+    Variable("RAWTUNE_MAX_GPU_PER_VISITOR", SHARED, "places in the GPU line one visitor (signed-in user, else "
+             "address) may hold, whatever their number of tabs", shared_default=1),
+    Variable("RAWTUNE_MAX_LOADS_PER_VISITOR", SHARED, "data loads one visitor may run at once", shared_default=2),
     Variable("RAWTUNE_GPU_SLOTS", SHARED, "GPU jobs that run at once; raise it only where each gets a GPU of its "
              "own (ZeroGPU, several GPUs)", default="1"),
     Variable("RAWTUNE_RUN_TTL_HOURS", SHARED, "age in hours after which closed sessions' folders are deleted",

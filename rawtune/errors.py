@@ -34,5 +34,9 @@ class HubError(RawtuneError):
     """A Hugging Face Hub request failed (not found, no access, read-only token...)."""
 
 
+class LimitError(RawtuneError):
+    """A shared app's limit (its disk budget, work in flight per visitor) refuses this for now."""
+
+
 class StageMissing(RawtuneError):
     """A stage needs the output of an earlier stage that has not been run."""

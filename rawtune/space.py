@@ -11,7 +11,12 @@ A *shared* app is one that strangers reach: a Hugging Face Space (``SPACE_ID`` i
   characters, and Hub datasets are streamed instead of downloaded whole;
 - a Hub model is downloaded only up to ``RAWTUNE_MAX_MODEL_GB``, checked on its file list first;
 - each training gets a budget (``RAWTUNE_MAX_TRAIN_MINUTES``, ``RAWTUNE_MAX_TRAIN_STEPS``) and
-  waits its turn for the GPU in :class:`GpuSlot`, which exports and Compare share.
+  waits its turn for the GPU in :class:`GpuSlot`, which exports and Compare share;
+- uploads and runs of all sessions together stay within a disk budget (``RAWTUNE_MAX_DISK_MB``):
+  the oldest closed sessions' folders go first (:func:`evictions`);
+- one visitor (the signed-in user, else the client's address) holds at most
+  ``RAWTUNE_MAX_GPU_PER_VISITOR`` places in the GPU line and ``RAWTUNE_MAX_LOADS_PER_VISITOR``
+  data loads at a time (:class:`PerVisitor`).
 
 Off a shared app (the CLI, a local single-user app) none of these limits apply unless their
 variable is set. It also says where the app runs: on a Space, on ZeroGPU (a GPU lent per call),
@@ -26,15 +31,17 @@ import os
 import re
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from . import env
-from .errors import ConfigError
+from .errors import ConfigError, LimitError
 from .hubauth import is_repo_id
 from .units import format_duration
 
+LOAD_WORKERS = 4  # data loads the app runs at once (its own pool, beside the GPU line); more wait their turn
 COMPARE_SECONDS_GUESS = 60  # what one Compare is assumed to take, for a waiting visitor's estimate
 
 
@@ -106,6 +113,12 @@ def max_model_bytes() -> Optional[int]:
     return int(gb * 1e9) if gb else None
 
 
+def max_disk_bytes() -> Optional[int]:
+    """The disk budget for uploads and runs of all sessions together; None: no budget."""
+    mb = _limit("RAWTUNE_MAX_DISK_MB")
+    return int(mb * 1024 * 1024) if mb else None
+
+
 def force_streaming() -> bool:
     """Hub datasets are streamed on a shared app, so only what is read is downloaded."""
     return shared()
@@ -121,6 +134,36 @@ def check_upload(path: Path) -> None:
     if cap and size > cap:
         raise ConfigError(f"{path.name} is {size / 2**20:.1f} MB; this app takes uploads up to "
                           f"{cap / 2**20:.0f} MB: upload a smaller file or use a Hub dataset (streamed)")
+
+
+@dataclass
+class Folder:
+    """A session folder as the disk budget sees it."""
+
+    path: Path
+    modified: float  # newest modification time inside it
+    bytes: int
+    closed: bool  # its page is closed and nothing runs in it: it may be deleted
+
+
+def evictions(folders: list[Folder], need: int, what: str) -> list[Path]:
+    """The closed sessions' folders to delete, oldest first, so ``need`` more bytes fit in the
+    disk budget; raises :class:`LimitError` when even deleting all of them is not enough."""
+    budget = max_disk_bytes()
+    if not budget:
+        return []
+    used = sum(f.bytes for f in folders)
+    chosen = []
+    for folder in sorted((f for f in folders if f.closed), key=lambda f: f.modified):
+        if used + need <= budget:
+            break
+        chosen.append(folder.path)
+        used -= folder.bytes
+    if used + need > budget:
+        size = f"{what} ({need / 2**20:.1f} MB)" if need else what
+        raise LimitError(f"This app's disk for uploads and runs ({budget / 2**20:,.0f} MB) is taken by open "
+                         f"sessions: {size} does not fit now; try again later or use a Hub dataset (streamed)")
+    return chosen
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -221,6 +264,62 @@ class Budget:
 
 
 
+def max_gpu_per_visitor() -> Optional[int]:
+    value = _limit("RAWTUNE_MAX_GPU_PER_VISITOR")
+    return int(value) if value else None
+
+
+def max_loads_per_visitor() -> Optional[int]:
+    value = _limit("RAWTUNE_MAX_LOADS_PER_VISITOR")
+    return int(value) if value else None
+
+
+class PerVisitor:
+    """Work in flight per visitor (the signed-in user, else the client's address): at most
+    ``limit()`` at a time each, so one visitor with many tabs cannot take every place."""
+
+    def __init__(self, limit: Callable[[], Optional[int]], refusal: str):
+        self._limit, self._refusal = limit, refusal
+        self._held: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def held(self, visitor: str) -> int:
+        with self._lock:
+            return self._held.get(visitor, 0)
+
+    def take(self, visitor: Optional[str]) -> None:
+        """One more place for ``visitor``; :class:`LimitError` when they hold their limit already.
+        No visitor (a direct call, not a page's request): no limit."""
+        limit = self._limit() if visitor else None
+        with self._lock:
+            count = self._held.get(visitor or "", 0)
+            if limit and count >= limit:
+                raise LimitError(self._refusal.format(limit=limit))
+            self._held[visitor or ""] = count + 1
+
+    def give_back(self, visitor: Optional[str]) -> None:
+        with self._lock:
+            left = self._held.get(visitor or "", 0) - 1
+            if left > 0:
+                self._held[visitor or ""] = left
+            else:
+                self._held.pop(visitor or "", None)
+
+    @contextmanager
+    def hold(self, visitor: Optional[str]) -> Iterator[None]:
+        """A place for ``visitor`` while the block runs (see :meth:`take`)."""
+        self.take(visitor)
+        try:
+            yield
+        finally:
+            self.give_back(visitor)
+
+
+LOADS = PerVisitor(max_loads_per_visitor,
+                   "You already have {limit} data load(s) running (the most one visitor may run at once here): "
+                   "wait for them to finish, then load again")
+
+
 @dataclass
 class Ticket:
     """One visitor's place in line for the GPU (a training or a Compare)."""
@@ -240,11 +339,16 @@ class GpuSlot:
     Only the first ``slots`` tickets of the line use the GPU (one by default, so a Compare never
     loads models beside someone else's training; ``RAWTUNE_GPU_SLOTS`` raises it where each call
     gets a GPU of its own, as on ZeroGPU or a multi-GPU machine). Holders report their progress,
-    which :meth:`describe` turns into what a waiting visitor sees.
+    which :meth:`describe` turns into what a waiting visitor sees. ``places`` counts each visitor's
+    work that uses or waits for the GPU, so one visitor cannot fill the line from several tabs.
     """
 
     def __init__(self, budget: Optional[Budget] = None, slots: Optional[int] = None):
         self._line: list[Ticket] = []
+        # A visitor's place is held from Start (data stage included) until the work ends.
+        self.places = PerVisitor(max_gpu_per_visitor,
+                                 "You already have a training, export or Compare using or waiting for the GPU "
+                                 "(in this or another tab): wait for it to finish or stop it, then try again")
         self._lock = threading.Lock()
         self._budget = budget
         self._slots = slots

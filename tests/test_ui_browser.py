@@ -85,10 +85,17 @@ def test_handler_reads_a_form_by_name():
         seen.append((session, form, token_text))
         return "ok"
 
+    def asks_who(session, form, token_text=None, oauth_token=None, request=None):
+        seen.append((session, form, request))
+        return "ok"
+
     with gr.Blocks():
         form = forms.Form(first=gr.Textbox(), second=gr.Number())
-    assert forms.bind(handler, form)("s", "tok", None, "one", 2) == "ok"
-    assert seen == [("s", {"first": "one", "second": 2}, "tok")]
+    # Gradio passes (session, token text, login token, request, *form values), filling the login
+    # token and the request itself by their annotations; a handler gets the request if it asks.
+    assert forms.bind(handler, form)("s", "tok", None, "req", "one", 2) == "ok"
+    assert forms.bind(asks_who, form)("s", "tok", None, "req", "one", 2) == "ok"
+    assert seen == [("s", {"first": "one", "second": 2}, "tok"), ("s", {"first": "one", "second": 2}, "req")]
 
 
 def test_ui_functions_are_short():
@@ -205,9 +212,15 @@ def artifacts(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def app_url(tmp_path_factory, hub_emulator, artifacts):
+def app_home(tmp_path_factory) -> Path:
+    """The app's own folder: its runs (``home/runs``), cache and Hub cache."""
+    return tmp_path_factory.mktemp("app")
+
+
+@pytest.fixture(scope="module")
+def app_url(app_home, hub_emulator, artifacts):
     """`python app.py` on a free port, its Hub clients pointed at the emulator."""
-    home = tmp_path_factory.mktemp("app")
+    home = app_home
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
     env.update(hub_emulator.client_env())
@@ -251,6 +264,35 @@ def page(app_url):
         page.wait_for_selector("#load-data")
         yield page
         browser.close()
+
+
+def _session_folders(runs: Path) -> set[Path]:
+    return set(runs.glob("session-*")) if runs.is_dir() else set()
+
+
+def test_item2_session_folder_deleted_when_page_closes(page, app_url, app_home, tiny_corpus):
+    """Issue 25 item 2: a page is opened, a file uploaded and loaded, the page closed, and the
+    session's folder (with the upload) is gone; before, it stayed until a restart."""
+    runs = app_home / "runs"
+    other = page.context.browser.new_page()
+    try:
+        before = _session_folders(runs)
+        other.goto(app_url)
+        other.wait_for_selector("#load-data")
+        other.locator("#upload input[type=file]").set_input_files(str(tiny_corpus))
+        other.locator("#upload").get_by_text("corpus.jsonl").wait_for()
+        other.click("#load-data")
+        _wait_text(other, "data-summary", "uploaded corpus.jsonl")
+        (folder,) = _session_folders(runs) - before
+        assert (folder / "uploads" / "corpus.jsonl").is_file()
+    finally:
+        other.close()
+    deadline = time.time() + 60
+    while folder.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    assert not folder.exists(), "the closed page's session folder is still there after 60 s"
+    # The page the other tests drive is still open: its session stays.
+    assert page.locator("#load-data").is_visible()
 
 
 def _box(page, elem_id: str):

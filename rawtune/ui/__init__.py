@@ -17,12 +17,15 @@ from .. import env
 from .. import space
 from . import forms, handlers
 from .forms import Form, bind
-from .session import default_model, end_session, new_session
+from .session import default_model, end_session, open_page, page_closed
 
 __all__ = ["build_demo", "launch_options"]
 
 # Handlers that may wait inside for the GPU line at once (beyond this, Gradio's own queue holds them).
 WAITING_LIMIT = 16
+# Data loads Gradio lets in at once: they wait in the app's own load pool, and a visitor's loads
+# beyond their share are refused there at once, so one visitor's loads never queue up another's.
+LOADS_ENTERING = 32
 
 
 def launch_options() -> dict[str, Any]:
@@ -48,7 +51,7 @@ def _token_input() -> Any:
 def build_demo() -> gr.Blocks:
     """The whole app; ``app.py`` launches it."""
     with gr.Blocks(title="rawtune", delete_cache=(3600, 24 * 3600)) as demo:
-        session = gr.State(new_session, delete_callback=end_session)
+        session = gr.State(None, delete_callback=end_session)
         gr.Markdown(forms.INTRO)
         with gr.Row():
             token = _token_input()
@@ -64,6 +67,10 @@ def build_demo() -> gr.Blocks:
         _wire_data_and_train(session, token, data, train)
         _wire_export_and_compare(session, token, export, compare, compare_tab)
         demo.load(handlers.default_repo, None, export["repo"])
+        # A session begins when its page loads and ends when the page is closed or reloaded: the
+        # unload event comes with the page's session hash, under which open_page kept the session.
+        demo.load(open_page, None, session, queue=False)
+        demo.unload(page_closed)
     return demo
 
 
@@ -74,9 +81,11 @@ def _wire_data_and_train(session: gr.State, token: Any, data: dict, train: dict)
                                         "max_documents", "dedupe", "split_blank_lines", "streaming", "revision")}
     load_form = Form(**data_fields, model=train["model"], preset=train["preset"])
     shown = [data["summary"], data["first_docs"], data["text_column"]]
-    data["load"].click(bind(handlers.load_new_source, load_form), [session, token, *load_form.inputs()], shown)
+    loads = dict(concurrency_limit=LOADS_ENTERING, concurrency_id="data")
+    data["load"].click(bind(handlers.load_source, load_form), [session, token, *load_form.inputs()], shown, **loads)
     # Picking another column (a user action, not the update above) shows that column's documents.
-    data["text_column"].input(bind(handlers.load_data, load_form), [session, token, *load_form.inputs()], shown)
+    data["text_column"].input(bind(handlers.column_picked, load_form), [session, token, *load_form.inputs()], shown,
+                              **loads)
     text_boxes = [train["advanced"][f.name] for f in forms.text_fields()]
     train["preset"].change(handlers.preset_changed, train["preset"], [train["recipe"], *text_boxes], queue=False)
 

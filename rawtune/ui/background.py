@@ -4,16 +4,21 @@ Every :class:`~rawtune.errors.RawtuneError` reaches the page as a ``gr.Error`` w
 an unexpected exception shows its type and message (tokens masked) while the traceback goes to
 the server log only. GPU work runs inside ``@spaces.GPU`` functions on Hugging Face Spaces (plain
 functions anywhere else) and takes turns on the GPU in ``space.SLOT``; a waiting visitor sees what
-runs now and a rough wait.
+runs now and a rough wait. A visitor holds one place there at a time (:func:`gpu_place`). Data
+loads run in a pool of their own (:func:`in_load_pool`), a few per visitor at most, so they
+neither hold Gradio's worker threads nor keep other visitors' loads waiting behind them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import sys
 import threading
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional
 
 import gradio as gr
@@ -25,6 +30,7 @@ from .session import Session, runs_root
 
 LOG_LINES = 200  # log lines kept on the page
 TICK = 0.5  # seconds between page updates while a long task streams progress
+_LOAD_POOL = ThreadPoolExecutor(space.LOAD_WORKERS, thread_name_prefix="rawtune-load")
 
 
 def gpu(duration: int) -> Callable[[Callable], Callable]:
@@ -148,3 +154,28 @@ class GpuTurn:
     def leave(self) -> None:
         if self.ticket is not None:
             space.SLOT.leave(self.ticket)
+
+
+async def in_load_pool(visitor: Optional[str], fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` in the app's data-load pool, counted against ``visitor``'s loads in flight
+    (one page-fit line when they have as many running as a visitor may)."""
+    try:
+        with space.LOADS.hold(visitor):
+            return await asyncio.wrap_future(_LOAD_POOL.submit(fn, *args))
+    except BaseException as exc:
+        raise friendly(exc) from None
+
+
+@contextmanager
+def gpu_place(visitor: Optional[str]) -> Iterator[None]:
+    """``visitor``'s place in the GPU line (``space.SLOT``) while the block runs: a training from
+    Start to its end, data stage included, an export or a Compare; a second one is refused."""
+    slot = space.SLOT
+    try:
+        slot.places.take(visitor)
+    except BaseException as exc:
+        raise friendly(exc) from None
+    try:
+        yield
+    finally:
+        slot.places.give_back(visitor)

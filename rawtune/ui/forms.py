@@ -42,19 +42,32 @@ class Form(dict):
 
 
 def bind(handler: Callable, form: Form, with_token: bool = True) -> Callable:
-    """``handler(session, values_by_name[, token_text, oauth_token][, progress=...])`` wired to the
-    inputs ``[session, (token_text,) *form.inputs()]``: the form's values arrive as one dict by
-    name, and Gradio fills the login token (and the progress bar) by their annotations."""
+    """``handler(session, values_by_name[, token_text, oauth_token][, progress=...][, request=...])``
+    wired to the inputs ``[session, (token_text,) *form.inputs()]``: the form's values arrive as one
+    dict by name, and Gradio fills the login token, the progress bar and the request (who the
+    visitor is) by their annotations."""
+    extra = inspect.signature(handler).parameters
+
+    def asks(name: str, value: Any) -> dict:
+        return {name: value} if name in extra else {}
     if not with_token:
-        return _named(handler, lambda session, *sent: handler(session, form.by_name(sent)))
-    if "progress" in inspect.signature(handler).parameters:
-        def with_progress(session, token_text, oauth_token: gr.OAuthToken | None = None, progress=gr.Progress(),
-                          *sent):
-            yield from handler(session, form.by_name(sent), token_text, oauth_token, progress=progress)
+        def plain(session, request: gr.Request = None, *sent):
+            return handler(session, form.by_name(sent), **asks("request", request))
+        return _named(handler, plain)
+    if inspect.iscoroutinefunction(handler):
+        async def waited(session, token_text, oauth_token: gr.OAuthToken | None = None, request: gr.Request = None,
+                         *sent):
+            return await handler(session, form.by_name(sent), token_text, oauth_token, **asks("request", request))
+        return _named(handler, waited)
+    if "progress" in extra:
+        def with_progress(session, token_text, oauth_token: gr.OAuthToken | None = None, request: gr.Request = None,
+                          progress=gr.Progress(), *sent):
+            yield from handler(session, form.by_name(sent), token_text, oauth_token, progress=progress,
+                               **asks("request", request))
         return _named(handler, with_progress)
 
-    def call(session, token_text, oauth_token: gr.OAuthToken | None = None, *sent):
-        return handler(session, form.by_name(sent), token_text, oauth_token)
+    def call(session, token_text, oauth_token: gr.OAuthToken | None = None, request: gr.Request = None, *sent):
+        return handler(session, form.by_name(sent), token_text, oauth_token, **asks("request", request))
     return _named(handler, call)
 
 
@@ -67,6 +80,7 @@ def _named(handler: Callable, call: Callable) -> Callable:
         def call(*args):  # noqa: F811  (the streaming form of the same call)
             yield from plain(*args)
         call.__signature__ = inspect.signature(plain)  # type: ignore[attr-defined]
+        call.__annotations__ = plain.__annotations__  # Gradio fills the request by its annotation
     call.__name__ = call.__qualname__ = handler.__name__
     call.__doc__ = handler.__doc__
     return call

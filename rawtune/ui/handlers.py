@@ -28,7 +28,8 @@ from ..rundir import RunDir
 from ..settings import (DEFAULT_MODEL, DataSettings, ExportSettings, PushSettings, RunSettings, form_fields,
                         from_dict, from_form, settings_fields, train_from_form, validate)
 from . import session as sessions
-from .background import Background, GpuTurn, append, friendly, gpu, public, stream_log, wait_for_gpu
+from .background import (Background, GpuTurn, append, friendly, gpu, gpu_place, in_load_pool, public, stream_log,
+                         wait_for_gpu)
 from .forms import preset_hint, preset_summary, text_fields
 
 PLOT_POINTS = 1000  # most train-loss points sent to the plot
@@ -83,6 +84,20 @@ def load_new_source(session: Optional[sessions.Session], form: dict[str, Any], t
     return load_data(session, {**form, "text_column": None}, token_text, oauth_token)
 
 
+async def load_source(session: Optional[sessions.Session], form: dict[str, Any], token_text: Optional[str] = None,
+                      oauth_token: Any = None, request: gr.Request = None):
+    """The Load button, in the app's data-load pool (a few loads per visitor at once)."""
+    session = sessions.current(session, request)
+    return await in_load_pool(sessions.visitor(request), load_new_source, session, form, token_text, oauth_token)
+
+
+async def column_picked(session: Optional[sessions.Session], form: dict[str, Any], token_text: Optional[str] = None,
+                        oauth_token: Any = None, request: gr.Request = None):
+    """Another text column picked: the same source read again, in the data-load pool."""
+    session = sessions.current(session, request)
+    return await in_load_pool(sessions.visitor(request), load_data, session, form, token_text, oauth_token)
+
+
 def _data_summary(info: dict, estimate: Estimate) -> str:
     dropped = info["dropped_empty"] + info["dropped_short"] + info["dropped_duplicate"]
     return (
@@ -126,26 +141,28 @@ def run_settings(session: sessions.Session, form: dict[str, Any]) -> RunSettings
 
 
 def start_training(session: Optional[sessions.Session], form: dict[str, Any], token_text: Optional[str] = None,
-                   oauth_token: Any = None, progress: Any = gr.Progress()):
+                   oauth_token: Any = None, progress: Any = gr.Progress(), request: gr.Request = None):
     """Start a new run: data stage, training (in segments on ZeroGPU), held-out perplexity."""
-    session = sessions.current(session)
-    try:
-        settings = run_settings(session, form)
-    except BaseException as exc:
-        raise friendly(exc) from None
-    yield from _train(session, settings, sessions.visitor_token(token_text, oauth_token), progress)
+    session = sessions.current(session, request)
+    with gpu_place(sessions.visitor(request)):
+        try:
+            settings = run_settings(session, form)
+        except BaseException as exc:
+            raise friendly(exc) from None
+        yield from _train(session, settings, sessions.visitor_token(token_text, oauth_token), progress)
 
 
 def resume_training(session: Optional[sessions.Session], token_text: Optional[str] = None,
-                    oauth_token: gr.OAuthToken | None = None, progress=gr.Progress()):
+                    oauth_token: gr.OAuthToken | None = None, request: gr.Request = None, progress=gr.Progress()):
     """Continue the session's stopped run from its newest checkpoint, with its own settings."""
-    session = sessions.current(session)
+    session = sessions.current(session, request)
     record = session.run.load()
     if not record.get("settings") or not resumable(session.run):
         raise gr.Error("Nothing to resume: start a training first (Stop keeps a checkpoint to resume from).")
     stored = from_dict(record["settings"])
     settings = dataclasses.replace(stored, train=dataclasses.replace(stored.train, resume=True))
-    yield from _train(session, settings, sessions.visitor_token(token_text, oauth_token), progress)
+    with gpu_place(sessions.visitor(request)):
+        yield from _train(session, settings, sessions.visitor_token(token_text, oauth_token), progress)
 
 
 @gpu(duration=segment_call_seconds())
@@ -305,15 +322,17 @@ def result_text(run: RunDir) -> str:
     return " · ".join(parts)
 
 
-def training_failed(session: Optional[sessions.Session]) -> tuple:
+def training_failed(session: Optional[sessions.Session], request: gr.Request = None) -> tuple:
     """After an error the last frame still shows "training": give Start (and Resume) back."""
-    run = session.run if isinstance(session, sessions.Session) else None
+    session = sessions.known(session, request)
+    run = session.run if session is not None else None
     return _buttons(False, run is not None and resumable(run))
 
 
-def stop_training(session: Optional[sessions.Session]) -> str:
+def stop_training(session: Optional[sessions.Session], request: gr.Request = None) -> str:
     """Ask the running training to stop after the current step (the adapter is kept)."""
-    if not isinstance(session, sessions.Session) or session.busy != "training":
+    session = sessions.known(session, request)
+    if session is None or session.busy != "training":
         return "Nothing is training."
     session.stop.set()
     # The STOP file reaches a training that runs in another process (a ZeroGPU call) as well.
@@ -346,16 +365,27 @@ def _ollama_lines(run: RunDir) -> str:
             f"cd {run.gguf_dir.name} && ollama create {name} -f Modelfile && ollama run {name}")
 
 
-def export_model(session: Optional[sessions.Session], quants: list[str], repo: str):
+def export_model(session: Optional[sessions.Session], quants: list[str], repo: str, request: gr.Request = None):
     """Merge, convert and quantize the session's run to GGUF, streaming the log."""
-    session = sessions.current(session)
+    session = sessions.current(session, request)
     run = session.run
     if not run.has_adapter():
         raise gr.Error("No adapter yet: train first in the Train tab (Stop also keeps the adapter).")
     if not quants:
         raise gr.Error("Tick at least one quant type (Q4_K_M is what Ollama pulls by default).")
-    sessions.claim(session, "export")
-    log: list[str] = []
+    with gpu_place(sessions.visitor(request)):
+        sessions.claim(session, "export")
+        try:
+            sessions.room_for_export()
+        except BaseException as exc:
+            sessions.release(session)
+            raise friendly(exc) from None
+        yield from _export(session, quants, repo)
+
+
+def _export(session: sessions.Session, quants: list[str], repo: str):
+    """The export once claimed: its turn in the GPU line, then the export's log streamed."""
+    run, log = session.run, []
     ticket = space.SLOT.join("export", session.dir.name)
     try:
         from ..export import export_run
@@ -382,9 +412,10 @@ def export_model(session: Optional[sessions.Session], quants: list[str], repo: s
 
 
 def push_model(session: Optional[sessions.Session], repo: str, private: bool, previous_log: str,
-               token_text: Optional[str] = None, oauth_token: gr.OAuthToken | None = None):
+               token_text: Optional[str] = None, oauth_token: gr.OAuthToken | None = None,
+               request: gr.Request = None):
     """Push the exported run to ``repo`` in one commit; show the links and the ollama lines."""
-    session = sessions.current(session)
+    session = sessions.current(session, request)
     run = session.run
     if not run.gguf_dir.is_dir() or not any(run.gguf_dir.glob("*.gguf")):
         raise gr.Error("Nothing exported yet: press Export first, then Push.")
@@ -422,11 +453,12 @@ def default_repo(profile: gr.OAuthProfile | None) -> str:
 # ---------------------------------------------------------------- Compare tab
 
 
-def compare_choices(session: Optional[sessions.Session]):
+def compare_choices(session: Optional[sessions.Session], request: gr.Request = None):
     """The tuned models this session can compare with (PyTorch, and each exported GGUF)."""
     from ..compare import tuned_choices
 
-    if not isinstance(session, sessions.Session) or not session.run.exists():
+    session = sessions.known(session, request)
+    if session is None or not session.run.exists():
         return gr.Dropdown(choices=["pytorch"], value="pytorch")
     choices = tuned_choices(session.run.path) or ["pytorch"]
     return gr.Dropdown(choices=choices, value=choices[0])
@@ -454,14 +486,19 @@ def compare_options(form: dict[str, Any]) -> dict:
             "top_p": number("top_p", "top-p", False, 1.0), "seed": number("seed", "seed", True, 0)}
 
 
-def run_compare(session: Optional[sessions.Session], form: dict[str, Any]):
+def run_compare(session: Optional[sessions.Session], form: dict[str, Any], request: gr.Request = None):
     """Stream the base and the tuned answers side by side."""
-    session = sessions.current(session)
+    session = sessions.current(session, request)
     if session.busy == "training":
         raise gr.Error("A training is running in this session: wait for it or stop it, then compare.")
     if not session.run.exists():
         raise gr.Error("Nothing to compare yet: train a model first.")
-    # Compare loads up to three models: it waits for the GPU like a training does.
+    with gpu_place(sessions.visitor(request)):
+        yield from _compare(session, form)
+
+
+def _compare(session: sessions.Session, form: dict[str, Any]):
+    """Compare in its turn: it loads up to three models, so it waits for the GPU like a training."""
     ticket = space.SLOT.join("compare", session.dir.name)
     try:
         for waiting in wait_for_gpu(ticket, lambda: session.closed):
