@@ -9,6 +9,7 @@ callback as plain dicts (``{"type": "step", ...}``), the shape the CLI and the a
 from __future__ import annotations
 
 import dataclasses
+import math
 import signal
 import threading
 import time
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from ..errors import TrainError
 from ..rundir import RunDir
 from ..settings import TrainSettings
 from ..units import format_duration
@@ -117,7 +119,15 @@ class Progress:
 
     def step(self, step: int, max_steps: int, loss: float, lr: float, epoch: float,
              when: Optional[float] = None, show: bool = True) -> dict:
-        """Report a finished step; ``show=False`` keeps it out of the log (the callback still gets it)."""
+        """Report a finished step; ``show=False`` keeps it out of the log (the callback still gets it).
+
+        A loss that is NaN or infinite stops training with :class:`TrainError`: the weights are
+        already ruined, and a run that went on would end "done" with a model that outputs nothing.
+        """
+        if not math.isfinite(loss):
+            raise TrainError(f"the training loss became {loss} at step {step}: training diverged, and the "
+                             "adapter is not saved; lower --learning-rate (or --embedding-learning-rate), "
+                             "check the base model's weights, and train again without --resume")
         tok_s, eta = self.meter.rate(step, max_steps, when)
         if show:
             self.log(f"[train] step {step}/{max_steps} loss {loss:.4f} {tok_s:,.0f} tok/s eta {format_duration(eta)}")
@@ -182,8 +192,8 @@ class StopSignal:
 
 
 def latest_checkpoint(run: RunDir) -> Optional[Path]:
-    """The newest ``checkpoints/checkpoint-N`` folder, or None."""
-    found = run.checkpoints()
+    """The newest complete ``checkpoints/checkpoint-N`` folder, or None."""
+    found = run.checkpoints(complete=True)
     return found[-1] if found else None
 
 
