@@ -30,7 +30,10 @@ from rawtune.errors import ConfigError, RawtuneError, TrainError
 from rawtune.rundir import RunDir
 from rawtune.settings import RunSettings, apply, train_from_form, validate
 
-REPO = Path(__file__).resolve().parents[1]
+import rawtune
+
+# The checkout whose rawtune these tests import (subprocesses run the same code).
+REPO = Path(rawtune.__file__).resolve().parents[1]
 
 
 def _one_line(exc: BaseException) -> str:
@@ -87,24 +90,22 @@ def test_item3_parquet_dictionary_bomb_memory_bounded(tmp_path):
     its memory bounded by what is decoded (the cap's share), not by the footer's small claim."""
     import pyarrow.parquet as pq
 
-    from rawtune import space
-
     bomb = tmp_path / "bomb.parquet"
     subprocess.run([sys.executable, "-c", DICTIONARY_BOMB, str(bomb), "600"], check=True)
     meta = pq.ParquetFile(bomb).metadata
     assert bomb.stat().st_size < 50_000
     assert "RLE_DICTIONARY" in meta.row_group(0).column(0).encodings  # really dictionary-encoded
     assert meta.row_group(0).total_byte_size < 5 * 2**20  # the footer claims a few MB; rows decode to 600 MB
-    env = {**os.environ, "PYTHONPATH": str(REPO), "SPACE_ID": "alice/rawtune"}
-    env.pop("RAWTUNE_MAX_CHARS", None)
+    cap = 20_000_000  # a shared app's default character cap
+    env = {**os.environ, "PYTHONPATH": str(REPO), "SPACE_ID": "alice/rawtune", "RAWTUNE_MAX_CHARS": str(cap)}
     out = subprocess.run([sys.executable, "-c", READ_AND_MEASURE, str(bomb)], env=env, check=True,
                          capture_output=True, text=True).stdout
     result = json.loads(out.strip().splitlines()[-1])
-    assert result["chars"] == space.SHARED_MAX_CHARS and result["all_a"]  # the cap's worth, read right
+    assert result["chars"] == cap and result["all_a"]  # the cap's worth, read right
     assert result["peak_mb"] < 250, result  # main's reader peaked far above (256-row batches of 1 MB rows)
 
 
-def test_item3_parquet_rows_read_in_slices_keep_every_row(tmp_path):
+def test_parquet_read_in_slices_keeps_every_row(tmp_path):
     """The sliced reader gives back every row and column of an ordinary file, nulls included."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -133,6 +134,15 @@ def test_item5_every_number_setting_has_finite_bounds():
     # Every preset's values and every default lie inside the declared bounds.
     for preset in S.PRESETS:
         validate(apply(RunSettings(), {"preset": preset}))
+
+
+def test_item5_security_doc_lists_the_bounds():
+    """docs/security.md's bounds table says what the declarations say, every number included."""
+    text = (REPO / "docs" / "security.md").read_text(encoding="utf-8")
+    for cls in (S.DataSettings, S.TrainSettings, S.ExportSettings):
+        for f in S.settings_fields(cls):
+            if f.metadata["kind"] in ("int", "float"):
+                assert f"| `{S.flag(f.name)}` | `{f.metadata['bounds']}` |" in text, f.name
 
 
 @pytest.mark.parametrize("values,flag,range_text", [

@@ -218,10 +218,14 @@ def _parquet_rows(path: Path, max_chars: Optional[int] = None) -> Iterator[dict]
 
 def _text_columns(schema: Any) -> list[str]:
     """The top-level string and binary columns: read as dictionaries, they stay as small as stored."""
+    return [f.name for f in schema if _is_text(f.type)]
+
+
+def _is_text(arrow_type: Any) -> bool:
     import pyarrow as pa
 
     kinds = (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary, pa.types.is_large_binary)
-    return [f.name for f in schema if any(kind(f.type) for kind in kinds)]
+    return any(kind(arrow_type) for kind in kinds)
 
 
 def _decoded_slices(batch: Any) -> Iterator[tuple[list[dict], int]]:
@@ -247,9 +251,9 @@ def _row_bytes(batch: Any) -> Any:
 
     sizes = np.zeros(batch.num_rows, dtype=np.int64)
     for column in batch.columns:
-        if pa.types.is_dictionary(column.type) and _text_columns(pa.schema([("v", column.type.value_type)])):
+        if pa.types.is_dictionary(column.type) and _is_text(column.type.value_type):
             lengths = pc.take(pc.binary_length(column.dictionary), column.indices)
-        elif _text_columns(pa.schema([("v", column.type)])):
+        elif _is_text(column.type):
             lengths = pc.binary_length(column)
         else:
             sizes += column.nbytes // max(batch.num_rows, 1)

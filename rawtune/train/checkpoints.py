@@ -1,4 +1,5 @@
-"""The fast loop's checkpoints: written complete or not at all, read back as data.
+"""The fast loop's checkpoints: written complete or not at all, read back as data. The Trainer
+loop writes its own the same way (:mod:`.hf_loop`, with :func:`partial_name` and :func:`write_failed`).
 
 A checkpoint is ``checkpoints/checkpoint-N`` with the adapter (``adapter_model.safetensors``,
 ``adapter_config.json``) and :data:`STATE_FILE` (the step, the optimizer's and the scheduler's
