@@ -101,6 +101,12 @@ _HELD: dict[str, list[int]] = {}
 _HELD_GUARD = threading.Lock()
 
 
+def runs_in_use() -> int:
+    """How many run directories this process holds locked now (stages still writing)."""
+    with _HELD_GUARD:
+        return len(_HELD)
+
+
 class RunDir:
     """A run directory and its ``run.json``."""
 

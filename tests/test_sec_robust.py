@@ -432,3 +432,42 @@ def test_item10_sigterm_saves_checkpoint_and_exits_143(tmp_path, tiny_llama_dir,
     assert (checkpoint / "trainer_state.json").is_file() and (checkpoint / "adapter_model.safetensors").is_file()
     assert "ppl_tuned" not in run.load().get("metrics", {})  # the stages after training did not run
     assert "--resume" in rest
+
+
+APP_LIKE = """
+import sys, threading, time
+from rawtune.pipeline import exit_on_sigterm, run_pipeline
+from rawtune.settings import RunSettings, apply
+exit_on_sigterm()  # what app.py installs once the server is up
+values = dict(out=sys.argv[1], dataset=sys.argv[2], model=sys.argv[3], preset="quick", seq_len=64, batch_size=2,
+              max_steps=5000, save_steps=5000, stages=["data", "train", "eval"])
+# As in the app (pipeline.segment_events): the run goes on in a worker thread, with a stop event of its own.
+threading.Thread(target=run_pipeline, args=(apply(RunSettings(), values),),
+                 kwargs={"log": print, "stop": threading.Event()}, daemon=True).start()
+while True:  # the server's main thread waits, as Gradio's block_thread does
+    time.sleep(0.1)
+"""
+
+
+def test_item10_sigterm_in_the_app_saves_a_threads_training_and_exits_143(tmp_path, tiny_llama_dir, tiny_corpus):
+    """The app trains in threads, where no Ctrl-C handler runs: SIGTERM (a Space being stopped)
+    must still stop each training with its adapter and a checkpoint, before the process exits."""
+    out = tmp_path / "r"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", APP_LIKE, str(out), str(tiny_corpus), str(tiny_llama_dir)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "[train] step 3/" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    else:
+        pytest.fail("training never reached step 3:\n" + "".join(lines[-20:]))
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, ("".join(lines) + rest)[-3000:]
+    run = RunDir(out)
+    record = run.load()["train"]
+    assert record["stopped_early"] and run.has_adapter()
+    assert (run.checkpoints_dir / f"checkpoint-{record['steps']}" / "trainer_state.json").is_file()
+    assert "ppl_tuned" not in run.load().get("metrics", {})  # no stage started after the stop

@@ -148,6 +148,22 @@ class Progress:
 # ---------------------------------------------------------------- stopping
 
 
+# The stop signals of the trainings running in this process, so a shutdown can stop them all.
+_ACTIVE: set = set()
+_ACTIVE_GUARD = threading.Lock()
+
+
+def stop_all(reason: str) -> int:
+    """Ask every training running in this process (any thread) to stop after its current step,
+    saving the adapter and a checkpoint, as Ctrl-C does; how many were asked."""
+    with _ACTIVE_GUARD:
+        active = list(_ACTIVE)
+    for signal_ in active:
+        signal_.log(f"[train] {reason}: stopping after this step; the adapter and a checkpoint will be saved")
+        signal_.event.set()
+    return len(active)
+
+
 class StopSignal:
     """A clean stop after the current step: asked by an event, a STOP file or Ctrl-C.
 
@@ -167,6 +183,8 @@ class StopSignal:
 
     def __enter__(self) -> "StopSignal":
         """First Ctrl-C asks for a clean stop (adapter + checkpoint saved); the second one aborts."""
+        with _ACTIVE_GUARD:
+            _ACTIVE.add(self)
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._ctrl_c)
         return self
@@ -178,6 +196,8 @@ class StopSignal:
         self.event.set()
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        with _ACTIVE_GUARD:
+            _ACTIVE.discard(self)
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
             self._previous = None
