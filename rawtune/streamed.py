@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
 
-from .errors import ExportError, StageMissing
+from .errors import ExportError
 from .models import ADAPTER_WEIGHTS, check_adapter
 from .rundir import RunDir
 

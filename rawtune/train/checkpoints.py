@@ -1,5 +1,6 @@
 """The fast loop's checkpoints: written complete or not at all, read back as data. The Trainer
-loop writes its own the same way (:mod:`.hf_loop`, with :func:`partial_name` and :func:`write_failed`).
+loop writes its own the same way (:mod:`.hf_loop`, with :func:`partial_name`, :func:`publish` and
+:func:`write_failed`).
 
 A checkpoint is ``checkpoints/checkpoint-N`` with the adapter (``adapter_model.safetensors``,
 ``adapter_config.json``) and :data:`STATE_FILE` (the step, the optimizer's and the scheduler's
@@ -48,8 +49,14 @@ def save(run: RunDir, model: Any, optimizer: Any, scheduler: Any, step: int, kee
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    return publish(run, partial, final, keep)
+
+
+def publish(run: RunDir, written: Path, final: Path, keep: int) -> Path:
+    """Give a completely written checkpoint folder its name ``final`` (one rename, so it appears
+    whole), then keep only the newest ``keep`` checkpoints (either loop)."""
     shutil.rmtree(final, ignore_errors=True)
-    partial.rename(final)
+    written.rename(final)
     for old in run.checkpoints()[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -22,7 +22,7 @@ import numpy as np
 from ..errors import ConfigError, TrainError
 from ..rundir import RunDir
 from ..settings import EMBEDDING_MODULES, FUSED_PROJECTIONS, TrainSettings, has_cuda
-from .checkpoints import partial_name, write_failed
+from .checkpoints import partial_name, publish, write_failed
 from .distributed import Dist, trainer_accumulation
 from .optim import param_groups
 from .progress import LoopResult, Progress, StopSignal, step_of
@@ -244,12 +244,9 @@ def _trainer_class() -> type:
                 raise
             finally:
                 self._staging = None
-            if self.args.should_save:
-                shutil.rmtree(final, ignore_errors=True)
-                (staging / final.name).rename(final)
+            if self.args.should_save:  # the Trainer wrote staging/checkpoint-N
+                publish(self.run, staging / final.name, final, keep=self.args.save_total_limit)
                 shutil.rmtree(staging, ignore_errors=True)
-                for old in self.run.checkpoints()[:-self.args.save_total_limit]:  # as the fast loop keeps them
-                    shutil.rmtree(old, ignore_errors=True)
 
         def create_optimizer(self, model=None):
             if self.optimizer is None:
