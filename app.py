@@ -19,6 +19,7 @@ if "--share" in sys.argv[1:]:
     # before the page is built, so the page states those limits too.
     os.environ["RAWTUNE_SHARED"] = "1"
 
+from rawtune.pipeline import exit_on_sigterm  # noqa: E402
 from rawtune.ui import build_demo, launch_options  # noqa: E402  (after the analytics switch)
 from rawtune.ui.session import runs_root  # noqa: E402
 
@@ -36,7 +37,10 @@ def main(argv: list[str] | None = None) -> None:
     root.mkdir(parents=True, exist_ok=True)
     # GPU work takes turns in the app's own line (rawtune.space); other events queue here.
     demo.queue(default_concurrency_limit=2)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, **launch_options())
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, prevent_thread_lock=True,
+                **launch_options())
+    exit_on_sigterm()  # a Space stopping the app: trainings save a checkpoint, then exit 143
+    demo.block_thread()
 
 
 if __name__ == "__main__":

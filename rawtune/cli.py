@@ -2,8 +2,9 @@
 
 Every settings field is a flag (``max_steps`` -> ``--max-steps``) and a YAML key for
 ``rawtune run --config``. Errors a user can cause print one line and exit with code 1; Ctrl-C
-exits with 130 (after training has saved its adapter and checkpoint). ``--resume`` starts from the
-settings stored in the run's ``run.json``; flags given with it may only extend or re-time the run.
+exits with 130 (after training has saved its adapter and checkpoint); SIGTERM does what Ctrl-C
+does and exits with 143. ``--resume`` starts from the settings stored in the run's ``run.json``;
+flags given with it may only extend or re-time the run.
 
 ``--gpus N`` (train, run) starts the same command again in N processes through torchrun, without
 ``--gpus``; under any launcher (torchrun, accelerate launch) rank 0 runs the whole pipeline and
@@ -37,6 +38,8 @@ COMMANDS = {
     "run": "run the stages of a YAML config (every flag is also a YAML key)",
 }
 STAGES_OF = {"train": ["data", "train", "eval"], "data": ["data"]}
+# Exit codes of a stopped run, as shells report a process ended by that signal (128 + its number).
+EXIT_CTRL_C, EXIT_SIGTERM = 130, 143
 
 
 # The argparse type of each value kind (bool fields are --flag/--no-flag; lists are comma-separated text).
@@ -212,7 +215,7 @@ def _relaunch(gpus: int, argv: Sequence[str], out: Optional[str]) -> int:
             if interrupted and code == 0:
                 print(f"rawtune: interrupted; the adapter and a checkpoint are saved: continue with "
                       f"`rawtune train --out {out} --resume --gpus {gpus}`", file=sys.stderr)
-                return 130
+                return EXIT_CTRL_C
             return code
         except KeyboardInterrupt:
             if interrupted or not out:
@@ -235,10 +238,38 @@ def _follow(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sigterm_as_ctrl_c(terminated: threading.Event) -> Any:
+    """A SIGTERM handler that does what Ctrl-C does at that moment (Spaces, schedulers and
+    ``docker stop`` send SIGTERM): during training a clean stop that saves the adapter and a
+    checkpoint (a second one aborts), elsewhere an interrupt. ``terminated`` records that it came."""
+    def handler(signum, frame):
+        terminated.set()
+        current = signal.getsignal(signal.SIGINT)
+        if not callable(current):  # SIGINT ignored (a background job): interrupt all the same
+            raise KeyboardInterrupt
+        current(signal.SIGINT, frame)
+    return handler
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``rawtune`` console script; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    terminated = threading.Event()
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _sigterm_as_ctrl_c(terminated))
+    try:
+        code = _main(args, argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    return EXIT_SIGTERM if terminated.is_set() and code == EXIT_CTRL_C else code
+
+
+def _main(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> int:
+    """The command of ``args``; its exit code (stopped runs: :data:`EXIT_CTRL_C`, which main turns
+    into :data:`EXIT_SIGTERM` when a SIGTERM stopped it)."""
     try:
         if args.command in ("eval", "merge", "export", "push"):
             _run_on_dir(args)
@@ -259,7 +290,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if stop.is_set():
             print(f"rawtune: interrupted; the adapter and a checkpoint are saved: continue with "
                   f"`rawtune train --out {out} --resume`", file=sys.stderr)
-            return 130
+            return EXIT_CTRL_C
         return 0
     except RawtuneError as exc:
         print(scrub(f"rawtune: error: {exc}"), file=sys.stderr)
@@ -269,7 +300,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     except KeyboardInterrupt:
         print("rawtune: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_CTRL_C
 
 
 if __name__ == "__main__":

@@ -51,11 +51,10 @@ def evaluate_run(run: RunDir, log: Callable[[str], None] = print, batch_size: in
     """Measure base and tuned perplexity on the held-out blocks and store them in run.json."""
     from .data import load_blocks
     from .errors import StageMissing
-    from .models import load_causal_lm, load_tuned
+    from .models import base_and_adapter, load_causal_lm, load_tuned
 
     model_info = run.require("model", "train")
-    if not run.has_adapter():
-        raise StageMissing(f"{run.adapter_dir} has no adapter: run `rawtune train` first")
+    base_and_adapter(run)  # a missing or damaged adapter is said now, before the base model is loaded
     held = scoring_blocks(load_blocks(run, "heldout"))
     if not len(held):
         raise StageMissing(f"{run.data_dir / 'heldout.npy'} holds no blocks: run `rawtune data` again "

@@ -27,6 +27,7 @@ import importlib.util
 import json
 import os
 import shutil
+import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -399,14 +400,64 @@ def load_causal_lm(local_dir: str | Path, device: Optional[str] = None, dtype: A
 
 
 def base_and_adapter(source: Union[RunDir, tuple]) -> tuple[Path, Path]:
-    """(base model folder, adapter folder) of a run directory, or the pair given."""
+    """(base model folder, adapter folder) of a run directory, or the pair given; the adapter is
+    checked whole (:func:`check_adapter`) before anyone loads it."""
     if isinstance(source, RunDir):
         if not source.has_adapter():
             raise StageMissing(f"{source.adapter_dir} has no adapter: run `rawtune train` first "
                                "(a stopped training keeps one too)")
-        return Path(source.require("model", "train")["local_dir"]), source.adapter_dir
-    base_dir, adapter_dir = source
-    return Path(base_dir), Path(adapter_dir)
+        base_dir, adapter_dir = Path(source.require("model", "train")["local_dir"]), source.adapter_dir
+    else:
+        base_dir, adapter_dir = Path(source[0]), Path(source[1])
+    check_adapter(adapter_dir)
+    return base_dir, adapter_dir
+
+
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+
+
+def check_adapter(adapter_dir: Path) -> dict:
+    """The adapter's config, once both its files are known to be whole: the config a JSON object
+    with a positive ``r`` and ``lora_alpha``, the weights a safetensors file as long as its header
+    says. A cut-off or edited adapter is one :class:`ModelError` here, not a library's traceback."""
+    config_path, weights = Path(adapter_dir) / ADAPTER_CONFIG, Path(adapter_dir) / ADAPTER_WEIGHTS
+    if not config_path.is_file() or not weights.is_file():
+        raise StageMissing(f"{adapter_dir} has no {ADAPTER_CONFIG}/{ADAPTER_WEIGHTS}: run `rawtune train` first")
+    fix = "train again (a new --out), or restore the adapter folder"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise ModelError(f"{config_path} is damaged (not valid JSON); {fix}") from None
+    positive = [isinstance(config, dict) and isinstance(config.get(k), (int, float))
+                and not isinstance(config.get(k), bool) and config[k] > 0 for k in ("r", "lora_alpha")]
+    if not all(positive):
+        raise ModelError(f"{config_path} is damaged (no positive 'r' and 'lora_alpha'); {fix}")
+    problem = safetensors_problem(weights)
+    if problem:
+        raise ModelError(f"{weights} is damaged ({problem}); {fix}")
+    return config
+
+
+def safetensors_problem(path: Path) -> str:
+    """What is wrong with a safetensors file's framing ('' when its header parses and the file is as
+    long as the header's tensors need): a cut-off download or a full disk while saving shows here."""
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            return f"{size} bytes, shorter than a safetensors header"
+        (length,) = struct.unpack("<Q", head)
+        if 8 + length > size:
+            return f"{size} bytes, but its header alone needs {8 + length}: the file was cut off"
+        try:
+            header = json.loads(handle.read(length))
+            ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError):
+            return "its header is not a safetensors header"
+    needed = 8 + length + max(ends, default=0)
+    if size < needed:
+        return f"{size} bytes, but its tensors need {needed}: the file was cut off"
+    return ""
 
 
 def load_tuned(source: Union[RunDir, tuple], device: Optional[str] = None, dtype: Any = None,

@@ -19,6 +19,7 @@ import json
 import os
 import queue
 import re
+import signal
 import sys
 import threading
 import time
@@ -31,9 +32,40 @@ from . import env
 from . import track
 from .errors import ConfigError, RawtuneError
 from .hubauth import is_repo_id
-from .rundir import RunDir, scrub
+from .rundir import RunDir, runs_in_use, scrub
 from .settings import (DEFAULT_MODEL, PRESETS, STAGES, RunSettings, concrete_preset, from_dict, resume_refusal,
                        to_dict, validate)
+
+
+# Seconds a SIGTERM'd app waits for its trainings to save (Docker and Kubernetes kill after 10-30 s).
+SIGTERM_GRACE_S = 20
+
+
+def exit_on_sigterm(grace_s: float = SIGTERM_GRACE_S) -> None:
+    """In a long-lived process whose trainings run in threads (the app), make SIGTERM (how Spaces,
+    schedulers and ``docker stop`` end a process) stop every training after its current step,
+    wait until their adapters, checkpoints and records are written (at most ``grace_s``), then
+    exit with 143. Call it from the main thread, after the server has started: a handler found
+    there (Gradio's, which stops its Node server) still runs, once the trainings are saved."""
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum, frame):
+        from .train.progress import stop_all
+
+        stop_all("SIGTERM")
+        deadline = time.time() + grace_s
+        while runs_in_use() and time.time() < deadline:
+            time.sleep(0.2)
+        if callable(previous):
+            try:
+                previous(signum, frame)
+            except SystemExit:
+                pass
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(143)  # the server's and the trainings' threads need no more than what was just written
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def prepare_model(settings: RunSettings, run: RunDir, token: Optional[str],

@@ -27,6 +27,8 @@ except ImportError:  # Windows has no flock: there only one task of this process
     fcntl = None
 
 RUN_FILE = "run.json"
+# The file each training loop writes last into a checkpoint, the one its resume reads the step from.
+CHECKPOINT_STATES = {"trainer": "trainer_state.json", "fast": "fastloop_state.pt"}
 LOCK_FILE = ".lock"
 # Every kind of Hugging Face token: user access tokens (hf_...), OAuth access tokens handed out
 # by a Space login (hf_oauth_..., with underscores inside), and legacy organisation tokens
@@ -51,14 +53,58 @@ def _mask(match: "re.Match[str]") -> str:
     return text.split()[0] + " ***" if text[:6].lower() == "bearer" else "hf_***"
 
 
+# The kind of value each stage reads from run.json: every top-level section is an object, and these
+# fields inside them are read without further checks. An edited or damaged file is refused at load.
+SECTION_FIELDS: dict[str, dict[str, type]] = {
+    "settings": {}, "versions": {}, "model": {"spec": str, "local_dir": str}, "data": {"train_blocks": int},
+    "train": {"steps": int, "max_steps": int, "history": list}, "metrics": {}, "merge": {}, "export": {},
+    "gguf": {}, "hub": {},
+}
+_KIND_NAMES = {str: "text", int: "a whole number", list: "a list", dict: "an object"}
+
+
+def _wrong_type(record: dict) -> str:
+    """What in a run.json record has the wrong kind of value ('' when nothing)."""
+    for section, inner in SECTION_FIELDS.items():
+        value = record.get(section)
+        if value is None:
+            continue
+        if not isinstance(value, dict):
+            return f"'{section}' must be an object, not {json.dumps(value)[:40]}"
+        for name, kind in inner.items():
+            item = value.get(name)
+            if item is not None and (not isinstance(item, kind) or isinstance(item, bool)):
+                return f"'{section}.{name}' must be {_KIND_NAMES[kind]}, not {json.dumps(item)[:40]}"
+    return ""
+
+
 class RunBusy(RawtuneError):
     """Another rawtune process (or another task of this one) is writing the run directory."""
+
+
+class RunDirUnwritable(RawtuneError):
+    """The run directory cannot be made or written: a file in its place, no permission, a full disk."""
+
+
+def unwritable(path: Path, exc: OSError) -> RunDirUnwritable:
+    """The one-line error for a run directory that could not be written."""
+    if path.exists() and not path.is_dir():
+        return RunDirUnwritable(f"the run directory {path} is a file, not a folder; give --out a folder "
+                                "(it is made if missing)")
+    return RunDirUnwritable(f"cannot write the run directory {path} ({exc.strerror or exc}); give --out a "
+                            "folder you can write to, with free disk space")
 
 
 # Locks this process holds: resolved path -> [thread id, depth, fd]. A thread may take its own
 # lock again (run_pipeline -> run_stage); another thread of the same process may not.
 _HELD: dict[str, list[int]] = {}
 _HELD_GUARD = threading.Lock()
+
+
+def runs_in_use() -> int:
+    """How many run directories this process holds locked now (stages still writing)."""
+    with _HELD_GUARD:
+        return len(_HELD)
 
 
 class RunDir:
@@ -84,12 +130,16 @@ class RunDir:
     def checkpoints_dir(self) -> Path:
         return self.path / "checkpoints"
 
-    def checkpoints(self) -> list[Path]:
-        """The ``checkpoints/checkpoint-N`` folders, oldest step first (half-written ones are hidden)."""
+    def checkpoints(self, complete: bool = False) -> list[Path]:
+        """The ``checkpoints/checkpoint-N`` folders, oldest step first (half-written ones are hidden);
+        ``complete``: only those holding a loop's state file (what a resume reads), so a folder left
+        by an older rawtune that wrote in place, or by a hand copy, is never resumed from."""
         if not self.checkpoints_dir.is_dir():
             return []
         found = [(int(m.group(1)), p) for p in self.checkpoints_dir.iterdir()
                  if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and p.is_dir()]
+        if complete:
+            found = [(n, p) for n, p in found if any((p / name).is_file() for name in CHECKPOINT_STATES.values())]
         return [p for _, p in sorted(found)]
 
     @property
@@ -112,7 +162,10 @@ class RunDir:
     @contextmanager
     def lock(self) -> Iterator["RunDir"]:
         """Hold the run directory exclusively, or raise :class:`RunBusy` at once."""
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise unwritable(self.path, exc) from None
         key, me = str(self.path.resolve()), threading.get_ident()
         with _HELD_GUARD:
             held = _HELD.get(key)
@@ -134,7 +187,10 @@ class RunDir:
                     os.close(held[2])  # closing the descriptor releases the flock
 
     def _acquire(self) -> int:
-        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise unwritable(self.path, exc) from None
         if fcntl is None:
             return fd
         try:
@@ -168,6 +224,10 @@ class RunDir:
         if not isinstance(record, dict):
             raise ConfigError(f"{self.run_file} is damaged (not a JSON object); restore it, or delete "
                               f"{self.path} and train again")
+        wrong = _wrong_type(record)
+        if wrong:
+            raise ConfigError(f"{self.run_file} is damaged ({wrong}); restore it, or delete {self.path} and "
+                              "train again")
         return record
 
     def require(self, key: str, stage: str) -> Any:
@@ -183,10 +243,16 @@ class RunDir:
         """Merge top-level sections into run.json and write it atomically."""
         record = self.load()
         record.update(scrub(sections))
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=".run.", suffix=".json")
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(record, handle, indent=2, sort_keys=False, default=str)
-            handle.write("\n")
-        os.replace(tmp, self.run_file)
+        tmp = None
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path, prefix=".run.", suffix=".json")
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                json.dump(record, handle, indent=2, sort_keys=False, default=str)
+                handle.write("\n")
+            os.replace(tmp, self.run_file)
+        except OSError as exc:  # run.json stays as it was
+            if tmp:
+                Path(tmp).unlink(missing_ok=True)
+            raise unwritable(self.path, exc) from None
         return record

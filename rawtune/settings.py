@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import difflib
 import math
+import re
 from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -32,16 +33,65 @@ QUANTS = quants.EXPORTABLE  # the --quant values, from the one quant table
 PRESET_NAMES = ["quick", "standard", "thorough"]
 # What a field's value is: how the CLI, YAML and the app's form read it.
 KINDS = ("str", "int", "float", "bool", "list")
+NUMBER_KINDS = ("int", "float")
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The finite range a number setting takes, written as an interval: ``[1, 1024]`` includes
+    both ends, ``(0, 1)`` neither, ``[0, 1)`` its low end only."""
+
+    low: float
+    high: float
+    low_open: bool = False
+    high_open: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> "Bounds":
+        match = re.fullmatch(r"\s*([\[(])\s*([-+0-9.e]+)\s*,\s*([-+0-9.e]+)\s*([\])])\s*", text)
+        if not match:
+            raise ValueError(f"bounds must be an interval like '[1, 1024]' or '(0, 1)', not {text!r}")
+        low, high = float(match.group(2)), float(match.group(3))
+        if not (math.isfinite(low) and math.isfinite(high) and low < high):
+            raise ValueError(f"bounds {text!r} must be finite, low below high")
+        return cls(low, high, match.group(1) == "(", match.group(4) == ")")
+
+    def __contains__(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def describe(self) -> str:
+        """The range in words, for messages: ``from 1 to 1024``, ``above 0 and below 1``."""
+        low = f"{'above' if self.low_open else 'from'} {_number(self.low)}"
+        high = f"{'below' if self.high_open else 'up to'} {_number(self.high)}"
+        return f"{low} {'and' if self.low_open else 'to'} {high}".replace("to up to", "to")
+
+    def __str__(self) -> str:
+        return (f"{'(' if self.low_open else '['}{_number(self.low)}, "
+                f"{_number(self.high)}{')' if self.high_open else ']'}")
+
+
+def _number(value: float) -> str:
+    """A bound as it reads best: whole numbers without a point (1000000, not 1e+06)."""
+    return str(int(value)) if value.is_integer() else repr(value)
 
 
 def setting(default: Any = None, doc: str = "", kind: str = "str", choices: Optional[list[str]] = None,
-            factory: Optional[Callable[[], Any]] = None, form: bool = True) -> Any:
+            factory: Optional[Callable[[], Any]] = None, form: bool = True, bounds: Optional[str] = None) -> Any:
     """A settings field with its metadata: ``doc`` (one line, the flag's help), ``kind`` (one of
-    :data:`KINDS`), ``choices`` (the values it takes, where it is a choice) and ``form`` (False
-    for fields the app sets through an input of its own, not the generated form)."""
+    :data:`KINDS`), ``choices`` (the values it takes, where it is a choice), ``form`` (False
+    for fields the app sets through an input of its own, not the generated form) and, for numbers,
+    ``bounds`` (the interval its values must lie in, e.g. ``"[1, 1024]"``: every number has finite
+    bounds, so no CLI flag, YAML key or form box can ask for an absurd or infinite value)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
-    meta = {"doc": doc, "kind": kind, "choices": list(choices) if choices else None, "form": form}
+    if (kind in NUMBER_KINDS) != (bounds is not None):
+        raise ValueError("a number setting needs bounds, and only a number setting takes them")
+    meta = {"doc": doc, "kind": kind, "choices": list(choices) if choices else None, "form": form,
+            "bounds": Bounds.parse(bounds) if bounds else None}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -56,17 +106,20 @@ class DataSettings:
     split: str = setting("train", "Hub dataset split to read")
     revision: Optional[str] = setting(None, "Hub dataset revision: branch, tag or commit")
     streaming: bool = setting(False, "stream a Hub dataset instead of downloading it whole", "bool")
-    max_documents: Optional[int] = setting(None, "stop reading after this many documents (any source)", "int")
+    max_documents: Optional[int] = setting(None, "stop reading after this many documents (any source)", "int",
+                                           bounds="[1, 1000000000]")
     text_column: Optional[str] = setting(None, "column holding the text; default 'text', else the longest "
                                                "string column")
     split_blank_lines: bool = setting(False, "split .txt/.md files into documents at blank lines", "bool")
-    min_chars: int = setting(20, "drop documents shorter than this many characters after stripping", "int")
+    min_chars: int = setting(20, "drop documents shorter than this many characters after stripping", "int",
+                             bounds="[0, 1000000]")
     dedupe: bool = setting(True, "drop exact duplicate documents", "bool")
-    heldout_fraction: float = setting(0.05, "share of documents held out for perplexity, never trained on", "float")
+    heldout_fraction: float = setting(0.05, "share of documents held out for perplexity, never trained on", "float",
+                                      bounds="(0, 0.5)")
     piece_tokens: Optional[int] = setting(
         None, "a document too long to hold out whole is cut in pieces of this many tokens and only its last "
-              "pieces are held out (default: --seq-len; 0: never cut)", "int")
-    min_heldout_blocks: int = setting(4, "hold out at least this many blocks", "int")
+              "pieces are held out (default: --seq-len; 0: never cut)", "int", bounds="[0, 1048576]")
+    min_heldout_blocks: int = setting(4, "hold out at least this many blocks", "int", bounds="[1, 100000]")
 
 
 @dataclass
@@ -79,37 +132,41 @@ class TrainSettings:
     preset: str = setting("auto", "quick, standard or thorough: defaults for the fields below "
                                   "(auto: standard on CUDA, quick on CPU)", choices=["auto"] + PRESET_NAMES,
                           form=False)
-    seq_len: Optional[int] = setting(None, "tokens per packed block", "int")
-    lora_r: Optional[int] = setting(None, "LoRA rank", "int")
-    lora_alpha: Optional[int] = setting(None, "LoRA alpha (scale is alpha/r, or alpha/sqrt(r) with rsLoRA)", "int")
-    lora_dropout: Optional[float] = setting(None, "dropout on the LoRA input", "float")
+    seq_len: Optional[int] = setting(None, "tokens per packed block", "int", bounds="[16, 131072]")
+    lora_r: Optional[int] = setting(None, "LoRA rank", "int", bounds="[1, 1024]")
+    lora_alpha: Optional[int] = setting(None, "LoRA alpha (scale is alpha/r, or alpha/sqrt(r) with rsLoRA)", "int",
+                                      bounds="[1, 4096]")
+    lora_dropout: Optional[float] = setting(None, "dropout on the LoRA input", "float", bounds="[0, 1)")
     use_rslora: Optional[bool] = setting(None, "rank-stabilised LoRA scaling", "bool")
     target_modules: Optional[list[str]] = setting(None, "projections that get LoRA adapters", "list",
                                                   choices=ALL_PROJECTIONS)
     train_embeddings: Optional[bool] = setting(None, "also train embed_tokens and lm_head (full weights)", "bool")
-    embedding_learning_rate: Optional[float] = setting(None, "learning rate for embed_tokens/lm_head", "float")
+    embedding_learning_rate: Optional[float] = setting(None, "learning rate for embed_tokens/lm_head", "float",
+                                                     bounds="(0, 1)")
     load_in_4bit: bool = setting(False, "load the base in 4-bit (QLoRA; CUDA and bitsandbytes only)", "bool")
     gradient_checkpointing: Optional[str] = setting(None, "auto, on, off or unsloth",
                                                     choices=["auto", "on", "off", "unsloth"])
-    batch_size: Optional[int] = setting(None, "blocks per micro-batch", "int")
-    grad_accum: Optional[int] = setting(None, "micro-batches per optimizer step", "int")
+    batch_size: Optional[int] = setting(None, "blocks per micro-batch", "int", bounds="[1, 4096]")
+    grad_accum: Optional[int] = setting(None, "micro-batches per optimizer step", "int", bounds="[1, 4096]")
     epochs: Optional[float] = setting(None, "passes over the training blocks (ignored when max_steps is set)",
-                                      "float")
-    max_steps: Optional[int] = setting(None, "stop after this many optimizer steps", "int")
-    learning_rate: Optional[float] = setting(None, "peak learning rate for the LoRA weights", "float")
-    warmup_ratio: Optional[float] = setting(None, "share of steps spent warming up", "float")
+                                      "float", bounds="(0, 1000]")
+    max_steps: Optional[int] = setting(None, "stop after this many optimizer steps", "int", bounds="[1, 10000000]")
+    learning_rate: Optional[float] = setting(None, "peak learning rate for the LoRA weights", "float",
+                                             bounds="(0, 1)")
+    warmup_ratio: Optional[float] = setting(None, "share of steps spent warming up", "float", bounds="[0, 1)")
     lr_scheduler: Optional[str] = setting(None, "learning-rate schedule: cosine, linear or constant",
                                           choices=["cosine", "linear", "constant"])
-    weight_decay: Optional[float] = setting(None, "AdamW weight decay", "float")
+    weight_decay: Optional[float] = setting(None, "AdamW weight decay", "float", bounds="[0, 1]")
     optimizer: str = setting("auto", "auto (fused AdamW on CUDA, 8-bit AdamW with 4-bit loading, AdamW on "
                              "CPU), adamw_8bit or adamw_torch", choices=["auto", "adamw_8bit", "adamw_torch"])
-    seed: int = setting(3407, "random seed for data order and LoRA init", "int")
-    save_steps: Optional[int] = setting(None, "write a resumable checkpoint every this many steps", "int")
+    seed: int = setting(3407, "random seed for data order and LoRA init", "int", bounds="[0, 4294967295]")
+    save_steps: Optional[int] = setting(None, "write a resumable checkpoint every this many steps", "int",
+                                         bounds="[1, 10000000]")
     eval_steps: Optional[int] = setting(None, "compute held-out loss every this many steps (0: only at the end)",
-                                        "int")
-    eval_batches: int = setting(8, "held-out blocks used for each periodic eval", "int")
+                                        "int", bounds="[0, 10000000]")
+    eval_batches: int = setting(8, "held-out blocks used for each periodic eval", "int", bounds="[0, 10000]")
     logging_steps: Optional[int] = setting(None, "report progress every this many steps (auto: every step on a "
-                                           "CPU, every 10th on a GPU)", "int")
+                                           "CPU, every 10th on a GPU)", "int", bounds="[1, 10000000]")
     resume: bool = setting(False, "continue from the newest checkpoint in the run directory", "bool", form=False)
 
 
@@ -120,7 +177,7 @@ class ExportSettings:
     quant: list[str] = setting(doc="quant types to write", kind="list", choices=QUANTS,
                                factory=lambda: list(quants.DEFAULT))
     imatrix_blocks: int = setting(16, "training blocks for the importance matrix of k-quants (0: llama.cpp's "
-                                      "plain quantization)", "int")
+                                      "plain quantization)", "int", bounds="[0, 100000]")
     name: Optional[str] = setting(None, "file name stem for the GGUFs (default: the run directory's name)")
     verify: bool = setting(True, "load each GGUF in llama.cpp and measure its perplexity", "bool")
 
@@ -252,6 +309,8 @@ def _parse_bool(value: Any) -> bool:
 
 
 def _parse_int(value: Any) -> int:
+    if isinstance(value, float) and not math.isfinite(value):
+        return value  # validate refuses it with the field's bounds
     if isinstance(value, float) and not value.is_integer():
         raise ValueError(value)
     return int(value)
@@ -298,6 +357,8 @@ def parse_number(value: Any, label: str, whole: bool) -> Optional[float | int]:
         number = float(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{label} must be a number, not {value!r}") from None
+    if not math.isfinite(number):  # validate names the field's bounds
+        return number
     if whole and number != int(number):
         raise ConfigError(f"{label} must be a whole number, not {value}")
     return int(number) if whole else number
@@ -443,50 +504,46 @@ def validate(settings: RunSettings) -> RunSettings:
     _validate_data(s.data)
     s.train = _validate_train(resolve_preset(s.train))
     s.export.quant = [quants.get(label).key for label in quants.labels_for(_as_list(s.export.quant))]
-    _check(s.export.imatrix_blocks >= 0, "imatrix_blocks", "must be 0 (no importance matrix) or more, e.g. 16")
+    _check_bounds(s.export)
     if "push" in s.stages:  # checked before any stage runs, so a long training does not end in a refused push
         _check(is_repo_id(s.push.repo), "repo", "give the Hub repo as user/name, e.g. alice/my-model")
     return s
 
 
 def _validate_data(d: DataSettings) -> None:
-    _check(0.0 < d.heldout_fraction < 0.5, "heldout_fraction", "must be between 0 and 0.5, e.g. 0.05")
-    _check(d.min_chars >= 0, "min_chars", "must be 0 or more")
-    _check(d.min_heldout_blocks >= 1, "min_heldout_blocks", "must be at least 1")
-    _check(d.max_documents is None or d.max_documents > 0, "max_documents", "must be positive")
-    _check(d.piece_tokens is None or d.piece_tokens >= 0, "piece_tokens", "must be 0 (never cut) or more")
+    _check_bounds(d)
+
+
+def _check_bounds(section: Any) -> None:
+    """Every number of a settings section lies in the bounds its field declares (None: unset)."""
+    for f in settings_fields(type(section)):
+        bounds, value = f.metadata["bounds"], getattr(section, f.name)
+        if bounds is None or value is None:
+            continue
+        whole = f.metadata["kind"] == "int"
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or (whole and not float(value).is_integer()) or value not in bounds:
+            what = "a whole number" if whole else "a number"
+            raise ConfigError(f"{flag(f.name)}: must be {what} {bounds.describe()}, not {value!r}")
 
 
 def _validate_train(t: TrainSettings) -> TrainSettings:
     """Check the resolved training settings (``t`` is validate's own copy, changed in place)."""
     _check(t.backend in choices("backend"), "backend", f"use {_one_of('backend')}")
-    _check(t.seq_len >= 16, "seq_len", "must be at least 16 tokens, e.g. 512 or 2048")
-    _check(t.lora_r >= 1, "lora_r", "must be a positive rank, e.g. 16 or 128")
-    _check(t.lora_alpha > 0, "lora_alpha", "must be positive, e.g. equal to --lora-r")
-    _check(0.0 <= t.lora_dropout < 1.0, "lora_dropout", "must be in [0, 1)")
     t.target_modules = _as_list(t.target_modules)
     _check(bool(t.target_modules), "target_modules", f"name at least one of {', '.join(ALL_PROJECTIONS)}")
     if any(m in EMBEDDING_MODULES for m in t.target_modules):
         # embed_tokens/lm_head in the target list means "train them fully", as in Unsloth's recipe.
         t.target_modules = [m for m in t.target_modules if m not in EMBEDDING_MODULES]
         t.train_embeddings = True
-    _check(t.batch_size >= 1, "batch_size", "must be at least 1")
-    _check(t.grad_accum >= 1, "grad_accum", "must be at least 1")
-    _check(t.max_steps is None or t.max_steps >= 1, "max_steps", "must be at least 1")
-    _check(t.epochs > 0, "epochs", "must be positive")
-    _check(0 < t.learning_rate < 1, "learning_rate", "must be a small positive number, e.g. 5e-5")
+    _check_bounds(t)
     if t.embedding_learning_rate is None:
         t.embedding_learning_rate = t.learning_rate / 10
-    _check(0 < t.embedding_learning_rate < 1, "embedding_learning_rate", "must be positive, e.g. 5e-6")
-    _check(0 <= t.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1), e.g. 0.1")
     _check(t.lr_scheduler in choices("lr_scheduler"), "lr_scheduler", f"use {_one_of('lr_scheduler')}")
-    _check(t.weight_decay >= 0, "weight_decay", "must be 0 or more")
     _check(t.optimizer in choices("optimizer"), "optimizer", f"use {_one_of('optimizer')}")
     # True/False: YAML booleans stay accepted here (gradient_checkpointing: true).
     _check(str(t.gradient_checkpointing) in choices("gradient_checkpointing") + ["True", "False"],
            "gradient_checkpointing", f"use {_one_of('gradient_checkpointing')}")
-    _check(t.save_steps >= 1, "save_steps", "must be at least 1")
-    _check(t.eval_steps >= 0, "eval_steps", "must be 0 (only at the end) or more")
     return t
 
 
@@ -525,16 +582,25 @@ def to_dict(settings: RunSettings) -> dict[str, Any]:
     return dataclasses.asdict(settings)
 
 
-def from_dict(values: dict[str, Any]) -> RunSettings:
-    """Rebuild settings from :func:`to_dict` output (as stored in run.json)."""
+def from_dict(values: Any, origin: str = "run.json settings") -> RunSettings:
+    """Rebuild settings from :func:`to_dict` output (as stored in run.json); a value of the wrong
+    kind (an edited or damaged file) raises :class:`ConfigError` naming the key."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{origin} must be a JSON object of settings, not {type(values).__name__}; "
+                          "restore run.json, or train again with another --out")
     s = RunSettings()
     for key, value in values.items():
         if key in SECTIONS:
-            cls = type(getattr(s, key))
-            known = {f.name for f in fields(cls)}
-            setattr(s, key, cls(**{k: v for k, v in value.items() if k in known}))
-        elif key in {f.name for f in fields(RunSettings)}:
-            setattr(s, key, value)
+            if not isinstance(value, dict):
+                raise ConfigError(f"{origin}: '{key}' must be a JSON object, not {type(value).__name__}; "
+                                  "restore run.json, or train again with another --out")
+            section = getattr(s, key)
+            known = {f.name: f for f in settings_fields(type(section))}
+            for name, item in value.items():
+                if name in known:
+                    setattr(section, name, coerce_value(known[name], item, origin))
+        elif key in {f.name for f in settings_fields(RunSettings)}:
+            setattr(s, key, coerce_value(field_of(key), value, origin))
     return s
 
 

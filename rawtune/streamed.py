@@ -40,7 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
 
-from .errors import ExportError, StageMissing
+from .errors import ExportError
+from .models import ADAPTER_WEIGHTS, check_adapter
 from .rundir import RunDir
 
 _DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
@@ -142,10 +143,8 @@ def _check_config(config: dict, adapter_dir: Path) -> None:
 def read_adapter(adapter_dir: Path) -> Adapter:
     """The adapter's scale and the index of its tensors (tensors themselves are read when used)."""
     adapter_dir = Path(adapter_dir)
-    config_path, weights = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
-    if not config_path.is_file() or not weights.is_file():
-        raise StageMissing(f"{adapter_dir} has no adapter_config.json/adapter_model.safetensors: run `rawtune train` first")
-    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config = check_adapter(adapter_dir)  # both files whole, or one line saying which is damaged
+    weights = adapter_dir / ADAPTER_WEIGHTS
     _check_config(config, adapter_dir)
     r, alpha = config["r"], config["lora_alpha"]
     # The same expression PEFT uses, so the float is the same to the last bit.

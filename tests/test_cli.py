@@ -18,7 +18,7 @@ def test_help_and_version(capsys):
 @pytest.mark.parametrize("argv,message", [
     (["train", "--dataset", "missing.jsonl", "--out", "{tmp}/r"], "dataset missing.jsonl not found"),
     (["train", "--dataset", "{tmp}/c.docx", "--out", "{tmp}/r"], "unsupported file type"),
-    (["train", "--dataset", "{tmp}/c.jsonl", "--out", "{tmp}/r", "--lora-r", "0"], "--lora-r: must be a positive rank"),
+    (["train", "--dataset", "{tmp}/c.jsonl", "--out", "{tmp}/r", "--lora-r", "0"], "--lora-r: must be a whole number from 1 to 1024, not 0"),
     (["train", "--dataset", "{tmp}/c.jsonl", "--out", "{tmp}/r", "--preset", "huge"], "--preset 'huge' is unknown"),
     (["train", "--dataset", "{tmp}/c.jsonl", "--out", "{tmp}/r", "--text-column", "body"], "--text-column 'body' not found"),
     (["run", "--config", "{tmp}/bad.yaml"], "unknown {tmp}/bad.yaml: key 'max_step'; did you mean max_steps"),

@@ -36,14 +36,42 @@ class Documents:
 
 
 def _not_utf8(path: Path, byte: int, offset: int) -> DataError:
-    return DataError(
-        f"{path.name} is not UTF-8 text (byte 0x{byte:02x} at offset {offset}); "
-        f"convert it first, e.g. `iconv -f latin1 -t utf-8 {path.name} > fixed.{path.suffix[1:]}`"
-    )
+    # A one-byte code page cannot be told from the bytes alone (UTF-16/32 are refused before
+    # reading, by _check_not_utf16): say how to find it rather than guess one.
+    return DataError(f"{path.name} is not UTF-8 text (byte 0x{byte:02x} at offset {offset}); convert it from its "
+                     f"encoding first (`file -i {path.name}` guesses it), e.g. for Windows text "
+                     f"`iconv -f CP1252 -t UTF-8 {path.name} > fixed.{path.suffix[1:]}`")
+
+
+def _check_not_utf16(path: Path) -> None:
+    """Refuse UTF-16/32 text before reading it, naming its encoding: without a byte-order mark its
+    zero bytes are valid UTF-8, so it would otherwise be read as text full of NUL characters."""
+    encoding = _utf16_or_32(path)
+    if encoding:
+        raise DataError(f"{path.name} is {encoding} text, not UTF-8; convert it first with "
+                        f"`iconv -f {encoding} -t UTF-8 {path.name} > fixed.{path.suffix[1:]}`")
+
+
+def _utf16_or_32(path: Path) -> str:
+    """The UTF-16/32 encoding a file is in, from its byte-order mark or its zero bytes ('' if neither)."""
+    with path.open("rb") as handle:
+        head = handle.read(4096)
+    for bom, name in ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"),
+                      (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16")):
+        if head.startswith(bom):
+            return name  # iconv reads the byte order from the mark
+    # Without a mark: mostly-ASCII text in UTF-16 has a zero in every other byte.
+    even, odd = head[0::2], head[1::2]
+    if len(head) >= 4 and odd.count(0) > len(odd) / 3 and even.count(0) < len(even) / 10:
+        return "UTF-16LE"
+    if len(head) >= 4 and even.count(0) > len(even) / 3 and odd.count(0) < len(odd) / 10:
+        return "UTF-16BE"
+    return ""
 
 
 def _read_text(path: Path, max_chars: Optional[int] = None) -> str:
     """The file's text; with ``max_chars``, at most that many characters are read from disk."""
+    _check_not_utf16(path)
     with path.open("rb") as handle:
         # UTF-8 takes at most 4 bytes a character, so this many bytes always hold max_chars.
         raw = handle.read(max_chars * 4 + 4 if max_chars else -1)
@@ -64,6 +92,7 @@ def _decode_head(raw: bytes) -> str:
 
 def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
     """(line number, line) of a UTF-8 file, read line by line rather than all at once."""
+    _check_not_utf16(path)
     offset = 0
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
@@ -90,6 +119,8 @@ def _jsonl_rows(path: Path, max_chars: Optional[int] = None) -> Iterator[dict]:
             rows = json.loads(text)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path.name}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+        except RecursionError:
+            raise _too_deep(path, 1) from None
         yield from (r if isinstance(r, dict) else {"text": r} for r in rows)
         return
     for number, line in _text_lines(path):
@@ -99,7 +130,14 @@ def _jsonl_rows(path: Path, max_chars: Optional[int] = None) -> Iterator[dict]:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path.name}, line {number}: invalid JSON ({exc.msg}); each line must be one JSON object") from None
+        except RecursionError:  # Python's parser recurses once per level of nesting
+            raise _too_deep(path, number) from None
         yield row if isinstance(row, dict) else {"text": row}
+
+
+def _too_deep(path: Path, line: int) -> DataError:
+    return DataError(f"{path.name}, line {line}: JSON nested too deeply to read; each line must be one JSON "
+                     "object with the text in a field (like {\"text\": \"...\"})")
 
 
 def _starts_with_bracket(path: Path) -> bool:
@@ -112,6 +150,7 @@ def _csv_rows(path: Path, max_chars: Optional[int] = None) -> Iterator[dict]:
     """Rows of a CSV/TSV file read as a stream; a row with more fields than the header is an error."""
     csv.field_size_limit(max_chars or (1 << 30))
     delimiter = "\t" if path.suffix == ".tsv" else ","
+    _check_not_utf16(path)
     with path.open(encoding="utf-8-sig", newline="") as handle:
         reader = csv.DictReader(handle, delimiter=delimiter)
         try:
@@ -131,33 +170,96 @@ def _csv_rows(path: Path, max_chars: Optional[int] = None) -> Iterator[dict]:
             raise _not_utf8(path, exc.object[exc.start], exc.start) from None
 
 
-def _parquet_rows(path: Path, max_chars: Optional[int] = None) -> Iterator[dict]:
-    """Rows of a Parquet file, a batch at a time.
+# Parquet is read in batches of about this many bytes (the footer's row size, a hint only), and
+# turned into Python rows in slices of at most this many bytes of text (what was really decoded).
+PARQUET_BATCH_BYTES = 8 * 2**20
 
-    Parquet compresses well, so a tiny file can hold hundreds of MB of text: each row group's
-    uncompressed size (from the footer, nothing decoded yet) is checked against the character cap
-    before it is read, and reading stops once the cap is used up.
+
+def _parquet_rows(path: Path, max_chars: Optional[int] = None) -> Iterator[dict]:
+    """Rows of a Parquet file, a slice at a time, with memory bounded by what is really decoded.
+
+    Parquet compresses well, so a tiny file can hold gigabytes of text. A dictionary-encoded column
+    is worse: one long value and many rows that name it decode to value x rows, while the footer
+    counts the value once. So text columns are read as dictionaries (as stored: the long value
+    once), each batch's decoded size is measured row by row, rows become Python objects in slices
+    of at most :data:`PARQUET_BATCH_BYTES`, and each slice's real size is charged against the
+    character cap (4 bytes a character), reading stops once it is used up. A row group whose
+    footer already claims more than is left is not decoded at all.
     """
     import pyarrow.parquet as pq
 
     try:
         parquet = pq.ParquetFile(path)
+        parquet = pq.ParquetFile(path, read_dictionary=_text_columns(parquet.schema_arrow))
     except Exception as exc:  # pyarrow raises several types for broken files
         raise DataError(f"{path.name}: not a readable Parquet file ({type(exc).__name__})") from None
     budget = max_chars * 4 if max_chars else None  # bytes: a character takes 1 to 4
     for index in range(parquet.metadata.num_row_groups):
-        size = parquet.metadata.row_group(index).total_byte_size
-        if budget is not None and size > budget:
+        group = parquet.metadata.row_group(index)
+        if budget is not None and group.total_byte_size > budget:
             if index == 0:
-                raise _too_big(path, f"row group {index} ({size / 2**20:.0f} MB uncompressed)", max_chars)
+                raise _too_big(path, f"row group {index} ({group.total_byte_size / 2**20:.0f} MB uncompressed)",
+                               max_chars)
             return  # what was read so far is the sample the cap allows
-        if budget is not None:
-            budget -= size
+        rows = max(1, min(1024, PARQUET_BATCH_BYTES * group.num_rows // max(group.total_byte_size, 1)))
         try:
-            for batch in parquet.iter_batches(batch_size=256, row_groups=[index]):
-                yield from batch.to_pylist()
+            for batch in parquet.iter_batches(batch_size=rows, row_groups=[index]):
+                for sliced, size in _decoded_slices(batch):
+                    yield from sliced
+                    if budget is not None:
+                        budget -= size
+                        if budget <= 0:
+                            return
+        except DataError:
+            raise
         except Exception as exc:
             raise DataError(f"{path.name}: not a readable Parquet file ({type(exc).__name__})") from None
+
+
+def _text_columns(schema: Any) -> list[str]:
+    """The top-level string and binary columns: read as dictionaries, they stay as small as stored."""
+    return [f.name for f in schema if _is_text(f.type)]
+
+
+def _is_text(arrow_type: Any) -> bool:
+    import pyarrow as pa
+
+    kinds = (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary, pa.types.is_large_binary)
+    return any(kind(arrow_type) for kind in kinds)
+
+
+def _decoded_slices(batch: Any) -> Iterator[tuple[list[dict], int]]:
+    """(rows as dicts, their decoded bytes) for consecutive slices of at most PARQUET_BATCH_BYTES
+    (at least one row), sized before any Python string is made."""
+    import numpy as np
+
+    total = np.cumsum(_row_bytes(batch))
+    start = 0
+    while start < batch.num_rows:
+        before = int(total[start - 1]) if start else 0
+        end = max(start + 1, int(np.searchsorted(total, before + PARQUET_BATCH_BYTES, side="right")))
+        yield batch.slice(start, end - start).to_pylist(), int(total[end - 1]) - before
+        start = end
+
+
+def _row_bytes(batch: Any) -> Any:
+    """Bytes each row takes once decoded: its text and binary values' lengths (a dictionary column's
+    looked up through its indices), and other columns' share of their buffers."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    sizes = np.zeros(batch.num_rows, dtype=np.int64)
+    for column in batch.columns:
+        if pa.types.is_dictionary(column.type) and _is_text(column.type.value_type):
+            lengths = pc.take(pc.binary_length(column.dictionary), column.indices)
+        elif _is_text(column.type):
+            lengths = pc.binary_length(column)
+        else:
+            sizes += column.nbytes // max(batch.num_rows, 1)
+            continue
+        sizes += pc.fill_null(lengths, 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    return sizes
 
 
 def _plain_docs(path: Path, split_blank_lines: bool, max_chars: Optional[int] = None) -> list[str]:

@@ -8,6 +8,7 @@ fixed-length blocks saved as ``.npy`` arrays.
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Optional
@@ -169,9 +170,7 @@ def prepare(settings: DataSettings, tokenizer: Any, seq_len: int, run: RunDir,
         hint = " or let long documents be cut (drop --piece-tokens 0)" if piece == 0 else ""
         raise DataError(f"no full training block of --seq-len {seq_len} is left after the held-out split; "
                         f"add text or lower --seq-len / --heldout-fraction{hint}")
-    run.data_dir.mkdir(parents=True, exist_ok=True)
-    np.save(run.data_dir / "train.npy", train_blocks)
-    np.save(run.data_dir / "heldout.npy", held_blocks)
+    save_blocks(run, {"train": train_blocks, "heldout": held_blocks})
     report = DataReport(
         source=docs.source, column=docs.column, column_reason=docs.column_reason,
         documents_kept=len(kept), train_documents=len(train_docs), heldout_documents=len(held_docs),
@@ -183,6 +182,29 @@ def prepare(settings: DataSettings, tokenizer: Any, seq_len: int, run: RunDir,
     run.update(data=asdict(report))
     log(f"[data] {report.summary()}")
     return report
+
+
+def save_blocks(run: RunDir, arrays: dict[str, np.ndarray]) -> None:
+    """Write ``data/<name>.npy`` for each array, all complete or none: each goes to a hidden name
+    first and all are renamed once every one is written, so a full disk (or a kill) never leaves a
+    cut-off ``.npy``, nor a new train.npy beside an old heldout.npy."""
+    partial = {name: run.data_dir / f".{name}.npy.partial" for name in arrays}
+    try:
+        run.data_dir.mkdir(parents=True, exist_ok=True)
+        for name, array in arrays.items():
+            with partial[name].open("wb") as handle:
+                np.save(handle, array)
+    except OSError as exc:
+        for path in partial.values():
+            path.unlink(missing_ok=True)
+        raise DataError(f"writing the packed blocks to {run.data_dir} failed ({exc.strerror or exc}); free "
+                        "disk space there, or give another --out") from None
+    except BaseException:
+        for path in partial.values():
+            path.unlink(missing_ok=True)
+        raise
+    for name, path in partial.items():
+        os.replace(path, run.data_dir / f"{name}.npy")
 
 
 def load_blocks(run: RunDir, which: str) -> np.ndarray:

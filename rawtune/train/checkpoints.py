@@ -1,4 +1,6 @@
-"""The fast loop's checkpoints: written complete or not at all, read back as data.
+"""The fast loop's checkpoints: written complete or not at all, read back as data. The Trainer
+loop writes its own the same way (:mod:`.hf_loop`, with :func:`partial_name`, :func:`publish` and
+:func:`write_failed`).
 
 A checkpoint is ``checkpoints/checkpoint-N`` with the adapter (``adapter_model.safetensors``,
 ``adapter_config.json``) and :data:`STATE_FILE` (the step, the optimizer's and the scheduler's
@@ -19,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import TrainError
-from ..rundir import RunDir
+from ..rundir import CHECKPOINT_STATES, RunDir
 
-STATE_FILE = "fastloop_state.pt"
+STATE_FILE = CHECKPOINT_STATES["fast"]
 ADAPTER_FILE = "adapter_model.safetensors"
 
 
@@ -33,7 +35,7 @@ def save(run: RunDir, model: Any, optimizer: Any, scheduler: Any, step: int, kee
     from ..streamed import save_tensors
 
     final = run.checkpoints_dir / f"checkpoint-{step}"
-    partial = run.checkpoints_dir / f".checkpoint-{step}.partial"
+    partial = run.checkpoints_dir / partial_name(step)
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     try:
@@ -43,17 +45,33 @@ def save(run: RunDir, model: Any, optimizer: Any, scheduler: Any, step: int, kee
                    partial / STATE_FILE)
     except OSError as exc:  # e.g. a full disk: leave no half checkpoint
         shutil.rmtree(partial, ignore_errors=True)
-        raise TrainError(f"writing checkpoint-{step} in {run.checkpoints_dir} failed ({exc.strerror or exc}); "
-                         "free disk space there (or raise --save-steps) and continue with --resume, which "
-                         "takes the newest complete checkpoint") from exc
+        raise write_failed(final, exc) from exc
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    return publish(run, partial, final, keep)
+
+
+def publish(run: RunDir, written: Path, final: Path, keep: int) -> Path:
+    """Give a completely written checkpoint folder its name ``final`` (one rename, so it appears
+    whole), then keep only the newest ``keep`` checkpoints (either loop)."""
     shutil.rmtree(final, ignore_errors=True)
-    partial.rename(final)
+    written.rename(final)
     for old in run.checkpoints()[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def write_failed(final: Path, exc: OSError) -> TrainError:
+    """The one-line error for a checkpoint that could not be written (either loop)."""
+    return TrainError(f"writing {final.name} in {final.parent} failed ({exc.strerror or exc}); free disk space "
+                      "there (or raise --save-steps) and continue with --resume, which takes the newest "
+                      "complete checkpoint")
+
+
+def partial_name(step: int) -> str:
+    """The hidden folder a checkpoint is written into before it gets its name (either loop)."""
+    return f".checkpoint-{step}.partial"
 
 
 def load(path: Path, model: Any, optimizer: Any, scheduler: Any) -> int:

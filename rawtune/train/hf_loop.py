@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -21,6 +22,7 @@ import numpy as np
 from ..errors import ConfigError, TrainError
 from ..rundir import RunDir
 from ..settings import EMBEDDING_MODULES, TrainSettings, has_cuda
+from .checkpoints import partial_name, publish, write_failed
 from .distributed import Dist, trainer_accumulation
 from .optim import param_groups
 from .progress import LoopResult, Progress, StopSignal, step_of
@@ -207,9 +209,41 @@ def _trainer_class() -> type:
     from transformers import Trainer
 
     class RawtuneTrainer(Trainer):
-        """A Trainer whose optimizer gives embeddings their own learning rate."""
+        """A Trainer whose optimizer gives embeddings their own learning rate, and whose checkpoints
+        are written complete or not at all (as the fast loop's, :mod:`.checkpoints`)."""
 
         embedding_learning_rate: float = 0.0
+        run: RunDir  # whose checkpoints/ the Trainer writes (its output_dir)
+        _staging: Optional[str] = None
+
+        def _get_output_dir(self, trial):
+            return self._staging or super()._get_output_dir(trial)
+
+        def _save_checkpoint(self, model, trial):
+            """Write ``checkpoint-N`` into a hidden folder and give it its name once complete: a full
+            disk (or a kill) while writing leaves no ``checkpoint-N`` without its trainer_state.json
+            for ``--resume`` to pick."""
+            root = self.run.checkpoints_dir
+            final = root / f"checkpoint-{self.state.global_step}"
+            staging = root / partial_name(self.state.global_step)
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+            self.accelerator.wait_for_everyone()  # every rank writes its RNG state into the folder
+            self._staging = str(staging)
+            try:
+                super()._save_checkpoint(model, trial)
+                self.accelerator.wait_for_everyone()
+            except OSError as exc:  # e.g. a full disk
+                shutil.rmtree(staging, ignore_errors=True)
+                raise write_failed(final, exc) from exc
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            finally:
+                self._staging = None
+            if self.args.should_save:  # the Trainer wrote staging/checkpoint-N
+                publish(self.run, staging / final.name, final, keep=self.args.save_total_limit)
+                shutil.rmtree(staging, ignore_errors=True)
 
         def create_optimizer(self, model=None):
             if self.optimizer is None:
@@ -250,6 +284,7 @@ def training_arguments(t: TrainSettings, run: RunDir, has_eval: bool, world: int
         save_total_limit=2, eval_strategy="steps" if eval_every else "no",
         eval_steps=eval_every or None, report_to="none", disable_tqdm=True,
         remove_unused_columns=False, use_cpu=not cuda,
+        logging_nan_inf_filter=False,  # a NaN loss must reach Progress.step, which stops training
         bf16=cuda and _bf16_ok(), fp16=cuda and not _bf16_ok(), dataloader_num_workers=0, max_grad_norm=1.0,
         **({"ddp_find_unused_parameters": False} if world > 1 else {}),  # LoRA uses every trainable tensor
     )
@@ -326,7 +361,7 @@ def fit(t: TrainSettings, run: RunDir, model: Any, train_blocks: np.ndarray, hel
         train_dataset=BlockDataset(train_blocks),
         eval_dataset=BlockDataset(eval_blocks) if len(eval_blocks) else None,
         callbacks=[_trainer_callback(progress, stop, dist)])
-    trainer.embedding_learning_rate = t.embedding_learning_rate
+    trainer.embedding_learning_rate, trainer.run = t.embedding_learning_rate, run
     _quiet(trainer)
     started = time.time()
     with stop:

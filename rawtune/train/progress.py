@@ -9,6 +9,7 @@ callback as plain dicts (``{"type": "step", ...}``), the shape the CLI and the a
 from __future__ import annotations
 
 import dataclasses
+import math
 import signal
 import threading
 import time
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from ..errors import TrainError
 from ..rundir import RunDir
 from ..settings import TrainSettings
 from ..units import format_duration
@@ -117,7 +119,15 @@ class Progress:
 
     def step(self, step: int, max_steps: int, loss: float, lr: float, epoch: float,
              when: Optional[float] = None, show: bool = True) -> dict:
-        """Report a finished step; ``show=False`` keeps it out of the log (the callback still gets it)."""
+        """Report a finished step; ``show=False`` keeps it out of the log (the callback still gets it).
+
+        A loss that is NaN or infinite stops training with :class:`TrainError`: the weights are
+        already ruined, and a run that went on would end "done" with a model that outputs nothing.
+        """
+        if not math.isfinite(loss):
+            raise TrainError(f"the training loss became {loss} at step {step}: training diverged, and the "
+                             "adapter is not saved; lower --learning-rate (or --embedding-learning-rate), "
+                             "check the base model's weights, and train again without --resume")
         tok_s, eta = self.meter.rate(step, max_steps, when)
         if show:
             self.log(f"[train] step {step}/{max_steps} loss {loss:.4f} {tok_s:,.0f} tok/s eta {format_duration(eta)}")
@@ -136,6 +146,22 @@ class Progress:
 
 
 # ---------------------------------------------------------------- stopping
+
+
+# The stop signals of the trainings running in this process, so a shutdown can stop them all.
+_ACTIVE: set = set()
+_ACTIVE_GUARD = threading.Lock()
+
+
+def stop_all(reason: str) -> int:
+    """Ask every training running in this process (any thread) to stop after its current step,
+    saving the adapter and a checkpoint, as Ctrl-C does; how many were asked."""
+    with _ACTIVE_GUARD:
+        active = list(_ACTIVE)
+    for signal_ in active:
+        signal_.log(f"[train] {reason}: stopping after this step; the adapter and a checkpoint will be saved")
+        signal_.event.set()
+    return len(active)
 
 
 class StopSignal:
@@ -157,6 +183,8 @@ class StopSignal:
 
     def __enter__(self) -> "StopSignal":
         """First Ctrl-C asks for a clean stop (adapter + checkpoint saved); the second one aborts."""
+        with _ACTIVE_GUARD:
+            _ACTIVE.add(self)
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._ctrl_c)
         return self
@@ -168,6 +196,8 @@ class StopSignal:
         self.event.set()
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        with _ACTIVE_GUARD:
+            _ACTIVE.discard(self)
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
             self._previous = None
@@ -182,8 +212,8 @@ class StopSignal:
 
 
 def latest_checkpoint(run: RunDir) -> Optional[Path]:
-    """The newest ``checkpoints/checkpoint-N`` folder, or None."""
-    found = run.checkpoints()
+    """The newest complete ``checkpoints/checkpoint-N`` folder, or None."""
+    found = run.checkpoints(complete=True)
     return found[-1] if found else None
 
 
