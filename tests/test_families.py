@@ -37,13 +37,17 @@ WEIGHT_STD = 0.2
 
 
 def scramble(model_dir: Path, seed: int) -> None:
-    """Large random weights, norms around 1 (around 0 for Gemma's 1 + w norms) and random biases, in place."""
+    """Large random weights, norms around 1 (around 0 for Gemma's and Qwen3.5's 1 + w norms) and random biases, in place."""
     import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    gemma = model.config.model_type.startswith("gemma")
-    scramble_weights(model, seed, WEIGHT_STD, norm_center=0.0 if gemma else 1.0)
+    zero_centred = model.config.model_type.startswith(("gemma", "qwen3_5"))  # (1 + w) norms
+    scramble_weights(model, seed, WEIGHT_STD, norm_center=0.0 if zero_centred else 1.0)
+    with torch.no_grad():  # Qwen3.5's gated norm in linear attention multiplies by w itself
+        for name, p in model.named_parameters():
+            if name.endswith("linear_attn.norm.weight"):
+                p.add_(1.0)
     model.save_pretrained(model_dir)
 
 
@@ -214,7 +218,8 @@ def test_tokenizer_structure_is_detected(family_model):
         assert gguf_writer.read_vocab(tok, 10_000).model == "llama"
     else:
         expected = {"llama3": "llama-bpe", "smollm3": "llama-bpe", "olmo2": "dbrx", "qwen2": "qwen2",
-                    "qwen3": "qwen2", "granite": "smollm", "phi4mini": "gpt-4o"}[name]
+                    "qwen3": "qwen2", "granite": "smollm", "phi4mini": "gpt-4o", "lfm2": "llama-bpe",
+                    "qwen35": "qwen35"}[name]
         assert gguf_writer.detect_pre_tokenizer(tok) == expected
 
 
