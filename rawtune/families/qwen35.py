@@ -135,8 +135,18 @@ def transform(hf_name: str, data: Any, shape: Shape) -> Any:
     import numpy as np
 
     if hf_name.endswith("norm.weight") and ".linear_attn." not in hf_name:
-        return data + np.float32(1.0)
+        return data + np.float32(NORM_OFFSET)
     return data
+
+
+NORM_OFFSET = 1.0  # HF multiplies by (1 + w), llama.cpp by w
+
+
+def decay(a_log: Any) -> Any:
+    """llama.cpp's ssm_a: the decay rate A as -exp(A_log), which it multiplies with softplus(alpha + dt)."""
+    import numpy as np
+
+    return -np.exp(a_log)
 
 
 def _tiled(n: int, k_heads: int, per_k: int, head: int) -> Any:
@@ -170,7 +180,7 @@ def _linear_convert(hf_name: str, c: Config) -> Callable[[Any], Any]:
                 a = a[head_rows]
             elif leaf == "out_proj.weight":
                 a = a[:, value_rows]
-        return -np.exp(a) if leaf == "A_log" else a
+        return decay(a) if leaf == "A_log" else a
     return convert
 
 

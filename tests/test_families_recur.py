@@ -1,0 +1,185 @@
+"""What is special about LFM2 (short convolutions) and Qwen3.5 (Gated DeltaNet linear attention).
+
+The shared family tests (test_families.py, test_family_train.py, test_templates.py) cover both
+families like the others. Here: the hyperparameters llama.cpp needs to tell the layer kinds apart,
+a negative control per Qwen3.5 weight transform (each one left out, llama.cpp's logits no longer
+follow PyTorch's), the LoRA targets per layer kind, and the checkpoints llama.cpp cannot run,
+refused before training with the llama.cpp version named.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from families import build_family
+from rawtune import families
+from rawtune.errors import ExportError, TrainError
+from rawtune.export import gguf_writer
+from rawtune.families import lfm2, qwen35
+from rawtune.settings import ALL_PROJECTIONS
+from tiny import gguf_logits
+
+pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python)")
+
+from test_families import F16_TOL, F32_TOL, mixed_tokens, relative_error, scramble, torch_logits  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def scrambled(tmp_path_factory):
+    """A tiny family model with large random weights and its PyTorch logits, built once per family."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            path = build_family(name, tmp_path_factory.mktemp(f"recur-{name}"))
+            scramble(path, seed=7)
+            tokens = mixed_tokens(path)
+            cache[name] = (path, tokens, torch_logits(path, tokens))
+        return cache[name]
+    return get
+
+
+def _fields(path: Path) -> dict:
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    out = {}
+    for key, field in reader.fields.items():
+        if key.startswith(("lfm2.", "qwen35.")):
+            values = [field.parts[i].tolist() for i in field.data]
+            out[key.split(".", 1)[1]] = [v[0] if len(v) == 1 else v for v in values]
+    out["types"] = {t.name: t.tensor_type.name for t in reader.tensors}
+    return out
+
+
+def test_lfm2_layer_kinds_and_mlp_width_in_the_gguf(scrambled, tmp_path):
+    """Convolution layers have no KV heads, the MLP width is the adjusted one, the kernel stays float32."""
+    path, tokens, want = scrambled("lfm2")
+    out = tmp_path / "l.gguf"
+    gguf_writer.convert(path, out, "f16", log=lambda s: None)
+    fields = _fields(out)
+    assert fields["attention.head_count_kv"] == [0, 0, 2, 0]  # conv, conv, full_attention, conv
+    assert fields["feed_forward_length"] == [288]  # block_ff_dim 416 -> 2/3 -> multiple of 32
+    assert fields["shortconv.l_cache"] == [3]
+    assert fields["types"]["blk.0.shortconv.conv.weight"] == "F32"
+    assert fields["types"]["blk.0.shortconv.in_proj.weight"] == "F16"
+    assert "token_embd_norm.weight" in fields["types"] and "output_norm.weight" not in fields["types"]
+    assert relative_error(gguf_logits(out, tokens), want) < F16_TOL
+
+
+def test_lfm2_every_layer_as_attention_is_caught(scrambled, tmp_path, monkeypatch):
+    """Negative control: one KV head count for every layer makes llama.cpp read convolution layers as
+    attention, and the file no longer loads (their q/k/v tensors do not exist)."""
+    path, tokens, _ = scrambled("lfm2")
+    monkeypatch.setattr(lfm2, "layer_kinds", lambda config: ["full_attention"] * 4)
+    with pytest.raises(ExportError, match="missing"):
+        gguf_writer.convert(path, tmp_path / "bad.gguf", "f32", log=lambda s: None)
+
+
+def test_qwen35_hparams_in_the_gguf(scrambled, tmp_path):
+    path, _, _ = scrambled("qwen35")
+    out = tmp_path / "q.gguf"
+    gguf_writer.convert(path, out, "f16", log=lambda s: None)
+    fields = _fields(out)
+    assert fields["ssm.state_size"] == [16] and fields["ssm.group_count"] == [2]
+    assert fields["ssm.time_step_rank"] == [4] and fields["ssm.inner_size"] == [64]
+    assert fields["ssm.conv_kernel"] == [4]
+    assert fields["attention.recurrent_layers"] == [True, True, True, False]
+    assert fields["rope.dimension_count"] == [8]  # a quarter of the 32-wide head
+    assert fields["rope.dimension_sections"] == [11, 11, 10, 0]
+    assert fields["types"]["blk.0.ssm_conv1d.weight"] == "F32"
+    assert fields["types"]["blk.0.ssm_a"] == "F32"
+
+
+# Each Qwen3.5 transform left out: (module attribute, stand-in).
+BROKEN = {
+    "norms (1 + w)": ("NORM_OFFSET", 0.0),
+    "A_log as -exp": ("decay", lambda a: a),
+    "value heads tiled": ("_tiled", lambda n, k_heads, per_k, head: np.arange(n)),
+}
+
+
+@pytest.mark.parametrize("what", list(BROKEN))
+def test_qwen35_each_transform_matters(what, scrambled, tmp_path, monkeypatch):
+    """With the transforms llama.cpp's F32 logits follow PyTorch's; without any one of them they do not."""
+    path, tokens, want = scrambled("qwen35")
+    good = tmp_path / "good.gguf"
+    gguf_writer.convert(path, good, "f32", log=lambda s: None)
+    assert relative_error(gguf_logits(good, tokens), want) < F32_TOL
+    attribute, stand_in = BROKEN[what]
+    monkeypatch.setattr(qwen35, attribute, stand_in)
+    bad = tmp_path / "bad.gguf"
+    gguf_writer.convert(path, bad, "f32", log=lambda s: None)
+    err = relative_error(gguf_logits(bad, tokens), want)
+    print(f"\n[qwen35] without {what}: {err:.3f} relative logits error")
+    assert err > F16_TOL
+
+
+def _module_names(name: str, path: Path) -> set[str]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+
+
+@pytest.mark.parametrize("name,preset,requested,expected", [
+    ("lfm2", "standard", ALL_PROJECTIONS, ["q_proj", "k_proj", "v_proj", "out_proj", "w1", "w3", "w2", "in_proj"]),
+    ("lfm2", None, ["o_proj", "down_proj"], ["out_proj", "w2"]),
+    ("qwen35", "standard", ALL_PROJECTIONS, ALL_PROJECTIONS + ["in_proj_qkv", "in_proj_z", "out_proj"]),
+    ("qwen35", None, ["q_proj"], ["q_proj"]),
+])
+def test_lora_targets_per_layer_kind(name, preset, requested, expected, scrambled):
+    """The presets' Llama names become the family's own, and every preset adds the new layer kind."""
+    path, _, _ = scrambled(name)
+    family = families.family_for_arch(json.loads((path / "config.json").read_text())["architectures"][0])
+    assert families.lora_targets(family, list(requested), _module_names(name, path), preset) == expected
+
+
+def _with_config(name: str, path: Path, **changes) -> Path:
+    config = json.loads((path / "config.json").read_text())
+    config.update(changes)
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.parametrize("name,changes,match", [
+    ("lfm2", {"conv_bias": True}, "convolution biases"),
+    ("qwen35", {"linear_value_head_dim": 32}, "different sizes"),
+    ("qwen35", {"attention_bias": True}, "attention biases"),
+])
+def test_what_llama_cpp_cannot_run_is_refused_before_training(name, changes, match, tmp_path, tiny_corpus):
+    from conftest import train_tiny
+
+    path = _with_config(name, build_family(name, tmp_path / "m"), **changes)
+    with pytest.raises(TrainError, match=match) as info:
+        train_tiny(tmp_path / "r", path, tiny_corpus, max_steps=1, backend="peft")
+    assert "llama-cpp-python 0.3.36" in str(info.value)
+    assert not (tmp_path / "r" / "adapter").exists()
+    with pytest.raises(ExportError, match=match):
+        gguf_writer.convert(path, tmp_path / "x.gguf", "f16", log=lambda s: None)
+
+
+def test_qwen35_mrope_sections_that_skip_a_rotated_pair_are_refused():
+    """llama.cpp rotates a pair by the text position only if its section is t, h or w; a layout
+    that leaves one to the fourth (0 for text) would run differently, so export refuses it."""
+    from rawtune.families.base import Shape
+
+    real = Shape(n_layer=24, n_head=8, n_head_kv=2, n_embd=1024, head_dim=256, rope_dim=64, vocab_size=10, tied=True)
+    qwen35.check({"num_hidden_layers": 24, "rope_parameters": {"mrope_section": [11, 11, 10]}}, real)
+    tiny = Shape(n_layer=4, n_head=4, n_head_kv=2, n_embd=64, head_dim=32, rope_dim=8, vocab_size=10, tied=True)
+    with pytest.raises(ExportError, match="extra position"):
+        qwen35.check({"num_hidden_layers": 4, "rope_parameters": {"mrope_section": [1, 0, 1]}}, tiny)
+
+
+def test_known_models_and_planner_shapes():
+    """The registry knows the Hub ids with sizes, and the planner has shapes for them."""
+    for repo in ("LiquidAI/LFM2-350M", "LiquidAI/LFM2-1.2B", "Qwen/Qwen3.5-0.8B", "Qwen/Qwen3.5-9B"):
+        model = families.known_model(repo)
+        assert model is not None and model.params > 1e8, repo
+        shape = families.planner_shape(repo)
+        assert shape["hidden_size"] == model.dims.hidden and shape["model_type"] in ("lfm2", "qwen3_5_text")
