@@ -183,3 +183,36 @@ def test_known_models_and_planner_shapes():
         assert model is not None and model.params > 1e8, repo
         shape = families.planner_shape(repo)
         assert shape["hidden_size"] == model.dims.hidden and shape["model_type"] in ("lfm2", "qwen3_5_text")
+
+
+def test_qwen35_importance_follows_the_tiled_columns(scrambled, tmp_path):
+    """The importance matrix (per input column) of out_proj is in the GGUF tensor's column order.
+
+    The column each GGUF column came from is read off the written F32 tensor itself, so the check
+    does not restate the reordering formula: with the importances left in the HF order the entry
+    would weight the wrong columns.
+    """
+    import gguf
+    import torch
+    from safetensors import safe_open
+
+    from rawtune.export import imatrix
+
+    path, _, _ = scrambled("qwen35")
+    out = tmp_path / "q.gguf"
+    gguf_writer.convert(path, out, "f32", log=lambda s: None)
+    written = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(str(out)).tensors}["blk.0.ssm_out.weight"]
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        hf = f.get_tensor("model.layers.0.linear_attn.out_proj.weight").numpy()
+    source = [int(np.flatnonzero((hf == written[:, [j]]).all(axis=0))[0]) for j in range(hf.shape[1])]
+    assert source != sorted(source)  # the value heads were moved
+
+    blocks = mixed_tokens(path, n=32)[None, :]
+    got = imatrix.compute(path, blocks, "test")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    raw, raw_h = imatrix.collect(model, {"model.layers.0.linear_attn.out_proj": "x"}, blocks)
+    np.testing.assert_allclose(got.values["blk.0.ssm_out.weight"], raw["x"][source], rtol=1e-5)
+    assert not np.allclose(got.values["blk.0.ssm_out.weight"], raw["x"], rtol=1e-3)
+    np.testing.assert_allclose(got.hessians["blk.0.ssm_out.weight"], raw_h["x"][np.ix_(source, source)], rtol=1e-4)

@@ -81,6 +81,9 @@ class TensorOut:
     shape: tuple[int, ...]  # the HF-order shape of the array ``convert`` returns
     convert: Optional[Callable[[Any], Any]] = None  # float32 array in -> array out (None: unchanged)
     f32: Optional[bool] = None  # stored as float32 (None: 1-D tensors are, others take the file's type)
+    # Input columns reordered by ``convert``: GGUF column j is the HF tensor's column columns[j] (None:
+    # same order). The importance matrix, measured on the HF model's inputs, is reordered to match.
+    columns: Optional[Any] = None
 
 
 @dataclass(frozen=True)

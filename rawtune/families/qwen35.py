@@ -199,7 +199,18 @@ def tensors(hf_name: str, dims: tuple[int, ...], config: Config, shape: Shape) -
         raise ExportError(f"tensor {hf_name} has no GGUF name for qwen35")
     kernel = hf_name.endswith("conv1d.weight")  # float32 even in F16 files: llama.cpp's convolution reads no other
     out_dims = (dims[0], dims[-1]) if kernel else tuple(dims)
-    return [TensorOut(gguf_name, out_dims, convert=_linear_convert(hf_name, text_config(config)), f32=kernel or None)]
+    c = text_config(config)
+    return [TensorOut(gguf_name, out_dims, convert=_linear_convert(hf_name, c), f32=kernel or None,
+                      columns=_value_columns(c) if hf_name.endswith(".linear_attn.out_proj.weight") else None)]
+
+
+def _value_columns(c: Config) -> Optional[Any]:
+    """out_proj's input columns in llama.cpp's tiled value-head order (None when there is one value head per key head)."""
+    k_heads, v_heads = int(c.get("linear_num_key_heads", 16)), int(c.get("linear_num_value_heads", 32))
+    if v_heads == k_heads:
+        return None
+    v_dim = int(c.get("linear_value_head_dim", 128))
+    return _tiled(v_heads * v_dim, k_heads, v_heads // k_heads, v_dim)
 
 
 def required(config: Config, shape: Shape) -> set[str]:
