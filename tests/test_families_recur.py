@@ -216,3 +216,60 @@ def test_qwen35_importance_follows_the_tiled_columns(scrambled, tmp_path):
     np.testing.assert_allclose(got.values["blk.0.ssm_out.weight"], raw["x"][source], rtol=1e-5)
     assert not np.allclose(got.values["blk.0.ssm_out.weight"], raw["x"], rtol=1e-3)
     np.testing.assert_allclose(got.hessians["blk.0.ssm_out.weight"], raw_h["x"][np.ix_(source, source)], rtol=1e-4)
+
+
+def _vision_language_checkpoint(text_dir: Path, out: Path) -> Path:
+    """A tiny Qwen3.5 vision-language checkpoint (the Hub models' layout: the text model under
+    model.language_model, a vision tower, a multi-token-prediction head) around a text model."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    text = json.loads((text_dir / "config.json").read_text())
+    text = {k: v for k, v in text.items() if k not in ("architectures", "transformers_version", "dtype")}
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=4,
+                  spatial_merge_size=1, temporal_patch_size=1)
+    config = Qwen3_5Config(text_config=text, vision_config=vision, tie_word_embeddings=True)
+    config.architectures = ["Qwen3_5ForConditionalGeneration"]
+    torch.manual_seed(0)
+    Qwen3_5ForConditionalGeneration(config).save_pretrained(out)
+    weights = load_file(str(out / "model.safetensors"))
+    for name, tensor in load_file(str(text_dir / "model.safetensors")).items():  # the text model's own weights
+        weights[name.replace("model.", "model.language_model.", 1)] = tensor
+    weights["mtp.fc.weight"] = torch.zeros(64, 128)
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    for item in text_dir.iterdir():
+        if item.name.startswith("tokenizer") or item.suffix == ".jinja":
+            shutil.copyfile(item, out / item.name)
+    return out
+
+
+def test_qwen35_hub_checkpoint_is_trained_and_exported_as_its_text_model(scrambled, tmp_path, tiny_corpus,
+                                                                          monkeypatch):
+    """The Hub's Qwen3.5 models are vision-language checkpoints: resolving one gives a cached folder
+    with the text model alone (same logits), and a run from the checkpoint trains and exports it."""
+    from conftest import train_tiny
+    from rawtune.export import export_run
+    from rawtune.models import resolve_model
+    from rawtune.settings import ExportSettings
+
+    monkeypatch.setenv("RAWTUNE_CACHE", str(tmp_path / "cache"))
+    text_dir, tokens, want = scrambled("qwen35")
+    checkpoint = _vision_language_checkpoint(text_dir, tmp_path / "vl")
+    lines = []
+    local = Path(resolve_model(str(checkpoint), log=lines.append).local_dir)
+    assert local != checkpoint and "multimodal" in lines[0]
+    config = json.loads((local / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3_5ForCausalLM"] and config["tie_word_embeddings"] is True
+    assert relative_error(torch_logits(local, tokens), want) < 1e-6
+    assert Path(resolve_model(str(checkpoint), log=lines.append).local_dir) == local and len(lines) == 1  # cached
+
+    run = train_tiny(tmp_path / "run", checkpoint, tiny_corpus, max_steps=1, warmup_ratio=0.0, train_embeddings=False,
+                     stages=["data", "train"])
+    adapter = json.loads((run.adapter_dir / "adapter_config.json").read_text())
+    assert {"in_proj_qkv", "in_proj_z", "out_proj"} <= set(adapter["target_modules"])
+    info = export_run(run, ExportSettings(quant=["f16"], name="q"), log=lambda s: None)
+    assert info["conversion"]["architecture"] == "qwen35"
+    assert info["ppl_f16"] == pytest.approx(info["ppl_merged"], rel=5e-3)

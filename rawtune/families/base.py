@@ -134,6 +134,18 @@ class Gguf:
 
 
 @dataclass(frozen=True)
+class TextStack:
+    """A multimodal checkpoint of the family whose text model rawtune trains (Qwen3.5's Hub models are
+    vision-language checkpoints): :func:`rawtune.models.resolve_model` writes the text model alone to a
+    cached folder once, a plain checkpoint of ``architecture``, and every stage works on that."""
+
+    wrappers: tuple[str, ...]  # config.json "architectures" of the multimodal checkpoints
+    architecture: str  # the text model's HF class, written into the text folder's config
+    prefix: str  # weight-name prefix of the text model inside the checkpoint (becomes "model.")
+    dropped: tuple[str, ...]  # weight-name prefixes left out (vision tower, multi-token prediction)
+
+
+@dataclass(frozen=True)
 class Embeddings:
     """Embedding tying and where llama.cpp shares one matrix."""
 
@@ -233,3 +245,4 @@ class Family:
     # checkpoint, in one line, or None. For what must be refused before any training time is spent.
     refuse: Optional[Callable[[Config, frozenset], Optional[str]]] = None
     notes: str = ""  # one line for the README's family table (what is refused, etc.)
+    text_stack: Optional[TextStack] = None  # multimodal checkpoints trained as their text model

@@ -36,7 +36,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 from ..errors import ExportError
-from .base import Config, Dims, Family, Gguf, KnownModel, Lora, Shape, Template, Training, rope_settings
+from .base import Config, Dims, Family, Gguf, KnownModel, Lora, Shape, Template, TextStack, Training, rope_settings
 
 LLAMA_CPP = "llama.cpp of llama-cpp-python 0.3.36"
 QWEN35_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"
@@ -255,6 +255,9 @@ FAMILY = Family(
                       thinking="the template's default: the generation prompt opens a <think> block; turns after "
                                "the last user message keep their think block"),
     refuse=refuse,
+    # The Hub's Qwen3.5 models are vision-language checkpoints: rawtune trains and exports their text model.
+    text_stack=TextStack(wrappers=("Qwen3_5ForConditionalGeneration",), architecture="Qwen3_5ForCausalLM",
+                         prefix="model.language_model.", dropped=("model.visual.", "mtp.", "model.mtp.")),
     models=(
         # Parameter counts as Qwen names the sizes (the Hub repos are the multimodal checkpoints;
         # the text stack is what rawtune trains).
