@@ -178,7 +178,7 @@ def test_qwen35_mrope_sections_that_skip_a_rotated_pair_are_refused():
 
 def test_known_models_and_planner_shapes():
     """The registry knows the Hub ids with sizes, and the planner has shapes for them."""
-    for repo in ("LiquidAI/LFM2-350M", "LiquidAI/LFM2-1.2B", "Qwen/Qwen3.5-0.8B", "Qwen/Qwen3.5-9B"):
+    for repo in ("LiquidAI/LFM2-350M", "LiquidAI/LFM2-1.2B", "Qwen/Qwen3.5-0.8B-Base", "Qwen/Qwen3.5-9B-Base"):
         model = families.known_model(repo)
         assert model is not None and model.params > 1e8, repo
         shape = families.planner_shape(repo)

@@ -235,6 +235,13 @@ def _dims(hidden: int, ff: int, layers: int, heads: int, kv: int, tied: bool) ->
     return Dims(hidden, ff, layers, heads, kv, 248320, tied)
 
 
+# The text stack's sizes (the 9B is transformers' Qwen3_5TextConfig default, the 27B from public
+# training configs; the smaller ones from the published configs as reported, MLP widths approximate).
+DIMS = {"0.8B": _dims(1024, 3584, 24, 8, 2, True), "2B": _dims(2048, 6144, 24, 8, 2, True),
+        "4B": _dims(2560, 9216, 32, 16, 4, True), "9B": _dims(4096, 12288, 32, 16, 4, False),
+        "27B": _dims(5120, 17408, 64, 24, 4, False)}
+
+
 FAMILY = Family(
     name="qwen35",
     label="Qwen3.5 (dense)",
@@ -259,13 +266,17 @@ FAMILY = Family(
     text_stack=TextStack(wrappers=("Qwen3_5ForConditionalGeneration",), architecture="Qwen3_5ForCausalLM",
                          prefix="model.language_model.", dropped=("model.visual.", "mtp.", "model.mtp.")),
     models=(
-        # Parameter counts as Qwen names the sizes (the Hub repos are the multimodal checkpoints;
-        # the text stack is what rawtune trains).
-        KnownModel("Qwen/Qwen3.5-0.8B", 0.8e9, instruct=True, dims=_dims(1024, 3584, 24, 8, 2, True)),
-        KnownModel("Qwen/Qwen3.5-2B", 2e9, instruct=True, dims=_dims(2048, 6144, 24, 8, 2, True)),
-        KnownModel("Qwen/Qwen3.5-4B", 4e9, instruct=True, dims=_dims(2560, 9216, 32, 16, 4, True)),
-        KnownModel("Qwen/Qwen3.5-9B", 9e9, instruct=True, dims=_dims(4096, 12288, 32, 16, 4, False)),
-        KnownModel("Qwen/Qwen3.5-27B", 27e9, instruct=True, dims=_dims(5120, 17408, 64, 24, 4, False), listed=False),
+        # Parameter counts from the model cards and hosting listings (vision tower included: the Hub
+        # repos are the multimodal checkpoints); each post-trained model has a Base release.
+        KnownModel("Qwen/Qwen3.5-0.8B-Base", 0.9e9, dims=DIMS["0.8B"]),
+        KnownModel("Qwen/Qwen3.5-0.8B", 0.9e9, instruct=True, dims=DIMS["0.8B"]),
+        KnownModel("Qwen/Qwen3.5-2B-Base", 2e9, dims=DIMS["2B"]),
+        KnownModel("Qwen/Qwen3.5-2B", 2e9, instruct=True, dims=DIMS["2B"]),
+        KnownModel("Qwen/Qwen3.5-4B-Base", 4.5e9, dims=DIMS["4B"]),
+        KnownModel("Qwen/Qwen3.5-4B", 4.5e9, instruct=True, dims=DIMS["4B"]),
+        KnownModel("Qwen/Qwen3.5-9B-Base", 10e9, dims=DIMS["9B"], listed=False),
+        KnownModel("Qwen/Qwen3.5-9B", 10e9, instruct=True, dims=DIMS["9B"], listed=False),
+        KnownModel("Qwen/Qwen3.5-27B", 28e9, instruct=True, dims=DIMS["27B"], listed=False),
     ),
     notes="MoE sizes (Qwen3_5MoeForCausalLM, llama.cpp qwen35moe) not covered; checkpoints with different "
           "linear-attention key/value head sizes or attention biases refused",
