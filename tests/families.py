@@ -214,8 +214,8 @@ FAMILY_SPECS: dict[str, Family] = {
     "qwen35": Family("Qwen3_5ForCausalLM", "Qwen3_5TextConfig", Tokenizer(
         "bpe", QWEN_SPECIALS + ["<think>", "</think>"], bos=None, eos="<|im_end|>", add_bos=False,
         pad="<|endoftext|>", split_regex=QWEN35_REGEX, nfc=True), QWEN3_TEMPLATE, True, dict(
-        head_dim=32, intermediate_size=192, rms_norm_eps=1e-6, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
-        linear_value_head_dim=16, linear_conv_kernel_dim=4,
+        head_dim=32, intermediate_size=192, rms_norm_eps=1e-6, linear_num_key_heads=2, linear_num_value_heads=4,
+        linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4,
         layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
         rope_parameters={"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25,
                          "mrope_section": [11, 11, 10], "mrope_interleaved": True})),

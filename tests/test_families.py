@@ -38,7 +38,8 @@ WEIGHT_STD = 0.2
 
 
 def scramble(model_dir: Path, seed: int) -> None:
-    """Large random weights, norms around 1 (around 0 for Gemma's and Qwen3.5's 1 + w norms) and random biases, in place."""
+    """Large random weights, norms around 1 (around 0 for the 1 + w norms of Gemma and Qwen3.5) and random
+    biases, in place."""
     import torch
     from transformers import AutoModelForCausalLM
 

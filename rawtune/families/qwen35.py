@@ -205,7 +205,7 @@ def tensors(hf_name: str, dims: tuple[int, ...], config: Config, shape: Shape) -
 
 
 def _value_columns(c: Config) -> Optional[Any]:
-    """out_proj's input columns in llama.cpp's tiled value-head order (None when there is one value head per key head)."""
+    """out_proj's input columns in llama.cpp's tiled value-head order (None: one value head per key head)."""
     k_heads, v_heads = int(c.get("linear_num_key_heads", 16)), int(c.get("linear_num_value_heads", 32))
     if v_heads == k_heads:
         return None
