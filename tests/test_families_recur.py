@@ -294,3 +294,27 @@ def test_lora_on_the_new_layer_kind_learns(name, new_kind, tmp_path, tiny_corpus
     with safe_open(str(run.adapter_dir / "adapter_model.safetensors"), "pt") as f:
         trained = [k for k in f.keys() if f".{new_kind}.lora_B" in k and float(f.get_tensor(k).abs().max()) > 0]
     assert trained, f"no {new_kind} adapter was trained"
+
+
+def test_qwen35_moe_is_refused_before_training(tmp_path, tiny_corpus):
+    """A (tiny, real) Qwen3.5 MoE checkpoint stops before any training step, in one line naming the dense sizes."""
+    import torch
+    from transformers import Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig
+
+    from conftest import train_tiny
+    from families import build_tokenizer
+
+    path = tmp_path / "moe"
+    tok = build_tokenizer("qwen35", path)
+    config = Qwen3_5MoeTextConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                                  moe_intermediate_size=32, shared_expert_intermediate_size=32,
+                                  linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+                                  linear_value_head_dim=16, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"))
+    config.architectures = ["Qwen3_5MoeForCausalLM"]
+    torch.manual_seed(0)
+    Qwen3_5MoeForCausalLM(config).save_pretrained(path)
+    with pytest.raises(TrainError, match="dense Qwen3.5") as info:
+        train_tiny(tmp_path / "r", path, tiny_corpus, max_steps=1, backend="peft")
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "r" / "adapter").exists()
