@@ -89,19 +89,10 @@ def check(config: Config, shape: Shape) -> None:
 def hparams(writer: Any, config: Config, shape: Shape) -> None:
     """Per-layer KV heads (0: convolution layer), the convolution's taps, the adjusted MLP width, the norm eps."""
     kinds = layer_kinds(config)
-    _replace(writer, "attention.head_count_kv")
     writer.add_head_count_kv([shape.n_head_kv if kind != "conv" else 0 for kind in kinds])
-    _replace(writer, "feed_forward_length")
     writer.add_feed_forward_length(ff_dim(config))
-    _replace(writer, "attention.layer_norm_rms_epsilon")
     writer.add_layer_norm_rms_eps(float(config.get("norm_eps", 1e-5)))
     writer.add_shortconv_l_cache(int(config.get("conv_L_cache", 3)))
-
-
-def _replace(writer: Any, key: str) -> None:
-    """Drop a common key the writer already wrote, so the family's value replaces it without a warning."""
-    for kv in writer.kv_data:
-        kv.pop(f"{writer.arch}.{key}", None)
 
 
 def tensors(hf_name: str, dims: tuple[int, ...], config: Config, shape: Shape) -> Optional[list[Any]]:
@@ -156,7 +147,8 @@ FAMILY = Family(
     order=120,
     tokenizer="byte-level BPE (Llama 3 split, BOS added)",
     gguf=Gguf("LFM2", blocks=("ATTN_NORM", "FFN_NORM", "FFN_GATE", "FFN_UP", "FFN_DOWN"), rope_types=("default",),
-              hparams=hparams, check=check, tensors=tensors, required=required),
+              hparams=hparams, check=check, tensors=tensors, required=required,
+              skip_common=("head_count_kv", "feed_forward_length", "layer_norm_rms_eps")),
     lora=Lora(kinds=KINDS, presets=PRESET_KINDS, targets=targets,
               why="Liquid AI's leap-finetune LFM2 default and Unsloth's LFM2 notebooks: every projection of "
                   "attention, convolution (in_proj, out_proj) and MLP (w1, w2, w3) blocks"),
