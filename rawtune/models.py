@@ -294,7 +294,7 @@ def resolve_model(spec: Optional[str], token: Token = None,
         return ModelSource(spec, str(convert_gguf(path, log)), None, "gguf", meta.get("general.license"))
     if path.is_dir():
         check_folder(path)
-        return ModelSource(spec, str(path), _upstream_of(path), "local", None)
+        return ModelSource(spec, str(text_model(path, log)), _upstream_of(path), "local", None)
     if not is_repo_id(spec):
         raise ModelError(f"model {spec!r} is neither a local folder, a .gguf file, nor a Hub id like user/name")
     token = resolve_token(token)
@@ -311,7 +311,69 @@ def resolve_model(spec: Optional[str], token: Token = None,
             return _offline_default(log)
         else:
             raise _hub_model_error(spec, exc, token) from None
-    return ModelSource(spec, str(local), spec, "hub", _hub_license(spec, token))
+    return ModelSource(spec, str(text_model(Path(local), log)), spec, "hub", _hub_license(spec, token))
+
+
+def text_model(folder: Path, log: Callable[[str], None] = print) -> Path:
+    """The folder itself, or for a multimodal checkpoint whose family trains its text model (the
+    registry's ``text_stack``: Qwen3.5's Hub models) a cached folder with the text model alone:
+    its config, the text weights renamed as the text model names them, the tokenizer files."""
+    import json
+
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    stack = families.text_stack_of(config)
+    if stack is None:
+        return folder
+    key = hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:12]
+    target = cache_root() / "models" / f"{folder.name}-text-{key}"
+    if (target / "config.json").is_file():
+        return target
+    log(f"[model] {', '.join(config.get('architectures') or [])} is multimodal: rawtune trains its text model "
+        f"({stack.architecture}); writing it once to rawtune's model cache")
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    _write_text_weights(folder, tmp, stack)
+    text = dict(config.get("text_config") or {})
+    text["architectures"] = [stack.architecture]
+    text.setdefault("tie_word_embeddings", config.get("tie_word_embeddings", False))
+    (tmp / "config.json").write_text(json.dumps(text, indent=2), encoding="utf-8")
+    for item in folder.iterdir():  # tokenizer, chat template, generation config
+        if item.is_file() and item.name != "config.json" and not item.name.startswith("model.safetensors"):
+            shutil.copyfile(item, tmp / item.name)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return target
+
+
+def _write_text_weights(folder: Path, out: Path, stack: Any) -> None:
+    """Each safetensors file's text weights, renamed, as one file of the text folder (one source file in
+    memory at a time), with an index when there are several."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    sources = sorted(folder.glob("*.safetensors"))
+    if not sources:
+        raise ModelError(f"{folder} has no safetensors weights; rawtune takes the text model of "
+                         f"{stack.architecture} checkpoints from safetensors files only")
+    weight_map: dict[str, str] = {}
+    for number, source in enumerate(sources, 1):
+        name = "model.safetensors" if len(sources) == 1 else f"model-{number:05d}-of-{len(sources):05d}.safetensors"
+        tensors = {}
+        with safe_open(str(source), framework="pt") as handle:
+            for key in handle.keys():
+                if key.startswith(stack.dropped):
+                    continue
+                new = "model." + key[len(stack.prefix):] if key.startswith(stack.prefix) else key
+                tensors[new] = handle.get_tensor(key)
+        if tensors:
+            save_file(tensors, str(out / name), metadata={"format": "pt"})
+            weight_map.update({key: name for key in tensors})
+    if len(sources) > 1:
+        index = {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
 
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")

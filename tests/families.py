@@ -37,6 +37,9 @@ GPT4O_REGEX = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}
                r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Qwen3.5: Qwen2's split with combining marks kept inside letter runs (llama.cpp's "qwen35").
+QWEN35_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 # Text with what tokenizers disagree on: digits, whitespace runs, non-Latin scripts, emoji.
 MIXED_TEXT = ("In 2024, 12345 people paid $3.50 each.\n\n  It's   done!\tTabs\t\tand  spaces   \n"
@@ -192,6 +195,30 @@ FAMILY_SPECS: dict[str, Family] = {
         rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
                          "original_max_position_embeddings": 4096,
                          "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5], "long_factor": [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]})),
+    # LFM2 350M/1.2B: gated short-convolution blocks beside GQA attention with q/k norms (here
+    # conv, conv, attention, conv: both kinds, convolution first as in the real layer pattern);
+    # the Llama 3 split with BOS added, tied. The MLP width is auto-adjusted as the real configs do
+    # (block_ff_dim 6656 -> 2/3, rounded up to the multiple: 4608 for 1024 wide, 4.5x; here 416 -> 288).
+    "lfm2": Family("Lfm2ForCausalLM", "Lfm2Config", Tokenizer(
+        "bpe", ["<|pad|>", "<|startoftext|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"], bos="<|startoftext|>",
+        eos="<|im_end|>", add_bos=True, pad="<|pad|>", split_regex=LLAMA3_REGEX, ignore_merges=True),
+        CHATML, True, dict(
+        intermediate_size=416, block_auto_adjust_ff_dim=True, block_multiple_of=32, block_ffn_dim_multiplier=1.0,
+        conv_L_cache=3, norm_eps=1e-5, layer_types=["conv", "conv", "full_attention", "conv"],
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    # Qwen3.5 dense (0.8B-27B text stack): Gated DeltaNet linear attention on 3 of 4 layers, gated full
+    # attention (q_proj twice as wide: query and gate per head) with q/k norms on the 4th; head_dim * heads
+    # = 2 x hidden and a quarter of each head rotated (interleaved MRoPE, text positions), zero-centred
+    # (1 + w) norms; linear attention with twice as many value heads as key heads (as the 9B, so the
+    # value-head reordering llama.cpp needs is exercised). Tied, as the small sizes.
+    "qwen35": Family("Qwen3_5ForCausalLM", "Qwen3_5TextConfig", Tokenizer(
+        "bpe", QWEN_SPECIALS + ["<think>", "</think>"], bos=None, eos="<|im_end|>", add_bos=False,
+        pad="<|endoftext|>", split_regex=QWEN35_REGEX, nfc=True), QWEN3_TEMPLATE, True, dict(
+        head_dim=32, intermediate_size=192, rms_norm_eps=1e-6, linear_num_key_heads=2, linear_num_value_heads=4,
+        linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4,
+        layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
+        rope_parameters={"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25,
+                         "mrope_section": [11, 11, 10], "mrope_interleaved": True})),
 }
 VARIANTS = ["phi4mini"]
 FAMILIES = [name for name in FAMILY_SPECS if name not in VARIANTS]

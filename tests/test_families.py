@@ -30,6 +30,10 @@ from rawtune.export.llama import load_llama  # noqa: E402
 
 # Tolerances of the llama/qwen2 logits test in test_export.py, relative to the largest logit.
 F16_TOL = 1e-2
+# Qwen3.5's tiny model is more sensitive to float16 rounding itself: over 12 scramble seeds, PyTorch
+# with its weights rounded to float16 (what an F16 file holds) is 0.6-1.4e-2 away from float32, and
+# llama.cpp's F16 file 0.6-1.9e-2 (F32 stays near 1e-5, and each transform left out gives ~1.0).
+F16_TOL_FAMILY = {"qwen35": 2.5e-2}
 F32_TOL = 2e-4
 TRANSFORM = gguf_writer.transform_tensor
 # Spread of the scrambled matrices: large enough for peaked attention, small enough that 4 layers
@@ -38,13 +42,18 @@ WEIGHT_STD = 0.2
 
 
 def scramble(model_dir: Path, seed: int) -> None:
-    """Large random weights, norms around 1 (around 0 for Gemma's 1 + w norms) and random biases, in place."""
+    """Large random weights, norms around 1 (around 0 for the 1 + w norms of Gemma and Qwen3.5) and random
+    biases, in place."""
     import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    gemma = model.config.model_type.startswith("gemma")
-    scramble_weights(model, seed, WEIGHT_STD, norm_center=0.0 if gemma else 1.0)
+    zero_centred = model.config.model_type.startswith(("gemma", "qwen3_5"))  # (1 + w) norms
+    scramble_weights(model, seed, WEIGHT_STD, norm_center=0.0 if zero_centred else 1.0)
+    with torch.no_grad():  # Qwen3.5's gated norm in linear attention multiplies by w itself
+        for name, p in model.named_parameters():
+            if name.endswith("linear_attn.norm.weight"):
+                p.add_(1.0)
     model.save_pretrained(model_dir)
 
 
@@ -142,7 +151,7 @@ def test_logits_tokenizer_and_quants(family_model, tmp_path, monkeypatch, record
     print(f"\n[family] {name}: arch {report['architecture']}, pre {report['pre_tokenizer']}, tokenizer "
           f"{report['tokenizer']}, max |logit| {scale:.2f}, max abs error F16 {err16 * scale:.2e} "
           f"({err16:.1e} rel), F32 {err32 * scale:.2e} ({err32:.1e} rel)")
-    assert err16 < F16_TOL, err16
+    assert err16 < F16_TOL_FAMILY.get(name, F16_TOL), err16
     assert (got16.argmax(-1) == want.argmax(-1)).mean() > 0.95
     assert err32 < F32_TOL, err32
 
@@ -215,7 +224,8 @@ def test_tokenizer_structure_is_detected(family_model):
         assert gguf_writer.read_vocab(tok, 10_000).model == "llama"
     else:
         expected = {"llama3": "llama-bpe", "smollm3": "llama-bpe", "olmo2": "dbrx", "qwen2": "qwen2",
-                    "qwen3": "qwen2", "granite": "smollm", "phi4mini": "gpt-4o"}[name]
+                    "qwen3": "qwen2", "granite": "smollm", "phi4mini": "gpt-4o", "lfm2": "llama-bpe",
+                    "qwen35": "qwen35"}[name]
         assert gguf_writer.detect_pre_tokenizer(tok) == expected
 
 
@@ -282,7 +292,8 @@ def test_smollm3_other_no_rope_layout_is_refused(tmp_path):
 
 # Families trained through rawtune's pipeline (one LoRA step on the CPU), merged and exported;
 # (family, train_embeddings): LoRA only keeps a tied family tied, trained embeddings untie it.
-TRAINED = [("qwen3", False), ("gemma3", False), ("gemma3", True), ("phi3", False), ("gemma2", False)]
+TRAINED = [("qwen3", False), ("gemma3", False), ("gemma3", True), ("phi3", False), ("gemma2", False), ("lfm2", False),
+           ("qwen35", False)]
 PHI3_MODULES = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]  # Phi-3 fuses q/k/v and gate/up
 
 
@@ -324,7 +335,7 @@ def test_trained_merged_model_exports(name, embeddings, tmp_path, tiny_corpus):
     print(f"\n[trained] {name} (train_embeddings={embeddings}, tied={tied}): F16 {err16 * np.abs(want).max():.2e} "
           f"({err16:.1e} rel), F32 {err32 * np.abs(want).max():.2e} ({err32:.1e} rel), ppl merged "
           f"{info['ppl_merged']} F16 {info['ppl_f16']} Q8_0 {record['Q8_0']['ppl']} Q4_K_M {record['Q4_K_M']['ppl']}")
-    assert err16 < F16_TOL and err32 < F32_TOL, (err16, err32)
+    assert err16 < F16_TOL_FAMILY.get(name, F16_TOL) and err32 < F32_TOL, (err16, err32)
     from transformers import AutoTokenizer
 
     llm = load_llama(run.gguf_dir / f"{name}.Q8_0.gguf", n_ctx=512)

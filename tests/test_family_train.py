@@ -26,6 +26,14 @@ from rawtune.settings import ALL_PROJECTIONS, RunSettings, TrainSettings, valida
 
 # Projection modules each family's layers must carry LoRA on, by the names the family uses.
 FUSED = {name: ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"] for name in ("phi3", "phi4mini")}
+# Families whose layer kinds differ: each module and how many of the tiny model's layers carry it
+# (LFM2: 3 convolution layers and 1 attention layer, out_proj in both; Qwen3.5: 3 Gated DeltaNet
+# layers and 1 attention layer).
+LAYERED = {
+    "lfm2": {"q_proj": 1, "k_proj": 1, "v_proj": 1, "out_proj": 4, "w1": 4, "w2": 4, "w3": 4, "in_proj": 3},
+    "qwen35": {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 1, "gate_proj": 4, "up_proj": 4, "down_proj": 4,
+               "in_proj_qkv": 3, "in_proj_z": 3, "out_proj": 3},
+}
 # Families the fast CUDA loop trains (the others fall back to the Trainer path).
 FAST = ["llama3", "mistral", "qwen2", "qwen3", "smollm3", "granite", "olmo2"]
 
@@ -55,13 +63,14 @@ def test_family_trains_with_peft_on_cpu(name, family_dir, tiny_corpus, tmp_path)
     steps = _steps(run)
     assert len(steps) == 2 and all(math.isfinite(e["loss"]) for e in steps), steps
     config = json.loads((run.adapter_dir / "adapter_config.json").read_text())
-    expected = FUSED.get(name, ALL_PROJECTIONS)
+    expected = list(LAYERED[name]) if name in LAYERED else FUSED.get(name, ALL_PROJECTIONS)
     assert sorted(config["target_modules"]) == sorted(expected)
     with safe_open(str(run.adapter_dir / "adapter_model.safetensors"), "pt") as f:
         keys = list(f.keys())
     layers = json.loads((family_dir(name) / "config.json").read_text())["num_hidden_layers"]
     for module in expected:  # every layer's projection got its A and B
-        assert sum(f".{module}.lora_A" in k for k in keys) == layers, (module, keys[:8])
+        count = LAYERED.get(name, {}).get(module, layers)
+        assert sum(f".{module}.lora_A" in k for k in keys) == count, (module, keys[:8])
     metrics = run.load()["metrics"]  # the eval stage loaded base and adapter
     assert math.isfinite(metrics["ppl_base"]) and math.isfinite(metrics["ppl_tuned"])
     assert metrics["ppl_tuned"] != metrics["ppl_base"]
@@ -277,7 +286,7 @@ def test_model_list_covers_every_family_with_known_sizes():
 
     models = known_models()
     families = {m.family for m in models}
-    assert families == {"llama", "qwen2", "qwen3", "gemma3", "phi3", "smollm3", "granite", "olmo2"}
+    assert families == {"llama", "qwen2", "qwen3", "gemma3", "phi3", "smollm3", "granite", "olmo2", "lfm2", "qwen35"}
     listed = [c[0] for c in tab["model"].choices]
     assert listed == list(dict.fromkeys([default_model()] + [m.repo for m in models]))
     for family in families - {"phi3"}:  # Phi-4-mini has no base release

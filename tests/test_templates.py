@@ -19,7 +19,7 @@ from rawtune.export import ollama
 from test_ollama import assert_go_matches_jinja, go_render
 
 # Templates of other members of a family, rendered with that family's tokenizer.
-EXTRA = {"phi4": "phi3", "granite4": "granite", "smollm2": "qwen2"}
+EXTRA = {"phi4": "phi3", "granite4": "granite", "smollm2": "qwen2", "lfm25": "lfm2"}
 TEMPLATES = FAMILIES + list(EXTRA)
 
 # Stops written to params: the token that ends an assistant turn first, then the turn starters, then EOS.
@@ -37,6 +37,9 @@ STOPS = {
     "granite": ["<|end_of_text|>", "<|start_of_role|>"],
     "granite4": ["<|end_of_text|>", "<|start_of_role|>"],
     "olmo2": ["<|endoftext|>", "<|user|>", "<|assistant|>"],
+    "lfm2": ["<|im_end|>", "<|im_start|>"],
+    "lfm25": ["<|im_end|>", "<|im_start|>"],
+    "qwen35": ["<|im_end|>", "<|im_start|>"],
 }
 # What the family's first sample conversation (one user turn) must end with in Go: its generation prompt.
 GENERATION = {
@@ -45,6 +48,7 @@ GENERATION = {
     "phi3": "<|end|>\n<|assistant|>\n", "phi4": "<|end|><|assistant|>",
     "granite": "<|start_of_role|>assistant<|end_of_role|>", "granite4": "<|start_of_role|>assistant<|end_of_role|>",
     "olmo2": "\n<|assistant|>\n",
+    "qwen35": "<|im_end|>\n<|im_start|>assistant\n<think>\n",  # thinking on: the template's default
 }
 CHATML_GENERATION = "<|im_end|>\n<|im_start|>assistant\n"
 

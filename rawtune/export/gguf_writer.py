@@ -534,7 +534,11 @@ def required_tensors(family: Family, shape: Shape, config: Optional[dict[str, An
 
     spec = family.gguf
     output = not shape.tied or family.embeddings.output_when_tied
-    need = {name("TOKEN_EMBD"), name("OUTPUT_NORM")} | ({name("OUTPUT")} if output else set())
+    # The final norm is output_norm unless the architecture has none by that name (LFM2 writes
+    # token_embd_norm, which its required hook names).
+    has_output_norm = gguf.MODEL_TENSOR.OUTPUT_NORM in gguf.MODEL_TENSORS[spec.model_arch]
+    need = {name("TOKEN_EMBD")} | ({name("OUTPUT_NORM")} if has_output_norm else set())
+    need |= {name("OUTPUT")} if output else set()
     for i in range(shape.n_layer):
         need |= {name(kind, i) for kind in spec.blocks} | {name(kind, i, "bias") for kind in spec.bias}
     if spec.required is not None:

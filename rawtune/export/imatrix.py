@@ -88,22 +88,44 @@ def pick_blocks(blocks: np.ndarray, n: int, with_rest: bool = False) -> Any:
 
 def _gguf_names(model: Any, config: dict[str, Any]) -> dict[str, str]:
     """HF module name -> GGUF tensor name for every linear layer inside the transformer blocks."""
+    return {name: out.name for name, out in _gguf_outputs(model, config).items()}
+
+
+def _gguf_outputs(model: Any, config: dict[str, Any]) -> dict[str, Any]:
+    """HF module name -> the GGUF tensor its weight becomes (a TensorOut: name, and any column order the
+    family's tensors hook gives it), for every linear layer inside the transformer blocks."""
     import gguf
     import torch
 
+    from ..families.base import TensorOut, read_shape
     from .gguf_writer import family_of
 
-    model_arch = family_of(config)[1].gguf.model_arch
-    tensor_map = gguf.get_tensor_name_map(model_arch, int(config["num_hidden_layers"]))
-    names = {}
+    spec = family_of(config)[1].gguf
+    tensor_map = gguf.get_tensor_name_map(spec.model_arch, int(config["num_hidden_layers"]))
+    shape = read_shape(config)
+    outs = {}
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and ".layers." in name:
-            gguf_name = tensor_map.get_name(name + ".weight", try_suffixes=(".weight",))
+            made = spec.tensors(name + ".weight", tuple(module.weight.shape), config, shape) if spec.tensors else None
+            gguf_name = made[0].name if made else tensor_map.get_name(name + ".weight", try_suffixes=(".weight",))
             if gguf_name is None:
                 raise ExportError(f"no GGUF name for {name}.weight; the importance matrix cannot be mapped "
                                   f"(pass --imatrix-blocks 0 to export without one)")
-            names[name] = gguf_name
-    return names
+            outs[name] = made[0] if made else TensorOut(gguf_name, tuple(module.weight.shape))
+    return outs
+
+
+def _reordered(values: dict[str, Any], hessians: dict[str, Any], outs: dict[str, Any]) -> None:
+    """Importances and H matrices in the GGUF tensors' column order, where a family's conversion moved
+    columns (Qwen3.5's linear-attention out_proj: value heads tiled), in place."""
+    for out in outs.values():
+        if out.columns is None:
+            continue
+        order = np.asarray(out.columns)
+        if out.name in values:
+            values[out.name] = values[out.name][order]
+        if out.name in hessians:
+            hessians[out.name] = hessians[out.name][np.ix_(order, order)]
 
 
 def compute(model_dir: Path, blocks: np.ndarray, source: str, batch_size: int = 1, model: Any = None) -> Imatrix:
@@ -122,8 +144,9 @@ def compute(model_dir: Path, blocks: np.ndarray, source: str, batch_size: int = 
         model = load_causal_lm(model_dir, device="cpu", dtype=torch.float32)
     model = model.eval()
     try:
-        values, hessians = collect(model, _gguf_names(model, read_json(Path(model_dir) / "config.json")), blocks,
-                                   batch_size)
+        outs = _gguf_outputs(model, read_json(Path(model_dir) / "config.json"))
+        values, hessians = collect(model, {name: out.name for name, out in outs.items()}, blocks, batch_size)
+        _reordered(values, hessians, outs)
     finally:
         del model
     return Imatrix(values, int(len(blocks)), int(blocks.size), source, time.time() - started, hessians=hessians)

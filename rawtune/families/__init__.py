@@ -34,11 +34,12 @@ from dataclasses import replace
 from functools import lru_cache
 from typing import Any, Optional
 
-from .base import BASE_PRE_TOKENIZERS, GENERIC_TARGETS, Family, KnownModel
+from .base import BASE_PRE_TOKENIZERS, GENERIC_TARGETS, Family, KnownModel, TextStack
 
 __all__ = ["Family", "KnownModel", "all_families", "family_named", "family_for_arch", "family_for_config",
            "known_models", "known_model", "gated_prefixes", "planner_shape", "planner_keys", "end_of_turn_tokens",
-           "pre_tokenizers", "merges_applied", "lora_targets", "lora_parameters", "supported_text", "refusal"]
+           "pre_tokenizers", "merges_applied", "lora_targets", "lora_parameters", "supported_text", "refusal",
+           "text_stack_of"]
 
 
 @lru_cache(maxsize=1)
@@ -90,6 +91,12 @@ def family_named(name: str) -> Family:
 def family_for_arch(hf_arch: str) -> Optional[Family]:
     """The family of an HF architecture class name, or None."""
     return next((f for f in all_families() if hf_arch in f.hf_architectures), None)
+
+
+def text_stack_of(config: dict[str, Any]) -> Optional[TextStack]:
+    """How to take the text model out of a multimodal checkpoint a family trains as text, or None."""
+    names = set(config.get("architectures") or [])
+    return next((f.text_stack for f in all_families() if f.text_stack and names & set(f.text_stack.wrappers)), None)
 
 
 def family_for_config(config: dict[str, Any]) -> Optional[Family]:

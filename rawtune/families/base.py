@@ -91,6 +91,9 @@ class TensorOut:
     convert: Optional[Callable[[Any], Any]] = None
     f32: Optional[bool] = None  # stored as float32 (None: 1-D tensors are, others take the file's type)
     inputs: tuple[str, ...] = ()  # other HF tensor names this one is made from
+    # Input columns reordered by ``convert``: GGUF column j is the HF tensor's column columns[j] (None:
+    # same order). The importance matrix, measured on the HF model's inputs, is reordered to match.
+    columns: Optional[Any] = None
 
 
 @dataclass(frozen=True)
@@ -145,6 +148,18 @@ class Gguf:
     def name(self) -> str:
         """llama.cpp's architecture name."""
         return self.arch.lower()
+
+
+@dataclass(frozen=True)
+class TextStack:
+    """A multimodal checkpoint of the family whose text model rawtune trains (Qwen3.5's Hub models are
+    vision-language checkpoints): :func:`rawtune.models.resolve_model` writes the text model alone to a
+    cached folder once, a plain checkpoint of ``architecture``, and every stage works on that."""
+
+    wrappers: tuple[str, ...]  # config.json "architectures" of the multimodal checkpoints
+    architecture: str  # the text model's HF class, written into the text folder's config
+    prefix: str  # weight-name prefix of the text model inside the checkpoint (becomes "model.")
+    dropped: tuple[str, ...]  # weight-name prefixes left out (vision tower, multi-token prediction)
 
 
 @dataclass(frozen=True)
@@ -249,3 +264,4 @@ class Family:
     # checkpoint, in one line, or None. For what must be refused before any training time is spent.
     refuse: Optional[Callable[[Config, frozenset], Optional[str]]] = None
     notes: str = ""  # one line for the README's family table (what is refused, etc.)
+    text_stack: Optional[TextStack] = None  # multimodal checkpoints trained as their text model
