@@ -22,7 +22,7 @@ import yaml
 from .errors import ConfigError, HubError
 from .hubauth import LOGIN_HINT, endpoint, http_status, hub_error, is_repo_id, safe_text
 from .rundir import scrub
-from .settings import RunSettings
+from .settings import SECTIONS, RunSettings, to_dict
 
 CONFIG_VAR = "RAWTUNE_JOB_CONFIG"  # the job's environment variable holding the run's YAML
 CONFIG_FILE = "rawtune-job.yaml"  # written by the job's command in its working folder
@@ -53,12 +53,16 @@ def check_flavor(flavor: str) -> str:
     return flavor
 
 
+def default_image() -> Optional[str]:
+    """This Space's image when running on a Space (``SPACE_ID``), else None."""
+    space_id = os.environ.get("SPACE_ID")
+    return SPACE_PREFIX + space_id if space_id else None
+
+
 def image_for(image: Optional[str]) -> str:
     """The job's image: the given Space (``user/space`` or ``hf.co/spaces/user/space``), else this
     Space when running on one (``SPACE_ID``); off a Space it must be given."""
-    image = (image or "").strip()
-    if not image and os.environ.get("SPACE_ID"):
-        image = os.environ["SPACE_ID"]
+    image = (image or "").strip() or default_image() or ""
     if not image:
         raise ConfigError("--hf-jobs-image: give your rawtune Space, e.g. --hf-jobs-image hf.co/spaces/you/rawtune "
                           "(its image has rawtune installed; only on a Space is that Space the default)")
@@ -92,6 +96,14 @@ def job_config(values: dict[str, Any], settings: RunSettings) -> str:
     values = {k: v for k, v in values.items() if k != "resume"}
     values["out"] = f"runs/{Path(str(values['out'])).name}" if values.get("out") else "runs/job"
     return yaml.safe_dump(values, sort_keys=True)
+
+
+def flat_values(settings: RunSettings) -> dict[str, Any]:
+    """Settings as the flat YAML keys ``rawtune run --config`` reads (the app's run, for a job)."""
+    values: dict[str, Any] = {}
+    for key, value in to_dict(settings).items():
+        values.update(value if key in SECTIONS else {key: value})
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def _api() -> Any:

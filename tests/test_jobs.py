@@ -141,3 +141,69 @@ def test_stop_cancels_the_job(hub_server):
     assert info.status.stage == "CANCELED"
     assert lines[:3] == ["tick 0", "tick 1", "tick 2"] and lines[-1].startswith("rawtune: cancelled the HF Job")
     assert hub_server.jobs[job.id].process.wait(timeout=10) != 0  # the process was stopped, not finished
+
+
+# ---------------------------------------------------------------- the app's button
+
+
+@pytest.fixture
+def space_app(tmp_path, monkeypatch):
+    """The app as a Space runs it: SPACE_ID set (the job's default image), runs in a temporary folder."""
+    pytest.importorskip("gradio")
+    monkeypatch.setenv("SPACE_ID", "alice/rawtune")
+    monkeypatch.setenv("RAWTUNE_RUNS", str(tmp_path / "runs"))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def app_form(**jobs_fields) -> dict:
+    from test_ui_browser import _form, data_form
+
+    return {**data_form("alice/public-text", model=MODEL_REPO, min_chars=0), **_form(seq_len=32, max_steps=2),
+            "quants": ["Q8_0"], "jobs_flavor": "cpu-basic", "jobs_image": "", "jobs_repo": "alice/jobs-from-app",
+            **jobs_fields}
+
+
+class OAuth:  # the shape of gr.OAuthToken: the visitor signed in (read-repos + contribute-repos, no jobs)
+    token = "hf_oauth_emuAliceApp00000000000000"
+
+
+def test_app_button_runs_the_job_with_the_pasted_token(hub_server, space_app, tiny_llama_dir):
+    pytest.importorskip("llama_cpp", reason="GGUF quantization needs llama-cpp-python")
+    from rawtune.ui import handlers
+    from rawtune.ui import session as sessions
+
+    upload_model(hub_server, tiny_llama_dir)
+    before = set(hub_server.jobs)
+    frames = list(handlers.run_on_hf_jobs(sessions.new_session(), app_form(jobs_token=WRITE_TOKEN), None, OAuth()))
+    log, result = frames[-1]
+    assert result == f"**Pushed:** [alice/jobs-from-app]({hub_server.url}/alice/jobs-from-app)"
+    assert "held-out perplexity:" in log and WRITE_TOKEN not in log
+    (job_id,) = set(hub_server.jobs) - before
+    spec = hub_server.jobs[job_id].spec
+    assert spec["spaceId"] == "alice/rawtune" and spec["secrets"] == {"HF_TOKEN": WRITE_TOKEN}
+    assert WRITE_TOKEN not in json.dumps({k: v for k, v in spec.items() if k != "secrets"})
+    files = hub_server.files("alice/jobs-from-app")
+    assert {name for name in files if name.endswith(".gguf")} and all(
+        files[name][:4] == b"GGUF" for name in files if name.endswith(".gguf"))
+    assert [n for n in files if n.endswith(".gguf")][0].endswith(".Q8_0.gguf")
+
+
+def test_app_button_needs_a_pasted_jobs_token(hub_server, space_app, tiny_llama_dir, tiny_corpus):
+    """Signing in cannot grant the jobs scope: without a pasted token the button says what to do; a
+    dataset the job cannot reach is refused before anything is submitted."""
+    import gradio as gr
+    from rawtune.ui import handlers
+    from rawtune.ui import session as sessions
+
+    upload_model(hub_server, tiny_llama_dir)
+    before = set(hub_server.jobs)
+    with pytest.raises(gr.Error, match="Paste a token with the Jobs permission"):
+        list(handlers.run_on_hf_jobs(sessions.new_session(), app_form(jobs_token=""), None, OAuth()))
+    session = sessions.new_session()
+    upload = session.dir / "corpus.jsonl"
+    upload.write_bytes(tiny_corpus.read_bytes())
+    form = app_form(jobs_token=WRITE_TOKEN, dataset="", upload=str(upload))
+    with pytest.raises(gr.Error, match="push the data to the Hub first"):
+        list(handlers.run_on_hf_jobs(session, form, None, OAuth()))
+    assert set(hub_server.jobs) == before
