@@ -41,6 +41,7 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -190,6 +191,7 @@ class HubEmulator:
         self.requests: list[tuple[str, str, int]] = []  # (method, path, status), for debugging
         self.fail_uploads = False  # when True, LFS uploads fail (a broken storage backend)
         self.jobs: dict[str, Job] = {}
+        self._job_folders: list[Path] = []  # each job's working folder, removed by stop()
         self.lock = threading.RLock()
         self._server: Optional[ThreadingHTTPServer] = None
         self._thread: Optional[threading.Thread] = None
@@ -212,6 +214,10 @@ class HubEmulator:
         return self
 
     def stop(self) -> None:
+        for job in self.jobs.values():
+            self.cancel_job(job)
+        for folder in self._job_folders:
+            shutil.rmtree(folder, ignore_errors=True)
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -242,6 +248,7 @@ class HubEmulator:
         """Run a job's command as a local subprocess in a folder of its own (see the module docstring)."""
         job = Job(secrets.token_hex(12), owner, spec)
         folder = Path(tempfile.mkdtemp(prefix=f"hf-job-{job.id}-"))
+        self._job_folders.append(folder)
         env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
         env.update(self.client_env(folder / "cache"))
         env["RAWTUNE_CACHE"] = str(folder / "cache" / "rawtune")
