@@ -207,3 +207,41 @@ def test_app_button_needs_a_pasted_jobs_token(hub_server, space_app, tiny_llama_
     with pytest.raises(gr.Error, match="push the data to the Hub first"):
         list(handlers.run_on_hf_jobs(session, form, None, OAuth()))
     assert set(hub_server.jobs) == before
+
+
+def test_ctrl_c_cancels_the_job(hub_server, tmp_path, tiny_llama_dir, monkeypatch):
+    """Ctrl-C in `rawtune run --on-hf-jobs` (a real SIGINT to the CLI process) cancels the job and exits
+    130, although huggingface_hub's log stream swallows the interrupt itself."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    model = upload_model(hub_server, tiny_llama_dir)
+    cfg = write_config(tmp_path / "cfg.yaml", out="long", dataset="alice/public-text", model=model, preset="quick",
+                       seq_len=32, max_steps=100_000, repo="alice/never-pushed")
+    env = {**os.environ, **hub_server.client_env(tmp_path / "cli-cache"), "HF_TOKEN": WRITE_TOKEN,
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env.pop("SPACE_ID", None)
+    before = set(hub_server.jobs)
+    cli = subprocess.Popen([sys.executable, "-m", "rawtune", "run", "--config", str(cfg), "--on-hf-jobs", "cpu-basic",
+                            "--hf-jobs-image", IMAGE], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    try:
+        deadline = time.time() + 300
+        while not [j for k, j in hub_server.jobs.items() if k not in before and j.lines] and time.time() < deadline:
+            time.sleep(0.5)  # the job is running and has printed a line, so the CLI is following it
+        time.sleep(2)
+        cli.send_signal(signal.SIGINT)
+        out, err = cli.communicate(timeout=120)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+    (job_id,) = set(hub_server.jobs) - before
+    job = hub_server.jobs[job_id]
+    assert cli.returncode == 130, err[-2000:]
+    assert job.stage == "CANCELED" and job.process.wait(timeout=30) != 0
+    assert f"cancelled the HF Job {job_id}" in out and "the HF Job was cancelled" in err
+    assert WRITE_TOKEN not in out + err
+    assert not hub_server.has_repo("alice/never-pushed")
