@@ -73,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
                 p.add_argument("--config", required=True, help="YAML file of settings (flat keys)")
                 p.add_argument("--stages", dest="stages", default=argparse.SUPPRESS,
                                help="comma-separated stages: data,train,eval,merge,export,push")
+                p.add_argument("--on-hf-jobs", dest="on_hf_jobs", default=None, metavar="FLAVOR",
+                               help="run on Hugging Face Jobs hardware (e.g. a10g-small, l4x1, a100-large) and "
+                                    "follow its logs; needs a Hub dataset and --repo")
+                p.add_argument("--hf-jobs-image", dest="hf_jobs_image", default=None, metavar="SPACE",
+                               help="the rawtune Space whose image runs the job, as hf.co/spaces/user/space "
+                                    "(default on a Space: that Space; required elsewhere)")
             add_settings_flags(p, SECTIONS if name == "run" else ("data", "train"))
         else:
             p.add_argument("run_dir", metavar="DIR", help="a run directory made by `rawtune train`")
@@ -100,7 +106,7 @@ def _token(args: argparse.Namespace) -> Optional[str]:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    skip = {"command", "config", "run_dir", "token", "gpus"}
+    skip = {"command", "config", "run_dir", "token", "gpus", "on_hf_jobs", "hf_jobs_image"}
     return {k: v for k, v in vars(args).items() if k not in skip}
 
 
@@ -227,6 +233,46 @@ def _relaunch(gpus: int, argv: Sequence[str], out: Optional[str]) -> int:
             interrupted = True
 
 
+def _on_hf_jobs(args: argparse.Namespace) -> int:
+    """``run --on-hf-jobs FLAVOR``: the same run on HF Jobs; prints its logs, then the pushed repo.
+
+    A first Ctrl-C cancels the job (huggingface_hub's log stream swallows the interrupt itself, so
+    the handler also sets the flag the follower checks).
+    """
+    from .jobs import check_flavor, image_for, job_config, run_on_jobs
+    from .settings import validate
+
+    check_flavor(args.on_hf_jobs)
+    if args.gpus is not None:
+        raise ConfigError("--gpus: not with --on-hf-jobs (the job's flavor decides its GPUs)")
+    settings = validate(_settings_for(args))
+    config = job_config({**load_yaml(args.config), **_overrides(args)}, settings)
+    image, token = image_for(args.hf_jobs_image), _token(args)
+    if not token:
+        from .jobs import JOBS_TOKEN_HINT
+
+        raise ConfigError(f"--on-hf-jobs needs {JOBS_TOKEN_HINT}")
+    stop = threading.Event()
+
+    def interrupt(signum: int, frame: Any) -> None:
+        stop.set()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, interrupt) if threading.current_thread() is threading.main_thread() \
+        else None
+    try:
+        url = run_on_jobs(config, settings.push.repo, args.on_hf_jobs, image, token,
+                          log=lambda line: print(line, flush=True), stop=stop)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    if url is None:
+        print("rawtune: interrupted; the HF Job was cancelled", file=sys.stderr)
+        return 130
+    print(f"pushed: {url}")
+    return 0
+
+
 def _follow(args: argparse.Namespace) -> int:
     """Ranks other than 0 of a launched job: join rank 0's training stage (it runs the other stages)."""
     from .settings import validate
@@ -274,6 +320,8 @@ def _main(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> int:
         if args.command in ("eval", "merge", "export", "push"):
             _run_on_dir(args)
             return 0
+        if getattr(args, "on_hf_jobs", None):
+            return _on_hf_jobs(args)
         if getattr(args, "gpus", None) is not None and args.gpus != 1:
             return _relaunch(args.gpus, sys.argv[1:] if argv is None else argv, _settings_for(args).out)
         from .train.distributed import rank

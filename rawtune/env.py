@@ -67,6 +67,9 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("RAWTUNE_CACHE", APP, "folder for downloaded and converted models (default `~/.cache/rawtune`)"),
     Variable("RAWTUNE_SEGMENT_SECONDS", APP, "training seconds per GPU call in segmented (ZeroGPU) runs; `0`: "
              "one unlimited segment (default on ZeroGPU: what the planner leaves of a call, else unlimited)"),
+    Variable("RAWTUNE_JOB_CONFIG", APP, "set by `rawtune run --on-hf-jobs` in the job it starts: the run's YAML "
+             "settings, which the job's command writes to a file and runs (never the token: that is the job's "
+             "`HF_TOKEN` secret)"),
     Variable("RAWTUNE_ZERO_GPU", APP, "`1`: behave as on a ZeroGPU Space (no torch.compile, segmented training)"),
     Variable("RAWTUNE_GPUS", TRAINING, "`all` or a number: train data-parallel on that many GPUs of this machine "
              "through torchrun (without CUDA: CPU processes); unset: one process (`app.py` sets `all`)"),

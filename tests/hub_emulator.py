@@ -10,7 +10,12 @@ clients use for what rawtune does:
 - ``GET .../auth-check``, ``POST /api/validate-yaml``, ``POST .../preupload/{rev}``, ``POST .../commit/{rev}`` (NDJSON),
 - the Git LFS batch API with the ``basic`` transfer (PUT upload + verify),
 - ``GET .../tree/{rev}/{path}``, ``POST .../paths-info/{rev}``, ``GET .../commits/{rev}``,
-- ``HEAD``/``GET /{datasets/}{id}/resolve/{rev}/{path}`` with byte ranges.
+- ``HEAD``/``GET /{datasets/}{id}/resolve/{rev}/{path}`` with byte ranges,
+- HF Jobs: ``POST /api/jobs/{namespace}`` (run), ``GET /api/jobs/{namespace}/{id}`` (inspect), the
+  server-sent-events log stream ``GET .../{id}/logs`` and ``POST .../{id}/cancel``. A job RUNS for real,
+  as a local subprocess of its command with the job's environment and secrets, its Hub clients pointed
+  at this emulator and this checkout's rawtune importable (the image is ignored); its output lines are
+  the log events, and its exit code sets the stage (RUNNING -> COMPLETED or ERROR; CANCELED on cancel).
 
 It enforces private repos (owner or org member only), gated repos (granted users only) and write
 rights (a ``write`` token on its own namespace), with the status codes and ``X-Error-Code``
@@ -36,6 +41,11 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -44,6 +54,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Iterator, Optional
 from urllib.parse import parse_qs, unquote, urlsplit
+
+CHECKOUT = Path(__file__).resolve().parents[1]  # the rawtune a job runs (its image is ignored)
 
 # Tokens the seeded emulator knows (see seed_default). They look like real tokens on purpose, so
 # rawtune's token scrubbing is exercised too.
@@ -130,6 +142,36 @@ class Repo:
         return None
 
 
+@dataclass
+class Job:
+    """An HF Job: the spec as posted (secrets included, for tests to check) and its process."""
+
+    id: str
+    owner: str
+    spec: dict
+    stage: str = "RUNNING"
+    message: Optional[str] = None
+    lines: list[str] = field(default_factory=list)  # its output so far, one log event each
+    created_at: str = field(default_factory=_now)
+    process: Optional[subprocess.Popen] = None
+    changed: threading.Condition = field(default_factory=threading.Condition)
+
+    @property
+    def ended(self) -> bool:
+        return self.stage not in ("RUNNING", "SCHEDULING")
+
+    def info(self) -> dict:
+        """The job as the Hub describes it; secret values are never sent back."""
+        image = {"spaceId": self.spec["spaceId"]} if "spaceId" in self.spec else {"dockerImage": self.spec.get("dockerImage")}
+        return {"id": self.id, "createdAt": self.created_at, **image,
+                "owner": {"id": hashlib.sha1(self.owner.encode()).hexdigest()[:24], "name": self.owner, "type": "user"},
+                "command": self.spec.get("command"), "arguments": self.spec.get("arguments", []),
+                "environment": self.spec.get("environment", {}),
+                "secrets": {k: None for k in self.spec.get("secrets", {})},
+                "flavor": self.spec.get("flavor"), "labels": self.spec.get("labels", {}),
+                "status": {"stage": self.stage, "message": self.message}}
+
+
 class HubError(Exception):
     """An HTTP error the emulator answers with (status, X-Error-Code, message)."""
 
@@ -148,6 +190,8 @@ class HubEmulator:
         self.lfs_store: dict[tuple[str, str], dict[str, bytes]] = {}
         self.requests: list[tuple[str, str, int]] = []  # (method, path, status), for debugging
         self.fail_uploads = False  # when True, LFS uploads fail (a broken storage backend)
+        self.jobs: dict[str, Job] = {}
+        self._job_folders: list[Path] = []  # each job's working folder, removed by stop()
         self.lock = threading.RLock()
         self._server: Optional[ThreadingHTTPServer] = None
         self._thread: Optional[threading.Thread] = None
@@ -170,6 +214,10 @@ class HubEmulator:
         return self
 
     def stop(self) -> None:
+        for job in self.jobs.values():
+            self.cancel_job(job)
+        for folder in self._job_folders:
+            shutil.rmtree(folder, ignore_errors=True)
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -195,6 +243,48 @@ class HubEmulator:
         return env
 
     # ------------------------------------------------------------ test-side API (no HTTP)
+
+    def start_job(self, owner: str, spec: dict) -> Job:
+        """Run a job's command as a local subprocess in a folder of its own (see the module docstring)."""
+        job = Job(secrets.token_hex(12), owner, spec)
+        folder = Path(tempfile.mkdtemp(prefix=f"hf-job-{job.id}-"))
+        self._job_folders.append(folder)
+        env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+        env.update(self.client_env(folder / "cache"))
+        env["RAWTUNE_CACHE"] = str(folder / "cache" / "rawtune")
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(CHECKOUT), os.environ.get("PYTHONPATH")) if p)
+        env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+        env.update({k: str(v) for k, v in spec.get("environment", {}).items()})
+        env.update({k: str(v) for k, v in spec.get("secrets", {}).items()})
+        job.process = subprocess.Popen([*spec["command"], *spec.get("arguments", [])], cwd=folder, env=env,
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                       start_new_session=True)
+        self.jobs[job.id] = job
+        threading.Thread(target=self._pump, args=(job,), name=f"hf-job-{job.id}", daemon=True).start()
+        return job
+
+    def _pump(self, job: Job) -> None:
+        """Each output line becomes a log event; the exit code ends the job (after its last line)."""
+        assert job.process is not None and job.process.stdout is not None
+        for line in job.process.stdout:
+            with job.changed:
+                job.lines.append(line.rstrip("\n"))
+                job.changed.notify_all()
+        code = job.process.wait()
+        with job.changed:
+            if job.stage == "RUNNING":
+                job.stage, job.message = ("COMPLETED", None) if code == 0 else ("ERROR", f"exit code {code}")
+            job.changed.notify_all()
+
+    def cancel_job(self, job: Job) -> None:
+        with job.changed:
+            if job.ended:
+                return
+            job.stage, job.message = "CANCELED", "canceled by the user"
+            job.changed.notify_all()
+        if job.process is not None and job.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(job.process.pid, signal.SIGTERM)
 
     def add_token(self, token: str, user: str, role: str = "write", orgs: tuple[str, ...] = ()) -> None:
         self.tokens[token] = Token(user, role, tuple(orgs), token)
@@ -381,6 +471,11 @@ class _Handler(BaseHTTPRequestHandler):
         parts = [unquote(p) for p in split.path.split("/") if p != ""]
         body = self._body() if self.command in ("POST", "PUT") else b""
         try:
+            if parts[:2] == ["api", "jobs"] and len(parts) >= 3:
+                # Outside the lock: a log stream lasts as long as its job, whose own Hub calls come here too.
+                with self.hub.lock:
+                    token = self.hub.token_of(self.headers.get("Authorization"))
+                return self._jobs(parts[2:], token, body)
             with self.hub.lock:
                 token = self.hub.token_of(self.headers.get("Authorization"))
                 self._route(parts, token, body)
@@ -425,6 +520,59 @@ class _Handler(BaseHTTPRequestHandler):
             repo_type, repo_id, _ = _split_repo(parts[:i])
             return self._resolve(repo_type, repo_id, parts[i + 1], "/".join(parts[i + 2:]), token)
         raise HubError(404, f"the Hub emulator has no route for {method} {self.path}")
+
+    # ------------------------------------------------------------ HF Jobs
+
+    def _jobs(self, parts: list[str], token: Optional[Token], body: bytes) -> None:
+        namespace, rest = parts[0], parts[1:]
+        if token is None:
+            raise HubError(401, "Invalid credentials in Authorization header")
+        if namespace != token.user and namespace not in token.orgs:
+            raise HubError(403, f"you cannot access jobs in {namespace}")
+        if not rest and self.command == "POST":
+            if token.role != "write":  # a read token, or an app's token without the jobs scope
+                raise HubError(403, "this token may not start jobs (it needs the jobs permission)")
+            spec = json.loads(body or b"{}")
+            if not spec.get("command") or ("spaceId" not in spec and "dockerImage" not in spec):
+                raise HubError(400, "a job needs a command and an image")
+            return self._json(self.hub.start_job(namespace, spec).info())
+        job = self.hub.jobs.get(rest[0]) if rest else None
+        if job is None or job.owner != namespace:
+            raise HubError(404, "Job not found")
+        if rest[1:] == [] and self.command == "GET":
+            return self._json(job.info())
+        if rest[1:] == ["cancel"] and self.command == "POST":
+            self.hub.cancel_job(job)
+            return self._json(job.info())
+        if rest[1:] == ["logs"] and self.command == "GET":
+            return self._job_logs(job)
+        raise HubError(404, f"the Hub emulator has no route for {self.command} {self.path}")
+
+    def _job_logs(self, job: Job) -> None:
+        """Server-sent events, one per output line, until the job has ended and every line is sent."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        self.hub.requests.append((self.command, self.path, 200))
+
+        def event(text: str) -> bytes:
+            return f"data: {json.dumps({'timestamp': _now(), 'data': text})}\n\n".encode()
+
+        sent = 0
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the client stopped reading
+            self.wfile.write(event(f"===== Job started at {job.created_at} ====="))
+            while True:
+                with job.changed:
+                    if sent >= len(job.lines) and not job.ended:
+                        job.changed.wait(timeout=10)
+                    new, ended = job.lines[sent:], job.ended
+                self.wfile.write(b"".join(event(line) for line in new) if new else b": keep-alive\n\n")
+                self.wfile.flush()
+                sent += len(new)
+                if ended and sent >= len(job.lines):
+                    return
 
     # ------------------------------------------------------------ endpoints
 

@@ -60,13 +60,16 @@ def build_demo() -> gr.Blocks:
                 data = forms.data_tab()
             with gr.Tab("Train", id="train"):
                 train = forms.train_tab(default_model())
+                jobs = forms.jobs_panel()
             with gr.Tab("Export & Push", id="export"):
                 export = forms.export_tab()
             with gr.Tab("Compare", id="compare") as compare_tab:
                 compare = forms.compare_tab()
         _wire_data_and_train(session, token, data, train)
         _wire_export_and_compare(session, token, export, compare, compare_tab)
+        _wire_jobs(session, token, data, train, export, jobs)
         demo.load(handlers.default_repo, None, export["repo"])
+        demo.load(handlers.default_repo, None, jobs["jobs_repo"])
         # A session begins when its page loads and ends when the page is closed or reloaded: the
         # unload event comes with the page's session hash, under which open_page kept the session.
         demo.load(open_page, None, session, queue=False)
@@ -100,6 +103,16 @@ def _wire_data_and_train(session: gr.State, token: Any, data: dict, train: dict)
     train["resume"].click(handlers.resume_training, [session, token], outputs, **gpu_queue,
                           ).failure(handlers.training_failed, session, buttons, queue=False)
     train["stop"].click(handlers.stop_training, session, train["status"], queue=False)
+
+
+def _wire_jobs(session: gr.State, token: Any, data: dict, train: dict, export: dict, jobs: dict) -> None:
+    """Run on HF Jobs reads the same form as Start, the Export tab's quant types and its own panel."""
+    names = ("dataset", "dataset_config", "split", "upload", "text_column", "min_chars", "max_documents", "dedupe",
+             "split_blank_lines", "streaming", "revision")
+    form = Form(**{k: data[k] for k in names}, model=train["model"], preset=train["preset"], **train["advanced"],
+                quants=export["quants"], **{k: jobs[k] for k in ("jobs_flavor", "jobs_image", "jobs_repo", "jobs_token")})
+    jobs["jobs_run"].click(bind(handlers.run_on_hf_jobs, form), [session, token, *form.inputs()],
+                           [jobs["jobs_log"], jobs["jobs_result"]], concurrency_limit=4, concurrency_id="jobs")
 
 
 def _wire_export_and_compare(session: gr.State, token: Any, export: dict, compare: dict, compare_tab: Any) -> None:

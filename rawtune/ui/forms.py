@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import gradio as gr
 
-from .. import quants, space
+from .. import jobs, quants, space
 from ..models import model_choices
 from ..settings import PRESETS, DataSettings, concrete_preset, docs, form_fields, tristate
 from .session import UPLOAD_TYPES
@@ -65,6 +65,11 @@ def bind(handler: Callable, form: Form, with_token: bool = True) -> Callable:
             yield from handler(session, form.by_name(sent), token_text, oauth_token, progress=progress,
                                **asks("request", request))
         return _named(handler, with_progress)
+    if inspect.isgeneratorfunction(handler):  # Gradio streams only from a generator function
+        def streamed(session, token_text, oauth_token: gr.OAuthToken | None = None, request: gr.Request = None,
+                     *sent):
+            yield from handler(session, form.by_name(sent), token_text, oauth_token, **asks("request", request))
+        return _named(handler, streamed)
 
     def call(session, token_text, oauth_token: gr.OAuthToken | None = None, request: gr.Request = None, *sent):
         return handler(session, form.by_name(sent), token_text, oauth_token, **asks("request", request))
@@ -230,6 +235,31 @@ def export_tab() -> Components:
     c["ollama"] = gr.Code(label="run it with Ollama", language="shell", lines=3, interactive=False,
                           buttons=["copy"], elem_id="ollama")
     c["modelfile"] = gr.DownloadButton("Download Modelfile", visible=False, elem_id="modelfile")
+    return c
+
+
+JOBS_HINT = ("Runs this tab's training (a Hub dataset and model only), then the export (the quant types picked "
+             "under Export & Push) and a push to the repo below, on HF Jobs hardware billed to your account. "
+             "It needs a token that may start jobs (a fine-grained token with the Jobs permission): "
+             "signing in to this app cannot grant that.")
+
+
+def jobs_panel() -> Components:
+    """Run on HF Jobs: the Train tab's run on bigger hardware than this app's."""
+    c: Components = {}
+    with gr.Accordion("Run on HF Jobs (bigger hardware)", open=False, elem_id="jobs"):
+        gr.Markdown(JOBS_HINT)
+        with gr.Row():
+            c["jobs_flavor"] = gr.Dropdown(jobs.flavors(), value="a10g-small", label="hardware", elem_id="jobs-flavor")
+            c["jobs_image"] = gr.Textbox(jobs.default_image() or "", label="rawtune Space (the job's image)",
+                                         placeholder="hf.co/spaces/user/rawtune", elem_id="jobs-image")
+        with gr.Row():
+            c["jobs_repo"] = gr.Textbox(label="Hub repo to push to", placeholder="user/name", elem_id="jobs-repo")
+            c["jobs_token"] = gr.Textbox(label="token with the Jobs permission", type="password",
+                                         placeholder="hf_…", elem_id="jobs-token")
+        c["jobs_run"] = gr.Button("Run on HF Jobs", elem_id="jobs-run")
+        c["jobs_log"] = gr.Textbox(label="job log", lines=8, max_lines=16, autoscroll=True, elem_id="jobs-log")
+        c["jobs_result"] = gr.Markdown(elem_id="jobs-result")
     return c
 
 

@@ -443,6 +443,36 @@ def push_model(session: Optional[sessions.Session], repo: str, private: bool, pr
         sessions.release(session)
 
 
+def run_on_hf_jobs(session: Optional[sessions.Session], form: dict[str, Any], token_text: Optional[str] = None,
+                   oauth_token: Any = None, request: gr.Request = None):
+    """Run on HF Jobs: this page's run (data, train, eval, export, push) on the chosen hardware,
+    following the job's log. The app's sign-in cannot grant the jobs scope (docs/space.md), so the
+    token is one the visitor pasted: the panel's, else the page's token box (off a Space)."""
+    from ..jobs import flat_values, image_for, job_config, run_on_jobs
+
+    session = sessions.current(session, request)
+    token = (form.get("jobs_token") or "").strip() or (token_text or "").strip()
+    if not token:
+        raise gr.Error("Paste a token with the Jobs permission (huggingface.co/settings/tokens) to run on HF Jobs; "
+                       "signing in to this app cannot start jobs for you.")
+    log: list[str] = []
+    try:
+        settings = run_settings(session, form)
+        settings.push.repo = (form.get("jobs_repo") or "").strip() or None
+        settings.stages = ["data", "train", "eval", "export", "push"]
+        if form.get("quants"):
+            settings.export.quant = [q.lower() for q in form["quants"]]
+        config = job_config(flat_values(validate(settings)), settings)
+        work = Background(run_on_jobs, config, settings.push.repo, form.get("jobs_flavor") or "",
+                          image_for(form.get("jobs_image")), token)
+        for text in stream_log(work, log):
+            yield text, gr.skip()
+        work.raise_error()
+        yield "\n".join(log), f"**Pushed:** [{settings.push.repo}]({work.result})"
+    except BaseException as exc:
+        raise friendly(exc) from None
+
+
 def default_repo(profile: gr.OAuthProfile | None) -> str:
     """Pre-fill the repo box with the signed-in user's namespace."""
     if profile is None:
