@@ -122,8 +122,8 @@ class ExportSettings:
 
     quant: list[str] = setting(doc="quant types to write", kind="list", choices=QUANTS,
                                factory=lambda: list(quants.DEFAULT))
-    imatrix_blocks: int = setting(16, "training blocks for the importance matrix of k-quants (0: llama.cpp's "
-                                      "plain quantization)", "int")
+    imatrix_blocks: int = setting(16, "training blocks for the importance matrix of k-quants and IQ4_XS (0: "
+                                      "llama.cpp's plain quantization; IQ4_XS needs a matrix)", "int")
     name: Optional[str] = setting(None, "file name stem for the GGUFs (default: the run directory's name)")
     verify: bool = setting(True, "load each GGUF in llama.cpp and measure its perplexity", "bool")
 

@@ -80,3 +80,17 @@ def test_log_text():
     assert kld.kld_text({}) == ""
     line = kld.kld_text({"kld_mean": 0.01234, "kld_p99": 0.2, "same_top_pct": 93.25})
     assert line == "KLD 0.0123 (99th pct 0.2000), same top token 93.2 %"
+
+
+def test_app_export_table_shows_kld(tmp_path):
+    from rawtune.rundir import RunDir
+    from rawtune.ui.handlers import _gguf_table
+
+    run = RunDir(tmp_path / "run")
+    run.update(export={"ppl_merged": 15.0}, gguf={
+        "Q4_K_M": {"file": "r.Q4_K_M.gguf", "bytes": 2_000_000, "ppl": 15.5, "ppl_increase_pct": 3.333,
+                   "kld_mean": 0.0312, "kld_p99": 0.2871, "same_top_pct": 91.3},
+        "Q8_0": {"file": "r.Q8_0.gguf", "bytes": 4_000_000, "ppl": 15.02}})
+    rows = _gguf_table(run)
+    assert rows[1] == ["Q4_K_M", "r.Q4_K_M.gguf", 2.0, 15.5, "+3.33 %", 0.0312, 0.2871, 91.3]
+    assert rows[2][5:] == [None, None, None]  # not measured: empty cells, not zeros
