@@ -9,9 +9,11 @@ For a run directory with held-out and training blocks and an adapter (``rawtune 
 2. makes llama.cpp's default files from the same F16 GGUF: Q4_K_M, Q5_K_M, Q6_K and Q8_0 without a
    matrix, and IQ4_XS with a *generic* matrix: llama.cpp's statistic (the plain mean of x² per
    input column, forward passes only) over 16 blocks of an unrelated corpus (``--generic``);
-3. scores every file with llama.cpp against the merged PyTorch model's logits on the run's
-   held-out blocks (the tokens export reports), with :mod:`rawtune.export.kld`, and prints one
-   markdown table plus the issue-23 targets: Q4_K_M mean KLD at most 0.5 x llama.cpp's default
+3. scores llama.cpp's files with llama.cpp against the merged PyTorch model's logits on the run's
+   held-out blocks (the tokens export reports), with :mod:`rawtune.export.kld`, next to what
+   export recorded for its own files on the same tokens (Q8_0 is the cross-check: both files are
+   llama.cpp's bytes, scored once by export and once here), and prints one markdown table plus the
+   issue-23 targets: Q4_K_M mean KLD at most 0.5 x llama.cpp's default
    Q4_K_M's, Q8_0 under 0.002, IQ4_XS at most 0.6 x llama.cpp's IQ4_XS with the generic matrix.
 
 Usage (CPU)::
@@ -149,7 +151,13 @@ def measure(run_path: Path, generic: Path, work: Path) -> dict[str, Any]:
 
     run = RunDir(run_path)
     started = time.time()
-    export_run(run, ExportSettings(quant=ALL, imatrix_blocks=16, name="bench"), log=print)
+    lines: list[str] = []
+
+    def log(line: str) -> None:
+        lines.append(line)
+        print(line, flush=True)
+
+    export_run(run, ExportSettings(quant=ALL, imatrix_blocks=16, name="bench"), log=log)
     seconds_export = time.time() - started
     record = run.load()
     f16 = run.gguf_dir / record["gguf"]["F16"]["file"]
@@ -179,14 +187,15 @@ def measure(run_path: Path, generic: Path, work: Path) -> dict[str, Any]:
             out.unlink()
             out = weighted
         files[f"llama.cpp {label}" + (" (generic matrix)" if label == "IQ4_XS" else "")] = out
-    for label in DEFAULTS + ["F16"]:
-        files[f"rawtune {label}"] = run.gguf_dir / record["gguf"][label]["file"]
     rows = {name: score(path, held, store) for name, path in files.items()}
     store.close()
-    for label in DEFAULTS:
-        rows[f"rawtune {label}"]["export_kld_mean"] = record["gguf"][label].get("kld_mean")
-        rows[f"rawtune {label}"]["kept"] = (record["gguf"][label].get("imatrix_check") or {}).get("kept")
+    for label in DEFAULTS + ["F16"]:  # export's own verification of its files, on the same tokens
+        entry = record["gguf"][label]
+        rows[f"rawtune {label}"] = {key: entry.get(key) for key in ("bytes", "ppl", "kld_mean", "kld_p99",
+                                                                   "same_top_pct", "kld_tokens")}
+        rows[f"rawtune {label}"]["kept"] = (entry.get("imatrix_check") or {}).get("kept")
     return {"run": str(run_path), "generic": generic.name, "ppl_merged": round(ppl_merged, 4),
+            "export_ppl_merged": record["export"]["ppl_merged"], "export_log": lines,
             "blocks": list(held.shape), "seconds_export": round(seconds_export, 1), "files": rows,
             "targets": targets(rows)}
 

@@ -351,7 +351,7 @@ def _quantize_one(f16: Path, target: Path, label: str, imatrix: Any, p: Plan,
     return entry
 
 
-# Training blocks, other than the importance matrix's, that both Q4_K_M files are scored on.
+# Training blocks, other than the importance matrix's, that both files of a type (plain, weighted) are scored on.
 CHECK_BLOCKS = 8
 
 

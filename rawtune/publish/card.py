@@ -98,14 +98,16 @@ def _calibration_lines(record: dict[str, Any]) -> list[str]:
     plain = [label for label, entry in entries.items() if (entry.get("imatrix_check") or {}).get("kept") == "plain"]
     lines = []
     if info and weighted:
-        lines += ["", f"{', '.join(sorted(weighted, key=sort_key))} was quantized with an importance matrix "
+        lines += ["", f"{', '.join(sorted(weighted, key=sort_key))} {'was' if len(weighted) == 1 else 'were'} "
+                      f"quantized with an importance matrix "
                       f"computed from {info.get('tokens', 0):,} tokens of the training text ({info.get('blocks')} "
-                      f"training blocks), so its rounding favours the weights this text uses most."]
+                      f"training blocks), so the rounding favours the weights this text uses most."]
         if any(entries[label].get("compensated_tensors") for label in weighted):
-            lines[-1] += (" Its tensors were rounded one group of columns at a time, each group's error "
+            lines[-1] += (" The tensors were rounded one group of columns at a time, each group's error "
                           "compensated in the columns after it (GPTQ-style), on the same tokens.")
     if info and plain:
-        lines += ["", f"{', '.join(sorted(plain, key=sort_key))} is llama.cpp's plain quantization: an importance "
+        lines += ["", f"{', '.join(sorted(plain, key=sort_key))} {'is' if len(plain) == 1 else 'are'} llama.cpp's "
+                      f"plain quantization: an importance "
                       f"matrix from the training text was tried and scored worse on other training blocks."]
     return lines
 
