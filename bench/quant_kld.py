@@ -59,7 +59,7 @@ def tiny_run(work: Path) -> tuple[Path, Path]:
     corpus = write_corpus(work / "corpus.jsonl", documents=200)
     generic = write_corpus(work / "generic.jsonl", documents=60, seed=5)
     values = dict(out=str(work / "run"), dataset=str(corpus), model=str(model), preset="quick", seq_len=64,
-                  batch_size=2, max_steps=20, learning_rate=3e-3, save_steps=10, train_embeddings=True,
+                  batch_size=2, max_steps=12, learning_rate=3e-3, save_steps=12, train_embeddings=True,
                   stages=["data", "train", "eval"])
     run_pipeline(apply(RunSettings(), values), log=lambda line: None)
     return work / "run", generic

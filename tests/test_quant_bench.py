@@ -14,7 +14,6 @@ pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "quant_kld.py"
 
 
-@pytest.mark.slow
 def test_quant_kld_bench_tiny(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("quant_kld", BENCH)
     bench = importlib.util.module_from_spec(spec)

@@ -12,8 +12,11 @@ block). No model runs twice.
 
 Storage: a log-probability per vocabulary entry as a 16-bit code over the row's top
 :data:`RANGE` nats (one step is 3.7e-4 nats, an error of at most half that; llama.cpp's own
-kl-divergence file stores 16-bit codes too), code 0 for anything less probable (probability
-below e^-24 of the top token's, taken as 0). 512-token blocks of a 49k vocabulary take 50 MB each.
+kl-divergence file stores 16-bit codes too); anything less probable is stored at the bottom of the
+range (e^-24 of the top token's probability: 49k such tokens add up to 2e-6). 512-token blocks of a
+49k vocabulary take 50 MB each. With each row's normaliser, entropy and top token kept beside the
+codes, a file's divergence is KL = Σ p log p − Σ p x + logsumexp(x) over its logits x: one
+exponential per entry on each side, a few passes over the logits per file.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any, Optional
 import numpy as np
 
 RANGE = 24.0  # nats below the row's most likely token that are kept
-_STEPS = 65534  # codes 1..65535; 0: below the range
+_STEPS = 65535  # codes 0..65535
 _SCALE = RANGE / _STEPS
 P99 = 99.0
 
@@ -40,18 +43,28 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
 def encode(logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(uint16 codes, float32 lower end per row) for ``[..., vocab]`` log-probabilities."""
     lo = logprobs.max(axis=-1, keepdims=True) - RANGE
-    codes = np.rint((logprobs - lo) / _SCALE) + 1.0
-    codes[logprobs < lo] = 0.0
-    return np.clip(codes, 0, 65535).astype(np.uint16), lo[..., 0].astype(np.float32)
+    codes = np.rint((logprobs - lo) * np.float32(1.0 / _SCALE))
+    return np.clip(codes, 0, _STEPS).astype(np.uint16), lo[..., 0].astype(np.float32)
 
 
-def decode(codes: np.ndarray, lo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(log-probabilities, probabilities) of the codes, renormalised so each row sums to one;
-    code 0 gives probability 0."""
-    logprobs = lo[..., None] + (codes.astype(np.float32) - 1.0) * np.float32(_SCALE)
-    probs = np.where(codes > 0, np.exp(logprobs), np.float32(0.0))
-    total = probs.sum(axis=-1, keepdims=True, dtype=np.float64).astype(np.float32)
-    return logprobs - np.log(total), probs / total
+def decode(codes: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    """Probabilities ``exp(offset + code * step)`` per row (``offset``: the row's lower end minus
+    the log of its normaliser, so that a row sums to one)."""
+    probs = codes.astype(np.float32)
+    probs *= np.float32(_SCALE)
+    probs += offset[..., None].astype(np.float32)
+    return np.exp(probs, out=probs)
+
+
+def row_stats(codes: np.ndarray, lo: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(offset for :func:`decode`, Σ p log p, top token) of each stored row."""
+    probs = decode(codes, lo)
+    total = probs.sum(axis=-1, dtype=np.float64)
+    offset = lo - np.log(total)
+    probs /= total[:, None].astype(np.float32)
+    logprobs = codes.astype(np.float32) * np.float32(_SCALE) + offset[:, None].astype(np.float32)
+    neg_entropy = np.einsum("ij,ij->i", probs, logprobs, dtype=np.float64)
+    return offset.astype(np.float32), neg_entropy, codes.argmax(axis=-1)
 
 
 class ReferenceStore:
@@ -63,16 +76,20 @@ class ReferenceStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.codes = np.lib.format.open_memmap(self.path, mode="w+", dtype=np.uint16,
                                                shape=(blocks, seq_len - 1, vocab))
-        self.lo = np.zeros((blocks, seq_len - 1), dtype=np.float32)
+        self.offset = np.zeros((blocks, seq_len - 1), dtype=np.float32)
+        self.neg_entropy = np.zeros((blocks, seq_len - 1), dtype=np.float64)
+        self.top = np.zeros((blocks, seq_len - 1), dtype=np.int64)
 
     def add(self, first: int, logits: np.ndarray) -> None:
         """Logits ``[batch, seq_len, vocab]`` of blocks ``first``, ``first + 1``, ...; the last
         position predicts nothing that is scored and is dropped."""
         for i, row in enumerate(np.asarray(logits, dtype=np.float32)):
-            self.codes[first + i], self.lo[first + i] = encode(log_softmax(row[:-1]))
+            codes, lo = encode(log_softmax(row[:-1]))
+            self.codes[first + i] = codes
+            self.offset[first + i], self.neg_entropy[first + i], self.top[first + i] = row_stats(codes, lo)
 
-    def block(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.codes[index], self.lo[index]
+    def block(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        return self.codes[index], self.offset[index], self.neg_entropy[index], self.top[index]
 
     def close(self) -> None:
         """Flush and delete the file (export keeps the numbers, not the logits)."""
@@ -80,20 +97,26 @@ class ReferenceStore:
         self.path.unlink(missing_ok=True)
 
 
-def block_kld(codes: np.ndarray, lo: np.ndarray, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def block_kld(codes: np.ndarray, offset: np.ndarray, neg_entropy: np.ndarray, top: np.ndarray,
+              logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(KL(P || Q) per position, whether the top tokens agree) for one block: P from the stored
-    reference, Q from the file's logits ``[seq_len, vocab]``.
+    reference (:meth:`ReferenceStore.block`), Q from the file's logits ``[seq_len, vocab]``.
 
     When the two vocabularies differ in width (an embedding padded on one side only), both are
     compared on the columns they share, each renormalised over them.
     """
-    n = min(codes.shape[-1], logits.shape[-1])
-    ref_codes = codes[:, :n]
-    lp, p = decode(ref_codes, lo)
-    lq = log_softmax(np.asarray(logits[:-1, :n], dtype=np.float32))
-    terms = np.where(p > 0, p * (lp - lq), np.float32(0.0))
-    kld = terms.sum(axis=-1, dtype=np.float64)
-    same = ref_codes.argmax(axis=-1) == lq.argmax(axis=-1)
+    x = np.asarray(logits[:-1], dtype=np.float32)
+    if codes.shape[-1] != x.shape[-1]:
+        n = min(codes.shape[-1], x.shape[-1])
+        codes, x = codes[:, :n], x[:, :n]
+        offset, neg_entropy, top = row_stats(codes, offset)  # renormalised over the shared columns
+    p = decode(codes, offset)
+    same = top == x.argmax(axis=-1)
+    x = x - x.max(axis=-1, keepdims=True)
+    # Σ p (x - max x): its terms are small (p is tiny wherever x - max x is large), so float32 sums it.
+    cross = np.einsum("ij,ij->i", p, x)
+    lse = np.log(np.exp(x, out=x).sum(axis=-1, dtype=np.float64))
+    kld = neg_entropy - cross + lse
     return np.maximum(kld, 0.0), same
 
 
