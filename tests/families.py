@@ -183,6 +183,19 @@ FAMILY_SPECS: dict[str, Family] = {
         "bpe", ["<|endoftext|>", "<|pad|>", "<|user|>", "<|assistant|>", "<|system|>"], bos="<|endoftext|>",
         eos="<|endoftext|>", add_bos=False, pad="<|pad|>", split_regex=LLAMA3_REGEX), OLMO2_TEMPLATE, False, dict(
         rope_parameters={"rope_type": "default", "rope_theta": 500000.0})),
+    # Granite 4.0-H dense (350M / 1B ratios): Mamba-2 layers beside NoPE attention layers (one attention
+    # layer here, every distinct kind present), Granite's multipliers (attention 1/head_dim, the 1B's
+    # residual and logit values), the shared MLP 8/3 of the width, Mamba expansion 2 with one group and
+    # heads of head width 16; a small chunk so HF's chunked scan passes state between chunks within 48
+    # tokens. The cl100k tokenizer (merges applied: llama.cpp's "dbrx"), Granite's turn markers.
+    "granitehybrid": Family("GraniteMoeHybridForCausalLM", "GraniteMoeHybridConfig", Tokenizer(
+        "bpe", ["<|end_of_text|>", "<|pad|>", "<|start_of_role|>", "<|end_of_role|>"], bos="<|end_of_text|>",
+        eos="<|end_of_text|>", add_bos=False, pad="<|pad|>", split_regex=LLAMA3_REGEX), GRANITE_TEMPLATE, True, dict(
+        layer_types=["mamba", "attention", "mamba", "mamba"], intermediate_size=170, shared_intermediate_size=170,
+        num_local_experts=0, num_experts_per_tok=0, position_embedding_type=None,
+        mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=1, mamba_d_state=32, mamba_d_conv=4, mamba_expand=2,
+        mamba_chunk_size=16, embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0625,
+        logits_scaling=6.0)),
     # Phi-4 mini: the Phi-3 architecture with an o200k byte-level tokenizer, tied embeddings and
     # LongRoPE (short factors at these lengths). A variant: not in FAMILIES, built by name.
     "phi4mini": Family("Phi3ForCausalLM", "Phi3Config", Tokenizer(
