@@ -70,7 +70,8 @@ def test_mamba_negative_control(hybrid, tmp_path, monkeypatch):
     assert relative_error(gguf_logits(good, tokens), want) < F32_TOL
     monkeypatch.setattr(granitehybrid, "a_from_log", lambda a_log: a_log)
     gguf_writer.convert(hybrid, bad, "f32", log=lambda s: None)
-    assert relative_error(gguf_logits(bad, tokens), want) > F16_TOL
+    err = relative_error(gguf_logits(bad, tokens), want)
+    assert not err <= F16_TOL, err  # a positive decay makes the state grow: NaN or far-off logits both fail
 
 
 @pytest.mark.parametrize("change,match", [
@@ -89,7 +90,8 @@ def test_refused_before_training(change, match, hybrid, tmp_path):
     config.update(change)
     reason = families.refusal(config, frozenset())
     assert reason is not None and match in reason
-    assert "llama-cpp-python" in reason
+    if "experts" not in match:  # the MoE sizes are rawtune's own gap, the others llama.cpp's
+        assert "llama-cpp-python 0.3.36" in reason
     changed = tmp_path / "changed"
     changed.mkdir()
     for item in hybrid.iterdir():
@@ -115,5 +117,5 @@ def test_lora_targets_per_preset():
 def test_gpt_oss_refused_before_training():
     config = {"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss"}
     reason = families.refusal(config, frozenset())
-    assert reason is not None and "gpt-oss" in reason and "llama-cpp-python" in reason
+    assert reason is not None and "gpt-oss" in reason and "llama-cpp-python 0.3.36" in reason
     assert families.family_named("gptoss").gguf is None

@@ -83,6 +83,11 @@ def llama_cpp_version() -> str:
         return "llama-cpp-python (not installed)"
 
 
+def _number(value: Any) -> float:
+    """A config.json number; transformers 5 saves infinity as {"__float__": "Infinity"}."""
+    return float(value["__float__"]) if isinstance(value, dict) else float(value)
+
+
 def why_not(config: Config) -> Optional[str]:
     """Why llama.cpp's granitehybrid would run this checkpoint differently (one line), or None."""
     where = f"the llama.cpp of {llama_cpp_version()} (granitehybrid)"
@@ -95,9 +100,9 @@ def why_not(config: Config) -> Optional[str]:
         return f"{where} normalises the Mamba output per group, transformers over all {config['mamba_n_groups']} groups"
     if config.get("mamba_proj_bias"):
         return f"{where} has no biases on the Mamba in/out projections (mamba_proj_bias true)"
-    limit = config.get("time_step_limit")
-    if limit is not None and (float(limit[0]) != 0.0 or not math.isinf(float(limit[1]))):
-        return f"{where} does not clamp the Mamba time step (time_step_limit {list(limit)})"
+    limit = [_number(v) for v in config.get("time_step_limit") or (0.0, math.inf)]
+    if limit[0] != 0.0 or not math.isinf(limit[1]):
+        return f"{where} does not clamp the Mamba time step (time_step_limit {limit})"
     if config.get("position_embedding_type") == "rope" and "mamba" in layer_kinds(config):
         return f"{where} runs the attention layers of a hybrid without RoPE, but this checkpoint uses RoPE"
     if config.get("attention_bias"):
