@@ -29,16 +29,82 @@ that remains, from transformers 5.17's modeling file and the llama.cpp that llam
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
-from .base import Config, Family, KnownModel, Lora, Template, Training
+from ..errors import ExportError
+from .base import Config, Family, Gguf, KnownModel, Lora, Shape, Template, TensorOut, Training
 from .granitehybrid import llama_cpp_version
+from .hooks import layer_types, swa_pattern
+
+LAYER_PREFIX = "model.layers."
+
+
+def why_not(config: Config) -> Optional[str]:
+    """What the llama.cpp rawtune runs cannot run as transformers does (one line), or None."""
+    quant = (config.get("quantization_config") or {}).get("quant_method")
+    if quant == "mxfp4":
+        return ("this gpt-oss checkpoint stores its experts in MXFP4, which rawtune's merge and GGUF writer do not "
+                "read; train its bf16 upload (e.g. unsloth/gpt-oss-20b-BF16)")
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if str(rope.get("rope_type") or rope.get("type") or "default") not in ("yarn", "default"):
+        return f"the llama.cpp of {llama_cpp_version()} runs gpt-oss with YaRN or plain RoPE, not {rope.get('rope_type')}"
+    return None
 
 
 def refuse(config: Config, vocab: frozenset) -> Optional[str]:
-    """Refused before any training time is spent."""
-    return ("gpt-oss is not yet supported by rawtune (LoRA on its experts, its 4-bit loading and GGUF export in "
-            f"the expert layout of the llama.cpp of {llama_cpp_version()} are not written); train another family")
+    return why_not(config)
+
+
+def check(config: Config, shape: Shape) -> None:
+    reason = why_not(config)
+    if reason:
+        raise ExportError(reason)
+
+
+def hparams(writer: Any, config: Config, shape: Shape) -> None:
+    """Experts, the sliding window and which layers use it, YaRN's keys."""
+    import gguf
+
+    writer.add_expert_count(int(config["num_local_experts"]))
+    writer.add_expert_used_count(int(config["num_experts_per_tok"]))
+    writer.add_expert_feed_forward_length(int(config["intermediate_size"]))
+    swa_pattern(writer, config, layer_types(config, shape, default_every=2))
+    rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    if str(rope.get("rope_type") or rope.get("type")) == "yarn":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+        writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+        writer.add_rope_scaling_yarn_beta_fast(float(rope.get("beta_fast", 32.0)))
+        writer.add_rope_scaling_yarn_beta_slow(float(rope.get("beta_slow", 1.0)))
+
+
+def split_gate_up(array: Any, part: int) -> Any:
+    """gate (part 0) or up (part 1) of HF's interleaved gate_up: gate = [..., ::2], up = [..., 1::2]."""
+    return array[..., part::2]
+
+
+def tensors(hf_name: str, dims: tuple[int, ...], config: Config, shape: Shape) -> Optional[list[TensorOut]]:
+    """Experts in llama.cpp's stacked layout (transposed, gate/up apart), biases as floats, sinks renamed."""
+    if not hf_name.startswith(LAYER_PREFIX):
+        return None
+    bid, rest = hf_name[len(LAYER_PREFIX):].split(".", 1)
+    blk = f"blk.{bid}."
+    if rest == "self_attn.sinks":
+        return [TensorOut(blk + "attn_sinks.weight", dims)]
+    if rest == "mlp.experts.gate_up_proj":  # [experts, hidden, 2 * ffn] -> two [experts, ffn, hidden]
+        n_exp, hidden, both = dims
+        return [TensorOut(blk + f"ffn_{kind}_exps.weight", (n_exp, both // 2, hidden),
+                          lambda a, p=part: split_gate_up(a, p).transpose(0, 2, 1))
+                for part, kind in ((0, "gate"), (1, "up"))]
+    if rest == "mlp.experts.gate_up_proj_bias":
+        return [TensorOut(blk + f"ffn_{kind}_exps.bias", (dims[0], dims[1] // 2),
+                          lambda a, p=part: split_gate_up(a, p), f32=True)
+                for part, kind in ((0, "gate"), (1, "up"))]
+    if rest == "mlp.experts.down_proj":  # [experts, ffn, hidden] -> [experts, hidden, ffn]
+        return [TensorOut(blk + "ffn_down_exps.weight", (dims[0], dims[2], dims[1]), lambda a: a.transpose(0, 2, 1))]
+    if rest == "mlp.experts.down_proj_bias":
+        return [TensorOut(blk + "ffn_down_exps.bias", dims, f32=True)]
+    return None
 
 
 FAMILY = Family(
@@ -48,15 +114,19 @@ FAMILY = Family(
     model_types=("gpt_oss",),
     order=200,
     tokenizer="byte-level BPE (o200k harmony)",
-    gguf=None,
+    gguf=Gguf("GPT_OSS", rope_types=("default", "yarn"), check=check, hparams=hparams, tensors=tensors,
+              blocks=("ATTN_NORM", "ATTN_POST_NORM", "ATTN_Q", "ATTN_K", "ATTN_V", "ATTN_OUT", "ATTN_SINKS",
+                      "FFN_GATE_INP", "FFN_GATE_EXP", "FFN_UP_EXP", "FFN_DOWN_EXP"),
+              bias=("ATTN_Q", "ATTN_K", "ATTN_V", "ATTN_OUT", "FFN_GATE_INP", "FFN_GATE_EXP", "FFN_UP_EXP",
+                    "FFN_DOWN_EXP")),
     lora=Lora(kinds={"attention": ("q_proj", "k_proj", "v_proj", "o_proj")},
-              why="attention modules; the experts (3-D parameters) would need PEFT's target_parameters"),
-    training=Training(fast_loop=False, unsloth=False, unsloth_fails="refused before training"),
+              why="attention modules; the experts (3-D parameters) through PEFT's target_parameters"),
+    training=Training(fast_loop=False, unsloth=False, unsloth_fails="not tried"),
     template=Template(end_of_turn=("<|end|>", "<|return|>")),
     refuse=refuse,
     models=(
         KnownModel("openai/gpt-oss-20b", 21e9, listed=False),
-        KnownModel("openai/gpt-oss-120b", 117e9, listed=False),
+        KnownModel("unsloth/gpt-oss-20b-BF16", 21e9, listed=False),
     ),
-    notes="refused before training: expert LoRA, 4-bit loading and the expert GGUF layout are not written yet",
+    notes="the MXFP4 originals are refused (train the bf16 upload)",
 )
