@@ -376,3 +376,23 @@ def build_family(name: str, path: Path, *, tied: Optional[bool] = None, seed: in
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def build_without_end(name: str, path: Path) -> Path:
+    """A Phi-3-architecture model (``phi3`` or ``phi4mini``) whose vocabulary lacks ``<|end|>``: EOS is
+    ``</s>`` (SentencePiece) or ``<|endoftext|>`` (o200k) instead."""
+    import dataclasses
+
+    spec = FAMILY_SPECS[name]
+    chat = SPM_CHAT_TOKENS.get(name)
+    tok = spec.tokenizer
+    FAMILY_SPECS[name] = dataclasses.replace(spec, tokenizer=dataclasses.replace(
+        tok, eos="</s>" if tok.kind == "spm" else "<|endoftext|>", specials=[t for t in tok.specials if t != "<|end|>"]))
+    if chat is not None:
+        SPM_CHAT_TOKENS[name] = [t for t in chat if t != "<|end|>"]
+    try:
+        return build_family(name, path)
+    finally:
+        FAMILY_SPECS[name] = spec
+        if chat is not None:
+            SPM_CHAT_TOKENS[name] = chat

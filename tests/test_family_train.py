@@ -179,6 +179,30 @@ def test_unsloth_by_name_is_refused_for_gemma2(family_dir):
     assert _family_limits(t, "unsloth", str(family_dir("gemma3")), lines.append)[1] == "unsloth"
 
 
+def test_a_family_refusal_stops_the_run_before_training(family_dir, tiny_corpus, tmp_path, monkeypatch):
+    """A family's ``refuse`` check (a variant the vendored llama.cpp cannot run) stops the run after the
+    data stage and before any training step, in one line; the check gets the config and the vocabulary."""
+    import dataclasses
+
+    from rawtune import families
+    from rawtune.rundir import RunDir
+
+    seen = {}
+
+    def refuse(config, vocab):
+        seen.update(arch=config["architectures"][0], eot="<|eot_id|>" in vocab, size=len(vocab))
+        return "llama.cpp 0.3.36 cannot run this variant of the family; pick another model"
+
+    llama = dataclasses.replace(families.family_named("llama"), refuse=refuse)
+    monkeypatch.setattr(families, "family_for_config", lambda config: llama)
+    with pytest.raises(TrainError, match="cannot run this variant") as err:
+        train_tiny(tmp_path / "r", family_dir("llama3"), tiny_corpus, max_steps=2, seq_len=32, backend="peft")
+    assert "\n" not in str(err.value)
+    assert seen["arch"] == "LlamaForCausalLM" and seen["eot"] and seen["size"] > 100
+    run = RunDir(tmp_path / "r")
+    assert "data" in run.load() and "train" not in run.load() and not run.adapter_dir.exists()
+
+
 # ---------------------------------------------------------------- the model list
 
 
@@ -211,9 +235,10 @@ def test_gated_model_without_token_is_refused_before_download(repo, no_token):
 
 def test_open_models_are_not_gated(no_token):
     from rawtune.errors import ModelError
-    from rawtune.models import KNOWN_MODELS, is_gated, resolve_model
+    from rawtune.families import known_models
+    from rawtune.models import is_gated, resolve_model
 
-    assert {m.family for m in KNOWN_MODELS if m.gated} == {"llama", "gemma3"}
+    assert {m.family for m in known_models() if m.gated} == {"llama", "gemma3"}
     assert not is_gated("Qwen/Qwen3-0.6B") and not is_gated("HuggingFaceTB/SmolLM3-3B")
     with pytest.raises(ModelError, match="cannot reach the Hub"):
         resolve_model("Qwen/Qwen3-0.6B", token=None, log=lambda s: None)
@@ -221,7 +246,7 @@ def test_open_models_are_not_gated(no_token):
 
 def test_model_list_covers_every_family_with_known_sizes():
     gr = pytest.importorskip("gradio")
-    from rawtune.models import KNOWN_MODELS
+    from rawtune.families import known_models
     from rawtune.pipeline import estimate_seconds, param_count
     from rawtune.ui import forms
     from rawtune.ui.session import default_model
@@ -229,12 +254,13 @@ def test_model_list_covers_every_family_with_known_sizes():
     with gr.Blocks():
         tab = forms.train_tab(default_model())
 
-    families = {m.family for m in KNOWN_MODELS}
+    models = known_models()
+    families = {m.family for m in models}
     assert families == {"llama", "qwen2", "qwen3", "gemma3", "phi3", "smollm3", "granite", "olmo2"}
     listed = [c[0] for c in tab["model"].choices]
-    assert listed == list(dict.fromkeys([default_model()] + [m.repo for m in KNOWN_MODELS]))
+    assert listed == list(dict.fromkeys([default_model()] + [m.repo for m in models]))
     for family in families - {"phi3"}:  # Phi-4-mini has no base release
-        kinds = {m.instruct for m in KNOWN_MODELS if m.family == family}
+        kinds = {m.instruct for m in models if m.family == family}
         assert kinds == {True, False}, family
     # The time estimate uses the listed counts, the most specific name first.
     assert param_count("Qwen/Qwen3-1.7B-Base") == 1.7e9
