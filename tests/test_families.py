@@ -54,9 +54,11 @@ def decisive_routers(model, seed: int) -> None:
 
     A scrambled router puts many tokens at near-ties between experts; F16 or Q8_0 rounding then
     flips a choice, and one flipped expert early in the text changes every later logit (measured:
-    Q8_0 correlation 0.82, top-1 0.46 on the tiny gpt-oss). Distinct biases a unit apart and the
-    weights scaled by 0.3 keep each token's choice clear of rounding (Q8_0 0.995-0.998 over three
-    seeds) while the hidden state still moves it (test_families_ssm_moe checks that it does).
+    Q8_0 correlation 0.82, top-1 0.46 on the tiny gpt-oss). Biases half a unit apart and the
+    weights scaled by 0.3 keep most choices clear of rounding while the hidden state still moves
+    them (2-5 distinct expert pairs per layer over the test text; test_families_ssm_moe checks it).
+    Measured on the tiny gpt-oss: Q8_0 correlation 0.997 at this file's seed, 0.987 at another
+    (a routing flip is always possible where routing varies; the seeds here are fixed).
     """
     import torch
 
@@ -65,7 +67,7 @@ def decisive_routers(model, seed: int) -> None:
         for name, module in model.named_modules():
             if name.endswith("mlp.router") and hasattr(module, "bias"):
                 module.weight.mul_(0.3)
-                module.bias.copy_(torch.randperm(module.bias.numel(), generator=gen).float())
+                module.bias.copy_(torch.randperm(module.bias.numel(), generator=gen).float() * 0.5)
 
 
 ALL = FAMILIES + VARIANTS

@@ -86,24 +86,42 @@ def pick_blocks(blocks: np.ndarray, n: int, with_rest: bool = False) -> Any:
     return blocks[index], blocks[rest]
 
 
-def _gguf_names(model: Any, config: dict[str, Any]) -> dict[str, str]:
-    """HF module name -> GGUF tensor name for every linear layer inside the transformer blocks."""
+def _gguf_names(model: Any, config: dict[str, Any]) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """HF module name -> GGUF tensor name for every linear layer inside the transformer blocks, and the
+    further GGUF tensors a module's weight becomes where the family splits it (Granite 4.0-H's fused
+    gate/up): they read the same input, so they get the same statistics."""
     import gguf
     import torch
 
+    from ..families.base import read_shape
     from .gguf_writer import family_of
 
-    model_arch = family_of(config)[1].gguf.model_arch
-    tensor_map = gguf.get_tensor_name_map(model_arch, int(config["num_hidden_layers"]))
-    names = {}
+    family = family_of(config)[1]
+    tensor_map = gguf.get_tensor_name_map(family.gguf.model_arch, int(config["num_hidden_layers"]))
+    shape = read_shape(config)
+    names, also = {}, {}
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and ".layers." in name:
-            gguf_name = tensor_map.get_name(name + ".weight", try_suffixes=(".weight",))
-            if gguf_name is None:
+            made = family.gguf.tensors(name + ".weight", tuple(module.weight.shape), config, shape) \
+                if family.gguf.tensors is not None else None
+            targets = [t.name for t in made] if made else [tensor_map.get_name(name + ".weight",
+                                                                              try_suffixes=(".weight",))]
+            if None in targets or not targets:
                 raise ExportError(f"no GGUF name for {name}.weight; the importance matrix cannot be mapped "
                                   f"(pass --imatrix-blocks 0 to export without one)")
-            names[name] = gguf_name
-    return names
+            names[name] = targets[0]
+            if targets[1:]:
+                also[targets[0]] = targets[1:]
+    return names, also
+
+
+def _shared(found: dict[str, Any], also: dict[str, list[str]]) -> dict[str, Any]:
+    """``found`` with each split tensor's statistics copied to the tensors that share its input."""
+    out = dict(found)
+    for key, others in also.items():
+        if key in found:
+            out.update({other: found[key] for other in others})
+    return out
 
 
 def compute(model_dir: Path, blocks: np.ndarray, source: str, batch_size: int = 1, model: Any = None) -> Imatrix:
@@ -122,8 +140,9 @@ def compute(model_dir: Path, blocks: np.ndarray, source: str, batch_size: int = 
         model = load_causal_lm(model_dir, device="cpu", dtype=torch.float32)
     model = model.eval()
     try:
-        values, hessians = collect(model, _gguf_names(model, read_json(Path(model_dir) / "config.json")), blocks,
-                                   batch_size)
+        names, also = _gguf_names(model, read_json(Path(model_dir) / "config.json"))
+        values, hessians = collect(model, names, blocks, batch_size)
+        values, hessians = _shared(values, also), _shared(hessians, also)
     finally:
         del model
     return Imatrix(values, int(len(blocks)), int(blocks.size), source, time.time() - started, hessians=hessians)
