@@ -209,3 +209,16 @@ def test_granitehybrid_standard_preset_trains_the_mamba_mixer(hybrid, tmp_path, 
     weights = load_file(str(run.adapter_dir / "adapter_model.safetensors"))
     out_b = [v for k, v in weights.items() if "mamba.out_proj.lora_B" in k]
     assert len(out_b) == 3 and all(np.abs(v).max() > 0 for v in out_b)  # three Mamba layers, B moved from 0
+
+
+def test_gpt_oss_published_template_falls_back_to_completion(tmp_path):
+    """The published harmony template writes today's date and a system preamble into every prompt, which
+    rawtune's Ollama translation cannot express: export then writes the completion template and says so."""
+    from families import TEMPLATE_DIR, build_tokenizer
+    from rawtune.export import ollama
+
+    tok = build_tokenizer("gptoss", tmp_path / "tok")
+    tok.chat_template = (TEMPLATE_DIR / "gptoss.jinja").read_text(encoding="utf-8")
+    lines: list[str] = []
+    assert ollama.chat_format_for(tok, False, log=lines.append) is None
+    assert any("completion template" in line for line in lines), lines
