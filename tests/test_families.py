@@ -55,10 +55,11 @@ def decisive_routers(model, seed: int) -> None:
     A scrambled router puts many tokens at near-ties between experts; F16 or Q8_0 rounding then
     flips a choice, and one flipped expert early in the text changes every later logit (measured:
     Q8_0 correlation 0.82, top-1 0.46 on the tiny gpt-oss). Biases half a unit apart and the
-    weights scaled by 0.3 keep most choices clear of rounding while the hidden state still moves
-    them (2-5 distinct expert pairs per layer over the test text; test_families_ssm_moe checks it).
-    Measured on the tiny gpt-oss: Q8_0 correlation 0.997 at this file's seed, 0.987 at another
-    (a routing flip is always possible where routing varies; the seeds here are fixed).
+    weights scaled by 0.2 keep most choices clear of rounding while the hidden state still moves
+    them (1-3 distinct expert pairs per layer over the test text; test_families_ssm_moe checks it).
+    Measured on the tiny gpt-oss over four seeds: F16 within 0.45 % of the largest logit, Q8_0
+    correlation 0.995-0.999 (at 0.3: more varied routing, Q8_0 down to 0.987, and a trained model's
+    F16 file off by 19 % after one flipped choice). A flip stays possible where routing varies.
     """
     import torch
 
@@ -66,7 +67,7 @@ def decisive_routers(model, seed: int) -> None:
     with torch.no_grad():
         for name, module in model.named_modules():
             if name.endswith("mlp.router") and hasattr(module, "bias"):
-                module.weight.mul_(0.3)
+                module.weight.mul_(0.2)
                 module.bias.copy_(torch.randperm(module.bias.numel(), generator=gen).float() * 0.5)
 
 
@@ -309,7 +310,7 @@ def test_smollm3_other_no_rope_layout_is_refused(tmp_path):
 # Families trained through rawtune's pipeline (one LoRA step on the CPU), merged and exported;
 # (family, train_embeddings): LoRA only keeps a tied family tied, trained embeddings untie it.
 TRAINED = [("qwen3", False), ("gemma3", False), ("gemma3", True), ("phi3", False), ("gemma2", False),
-           ("granitehybrid", False)]
+           ("granitehybrid", False), ("gptoss", False)]
 PHI3_MODULES = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]  # Phi-3 fuses q/k/v and gate/up
 
 

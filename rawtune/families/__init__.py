@@ -37,7 +37,7 @@ from .base import BASE_PRE_TOKENIZERS, GENERIC_TARGETS, Family, KnownModel
 
 __all__ = ["Family", "KnownModel", "all_families", "family_named", "family_for_arch", "family_for_config",
            "known_models", "known_model", "gated_prefixes", "planner_shape", "planner_keys", "end_of_turn_tokens",
-           "pre_tokenizers", "merges_applied", "lora_targets", "supported_text", "refusal"]
+           "pre_tokenizers", "merges_applied", "lora_targets", "lora_parameters", "supported_text", "refusal"]
 
 
 @lru_cache(maxsize=1)
@@ -179,6 +179,8 @@ def lora_targets(family: Optional[Family], requested: list[str], module_names: s
     out: list[str] = []
     for name in requested:
         picked = [name]
+        if name not in module_names and lora is not None and _kind_of(name) in lora.parameters:
+            continue  # served by lora_parameters
         if name not in module_names and lora is not None:
             fused = next((f for f, parts in lora.fused.items() if name in parts and f in module_names), None)
             kind = next((k for k, names in GENERIC_TARGETS.items() if name in names), None)
@@ -190,6 +192,23 @@ def lora_targets(family: Optional[Family], requested: list[str], module_names: s
     if lora is not None and preset:
         for kind in lora.presets.get(preset, ()):
             out += [n for n in lora.kinds.get(kind, ()) if n in module_names and n not in out]
+    return out
+
+
+def _kind_of(name: str) -> Optional[str]:
+    """The layer kind a generic target name (Llama's projections) stands for, or None."""
+    return next((k for k, names in GENERIC_TARGETS.items() if name in names), None)
+
+
+def lora_parameters(family: Optional[Family], requested: list[str], preset: Optional[str] = None) -> list[str]:
+    """PEFT ``target_parameters`` for the requested targets: the family's parameter paths of each
+    layer kind a requested generic name (or the preset) selects, e.g. gpt-oss's expert matrices."""
+    if family is None or not family.lora.parameters:
+        return []
+    kinds = [_kind_of(name) for name in requested] + list(family.lora.presets.get(preset or "", ()))
+    out: list[str] = []
+    for kind in kinds:
+        out += [p for p in family.lora.parameters.get(kind or "", ()) if p not in out]
     return out
 
 

@@ -155,12 +155,15 @@ class Lora:
     it); ``presets``: preset -> the kinds beyond attention and MLP its default targets add
     (e.g. ``{"standard": ("mamba",)}``), with ``why`` saying where the choice comes from.
     ``targets`` (optional hook) replaces the whole mapping: ``(requested, module_names, preset)
-    -> names``.
+    -> names``. ``parameters``: kind -> parameter paths (PEFT's ``target_parameters``) for layer
+    kinds held as bare parameters rather than linear modules (gpt-oss's stacked experts): a
+    requested generic name of such a kind selects these parameters instead of modules.
     """
 
     kinds: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(GENERIC_TARGETS))
     fused: dict[str, tuple[str, ...]] = field(default_factory=dict)
     presets: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    parameters: dict[str, tuple[str, ...]] = field(default_factory=dict)
     why: str = ""
     targets: Optional[Callable[[list[str], set[str], Optional[str]], list[str]]] = None
 

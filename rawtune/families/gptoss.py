@@ -120,8 +120,12 @@ FAMILY = Family(
               bias=("ATTN_Q", "ATTN_K", "ATTN_V", "ATTN_OUT", "FFN_GATE_INP", "FFN_GATE_EXP", "FFN_UP_EXP",
                     "FFN_DOWN_EXP")),
     lora=Lora(kinds={"attention": ("q_proj", "k_proj", "v_proj", "o_proj")},
-              why="attention modules; the experts (3-D parameters) through PEFT's target_parameters"),
-    training=Training(fast_loop=False, unsloth=False, unsloth_fails="not tried"),
+              parameters={"mlp": ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")},
+              why="attention modules; the experts' stacked matrices through PEFT's target_parameters (PEFT's "
+                  "gpt-oss recipe); the router stays frozen"),
+    training=Training(fast_loop=False, unsloth=False,
+                      unsloth_fails="rawtune's Unsloth path adapts modules only; gpt-oss's experts need PEFT's "
+                                    "target_parameters"),
     template=Template(end_of_turn=("<|end|>", "<|return|>")),
     refuse=refuse,
     models=(

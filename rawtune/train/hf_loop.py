@@ -76,15 +76,25 @@ class BlockDataset:
 # ---------------------------------------------------------------- models
 
 
-def peft_config(t: TrainSettings) -> Any:
-    """The LoRA configuration of ``t`` for PEFT."""
+def peft_config(t: TrainSettings, parameters: Optional[list[str]] = None) -> Any:
+    """The LoRA configuration of ``t`` for PEFT; ``parameters``: bare parameters LoRA also adapts
+    (PEFT's ``target_parameters``, e.g. gpt-oss's stacked experts)."""
     from peft import LoraConfig
 
     return LoraConfig(
         r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout, use_rslora=t.use_rslora,
         target_modules=list(t.target_modules), bias="none", task_type="CAUSAL_LM",
         modules_to_save=list(EMBEDDING_MODULES) if t.train_embeddings else None,
+        target_parameters=list(parameters) if parameters else None,
     )
+
+
+def model_parameter_targets(model: Any, t: TrainSettings) -> list[str]:
+    """The parameter paths the model's family adapts for ``t``'s targets (none for most families)."""
+    from .. import families
+
+    family = families.family_for_config(model.config.to_dict())
+    return families.lora_parameters(family, list(t.target_modules), getattr(t, "preset", None))
 
 
 def load_peft(t: TrainSettings, local_dir: str) -> Any:
@@ -105,6 +115,7 @@ def load_peft(t: TrainSettings, local_dir: str) -> Any:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=kwargs["dtype"])
     model = AutoModelForCausalLM.from_pretrained(local_dir, **kwargs)
+    parameters = model_parameter_targets(model, t)  # from the requested names, before they are mapped
     t = with_model_targets(model, t)
     check_targets(model, t)
     if t.load_in_4bit:
@@ -115,7 +126,7 @@ def load_peft(t: TrainSettings, local_dir: str) -> Any:
     # LoRA's A matrices are drawn from torch's global generator: seed it here so --seed decides
     # the initial adapter, whatever ran before in this process (Unsloth gets random_state).
     torch.manual_seed(t.seed)
-    model = get_peft_model(model, peft_config(t))
+    model = get_peft_model(model, peft_config(t, parameters))
     if kwargs["dtype"] == torch.float16:
         # fp16 mixed precision unscales fp32 gradients only: PEFT upcasts LoRA, not the trained
         # embed_tokens/lm_head copies.
