@@ -126,7 +126,7 @@ FAMILY = Family(
     training=Training(fast_loop=False, unsloth=False,
                       unsloth_fails="rawtune's Unsloth path adapts modules only; gpt-oss's experts need PEFT's "
                                     "target_parameters"),
-    template=Template(end_of_turn=("<|end|>", "<|return|>")),
+    template=Template(end_of_turn=("<|end|>",)),  # <|return|> (the last answer's end) is EOS
     refuse=refuse,
     models=(
         KnownModel("openai/gpt-oss-20b", 21e9, listed=False),

@@ -225,7 +225,7 @@ FAMILY = Family(
               presets={"standard": ("mamba",), "thorough": ("mamba",)},
               why="Unsloth's notebook: attention + shared MLP (quick); PEFT's Mamba recipes add in_proj/out_proj"),
     training=Training(fast_loop=False, fast_loop_check=fast_loop_check),
-    template=Template(end_of_turn=("<|end_of_text|>",)),
+    template=Template(),  # each turn closes with EOS, which is a stop already
     refuse=refuse,
     models=(
         # Parameter counts as IBM's model cards give them; dims from the published configs (attention heads,
