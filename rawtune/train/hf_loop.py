@@ -118,7 +118,9 @@ def load_peft(t: TrainSettings, local_dir: str) -> Any:
     parameters = model_parameter_targets(model, t)  # from the requested names, before they are mapped
     t = with_model_targets(model, t)
     check_targets(model, t)
-    if t.load_in_4bit:
+    if t.load_in_4bit and parameters:
+        model = prepare_stacked_experts_kbit(model, _checkpointing(t) != "off")
+    elif t.load_in_4bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=_checkpointing(t) != "off")
     elif _checkpointing(t) != "off":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -133,6 +135,28 @@ def load_peft(t: TrainSettings, local_dir: str) -> Any:
         for param in model.parameters():
             if param.requires_grad:
                 param.data = param.data.float()
+    return model
+
+
+def prepare_stacked_experts_kbit(model: Any, checkpointing: bool) -> Any:
+    """PEFT's k-bit preparation for a model whose experts are stacked 3-D parameters (gpt-oss).
+
+    bitsandbytes quantizes linear layers only, so those experts stay 16-bit, and PEFT's
+    ``prepare_model_for_kbit_training`` would cast every 16-bit parameter to fp32: gpt-oss-20b's
+    experts (about 19B parameters) would need 76 GB. Here the base is frozen and only the
+    parameters below three dimensions (norms, router, sinks, embeddings) are cast to fp32, as PEFT
+    does; the experts keep their 16 bits (their LoRA is fp32 all the same).
+    """
+    import torch
+
+    for param in model.parameters():
+        param.requires_grad_(False)
+        if param.dtype in (torch.float16, torch.bfloat16) and param.ndim < 3 \
+                and param.__class__.__name__ != "Params4bit":
+            param.data = param.data.to(torch.float32)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     return model
 
 
