@@ -316,6 +316,7 @@ def test_gpt_oss_trains_in_4bit_on_cuda(tmp_path_factory, tiny_corpus, tmp_path)
     assert np.mean(losses[-3:]) < np.mean(losses[:3])
     record = run.load()
     assert record["train"]["backend"] == "peft"  # auto: Unsloth's path adapts modules only
+    assert record["metrics"]["ppl_tuned"] < record["metrics"]["ppl_base"]
     weights = load_file(str(run.adapter_dir / "adapter_model.safetensors"))
     experts_b = [v for k, v in weights.items() if ".mlp.experts." in k and "lora_B" in k]
     assert len(experts_b) == 8 and all(np.abs(v).max() > 0 for v in experts_b)
@@ -334,3 +335,23 @@ def test_stacked_experts_stay_16_bit_in_kbit_preparation(family_dir):
     assert layer.mlp.experts.down_proj.dtype == torch.bfloat16
     assert layer.mlp.router.weight.dtype == torch.float32 and layer.self_attn.sinks.dtype == torch.float32
     assert not any(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.gpu
+def test_granitehybrid_mamba_lora_trains_on_cuda(tmp_path_factory, tiny_corpus, tmp_path):
+    """Granite 4.0-H with the standard preset's Mamba targets on the GPU: the loss falls, held-out
+    perplexity drops, and out_proj's LoRA moves -- which it would not if transformers took the fused
+    mamba_ssm training kernel (it multiplies by out_proj.weight directly, bypassing the adapter)."""
+    from safetensors.numpy import load_file
+
+    model_dir = build_family("granitehybrid", tmp_path_factory.mktemp("gpu-granitehybrid"))
+    run = train_tiny(tmp_path / "r", model_dir, tiny_corpus, backend="peft", preset="standard", max_steps=20,
+                     seq_len=64, batch_size=2, grad_accum=1, warmup_ratio=0.0, learning_rate=3e-3,
+                     train_embeddings=False)
+    losses = [e["loss"] for e in _steps(run)]
+    assert len(losses) == 20 and np.mean(losses[-3:]) < np.mean(losses[:3])
+    metrics = run.load()["metrics"]
+    assert metrics["ppl_tuned"] < metrics["ppl_base"]
+    weights = load_file(str(run.adapter_dir / "adapter_model.safetensors"))
+    out_b = [v for k, v in weights.items() if "mamba.out_proj.lora_B" in k]
+    assert len(out_b) == 3 and all(np.abs(v).max() > 0 for v in out_b)

@@ -25,10 +25,10 @@ Mamba: ``in_proj`` and ``out_proj``, the two projections of the mixer, which is 
 transformers' Mamba examples adapt (the convolution, ``A_log``, ``D`` and ``dt_bias`` are a few
 thousand values per layer and stay frozen). With 9 of every 10 layers Mamba, leaving the mixer
 out adapts only the attention layers' sequence mixing, so ``standard`` and ``thorough`` add it.
-Caveat measured in the code, not on a GPU: when transformers finds the ``mamba_ssm`` fused
-kernel, its training forward multiplies by ``out_proj.weight`` directly, so a LoRA on
-``out_proj`` gets no gradient there (``in_proj`` is unaffected); the plain PyTorch path, which
-runs without that kernel, applies both.
+Caveat, read in transformers 5.17's code (not yet measured on a GPU): when transformers finds the
+``mamba_ssm`` fused kernel, its training forward multiplies by ``out_proj.weight`` directly, so a
+LoRA on ``out_proj`` gets no gradient there (``in_proj`` is unaffected); the plain PyTorch path,
+which runs without that kernel (CPU; GPU without it), applies both. A ``gpu`` test checks it.
 """
 
 from __future__ import annotations
