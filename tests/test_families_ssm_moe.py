@@ -233,12 +233,12 @@ def test_gpt_oss_expert_lora_streamed_merge_equals_peft(gptoss, tmp_path):
 
     from rawtune import streamed
     from rawtune.settings import TrainSettings
-    from rawtune.train.hf_loop import model_parameter_targets, peft_config, with_model_targets
+    from rawtune.train.hf_loop import family_parameters, peft_config, with_model_targets
 
     model = AutoModelForCausalLM.from_pretrained(gptoss, dtype=torch.float32)
     t = TrainSettings(lora_r=4, lora_alpha=8, lora_dropout=0.0, use_rslora=False, train_embeddings=False,
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    parameters = model_parameter_targets(model, t)
+    parameters = family_parameters(model, t)
     assert parameters == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
     t = with_model_targets(model, t)
     assert t.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]

@@ -17,8 +17,9 @@ Adding a family
    :class:`~.base.Training` support, :class:`~.base.Template` facts, :class:`~.base.Embeddings`,
    a ``refuse`` check for what llama.cpp cannot run, known Hub ids as :class:`~.base.KnownModel`,
    and any pre-tokenizer it brings in ``PRE_TOKENIZERS`` (split regexes -> llama.cpp name).
-   Modules are found by scanning this package: no list to edit. Shared helpers live in modules
-   without ``FAMILY`` (:mod:`.base`, :mod:`.hooks`).
+   Modules are found by scanning this package: no list to edit. Modules without ``FAMILY`` are
+   helpers (:mod:`.base` the types, :mod:`.hooks` hooks several families share, :mod:`.readme`
+   the README tables); names starting with ``_`` are not scanned.
 2. Add its tiny test model to ``tests/families.py``; run the family tests.
 3. ``python -m rawtune.families --readme`` to regenerate the README tables.
 
@@ -179,8 +180,8 @@ def lora_targets(family: Optional[Family], requested: list[str], module_names: s
     out: list[str] = []
     for name in requested:
         picked = [name]
-        if name not in module_names and lora is not None and _kind_of(name) in lora.parameters:
-            continue  # served by lora_parameters
+        if name not in module_names and lora is not None and lora.parameters and _kind_of(name) not in lora.kinds:
+            continue  # a kind the family holds as bare parameters (lora_parameters), not modules
         if name not in module_names and lora is not None:
             fused = next((f for f, parts in lora.fused.items() if name in parts and f in module_names), None)
             kind = next((k for k, names in GENERIC_TARGETS.items() if name in names), None)
@@ -200,16 +201,12 @@ def _kind_of(name: str) -> Optional[str]:
     return next((k for k, names in GENERIC_TARGETS.items() if name in names), None)
 
 
-def lora_parameters(family: Optional[Family], requested: list[str], preset: Optional[str] = None) -> list[str]:
-    """PEFT ``target_parameters`` for the requested targets: the family's parameter paths of each
-    layer kind a requested generic name (or the preset) selects, e.g. gpt-oss's expert matrices."""
-    if family is None or not family.lora.parameters:
+def lora_parameters(family: Optional[Family], preset: Optional[str] = None) -> list[str]:
+    """Parameter names PEFT adapts directly (``target_parameters``) for this family and preset ([] for none)."""
+    if family is None:
         return []
-    kinds = [_kind_of(name) for name in requested] + list(family.lora.presets.get(preset or "", ()))
-    out: list[str] = []
-    for kind in kinds:
-        out += [p for p in family.lora.parameters.get(kind or "", ()) if p not in out]
-    return out
+    params = family.lora.parameters
+    return list(params.get(preset or "", params.get("*", ())))
 
 
 def supported_text() -> str:

@@ -120,7 +120,7 @@ FAMILY = Family(
               bias=("ATTN_Q", "ATTN_K", "ATTN_V", "ATTN_OUT", "FFN_GATE_INP", "FFN_GATE_EXP", "FFN_UP_EXP",
                     "FFN_DOWN_EXP")),
     lora=Lora(kinds={"attention": ("q_proj", "k_proj", "v_proj", "o_proj")},
-              parameters={"mlp": ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")},
+              parameters={"*": ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")},
               why="attention modules; the experts' stacked matrices through PEFT's target_parameters (PEFT's "
                   "gpt-oss recipe); the router stays frozen"),
     training=Training(fast_loop=False, unsloth=False,

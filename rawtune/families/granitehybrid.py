@@ -135,20 +135,9 @@ def hparams(writer: Any, config: Config, shape: Shape) -> None:
     writer.add_ssm_time_step_rank(m["heads"])  # llama.cpp's name for the number of Mamba heads
     writer.add_rope_scaling_finetuned(False)  # granitehybrid's switch for RoPE: off (NoPE attention)
     kinds = layer_kinds(config)
-    _replace(writer, "head_count_kv", [shape.n_head_kv if k == "attention" else 0 for k in kinds])
+    writer.add_head_count_kv([shape.n_head_kv if k == "attention" else 0 for k in kinds])
     # The dense MLP is the shared one: its width, not intermediate_size, is the FFN length llama.cpp allocates.
-    _replace(writer, "feed_forward_length", int(config.get("shared_intermediate_size") or config["intermediate_size"]))
-
-
-def _replace(writer: Any, what: str, value: Any) -> None:
-    """Write a common key again with this family's value (gguf's writer keeps one value per key)."""
-    import gguf
-
-    key = {"head_count_kv": gguf.Keys.Attention.HEAD_COUNT_KV,
-           "feed_forward_length": gguf.Keys.LLM.FEED_FORWARD_LENGTH}[what].format(arch=writer.arch)
-    for kv in writer.kv_data:
-        kv.pop(key, None)
-    getattr(writer, f"add_{what}")(value)
+    writer.add_feed_forward_length(int(config.get("shared_intermediate_size") or config["intermediate_size"]))
 
 
 def _block(hf_name: str) -> Optional[tuple[int, str]]:
@@ -219,7 +208,8 @@ FAMILY = Family(
     order=95,
     tokenizer="byte-level BPE (cl100k)",
     gguf=Gguf("GRANITE_HYBRID", blocks=("ATTN_NORM", "FFN_NORM", "FFN_GATE", "FFN_UP", "FFN_DOWN"),
-              check=check, hparams=hparams, tensors=tensors, required=required),
+              check=check, hparams=hparams, tensors=tensors, required=required,
+              skip_common=("head_count_kv", "feed_forward_length")),
     lora=Lora(kinds={"attention": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("input_linear", "output_linear"),
                      "mamba": ("in_proj", "out_proj")},
               presets={"standard": ("mamba",), "thorough": ("mamba",)},

@@ -77,24 +77,16 @@ class BlockDataset:
 
 
 def peft_config(t: TrainSettings, parameters: Optional[list[str]] = None) -> Any:
-    """The LoRA configuration of ``t`` for PEFT; ``parameters``: bare parameters LoRA also adapts
-    (PEFT's ``target_parameters``, e.g. gpt-oss's stacked experts)."""
+    """The LoRA configuration of ``t`` for PEFT; ``parameters``: weights adapted directly (PEFT's
+    ``target_parameters``, the family's experts), where the family declares them."""
     from peft import LoraConfig
 
+    extra = {"target_parameters": list(parameters)} if parameters else {}
     return LoraConfig(
         r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout, use_rslora=t.use_rslora,
         target_modules=list(t.target_modules), bias="none", task_type="CAUSAL_LM",
-        modules_to_save=list(EMBEDDING_MODULES) if t.train_embeddings else None,
-        target_parameters=list(parameters) if parameters else None,
+        modules_to_save=list(EMBEDDING_MODULES) if t.train_embeddings else None, **extra,
     )
-
-
-def model_parameter_targets(model: Any, t: TrainSettings) -> list[str]:
-    """The parameter paths the model's family adapts for ``t``'s targets (none for most families)."""
-    from .. import families
-
-    family = families.family_for_config(model.config.to_dict())
-    return families.lora_parameters(family, list(t.target_modules), getattr(t, "preset", None))
 
 
 def load_peft(t: TrainSettings, local_dir: str) -> Any:
@@ -115,7 +107,7 @@ def load_peft(t: TrainSettings, local_dir: str) -> Any:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=kwargs["dtype"])
     model = AutoModelForCausalLM.from_pretrained(local_dir, **kwargs)
-    parameters = model_parameter_targets(model, t)  # from the requested names, before they are mapped
+    parameters = family_parameters(model, t)
     t = with_model_targets(model, t)
     check_targets(model, t)
     if t.load_in_4bit and parameters:
@@ -203,6 +195,13 @@ def _checkpointing(t: TrainSettings) -> str:
     if value == "auto":
         return "off"  # the memory plan replaces 'auto' on CUDA; on CPU memory is not the limit
     return value
+
+
+def family_parameters(model: Any, t: TrainSettings) -> list[str]:
+    """The parameters the model's family adapts directly with LoRA for this preset ([] for most families)."""
+    from .. import families
+
+    return families.lora_parameters(families.family_for_config(model.config.to_dict()), t.preset)
 
 
 def with_model_targets(model: Any, t: TrainSettings) -> TrainSettings:
