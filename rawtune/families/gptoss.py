@@ -1,30 +1,38 @@
 """gpt-oss (``GptOssForCausalLM``): mixture of experts, attention sinks, sliding/full attention alternating.
 
-Not yet supported: refused before training (one line, below). What was learned for the work
-that remains, from transformers 5.17's modeling file and the llama.cpp that llama-cpp-python
-0.3.36 vendors:
+What rawtune does with it, and why (from transformers 5.17's modeling file and the llama.cpp
+that llama-cpp-python 0.3.36 vendors):
 
 - Checkpoints (openai/gpt-oss-20b: hidden 2880, 24 layers, 64 query / 8 KV heads of width 64,
   32 experts of width 2880, 4 per token, window 128 on every other layer starting with the
   first, YaRN RoPE factor 32 over 4096 positions, base 150000, untied, o200k "harmony"
-  tokenizer) ship the experts in MXFP4 (``*_blocks``/``*_scales``); transformers dequantizes them
-  to bf16 when it has no MXFP4 kernel.
+  tokenizer). OpenAI's upload stores the experts in MXFP4 (``*_blocks``/``*_scales``), which
+  rawtune's streamed merge and GGUF writer do not read: such a checkpoint is refused before
+  training, pointing to a bf16 upload.
 - HF experts are 3-D parameters, transposed against ``nn.Linear``: ``gate_up_proj [E, hidden,
   2*ffn]`` with gate and up INTERLEAVED on the last axis (gate = ``[..., ::2]``, up =
-  ``[..., 1::2]``), ``down_proj [E, ffn, hidden]``, biases per expert. llama.cpp's converter
-  transposes them and splits gate/up by those strides into ``ffn_gate_exps``/``ffn_up_exps``
-  (``[E, ffn, hidden]``), biases the same way; the MXFP4 originals are repacked as GGML MXFP4
-  without dequantizing, bf16 experts are written as floats (with a warning).
+  ``[..., 1::2]``), ``down_proj [E, ffn, hidden]``, biases per expert. llama.cpp's layout is
+  stacked ``ffn_gate_exps``/``ffn_up_exps`` ``[E, ffn, hidden]`` and ``ffn_down_exps`` ``[E,
+  hidden, ffn]``: the writer transposes and splits by those strides, biases the same way
+  (llama.cpp's own converter repacks MXFP4 originals without dequantizing and writes bf16
+  experts as floats; rawtune writes the merged experts as floats, quantized afterwards).
 - llama.cpp's ``gpt-oss`` hard-codes the clamped SwiGLU (alpha 1.702, limit 7.0), as transformers
   does; the router's softmax over the top-k logits is its SOFTMAX_WEIGHT gating; sinks are
   ``attn_sinks.weight`` per head; the post-attention norm is ``attn_post_norm``.
 - llama.cpp always rounds YaRN's correction range to whole dimensions (floor/ceil), while the
-  published config says ``truncate: false``: llama.cpp's rotary frequencies differ slightly
-  from transformers' in the ramp dimensions, so the logits-parity tolerance must be measured.
-- LoRA: attention q/k/v/o as modules; the experts through PEFT's ``target_parameters``
-  (``mlp.experts.gate_up_proj``, ``mlp.experts.down_proj``), the targets of PEFT's own gpt-oss
-  example and of Unsloth's gpt-oss notebooks (which add the expert projections to attention);
-  the router stays frozen so routing is unchanged. Loading in 4 bits is CUDA-only.
+  published config says ``truncate: false``: llama.cpp's rotary frequencies then differ from
+  transformers' in the ramp dimensions (measured on the tiny model: 1.2e-2 relative against
+  2e-6 with ``truncate: true``). Exported all the same: it is how llama.cpp runs every gpt-oss.
+- LoRA: attention q/k/v/o as modules, and the experts' two stacked matrices through PEFT's
+  ``target_parameters`` (``mlp.experts.gate_up_proj``, ``mlp.experts.down_proj``), as PEFT's
+  gpt-oss recipe does; Unsloth's gpt-oss notebooks also adapt attention and the expert
+  projections. The router stays frozen, so routing is unchanged. Llama's MLP names in the
+  settings select the experts. rawtune's Unsloth path adapts modules only: ``auto`` trains
+  gpt-oss with PEFT. With ``--load-in-4bit`` (CUDA) bitsandbytes quantizes the linear layers;
+  the experts stay 16-bit (see ``hf_loop.prepare_stacked_experts_kbit``).
+- Chat: the published template writes today's date and a system preamble into every prompt,
+  which rawtune's Ollama translation cannot express: export writes the completion template and
+  says so.
 """
 
 from __future__ import annotations
