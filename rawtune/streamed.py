@@ -118,12 +118,24 @@ class Adapter:
     replaced: dict[str, str]  # base weight name -> modules_to_save key
 
 
-def _base_name(key: str) -> tuple[str, str]:
-    """Split an adapter key into (base weight name, kind): kind is 'A', 'B' or 'full'."""
+def _base_name(key: str, parameters: tuple[str, ...] = ()) -> tuple[str, str]:
+    """Split an adapter key into (base weight name, kind): kind is 'A', 'B' or 'full'.
+
+    ``parameters``: the adapter's ``target_parameters``. PEFT wraps a module once per adapted
+    parameter, nesting the wrappers in the order of that list (the first innermost), so the key of
+    the n-th wrapper from the outside has n ``base_layer`` steps: ``experts.lora_A`` adapts the last
+    listed parameter of ``experts``, ``experts.base_layer.lora_A`` the one before.
+    """
     key = re.sub(r"^base_model\.model\.", "", key)
-    match = re.fullmatch(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", key)
+    match = re.fullmatch(r"(.+?)((?:\.base_layer)*)\.lora_([AB])(?:\.[^.]+)?\.weight", key)
     if match:
-        return match.group(1) + ".weight", match.group(2)
+        module, depth, kind = match.group(1), match.group(2).count(".base_layer"), match.group(3)
+        owned = [p.rsplit(".", 1)[1] for p in parameters if f".{module}".endswith("." + p.rsplit(".", 1)[0])]
+        if owned:
+            if depth >= len(owned):
+                raise ExportError(f"adapter key {key} is nested deeper than the {len(owned)} parameters it targets")
+            return f"{module}.{owned[len(owned) - 1 - depth]}", kind
+        return module + ".weight", kind
     key = re.sub(r"\.modules_to_save(\.[^.]+)?\.", ".", key)
     return key, "full"
 
@@ -152,8 +164,9 @@ def read_adapter(adapter_dir: Path) -> Adapter:
     file = TensorFile(weights)
     pairs: dict[str, dict[str, str]] = {}
     replaced: dict[str, str] = {}
+    parameters = tuple(config.get("target_parameters") or ())
     for key in file.names():
-        name, kind = _base_name(key)
+        name, kind = _base_name(key, parameters)
         if kind == "full":
             replaced[name] = key
         else:
@@ -234,8 +247,31 @@ def _merged(name: str, source: Optional[TensorFile], adapter: Adapter, embed_fil
     a_key, b_key = adapter.lora[name]
     lora_a = adapter.file.read(a_key).to(torch.float32)
     lora_b = adapter.file.read(b_key).to(torch.float32)
-    weight += (lora_b @ lora_a) * adapter.scale
+    weight += (_expert_delta(name, weight.shape, lora_a, lora_b) if weight.ndim == 3 else lora_b @ lora_a) * adapter.scale
     return weight
+
+
+def _expert_delta(name: str, shape: tuple, lora_a: Any, lora_b: Any) -> Any:
+    """B @ A for stacked experts (a 3-D parameter adapted through PEFT's ``target_parameters``).
+
+    PEFT keeps one A of ``[rank * experts, in]`` (rows expert-major) and one B of ``[out, rank *
+    experts]`` (columns rank-major) and forms each expert's ``A_e^T B_e^T`` in the parameter's own
+    ``[experts, in, out]`` layout (gpt-oss: ``x @ W_e``); a parameter stored ``[experts, out, in]``
+    gets the transpose. A square parameter is taken as ``[experts, in, out]``, the layout of the
+    families that declare expert targets.
+    """
+    import torch
+
+    experts, rows, cols = shape
+    rank = lora_a.shape[0] // experts
+    a = lora_a.reshape(experts, rank, lora_a.shape[1])
+    b = lora_b.reshape(lora_b.shape[0], rank, experts)
+    if (a.shape[2], b.shape[0]) == (rows, cols):
+        return torch.einsum("ore,eri->eio", b, a)
+    if (a.shape[2], b.shape[0]) == (cols, rows):
+        return torch.einsum("ore,eri->eoi", b, a)
+    raise ExportError(f"the adapter's LoRA for {name} ({tuple(lora_a.shape)}, {tuple(lora_b.shape)}) does not fit "
+                      f"its {tuple(shape)} experts: was it trained on another model?")
 
 
 def iter_merged_tensors(base_dir: str | Path, adapter_dir: str | Path, dtype: Any = None,

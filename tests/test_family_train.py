@@ -26,14 +26,19 @@ from rawtune.settings import ALL_PROJECTIONS, RunSettings, TrainSettings, valida
 
 # Projection modules each family's layers must carry LoRA on, by the names the family uses.
 FUSED = {name: ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"] for name in ("phi3", "phi4mini")}
-# Families whose layer kinds differ: each module and how many of the tiny model's layers carry it
+# Families whose LoRA modules are not Llama's seven in every layer: module -> layers carrying it
 # (LFM2: 3 convolution layers and 1 attention layer, out_proj in both; Qwen3.5: 3 Gated DeltaNet
-# layers and 1 attention layer).
+# layers and 1 attention layer; Granite 4.0-H: attention in one layer of four, the shared MLP in all;
+# gpt-oss: attention modules, experts below).
 LAYERED = {
     "lfm2": {"q_proj": 1, "k_proj": 1, "v_proj": 1, "out_proj": 4, "w1": 4, "w2": 4, "w3": 4, "in_proj": 3},
     "qwen35": {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 1, "gate_proj": 4, "up_proj": 4, "down_proj": 4,
                "in_proj_qkv": 3, "in_proj_z": 3, "out_proj": 3},
+    "granitehybrid": {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 1, "input_linear": 4, "output_linear": 4},
+    "gptoss": {"q_proj": 4, "k_proj": 4, "v_proj": 4, "o_proj": 4},
 }
+# Bare parameters LoRA adapts through PEFT's target_parameters (gpt-oss's stacked experts).
+PARAMETERS = {"gptoss": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]}
 # Families the fast CUDA loop trains (the others fall back to the Trainer path).
 FAST = ["llama3", "mistral", "qwen2", "qwen3", "smollm3", "granite", "olmo2"]
 
@@ -63,14 +68,17 @@ def test_family_trains_with_peft_on_cpu(name, family_dir, tiny_corpus, tmp_path)
     steps = _steps(run)
     assert len(steps) == 2 and all(math.isfinite(e["loss"]) for e in steps), steps
     config = json.loads((run.adapter_dir / "adapter_config.json").read_text())
-    expected = list(LAYERED[name]) if name in LAYERED else FUSED.get(name, ALL_PROJECTIONS)
+    layers = json.loads((family_dir(name) / "config.json").read_text())["num_hidden_layers"]
+    expected = LAYERED.get(name) or {module: layers for module in FUSED.get(name, ALL_PROJECTIONS)}
     assert sorted(config["target_modules"]) == sorted(expected)
+    assert (config.get("target_parameters") or []) == PARAMETERS.get(name, [])
     with safe_open(str(run.adapter_dir / "adapter_model.safetensors"), "pt") as f:
         keys = list(f.keys())
-    layers = json.loads((family_dir(name) / "config.json").read_text())["num_hidden_layers"]
-    for module in expected:  # every layer's projection got its A and B
-        count = LAYERED.get(name, {}).get(module, layers)
+    for module, count in expected.items():  # every layer's projection got its A and B
         assert sum(f".{module}.lora_A" in k for k in keys) == count, (module, keys[:8])
+    if name in PARAMETERS:  # one LoRA per expert matrix and layer (PEFT nests the wrappers)
+        assert sum(".mlp.experts.lora_A" in k for k in keys) == layers
+        assert sum(".mlp.experts.base_layer.lora_A" in k for k in keys) == layers
     metrics = run.load()["metrics"]  # the eval stage loaded base and adapter
     assert math.isfinite(metrics["ppl_base"]) and math.isfinite(metrics["ppl_tuned"])
     assert metrics["ppl_tuned"] != metrics["ppl_base"]
@@ -158,7 +166,7 @@ def test_family_trains_with_unsloth_on_cuda(name, tmp_path_factory, tiny_corpus,
     """Each family through the Unsloth backend (its loader and LoRA wrapper), 20 steps."""
     pytest.importorskip("unsloth")
     model_dir = build_family(name, tmp_path_factory.mktemp(f"gpu-{name}"))
-    if name == "gemma2":  # refused before loading (test_unsloth_by_name_is_refused_for_gemma2)
+    if name in ("gemma2", "gptoss"):  # refused before loading (test_unsloth_by_name_is_refused_for_gemma2)
         with pytest.raises(TrainError, match="--backend peft"):
             train_tiny(tmp_path / "r", model_dir, tiny_corpus, backend="unsloth", max_steps=20)
         return
@@ -286,7 +294,7 @@ def test_model_list_covers_every_family_with_known_sizes():
 
     models = known_models()
     families = {m.family for m in models}
-    assert families == {"llama", "qwen2", "qwen3", "gemma3", "phi3", "smollm3", "granite", "olmo2", "lfm2", "qwen35"}
+    assert {"llama", "qwen2", "qwen3", "gemma3", "phi3", "smollm3", "granite", "olmo2", "lfm2", "qwen35"} <= families
     listed = [c[0] for c in tab["model"].choices]
     assert listed == list(dict.fromkeys([default_model()] + [m.repo for m in models]))
     for family in families - {"phi3"}:  # Phi-4-mini has no base release
@@ -317,3 +325,60 @@ def test_gemma2_keeps_shared_embeddings_so_its_run_exports(family_dir, tiny_corp
     config = json.loads((run.adapter_dir / "adapter_config.json").read_text())
     assert not config.get("modules_to_save")
     assert (run.gguf_dir / run.load()["gguf"]["F16"]["file"]).is_file()
+
+
+@pytest.mark.gpu
+def test_gpt_oss_trains_in_4bit_on_cuda(tmp_path_factory, tiny_corpus, tmp_path):
+    """gpt-oss with --load-in-4bit: attention in 4 bits (bitsandbytes quantizes linear layers), the
+    stacked experts kept in 16 bits (not cast to fp32 as PEFT's preparation would) with LoRA on them
+    through target_parameters; the loss falls and the experts' LoRA moves."""
+    pytest.importorskip("bitsandbytes")
+    from safetensors.numpy import load_file
+
+    model_dir = build_family("gptoss", tmp_path_factory.mktemp("gpu-gptoss-4bit"))
+    run = train_tiny(tmp_path / "r", model_dir, tiny_corpus, backend="auto", load_in_4bit=True, max_steps=20,
+                     train_embeddings=False)
+    losses = [e["loss"] for e in _steps(run)]
+    assert len(losses) == 20 and all(math.isfinite(x) for x in losses)
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+    record = run.load()
+    assert record["train"]["backend"] == "peft"  # auto: Unsloth's path adapts modules only
+    assert record["metrics"]["ppl_tuned"] < record["metrics"]["ppl_base"]
+    weights = load_file(str(run.adapter_dir / "adapter_model.safetensors"))
+    experts_b = [v for k, v in weights.items() if ".mlp.experts." in k and "lora_B" in k]
+    assert len(experts_b) == 8 and all(np.abs(v).max() > 0 for v in experts_b)
+
+
+def test_stacked_experts_stay_16_bit_in_kbit_preparation(family_dir):
+    """The k-bit preparation for gpt-oss casts norms, router and sinks to fp32 but not the experts."""
+    from transformers import AutoModelForCausalLM
+
+    from rawtune.train.hf_loop import prepare_stacked_experts_kbit
+
+    model = AutoModelForCausalLM.from_pretrained(family_dir("gptoss"), dtype=torch.bfloat16)
+    prepare_stacked_experts_kbit(model, checkpointing=False)
+    layer = model.model.layers[0]
+    assert layer.mlp.experts.gate_up_proj.dtype == torch.bfloat16
+    assert layer.mlp.experts.down_proj.dtype == torch.bfloat16
+    assert layer.mlp.router.weight.dtype == torch.float32 and layer.self_attn.sinks.dtype == torch.float32
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.gpu
+def test_granitehybrid_mamba_lora_trains_on_cuda(tmp_path_factory, tiny_corpus, tmp_path):
+    """Granite 4.0-H with the standard preset's Mamba targets on the GPU: the loss falls, held-out
+    perplexity drops, and out_proj's LoRA moves -- which it would not if transformers took the fused
+    mamba_ssm training kernel (it multiplies by out_proj.weight directly, bypassing the adapter)."""
+    from safetensors.numpy import load_file
+
+    model_dir = build_family("granitehybrid", tmp_path_factory.mktemp("gpu-granitehybrid"))
+    run = train_tiny(tmp_path / "r", model_dir, tiny_corpus, backend="peft", preset="standard", max_steps=20,
+                     seq_len=64, batch_size=2, grad_accum=1, warmup_ratio=0.0, learning_rate=3e-3,
+                     train_embeddings=False)
+    losses = [e["loss"] for e in _steps(run)]
+    assert len(losses) == 20 and np.mean(losses[-3:]) < np.mean(losses[:3])
+    metrics = run.load()["metrics"]
+    assert metrics["ppl_tuned"] < metrics["ppl_base"]
+    weights = load_file(str(run.adapter_dir / "adapter_model.safetensors"))
+    out_b = [v for k, v in weights.items() if "mamba.out_proj.lora_B" in k]
+    assert len(out_b) == 3 and all(np.abs(v).max() > 0 for v in out_b)

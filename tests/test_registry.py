@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_ten_families_and_their_lookups():
     names = [f.name for f in families.all_families()]
-    first_ten = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "smollm3", "granite", "olmo2"]
-    assert [n for n in names if n in first_ten] == first_ten  # in order, with the newer families among them
+    ten = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "smollm3", "granite", "olmo2"]
+    assert [n for n in names if n in ten] == ten  # in this order, with the newer families among them
     assert families.family_for_arch("Phi3ForCausalLM").name == "phi3"
     assert families.family_for_arch("NotAModelForCausalLM") is None
     assert families.family_for_config({"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text"}).name == "gemma3"

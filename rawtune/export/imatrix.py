@@ -87,13 +87,15 @@ def pick_blocks(blocks: np.ndarray, n: int, with_rest: bool = False) -> Any:
 
 
 def _gguf_names(model: Any, config: dict[str, Any]) -> dict[str, str]:
-    """HF module name -> GGUF tensor name for every linear layer inside the transformer blocks."""
-    return {name: out.name for name, out in _gguf_outputs(model, config).items()}
+    """HF module name -> the GGUF tensor its statistics are recorded under, for every linear layer
+    inside the transformer blocks."""
+    return {name: outs[0].name for name, outs in _gguf_outputs(model, config).items()}
 
 
-def _gguf_outputs(model: Any, config: dict[str, Any]) -> dict[str, Any]:
-    """HF module name -> the GGUF tensor its weight becomes (a TensorOut: name, and any column order the
-    family's tensors hook gives it), for every linear layer inside the transformer blocks."""
+def _gguf_outputs(model: Any, config: dict[str, Any]) -> dict[str, list]:
+    """HF module name -> the GGUF tensors its weight becomes (TensorOuts: a name, and any column order
+    the family's tensors hook gives it; several where the family splits one weight, like Granite
+    4.0-H's fused gate/up, whose parts read the same input), for every linear layer in the blocks."""
     import gguf
     import torch
 
@@ -107,25 +109,30 @@ def _gguf_outputs(model: Any, config: dict[str, Any]) -> dict[str, Any]:
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and ".layers." in name:
             made = spec.tensors(name + ".weight", tuple(module.weight.shape), config, shape) if spec.tensors else None
-            gguf_name = made[0].name if made else tensor_map.get_name(name + ".weight", try_suffixes=(".weight",))
-            if gguf_name is None:
-                raise ExportError(f"no GGUF name for {name}.weight; the importance matrix cannot be mapped "
-                                  f"(pass --imatrix-blocks 0 to export without one)")
-            outs[name] = made[0] if made else TensorOut(gguf_name, tuple(module.weight.shape))
+            if not made:
+                gguf_name = tensor_map.get_name(name + ".weight", try_suffixes=(".weight",))
+                if gguf_name is None:
+                    raise ExportError(f"no GGUF name for {name}.weight; the importance matrix cannot be mapped "
+                                      f"(pass --imatrix-blocks 0 to export without one)")
+                made = [TensorOut(gguf_name, tuple(module.weight.shape))]
+            outs[name] = list(made)
     return outs
 
 
-def _reordered(values: dict[str, Any], hessians: dict[str, Any], outs: dict[str, Any]) -> None:
-    """Importances and H matrices in the GGUF tensors' column order, where a family's conversion moved
-    columns (Qwen3.5's linear-attention out_proj: value heads tiled), in place."""
-    for out in outs.values():
-        if out.columns is None:
-            continue
-        order = np.asarray(out.columns)
-        if out.name in values:
-            values[out.name] = values[out.name][order]
-        if out.name in hessians:
-            hessians[out.name] = hessians[out.name][np.ix_(order, order)]
+def _as_written(values: dict[str, Any], hessians: dict[str, Any], outs: dict[str, list]) -> tuple[dict, dict]:
+    """The statistics keyed by every GGUF tensor they serve: copied to the tensors that share a split
+    weight's input, and in each tensor's column order where the family's conversion moved columns
+    (Qwen3.5's linear-attention out_proj: value heads tiled)."""
+    by_value, by_hessian = {}, {}
+    for tensors in outs.values():
+        first = tensors[0].name
+        for out in tensors:
+            order = None if out.columns is None else np.asarray(out.columns)
+            if first in values:
+                by_value[out.name] = values[first] if order is None else values[first][order]
+            if first in hessians:
+                by_hessian[out.name] = hessians[first] if order is None else hessians[first][np.ix_(order, order)]
+    return by_value, by_hessian
 
 
 def compute(model_dir: Path, blocks: np.ndarray, source: str, batch_size: int = 1, model: Any = None) -> Imatrix:
@@ -145,8 +152,8 @@ def compute(model_dir: Path, blocks: np.ndarray, source: str, batch_size: int = 
     model = model.eval()
     try:
         outs = _gguf_outputs(model, read_json(Path(model_dir) / "config.json"))
-        values, hessians = collect(model, {name: out.name for name, out in outs.items()}, blocks, batch_size)
-        _reordered(values, hessians, outs)
+        values, hessians = collect(model, {name: t[0].name for name, t in outs.items()}, blocks, batch_size)
+        values, hessians = _as_written(values, hessians, outs)
     finally:
         del model
     return Imatrix(values, int(len(blocks)), int(blocks.size), source, time.time() - started, hessians=hessians)

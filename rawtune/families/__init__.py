@@ -187,6 +187,8 @@ def lora_targets(family: Optional[Family], requested: list[str], module_names: s
     out: list[str] = []
     for name in requested:
         picked = [name]
+        if name not in module_names and lora is not None and lora.parameters and _kind_of(name) not in lora.kinds:
+            continue  # a kind the family holds as bare parameters (lora_parameters), not modules
         if name not in module_names and lora is not None:
             fused = next((f for f, parts in lora.fused.items() if name in parts and f in module_names), None)
             kind = next((k for k, names in GENERIC_TARGETS.items() if name in names), None)
@@ -199,6 +201,11 @@ def lora_targets(family: Optional[Family], requested: list[str], module_names: s
         for kind in lora.presets.get(preset, ()):
             out += [n for n in lora.kinds.get(kind, ()) if n in module_names and n not in out]
     return out
+
+
+def _kind_of(name: str) -> Optional[str]:
+    """The layer kind a generic target name (Llama's projections) stands for, or None."""
+    return next((k for k, names in GENERIC_TARGETS.items() if name in names), None)
 
 
 def lora_parameters(family: Optional[Family], preset: Optional[str] = None) -> list[str]:

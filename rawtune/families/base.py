@@ -146,8 +146,10 @@ class Gguf:
 
     @property
     def name(self) -> str:
-        """llama.cpp's architecture name."""
-        return self.arch.lower()
+        """llama.cpp's architecture name (the gguf package's spelling: ``granitehybrid``, ``gpt-oss``)."""
+        import gguf
+
+        return gguf.MODEL_ARCH_NAMES[self.model_arch]
 
 
 @dataclass(frozen=True)

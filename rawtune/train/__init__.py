@@ -154,10 +154,10 @@ def _family_limits(t: TrainSettings, backend: str, local_dir: str,
             "both, so a trained lm_head could not be exported)")
         t = dataclasses.replace(t, train_embeddings=False)
     if family.training.unsloth_fails and backend == "unsloth":
-        if t.backend != "auto":  # asked for by name: say so now, not with an Inductor traceback
-            raise TrainError(f"--backend unsloth: Unsloth's compiled {arch} layer fails in torch's Inductor "
-                             "for this architecture; use --backend peft (or auto, which picks PEFT for it)")
-        log(f"[train] {arch}: training with PEFT (Unsloth's compiled layer fails for this architecture)")
+        why = family.training.unsloth_fails
+        if t.backend != "auto":  # asked for by name: say so now, not with a traceback from inside Unsloth
+            raise TrainError(f"--backend unsloth: {arch}: {why}; use --backend peft (or auto, which picks PEFT for it)")
+        log(f"[train] {arch}: training with PEFT ({why})")
         backend = "peft"
     elif not family.training.unsloth and backend == "unsloth":
         if t.backend != "auto":

@@ -109,9 +109,12 @@ def load_peft(t: TrainSettings, local_dir: str) -> Any:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=kwargs["dtype"])
     model = AutoModelForCausalLM.from_pretrained(local_dir, **kwargs)
+    parameters = family_parameters(model, t)
     t = with_model_targets(model, t)
     check_targets(model, t)
-    if t.load_in_4bit:
+    if t.load_in_4bit and parameters:
+        model = prepare_stacked_experts_kbit(model, _checkpointing(t) != "off")
+    elif t.load_in_4bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=_checkpointing(t) != "off")
     elif _checkpointing(t) != "off":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -119,13 +122,35 @@ def load_peft(t: TrainSettings, local_dir: str) -> Any:
     # LoRA's A matrices are drawn from torch's global generator: seed it here so --seed decides
     # the initial adapter, whatever ran before in this process (Unsloth gets random_state).
     torch.manual_seed(t.seed)
-    model = get_peft_model(model, peft_config(t, family_parameters(model, t)))
+    model = get_peft_model(model, peft_config(t, parameters))
     if kwargs["dtype"] == torch.float16:
         # fp16 mixed precision unscales fp32 gradients only: PEFT upcasts LoRA, not the trained
         # embed_tokens/lm_head copies.
         for param in model.parameters():
             if param.requires_grad:
                 param.data = param.data.float()
+    return model
+
+
+def prepare_stacked_experts_kbit(model: Any, checkpointing: bool) -> Any:
+    """PEFT's k-bit preparation for a model whose experts are stacked 3-D parameters (gpt-oss).
+
+    bitsandbytes quantizes linear layers only, so those experts stay 16-bit, and PEFT's
+    ``prepare_model_for_kbit_training`` would cast every 16-bit parameter to fp32: gpt-oss-20b's
+    experts (about 19B parameters) would need 76 GB. Here the base is frozen and only the
+    parameters below three dimensions (norms, router, sinks, embeddings) are cast to fp32, as PEFT
+    does; the experts keep their 16 bits (their LoRA is fp32 all the same).
+    """
+    import torch
+
+    for param in model.parameters():
+        param.requires_grad_(False)
+        if param.dtype in (torch.float16, torch.bfloat16) and param.ndim < 3 \
+                and param.__class__.__name__ != "Params4bit":
+            param.data = param.data.to(torch.float32)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     return model
 
 
