@@ -82,6 +82,15 @@ GRANITE_TEMPLATE = ("{% for message in messages %}{{ '<|start_of_role|>' + messa
 OLMO2_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + "
                   "message['content'] + '\n' }}{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
                   "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}")
+# OLMo 3 Instruct's turn format (ChatML); the published template also writes a default system prompt and
+# function-calling blocks, which this stand-in, written for these tests, leaves out.
+OLMO3_TEMPLATE = CHATML
+# EXAONE 4's turn format ([|role|] markers, [|endofturn|] after each turn, as transformers' EXAONE 4
+# docstring shows a rendered conversation) with the non-reasoning generation prompt: an empty think
+# block. Written for these tests; the published template also handles tools and reasoning turns.
+EXAONE4_TEMPLATE = ("{% for message in messages %}{{ '[|' + message['role'] + '|]\n' + message['content'] + "
+                    "'[|endofturn|]\n' }}{% endfor %}{% if add_generation_prompt %}"
+                    "{{ '[|assistant|]\n<think>\n\n</think>\n\n' }}{% endif %}")
 # Qwen3: ChatML, and an empty think block before the answer when generating (the published template
 # emits one when thinking is off); thinking content itself is not modelled here.
 QWEN3_TEMPLATE = CHATML.replace("'<|im_start|>assistant\n'", "'<|im_start|>assistant\n<think>\n\n</think>\n\n'")
@@ -183,6 +192,40 @@ FAMILY_SPECS: dict[str, Family] = {
         "bpe", ["<|endoftext|>", "<|pad|>", "<|user|>", "<|assistant|>", "<|system|>"], bos="<|endoftext|>",
         eos="<|endoftext|>", add_bos=False, pad="<|pad|>", split_regex=LLAMA3_REGEX), OLMO2_TEMPLATE, False, dict(
         rope_parameters={"rope_type": "default", "rope_theta": 500000.0})),
+    # OLMo 3 7B: OLMo 2's layer, 3 sliding-window layers : 1 full (window shorter than the test texts),
+    # multi-head attention as in the 7B, YaRN on the full layers only (factor 8 as published; the
+    # original context shortened to 64 so the frequency ramp shows in 48 tokens).
+    "olmo3": Family("Olmo3ForCausalLM", "Olmo3Config", Tokenizer(
+        "bpe", ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"], bos="<|endoftext|>",
+        eos="<|endoftext|>", add_bos=False, pad="<|pad|>", split_regex=LLAMA3_REGEX), OLMO3_TEMPLATE, False, dict(
+        num_key_value_heads=4, rms_norm_eps=1e-6, sliding_window=8,
+        layer_types=["sliding_attention"] * 3 + ["full_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 500000.0},
+                         "full_attention": {"rope_type": "yarn", "rope_theta": 500000.0, "factor": 8.0,
+                                            "original_max_position_embeddings": 64,
+                                            "attention_factor": 1.2079441541679836, "beta_fast": 32.0,
+                                            "beta_slow": 1.0}})),
+    # EXAONE 4.0 1.2B: post-norms, per-head q/k norms, every layer global with RoPE (no sliding window),
+    # 4:1 grouped-query attention, tied, Llama 3.1 RoPE scaling (factor 16 as published, original context
+    # shortened to 64 so it shows in 48 tokens).
+    "exaone4": Family("Exaone4ForCausalLM", "Exaone4Config", Tokenizer(
+        "bpe", ["[PAD]", "[BOS]", "[|endoftext|]", "[UNK]", "[|system|]", "[|user|]", "[|assistant|]",
+                "[|endofturn|]", "<think>", "</think>"], bos="[BOS]", eos="[|endofturn|]", add_bos=False,
+        pad="[PAD]"), EXAONE4_TEMPLATE, True, dict(
+        num_key_value_heads=1, sliding_window=None, layer_types=["full_attention"] * 4,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 1000000.0, "factor": 16.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
+    # EXAONE 4.0 32B's layout: 64 layers (the only depth llama.cpp runs as the hybrid), "LLLG" (three
+    # sliding-window layers with RoPE, one global layer without), untied. Narrow, and built by name only
+    # (tests/test_families_attn.py): 64 layers are slow for the shared family tests.
+    "exaone4hybrid": Family("Exaone4ForCausalLM", "Exaone4Config", Tokenizer(
+        "bpe", ["[PAD]", "[BOS]", "[|endoftext|]", "[UNK]", "[|system|]", "[|user|]", "[|assistant|]",
+                "[|endofturn|]", "<think>", "</think>"], bos="[BOS]", eos="[|endofturn|]", add_bos=False,
+        pad="[PAD]"), EXAONE4_TEMPLATE, False, dict(
+        num_key_value_heads=1, sliding_window=8, sliding_window_pattern="LLLG",
+        layer_types=(["sliding_attention"] * 3 + ["full_attention"]) * 16,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 1000000.0, "factor": 16.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
     # Phi-4 mini: the Phi-3 architecture with an o200k byte-level tokenizer, tied embeddings and
     # LongRoPE (short factors at these lengths). A variant: not in FAMILIES, built by name.
     "phi4mini": Family("Phi3ForCausalLM", "Phi3Config", Tokenizer(
@@ -194,7 +237,9 @@ FAMILY_SPECS: dict[str, Family] = {
                          "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5], "long_factor": [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]})),
 }
 VARIANTS = ["phi4mini"]
-FAMILIES = [name for name in FAMILY_SPECS if name not in VARIANTS]
+# Models built by name in a family's own test file only (too slow for every family test).
+BY_NAME = ["exaone4hybrid"]
+FAMILIES = [name for name in FAMILY_SPECS if name not in VARIANTS + BY_NAME]
 # Chat tokens every SentencePiece family adds on top of its base vocabulary.
 SPM_CHAT_TOKENS = {"gemma2": ["<start_of_turn>", "<end_of_turn>"], "gemma3": ["<start_of_turn>", "<end_of_turn>"],
                    "phi3": ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], "mistral": []}
