@@ -214,7 +214,8 @@ def test_tokenizer_structure_is_detected(family_model):
         assert gguf_writer.read_vocab(tok, 10_000).model == "llama"
     else:
         expected = {"llama3": "llama-bpe", "smollm3": "llama-bpe", "olmo2": "dbrx", "qwen2": "qwen2",
-                    "qwen3": "qwen2", "granite": "smollm", "phi4mini": "gpt-4o"}[name]
+                    "qwen3": "qwen2", "granite": "smollm", "phi4mini": "gpt-4o", "olmo3": "dbrx",
+                    "exaone4": "gpt-2"}[name]
         assert gguf_writer.detect_pre_tokenizer(tok) == expected
 
 

@@ -18,6 +18,9 @@ from families import FAMILIES, TEMPLATE_DIR, build_tokenizer
 from rawtune.export import ollama
 from test_ollama import assert_go_matches_jinja, go_render
 
+# Families whose tests use a stand-in template written in the family's turn format (tests/families.py
+# says why for each): the real one could not be fetched here, or rawtune does not translate it.
+STAND_IN = {"mistral", "olmo3", "exaone4"}
 # Templates of other members of a family, rendered with that family's tokenizer.
 EXTRA = {"phi4": "phi3", "granite4": "granite", "smollm2": "qwen2"}
 TEMPLATES = FAMILIES + list(EXTRA)
@@ -37,6 +40,8 @@ STOPS = {
     "granite": ["<|end_of_text|>", "<|start_of_role|>"],
     "granite4": ["<|end_of_text|>", "<|start_of_role|>"],
     "olmo2": ["<|endoftext|>", "<|user|>", "<|assistant|>"],
+    "olmo3": ["<|im_end|>", "<|im_start|>", "<|endoftext|>"],
+    "exaone4": ["[|endofturn|]", "[|user|]", "[|assistant|]"],
 }
 # What the family's first sample conversation (one user turn) must end with in Go: its generation prompt.
 GENERATION = {
@@ -44,7 +49,7 @@ GENERATION = {
     "gemma2": "<start_of_turn>model\n", "gemma3": "<start_of_turn>model\n",
     "phi3": "<|end|>\n<|assistant|>\n", "phi4": "<|end|><|assistant|>",
     "granite": "<|start_of_role|>assistant<|end_of_role|>", "granite4": "<|start_of_role|>assistant<|end_of_role|>",
-    "olmo2": "\n<|assistant|>\n",
+    "olmo2": "\n<|assistant|>\n", "exaone4": "[|endofturn|]\n[|assistant|]\n<think>\n\n</think>\n\n",
 }
 CHATML_GENERATION = "<|im_end|>\n<|im_start|>assistant\n"
 
@@ -77,7 +82,7 @@ def translated(tok):
 @pytest.mark.parametrize("name", TEMPLATES)
 def test_family_template_renders_the_same_in_go(name, tokenizers, tmp_path):
     tok = tokenizers(name)
-    if name in FAMILIES and name != "mistral":
+    if name in FAMILIES and name not in STAND_IN:
         # The real template from the model repo, not a stand-in.
         assert tok.chat_template == (TEMPLATE_DIR / f"{name}.jinja").read_text(encoding="utf-8")
     fmt, add_bos = translated(tok)
