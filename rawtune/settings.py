@@ -26,9 +26,6 @@ from .hubauth import is_repo_id
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M"
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# Fused projections some families have instead of split ones (Phi-3, Phi-4-mini): a preset's split
-# names select the fused module of such a model (rawtune.train.model_targets).
-FUSED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 EMBEDDING_MODULES = ["embed_tokens", "lm_head"]
 STAGES = ["data", "train", "eval", "merge", "export", "push"]
 QUANTS = quants.EXPORTABLE  # the --quant values, from the one quant table

@@ -381,3 +381,17 @@ def build_family(name: str, path: Path, *, tied: Optional[bool] = None, seed: in
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def build_phi3_without_end(path: Path) -> Path:
+    """A Phi-3 model whose vocabulary lacks ``<|end|>`` (EOS ``</s>``), which llama.cpp's phi3 cannot load."""
+    import dataclasses
+
+    phi3 = FAMILY_SPECS["phi3"]
+    chat = SPM_CHAT_TOKENS["phi3"]
+    FAMILY_SPECS["phi3"] = dataclasses.replace(phi3, tokenizer=dataclasses.replace(phi3.tokenizer, eos="</s>"))
+    SPM_CHAT_TOKENS["phi3"] = [t for t in chat if t != "<|end|>"]
+    try:
+        return build_family("phi3", path)
+    finally:
+        FAMILY_SPECS["phi3"], SPM_CHAT_TOKENS["phi3"] = phi3, chat

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -139,6 +140,87 @@ def test_layers_contract_breaks_on_an_upward_import(tmp_path):
                       "    return run_pipeline\n", encoding="utf-8")
     result = lint_imports(tmp_path)
     assert result.returncode != 0 and "rawtune.models -> rawtune.pipeline" in result.stdout, result.stdout[-3000:]
+
+
+# ---------------------------------------------------------------- family facts live in rawtune/families/
+
+# Any transformers model class of a causal LM, but the Auto class every module may load through.
+HF_ARCH = re.compile(r"\b(?!AutoModel)[A-Z]\w*ForCausalLM\b")
+# String literals (file, value) holding a registry fact that are something else where they stand, with why.
+NOT_FAMILY_FACTS = {
+    ("rawtune/export/gguf_writer.py", "llama"),  # GGUF's tokenizer.ggml.model name for SentencePiece vocabularies
+    ("rawtune/settings.py", "HuggingFaceTB/SmolLM2-135M"),  # the default model setting (a product choice)
+    ("rawtune/models.py", "HuggingFaceTB/SmolLM2-135M-Instruct"),  # the upstream of the offline GGUF package
+}
+
+
+def registry_facts() -> set[str]:
+    """Strings that state a family fact: HF architectures, model types, llama.cpp architectures,
+    known Hub ids, end-of-turn tokens and pre-tokenizer names, as the registry declares them."""
+    from rawtune import families
+
+    facts: set[str] = set(families.pre_tokenizers().values()) | set(families.merges_applied().values())
+    for fam in families.all_families():
+        facts |= set(fam.hf_architectures) | set(fam.model_types) | set(fam.template.end_of_turn)
+        facts |= {m.repo for m in fam.models} | ({fam.gguf.name} if fam.gguf else set())
+    return facts
+
+
+def _docstrings(tree: ast.AST) -> set[int]:
+    """ids of the docstring constants (prose may name families; code may not)."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                found.add(id(first.value))
+    return found
+
+
+def family_facts_outside(root: Path, facts: set[str]) -> list[str]:
+    """Where a module outside rawtune/families/ states a family fact: an HF architecture class name
+    anywhere in its text, or a string literal in its code that is (or, for Hub ids and special
+    tokens, contains) one of the registry's facts."""
+    found = []
+    for path in sorted((root / "rawtune").rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        if rel.startswith("rawtune/families/"):
+            continue
+        text = path.read_text(encoding="utf-8")
+        found += [f"{rel}:{i}: {m.group(0)}" for i, line in enumerate(text.splitlines(), 1)
+                  for m in HF_ARCH.finditer(line)]
+        tree = ast.parse(text)
+        docs = _docstrings(tree)
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Constant) and isinstance(node.value, str)) or id(node) in docs:
+                continue
+            for fact in facts:
+                inside = ("/" in fact or fact.startswith("<")) and fact in node.value
+                if (node.value == fact or inside) and (rel, node.value) not in NOT_FAMILY_FACTS:
+                    found.append(f"{rel}:{node.lineno}: {fact!r}")
+    return found
+
+
+def test_family_facts_live_in_the_registry():
+    facts = registry_facts()
+    assert {"LlamaForCausalLM", "qwen2", "<|eot_id|>", "Qwen/Qwen3-0.6B", "olmo2", "dbrx"} <= facts
+    assert family_facts_outside(ROOT, facts) == []
+
+
+def test_family_fact_check_finds_a_planted_fact(tmp_path):
+    """Negative control: a copy of the package with an architecture name, a model type and an
+    end-of-turn token put back into modules outside the registry."""
+    shutil.copytree(PACKAGE, tmp_path / "rawtune", ignore=shutil.ignore_patterns("__pycache__"))
+    compare = tmp_path / "rawtune" / "compare.py"
+    compare.write_text(compare.read_text(encoding="utf-8") + '\nSTOPS = ("<|im_end|>",)\n', encoding="utf-8")
+    fast = tmp_path / "rawtune" / "train" / "fast_loop.py"
+    fast.write_text(fast.read_text(encoding="utf-8") + '\n# Gemma2ForCausalLM is slow\nKNOWS = ("mistral",)\n',
+                    encoding="utf-8")
+    found = family_facts_outside(tmp_path, registry_facts())
+    assert any(f.startswith("rawtune/compare.py:") and "<|im_end|>" in f for f in found), found
+    assert any(f.startswith("rawtune/train/fast_loop.py:") and "Gemma2ForCausalLM" in f for f in found), found
+    assert any(f.startswith("rawtune/train/fast_loop.py:") and "'mistral'" in f for f in found), found
+    assert len(found) == 3, found
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 
 from rawtune.export import gguf_writer
+from rawtune.families.llama import LLAMA3_REGEX
+from rawtune.families.qwen2 import QWEN2_REGEX
 from rawtune.errors import ExportError
 from rawtune.merge import merge_run
 from rawtune.rundir import RunDir
@@ -267,9 +269,9 @@ def pre_tokenizer_cases():
     return {
         "gpt-2": (byte_level, None),
         "smollm": (pt.Sequence([pt.Digits(individual_digits=True), byte_level]), None),
-        "llama-bpe": (pt.Sequence([pt.Split(Regex(gguf_writer.LLAMA3_REGEX), "isolated"), bare]), None, True),
-        "dbrx": (pt.Sequence([pt.Split(Regex(gguf_writer.LLAMA3_REGEX), "isolated"), bare]), None),
-        "qwen2": (pt.Sequence([pt.Split(Regex(gguf_writer.QWEN2_REGEX), "isolated"), bare]), normalizers.NFC()),
+        "llama-bpe": (pt.Sequence([pt.Split(Regex(LLAMA3_REGEX), "isolated"), bare]), None, True),
+        "dbrx": (pt.Sequence([pt.Split(Regex(LLAMA3_REGEX), "isolated"), bare]), None),
+        "qwen2": (pt.Sequence([pt.Split(Regex(QWEN2_REGEX), "isolated"), bare]), normalizers.NFC()),
     }
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from families import FAMILIES, FAMILY_SPECS, MIXED_TEXT, VARIANTS, build_family
+from rawtune import families as registry
 from rawtune.export import gguf_writer
 from rawtune.errors import ExportError
 from tiny import gguf_logits, scramble_weights, sentences
@@ -423,10 +424,11 @@ def test_granite_multipliers_matter(tmp_path, monkeypatch):
     want = torch_logits(model_dir, tokens)
     good, bad = tmp_path / "good.gguf", tmp_path / "bad.gguf"
     gguf_writer.convert(model_dir, good, "f32", log=lambda s: None)
-    family = gguf_writer.FAMILIES["GraniteForCausalLM"]
+    family = registry.family_named("granite")
     # llama.cpp requires the logit scale key; 1.0 is what a llama-style converter would mean.
-    plain = dataclasses.replace(family, hparams=lambda writer, config, shape: writer.add_logit_scale(1.0))
-    monkeypatch.setitem(gguf_writer.FAMILIES, "GraniteForCausalLM", plain)
+    plain = dataclasses.replace(family, gguf=dataclasses.replace(
+        family.gguf, hparams=lambda writer, config, shape: writer.add_logit_scale(1.0)))
+    monkeypatch.setattr(gguf_writer, "family_of", lambda config: ("GraniteForCausalLM", plain))
     gguf_writer.convert(model_dir, bad, "f32", log=lambda s: None)
     assert relative_error(gguf_logits(good, tokens), want) < F32_TOL
     assert relative_error(gguf_logits(bad, tokens), want) > F16_TOL
@@ -454,3 +456,53 @@ def test_smollm3_interval_without_list_is_checked(tmp_path):
     (model_dir / "config.json").write_text(json.dumps(config))
     with pytest.raises(ExportError, match="every 4th layer"):
         gguf_writer.convert(model_dir, tmp_path / "x.gguf")
+
+
+def test_tied_olmo2_exports_with_output_weight(tmp_path, monkeypatch):
+    """Issue 21: llama.cpp's olmo2 loader requires output.weight even when the checkpoint ties it to the
+    embedding, so a tied OLMo 2 is written with the embedding as output.weight too, and runs with
+    llama.cpp's logits. Negative control: written without it (as for other tied families), llama.cpp
+    refuses to load the file."""
+    import dataclasses
+
+    import gguf
+
+    from rawtune.families.base import Embeddings
+
+    model_dir = build_family("olmo2", tmp_path / "olmo2", tied=True)
+    scramble(model_dir, seed=61)
+    assert json.loads((model_dir / "config.json").read_text())["tie_word_embeddings"] is True
+    tokens = mixed_tokens(model_dir)
+    want = torch_logits(model_dir, tokens)
+    out = tmp_path / "olmo2-tied.F32.gguf"
+    report = gguf_writer.convert(model_dir, out, "f32", log=lambda s: None)
+    assert report["tied_embeddings"] is True
+    tensors = {t.name: t for t in gguf.GGUFReader(out).tensors}
+    assert "output.weight" in tensors
+    assert np.array_equal(np.asarray(tensors["output.weight"].data), np.asarray(tensors["token_embd.weight"].data))
+    assert relative_error(gguf_logits(out, tokens), want) < F32_TOL
+
+    family = registry.family_named("olmo2")
+    shared = dataclasses.replace(family, embeddings=Embeddings())  # llama.cpp to reuse token_embd, as for llama
+    monkeypatch.setattr(gguf_writer, "family_of", lambda config: ("Olmo2ForCausalLM", shared))
+    without = tmp_path / "olmo2-no-output.F32.gguf"
+    gguf_writer.convert(model_dir, without, "f32", log=lambda s: None)
+    assert "output.weight" not in {t.name for t in gguf.GGUFReader(without).tensors}
+    with pytest.raises(ExportError, match="could not load"):
+        load_llama(without, n_ctx=64).close()
+
+
+def test_phi3_without_end_token_cannot_be_loaded(tmp_path, monkeypatch):
+    """Why a Phi-3 model without <|end|> is refused (before training, and by export): written anyway,
+    with the refusal switched off, llama.cpp's phi3 vocabulary loader fails on the file."""
+    from families import build_phi3_without_end
+
+    model_dir = build_phi3_without_end(tmp_path / "phi3-no-end")
+    with pytest.raises(ExportError, match=r"no <\|end\|> token"):
+        gguf_writer.convert(model_dir, tmp_path / "refused.gguf", "f16", log=lambda s: None)
+    assert not (tmp_path / "refused.gguf").exists()
+    monkeypatch.setattr(registry, "refusal", lambda config, vocab: None)
+    out = tmp_path / "written.gguf"
+    gguf_writer.convert(model_dir, out, "f16", log=lambda s: None)
+    with pytest.raises(ExportError, match="could not load"):
+        load_llama(out, n_ctx=64).close()

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import train_tiny
-from families import FAMILIES, VARIANTS, build_family
+from families import FAMILIES, VARIANTS, build_family, build_phi3_without_end
 from tiny import fast_loop_vs_peft
 from rawtune.train import fast_loop as fastloop
 from rawtune.errors import TrainError
@@ -179,6 +179,25 @@ def test_unsloth_by_name_is_refused_for_gemma2(family_dir):
     assert _family_limits(t, "unsloth", str(family_dir("gemma3")), lines.append)[1] == "unsloth"
 
 
+def test_phi3_without_end_token_is_refused_before_training(tmp_path, tiny_corpus):
+    """Issue 21: llama.cpp's phi3 vocabulary loader needs <|end|> (tests/test_families.py shows the load
+    failing), so a Phi-3-architecture model whose vocabulary lacks it is refused before any training
+    step, in one line saying why. The same family with <|end|> trains (the parametrized test above)."""
+    from transformers import AutoTokenizer
+
+    from rawtune.rundir import RunDir
+
+    model_dir = build_phi3_without_end(tmp_path / "phi3-no-end")
+    assert "<|end|>" not in AutoTokenizer.from_pretrained(model_dir).get_vocab()
+    with pytest.raises(TrainError) as err:
+        train_tiny(tmp_path / "r", model_dir, tiny_corpus, max_steps=2, seq_len=32, backend="peft")
+    text = str(err.value)
+    assert "\n" not in text and "<|end|>" in text and "llama.cpp" in text and "phi3" in text, text
+    run = RunDir(tmp_path / "r")
+    assert "data" in run.load() and "train" not in run.load()  # the data stage ran; training never started
+    assert not run.adapter_dir.exists()
+
+
 # ---------------------------------------------------------------- the model list
 
 
@@ -211,9 +230,10 @@ def test_gated_model_without_token_is_refused_before_download(repo, no_token):
 
 def test_open_models_are_not_gated(no_token):
     from rawtune.errors import ModelError
-    from rawtune.models import KNOWN_MODELS, is_gated, resolve_model
+    from rawtune.families import known_models
+    from rawtune.models import is_gated, resolve_model
 
-    assert {m.family for m in KNOWN_MODELS if m.gated} == {"llama", "gemma3"}
+    assert {m.family for m in known_models() if m.gated} == {"llama", "gemma3"}
     assert not is_gated("Qwen/Qwen3-0.6B") and not is_gated("HuggingFaceTB/SmolLM3-3B")
     with pytest.raises(ModelError, match="cannot reach the Hub"):
         resolve_model("Qwen/Qwen3-0.6B", token=None, log=lambda s: None)
@@ -221,7 +241,7 @@ def test_open_models_are_not_gated(no_token):
 
 def test_model_list_covers_every_family_with_known_sizes():
     gr = pytest.importorskip("gradio")
-    from rawtune.models import KNOWN_MODELS
+    from rawtune.families import known_models
     from rawtune.pipeline import estimate_seconds, param_count
     from rawtune.ui import forms
     from rawtune.ui.session import default_model
@@ -229,12 +249,13 @@ def test_model_list_covers_every_family_with_known_sizes():
     with gr.Blocks():
         tab = forms.train_tab(default_model())
 
-    families = {m.family for m in KNOWN_MODELS}
+    models = known_models()
+    families = {m.family for m in models}
     assert families == {"llama", "qwen2", "qwen3", "gemma3", "phi3", "smollm3", "granite", "olmo2"}
     listed = [c[0] for c in tab["model"].choices]
-    assert listed == list(dict.fromkeys([default_model()] + [m.repo for m in KNOWN_MODELS]))
+    assert listed == list(dict.fromkeys([default_model()] + [m.repo for m in models]))
     for family in families - {"phi3"}:  # Phi-4-mini has no base release
-        kinds = {m.instruct for m in KNOWN_MODELS if m.family == family}
+        kinds = {m.instruct for m in models if m.family == family}
         assert kinds == {True, False}, family
     # The time estimate uses the listed counts, the most specific name first.
     assert param_count("Qwen/Qwen3-1.7B-Base") == 1.7e9

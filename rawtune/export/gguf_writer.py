@@ -2,27 +2,26 @@
 
 llama.cpp's converter script is not a dependency: it lives in a git checkout, imports torch
 helpers of its own and (through a PyPI repackaging) replaces the official ``gguf`` package. This
-module covers the families in :data:`FAMILIES` (Llama 2/3/3.x, SmolLM/SmolLM2, Mistral, Qwen2/2.5,
-Qwen3, Gemma 2, Gemma 3 text, Phi-3/Phi-4-mini, SmolLM3, Granite 3.x dense, OLMo 2) and fails with
-a clear :class:`ExportError` for anything else, or for a checkpoint of a known family that uses a
+module covers the families of :mod:`rawtune.families` that declare a ``Gguf`` (their
+architecture, required tensors, hyperparameter and tensor hooks) and fails with a clear
+:class:`ExportError` for anything else, or for a checkpoint of a known family that uses a
 feature llama.cpp's architecture cannot express, instead of writing a file that loads but
-generates garbage. Tensor names come from the gguf package's per-architecture maps; what is
-model-specific is one table row per family. The tensors come from a :class:`TensorSource`
+generates garbage. Tensor names come from the gguf package's per-architecture maps (or the
+family's tensors hook). The tensors come from a :class:`TensorSource`
 (a saved folder, or the streamed merge of a base and an adapter): the tensor infos are written
 from the shapes first, then each tensor's data as it arrives, so memory holds one tensor.
 
 What llama.cpp needs beyond the weights, and why:
 
-- architectures llama.cpp runs with RoPE on interleaved pairs (llama, granite, smollm3) get their
-  Q and K projections permuted per head, since HF checkpoints use the "rotate half" layout; the
-  others (qwen2/3, gemma2/3, phi3, olmo2) run in the NEOX layout and are written unchanged;
-- Gemma's RMSNorm multiplies by (1 + w), llama.cpp's by w: Gemma norm weights are written + 1;
-- per-family hyperparameters: sliding-window size and per-layer pattern, soft-capping, the RoPE
-  base of local layers (Gemma), Granite's four multipliers, partial rotary dimensions (Phi);
+- architectures llama.cpp runs with RoPE on interleaved pairs (``permute_qk``) get their Q and K
+  projections permuted per head, since HF checkpoints use the "rotate half" layout; the others
+  run in the NEOX layout and are written unchanged;
+- RMSNorms that multiply by (1 + w) where llama.cpp multiplies by w (``norm_offset``) are written + 1;
+- per-family hyperparameters and extra tensors through the family's hooks;
 - byte-level BPE tokenizers need ``tokenizer.ggml.pre``, the name of the regex pre-tokenizer
   llama.cpp must use to split text the way the HF tokenizer does. It is read from the structure
   of ``tokenizer.json`` (not by hashing sample output), so an unknown structure fails loudly;
-- SentencePiece-style tokenizers (Llama 2, Mistral, Phi-3, Gemma) are written as llama.cpp's
+- SentencePiece-style tokenizers are written as llama.cpp's
   ``llama`` vocabulary, with scores that reproduce the BPE merge order.
 """
 
@@ -37,37 +36,15 @@ from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
+from .. import families
 from ..errors import ExportError
+from ..families.base import DIGIT_REGEX, DIGITS_REGEX, GPT2_REGEX, Family, Shape, TensorOut, read_shape, rope_settings
 
-# Pre-tokenizer regexes as they appear in tokenizer.json (or implied by ByteLevel(use_regex=True)).
-GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-DIGIT_REGEX = r"\p{N}"  # tokenizers' Digits(individual_digits=True)
-DIGITS_REGEX = r"\p{N}+"  # tokenizers' Digits(individual_digits=False)
-LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-# o200k (GPT-4o; Phi-4 mini): case-aware letter runs, contractions attached, '/' kept after punctuation.
-GPT4O_REGEX = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-               r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-               r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-
-# Sequence of split regexes -> the llama.cpp pre-tokenizer that applies the same splits.
-# (llama.cpp's "smollm" runs \p{N} then the GPT-2 regex, which is what SmolLM/StarCoder's
-# Digits(individual_digits=True) + ByteLevel sequence does.)
-PRE_TOKENIZERS: dict[tuple[str, ...], str] = {
-    (GPT2_REGEX,): "gpt-2",
-    (DIGIT_REGEX, GPT2_REGEX): "smollm",
-    (LLAMA3_REGEX,): "llama-bpe",
-    (QWEN2_REGEX,): "qwen2",
-    (GPT4O_REGEX,): "gpt-4o",
-}
-# The same regex, for tokenizers that apply their merges even to words found whole in the vocabulary
-# (tokenizer.json's ignore_merges false): llama.cpp's "llama-bpe" takes such words whole, its
-# "dbrx" (the cl100k split OLMo 2 uses) applies the merges, as HF does.
-MERGES_APPLIED = {"llama-bpe": "dbrx"}
-PRE_TOKENIZER_TEXT = ("GPT-2 byte-level, SmolLM/StarCoder/Granite (digits + byte-level), Llama 3/SmolLM3, "
-                      "OLMo 2 (cl100k), Qwen2/Qwen3, Phi-4 mini (o200k)")
+# Sequence of split regexes -> the llama.cpp pre-tokenizer that applies the same splits, and the
+# names that change when a tokenizer applies merges to whole words: what the families declare.
+PRE_TOKENIZERS: dict[tuple[str, ...], str] = families.pre_tokenizers()
+MERGES_APPLIED: dict[str, str] = families.merges_applied()
+PRE_TOKENIZER_TEXT = "the splits of llama.cpp's " + ", ".join(dict.fromkeys(PRE_TOKENIZERS.values())) + " pre-tokenizers"
 
 # Normalizers that do not change ordinary text (NFC is what Qwen2 ships; llama.cpp skips it too).
 HARMLESS_NORMALIZERS = {None, "NFC"}
@@ -257,6 +234,13 @@ def read_vocab(tok: dict[str, Any], vocab_size: int) -> Vocab:
     return Vocab("gpt2", pre, tokens, token_types)
 
 
+def vocab_tokens(tok: dict[str, Any]) -> frozenset:
+    """Every token text of a parsed tokenizer.json (model vocabulary and added tokens)."""
+    vocab = tok.get("model", {}).get("vocab", {})
+    texts = vocab if isinstance(vocab, dict) else [entry[0] for entry in vocab]  # Unigram: [text, score] pairs
+    return frozenset(texts) | {a["content"] for a in tok.get("added_tokens", [])}
+
+
 def _post_processor_adds(tok: dict[str, Any]) -> tuple[bool, bool]:
     """Whether the HF tokenizer adds a special token before (BOS) / after (EOS) single texts."""
     post = tok.get("post_processor") or {}
@@ -325,283 +309,29 @@ def folder_tensors(model_dir: Path) -> TensorSource:
     return TensorSource(specs, iter_hf_tensors(Path(model_dir)))
 
 
-def _rope_settings(config: dict[str, Any]) -> dict[str, Any]:
-    """RoPE parameters from either transformers 5 (``rope_parameters``) or 4 (``rope_theta``/``rope_scaling``)."""
-    params = dict(config.get("rope_parameters") or {})
-    if "full_attention" in params and isinstance(params["full_attention"], dict):
-        params = dict(params["full_attention"])
-    if "rope_theta" not in params and "rope_theta" in config:
-        params["rope_theta"] = config["rope_theta"]
-    scaling = config.get("rope_scaling") or {}
-    for key, value in scaling.items():
-        params.setdefault(key, value)
-    if "type" in params and "rope_type" not in params:
-        params["rope_type"] = params["type"]
-    return params
-
-
-def llama3_rope_factors(params: dict[str, Any], head_dim: int) -> np.ndarray:
-    """Per-frequency scale factors of Llama 3.1's 'llama3' RoPE, stored as ``rope_freqs.weight``."""
-    base = float(params.get("rope_theta", 10000.0))
-    factor = float(params.get("factor", 8.0))
-    low = float(params.get("low_freq_factor", 1.0))
-    high = float(params.get("high_freq_factor", 4.0))
-    old_ctx = float(params.get("original_max_position_embeddings", 8192))
-    freqs = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
-    out = []
-    for freq in freqs:
-        wavelen = 2 * math.pi / freq
-        if wavelen < old_ctx / high:
-            out.append(1.0)
-        elif wavelen > old_ctx / low:
-            out.append(factor)
-        else:
-            smooth = (old_ctx / wavelen - low) / (high - low)
-            out.append(1.0 / ((1 - smooth) / factor + smooth))
-    return np.asarray(out, dtype=np.float32)
-
-
-def _sliding_rope_theta(config: dict[str, Any]) -> Optional[float]:
-    """The RoPE base of sliding-window layers where it differs per layer type (Gemma 3)."""
-    local = (config.get("rope_parameters") or {}).get("sliding_attention")
-    if isinstance(local, dict) and "rope_theta" in local:
-        return float(local["rope_theta"])
-    return float(config["rope_local_base_freq"]) if "rope_local_base_freq" in config else None
-
-
-# ---------------------------------------------------------------- families
-#
-# Everything model-specific lives in FAMILIES: which llama.cpp architecture runs the HF class,
-# how its weights must be changed, which hyperparameters it needs beyond the common ones and
-# which tensors llama.cpp refuses to load without. Tensor names come from the gguf package's
-# maps for that architecture.
-
-
-@dataclass(frozen=True)
-class Shape:
-    """The sizes every family shares, read once from config.json."""
-
-    n_layer: int
-    n_head: int
-    n_head_kv: int
-    n_embd: int
-    head_dim: int
-    rope_dim: int  # rotated dimensions per head (partial rotary: fewer than head_dim)
-    vocab_size: int
-    tied: bool
-
-
-@dataclass(frozen=True)
-class Family:
-    """How one HF architecture becomes one llama.cpp architecture."""
-
-    arch: str  # gguf.MODEL_ARCH member name (lower case is llama.cpp's name)
-    label: str  # the models this covers, for messages
-    permute_qk: bool = False  # llama.cpp runs RoPE on interleaved pairs (its NORM rope type)
-    norm_offset: float = 0.0  # HF RMSNorm multiplies by (1 + w): write w + 1
-    blocks: tuple[str, ...] = ("ATTN_NORM", "ATTN_Q", "ATTN_K", "ATTN_V", "ATTN_OUT", "FFN_NORM", "FFN_GATE",
-                               "FFN_UP", "FFN_DOWN")  # gguf.MODEL_TENSOR names llama.cpp requires per block
-    bias: tuple[str, ...] = ()  # per-block biases llama.cpp requires
-    rope_types: tuple[str, ...] = ("default", "linear")
-    must_tie: bool = False  # llama.cpp has no separate output matrix for this architecture
-    hparams: Optional[Callable[[Any, dict[str, Any], Shape], None]] = None
-    check: Optional[Callable[[dict[str, Any], Shape], None]] = None
-
-    @property
-    def model_arch(self) -> Any:
-        import gguf
-
-        return getattr(gguf.MODEL_ARCH, self.arch)
-
-
-def _no_sliding_window(config: dict[str, Any], shape: Shape) -> None:
-    """Qwen/OLMo 2/SmolLM3 checkpoints can switch on sliding attention, which their llama.cpp architecture lacks."""
-    if config.get("use_sliding_window") and config.get("sliding_window"):
-        raise ExportError("the model uses sliding-window attention (use_sliding_window true), which llama.cpp runs "
-                          "as full attention for this architecture; set use_sliding_window false or export elsewhere")
-
-
-def _gemma_attention_scale(config: dict[str, Any], shape: Shape, big_layers: int) -> None:
-    """llama.cpp scales Gemma queries by 1/sqrt(head_dim) (1/sqrt(hidden/heads) for the 27B layer count)."""
-    scalar = float(config.get("query_pre_attn_scalar") or shape.head_dim)
-    expected = shape.n_embd / shape.n_head if shape.n_layer == big_layers else shape.head_dim
-    if not math.isclose(scalar, expected):
-        raise ExportError(f"query_pre_attn_scalar is {scalar:g} but llama.cpp scales Gemma attention by "
-                          f"1/sqrt({expected:g}); this checkpoint would run with different attention in llama.cpp")
-
-
-def _layer_types(config: dict[str, Any], shape: Shape, default_every: int) -> list[str]:
-    """Per-layer attention kinds: config.json's layer_types, or (older configs) its sliding-window
-    pattern, every n-th layer global, as transformers derives them."""
-    types = config.get("layer_types") or []
-    if not types:
-        every = int(config.get("sliding_window_pattern") or default_every)
-        types = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(shape.n_layer)]
-    if len(types) != shape.n_layer:
-        raise ExportError(f"config.json lists {len(types)} layer_types for {shape.n_layer} layers; re-save the model")
-    return types
-
-
-def _swa_pattern(writer: Any, config: dict[str, Any], types: list[str]) -> None:
-    """Sliding window size and which layers use it."""
-    writer.add_sliding_window(int(config["sliding_window"]))
-    writer.add_sliding_window_pattern([t == "sliding_attention" for t in types])
-
-
-def _gemma2_hparams(writer: Any, config: dict[str, Any], shape: Shape) -> None:
-    _swa_pattern(writer, config, _layer_types(config, shape, default_every=2))
-    writer.add_attn_logit_softcapping(float(config["attn_logit_softcapping"]))
-    writer.add_final_logit_softcapping(float(config["final_logit_softcapping"]))
-
-
-def _gemma2_check(config: dict[str, Any], shape: Shape) -> None:
-    _gemma_attention_scale(config, shape, big_layers=46)
-    # llama.cpp's gemma2 always soft-caps both (default 50 and 30); a config without them cannot be expressed.
-    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
-        if not config.get(key):
-            raise ExportError(f"Gemma 2 without {key}: llama.cpp's gemma2 always applies it, so this checkpoint "
-                              f"would run differently there")
-
-
-def _gemma3_hparams(writer: Any, config: dict[str, Any], shape: Shape) -> None:
-    types = _layer_types(config, shape, default_every=6)
-    if config.get("sliding_window") and "sliding_attention" in types:
-        _swa_pattern(writer, config, types)
-        local = _sliding_rope_theta(config)
-        if local is not None:
-            writer.add_rope_freq_base_swa(local)
-    if config.get("final_logit_softcapping"):
-        writer.add_final_logit_softcapping(float(config["final_logit_softcapping"]))
-
-
-def _gemma3_check(config: dict[str, Any], shape: Shape) -> None:
-    _gemma_attention_scale(config, shape, big_layers=62)
-    if config.get("attn_logit_softcapping"):
-        raise ExportError("Gemma 3 with attention soft-capping: llama.cpp's gemma3 does not apply it")
-    if config.get("use_bidirectional_attention"):
-        raise ExportError("bidirectional Gemma 3 (an embedding model) is not a causal LM; GGUF export covers causal LMs")
-    if str(_rope_settings(config).get("rope_type") or "default") != "default":
-        raise ExportError("Gemma 3 with scaled RoPE on its global layers (the 4B+ multimodal models) is not "
-                          "supported by rawtune's GGUF writer; supported: the text models without scaling (270M, 1B)")
-
-
-def _granite_hparams(writer: Any, config: dict[str, Any], shape: Shape) -> None:
-    writer.add_embedding_scale(float(config.get("embedding_multiplier", 1.0)))
-    writer.add_residual_scale(float(config.get("residual_multiplier", 1.0)))
-    writer.add_attention_scale(float(config.get("attention_multiplier", 1.0)))
-    writer.add_logit_scale(float(config.get("logits_scaling", 1.0)))
-
-
-def _smollm3_check(config: dict[str, Any], shape: Shape) -> None:
-    # llama.cpp's smollm3 skips RoPE on every 4th layer, the published models' layout; anything else differs.
-    _no_sliding_window(config, shape)
-    want = [int((i + 1) % 4 != 0) for i in range(shape.n_layer)]
-    have = config.get("no_rope_layers")
-    if have is None:  # transformers derives the list from the interval
-        every = int(config.get("no_rope_layer_interval") or 4)
-        have = [int((i + 1) % every != 0) for i in range(shape.n_layer)]
-    if [int(x) for x in have] != want:
-        raise ExportError(f"SmolLM3 layers without RoPE are {have}; llama.cpp's smollm3 leaves out RoPE on every "
-                          f"4th layer only ({want}), so this checkpoint would run differently")
-
-
-def _longrope(config: dict[str, Any]) -> Optional[dict[str, Any]]:
-    """LongRoPE settings (Phi-3.5 mini, Phi-4 mini: per-frequency factors, short and long context)."""
-    rope = _rope_settings(config)
-    if str(rope.get("rope_type") or "").lower() not in ("longrope", "su"):
-        return None
-    orig = int(rope.get("original_max_position_embeddings") or config.get("original_max_position_embeddings"))
-    factor = float(rope.get("factor") or int(config["max_position_embeddings"]) / orig)
-    # The same cos/sin scale transformers applies (its default when the config names none).
-    attn = rope.get("attention_factor") or (math.sqrt(1 + math.log(factor) / math.log(orig)) if factor > 1 else 1.0)
-    return {"orig": orig, "attn_factor": float(attn), "long": rope["long_factor"], "short": rope["short_factor"]}
-
-
-def _phi3_hparams(writer: Any, config: dict[str, Any], shape: Shape) -> None:
-    # llama.cpp picks the long factors when the context it runs with exceeds the original one;
-    # transformers picks them by sequence length: the same for prompts shorter than the context.
-    longrope = _longrope(config)
-    if longrope:
-        writer.add_rope_scaling_orig_ctx_len(longrope["orig"])
-        writer.add_rope_scaling_attn_factors(longrope["attn_factor"])
-
-
-def extra_tensors(config: dict[str, Any], shape: Shape, rope_type: str) -> dict[str, np.ndarray]:
-    """Tensors llama.cpp reads that the checkpoint does not hold: RoPE frequency factors."""
-    import gguf
-
-    if rope_type == "llama3":
-        return {"rope_freqs.weight": llama3_rope_factors(_rope_settings(config), shape.head_dim)}
-    longrope = _longrope(config) if rope_type in ("longrope", "su") else None
-    if not longrope:
-        return {}
-    out = {}
-    for key, kind in (("long", gguf.MODEL_TENSOR.ROPE_FACTORS_LONG), ("short", gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT)):
-        factors = np.asarray(longrope[key], dtype=np.float32)
-        if factors.shape != (shape.rope_dim // 2,):
-            raise ExportError(f"rope {key}_factor has {factors.size} values; llama.cpp needs one per rotated "
-                              f"pair ({shape.rope_dim // 2})")
-        out[gguf.TENSOR_NAMES[kind] + ".weight"] = factors
-    return out
-
-
-def _phi3_check(config: dict[str, Any], shape: Shape) -> None:
-    if shape.head_dim * shape.n_head != shape.n_embd:
-        raise ExportError("Phi-3 with head_dim * heads != hidden_size cannot be run by llama.cpp's phi3")
-
-
-def _no_permute_partial(config: dict[str, Any], shape: Shape) -> None:
-    if shape.rope_dim != shape.head_dim:
-        raise ExportError("partial rotary embeddings in a llama-layout model are not supported by the GGUF writer")
-
-
-LLAMA_LIKE = dict(permute_qk=True, check=_no_permute_partial)
-FAMILIES: dict[str, Family] = {
-    "LlamaForCausalLM": Family("LLAMA", "Llama 2/3/3.1/3.2, SmolLM/SmolLM2", rope_types=("default", "linear", "llama3"),
-                               **LLAMA_LIKE),
-    "MistralForCausalLM": Family("LLAMA", "Mistral", **LLAMA_LIKE),
-    "Qwen2ForCausalLM": Family("QWEN2", "Qwen2/Qwen2.5", bias=("ATTN_Q", "ATTN_K", "ATTN_V"), check=_no_sliding_window),
-    "Qwen3ForCausalLM": Family("QWEN3", "Qwen3", check=_no_sliding_window,
-                               blocks=Family.blocks + ("ATTN_Q_NORM", "ATTN_K_NORM")),
-    "Gemma2ForCausalLM": Family("GEMMA2", "Gemma 2", norm_offset=1.0, must_tie=True, hparams=_gemma2_hparams,
-                                check=_gemma2_check, blocks=Family.blocks + ("ATTN_POST_NORM", "FFN_POST_NORM")),
-    "Gemma3ForCausalLM": Family("GEMMA3", "Gemma 3 (text)", norm_offset=1.0, hparams=_gemma3_hparams,
-                                check=_gemma3_check, blocks=Family.blocks + (
-                                    "ATTN_POST_NORM", "FFN_POST_NORM", "ATTN_Q_NORM", "ATTN_K_NORM")),
-    "Phi3ForCausalLM": Family("PHI3", "Phi-3/Phi-3.5/Phi-4-mini", check=_phi3_check, hparams=_phi3_hparams,
-                              rope_types=("default", "longrope", "su"),
-                              blocks=("ATTN_NORM", "ATTN_QKV", "ATTN_OUT", "FFN_NORM", "FFN_UP", "FFN_DOWN")),
-    "SmolLM3ForCausalLM": Family("SMOLLM3", "SmolLM3", permute_qk=True, check=_smollm3_check),
-    "GraniteForCausalLM": Family("GRANITE", "Granite 3.x dense", hparams=_granite_hparams, **LLAMA_LIKE),
-    "Olmo2ForCausalLM": Family("OLMO2", "OLMo 2", check=_no_sliding_window,
-                               blocks=("ATTN_Q", "ATTN_K", "ATTN_V", "ATTN_OUT", "ATTN_POST_NORM", "ATTN_Q_NORM",
-                                       "ATTN_K_NORM", "FFN_GATE", "FFN_UP", "FFN_DOWN", "FFN_POST_NORM")),
-}
-SUPPORTED_ARCHITECTURES = {name: fam.arch.lower() for name, fam in FAMILIES.items()}
-SUPPORTED_TEXT = "; ".join(f"{fam.label} ({name})" for name, fam in FAMILIES.items())
+def family_of(config: dict[str, Any]) -> tuple[str, Family]:
+    """The HF architecture class and its registered family, refused when GGUF export does not cover it."""
+    names = config.get("architectures") or []
+    for name in names:
+        family = families.family_for_arch(name)
+        if family is not None and family.gguf is not None:
+            return name, family
+    raise ExportError(
+        f"GGUF export does not support the architecture {', '.join(names) or config.get('model_type', '?')}; "
+        f"supported: {families.supported_text()}. Train on one of those, or convert this model with llama.cpp's own tools"
+    )
 
 
 def hf_architecture(config: dict[str, Any]) -> tuple[str, str]:
     """The HF architecture class and the llama.cpp architecture it maps to."""
-    names = config.get("architectures") or []
-    for name in names:
-        if name in FAMILIES:
-            return name, FAMILIES[name].arch.lower()
-    raise ExportError(
-        f"GGUF export does not support the architecture {', '.join(names) or config.get('model_type', '?')}; "
-        f"supported: {SUPPORTED_TEXT}. Train on one of those, or convert this model with llama.cpp's own tools"
-    )
+    name, family = family_of(config)
+    return name, family.gguf.name
 
 
-def read_shape(config: dict[str, Any]) -> Shape:
-    n_head = int(config["num_attention_heads"])
-    n_embd = int(config["hidden_size"])
-    head_dim = int(config.get("head_dim") or n_embd // n_head)
-    partial = float(_rope_settings(config).get("partial_rotary_factor") or config.get("partial_rotary_factor") or 1.0)
-    return Shape(n_layer=int(config["num_hidden_layers"]), n_head=n_head,
-                 n_head_kv=int(config.get("num_key_value_heads") or n_head), n_embd=n_embd, head_dim=head_dim,
-                 rope_dim=int(head_dim * partial), vocab_size=int(config["vocab_size"]),
-                 tied=bool(config.get("tie_word_embeddings", False)))
+def extra_tensors(config: dict[str, Any], family: Family, shape: Shape, rope_type: str) -> dict[str, np.ndarray]:
+    """Tensors llama.cpp reads that the checkpoint does not hold (the family's hook: RoPE factors)."""
+    hook = family.gguf.extra_tensors
+    return hook(config, shape, rope_type) if hook else {}
 
 
 # ---------------------------------------------------------------- writer
@@ -611,11 +341,11 @@ def _write_hparams(writer: Any, config: dict[str, Any], family: Family, shape: S
     """The hyperparameters every family shares, then the family's own; returns the RoPE type."""
     import gguf
 
-    rope = _rope_settings(config)
+    rope = rope_settings(config)
     rope_type = str(rope.get("rope_type") or "default").lower()
-    if rope_type not in family.rope_types:
+    if rope_type not in family.gguf.rope_types:
         raise ExportError(f"RoPE scaling type {rope_type!r} is not supported by rawtune's GGUF writer for "
-                          f"{family.label} (supported: {', '.join(family.rope_types)})")
+                          f"{family.label} (supported: {', '.join(family.gguf.rope_types)})")
     writer.add_context_length(int(config.get("max_position_embeddings") or 2048))
     writer.add_embedding_length(shape.n_embd)
     writer.add_feed_forward_length(int(config["intermediate_size"]))
@@ -632,8 +362,8 @@ def _write_hparams(writer: Any, config: dict[str, Any], family: Family, shape: S
     writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
     writer.add_vocab_size(shape.vocab_size)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if ftype == "f16" else gguf.LlamaFileType.ALL_F32)
-    if family.hparams:
-        family.hparams(writer, config, shape)
+    if family.gguf.hparams:
+        family.gguf.hparams(writer, config, shape)
     return rope_type
 
 
@@ -665,14 +395,17 @@ def _write_vocab(writer: Any, model_dir: Path, tok_json: dict[str, Any], vocab_s
             "chat_template": special.chat_template is not None}
 
 
-def transform_tensor(hf_name: str, data: np.ndarray, family: Family, shape: Shape) -> np.ndarray:
-    """The family's weight changes: RoPE row order for llama-layout archs, Gemma's norm offset."""
-    if family.permute_qk and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+def transform_tensor(hf_name: str, data: np.ndarray, spec: Any, shape: Shape) -> np.ndarray:
+    """The family's weight changes (``spec``: its :class:`~rawtune.families.base.Gguf`): RoPE row
+    order for llama-layout archs, Gemma's norm offset, then the family's own transform hook."""
+    if spec.permute_qk and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
         data = permute_rope(data, shape.n_head)
-    elif family.permute_qk and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+    elif spec.permute_qk and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
         data = permute_rope(data, shape.n_head_kv)
-    if family.norm_offset and hf_name.endswith("norm.weight"):
-        data = data + np.float32(family.norm_offset)
+    if spec.norm_offset and hf_name.endswith("norm.weight"):
+        data = data + np.float32(spec.norm_offset)
+    if spec.transform is not None:
+        data = spec.transform(hf_name, data, shape)
     return data
 
 
@@ -680,66 +413,96 @@ def _skipped(hf_name: str, shape: Shape) -> bool:
     """Tensors a checkpoint may hold that the GGUF leaves out."""
     if hf_name.endswith("rotary_emb.inv_freq"):
         return True  # recomputed by llama.cpp from the rope settings
-    return shape.tied and hf_name == "lm_head.weight"  # llama.cpp reuses token_embd when output.weight is absent
+    return shape.tied and hf_name == "lm_head.weight"  # the embedding is written in its place (or shared)
 
 
 @dataclass(frozen=True)
 class Planned:
-    """One tensor of the GGUF: where it comes from, its GGUF name, shape and stored dtype."""
+    """One tensor of the GGUF: the HF tensor it comes from, its GGUF name, shape, stored dtype and,
+    for tensors a family hook makes, the hook's conversion (else the standard transform)."""
 
     hf_name: str
     gguf_name: str
     shape: tuple[int, ...]
     dtype: Any  # numpy dtype written
+    convert: Optional[Callable[[np.ndarray], np.ndarray]] = None
+
+
+def _outputs(hf_name: str, dims: tuple[int, ...], tensor_map: Any, hf_arch: str, family: Family,
+             config: dict[str, Any], shape: Shape) -> list[TensorOut]:
+    """The GGUF tensors one HF tensor becomes: the family's tensors hook, else the name map's one name
+    (plus output.weight from a tied embedding where llama.cpp requires it)."""
+    if family.gguf.tensors is not None:
+        made = family.gguf.tensors(hf_name, dims, config, shape)
+        if made is not None:
+            return made
+    gguf_name = tensor_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+    if gguf_name is None:
+        raise ExportError(f"tensor {hf_name} has no GGUF name for {hf_arch}; this checkpoint holds "
+                          f"weights rawtune's writer does not know (supported: {families.supported_text()})")
+    out = [TensorOut(gguf_name, dims)]
+    if shape.tied and family.embeddings.output_when_tied and gguf_name == "token_embd.weight":
+        out.append(TensorOut("output.weight", dims))
+    return out
 
 
 def _plan_tensors(specs: list[tuple[str, tuple[int, ...]]], hf_arch: str, family: Family, shape: Shape,
-                  float_type: Any) -> list[Planned]:
-    """The GGUF tensors, in file order, from names and shapes alone (the family's transforms keep shapes)."""
+                  float_type: Any, config: Optional[dict[str, Any]] = None) -> list[Planned]:
+    """The GGUF tensors, in file order, from names and shapes alone (the standard transforms keep shapes;
+    a family's tensors hook states the shapes its conversions give)."""
     import gguf
 
-    tensor_map = gguf.get_tensor_name_map(family.model_arch, shape.n_layer)
+    tensor_map = gguf.get_tensor_name_map(family.gguf.model_arch, shape.n_layer)
     planned = []
     for hf_name, dims in specs:
         if _skipped(hf_name, shape):
             continue
-        gguf_name = tensor_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if gguf_name is None:
-            raise ExportError(f"tensor {hf_name} has no GGUF name for {hf_arch}; this checkpoint holds "
-                              f"weights rawtune's writer does not know (supported: {SUPPORTED_TEXT})")
-        # 1-D tensors (norms, biases) stay float32, as llama.cpp expects for them.
-        planned.append(Planned(hf_name, gguf_name, tuple(dims), np.dtype(np.float32 if len(dims) == 1 else float_type)))
+        for out in _outputs(hf_name, tuple(dims), tensor_map, hf_arch, family, config or {}, shape):
+            # 1-D tensors (norms, biases) stay float32, as llama.cpp expects for them.
+            f32 = len(out.shape) == 1 if out.f32 is None else out.f32
+            planned.append(Planned(hf_name, out.name, tuple(out.shape), np.dtype(np.float32 if f32 else float_type),
+                                   out.convert))
     return planned
 
 
 def _write_tensor_data(writer: Any, planned: list[Planned], arrays: Iterator[tuple[str, np.ndarray]],
                        family: Family, shape: Shape) -> None:
-    """Each tensor's data as it arrives, in the order of the infos already written: one in memory at a time."""
+    """Each tensor's data as it arrives, in the order of the infos already written: one HF tensor in
+    memory at a time (the GGUF tensors made from it are consecutive)."""
     expected = iter(planned)
+    want = next(expected, None)
     for hf_name, data in arrays:
         if _skipped(hf_name, shape):
             continue
-        want = next(expected, None)
-        if want is None or want.hf_name != hf_name or tuple(data.shape) != want.shape:
+        if want is None or want.hf_name != hf_name:
             raise ExportError(f"internal: the tensor stream gave {hf_name} {tuple(data.shape)} where "
                               f"{want.hf_name if want else 'nothing'} {want.shape if want else ''} was announced")
-        writer.write_tensor_data(np.ascontiguousarray(transform_tensor(hf_name, data, family, shape), dtype=want.dtype))
+        while want is not None and want.hf_name == hf_name:
+            out = want.convert(data) if want.convert else transform_tensor(hf_name, data, family.gguf, shape)
+            if tuple(out.shape) != want.shape:
+                raise ExportError(f"internal: {hf_name} gave {want.gguf_name} {tuple(out.shape)} where "
+                                  f"{want.shape} was announced")
+            writer.write_tensor_data(np.ascontiguousarray(out, dtype=want.dtype))
+            want = next(expected, None)
         del data
-    left = next(expected, None)
-    if left is not None:
-        raise ExportError(f"internal: the tensor stream ended before {left.hf_name}")
+    if want is not None:
+        raise ExportError(f"internal: the tensor stream ended before {want.hf_name}")
 
 
-def required_tensors(family: Family, shape: Shape) -> set[str]:
+def required_tensors(family: Family, shape: Shape, config: Optional[dict[str, Any]] = None) -> set[str]:
     """The tensor names llama.cpp will not load the architecture without."""
     import gguf
 
     def name(kind: str, bid: Optional[int] = None, suffix: str = "weight") -> str:
         return gguf.TENSOR_NAMES[getattr(gguf.MODEL_TENSOR, kind)].format(bid=bid) + "." + suffix
 
-    need = {name("TOKEN_EMBD"), name("OUTPUT_NORM")} | (set() if shape.tied else {name("OUTPUT")})
+    spec = family.gguf
+    output = not shape.tied or family.embeddings.output_when_tied
+    need = {name("TOKEN_EMBD"), name("OUTPUT_NORM")} | ({name("OUTPUT")} if output else set())
     for i in range(shape.n_layer):
-        need |= {name(kind, i) for kind in family.blocks} | {name(kind, i, "bias") for kind in family.bias}
+        need |= {name(kind, i) for kind in spec.blocks} | {name(kind, i, "bias") for kind in spec.bias}
+    if spec.required is not None:
+        need |= spec.required(config or {}, shape)
     return need
 
 
@@ -759,20 +522,23 @@ def convert(model_dir: str | Path, out_path: str | Path, ftype: str = "f16", nam
     if ftype not in ("f16", "f32"):
         raise ExportError(f"GGUF conversion writes f16 or f32, not {ftype!r}; quantize the f16 file instead")
     config = read_json(model_dir / "config.json")
-    hf_arch, arch = hf_architecture(config)
-    family = FAMILIES[hf_arch]
+    hf_arch, family = family_of(config)
+    arch = family.gguf.name
     shape = read_shape(config)
-    if family.check:
-        family.check(config, shape)
-    if family.must_tie and not shape.tied:
+    if family.gguf.check:
+        family.gguf.check(config, shape)
+    if family.embeddings.shared and not shape.tied:
         raise ExportError(f"llama.cpp's {arch} has no separate output matrix, but this {family.label} model has "
                           f"untied embeddings (tie_word_embeddings false, e.g. after training the embeddings): "
                           f"train it with LoRA only (train_embeddings false) to export it")
-    if config.get("attention_bias") and family.permute_qk:
+    if config.get("attention_bias") and family.gguf.permute_qk:
         log(f"[export] note: {arch} model with attention biases; biases are written and permuted like Q/K")
     tok_json = read_json(model_dir / "tokenizer.json")
+    refused = families.refusal(config, vocab_tokens(tok_json))
+    if refused:
+        raise ExportError(refused)
     source = tensors or folder_tensors(model_dir)
-    planned = _plan_tensors(source.specs, hf_arch, family, shape, np.float16 if ftype == "f16" else np.float32)
+    planned = _plan_tensors(source.specs, hf_arch, family, shape, np.float16 if ftype == "f16" else np.float32, config)
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".partial")
@@ -784,13 +550,13 @@ def convert(model_dir: str | Path, out_path: str | Path, ftype: str = "f16", nam
             writer.add_license(license)
         rope_type = _write_hparams(writer, config, family, shape, ftype)
         vocab = _write_vocab(writer, model_dir, tok_json, shape.vocab_size)
-        extras = extra_tensors(config, shape, rope_type)  # small: held until their turn at the end
+        extras = extra_tensors(config, family, shape, rope_type)  # small: held until their turn at the end
         for t in planned:
             writer.add_tensor_info(t.gguf_name, t.shape, t.dtype, math.prod(t.shape) * t.dtype.itemsize)
         for extra_name, data in extras.items():
             writer.add_tensor_info(extra_name, data.shape, data.dtype, data.nbytes)
         seen = {t.gguf_name for t in planned} | set(extras)
-        _check_complete(seen, required_tensors(family, shape))
+        _check_complete(seen, required_tensors(family, shape, config))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()

@@ -91,10 +91,9 @@ def _gguf_names(model: Any, config: dict[str, Any]) -> dict[str, str]:
     import gguf
     import torch
 
-    from .gguf_writer import FAMILIES, hf_architecture
+    from .gguf_writer import family_of
 
-    name, _ = hf_architecture(config)
-    model_arch = FAMILIES[name].model_arch
+    model_arch = family_of(config)[1].gguf.model_arch
     tensor_map = gguf.get_tensor_name_map(model_arch, int(config["num_hidden_layers"]))
     names = {}
     for name, module in model.named_modules():

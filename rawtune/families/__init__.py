@@ -47,6 +47,8 @@ def _registry() -> tuple[tuple[Family, ...], dict[str, Any]]:
     found: list[Family] = []
     modules: dict[str, Any] = {}
     for info in pkgutil.iter_modules(__path__):
+        if info.name.startswith("_"):
+            continue  # __main__ (the README command) and private helpers
         module = importlib.import_module(f"{__name__}.{info.name}")
         family = getattr(module, "FAMILY", None)
         if family is None:

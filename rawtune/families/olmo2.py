@@ -33,5 +33,5 @@ FAMILY = Family(
         KnownModel("allenai/OLMo-2-0425-1B", 1.48e9),
         KnownModel("allenai/OLMo-2-0425-1B-Instruct", 1.48e9, instruct=True),
     ),
-    notes="a tied checkpoint is written with output.weight (llama.cpp's loader requires it)",
+    notes="a tied checkpoint is written with `output.weight` (llama.cpp's loader requires it)",
 )

@@ -67,5 +67,5 @@ FAMILY = Family(
     template=Template(end_of_turn=(END_OF_TURN,)),
     refuse=refuse,
     models=(KnownModel("microsoft/Phi-4-mini-instruct", 3.84e9, instruct=True),),
-    notes="refused before training when the vocabulary lacks <|end|>",
+    notes="refused before training when the vocabulary lacks `<|end|>`",
 )

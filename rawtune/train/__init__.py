@@ -128,29 +128,32 @@ def follow(settings: RunSettings, run: RunDir) -> TrainResult:
     return train(settings, run, log=lambda line: None)
 
 
-# Architectures whose GGUF (llama.cpp) reads one matrix for both the input embedding and the
-# output layer: a separately trained lm_head could not be exported (the writer's family table
-# refuses it), so their embeddings stay tied and frozen.
-SHARED_EMBEDDING_ARCHS = {"Gemma2ForCausalLM"}
-# Architectures whose Unsloth training fails inside Unsloth: its compiled Gemma 2 layer stops with
-# an Inductor assertion (Unsloth 2026.10.9, torch 2.11, H200); `--backend auto` trains them with PEFT.
-UNSLOTH_FAILS = {"Gemma2ForCausalLM"}
-
-
 def _family_limits(t: TrainSettings, backend: str, local_dir: str,
                    log: Callable[[str], None]) -> tuple[TrainSettings, str]:
-    """Adjust what this model family cannot do (each change said in one log line)."""
+    """Adjust what this model family cannot do (each change said in one log line), and refuse what
+    llama.cpp could not run before any training time is spent (the family registry's facts)."""
     import dataclasses
     import json
     from pathlib import Path
 
+    from .. import families
+
     config = json.loads((Path(local_dir) / "config.json").read_text(encoding="utf-8"))
-    arch = (config.get("architectures") or [""])[0]
-    if arch in SHARED_EMBEDDING_ARCHS and t.train_embeddings:
+    family = families.family_for_config(config)
+    if family is None:
+        return t, backend
+    arch = (config.get("architectures") or [family.name])[0]
+    if family.refuse is not None:
+        from ..models import load_tokenizer
+
+        reason = family.refuse(config, frozenset(load_tokenizer(local_dir).get_vocab()))
+        if reason:
+            raise TrainError(reason)
+    if family.embeddings.shared and t.train_embeddings:
         log(f"[train] {arch}: embed_tokens/lm_head stay frozen (llama.cpp reads one shared matrix for "
             "both, so a trained lm_head could not be exported)")
         t = dataclasses.replace(t, train_embeddings=False)
-    if arch in UNSLOTH_FAILS and backend == "unsloth":
+    if family.training.unsloth_fails and backend == "unsloth":
         if t.backend != "auto":  # asked for by name: say so now, not with an Inductor traceback
             raise TrainError(f"--backend unsloth: Unsloth's compiled {arch} layer fails in torch's Inductor "
                              "for this architecture; use --backend peft (or auto, which picks PEFT for it)")

@@ -20,12 +20,11 @@ the Trainer does with ``num_items_in_batch``), the same parameter groups, AdamW,
 - every step full: the blocks are read as one stream of shuffled epochs (:func:`step_blocks`).
 
 Families: one layer function covers every architecture whose decoder layer it computes exactly
-(:data:`ARCHS`): Llama 2/3 (and SmolLM/SmolLM2), Mistral (when its sliding window is not shorter
-than the blocks), Qwen2, Qwen3 (RMSNorm over each head of q and k before RoPE), SmolLM3 (layers
-without RoPE), Granite (its embedding, residual, attention and logit multipliers) and OLMo 2
-(RMSNorm after attention and MLP instead of before, RMSNorm over all of q and k). Other families
-(Gemma 2/3: GELU, offset norms, soft-capping, sliding windows; Phi-3: fused projections, partial
-RoPE) train on the Trainer path, said in one log line.
+(the families that declare ``Training(fast_loop=True)`` in :mod:`rawtune.families`, with their
+own check for checkpoints that differ, :func:`archs`): RMSNorm over each head of q and k before
+RoPE or over all of them, norms after attention and MLP instead of before, layers without RoPE,
+embedding/residual/attention/logit multipliers, q/k/v biases. Other families train on the
+Trainer path, said in one log line.
 
 The model side (flattening, the layer function, the chunked loss) is :mod:`.fast_model`.
 
@@ -60,7 +59,13 @@ from .fast_model import PROJ, FastModel, Net, base_linear, extract, float_types,
 from .optim import param_groups, schedule
 from .progress import LoopResult, Progress, StopSignal
 
-ARCHS = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite", "olmo2")
+
+
+def archs() -> tuple[str, ...]:
+    """The model types whose layer the fast loop computes (families with ``Training.fast_loop``)."""
+    from .. import families
+
+    return tuple(k for f in families.all_families() if f.training.fast_loop for k in f.model_types)
 
 
 # ---------------------------------------------------------------- when it applies
@@ -79,8 +84,8 @@ def why_not_for_settings(t: TrainSettings, config: dict, bf16: Optional[bool] = 
     """
     if disabled():
         return "RAWTUNE_FASTLOOP=0"
-    if config.get("model_type") not in ARCHS:
-        return f"architecture {config.get('model_type')!r} (the fast loop knows {', '.join(ARCHS)})"
+    if config.get("model_type") not in archs():
+        return f"architecture {config.get('model_type')!r} (the fast loop knows {', '.join(archs())})"
     if config.get("hidden_act", "silu") != "silu" or config.get("mlp_bias"):
         return "an MLP other than SiLU-gated without bias"
     reason = family_reason(t, config)
@@ -143,15 +148,13 @@ def trainer_checkpoint(resume_from: Optional[Path]) -> Optional[str]:
 
 
 def family_reason(t: TrainSettings, config: dict) -> Optional[str]:
-    """Why this family's layer differs from the one the fast loop computes (None when it does not)."""
-    arch = config.get("model_type")
-    if config.get("use_sliding_window"):
-        return f"sliding-window attention ({arch})"
-    if arch == "mistral" and config.get("sliding_window") and config["sliding_window"] < t.seq_len:
-        return f"a sliding window of {config['sliding_window']} tokens, shorter than --seq-len ({arch})"
-    if config.get("attention_bias") and arch != "qwen2":
-        return f"attention biases ({arch})"
-    return None
+    """Why this checkpoint's layer differs from the one the fast loop computes (None when it does not):
+    the family's own check (sliding windows, attention biases)."""
+    from .. import families
+
+    family = families.family_for_config(config)
+    check = family.training.fast_loop_check if family is not None else None
+    return check(config, t.seq_len) if check else None
 
 
 def why_not_for_model(model: Any, t: TrainSettings, resume_from: Optional[Path]) -> Optional[str]:

@@ -58,7 +58,7 @@ class Net:
 
 
 def extract(model: Any, dtype: Any = None) -> Net:
-    """Flatten a PEFT-wrapped model of :data:`ARCHS` into the tensors of :class:`Net` (shared with the model).
+    """Flatten a PEFT-wrapped model of a fast-loop family (:func:`.fast_loop.archs`) into the tensors of :class:`Net` (shared with the model).
 
     ``dtype`` is the compute dtype (bf16 on CUDA; the CPU tests use fp32 to compare with PEFT).
     """

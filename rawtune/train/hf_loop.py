@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import ConfigError, TrainError
 from ..rundir import RunDir
-from ..settings import EMBEDDING_MODULES, FUSED_PROJECTIONS, TrainSettings, has_cuda
+from ..settings import EMBEDDING_MODULES, TrainSettings, has_cuda
 from .distributed import Dist, trainer_accumulation
 from .optim import param_groups
 from .progress import LoopResult, Progress, StopSignal, step_of
@@ -170,27 +170,15 @@ def _checkpointing(t: TrainSettings) -> str:
     return value
 
 
-def model_targets(module_names: set[str], requested: list[str]) -> list[str]:
-    """The requested projections spelled as this model names them.
-
-    Phi-3 and Phi-4-mini compute q/k/v in one ``qkv_proj`` and gate/up in one ``gate_up_proj``:
-    asking for any of the split names gives the fused module its adapter (LoRA on the fused
-    matrix covers the same weights). Other names pass through unchanged.
-    """
-    out: list[str] = []
-    for name in requested:
-        fused = next((f for f, parts in FUSED_PROJECTIONS.items() if name in parts), None)
-        if name not in module_names and fused in module_names:
-            name = fused
-        if name not in out:
-            out.append(name)
-    return out
-
-
 def with_model_targets(model: Any, t: TrainSettings) -> TrainSettings:
-    """``t`` with its target modules mapped onto the loaded model's projection names."""
+    """``t`` with its target modules spelled as the loaded model names them: the family registry maps
+    split names onto fused projections (Phi-3's ``qkv_proj``, ``gate_up_proj``), generic names onto
+    the family's modules of that layer kind, and adds the kinds the family's preset trains."""
+    from .. import families
+
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    targets = model_targets(names, list(t.target_modules))
+    family = families.family_for_config(model.config.to_dict())
+    targets = families.lora_targets(family, list(t.target_modules), names, getattr(t, "preset", None))
     return t if targets == list(t.target_modules) else dataclasses.replace(t, target_modules=targets)
 
 

@@ -306,31 +306,12 @@ def call_seconds_for(c: dict, train_seconds: float = 60) -> float:
 
 # ---------------------------------------------------------------- the CLI
 
-# Shapes of common bases, so the plan can be printed without downloading anything.
-KNOWN = {
-    "smollm2-135m": (576, 1536, 30, 9, 3, 49152, True, "llama"),
-    "smollm2-360m": (960, 2560, 32, 15, 5, 49152, True, "llama"),
-    "smollm2-1.7b": (2048, 8192, 24, 32, 32, 49152, True, "llama"),
-    "llama-3.2-1b": (2048, 8192, 16, 32, 8, 128256, True, "llama"),
-    "llama-3.2-3b": (3072, 8192, 28, 24, 8, 128256, True, "llama"),
-    "llama-3.1-8b": (4096, 14336, 32, 32, 8, 128256, False, "llama"),
-    "qwen2.5-0.5b": (896, 4864, 24, 14, 2, 151936, True, "qwen2"),
-    "qwen2.5-1.5b": (1536, 8960, 28, 12, 2, 151936, True, "qwen2"),
-    "qwen2.5-3b": (2048, 11008, 36, 16, 2, 151936, True, "qwen2"),
-    "qwen2.5-7b": (3584, 18944, 28, 28, 4, 152064, False, "qwen2"),
-}
-
-
 def known_shape(model_id: str) -> dict:
-    """config.json fields of a known model id ({} when unknown); '-Instruct' and the owner are ignored."""
-    key = model_id.rsplit("/", 1)[-1].lower().replace("meta-", "")
-    key = key.removesuffix("-instruct")
-    if key not in KNOWN:
-        return {}
-    d, inter, layers, heads, kv, vocab, tied, arch = KNOWN[key]
-    return {"model_type": arch, "hidden_size": d, "intermediate_size": inter, "num_hidden_layers": layers,
-            "num_attention_heads": heads, "num_key_value_heads": kv, "vocab_size": vocab,
-            "tie_word_embeddings": tied, "hidden_act": "silu"}
+    """config.json fields of a known model id ({} when unknown): the family registry's planner shapes,
+    so the plan can be printed without downloading anything; '-Instruct' and the owner are ignored."""
+    from .. import families
+
+    return families.planner_shape(model_id)
 
 
 def shape_of(spec: str) -> dict:
@@ -354,14 +335,16 @@ def main(argv: Optional[list] = None) -> None:
     from ..settings import RunSettings, validate
 
     parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("model", help="model id (known: " + ", ".join(KNOWN) + "), folder or config.json")
+    from .. import families
+
+    parser.add_argument("model", help="model id (known: " + ", ".join(families.planner_keys()) + "), folder or config.json")
     parser.add_argument("--seq-len", type=int, default=None)
     parser.add_argument("--preset", default="standard", help="quick, standard (the GPU default) or thorough")
     args = parser.parse_args(argv)
     c = shape_of(args.model)
     if not c:
         raise SystemExit(f"error: {args.model} is not a local folder or config.json and not a known model id "
-                         f"({', '.join(KNOWN)}); pass the folder or its config.json")
+                         f"({', '.join(families.planner_keys())}); pass the folder or its config.json")
     s = RunSettings()
     s.train.preset = args.preset
     if args.seq_len:
