@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_ten_families_and_their_lookups():
     names = [f.name for f in families.all_families()]
-    assert names == ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "smollm3", "granite", "olmo2"]
+    ten = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "smollm3", "granite", "olmo2"]
+    assert [n for n in names if n in ten] == ten  # in their order, whatever families other branches add
     assert families.family_for_arch("Phi3ForCausalLM").name == "phi3"
     assert families.family_for_arch("NotAModelForCausalLM") is None
     assert families.family_for_config({"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text"}).name == "gemma3"
@@ -41,7 +42,7 @@ def test_ten_families_and_their_lookups():
     shape = families.planner_shape("meta-llama/Llama-3.2-3B-Instruct")
     assert shape["model_type"] == "llama" and shape["hidden_size"] == 3072 and shape["vocab_size"] == 128256
     assert families.planner_shape("someone/unknown-7b") == {}
-    assert set(families.end_of_turn_tokens()) == {"<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"}
+    assert set(families.end_of_turn_tokens()) >= {"<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"}
 
 
 def test_lora_targets_by_layer_kind():
