@@ -91,6 +91,13 @@ OLMO3_TEMPLATE = CHATML
 EXAONE4_TEMPLATE = ("{% for message in messages %}{{ '[|' + message['role'] + '|]\n' + message['content'] + "
                     "'[|endofturn|]\n' }}{% endfor %}{% if add_generation_prompt %}"
                     "{{ '[|assistant|]\n<think>\n\n</think>\n\n' }}{% endif %}")
+# Gemma 4's turn format (<|turn>role ... <turn|>, 'assistant' called 'model', system as its own turn) with
+# the generation prompt's empty thought channel (thinking off, the published template's default). Written
+# for these tests; the published template (tools, images, thinking) is not one rawtune translates.
+GEMMA4_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' else "
+    "message['role'] %}{{ '<|turn>' + role + '\n' + message['content'] | trim + '<turn|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|turn>model\n<|channel>thought\n<channel|>' }}{% endif %}")
 # Qwen3: ChatML, and an empty think block before the answer when generating (the published template
 # emits one when thinking is off); thinking content itself is not modelled here.
 QWEN3_TEMPLATE = CHATML.replace("'<|im_start|>assistant\n'", "'<|im_start|>assistant\n<think>\n\n</think>\n\n'")
@@ -168,6 +175,22 @@ FAMILY_SPECS: dict[str, Family] = {
         layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                          "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}})),
+    # Gemma 4 E2B (text): head width 32 on sliding layers and 64 on full ones (256/512 in the E2B), 4:1
+    # grouped-query attention (8:1 there), the last half of the layers reusing the keys and values of the
+    # first half's last layer of each kind with double-wide MLPs (20 of 35 there), per-layer input embeddings
+    # (width 1/4 of the hidden size; 256/1536 there), proportional RoPE on a quarter of the full layers'
+    # heads, final soft-cap 30, tied. 2 sliding : 1 full instead of 4 : 1, so that both halves hold both
+    # kinds in 6 layers (10 layers amplify llama.cpp's F32 rounding past the shared tolerance: 2.3e-4).
+    "gemma4": Family("Gemma4ForCausalLM", "Gemma4TextConfig", Tokenizer(
+        "spm", ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"], bos="<bos>", eos="<turn|>", add_bos=True,
+        pad="<pad>"), GEMMA4_TEMPLATE, True, dict(
+        intermediate_size=256, num_key_value_heads=1, head_dim=32, global_head_dim=64, sliding_window=8,
+        hidden_size_per_layer_input=16, num_kv_shared_layers=3, use_double_wide_mlp=True,
+        final_logit_softcapping=30.0, hidden_activation="gelu_pytorch_tanh",
+        layer_types=(["sliding_attention"] * 2 + ["full_attention"]) * 2,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                                            "rope_theta": 1000000.0}})),
     # Phi-3 mini / Phi-4 mini layout: fused qkv and gate_up, partial rotary (Phi-4 mini rotates 3/4).
     "phi3": Family("Phi3ForCausalLM", "Phi3Config", Tokenizer(
         "spm", ["<unk>", "<s>", "</s>"], bos="<s>", eos="<|end|>", add_bos=False, pad="<|endoftext|>",
@@ -242,6 +265,7 @@ BY_NAME = ["exaone4hybrid"]
 FAMILIES = [name for name in FAMILY_SPECS if name not in VARIANTS + BY_NAME]
 # Chat tokens every SentencePiece family adds on top of its base vocabulary.
 SPM_CHAT_TOKENS = {"gemma2": ["<start_of_turn>", "<end_of_turn>"], "gemma3": ["<start_of_turn>", "<end_of_turn>"],
+                   "gemma4": ["<|turn>", "<turn|>", "<|channel>", "<channel|>"],
                    "phi3": ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], "mistral": []}
 
 
@@ -357,6 +381,8 @@ def family_config(name: str, tokenizer, *, tied: Optional[bool] = None, layers: 
                   eos_token_id=tokenizer.convert_tokens_to_ids(family.tokenizer.eos),
                   bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id)
     values.update(settings)
+    if family.config == "Gemma4TextConfig":  # its per-layer embedding table has one row per token too
+        values["vocab_size_per_layer_input"] = values["vocab_size"]
     config = getattr(transformers, family.config)(**values)
     config.architectures = [family.arch]
     return config

@@ -38,13 +38,25 @@ WEIGHT_STD = 0.2
 
 
 def scramble(model_dir: Path, seed: int) -> None:
-    """Large random weights, norms around 1 (around 0 for Gemma's 1 + w norms) and random biases, in place."""
+    """Large random weights, norms around 1 (around 0 for Gemma 2/3's 1 + w norms) and random biases, in place."""
     import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    gemma = model.config.model_type.startswith("gemma")
-    scramble_weights(model, seed, WEIGHT_STD, norm_center=0.0 if gemma else 1.0)
+    offset = registry.family_for_config(model.config.to_dict()).gguf.norm_offset
+    scramble_weights(model, seed, WEIGHT_STD, norm_center=1.0 - offset)
+    with torch.no_grad():  # per-layer output scales (Gemma 4) are buffers: away from 1 too
+        gen = torch.Generator().manual_seed(seed)
+        for name, buffer in model.named_buffers():
+            if name.endswith("layer_scalar"):
+                buffer.copy_(0.5 + torch.rand(buffer.shape, generator=gen))
+        if model.config.model_type == "gemma4_text":
+            # Gemma 4 scales attention by 1 after its q/k norms, not by 1/sqrt(head_dim): q/k norm weights
+            # shrunk by width^-1/4 give its attention logits the spread the other families' have (not
+            # sqrt(head_dim) times it, where F16 rounding of the activations alone moves the softmax).
+            for name, p in model.named_parameters():
+                if name.endswith(("q_norm.weight", "k_norm.weight")):
+                    p.mul_(p.shape[0] ** -0.25)
     model.save_pretrained(model_dir)
 
 
@@ -94,6 +106,8 @@ def torch_logits(model_dir: Path, tokens: np.ndarray, ggml_gelu: bool = False) -
     if ggml_gelu:
         for layer in model.model.layers:
             layer.mlp.forward = _gelu_mlp(layer.mlp, TableGelu(layer.mlp.act_fn))
+            if "act_fn" in layer._modules:  # Gemma 4's per-layer-embedding gate
+                object.__setattr__(layer, "act_fn", TableGelu(layer._modules.pop("act_fn")))
     with torch.inference_mode():
         return model(torch.as_tensor(tokens[None, :], dtype=torch.long)).logits[0].numpy()
 

@@ -20,7 +20,7 @@ from test_ollama import assert_go_matches_jinja, go_render
 
 # Families whose tests use a stand-in template written in the family's turn format (tests/families.py
 # says why for each): the real one could not be fetched here, or rawtune does not translate it.
-STAND_IN = {"mistral", "olmo3", "exaone4"}
+STAND_IN = {"mistral", "olmo3", "exaone4", "gemma4"}
 # Templates of other members of a family, rendered with that family's tokenizer.
 EXTRA = {"phi4": "phi3", "granite4": "granite", "smollm2": "qwen2"}
 TEMPLATES = FAMILIES + list(EXTRA)
@@ -42,6 +42,7 @@ STOPS = {
     "olmo2": ["<|endoftext|>", "<|user|>", "<|assistant|>"],
     "olmo3": ["<|im_end|>", "<|im_start|>", "<|endoftext|>"],
     "exaone4": ["[|endofturn|]", "[|user|]", "[|assistant|]"],
+    "gemma4": ["<turn|>", "<|turn>"],
 }
 # What the family's first sample conversation (one user turn) must end with in Go: its generation prompt.
 GENERATION = {
@@ -50,6 +51,7 @@ GENERATION = {
     "phi3": "<|end|>\n<|assistant|>\n", "phi4": "<|end|><|assistant|>",
     "granite": "<|start_of_role|>assistant<|end_of_role|>", "granite4": "<|start_of_role|>assistant<|end_of_role|>",
     "olmo2": "\n<|assistant|>\n", "exaone4": "[|endofturn|]\n[|assistant|]\n<think>\n\n</think>\n\n",
+    "gemma4": "<turn|>\n<|turn>model\n<|channel>thought\n<channel|>",
 }
 CHATML_GENERATION = "<|im_end|>\n<|im_start|>assistant\n"
 
