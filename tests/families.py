@@ -191,6 +191,19 @@ FAMILY_SPECS: dict[str, Family] = {
         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                          "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
                                             "rope_theta": 1000000.0}})),
+    # Gemma 4 31B's layout (text): keys double as values on full layers (no v_proj there) with fewer KV heads
+    # (16 and 4 of 32 heads there, 2 and 1 of 4 here), no per-layer embeddings, no shared KV, 5 sliding : 1
+    # full. Built by name (tests/test_families_attn.py).
+    "gemma4dense": Family("Gemma4ForCausalLM", "Gemma4TextConfig", Tokenizer(
+        "spm", ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"], bos="<bos>", eos="<turn|>", add_bos=True,
+        pad="<pad>"), GEMMA4_TEMPLATE, True, dict(
+        intermediate_size=256, num_key_value_heads=2, num_global_key_value_heads=1, attention_k_eq_v=True,
+        head_dim=32, global_head_dim=64, sliding_window=8, hidden_size_per_layer_input=0, num_kv_shared_layers=0,
+        final_logit_softcapping=30.0, hidden_activation="gelu_pytorch_tanh",
+        layer_types=["sliding_attention"] * 5 + ["full_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                                            "rope_theta": 1000000.0}})),
     # Phi-3 mini / Phi-4 mini layout: fused qkv and gate_up, partial rotary (Phi-4 mini rotates 3/4).
     "phi3": Family("Phi3ForCausalLM", "Phi3Config", Tokenizer(
         "spm", ["<unk>", "<s>", "</s>"], bos="<s>", eos="<|end|>", add_bos=False, pad="<|endoftext|>",
@@ -261,11 +274,12 @@ FAMILY_SPECS: dict[str, Family] = {
 }
 VARIANTS = ["phi4mini"]
 # Models built by name in a family's own test file only (too slow for every family test).
-BY_NAME = ["exaone4hybrid"]
+BY_NAME = ["exaone4hybrid", "gemma4dense"]
 FAMILIES = [name for name in FAMILY_SPECS if name not in VARIANTS + BY_NAME]
 # Chat tokens every SentencePiece family adds on top of its base vocabulary.
 SPM_CHAT_TOKENS = {"gemma2": ["<start_of_turn>", "<end_of_turn>"], "gemma3": ["<start_of_turn>", "<end_of_turn>"],
                    "gemma4": ["<|turn>", "<turn|>", "<|channel>", "<channel|>"],
+                   "gemma4dense": ["<|turn>", "<turn|>", "<|channel>", "<channel|>"],
                    "phi3": ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], "mistral": []}
 
 

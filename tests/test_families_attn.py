@@ -6,7 +6,9 @@ leave PyTorch's), and the RoPE settings olmo2's graph cannot express are refused
 32B layout (three sliding layers with RoPE, one global layer without) runs in llama.cpp only
 at 64 layers: the 64-layer tiny model matches PyTorch, its pattern left out does not, and the
 same layout at another depth is refused before training and at export, naming the llama.cpp
-version.
+version. Gemma 4's 31B layout (keys as values, per-kind KV heads, no per-layer embeddings) matches
+too, its proportional RoPE factors are shown to matter, and its experts model is refused before
+training.
 """
 
 from __future__ import annotations
@@ -167,4 +169,54 @@ def test_exaone4_window_with_every_layer_global_is_refused(tmp_path):
     model_dir = build_family("exaone4", tmp_path / "e4")
     _edit_config(model_dir, sliding_window=4096)
     with pytest.raises(ExportError, match="every layer global"):
+        gguf_writer.convert(model_dir, tmp_path / "x.gguf")
+
+
+def test_gemma4_31b_layout(tmp_path):
+    """Keys as values on full layers (no v_proj), fewer KV heads there, no per-layer embeddings: F16/F32 parity
+    and the per-layer KV head counts in the file."""
+    import gguf
+
+    model_dir = build_family("gemma4dense", tmp_path / "g4")
+    scramble(model_dir, seed=55)
+    tokens = mixed_tokens(model_dir)
+    f16, f32 = tmp_path / "g4.F16.gguf", tmp_path / "g4.F32.gguf"
+    gguf_writer.convert(model_dir, f16, "f16", log=lambda s: None)
+    gguf_writer.convert(model_dir, f32, "f32", log=lambda s: None)
+    err16 = relative_error(gguf_logits(f16, tokens), torch_logits(model_dir, tokens))
+    err32 = relative_error(gguf_logits(f32, tokens), torch_logits(model_dir, tokens, ggml_gelu=True))
+    print(f"\n[gemma4 31B layout] F16 {err16:.1e}, F32 {err32:.1e} relative")
+    assert err16 < F16_TOL and err32 < F32_TOL
+    field = gguf.GGUFReader(str(f32)).fields["gemma4.attention.head_count_kv"]
+    assert [int(field.parts[i][0]) for i in field.data] == [2] * 5 + [1]
+
+
+def test_gemma4_proportional_rope_factors_matter(tmp_path, monkeypatch):
+    """Without the 1e30 factors llama.cpp would turn every pair of the full layers' heads."""
+    import numpy as np
+
+    model_dir = build_family("gemma4", tmp_path / "g4")
+    scramble(model_dir, seed=56)
+    tokens = mixed_tokens(model_dir)
+    family = registry.family_named("gemma4")
+
+    def all_turning(config, shape, rope_type):
+        return {"rope_freqs.weight": np.ones(32, dtype=np.float32)}
+
+    changed = dataclasses.replace(family, gguf=dataclasses.replace(family.gguf, extra_tensors=all_turning))
+    monkeypatch.setattr(gguf_writer, "family_of", lambda config: ("Gemma4ForCausalLM", changed))
+    bad = tmp_path / "bad.gguf"
+    gguf_writer.convert(model_dir, bad, "f32", log=lambda s: None)
+    assert relative_error(gguf_logits(bad, tokens), torch_logits(model_dir, tokens, ggml_gelu=True)) > F16_TOL
+
+
+def test_gemma4_experts_are_refused_before_training(tmp_path, tiny_corpus):
+    from conftest import train_tiny
+
+    model_dir = build_family("gemma4", tmp_path / "g4")
+    _edit_config(model_dir, enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32)
+    assert "26B A4B" in registry.refusal(json.loads((model_dir / "config.json").read_text()), frozenset())
+    with pytest.raises(TrainError, match="expert layout"):
+        train_tiny(tmp_path / "run", model_dir, tiny_corpus, max_steps=1, backend="peft")
+    with pytest.raises(ExportError, match="expert layout"):
         gguf_writer.convert(model_dir, tmp_path / "x.gguf")

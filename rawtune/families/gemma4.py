@@ -123,8 +123,16 @@ def check(config: Config, shape: Shape) -> None:
 def hparams(writer: Any, config: Config, shape: Shape) -> None:
     """Head widths and KV heads per layer kind, RoPE of each kind, window, PLE width, shared KV layers,
     double-wide MLPs, the final soft-cap (after the common keys, which these override)."""
+    import gguf
+
     kinds = types(config, shape.n_layer)
     head, head_full = int(config["head_dim"]), global_head_dim(config)
+    arch = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GEMMA4]
+    overridden = (gguf.Keys.Attention.KEY_LENGTH, gguf.Keys.Attention.VALUE_LENGTH, gguf.Keys.Rope.DIMENSION_COUNT,
+                  gguf.Keys.LLM.FEED_FORWARD_LENGTH, gguf.Keys.Attention.HEAD_COUNT_KV)
+    for data in writer.kv_data:  # the common keys these replace (the writer warns on a key written twice)
+        for key in overridden:
+            data.pop(key.format(arch=arch), None)
     writer.add_key_length(head_full)
     writer.add_value_length(head_full)
     writer.add_key_length_swa(head)
@@ -133,16 +141,17 @@ def hparams(writer: Any, config: Config, shape: Shape) -> None:
     writer.add_rope_dimension_count_swa(head)
     writer.add_rope_freq_base_swa(float(_rope(config, "sliding_attention").get("rope_theta", 10000.0)))
     heads_kv = kv_heads(config, kinds)
-    if len(set(heads_kv)) > 1:
-        writer.add_head_count_kv(heads_kv)
+    writer.add_head_count_kv(heads_kv if len(set(heads_kv)) > 1 else heads_kv[0])
     swa_pattern(writer, config, kinds)
     shared = int(config.get("num_kv_shared_layers") or 0)
     writer.add_shared_kv_layers(shared)
     writer.add_embedding_length_per_layer_input(int(config.get("hidden_size_per_layer_input") or 0))
+    n_ff = int(config["intermediate_size"])
     if config.get("use_double_wide_mlp") and shared:
-        n_ff = int(config["intermediate_size"])
         writer.add_feed_forward_length([n_ff * 2 if i >= shape.n_layer - shared else n_ff
                                         for i in range(shape.n_layer)])
+    else:
+        writer.add_feed_forward_length(n_ff)
     if config.get("final_logit_softcapping"):
         writer.add_final_logit_softcapping(float(config["final_logit_softcapping"]))
 
