@@ -423,15 +423,21 @@ def build_family(name: str, path: Path, *, tied: Optional[bool] = None, seed: in
     return path
 
 
-def build_phi3_without_end(path: Path) -> Path:
-    """A Phi-3 model whose vocabulary lacks ``<|end|>`` (EOS ``</s>``), which llama.cpp's phi3 cannot load."""
+def build_without_end(name: str, path: Path) -> Path:
+    """A Phi-3-architecture model (``phi3`` or ``phi4mini``) whose vocabulary lacks ``<|end|>``: EOS is
+    ``</s>`` (SentencePiece) or ``<|endoftext|>`` (o200k) instead."""
     import dataclasses
 
-    phi3 = FAMILY_SPECS["phi3"]
-    chat = SPM_CHAT_TOKENS["phi3"]
-    FAMILY_SPECS["phi3"] = dataclasses.replace(phi3, tokenizer=dataclasses.replace(phi3.tokenizer, eos="</s>"))
-    SPM_CHAT_TOKENS["phi3"] = [t for t in chat if t != "<|end|>"]
+    spec = FAMILY_SPECS[name]
+    chat = SPM_CHAT_TOKENS.get(name)
+    tok = spec.tokenizer
+    FAMILY_SPECS[name] = dataclasses.replace(spec, tokenizer=dataclasses.replace(
+        tok, eos="</s>" if tok.kind == "spm" else "<|endoftext|>", specials=[t for t in tok.specials if t != "<|end|>"]))
+    if chat is not None:
+        SPM_CHAT_TOKENS[name] = [t for t in chat if t != "<|end|>"]
     try:
-        return build_family("phi3", path)
+        return build_family(name, path)
     finally:
-        FAMILY_SPECS["phi3"], SPM_CHAT_TOKENS["phi3"] = phi3, chat
+        FAMILY_SPECS[name] = spec
+        if chat is not None:
+            SPM_CHAT_TOKENS[name] = chat

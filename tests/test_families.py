@@ -510,17 +510,130 @@ def test_tied_olmo2_exports_with_output_weight(tmp_path, monkeypatch):
         load_llama(without, n_ctx=64).close()
 
 
-def test_phi3_without_end_token_cannot_be_loaded(tmp_path, monkeypatch):
-    """Why a Phi-3 model without <|end|> is refused (before training, and by export): written anyway,
-    with the refusal switched off, llama.cpp's phi3 vocabulary loader fails on the file."""
-    from families import build_phi3_without_end
+@pytest.mark.parametrize("name", ["phi3", "phi4mini"])
+def test_phi3_without_end_token_runs_in_llama_cpp(name, tmp_path):
+    """Issue 21 reported that a Phi-3-architecture model whose vocabulary lacks <|end|> fails to load in
+    llama.cpp. Measured with the vendored llama.cpp, it does not: the file loads, its logits match
+    PyTorch's and the tokenizer agrees, so rawtune does not refuse it (rawtune/families/phi3.py)."""
+    from transformers import AutoTokenizer
 
-    model_dir = build_phi3_without_end(tmp_path / "phi3-no-end")
-    with pytest.raises(ExportError, match=r"no <\|end\|> token"):
-        gguf_writer.convert(model_dir, tmp_path / "refused.gguf", "f16", log=lambda s: None)
-    assert not (tmp_path / "refused.gguf").exists()
-    monkeypatch.setattr(registry, "refusal", lambda config, vocab: None)
-    out = tmp_path / "written.gguf"
-    gguf_writer.convert(model_dir, out, "f16", log=lambda s: None)
-    with pytest.raises(ExportError, match="could not load"):
-        load_llama(out, n_ctx=64).close()
+    from families import build_without_end
+
+    model_dir = build_without_end(name, tmp_path / name)
+    hf = AutoTokenizer.from_pretrained(model_dir)
+    assert "<|end|>" not in hf.get_vocab()
+    scramble(model_dir, seed=71)
+    tokens = mixed_tokens(model_dir)
+    out = tmp_path / f"{name}.F32.gguf"
+    gguf_writer.convert(model_dir, out, "f32", log=lambda s: None)
+    assert relative_error(gguf_logits(out, tokens), torch_logits(model_dir, tokens)) < F32_TOL
+    llm = load_llama(out, n_ctx=128)
+    try:
+        assert steps.check_tokenizer(llm, hf, [MIXED_TEXT]) == []
+    finally:
+        llm.close()
+
+
+def _layer_proj(hf_name: str) -> tuple[int, str] | None:
+    """(layer, projection) of a block's projection weight, else None."""
+    import re
+
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.weight", hf_name)
+    return (int(m.group(1)), m.group(2)) if m else None
+
+
+def fused_as_phi3(order: tuple[str, str, str] = ("q_proj", "k_proj", "v_proj")):
+    """A tensors hook that writes a split-projection checkpoint as llama.cpp's phi3: q/k/v become one
+    attn_qkv and gate/up one ffn_up, each made from several HF tensors (``TensorOut.inputs``)."""
+    from rawtune.families.base import TensorOut
+
+    def hook(hf_name, dims, config, shape):
+        found = _layer_proj(hf_name)
+        if found is None:
+            return None
+        i, proj = found
+        prefix = f"model.layers.{i}."
+        if proj in ("k_proj", "v_proj", "up_proj"):
+            return []  # inputs of the fused tensors only
+        if proj == "q_proj":
+            names = [f"{prefix}self_attn.{p}.weight" for p in order]
+            rows = (shape.n_head + 2 * shape.n_head_kv) * shape.head_dim
+            return [TensorOut(f"blk.{i}.attn_qkv.weight", (rows, dims[1]), inputs=tuple(names[1:]) if
+                              names[0] == hf_name else tuple(n for n in names if n != hf_name),
+                              convert=lambda arrays: np.concatenate([arrays[n] for n in names]))]
+        if proj == "gate_proj":
+            names = [hf_name, f"{prefix}mlp.up_proj.weight"]
+            return [TensorOut(f"blk.{i}.ffn_up.weight", (2 * dims[0], dims[1]), inputs=(names[1],),
+                              convert=lambda arrays: np.concatenate([arrays[n] for n in names]))]
+        return None
+    return hook
+
+
+def test_tensors_hook_combines_several_hf_tensors(tmp_path, monkeypatch):
+    """The Gguf.tensors hook can make one GGUF tensor from several HF tensors: a Mistral checkpoint
+    written as llama.cpp's phi3 (fused attn_qkv and gate/up) gives PyTorch's logits. Negative
+    control: the same hook fusing k, q, v in the wrong order does not."""
+    import dataclasses
+
+    model_dir = build_family("mistral", tmp_path / "mistral")
+    scramble(model_dir, seed=81)
+    tokens = mixed_tokens(model_dir)
+    want = torch_logits(model_dir, tokens)
+    phi3 = registry.family_named("phi3")
+    for label, order, ok in (("right", ("q_proj", "k_proj", "v_proj"), True),
+                             ("wrong", ("k_proj", "q_proj", "v_proj"), False)):
+        family = dataclasses.replace(phi3, gguf=dataclasses.replace(phi3.gguf, tensors=fused_as_phi3(order)))
+        monkeypatch.setattr(gguf_writer, "family_of", lambda config, f=family: ("MistralForCausalLM", f))
+        out = tmp_path / f"{label}.F32.gguf"
+        assert gguf_writer.convert(model_dir, out, "f32", log=lambda s: None)["architecture"] == "phi3"
+        err = relative_error(gguf_logits(out, tokens), want)
+        print(f"\n[hooks] mistral written as phi3, q/k/v {label}: {err:.1e} rel")
+        assert (err < F32_TOL) if ok else (err > F16_TOL), err
+
+
+def test_tensors_hook_splits_one_hf_tensor(tmp_path, monkeypatch):
+    """The Gguf.tensors hook can make several GGUF tensors from one HF tensor: Phi-3's fused qkv_proj
+    and gate_up_proj written as llama.cpp's llama (split, Q/K permuted in the hook's conversion)
+    give PyTorch's logits; the phi3-only common keys are left to the family (skip_common)."""
+    import dataclasses
+
+    from rawtune.families.base import TensorOut
+
+    model_dir = build_family("phi3", tmp_path / "phi3")
+    config = json.loads((model_dir / "config.json").read_text())
+    config["rope_parameters"]["partial_rotary_factor"] = 1.0  # llama.cpp's llama rotates whole heads
+    (model_dir / "config.json").write_text(json.dumps(config))
+    scramble(model_dir, seed=82)
+    tokens = mixed_tokens(model_dir)
+    want = torch_logits(model_dir, tokens)
+
+    def split(hf_name, dims, config, shape):
+        found = _layer_proj(hf_name)
+        if found is None or found[1] not in ("qkv_proj", "gate_up_proj"):
+            return None
+        i, proj = found
+        if proj == "gate_up_proj":
+            half = dims[0] // 2
+            return [TensorOut(f"blk.{i}.ffn_gate.weight", (half, dims[1]), convert=lambda d: d[:half]),
+                    TensorOut(f"blk.{i}.ffn_up.weight", (half, dims[1]), convert=lambda d: d[half:])]
+        q, kv = shape.n_head * shape.head_dim, shape.n_head_kv * shape.head_dim
+        return [TensorOut(f"blk.{i}.attn_q.weight", (q, dims[1]),
+                          convert=lambda d: gguf_writer.permute_rope(d[:q], shape.n_head)),
+                TensorOut(f"blk.{i}.attn_k.weight", (kv, dims[1]),
+                          convert=lambda d: gguf_writer.permute_rope(d[q:q + kv], shape.n_head_kv)),
+                TensorOut(f"blk.{i}.attn_v.weight", (kv, dims[1]), convert=lambda d: d[q + kv:])]
+
+    def context_length(writer, config, shape):
+        writer.add_context_length(256)  # written by the family instead of the common writer
+
+    llama = registry.family_named("llama")
+    family = dataclasses.replace(llama, gguf=dataclasses.replace(
+        llama.gguf, tensors=split, skip_common=("context_length",), hparams=context_length))
+    monkeypatch.setattr(gguf_writer, "family_of", lambda config: ("Phi3ForCausalLM", family))
+    out = tmp_path / "split.F32.gguf"
+    assert gguf_writer.convert(model_dir, out, "f32", log=lambda s: None)["architecture"] == "llama"
+    assert relative_error(gguf_logits(out, tokens), want) < F32_TOL
+    import gguf
+
+    fields = gguf.GGUFReader(out).fields
+    assert int(fields["llama.context_length"].parts[-1][0]) == 256

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import train_tiny
-from families import FAMILIES, VARIANTS, build_family, build_phi3_without_end
+from families import FAMILIES, VARIANTS, build_family
 from tiny import fast_loop_vs_peft
 from rawtune.train import fast_loop as fastloop
 from rawtune.errors import TrainError
@@ -182,23 +182,28 @@ def test_unsloth_by_name_is_refused_for_gemma2(family_dir):
     assert _family_limits(t, "unsloth", str(family_dir("gemma3")), lines.append)[1] == "unsloth"
 
 
-def test_phi3_without_end_token_is_refused_before_training(tmp_path, tiny_corpus):
-    """Issue 21: llama.cpp's phi3 vocabulary loader needs <|end|> (tests/test_families.py shows the load
-    failing), so a Phi-3-architecture model whose vocabulary lacks it is refused before any training
-    step, in one line saying why. The same family with <|end|> trains (the parametrized test above)."""
-    from transformers import AutoTokenizer
+def test_a_family_refusal_stops_the_run_before_training(family_dir, tiny_corpus, tmp_path, monkeypatch):
+    """A family's ``refuse`` check (a variant the vendored llama.cpp cannot run) stops the run after the
+    data stage and before any training step, in one line; the check gets the config and the vocabulary."""
+    import dataclasses
 
+    from rawtune import families
     from rawtune.rundir import RunDir
 
-    model_dir = build_phi3_without_end(tmp_path / "phi3-no-end")
-    assert "<|end|>" not in AutoTokenizer.from_pretrained(model_dir).get_vocab()
-    with pytest.raises(TrainError) as err:
-        train_tiny(tmp_path / "r", model_dir, tiny_corpus, max_steps=2, seq_len=32, backend="peft")
-    text = str(err.value)
-    assert "\n" not in text and "<|end|>" in text and "llama.cpp" in text and "phi3" in text, text
+    seen = {}
+
+    def refuse(config, vocab):
+        seen.update(arch=config["architectures"][0], eot="<|eot_id|>" in vocab, size=len(vocab))
+        return "llama.cpp 0.3.36 cannot run this variant of the family; pick another model"
+
+    llama = dataclasses.replace(families.family_named("llama"), refuse=refuse)
+    monkeypatch.setattr(families, "family_for_config", lambda config: llama)
+    with pytest.raises(TrainError, match="cannot run this variant") as err:
+        train_tiny(tmp_path / "r", family_dir("llama3"), tiny_corpus, max_steps=2, seq_len=32, backend="peft")
+    assert "\n" not in str(err.value)
+    assert seen["arch"] == "LlamaForCausalLM" and seen["eot"] and seen["size"] > 100
     run = RunDir(tmp_path / "r")
-    assert "data" in run.load() and "train" not in run.load()  # the data stage ran; training never started
-    assert not run.adapter_dir.exists()
+    assert "data" in run.load() and "train" not in run.load() and not run.adapter_dir.exists()
 
 
 # ---------------------------------------------------------------- the model list

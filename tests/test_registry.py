@@ -62,6 +62,11 @@ def test_lora_targets_by_layer_kind():
                                                                   "w1", "w2", "w3"]
     assert families.lora_targets(conv, split, names, "standard")[-1] == "in_proj"
     assert families.lora_targets(conv, ["q_proj"], names, "quick") == ["q_proj"]  # a name the model has stays
+    experts = Family("moe", "MoE", ("MoeForCausalLM",), ("moe",), lora=Lora(
+        parameters={"*": ("mlp.experts.gate_up_proj", "mlp.experts.down_proj"), "quick": ()}))
+    assert families.lora_parameters(experts, "standard") == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    assert families.lora_parameters(experts, "quick") == []
+    assert families.lora_parameters(llama, "standard") == [] and families.lora_parameters(None) == []
 
 
 def test_readme_tables_are_generated():

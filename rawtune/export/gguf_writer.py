@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -346,21 +347,26 @@ def _write_hparams(writer: Any, config: dict[str, Any], family: Family, shape: S
     if rope_type not in family.gguf.rope_types:
         raise ExportError(f"RoPE scaling type {rope_type!r} is not supported by rawtune's GGUF writer for "
                           f"{family.label} (supported: {', '.join(family.gguf.rope_types)})")
-    writer.add_context_length(int(config.get("max_position_embeddings") or 2048))
-    writer.add_embedding_length(shape.n_embd)
-    writer.add_feed_forward_length(int(config["intermediate_size"]))
-    writer.add_block_count(shape.n_layer)
-    writer.add_head_count(shape.n_head)
-    writer.add_head_count_kv(shape.n_head_kv)
-    writer.add_key_length(shape.head_dim)
-    writer.add_value_length(shape.head_dim)
-    writer.add_rope_dimension_count(shape.rope_dim)
-    writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
+    common: dict[str, Callable[[], Any]] = {  # GGUFWriter.add_<name> -> its value (read only when written)
+        "context_length": lambda: int(config.get("max_position_embeddings") or 2048),
+        "embedding_length": lambda: shape.n_embd,
+        "feed_forward_length": lambda: int(config["intermediate_size"]),
+        "block_count": lambda: shape.n_layer,
+        "head_count": lambda: shape.n_head,
+        "head_count_kv": lambda: shape.n_head_kv,
+        "key_length": lambda: shape.head_dim,
+        "value_length": lambda: shape.head_dim,
+        "rope_dimension_count": lambda: shape.rope_dim,
+        "rope_freq_base": lambda: float(rope.get("rope_theta", 10000.0)),
+        "layer_norm_rms_eps": lambda: float(config.get("rms_norm_eps", 1e-6)),
+        "vocab_size": lambda: shape.vocab_size,
+    }
+    for key, value in common.items():
+        if key not in family.gguf.skip_common:  # the family's hparams hook writes these itself
+            getattr(writer, f"add_{key}")(value())
     if rope_type == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rope["factor"]))
-    writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
-    writer.add_vocab_size(shape.vocab_size)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if ftype == "f16" else gguf.LlamaFileType.ALL_F32)
     if family.gguf.hparams:
         family.gguf.hparams(writer, config, shape)
@@ -425,7 +431,8 @@ class Planned:
     gguf_name: str
     shape: tuple[int, ...]
     dtype: Any  # numpy dtype written
-    convert: Optional[Callable[[np.ndarray], np.ndarray]] = None
+    convert: Optional[Callable[[Any], np.ndarray]] = None
+    inputs: tuple[str, ...] = ()  # every HF tensor it is made from, when several (hf_name: the last read)
 
 
 def _outputs(hf_name: str, dims: tuple[int, ...], tensor_map: Any, hf_arch: str, family: Family,
@@ -453,36 +460,65 @@ def _plan_tensors(specs: list[tuple[str, tuple[int, ...]]], hf_arch: str, family
     import gguf
 
     tensor_map = gguf.get_tensor_name_map(family.gguf.model_arch, shape.n_layer)
-    planned = []
+    order = {name: i for i, (name, _) in enumerate(specs)}
+    planned: list[Planned] = []
+    waiting: dict[str, list[Planned]] = {}  # tensors made from several: placed after their last input
     for hf_name, dims in specs:
         if _skipped(hf_name, shape):
             continue
         for out in _outputs(hf_name, tuple(dims), tensor_map, hf_arch, family, config or {}, shape):
             # 1-D tensors (norms, biases) stay float32, as llama.cpp expects for them.
             f32 = len(out.shape) == 1 if out.f32 is None else out.f32
-            planned.append(Planned(hf_name, out.name, tuple(out.shape), np.dtype(np.float32 if f32 else float_type),
-                                   out.convert))
+            dtype = np.dtype(np.float32 if f32 else float_type)
+            if not out.inputs:
+                planned.append(Planned(hf_name, out.name, tuple(out.shape), dtype, out.convert))
+                continue
+            inputs = tuple(dict.fromkeys((hf_name,) + tuple(out.inputs)))
+            missing = [n for n in inputs if n not in order]
+            if missing:
+                raise ExportError(f"{out.name} is made from {', '.join(missing)}, which the checkpoint does not hold")
+            last = max(inputs, key=order.__getitem__)
+            waiting.setdefault(last, []).append(Planned(last, out.name, tuple(out.shape), dtype, out.convert, inputs))
+        planned += waiting.pop(hf_name, [])
     return planned
 
 
 def _write_tensor_data(writer: Any, planned: list[Planned], arrays: Iterator[tuple[str, np.ndarray]],
-                       family: Family, shape: Shape) -> None:
+                       family: Family, shape: Shape, known: Optional[set[str]] = None) -> None:
     """Each tensor's data as it arrives, in the order of the infos already written: one HF tensor in
-    memory at a time (the GGUF tensors made from it are consecutive)."""
+    memory at a time (the GGUF tensors made from it are consecutive), plus the inputs a tensor made
+    from several waits for."""
     expected = iter(planned)
     want = next(expected, None)
+    announced = {p.hf_name for p in planned}
+    uses = Counter(name for p in planned for name in p.inputs if name != p.hf_name)  # reads still to come
+    held: dict[str, np.ndarray] = {}
     for hf_name, data in arrays:
-        if _skipped(hf_name, shape):
-            continue
+        if known is not None and hf_name not in known:
+            raise ExportError(f"internal: the tensor stream gave {hf_name}, which was not announced")
+        if uses[hf_name]:
+            held[hf_name] = data
+        if hf_name not in announced:
+            continue  # left out, or only an input of a later tensor
         if want is None or want.hf_name != hf_name:
             raise ExportError(f"internal: the tensor stream gave {hf_name} {tuple(data.shape)} where "
                               f"{want.hf_name if want else 'nothing'} {want.shape if want else ''} was announced")
         while want is not None and want.hf_name == hf_name:
-            out = want.convert(data) if want.convert else transform_tensor(hf_name, data, family.gguf, shape)
+            if want.inputs:
+                out = want.convert({name: held.get(name, data) if name != hf_name else data for name in want.inputs})
+            elif want.convert:
+                out = want.convert(data)
+            else:
+                out = transform_tensor(hf_name, data, family.gguf, shape)
             if tuple(out.shape) != want.shape:
                 raise ExportError(f"internal: {hf_name} gave {want.gguf_name} {tuple(out.shape)} where "
                                   f"{want.shape} was announced")
             writer.write_tensor_data(np.ascontiguousarray(out, dtype=want.dtype))
+            for name in want.inputs:
+                if name != hf_name:
+                    uses[name] -= 1
+                    if not uses[name]:
+                        held.pop(name, None)
             want = next(expected, None)
         del data
     if want is not None:
@@ -524,7 +560,7 @@ def convert(model_dir: str | Path, out_path: str | Path, ftype: str = "f16", nam
     config = read_json(model_dir / "config.json")
     hf_arch, family = family_of(config)
     arch = family.gguf.name
-    shape = read_shape(config)
+    shape = family.gguf.shape(config) if family.gguf.shape else read_shape(config)
     if family.gguf.check:
         family.gguf.check(config, shape)
     if family.embeddings.shared and not shape.tied:
@@ -560,7 +596,7 @@ def convert(model_dir: str | Path, out_path: str | Path, ftype: str = "f16", nam
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        _write_tensor_data(writer, planned, source.arrays, family, shape)
+        _write_tensor_data(writer, planned, source.arrays, family, shape, {n for n, _ in source.specs})
         for data in extras.values():
             writer.write_tensor_data(data)
     finally:

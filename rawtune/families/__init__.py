@@ -37,7 +37,7 @@ from .base import BASE_PRE_TOKENIZERS, GENERIC_TARGETS, Family, KnownModel
 
 __all__ = ["Family", "KnownModel", "all_families", "family_named", "family_for_arch", "family_for_config",
            "known_models", "known_model", "gated_prefixes", "planner_shape", "planner_keys", "end_of_turn_tokens",
-           "pre_tokenizers", "merges_applied", "lora_targets", "supported_text", "refusal"]
+           "pre_tokenizers", "merges_applied", "lora_targets", "lora_parameters", "supported_text", "refusal"]
 
 
 @lru_cache(maxsize=1)
@@ -191,6 +191,14 @@ def lora_targets(family: Optional[Family], requested: list[str], module_names: s
         for kind in lora.presets.get(preset, ()):
             out += [n for n in lora.kinds.get(kind, ()) if n in module_names and n not in out]
     return out
+
+
+def lora_parameters(family: Optional[Family], preset: Optional[str] = None) -> list[str]:
+    """Parameter names PEFT adapts directly (``target_parameters``) for this family and preset ([] for none)."""
+    if family is None:
+        return []
+    params = family.lora.parameters
+    return list(params.get(preset or "", params.get("*", ())))
 
 
 def supported_text() -> str:

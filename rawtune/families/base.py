@@ -75,12 +75,22 @@ def read_shape(config: Config) -> Shape:
 
 @dataclass(frozen=True)
 class TensorOut:
-    """One GGUF tensor made from one HF tensor (what a :attr:`Gguf.tensors` hook returns)."""
+    """One GGUF tensor made from one HF tensor, or from several (what a :attr:`Gguf.tensors` hook returns).
+
+    With ``inputs`` (the other HF tensors it is made from), ``convert`` receives a dict
+    ``{hf name: float32 array}`` holding the tensor the hook was asked about and every input; the
+    writer keeps the inputs that arrive earlier until the last one is read, and writes the
+    tensor at that point of the file. Return ``[]`` from the hook for the inputs themselves
+    when they become no tensor of their own.
+    """
 
     name: str  # full GGUF name, e.g. "blk.0.ffn_gate_exps.weight"
-    shape: tuple[int, ...]  # the HF-order shape of the array ``convert`` returns
-    convert: Optional[Callable[[Any], Any]] = None  # float32 array in -> array out (None: unchanged)
+    shape: tuple[int, ...]  # the numpy shape of the array ``convert`` returns
+    # float32 array (a dict with ``inputs``) -> array, in place of the standard transforms; None: the
+    # standard transforms (Q/K permutation, norm offset, the family's transform hook)
+    convert: Optional[Callable[[Any], Any]] = None
     f32: Optional[bool] = None  # stored as float32 (None: 1-D tensors are, others take the file's type)
+    inputs: tuple[str, ...] = ()  # other HF tensor names this one is made from
 
 
 @dataclass(frozen=True)
@@ -101,7 +111,12 @@ class Gguf:
       splits, reshapes;
     - ``extra_tensors(config, shape, rope_type)``: tensors llama.cpp reads that the checkpoint
       lacks (RoPE factors), ``{gguf name: float32 array}``;
-    - ``required(config, shape)``: GGUF tensor names required beyond :attr:`blocks`/:attr:`bias`.
+    - ``required(config, shape)``: GGUF tensor names required beyond :attr:`blocks`/:attr:`bias`;
+    - ``shape(config)``: the :class:`Shape` where :func:`read_shape` cannot read it (nested configs);
+
+    ``skip_common`` names the common hyperparameters (``GGUFWriter.add_<name>`` methods, e.g.
+    ``"feed_forward_length"``, ``"head_count_kv"``) the writer leaves to the family's ``hparams``
+    hook (per-layer arrays, other config keys), since a key can be written only once.
     """
 
     arch: str  # gguf.MODEL_ARCH member name (lower case is llama.cpp's name)
@@ -116,6 +131,8 @@ class Gguf:
     tensors: Optional[Callable[[str, tuple[int, ...], Config, Shape], Optional[list[TensorOut]]]] = None
     extra_tensors: Optional[Callable[[Config, Shape, str], dict[str, Any]]] = None
     required: Optional[Callable[[Config, Shape], set[str]]] = None
+    shape: Optional[Callable[[Config], Shape]] = None
+    skip_common: tuple[str, ...] = ()
 
     @property
     def model_arch(self) -> Any:
@@ -153,7 +170,8 @@ class Lora:
     it); ``presets``: preset -> the kinds beyond attention and MLP its default targets add
     (e.g. ``{"standard": ("mamba",)}``), with ``why`` saying where the choice comes from.
     ``targets`` (optional hook) replaces the whole mapping: ``(requested, module_names, preset)
-    -> names``.
+    -> names``. ``parameters``: parameter names PEFT adapts directly (its ``target_parameters``,
+    for weights that are not Linear modules, e.g. fused experts), per preset (key ``"*"``: all).
     """
 
     kinds: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(GENERIC_TARGETS))
@@ -161,6 +179,7 @@ class Lora:
     presets: dict[str, tuple[str, ...]] = field(default_factory=dict)
     why: str = ""
     targets: Optional[Callable[[list[str], set[str], Optional[str]], list[str]]] = None
+    parameters: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -122,17 +122,9 @@ def check(config: Config, shape: Shape) -> None:
 
 def hparams(writer: Any, config: Config, shape: Shape) -> None:
     """Head widths and KV heads per layer kind, RoPE of each kind, window, PLE width, shared KV layers,
-    double-wide MLPs, the final soft-cap (after the common keys, which these override)."""
-    import gguf
-
+    double-wide MLPs, the final soft-cap (the common keys among these are in ``skip_common``)."""
     kinds = types(config, shape.n_layer)
     head, head_full = int(config["head_dim"]), global_head_dim(config)
-    arch = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GEMMA4]
-    overridden = (gguf.Keys.Attention.KEY_LENGTH, gguf.Keys.Attention.VALUE_LENGTH, gguf.Keys.Rope.DIMENSION_COUNT,
-                  gguf.Keys.LLM.FEED_FORWARD_LENGTH, gguf.Keys.Attention.HEAD_COUNT_KV)
-    for data in writer.kv_data:  # the common keys these replace (the writer warns on a key written twice)
-        for key in overridden:
-            data.pop(key.format(arch=arch), None)
     writer.add_key_length(head_full)
     writer.add_value_length(head_full)
     writer.add_key_length_swa(head)
@@ -206,7 +198,9 @@ FAMILY = Family(
     order=65,
     tokenizer="SentencePiece-style BPE (Gemma 4)",
     gguf=Gguf("GEMMA4", hparams=hparams, check=check, rope_types=("default", "proportional"),
-              extra_tensors=rope_tensors, required=required, tensors=tensors, blocks=BLOCKS),
+              extra_tensors=rope_tensors, required=required, tensors=tensors, blocks=BLOCKS,
+              skip_common=("key_length", "value_length", "rope_dimension_count", "head_count_kv",
+                           "feed_forward_length")),
     template=Template(end_of_turn=("<turn|>",), thinking="generation prompt with the empty thought channel"),
     refuse=refuse,
     models=(

@@ -41,7 +41,7 @@ FAMILY = Family(
     gguf=Gguf("LLAMA", permute_qk=True, check=no_permute_partial, rope_types=("default", "linear", "llama3"),
               extra_tensors=llama3_rope_tensors),
     training=Training(fast_loop=True, fast_loop_check=fast_loop_check),
-    template=Template(end_of_turn=("<|eot_id|>",)),
+    template=Template(end_of_turn=("<|eot_id|>", "<|im_end|>")),  # Llama 3.x headers; SmolLM2-Instruct ChatML
     gated_owners=("meta-llama/",),
     models=(
         KnownModel("HuggingFaceTB/SmolLM2-135M", 135e6, dims=Dims(576, 1536, 30, 9, 3, 49152, True)),

@@ -1,16 +1,17 @@
 """Phi-3, Phi-3.5 mini and Phi-4 mini: fused qkv_proj and gate_up_proj, partial RoPE (Phi-4 mini), LongRoPE.
 
 llama.cpp's ``phi3`` reads the fused matrices as they are, the LongRoPE long and short factors
-as tensors and the original context as a key; it needs head_dim x heads = hidden size. Its
-vocabulary loader needs the ``<|end|>`` token (the end of a turn), so a Phi-3-architecture model
-whose vocabulary lacks it is refused before training. LoRA: the preset's split names select the
+as tensors and the original context as a key; it needs head_dim x heads = hidden size. A
+Phi-3-architecture model whose vocabulary lacks ``<|end|>`` is not refused: llama.cpp 0.3.36
+loads, scores and tokenizes such a model's GGUFs like any other (measured, SentencePiece and
+o200k vocabularies: ``tests/test_families.py``). LoRA: the preset's split names select the
 fused modules (LoRA on the fused matrix covers the same weights). Tokenizers: SentencePiece
 (Phi-3, Phi-3.5), byte-level BPE with the o200k split (Phi-4 mini, llama.cpp's "gpt-4o").
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from ..errors import ExportError
 from .base import Config, Family, Gguf, KnownModel, Lora, Shape, Template
@@ -42,15 +43,6 @@ def hparams(writer: Any, config: Config, shape: Shape) -> None:
         writer.add_rope_scaling_attn_factors(settings["attn_factor"])
 
 
-def refuse(config: Config, vocab: frozenset) -> Optional[str]:
-    """llama.cpp's phi3 vocabulary loader looks up <|end|> and fails to load the model without it."""
-    if END_OF_TURN not in vocab:
-        return (f"this Phi-3-architecture model's vocabulary has no {END_OF_TURN} token, which llama.cpp needs "
-                f"to load a phi3 model, so its GGUF export could not be run; add the token to the tokenizer "
-                f"(and resize the embeddings) or pick another model")
-    return None
-
-
 FAMILY = Family(
     name="phi3",
     label="Phi-3/Phi-3.5/Phi-4-mini",
@@ -65,7 +57,5 @@ FAMILY = Family(
               fused={"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")},
               why="the fused matrices hold the same weights as the split projections"),
     template=Template(end_of_turn=(END_OF_TURN,)),
-    refuse=refuse,
     models=(KnownModel("microsoft/Phi-4-mini-instruct", 3.84e9, instruct=True),),
-    notes="refused before training when the vocabulary lacks `<|end|>`",
 )

@@ -22,7 +22,7 @@ FAMILY = Family(
     gguf=Gguf("QWEN3", check=no_sliding_window, blocks=LLAMA_BLOCKS + ("ATTN_Q_NORM", "ATTN_K_NORM")),
     training=Training(fast_loop=True, fast_loop_check=fast_loop_check),
     template=Template(end_of_turn=("<|im_end|>",),
-                      thinking="default generation prompt; a final assistant turn gets the empty <think> block; "
+                      thinking="default generation prompt; a final assistant turn gets the empty `<think>` block; "
                                "earlier turns kept as given"),
     models=(
         KnownModel("Qwen/Qwen3-0.6B-Base", 0.6e9),

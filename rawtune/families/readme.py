@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 
 from . import all_families, known_models
+from .base import Family
 
 MARKERS = ("families", "models")
 
@@ -24,15 +25,26 @@ def cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
+def chat_text(f: Family) -> str:
+    """The family's template facts in a few words: end of turn, system messages, thinking."""
+    t = f.template
+    parts = [f"turn ends with `{'`, `'.join(t.end_of_turn)}`" if t.end_of_turn else "turn ends with EOS"]
+    if t.system != "own turn":
+        parts.append(f"system {t.system}")
+    if t.thinking:
+        parts.append(f"thinking: {t.thinking}")
+    return "; ".join(parts)
+
+
 def families_table() -> str:
     """One row per family: HF architectures, llama.cpp architecture, tokenizer, training support, notes."""
-    rows = ["| family | HF architecture | llama.cpp | tokenizer | fast loop | Unsloth | notes |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| family | HF architecture | llama.cpp | tokenizer | chat template | fast loop | Unsloth | notes |",
+            "|---|---|---|---|---|---|---|---|"]
     for f in all_families():
         archs = ", ".join(f"`{a}`" for a in f.hf_architectures)
         cpp = f"`{f.gguf.name}`" if f.gguf else "export refused"
         unsloth = ("PEFT (Unsloth fails)" if f.training.unsloth_fails else "yes") if f.training.unsloth else "no"
-        rows.append(f"| {cell(f.label)} | {archs} | {cpp} | {cell(f.tokenizer or '-')} | "
+        rows.append(f"| {cell(f.label)} | {archs} | {cpp} | {cell(f.tokenizer or '-')} | {cell(chat_text(f))} | "
                     f"{'yes' if f.training.fast_loop else 'no'} | {unsloth} | {cell(f.notes or '-')} |")
     return "\n".join(rows)
 

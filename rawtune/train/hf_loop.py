@@ -76,14 +76,16 @@ class BlockDataset:
 # ---------------------------------------------------------------- models
 
 
-def peft_config(t: TrainSettings) -> Any:
-    """The LoRA configuration of ``t`` for PEFT."""
+def peft_config(t: TrainSettings, parameters: Optional[list[str]] = None) -> Any:
+    """The LoRA configuration of ``t`` for PEFT; ``parameters``: weights adapted directly (PEFT's
+    ``target_parameters``, the family's experts), where the family declares them."""
     from peft import LoraConfig
 
+    extra = {"target_parameters": list(parameters)} if parameters else {}
     return LoraConfig(
         r=t.lora_r, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout, use_rslora=t.use_rslora,
         target_modules=list(t.target_modules), bias="none", task_type="CAUSAL_LM",
-        modules_to_save=list(EMBEDDING_MODULES) if t.train_embeddings else None,
+        modules_to_save=list(EMBEDDING_MODULES) if t.train_embeddings else None, **extra,
     )
 
 
@@ -115,7 +117,7 @@ def load_peft(t: TrainSettings, local_dir: str) -> Any:
     # LoRA's A matrices are drawn from torch's global generator: seed it here so --seed decides
     # the initial adapter, whatever ran before in this process (Unsloth gets random_state).
     torch.manual_seed(t.seed)
-    model = get_peft_model(model, peft_config(t))
+    model = get_peft_model(model, peft_config(t, family_parameters(model, t)))
     if kwargs["dtype"] == torch.float16:
         # fp16 mixed precision unscales fp32 gradients only: PEFT upcasts LoRA, not the trained
         # embed_tokens/lm_head copies.
@@ -168,6 +170,13 @@ def _checkpointing(t: TrainSettings) -> str:
     if value == "auto":
         return "off"  # the memory plan replaces 'auto' on CUDA; on CPU memory is not the limit
     return value
+
+
+def family_parameters(model: Any, t: TrainSettings) -> list[str]:
+    """The parameters the model's family adapts directly with LoRA for this preset ([] for most families)."""
+    from .. import families
+
+    return families.lora_parameters(families.family_for_config(model.config.to_dict()), t.preset)
 
 
 def with_model_targets(model: Any, t: TrainSettings) -> TrainSettings:
