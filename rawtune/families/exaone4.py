@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from ..errors import ExportError
-from .base import Config, Dims, Family, Gguf, KnownModel, Shape, Template
+from .base import Config, Dims, Family, Gguf, KnownModel, Shape, Template, read_shape
 from .hooks import llama3_rope_tensors, swa_pattern
 from .olmo3 import LLAMA_CPP
 
@@ -61,8 +61,12 @@ def why_not(config: Config) -> Optional[str]:
 
 
 def refuse(config: Config, vocab: frozenset) -> Optional[str]:
-    """Refused before training: a layout llama.cpp would run differently."""
-    return why_not(config)
+    """The export check, run before training: a layout llama.cpp would run differently, or None."""
+    try:
+        check(config, read_shape(config))
+    except ExportError as exc:
+        return str(exc)
+    return None
 
 
 def check(config: Config, shape: Shape) -> None:

@@ -36,7 +36,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from ..errors import ExportError
-from .base import Config, Dims, Family, Gguf, KnownModel, Shape, Template, TensorOut, rope_settings
+from .base import Config, Dims, Family, Gguf, KnownModel, Shape, Template, TensorOut, read_shape, rope_settings
 from .hooks import swa_pattern
 from .olmo3 import LLAMA_CPP
 
@@ -101,8 +101,12 @@ def why_not(config: Config) -> Optional[str]:
 
 
 def refuse(config: Config, vocab: frozenset) -> Optional[str]:
-    """Refused before training (see :func:`why_not`)."""
-    return why_not(config)
+    """The export check, run before training (:func:`why_not` and the RoPE llama.cpp cannot express)."""
+    try:
+        check(config, read_shape(config))
+    except ExportError as exc:
+        return str(exc)
+    return None
 
 
 def check(config: Config, shape: Shape) -> None:

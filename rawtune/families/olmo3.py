@@ -8,7 +8,7 @@ The vendored llama.cpp has no ``olmo3`` architecture: its converter writes OLMo 
 with ``olmo2.attention.sliding_window`` and the per-layer ``sliding_window_pattern``, and its
 ``olmo2`` graph runs the sliding layers with unscaled RoPE (frequency scale 1, no YaRN ramp or
 magnitude scale) and the others with the file's scaling, which is what transformers does. What
-that graph cannot express is refused before a file is written: a separate RoPE base for the
+that graph cannot express is refused before training and before a file is written: a separate RoPE base for the
 sliding layers (it uses one base for all), RoPE scaling on the sliding layers, and YaRN
 variants llama.cpp computes differently (``truncate`` false, ``mscale``/``mscale_all_dim``).
 
@@ -20,10 +20,10 @@ LoRA targets: the standard attention and MLP projections (the layer has no other
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Optional
 
 from ..errors import ExportError
-from .base import Config, Dims, Embeddings, Family, Gguf, KnownModel, Shape, Template, rope_settings
+from .base import Config, Dims, Embeddings, Family, Gguf, KnownModel, Shape, Template, read_shape, rope_settings
 from .hooks import layer_types, swa_pattern
 
 # What rawtune runs GGUF files with; named in refusals.
@@ -92,6 +92,15 @@ def check(config: Config, shape: Shape) -> None:
         raise ExportError("OLMo 3 config.json has sliding_attention layers but no sliding_window; re-save the model")
 
 
+def refuse(config: Config, vocab: frozenset) -> Optional[str]:
+    """The export check, run before training: a checkpoint olmo2's graph would run differently, or None."""
+    try:
+        check(config, read_shape(config))
+    except ExportError as exc:
+        return str(exc)
+    return None
+
+
 def hparams(writer: Any, config: Config, shape: Shape) -> None:
     """Sliding window and its per-layer pattern (only when a layer slides), YaRN of the full layers."""
     types = layer_types(config, shape, default_every=4)
@@ -119,6 +128,7 @@ FAMILY = Family(
     gguf=Gguf("OLMO2", hparams=hparams, check=check, rope_types=("default", "linear", "yarn"), blocks=OLMO2_BLOCKS),
     embeddings=Embeddings(output_when_tied=True),
     template=Template(end_of_turn=("<|im_end|>",)),
+    refuse=refuse,
     models=(
         # Parameter counts from the configs (untied 100278-token embeddings counted twice).
         KnownModel("allenai/Olmo-3-1025-7B", 7.30e9, dims=SEVEN_B),
