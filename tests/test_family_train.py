@@ -182,6 +182,27 @@ def test_unsloth_by_name_is_refused_for_gemma2(family_dir):
     assert _family_limits(t, "unsloth", str(family_dir("gemma3")), lines.append)[1] == "unsloth"
 
 
+def test_family_without_unsloth_trains_with_peft(family_dir, monkeypatch):
+    """A family the registry marks as unsupported by Unsloth: asked for by name it is refused in one
+    line, ``auto`` trains it with PEFT and says so; the same family with Unsloth support keeps it."""
+    import dataclasses
+
+    from rawtune import families
+    from rawtune.families.base import Training
+    from rawtune.train import _family_limits
+
+    llama = families.family_named("llama")
+    without = dataclasses.replace(llama, training=Training(unsloth=False))
+    monkeypatch.setattr(families, "family_for_config", lambda config: without)
+    lines: list[str] = []
+    with pytest.raises(TrainError, match="Unsloth does not support LlamaForCausalLM"):
+        _family_limits(TrainSettings(backend="unsloth"), "unsloth", str(family_dir("llama3")), lines.append)
+    assert _family_limits(TrainSettings(backend="auto"), "unsloth", str(family_dir("llama3")), lines.append)[1] == "peft"
+    assert lines == ["[train] LlamaForCausalLM: training with PEFT (Unsloth does not support this architecture)"]
+    monkeypatch.setattr(families, "family_for_config", lambda config: llama)
+    assert _family_limits(TrainSettings(backend="auto"), "unsloth", str(family_dir("llama3")), lines.append)[1] == "unsloth"
+
+
 def test_a_family_refusal_stops_the_run_before_training(family_dir, tiny_corpus, tmp_path, monkeypatch):
     """A family's ``refuse`` check (a variant the vendored llama.cpp cannot run) stops the run after the
     data stage and before any training step, in one line; the check gets the config and the vocabulary."""

@@ -17,8 +17,9 @@ Adding a family
    :class:`~.base.Training` support, :class:`~.base.Template` facts, :class:`~.base.Embeddings`,
    a ``refuse`` check for what llama.cpp cannot run, known Hub ids as :class:`~.base.KnownModel`,
    and any pre-tokenizer it brings in ``PRE_TOKENIZERS`` (split regexes -> llama.cpp name).
-   Modules are found by scanning this package: no list to edit. Shared helpers live in modules
-   without ``FAMILY`` (:mod:`.base`, :mod:`.hooks`).
+   Modules are found by scanning this package: no list to edit. Modules without ``FAMILY`` are
+   helpers (:mod:`.base` the types, :mod:`.hooks` hooks several families share, :mod:`.readme`
+   the README tables); names starting with ``_`` are not scanned.
 2. Add its tiny test model to ``tests/families.py``; run the family tests.
 3. ``python -m rawtune.families --readme`` to regenerate the README tables.
 

@@ -159,6 +159,12 @@ def _family_limits(t: TrainSettings, backend: str, local_dir: str,
                              "for this architecture; use --backend peft (or auto, which picks PEFT for it)")
         log(f"[train] {arch}: training with PEFT (Unsloth's compiled layer fails for this architecture)")
         backend = "peft"
+    elif not family.training.unsloth and backend == "unsloth":
+        if t.backend != "auto":
+            raise TrainError(f"--backend unsloth: Unsloth does not support {arch}; use --backend peft "
+                             "(or auto, which picks PEFT for it)")
+        log(f"[train] {arch}: training with PEFT (Unsloth does not support this architecture)")
+        backend = "peft"
     return t, backend
 
 
