@@ -301,7 +301,7 @@ def test_smollm3_other_no_rope_layout_is_refused(tmp_path):
 # Families trained through rawtune's pipeline (one LoRA step on the CPU), merged and exported;
 # (family, train_embeddings): LoRA only keeps a tied family tied, trained embeddings untie it.
 TRAINED = [("qwen3", False), ("gemma3", False), ("gemma3", True), ("phi3", False), ("gemma2", False), ("olmo3", False),
-           ("exaone4", False), ("gemma4", False)]
+           ("exaone4", False), ("exaone4", True), ("gemma4", False), ("gemma4", True)]
 PHI3_MODULES = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]  # Phi-3 fuses q/k/v and gate/up
 
 
