@@ -85,6 +85,22 @@ GRANITE_TEMPLATE = ("{% for message in messages %}{{ '<|start_of_role|>' + messa
 OLMO2_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + "
                   "message['content'] + '\n' }}{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
                   "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}")
+# OLMo 3 Instruct's turn format (ChatML); the published template also writes a default system prompt and
+# function-calling blocks, which this stand-in, written for these tests, leaves out.
+OLMO3_TEMPLATE = CHATML
+# EXAONE 4's turn format ([|role|] markers, [|endofturn|] after each turn, as transformers' EXAONE 4
+# docstring shows a rendered conversation) with the non-reasoning generation prompt: an empty think
+# block. Written for these tests; the published template also handles tools and reasoning turns.
+EXAONE4_TEMPLATE = ("{% for message in messages %}{{ '[|' + message['role'] + '|]\n' + message['content'] + "
+                    "'[|endofturn|]\n' }}{% endfor %}{% if add_generation_prompt %}"
+                    "{{ '[|assistant|]\n<think>\n\n</think>\n\n' }}{% endif %}")
+# Gemma 4's turn format (<|turn>role ... <turn|>, 'assistant' called 'model', system as its own turn) with
+# the generation prompt's empty thought channel (thinking off, the published template's default). Written
+# for these tests; the published template (tools, images, thinking) is not one rawtune translates.
+GEMMA4_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' else "
+    "message['role'] %}{{ '<|turn>' + role + '\n' + message['content'] | trim + '<turn|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|turn>model\n<|channel>thought\n<channel|>' }}{% endif %}")
 # Qwen3: ChatML, and an empty think block before the answer when generating (the published template
 # emits one when thinking is off); thinking content itself is not modelled here.
 QWEN3_TEMPLATE = CHATML.replace("'<|im_start|>assistant\n'", "'<|im_start|>assistant\n<think>\n\n</think>\n\n'")
@@ -173,6 +189,35 @@ FAMILY_SPECS: dict[str, Family] = {
         layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                          "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}})),
+    # Gemma 4 E2B (text): head width 32 on sliding layers and 64 on full ones (256/512 in the E2B), 4:1
+    # grouped-query attention (8:1 there), the last half of the layers reusing the keys and values of the
+    # first half's last layer of each kind with double-wide MLPs (20 of 35 there), per-layer input embeddings
+    # (width 1/4 of the hidden size; 256/1536 there), proportional RoPE on a quarter of the full layers'
+    # heads, final soft-cap 30, tied. 2 sliding : 1 full instead of 4 : 1, so that both halves hold both
+    # kinds in 6 layers (10 layers amplify llama.cpp's F32 rounding past the shared tolerance: 2.3e-4).
+    "gemma4": Family("Gemma4ForCausalLM", "Gemma4TextConfig", Tokenizer(
+        "spm", ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"], bos="<bos>", eos="<turn|>", add_bos=True,
+        pad="<pad>"), GEMMA4_TEMPLATE, True, dict(
+        intermediate_size=256, num_key_value_heads=1, head_dim=32, global_head_dim=64, sliding_window=8,
+        hidden_size_per_layer_input=16, num_kv_shared_layers=3, use_double_wide_mlp=True,
+        final_logit_softcapping=30.0, hidden_activation="gelu_pytorch_tanh",
+        layer_types=(["sliding_attention"] * 2 + ["full_attention"]) * 2,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                                            "rope_theta": 1000000.0}})),
+    # Gemma 4 31B's layout (text): keys double as values on full layers (no v_proj there) with fewer KV heads
+    # (16 and 4 of 32 heads there, 2 and 1 of 4 here), no per-layer embeddings, no shared KV, 5 sliding : 1
+    # full. Built by name (tests/test_families_attn.py).
+    "gemma4dense": Family("Gemma4ForCausalLM", "Gemma4TextConfig", Tokenizer(
+        "spm", ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"], bos="<bos>", eos="<turn|>", add_bos=True,
+        pad="<pad>"), GEMMA4_TEMPLATE, True, dict(
+        intermediate_size=256, num_key_value_heads=2, num_global_key_value_heads=1, attention_k_eq_v=True,
+        head_dim=32, global_head_dim=64, sliding_window=8, hidden_size_per_layer_input=0, num_kv_shared_layers=0,
+        final_logit_softcapping=30.0, hidden_activation="gelu_pytorch_tanh",
+        layer_types=["sliding_attention"] * 5 + ["full_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                                            "rope_theta": 1000000.0}})),
     # Phi-3 mini / Phi-4 mini layout: fused qkv and gate_up, partial rotary (Phi-4 mini rotates 3/4).
     "phi3": Family("Phi3ForCausalLM", "Phi3Config", Tokenizer(
         "spm", ["<unk>", "<s>", "</s>"], bos="<s>", eos="<|end|>", add_bos=False, pad="<|endoftext|>",
@@ -226,6 +271,40 @@ FAMILY_SPECS: dict[str, Family] = {
         layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
         rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0,
                          "beta_slow": 1.0, "original_max_position_embeddings": 4096, "truncate": True})),
+    # OLMo 3 7B: OLMo 2's layer, 3 sliding-window layers : 1 full (window shorter than the test texts),
+    # multi-head attention as in the 7B, YaRN on the full layers only (factor 8 as published; the
+    # original context shortened to 64 so the frequency ramp shows in 48 tokens).
+    "olmo3": Family("Olmo3ForCausalLM", "Olmo3Config", Tokenizer(
+        "bpe", ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"], bos="<|endoftext|>",
+        eos="<|endoftext|>", add_bos=False, pad="<|pad|>", split_regex=LLAMA3_REGEX), OLMO3_TEMPLATE, False, dict(
+        num_key_value_heads=4, rms_norm_eps=1e-6, sliding_window=8,
+        layer_types=["sliding_attention"] * 3 + ["full_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 500000.0},
+                         "full_attention": {"rope_type": "yarn", "rope_theta": 500000.0, "factor": 8.0,
+                                            "original_max_position_embeddings": 64,
+                                            "attention_factor": 1.2079441541679836, "beta_fast": 32.0,
+                                            "beta_slow": 1.0}})),
+    # EXAONE 4.0 1.2B: post-norms, per-head q/k norms, every layer global with RoPE (no sliding window),
+    # 4:1 grouped-query attention, tied, Llama 3.1 RoPE scaling (factor 16 as published, original context
+    # shortened to 64 so it shows in 48 tokens).
+    "exaone4": Family("Exaone4ForCausalLM", "Exaone4Config", Tokenizer(
+        "bpe", ["[PAD]", "[BOS]", "[|endoftext|]", "[UNK]", "[|system|]", "[|user|]", "[|assistant|]",
+                "[|endofturn|]", "<think>", "</think>"], bos="[BOS]", eos="[|endofturn|]", add_bos=False,
+        pad="[PAD]"), EXAONE4_TEMPLATE, True, dict(
+        num_key_value_heads=1, sliding_window=None, layer_types=["full_attention"] * 4,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 1000000.0, "factor": 16.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
+    # EXAONE 4.0 32B's layout: 64 layers (the only depth llama.cpp runs as the hybrid), "LLLG" (three
+    # sliding-window layers with RoPE, one global layer without), untied. Narrow, and built by name only
+    # (tests/test_families_attn.py): 64 layers are slow for the shared family tests.
+    "exaone4hybrid": Family("Exaone4ForCausalLM", "Exaone4Config", Tokenizer(
+        "bpe", ["[PAD]", "[BOS]", "[|endoftext|]", "[UNK]", "[|system|]", "[|user|]", "[|assistant|]",
+                "[|endofturn|]", "<think>", "</think>"], bos="[BOS]", eos="[|endofturn|]", add_bos=False,
+        pad="[PAD]"), EXAONE4_TEMPLATE, False, dict(
+        num_key_value_heads=1, sliding_window=8, sliding_window_pattern="LLLG",
+        layer_types=(["sliding_attention"] * 3 + ["full_attention"]) * 16,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 1000000.0, "factor": 16.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
     # Phi-4 mini: the Phi-3 architecture with an o200k byte-level tokenizer, tied embeddings and
     # LongRoPE (short factors at these lengths). A variant: not in FAMILIES, built by name.
     "phi4mini": Family("Phi3ForCausalLM", "Phi3Config", Tokenizer(
@@ -261,9 +340,13 @@ FAMILY_SPECS: dict[str, Family] = {
                          "mrope_section": [11, 11, 10], "mrope_interleaved": True})),
 }
 VARIANTS = ["phi4mini"]
-FAMILIES = [name for name in FAMILY_SPECS if name not in VARIANTS]
+# Models built by name in a family's own test file only (too slow for every family test).
+BY_NAME = ["exaone4hybrid", "gemma4dense"]
+FAMILIES = [name for name in FAMILY_SPECS if name not in VARIANTS + BY_NAME]
 # Chat tokens every SentencePiece family adds on top of its base vocabulary.
 SPM_CHAT_TOKENS = {"gemma2": ["<start_of_turn>", "<end_of_turn>"], "gemma3": ["<start_of_turn>", "<end_of_turn>"],
+                   "gemma4": ["<|turn>", "<turn|>", "<|channel>", "<channel|>"],
+                   "gemma4dense": ["<|turn>", "<turn|>", "<|channel>", "<channel|>"],
                    "phi3": ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], "mistral": []}
 
 
@@ -388,6 +471,8 @@ def family_config(name: str, tokenizer, *, tied: Optional[bool] = None, layers: 
                   eos_token_id=tokenizer.convert_tokens_to_ids(family.tokenizer.eos),
                   bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id)
     values.update(settings)
+    if family.config == "Gemma4TextConfig":  # its per-layer embedding table has one row per token too
+        values["vocab_size_per_layer_input"] = values["vocab_size"]
     config = getattr(transformers, family.config)(**values)
     config.architectures = [family.arch]
     return config

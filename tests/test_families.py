@@ -42,18 +42,29 @@ WEIGHT_STD = 0.2
 
 
 def scramble(model_dir: Path, seed: int) -> None:
-    """Large random weights, norms around 1 (around 0 for the 1 + w norms of Gemma and Qwen3.5) and random
-    biases, in place."""
+    """Large random weights, norms around 1 (around 0 for the 1 + w norms of Gemma 2/3 and Qwen3.5) and
+    random biases, in place."""
     import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    zero_centred = model.config.model_type.startswith(("gemma", "qwen3_5"))  # (1 + w) norms
-    scramble_weights(model, seed, WEIGHT_STD, norm_center=0.0 if zero_centred else 1.0)
-    with torch.no_grad():  # Qwen3.5's gated norm in linear attention multiplies by w itself
+    offset = registry.family_for_config(model.config.to_dict()).gguf.norm_offset
+    scramble_weights(model, seed, WEIGHT_STD, norm_center=1.0 - offset)
+    with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("linear_attn.norm.weight"):
+            if name.endswith("linear_attn.norm.weight"):  # Qwen3.5's gated norm multiplies by w itself
                 p.add_(1.0)
+        gen = torch.Generator().manual_seed(seed)
+        for name, buffer in model.named_buffers():  # per-layer output scales (Gemma 4) are buffers: away from 1 too
+            if name.endswith("layer_scalar"):
+                buffer.copy_(0.5 + torch.rand(buffer.shape, generator=gen))
+        if model.config.model_type == "gemma4_text":
+            # Gemma 4 scales attention by 1 after its q/k norms, not by 1/sqrt(head_dim): q/k norm weights
+            # shrunk by width^-1/4 give its attention logits the spread the other families' have (not
+            # sqrt(head_dim) times it, where F16 rounding of the activations alone moves the softmax).
+            for name, p in model.named_parameters():
+                if name.endswith(("q_norm.weight", "k_norm.weight")):
+                    p.mul_(p.shape[0] ** -0.25)
     decisive_routers(model, seed)
     model.save_pretrained(model_dir)
 
@@ -88,7 +99,8 @@ ALL = FAMILIES + VARIANTS
 # correlation 0.992 or more; at another it measured 0.986). Each value is the seed its family's
 # tests were written and passed at.
 SEEDS = {"llama3": 1, "mistral": 2, "qwen2": 3, "qwen3": 4, "gemma2": 5, "gemma3": 6, "phi3": 7, "smollm3": 8,
-         "granite": 9, "olmo2": 10, "lfm2": 11, "qwen35": 12, "phi4mini": 13, "granitehybrid": 11, "gptoss": 12}
+         "granite": 9, "olmo2": 10, "lfm2": 11, "qwen35": 12, "phi4mini": 13, "granitehybrid": 11, "gptoss": 12,
+         "gemma4": 7, "olmo3": 12, "exaone4": 13}
 
 
 @pytest.fixture(scope="module", params=ALL)
@@ -129,13 +141,18 @@ def torch_logits(model_dir: Path, tokens: np.ndarray, ggml_gelu: bool = False) -
     from transformers import AutoModelForCausalLM
 
     # Eager attention: PyTorch's SDPA path leaves out Gemma 2's attention soft-capping, which is
-    # part of the model (and which llama.cpp applies).
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    # part of the model (and which llama.cpp applies). The reference for F32 files of GELU families
+    # (``ggml_gelu``) runs in float64: PyTorch's own float32 run of the tiny Gemma 4 differs from
+    # float64 by 1.3e-4 relative, most of the F32 tolerance (llama.cpp's F32 file: 9.8e-5 from float64).
+    dtype = torch.float64 if ggml_gelu else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="eager").eval()
     if ggml_gelu:
         for layer in model.model.layers:
             layer.mlp.forward = _gelu_mlp(layer.mlp, TableGelu(layer.mlp.act_fn))
+            if "act_fn" in layer._modules:  # Gemma 4's per-layer-embedding gate
+                object.__setattr__(layer, "act_fn", TableGelu(layer._modules.pop("act_fn")))
     with torch.inference_mode():
-        return model(torch.as_tensor(tokens[None, :], dtype=torch.long)).logits[0].numpy()
+        return model(torch.as_tensor(tokens[None, :], dtype=torch.long)).logits[0].float().numpy()
 
 
 def _gelu_mlp(mlp, act):
@@ -259,7 +276,8 @@ def test_tokenizer_structure_is_detected(family_model):
     else:
         expected = {"llama3": "llama-bpe", "smollm3": "llama-bpe", "olmo2": "dbrx", "qwen2": "qwen2",
                     "qwen3": "qwen2", "granite": "smollm", "phi4mini": "gpt-4o", "lfm2": "llama-bpe",
-                    "qwen35": "qwen35", "granitehybrid": "dbrx", "gptoss": "gpt-4o"}[name]
+                    "qwen35": "qwen35", "granitehybrid": "dbrx", "gptoss": "gpt-4o", "olmo3": "dbrx",
+                    "exaone4": "gpt-2"}[name]
         assert gguf_writer.detect_pre_tokenizer(tok) == expected
 
 
@@ -327,7 +345,8 @@ def test_smollm3_other_no_rope_layout_is_refused(tmp_path):
 # Families trained through rawtune's pipeline (one LoRA step on the CPU), merged and exported;
 # (family, train_embeddings): LoRA only keeps a tied family tied, trained embeddings untie it.
 TRAINED = [("qwen3", False), ("gemma3", False), ("gemma3", True), ("phi3", False), ("gemma2", False), ("lfm2", False),
-           ("qwen35", False), ("granitehybrid", False), ("gptoss", False)]
+           ("qwen35", False), ("granitehybrid", False), ("gptoss", False), ("olmo3", False), ("exaone4", False),
+           ("exaone4", True), ("gemma4", False), ("gemma4", True)]
 PHI3_MODULES = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]  # Phi-3 fuses q/k/v and gate/up
 
 

@@ -42,7 +42,7 @@ def test_ten_families_and_their_lookups():
     shape = families.planner_shape("meta-llama/Llama-3.2-3B-Instruct")
     assert shape["model_type"] == "llama" and shape["hidden_size"] == 3072 and shape["vocab_size"] == 128256
     assert families.planner_shape("someone/unknown-7b") == {}
-    assert set(families.end_of_turn_tokens()) == {"<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"}
+    assert set(families.end_of_turn_tokens()) >= {"<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"}
 
 
 def test_lora_targets_by_layer_kind():
