@@ -44,7 +44,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -338,9 +338,31 @@ def _loss_model(model: Any, device: Any, own_forward: bool, use_fp8: bool = Fals
         return loss, loss.trainable, lambda: None
     net = extract(model, None if device.type == "cuda" else torch.float32, fp8=use_fp8)
     original = upcast_trainable(net)
+    back = offload_frozen(model) if use_fp8 else (lambda: None)
     # never compiled on ZeroGPU or with RAWTUNE_COMPILE=0
     fast = FastModel(net, compile=compile_allowed(), mode=compile_mode())
-    return fast, net.trainable, lambda: restore_dtypes(net, original)
+    return fast, net.trainable, lambda: (restore_dtypes(net, original), back())
+
+
+def offload_frozen(model: Any) -> Callable[[], None]:
+    """Move the LoRA'd projections' frozen weights to host memory while the FP8 copies train; the
+    returned function brings them back (checkpoints save only the adapter, which stays on the card).
+
+    Without this the card would hold each base weight twice (bf16 in the model, FP8 in the net).
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    moved = []
+    for layer in base.model.layers:
+        for name in PROJ:
+            weight = base_linear(projection(layer, name)).weight
+            moved.append((weight, weight.device))
+            weight.data = weight.data.to("cpu")
+
+    def back() -> None:
+        for weight, device in moved:
+            weight.data = weight.data.to(device)
+
+    return back
 
 
 # Token blocks up to this size sit on the card (no copy per micro-batch); a larger corpus stays in
