@@ -66,6 +66,31 @@ def test_fp8_linear_forward_and_input_gradient_match_fp32_within_fp8_error():
     assert torch.allclose(x.grad.reshape(-1, 64), expect, rtol=1e-5, atol=1e-6)
 
 
+def test_the_scaled_mm_kernel_takes_the_layouts_and_scales_given(monkeypatch):
+    """PyTorch's CPU _scaled_mm with the same operands the CUDA kernel gets: row-major x8 and dY8,
+    column-major w8 (forward) and w8 seen transposed (input gradient), rowwise scales."""
+    try:
+        torch._scaled_mm(torch.zeros(16, 16, dtype=torch.float8_e4m3fn), torch.zeros(16, 16, dtype=torch.float8_e4m3fn).t(),
+                         scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.bfloat16)
+    except (RuntimeError, NotImplementedError) as exc:
+        pytest.skip(f"this PyTorch has no CPU _scaled_mm with rowwise scales ({exc})")
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(96, 64, generator=gen) * 0.05
+    x = torch.randn(2, 16, 64, generator=gen).bfloat16()
+    dy = torch.randn(2, 16, 96, generator=gen).bfloat16()
+    w8, sw = fp8.quantize_weight(w)
+    results = {}
+    for kernel in (False, True):
+        monkeypatch.setattr(fp8, "CPU_KERNEL", kernel)
+        xi = x.clone().requires_grad_(True)
+        y = fp8.linear(xi, w8, sw)
+        y.backward(dy)
+        results[kernel] = (y.detach(), xi.grad)
+    for ref, got in zip(results[False], results[True]):
+        assert got.dtype == torch.bfloat16 and _rel(got, ref) < 0.01
+    assert _rel(results[True][1], dy.float() @ w) < 0.05
+
+
 def _tiny_peft(model_dir, r: int = 8):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM

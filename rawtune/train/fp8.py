@@ -17,8 +17,9 @@ scales: ``scale_a`` [M, 1] and ``scale_b`` [1, N], fp32, bf16 output):
   ``w8.t().contiguous()`` seen transposed (made in the backward, so the weight is held once),
   scale_b = ones [1, in].
 
-Where ``torch._scaled_mm`` cannot run (the CPU tests), the same quantized values are dequantized
-and multiplied in fp32: the reference path, with FP8's rounding error but not its kernels.
+On a CPU (the tests) the same quantized values are dequantized and multiplied in fp32: the
+reference path, with FP8's rounding error but not its kernel; ``CPU_KERNEL`` runs PyTorch's CPU
+``_scaled_mm`` instead, with the operands laid out as for the CUDA kernel.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from __future__ import annotations
 from typing import Any, Optional
 
 E4M3_MAX = 448.0
+# PyTorch's CPU build has a _scaled_mm too; the tests switch it on to check the layouts and scales
+# the CUDA kernel is given (the fast loop never trains FP8 on a CPU)
+CPU_KERNEL = False
 MIN_CAPABILITY = (8, 9)  # Ada (L4, L40S), Hopper (H100, H200), Blackwell
 
 
@@ -51,7 +55,7 @@ def _quantize(x: Any, dim: int) -> tuple:
     amax = x.abs().amax(dim=dim, keepdim=True).float()
     scale = torch.clamp(amax, min=1e-12) / E4M3_MAX
     x8 = (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-    return x8, scale
+    return x8.contiguous(), scale.contiguous()  # (_scaled_mm wants a row-major first operand)
 
 
 def quantize_weight(w: Any) -> tuple:
@@ -74,7 +78,7 @@ def _matmul(a8: Any, sa: Any, b8_t: Any, sb: Any, out_dtype: Any) -> Any:
     """(sa * a8) @ (b8_t * sb) with a8 [M, K] row-major, b8_t [K, N] column-major, sa [M, 1], sb [1, N]."""
     import torch
 
-    if a8.is_cuda:
+    if a8.is_cuda or CPU_KERNEL:
         return torch._scaled_mm(a8, b8_t, scale_a=sa, scale_b=sb, out_dtype=out_dtype)
     return ((a8.float() * sa) @ (b8_t.float() * sb)).to(out_dtype)
 
