@@ -6,8 +6,9 @@ another LoRA seed (the run-to-run noise) and FP8 base weights (``extract(fp8=Tru
 rawtune's flattened fast model (compiled on CUDA), the seed's LoRA recipe on the 7 projections and
 fused AdamW. Data: a real text file (``--text``, tokenized by the model folder's tokenizer) or a
 seeded Markov chain over the vocabulary (learnable, so the loss falls on random weights). Reports
-per run tok/s (after the warm-up steps), peak memory, the loss curve, held-out perplexity; per
-shape the FP8-bf16 loss difference next to the bf16-bf16 one, and the perplexity difference in %.
+per run tok/s (after the warm-up steps), peak memory while training (and while building), the loss
+curve and held-out perplexity; per shape the FP8-bf16 loss difference next to the bf16-bf16 one,
+and the perplexity difference in %.
 
     python bench/fp8.py --out OUTDIR [--shapes 135m,1b] [--steps 60] [--model DIR --text FILE]
     python bench/fp8.py --tiny --out OUTDIR      # CPU smoke run (reference FP8 path, no compile)
@@ -98,6 +99,9 @@ def one_run(shape: str, args, use_fp8: bool, lora_seed: int, train, held, layout
     tb = torch.from_numpy(train).to(device)
     order = np.random.default_rng(0)  # the same blocks in the same order for every run
     losses, started, tokens = [], None, 0
+    setup_gib = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()  # the training peak, apart from building the model
     for step in range(layout["steps"]):
         if step == layout["warmup"]:
             sync(device)
@@ -122,6 +126,7 @@ def one_run(shape: str, args, use_fp8: bool, lora_seed: int, train, held, layout
     eval_loss = fast_loop.evaluate(fast, torch.from_numpy(held).to(device), micro)
     out = {"shape": shape, "fp8": use_fp8, "lora_seed": lora_seed, "tokens_per_s": round(tokens / seconds),
            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+           "setup_peak_gib": round(setup_gib, 2) if cuda else None,
            "losses": [round(x, 4) for x in losses], "heldout_loss": round(eval_loss, 5),
            "heldout_ppl": round(math.exp(eval_loss), 4)}
     back()

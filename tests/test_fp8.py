@@ -180,6 +180,21 @@ def test_fp8_is_refused_without_an_fp8_card_with_one_log_line(monkeypatch):
     assert fast_loop.fp8_base(torch.device("cpu"), False, lines.append) is False and len(lines) == 1
 
 
+def test_a_cpu_run_asked_for_fp8_trains_in_bf16_and_says_so_once(tmp_path, tiny_llama_dir, tiny_corpus, monkeypatch):
+    from rawtune.pipeline import run_pipeline
+    from rawtune.rundir import RunDir
+    from rawtune.settings import RunSettings, apply
+
+    monkeypatch.setenv("RAWTUNE_FP8", "1")
+    lines = []
+    values = dict(out=str(tmp_path / "r"), dataset=str(tiny_corpus), model=str(tiny_llama_dir), preset="quick",
+                  seq_len=32, batch_size=2, max_steps=2, save_steps=100, stages=["data", "train"])
+    run_pipeline(apply(RunSettings(), values), log=lines.append)
+    said = [line for line in lines if "RAWTUNE_FP8" in line]
+    assert len(said) == 1 and "not used" in said[0]
+    assert RunDir(tmp_path / "r").load()["train"]["steps"] == 2
+
+
 # ---------------------------------------------------------------- on an FP8 card
 
 
