@@ -21,6 +21,7 @@ import functools
 import threading
 from typing import Any, Callable, Optional
 
+from .. import env
 from ..errors import TrainError
 from ..rundir import RunDir
 from ..settings import RunSettings, TrainSettings, has_cuda
@@ -205,6 +206,8 @@ def _loop_for(model: Any, t: TrainSettings, resume_from: Any, backend: str, log:
             log(f"[train] fast CUDA loop with Unsloth's forward (not the flattened model: {why_not})")
             return functools.partial(fast_loop.fit, own_forward=True)
         log(f"[train] Trainer loop ({why_not if why_not_own == why_not else f'{why_not}; {why_not_own}'})")
+    if env.get("RAWTUNE_FP8") == "1":
+        log("[train] RAWTUNE_FP8=1 not used: only the fast CUDA loop's flattened model holds FP8 base weights")
     return hf_loop.fit
 
 

@@ -44,7 +44,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -54,6 +54,7 @@ from ..settings import TrainSettings
 from .checkpoints import STATE_FILE
 from .checkpoints import load as load_checkpoint
 from .checkpoints import save as save_checkpoint
+from . import fp8
 from .engine import compile_allowed, compile_mode
 from .distributed import Dist, OverlappedReduce, broadcast_params, shard
 from .fast_model import PROJ, FastModel, Net, base_linear, extract, float_types, projection, shifted_labels
@@ -313,7 +314,19 @@ def _train_step(fast: FastModel, blocks: Any, idx: Any, micro: int, n_items: Any
     return step_loss
 
 
-def _loss_model(model: Any, device: Any, own_forward: bool) -> tuple:
+def fp8_base(device: Any, own_forward: bool, log: Any) -> bool:
+    """Whether the frozen base weights go FP8 (RAWTUNE_FP8=1 and a card that has FP8; else one log line)."""
+    if env.get("RAWTUNE_FP8") != "1":
+        return False
+    reason = "the model's own forward keeps its weights" if own_forward else fp8.why_not(device)
+    if reason:
+        log(f"[train] RAWTUNE_FP8=1 not used: {reason}; base weights stay bf16")
+        return False
+    log("[train] frozen base weights in FP8 (e4m3, per-channel scales)")
+    return True
+
+
+def _loss_model(model: Any, device: Any, own_forward: bool, use_fp8: bool = False) -> tuple:
     """(the loss computer, its trainable (name, parameter) pairs, what to call at the end to give
     the trained tensors back their dtypes)."""
     import torch
@@ -323,11 +336,33 @@ def _loss_model(model: Any, device: Any, own_forward: bool) -> tuple:
 
         loss = ModelLoss(model)
         return loss, loss.trainable, lambda: None
-    net = extract(model, None if device.type == "cuda" else torch.float32)
+    net = extract(model, None if device.type == "cuda" else torch.float32, fp8=use_fp8)
     original = upcast_trainable(net)
+    back = offload_frozen(model) if use_fp8 else (lambda: None)
     # never compiled on ZeroGPU or with RAWTUNE_COMPILE=0
     fast = FastModel(net, compile=compile_allowed(), mode=compile_mode())
-    return fast, net.trainable, lambda: restore_dtypes(net, original)
+    return fast, net.trainable, lambda: (restore_dtypes(net, original), back())
+
+
+def offload_frozen(model: Any) -> Callable[[], None]:
+    """Move the LoRA'd projections' frozen weights to host memory while the FP8 copies train; the
+    returned function brings them back (checkpoints save only the adapter, which stays on the card).
+
+    Without this the card would hold each base weight twice (bf16 in the model, FP8 in the net).
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    moved = []
+    for layer in base.model.layers:
+        for name in PROJ:
+            weight = base_linear(projection(layer, name)).weight
+            moved.append((weight, weight.device))
+            weight.data = weight.data.to("cpu")
+
+    def back() -> None:
+        for weight, device in moved:
+            weight.data = weight.data.to(device)
+
+    return back
 
 
 # Token blocks up to this size sit on the card (no copy per micro-batch); a larger corpus stays in
@@ -384,7 +419,7 @@ def fit(t: TrainSettings, run: RunDir, model: Any, train_blocks: np.ndarray, hel
 
     dist = dist or Dist()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # cpu: tests of the loop logic
-    fast, trainable, restore = _loss_model(model, device, own_forward)
+    fast, trainable, restore = _loss_model(model, device, own_forward, fp8_base(device, own_forward, progress.log))
     micro, effective, T = t.batch_size, t.batch_size * t.grad_accum, t.seq_len
     blocks = _train_tensor(train_blocks, device)
     eval_blocks = torch.from_numpy(np.ascontiguousarray(held[: t.eval_batches * t.batch_size])).to(device, torch.long)

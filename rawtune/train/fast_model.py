@@ -58,10 +58,12 @@ class Net:
     trainable: list  # (name, parameter) pairs the optimizer updates
 
 
-def extract(model: Any, dtype: Any = None) -> Net:
+def extract(model: Any, dtype: Any = None, fp8: bool = False) -> Net:
     """Flatten a PEFT-wrapped model of a fast-loop family (:func:`.fast_loop.archs`) into the tensors of :class:`Net` (shared with the model).
 
     ``dtype`` is the compute dtype (bf16 on CUDA; the CPU tests use fp32 to compare with PEFT).
+    ``fp8``: hold the four frozen base weights of each layer in FP8 with per-channel scales
+    (:mod:`.fp8`); the scales are appended to the layer's tuple (indices 24-27).
     """
     import torch
 
@@ -82,6 +84,8 @@ def extract(model: Any, dtype: Any = None) -> Net:
                           inter=c.intermediate_size, lora=tuple(lora_on), ranks=tuple(ranks),
                           scales=tuple(scales), dtype=dt, vocab=c.vocab_size, **family_constants(c, first))
     layers = [_layer_tensors(layer, dt) + _family_tensors(layer, dt) for layer in base.model.layers]
+    if fp8:
+        layers = [_fp8_layer(t) for t in layers]
     embed = active_module(base.get_input_embeddings()).weight
     head = active_module(base.get_output_embeddings()).weight
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -148,6 +152,22 @@ def _layer_tensors(layer: Any, dt: Any) -> tuple:
         else:
             out += [None, None]
     return tuple(out)
+
+
+BASE_WEIGHTS = (1, 3, 5, 6)  # w_qkv, w_o, w_gu, w_down in a layer's tuple
+
+
+def _fp8_layer(tensors: tuple) -> tuple:
+    """A layer's tuple with its base weights in FP8 and their scales appended (in BASE_WEIGHTS order; None: kept)."""
+    from .fp8 import quantize_weight
+
+    out, scales = list(tensors), []
+    for i in BASE_WEIGHTS:
+        sw = None
+        if all(n % 16 == 0 for n in tensors[i].shape):  # FP8 matmuls need both dims in 16s; else bf16
+            out[i], sw = quantize_weight(tensors[i])
+        scales.append(sw)
+    return tuple(out + scales)
 
 
 def _rms(x: Any, w: Any, eps: float) -> Any:
@@ -218,20 +238,31 @@ def make_layer(cfg: SimpleNamespace, attn_backends: Optional[list] = None, fuse:
 
     H, KV, hd, dt = cfg.heads, cfg.kv, cfg.hd, cfg.dtype
     fused = _fused_lora_linear()
+    from .fp8 import function as fp8_function
+
+    fp8 = fp8_function()
     outs = {"q_proj": H * hd, "k_proj": KV * hd, "v_proj": KV * hd, "o_proj": cfg.hidden,
             "gate_proj": cfg.inter, "up_proj": cfg.inter, "down_proj": cfg.hidden}
 
-    def proj(x, w, bias, tensors, names):
+    def base(x, w, bias, sw):
+        """The frozen projection: FP8 when the layer holds its weight in FP8 (``sw`` its scales)."""
+        if sw is None:
+            return F.linear(x, w, bias)
+        y = fp8.apply(x, w, sw)
+        return y + bias if bias is not None else y
+
+    def proj(x, w, bias, tensors, names, slot):
         """Base projection(s) sharing input x plus their LoRA deltas (one A matmul for all)."""
         idx = [PROJ.index(n) for n in names]
         present = [i for i in idx if cfg.lora[i]]
+        sw = tensors[24 + slot] if len(tensors) > 24 else None
         if not present:
-            return F.linear(x, w, bias)
+            return base(x, w, bias, sw)
         a = torch.cat([tensors[7 + 2 * i].to(dt) for i in present]) if len(present) > 1 else tensors[7 + 2 * present[0]].to(dt)
         u = F.linear(x, a)
         parts = u.split([cfg.ranks[i] for i in present], dim=-1)
-        if not fuse:
-            y = F.linear(x, w, bias)
+        if not fuse or sw is not None:  # (an FP8 weight cannot share a matmul with bf16 B)
+            y = base(x, w, bias, sw)
             deltas = [F.linear(p * cfg.scales[i], tensors[8 + 2 * i].to(dt)) for i, p in zip(present, parts)]
             cols = [deltas[present.index(i)] if i in present else None for i in idx]
             chunks = list(y.split([outs[PROJ[i]] for i in idx], dim=-1))
@@ -277,16 +308,16 @@ def make_layer(cfg: SimpleNamespace, attn_backends: Optional[list] = None, fuse:
         ln1, w_qkv, b_qkv, w_o, ln2, w_gu, w_down = tensors[:7]
         B, T, _ = h.shape
         x = h if post_norm else _rms(h, ln1, cfg.eps)
-        q, k, v = proj(x, w_qkv, b_qkv, tensors, PROJ[:3]).split([H * hd, KV * hd, KV * hd], dim=-1)
+        q, k, v = proj(x, w_qkv, b_qkv, tensors, PROJ[:3], 0).split([H * hd, KV * hd, KV * hd], dim=-1)
         # (RoPE before the head transpose was measured too: same tokens/s; docs/benchmarks.md.)
         q = _rotate(heads(q, H, tensors[21]), cos, sin)
         k = _rotate(heads(k, KV, tensors[22]), cos, sin)
         v = v.view(B, T, KV, hd).transpose(1, 2)
         a = attention(q, k, v).transpose(1, 2).reshape(B, T, H * hd)
-        h = residual(h, proj(a, w_o, None, tensors, PROJ[3:4]), ln2)
+        h = residual(h, proj(a, w_o, None, tensors, PROJ[3:4], 1), ln2)
         x = h if post_norm else _rms(h, ln2, cfg.eps)
-        g, u = proj(x, w_gu, None, tensors, PROJ[4:6]).split([cfg.inter, cfg.inter], dim=-1)
-        return residual(h, proj(F.silu(g) * u, w_down, None, tensors, PROJ[6:]), tensors[23])
+        g, u = proj(x, w_gu, None, tensors, PROJ[4:6], 2).split([cfg.inter, cfg.inter], dim=-1)
+        return residual(h, proj(F.silu(g) * u, w_down, None, tensors, PROJ[6:], 3), tensors[23])
 
     return layer
 
