@@ -238,7 +238,7 @@ def profile_one(model_dir: Path, out: Path) -> dict:
     from rawtune.train.plan import plan
     from rawtune.train.hf_loop import load_unsloth
 
-    t = plan(recipe(model_dir).train, str(model_dir))
+    t, _plan = plan(recipe(model_dir).train, str(model_dir))
     model = load_unsloth(t, str(model_dir))
     net = fastloop.extract(model)
     fastloop.upcast_trainable(net)
