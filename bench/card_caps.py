@@ -282,8 +282,10 @@ def child_rawtune(a) -> None:
     from rawtune.settings import RunSettings, apply, validate
     from rawtune.train import train
 
+    # logging_steps=1: a GPU reports every 10th step by default, and a 3-step run (8b-train) would
+    # deliver no step event to time at all.
     values = dict(model=a.model_dir, preset="standard", seq_len=a.seq, eval_steps=0, save_steps=100000,
-                  max_steps=a.steps + a.warmup)
+                  max_steps=a.steps + a.warmup, logging_steps=1)
     if a.four_bit:
         values.update(load_in_4bit=True, backend="unsloth")
     if a.split:  # explicit settings are kept as given by the planner, embeddings included: freeze them
@@ -313,10 +315,10 @@ def child_rawtune(a) -> None:
     eff = record.effective_settings
     steps = [e for e in record.history if e["type"] == "step"]
     tokens_per_step = eff["batch_size"] * eff["grad_accum"] * eff["seq_len"]
-    # rawtune reports every 10th step on a GPU, so its own figure (timed from the end of step 1, its
-    # compile and warm-up left out) is the measurement; per-event stamps remain for settings that log more.
-    first = a.warmup if a.warmup in stamps else min(stamps)
-    last = max(stamps)
+    # Every step reports (logging_steps=1), so the timed window runs from the end of the warm-up to
+    # the last step; with fewer events than that, rawtune's own last figure is the measurement.
+    first = a.warmup if a.warmup in stamps else min(stamps, default=0)
+    last = max(stamps, default=0)
     tok_s = tokens_per_step * (last - first) / (stamps[last] - stamps[first]) if last > first else None
     if tok_s is None and steps:
         tok_s, first = steps[-1]["tokens_per_s"], 1

@@ -26,6 +26,13 @@ On the GPU machine (2 GPUs; carry ``.device-bundle``)::
     (bench/multi_gpu.py's prefix); python bench/ddp_profile.py --work /tmp/multi_gpu --steps 20
 
 It prints one table and writes ``ddp_profile.json`` and the per-run kernel tables to ``$OUT``.
+
+On a CPU, ``--tiny`` runs the same driver on the tiny shape with 64-token blocks: one process, then
+two under torchrun (gloo), through the real ``rawtune train`` command. Without CUDA the Trainer path
+trains, so there are no CUDA events, no kernel profile and no fast-loop all-reduce variants: step
+times are host gaps between progress events (a smoke test of the code, not a measurement)::
+
+    PYTHONPATH=$PWD python bench/ddp_profile.py --tiny --work /tmp/ddp_tiny
 """
 
 from __future__ import annotations
@@ -150,6 +157,8 @@ def worker(variant: str, profiled: int, out: Path, train_args: list[str]) -> int
     from rawtune.train import distributed, fast_loop
 
     name, mb, _env = parse_variant(variant)  # the driver already set the environment
+    if not torch.cuda.is_available():
+        return _cpu_worker(variant, out, train_args)
     fast_loop.OverlappedReduce = _variant_class(name)
     if mb:
         distributed.BUCKET_BYTES = mb * 2**20
@@ -201,6 +210,27 @@ def worker(variant: str, profiled: int, out: Path, train_args: list[str]) -> int
     return code
 
 
+def _cpu_worker(variant: str, out: Path, train_args: list[str]) -> int:
+    """--tiny without CUDA: the CLI's training with host stamps at every progress event (each step)."""
+    from rawtune import cli
+    from rawtune.train import progress
+
+    stamps: list = []
+    original = progress.Progress.step
+
+    def stamped(self, *args, **kwargs):
+        stamps.append(time.perf_counter())
+        return original(self, *args, **kwargs)
+
+    progress.Progress.step = stamped
+    code = cli.main(train_args)
+    rank, world = int(os.environ.get("RANK", "0") or 0), os.environ.get("WORLD_SIZE", "1")
+    gaps = [1000 * (b - a) for a, b in zip(stamps, stamps[1:])]
+    result = {"variant": tag(variant), "rank": rank, "code": code, "step_ms": [round(g, 2) for g in gaps], "host_ms": []}
+    (out / f"steps-{tag(variant)}-{world}gpu-rank{rank}.json").write_text(json.dumps(result))
+    return code
+
+
 # ---------------------------------------------------------------- the driver
 
 
@@ -225,7 +255,12 @@ def main() -> None:
     p.add_argument("--runs", default="", help="instead of --gpus/--variants: comma-separated GPUS:VARIANT, e.g. "
                    "1:overlap,2:overlap,1:overlap+RAWTUNE_COMPILE_MODE=reduce-overhead,2:overlap+RAWTUNE_COMPILE_MODE=reduce-overhead; "
                    "each speed-up is against the 1-GPU run with the same environment")
+    p.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny shape, 1 and 2 CPU processes")
     a = p.parse_args()
+    if a.tiny:
+        a.steps, a.profiled, a.gpus, a.variants, a.runs = min(a.steps, 6), 0, 2, "overlap", ""
+        print("--tiny on a CPU: the Trainer path trains (no CUDA events, kernel profile or all-reduce "
+              "variants); step times are host gaps between progress events", flush=True)
     deadline = time.time() + a.budget
     work = Path(a.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -235,11 +270,12 @@ def main() -> None:
     for name, value in (("NCCL_NVLS_ENABLE", "0"), ("NVSHMEM_DISABLE_NVLS", "1"),
                         ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")):
         os.environ.setdefault(name, value)
-    model_dir = work / "smollm2-135m-shape"
+    model_dir = work / ("tiny-shape" if a.tiny else "smollm2-135m-shape")
     if not (model_dir / "built.json").is_file():
-        build(model_dir, "135m")
-    corpus = write_corpus(work / "corpus.jsonl", documents=9000, seed=0)
-    case = argparse.Namespace(tiny=False, seq=2048, micro=16, accum=2, steps=a.steps, save_at=a.steps)
+        build(model_dir, "tiny" if a.tiny else "135m")
+    corpus = write_corpus(work / "corpus.jsonl", documents=300 if a.tiny else 9000, seed=0)
+    case = argparse.Namespace(tiny=a.tiny, seq=64 if a.tiny else 2048, micro=2 if a.tiny else 16, accum=2,
+                              steps=a.steps, save_at=a.steps)
     log = out / "ddp_profile.log"
     log.write_text("")
     c = card()
@@ -263,10 +299,10 @@ def main() -> None:
             rows.append({"gpus": gpus, "variant": variant, "failed": r["rc"]})
             continue
         unprofiled = a.steps - a.profiled - 2  # the steps before the profiler's warm-up
-        per_rank = [steady(x["step_ms"][:unprofiled], 3) for x in ranks]
+        per_rank = [steady(x["step_ms"][:unprofiled], 1 if a.tiny else 3) for x in ranks]
         rows.append({"gpus": gpus, "variant": variant, "step_ms": round(max(per_rank), 2),
                      "per_rank_step_ms": [round(ms, 2) for ms in per_rank],
-                     "host_ms": round(steady(ranks[0]["host_ms"][:unprofiled], 3), 2),
+                     "host_ms": round(steady(ranks[0]["host_ms"][:unprofiled], 3), 2) if ranks[0]["host_ms"] else None,
                      "profile": ranks[0].get("profile", {})})
     transports = sorted({line.split("NCCL INFO", 1)[1].strip() for line in log.read_text().splitlines()
                          if "NCCL INFO" in line and (" via " in line or "Connected all" in line)})[:12]
@@ -279,7 +315,7 @@ def main() -> None:
         same = [o for o in ones if parse_variant(o["variant"])[2] == parse_variant(r["variant"])[2]]
         return (same or ones or [{"step_ms": float("nan")}])[0]["step_ms"]
 
-    print(f"\ncard: {c}; 32 blocks x 2048 tokens a step; steady step = median gap between step starts\n")
+    print(f"\ncard: {c}; {case.micro * case.accum} blocks x {case.seq} tokens a step; steady step = median gap between step starts\n")
     print("| GPUs | all-reduce | step ms (each rank) | speed-up | host ms queueing forward/backward (rank 0) | "
           "kernel ms per step by kind | NCCL ms not under compute | idle ms |")
     print("|---|---|---|---|---|---|---|---|")

@@ -35,6 +35,12 @@ the F16 GGUF in llama.cpp and compares its logits on a short prompt with the mer
 PyTorch (fp32). The 1b run directory needs about 8 GB of disk::
 
     python bench/export_memory.py --size 1b --work /tmp/xe1b --export --imatrix-blocks 4 --heldout-blocks 2
+
+On a CPU, ``--tiny`` runs either mode on a two-layer model with 64-token blocks (a smoke test of the
+code, not a measurement)::
+
+    python bench/export_memory.py --tiny
+    python bench/export_memory.py --tiny --export
 """
 
 from __future__ import annotations
@@ -53,6 +59,9 @@ SHAPES = {
     # Llama-3.2-1B's architecture with SmolLM2's vocabulary (the shape of the GPU benchmark).
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                num_key_value_heads=8),
+    # --tiny: the same code paths in seconds on a CPU (the smoke test in tests/test_bench_smoke.py).
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2),
 }
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -294,14 +303,23 @@ def logits_step(work: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", choices=sorted(SHAPES), required=True)
-    parser.add_argument("--work", required=True, help="scratch folder (the 1b build needs ~15 GB)")
+    parser.add_argument("--size", choices=sorted(SHAPES))
+    parser.add_argument("--work", help="scratch folder (the 1b build needs ~15 GB)")
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke run: --size tiny (a fresh --work by default)")
     parser.add_argument("--export", action="store_true", help="measure the real `rawtune export` on a run directory")
     parser.add_argument("--imatrix-blocks", type=int, default=16, help="--export: training blocks for the importance matrix")
     parser.add_argument("--heldout-blocks", type=int, default=16, help="--export: held-out blocks scored")
     parser.add_argument("--seq-len", type=int, default=512, help="--export: tokens per block")
     parser.add_argument("--step", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.tiny:
+        import tempfile
+
+        args.size = "tiny"
+        args.work = args.work or tempfile.mkdtemp(prefix="export_memory_tiny_")
+        args.imatrix_blocks, args.heldout_blocks, args.seq_len = 2, 2, 64
+    if not args.size or not args.work:
+        parser.error("--size and --work are required (or --tiny)")
     work = Path(args.work)
     if args.step:
         return _one_step(args, work)

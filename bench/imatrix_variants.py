@@ -18,6 +18,13 @@ Usage (CPU; about a minute per variant at 135M on 2 cores)::
 
 ``--per-block`` also prints, for each variant, the mean and standard error over held-out blocks
 of the per-token loss difference to the default file (is a difference more than noise?).
+
+``--tiny`` (no RUN) first makes a run directory in ``--work`` around a random two-layer model of
+hidden size 256 (real k-quant blocks) with the test tokenizer, 64-token blocks and the merged
+model's perplexity from PyTorch, then runs the same variants on it: a smoke test of the code on a
+CPU, not a measurement::
+
+    python bench/imatrix_variants.py --tiny --work /tmp/imx-tiny
 """
 
 from __future__ import annotations
@@ -59,18 +66,50 @@ def plain_statistic(model_dir: Path, blocks: np.ndarray) -> dict:
     return {k: (v / blocks.size).numpy() for k, v in sums.items()}
 
 
+def tiny_run(work: Path) -> Path:
+    """A finished-looking run directory for --tiny: ``merged/`` (random weights), data blocks of the
+    test corpus, and ``run.json`` with the merged model's held-out perplexity."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from tiny import sentences, tiny_model, tiny_tokenizer
+    from transformers import AutoTokenizer
+
+    from rawtune.evaluate import perplexity, scoring_blocks
+    from rawtune.models import load_causal_lm
+    from rawtune.rundir import RunDir
+
+    run = RunDir(work / "tiny-run")
+    merged = tiny_model(run.path / "merged", tiny_tokenizer(work / "tokenizer"), "llama", hidden=256, seed=1)
+    ids = AutoTokenizer.from_pretrained(merged)(" ".join(sentences(600)))["input_ids"]
+    blocks = np.asarray(ids[: (len(ids) // 64) * 64], dtype=np.int32).reshape(-1, 64)
+    if len(blocks) < 30:
+        raise SystemExit(f"--tiny: the test corpus gave {len(blocks)} blocks of 64 tokens, fewer than 30")
+    run.data_dir.mkdir(parents=True, exist_ok=True)
+    np.save(run.data_dir / "train.npy", blocks[:-4])
+    np.save(run.data_dir / "heldout.npy", blocks[-4:])
+    model = load_causal_lm(merged, device="cpu", dtype=torch.float32).eval()
+    run.update(export={"ppl_merged": perplexity(model, scoring_blocks(blocks[-4:]))})
+    return run.path
+
+
 def main(argv=None) -> int:
     from rawtune.evaluate import scoring_blocks
     from rawtune.export import gguf_writer, imatrix, steps
     from rawtune.export.llama import load_llama
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("run", type=Path)
+    p.add_argument("run", type=Path, nargs="?")
     p.add_argument("--work", type=Path, required=True)
+    p.add_argument("--tiny", action="store_true", help="make a tiny run directory in --work first (CPU smoke run)")
     p.add_argument("--variants", default="plain:1,grad:1,compensated")
     p.add_argument("--per-block", action="store_true")
     a = p.parse_args(argv)
     a.work.mkdir(parents=True, exist_ok=True)
+    if a.tiny:
+        a.run = tiny_run(a.work)
+    if a.run is None:
+        p.error("RUN is required (or --tiny)")
     f16, default = a.work / "m.F16.gguf", a.work / "m.Q4_K_M.default.gguf"
     if not f16.exists():
         gguf_writer.convert(a.run / "merged", f16, "f16", name="m")

@@ -11,6 +11,13 @@ are measured at their best; rawtune's default runs through ``rawtune.train.train
     python bench/train_speed.py profile --tokenizer TOKDIR --work bench-work --out OUTDIR
 
 TOKDIR is a tokenizer folder with SmolLM2's 49,152-token vocabulary.
+
+On a CPU, ``--tiny`` runs ``speed`` on a two-layer model of the same kind with 64-token blocks and
+the test tokenizer (no ``--tokenizer`` needed): the PEFT bare loop and rawtune's ``train()`` run
+end to end; Unsloth, the 16 GiB cap and the CUDA-only switches are skipped with a note. A smoke
+test of the code, not a measurement::
+
+    python bench/train_speed.py speed --tiny --work /tmp/ts --out /tmp/ts-out
 """
 
 from __future__ import annotations
@@ -34,6 +41,42 @@ SMOL = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_si
         "rms_norm_eps": 1e-5, "rope_theta": 100000.0, "tie_word_embeddings": True, "hidden_act": "silu",
         "bos_token_id": 0, "eos_token_id": 0, "attention_bias": False, "mlp_bias": False}
 T, EFFECTIVE = 2048, 16
+# --tiny on a CPU: the same architecture kind, small enough to train in seconds.
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, vocab_size=512)
+TINY_T = 64
+TINY_VARIANTS = ("peft_b16", "rawtune")  # the others need Unsloth, a CUDA memory cap or CUDA kernels
+
+
+def use_tiny() -> None:
+    """Switch this process to the --tiny shapes (the parent and every variant's process)."""
+    global T
+    SMOL.update(TINY)
+    T = TINY_T
+
+
+def device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def peak_gib() -> float:
+    """Peak allocated GPU memory, or on a CPU the process's peak resident memory."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30, 2)
 
 # name: (engine, micro-batch, gradient checkpointing)
 SPEED = {
@@ -59,6 +102,10 @@ def build_model(work: Path, tokenizer: Path) -> Path:
     path = work / "smollm2-arch"
     if (path / "model.safetensors").is_file():
         return path
+    if tokenizer is None:  # --tiny: the test tokenizer, inside the tiny vocabulary
+        from tiny import tiny_tokenizer
+
+        tokenizer = tiny_tokenizer(work / "tokenizer")
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(LlamaConfig(**SMOL), dtype=torch.bfloat16)
     model.save_pretrained(path)
@@ -119,7 +166,8 @@ def speed_one(name: str, model_dir: Path, work: Path, steps: int, warmup: int) -
     import torch
 
     engine, micro, gc = SPEED[name]
-    torch.cuda.reset_peak_memory_stats()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     if engine == "rawtune":
         return rawtune_speed(name, model_dir, work, steps + warmup)
     from rawtune.train.hf_loop import load_peft, load_unsloth
@@ -132,25 +180,26 @@ def speed_one(name: str, model_dir: Path, work: Path, steps: int, warmup: int) -
     model = (load_unsloth if engine == "unsloth" else load_peft)(t, str(model_dir))
     load_s = time.time() - t0
     model.train()
-    opt = torch.optim.AdamW(param_groups(model, t.learning_rate, t.embedding_learning_rate, 0.0), fused=True)
+    opt = torch.optim.AdamW(param_groups(model, t.learning_rate, t.embedding_learning_rate, 0.0),
+                            fused=torch.cuda.is_available())
     params = [p for p in model.parameters() if p.requires_grad]
-    g = torch.Generator(device="cuda").manual_seed(0)
-    data = torch.randint(0, SMOL["vocab_size"], (EFFECTIVE, T), device="cuda", generator=g)
+    g = torch.Generator(device=device()).manual_seed(0)
+    data = torch.randint(0, SMOL["vocab_size"], (EFFECTIVE, T), device=device(), generator=g)
     losses = []
 
     step = bare_step(model, opt, params, data, micro)
     for _ in range(warmup):
         step()
-    torch.cuda.synchronize()
+    sync()
     t0 = time.time()
     for _ in range(steps):
         losses.append(step())
-    torch.cuda.synchronize()
+    sync()
     elapsed = time.time() - t0
     return {"variant": name, "micro": micro, "accum": EFFECTIVE // micro, "gc": gc, "load_s": round(load_s, 1),
             "trainable_M": round(sum(p.numel() for p in params) / 1e6, 2),
             "step_ms": round(1000 * elapsed / steps, 1), "tok_s": round(steps * EFFECTIVE * T / elapsed),
-            "peak_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2), "loss": round(float(losses[-1]), 3)}
+            "peak_GiB": peak_gib(), "loss": round(float(losses[-1]), 3)}
 
 
 def rawtune_speed(name: str, model_dir: Path, work: Path, steps: int) -> dict:
@@ -159,6 +208,8 @@ def rawtune_speed(name: str, model_dir: Path, work: Path, steps: int) -> dict:
 
     from rawtune.train import train
 
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     os.environ.update(ENV.get(name, {}))
     if name == "rawtune_16gib":  # plan for, and hold to, a 16 GiB card
         total = torch.cuda.get_device_properties(0).total_memory
@@ -174,7 +225,7 @@ def rawtune_speed(name: str, model_dir: Path, work: Path, steps: int) -> dict:
             "load_s": round(time.time() - t0 - record.seconds, 1), "wall_s": record.seconds,
             "step_ms": round(EFFECTIVE * T / events[-1]["tokens_per_s"] * 1000, 1),
             "tok_s": round(events[-1]["tokens_per_s"]),
-            "peak_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2), "loss": round(events[-1]["loss"], 3),
+            "peak_GiB": peak_gib(), "loss": round(events[-1]["loss"], 3),
             "plan": [s for s in lines if s.startswith("[gpu]")]}
 
 
@@ -187,7 +238,7 @@ def profile_one(model_dir: Path, out: Path) -> dict:
     from rawtune.train.plan import plan
     from rawtune.train.hf_loop import load_unsloth
 
-    t = plan(recipe(model_dir).train, str(model_dir))
+    t, _plan = plan(recipe(model_dir).train, str(model_dir))
     model = load_unsloth(t, str(model_dir))
     net = fastloop.extract(model)
     fastloop.upcast_trainable(net)
@@ -276,6 +327,8 @@ def spawn(args: list[str], out: Path, tag: str, timeout: int = 400) -> dict | No
 def card() -> str:
     import torch
 
+    if not torch.cuda.is_available():
+        return f"CPU only, torch {torch.__version__}"
     p = torch.cuda.get_device_properties(0)
     return f"{p.name}, {p.total_memory / 2**30:.0f} GiB, torch {torch.__version__}"
 
@@ -293,7 +346,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=3407)
     parser.add_argument("--seeds", default="3407,1")
     parser.add_argument("--parity-steps", type=int, default=10)
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke run on a tiny model (speed mode only)")
     a = parser.parse_args()
+    if a.tiny:
+        use_tiny()
     a.work.mkdir(parents=True, exist_ok=True)
     a.out.mkdir(parents=True, exist_ok=True)
     model_dir = a.work / "smollm2-arch"
@@ -306,10 +362,20 @@ def main() -> None:
             result = speed_one(a.variant, model_dir, a.work, a.steps, a.warmup)
         print("RESULT " + json.dumps(result), flush=True)
         return
+    if a.tokenizer is None and not a.tiny:
+        parser.error("--tokenizer is required (or --tiny)")
+    if a.tiny and a.mode != "speed":
+        parser.error("--tiny runs the speed mode only (profile and parity need CUDA and Unsloth)")
     build_model(a.work, a.tokenizer)
     print(f"card: {card()}", flush=True)
     results = []
-    common = ["--work", str(a.work), "--out", str(a.out)]
+    common = ["--work", str(a.work), "--out", str(a.out)] + (["--tiny"] if a.tiny else [])
+    if a.tiny:
+        skipped = [n for n in a.variants.split(",") if n not in TINY_VARIANTS]
+        a.variants = ",".join(n for n in a.variants.split(",") if n in TINY_VARIANTS)
+        if skipped:
+            print(f"--tiny on a CPU: skipped {', '.join(skipped)} (Unsloth, the 16 GiB cap and the CUDA "
+                  "switches need a GPU)", flush=True)
     if a.mode == "profile":
         results.append(spawn(["one", "profile", *common], a.out, "profile"))
     if a.mode == "speed":

@@ -75,8 +75,9 @@ VARIABLES: tuple[Variable, ...] = (
              "through torchrun (without CUDA: CPU processes); unset: one process (`app.py` sets `all`)"),
     Variable("RAWTUNE_DIST_TIMEOUT_HOURS", TRAINING, "how long data-parallel ranks wait for rank 0 (its data stage, "
              "its checkpoints)", default="6"),
-    Variable("RAWTUNE_GPU_MEMORY_GIB", TRAINING, "plan training for this many GiB instead of the card's memory "
-             "(a smaller or shared card)"),
+    Variable("RAWTUNE_GPU_MEMORY_GIB", TRAINING, "plan training for a cap of this many GiB on "
+             "rawtune's own allocations instead of the card's memory (a shared card; the CUDA context lies "
+             "outside it): the fastest setting whose predicted peak leaves 0.5 GiB or 3 % of the cap free"),
     Variable("RAWTUNE_FASTLOOP", TRAINING, "`0`: train in the Hugging Face Trainer instead of rawtune's compiled "
              "loop", default="1"),
     Variable("RAWTUNE_UNSLOTH_LOOP", TRAINING, "`trainer`: keep Unsloth's model in the Trainer instead of "

@@ -1,6 +1,8 @@
-"""CPU smoke runs of the ``bench/`` scripts (``--tiny``), so a bench cannot drift from the code it measures.
+"""Every ``bench/`` script runs end to end on the CPU (``--tiny``), so the benches cannot drift from the library.
 
-One function per bench.
+Each test starts one script in a subprocess exactly as a user would (``PYTHONPATH`` at the worktree,
+a fresh ``--work`` folder), checks it exits 0 and that it printed its table with values in it.
+One test function per script; the ones that start several training processes are marked ``slow``.
 """
 
 from __future__ import annotations
@@ -8,11 +10,80 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_bench(script: str, *args: str, tmp_path: Path, timeout: int = 900) -> str:
+    """Run ``bench/<script>`` with ``args``; return its stdout (fails with the output's tail on rc != 0)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "OUT": str(tmp_path / "out"), "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    (tmp_path / "out").mkdir(exist_ok=True)
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{script} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def test_card_caps_8b_train(tmp_path):
+    """The table that crashed on min() of no step events: every step now reports, so the timed
+    window comes from step events (steps 2..3 of 1 warm-up and 2 timed steps)."""
+    out = run_bench("card_caps.py", "--tiny", "--table", "8b-train", "--work", str(tmp_path / "w"),
+                    "--budget", "800", tmp_path=tmp_path)
+    assert "### 8B-class llama" in out
+    m = re.search(r"train: losses \[([^\]]+)\] \(finite\), ([\d,]+) tok/s \(steps (\d+)\.\.(\d+)\)", out)
+    assert m, out[-2000:]
+    assert len(m.group(1).split(",")) == 3 and int(m.group(2).replace(",", "")) > 0
+    assert int(m.group(4)) > int(m.group(3))  # at least two step events timed
+    assert "[gpu]" not in out  # no CUDA: no plan line pretends there is a card
+
+
+@pytest.mark.slow
+def test_ddp_profile(tmp_path):
+    out = run_bench("ddp_profile.py", "--tiny", "--work", str(tmp_path / "w"), "--budget", "800", tmp_path=tmp_path)
+    rows = re.findall(r"^\| (\d) \| overlap \| ([\d.]+) \(", out, re.M)
+    assert [r[0] for r in rows] == ["1", "2"], out[-2000:]
+    assert all(float(ms) > 0 for _, ms in rows)
+
+
+@pytest.mark.slow
+def test_export_memory(tmp_path):
+    out = run_bench("export_memory.py", "--tiny", "--work", str(tmp_path / "w"), tmp_path=tmp_path)
+    steps = re.findall(r'"step": "(\w+)", "seconds": [\d.]+, "baseline_MB": \d+, "peak_over_baseline_MB": \d+', out)
+    assert steps == ["peft_merge", "peft_convert", "streamed_folder", "streamed_convert"], out[-2000:]
+    assert '"identical": true, "whole_file_identical": true' in out
+
+
+@pytest.mark.slow
+def test_imatrix_variants(tmp_path):
+    out = run_bench("imatrix_variants.py", "--tiny", "--work", str(tmp_path / "w"), tmp_path=tmp_path)
+    table = out[out.rindex("| variant |"):]
+    for label in ("llama.cpp default", "plain mean x², power 1", "grad mean x², power 1",
+                  "compensated rounding (export's file)"):
+        assert re.search(rf"^\| {re.escape(label)} \| [\d.]+ \| [+-][\d.]+ % \|", table, re.M), table
+
+
+@pytest.mark.slow
+def test_multi_gpu(tmp_path):
+    out = run_bench("multi_gpu.py", "--tiny", "--work", str(tmp_path / "w"), tmp_path=tmp_path)
+    assert "| run | command | micro x accum |" in out
+    assert "failed, see the log" not in out, out[-3000:]
+    assert re.search(r"largest loss difference per step, 1 GPU vs 2 GPUs", out), out[-2000:]
+
+
+def test_train_speed(tmp_path):
+    out = run_bench("train_speed.py", "speed", "--tiny", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o"),
+                    "--steps", "2", "--warmup", "1", tmp_path=tmp_path)
+    assert "skipped unsloth_seed" in out and "rawtune_16gib" in out  # CUDA-only variants are named as skipped
+    rows = re.findall(r"^\| (peft_b16|rawtune) \| (\d+) x (\d+) \| \w+ \| ([\d,]+) \|", out, re.M)
+    assert [r[0] for r in rows] == ["peft_b16", "rawtune"], out[-2000:]
+    assert all(int(m) * int(k) == 16 and int(tok.replace(",", "")) > 0 for _, m, k, tok in rows)
 
 
 def test_fp8_bench_tiny_runs_bf16_twice_and_fp8_once(tmp_path):

@@ -49,7 +49,7 @@ def train(settings: RunSettings, run: RunDir, callback: Optional[Callback] = Non
     train_blocks = load_blocks(run, "train")
     held = load_blocks(run, "heldout")
     decided = _decide(settings.train, run, local_dir, train_blocks, dist, log) if dist.main else None
-    t, backend, resume_from = dist.share(decided)
+    t, backend, resume_from, flatten = dist.share(decided)
     if not dist.main:
         _quiet_libraries()
     log(f"[train] backend {backend}; LoRA r={t.lora_r} alpha={t.lora_alpha}"
@@ -57,7 +57,7 @@ def train(settings: RunSettings, run: RunDir, callback: Optional[Callback] = Non
     model = _load_model(backend, t, local_dir)
     progress = Progress(t.batch_size * t.grad_accum * t.seq_len, callback, log)
     signal = StopSignal(run, stop, log)
-    loop = _loop_for(model, t, resume_from, backend, log)
+    loop = _loop_for(model, t, resume_from, backend, log, flatten)
     t = _split(t, dist, loop, log)
     result = loop(t, run, model, train_blocks, held, progress, signal, resume_from, dist=dist)
     if dist.main:
@@ -70,8 +70,9 @@ def train(settings: RunSettings, run: RunDir, callback: Optional[Callback] = Non
 
 
 def _decide(t: TrainSettings, run: RunDir, local_dir: str, train_blocks: Any, dist: distributed.Dist,
-            log: Callable[[str], None]) -> tuple[TrainSettings, str, Any]:
-    """Rank 0's decisions for the run: checked blocks, backend, family limits, memory plan, resume point."""
+            log: Callable[[str], None]) -> tuple[TrainSettings, str, Any, bool]:
+    """Rank 0's decisions for the run: checked blocks, backend, family limits, memory plan, resume point,
+    and whether the plan lets the flattened fast loop run (it may prefer Unsloth's larger micro-batch)."""
     from .hf_loop import choose_backend
 
     if train_blocks.shape[1] != t.seq_len:
@@ -86,12 +87,14 @@ def _decide(t: TrainSettings, run: RunDir, local_dir: str, train_blocks: Any, di
             "training is measured with PEFT's model)")
         backend = "peft"
     import_backend_first(backend)  # a no-op when the pipeline already did it
+    flatten = True
     if has_cuda():
         from .plan import plan
 
-        t = plan(t, local_dir, log=log)
+        t, chosen = plan(t, local_dir, log=log, backend=backend)
+        flatten = not chosen.flatten_refused
         _say_idle_gpus(dist, log)
-    return t, backend, _resume_point(t, run, log)
+    return t, backend, _resume_point(t, run, log), flatten
 
 
 def _say_idle_gpus(dist: distributed.Dist, log: Callable[[str], None]) -> None:
@@ -190,15 +193,17 @@ def _load_model(backend: str, t: TrainSettings, local_dir: str) -> Any:
     return (load_unsloth if backend == "unsloth" else load_peft)(t, local_dir)
 
 
-def _loop_for(model: Any, t: TrainSettings, resume_from: Any, backend: str, log: Callable[[str], None]) -> Callable:
-    """The fast CUDA loop where it can train this model; else that loop around Unsloth's own
-    forward (:mod:`.model_loss`); else the Trainer path (saying why)."""
+def _loop_for(model: Any, t: TrainSettings, resume_from: Any, backend: str, log: Callable[[str], None],
+              flatten: bool = True) -> Callable:
+    """The fast CUDA loop where it can train this model and the plan allows it (``flatten``); else
+    that loop around Unsloth's own forward (:mod:`.model_loss`); else the Trainer path (saying why)."""
     from . import hf_loop
 
     if has_cuda():
         from . import fast_loop
 
-        why_not = fast_loop.why_not_for_model(model, t, resume_from)
+        why_not = (fast_loop.why_not_for_model(model, t, resume_from) if flatten else
+                   "the memory plan picked a larger micro-batch than the flattened loop fits")
         if why_not is None:
             return fast_loop.fit
         why_not_own = fast_loop.why_not_own_forward(backend, resume_from, bool(t.load_in_4bit))

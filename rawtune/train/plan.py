@@ -44,6 +44,19 @@ def usable_bytes(total_bytes: int) -> float:
     return total_bytes - max(RESERVE, RESERVE_SHARE * total_bytes)
 
 
+# An explicit cap (RAWTUNE_GPU_MEMORY_GIB, what torch.cuda.set_per_process_memory_fraction enforces) bounds
+# the allocator alone: the CUDA context lies outside it. Predicted peaks matched measured ones within
+# 1 % (fast loop 8 x 2 at 135M: 15.3 predicted, 15.39 GiB measured; Unsloth 16 x 1: 15.45 and 15.33), so
+# the margin covers allocator fragmentation and that error: 0.5 GiB or 3 % of the cap, the larger.
+CAP_MARGIN = 0.5 * GIB
+CAP_MARGIN_SHARE = 0.03
+
+
+def capped_bytes(cap: int) -> float:
+    """What a plan may fill under an explicit cap of ``cap`` bytes: all but :data:`CAP_MARGIN` or 3 %."""
+    return cap - max(CAP_MARGIN, CAP_MARGIN_SHARE * cap)
+
+
 @dataclasses.dataclass
 class Plan:
     """What the card will run: the split of the effective batch, checkpointing and the engine."""
@@ -60,6 +73,7 @@ class Plan:
     compiled: bool = True  # whether torch.compile is used (only the fast loop compiles)
     train_embeddings: bool = True
     embedding_state_gib: float = 0.0  # fp32 masters, gradients and AdamW moments of embed_tokens/lm_head
+    flatten_refused: bool = False  # the fast loop could run, but a faster fitting setting of another engine won
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,8 +176,36 @@ def _divisors(n: int) -> list[int]:
     return sorted((m for m in range(1, n + 1) if n % m == 0), reverse=True)
 
 
-def _trainer_plan(t: TrainSettings, c: dict, budget: float, bf16: bool, engine: str, why_not: str) -> Plan:
-    """Unsloth/PEFT: the fastest setting that fits, trying cheaper memory one step at a time.
+# Below this micro-batch, training without checkpointing is slower than checkpointing at a larger one:
+# at the 1B shape under a 16 GiB cap Unsloth ran 2 x 8 without it at 36.7k-39.0k tokens/s, 16 x 1 with
+# it at 59.7k and 4 x 4 without it at 69.0k (docs/benchmarks.md).
+NO_CHECKPOINTING_MIN_MICRO = 4
+
+
+def speed_rank(engine: str, micro: int, checkpointing: bool) -> tuple:
+    """Sort key of a setting, fastest first, as measured: no checkpointing (down to micro-batch
+    :data:`NO_CHECKPOINTING_MIN_MICRO`), then the largest micro-batch (fewest accumulation steps),
+    then the fast loop before the Trainer engines at the same split (1.2x-1.95x Unsloth at 135M)."""
+    tier = 1 if checkpointing else (0 if micro >= NO_CHECKPOINTING_MIN_MICRO else 2)
+    return (tier, -micro, 0 if engine == "fast loop" else 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One setting the planner weighs, with its predicted peak in bytes."""
+
+    engine: str
+    micro: int
+    checkpointing: bool
+    four_bit: bool
+    embeddings: bool
+    peak: int
+
+
+def candidates(t: TrainSettings, c: dict, bf16: bool, engine: str, fast_loop: bool) -> list[Candidate]:
+    """Every setting the plan weighs, in the order it tries them: 16-bit with the asked embeddings
+    sorted by :func:`speed_rank`, then 4-bit (with checkpointing), then 4-bit with embeddings frozen,
+    each of those from the largest micro-batch down.
 
     Larger micro-batches without checkpointing were measured on bf16 cards only (Unsloth 16x1 at
     2.9x-8.9x the seed's 2x8 with checkpointing); on a card without bf16 the given split is kept.
@@ -171,45 +213,59 @@ def _trainer_plan(t: TrainSettings, c: dict, budget: float, bf16: bool, engine: 
     effective = t.batch_size * t.grad_accum
     sizes = _divisors(effective) if bf16 else [m for m in _divisors(effective) if m <= t.batch_size]
     emb = bool(t.train_embeddings)
-    steps = [] if t.load_in_4bit else ([(False, False, emb)] if bf16 else []) + [(True, False, emb)]
-    steps += [(True, True, emb)] + ([(True, True, False)] if emb else [])
-    for gc, four_bit, embeddings in steps:
+    out: list[Candidate] = []
+    if not t.load_in_4bit:
+        full = [Candidate("fast loop", m, False, False, emb, estimate_fast_bytes(t, c, m))
+                for m in sizes if fast_loop]
+        full += [Candidate(engine, m, gc, False, emb, estimate_trainer_bytes(t, c, m, gc, False, engine))
+                 for m in sizes for gc in ((False, True) if bf16 else (True,))]
+        out += sorted(full, key=lambda k: speed_rank(k.engine, k.micro, k.checkpointing))
+    for embeddings in [emb] + ([False] if emb else []):
         tt = dataclasses.replace(t, train_embeddings=embeddings)
-        for micro in sizes:
-            peak = estimate_trainer_bytes(tt, c, micro, gc, four_bit, engine)
-            if peak <= budget:
-                why = why_not if embeddings == emb else (
-                    f"{why_not}; embed_tokens/lm_head not trained: their fp32 weights, gradients and AdamW "
-                    f"moments need {embedding_state_bytes(t, c, engine) / GIB:.1f} GiB")
-                return Plan(micro, effective // micro, "unsloth" if gc else "off", False, peak / GIB, why,
-                            engine, four_bit, "bf16" if bf16 else "fp16", False, embeddings,
-                            embedding_state_bytes(tt, c, engine) / GIB)
+        out += [Candidate(engine, m, True, True, embeddings, estimate_trainer_bytes(tt, c, m, True, True, engine))
+                for m in sizes]
+    return out
+
+
+def _auto_plan(t: TrainSettings, c: dict, budget: float, bf16: bool, engine: str, why_not: Optional[str]) -> Plan:
+    """The first of :func:`candidates` whose predicted peak fits ``budget``: the fastest that fits."""
+    effective = t.batch_size * t.grad_accum
+    for k in candidates(t, c, bf16, engine, why_not is None):
+        if k.peak > budget:
+            continue
+        why = f"fastest setting per the plan's order whose predicted peak fits {budget / GIB:.1f} GiB"
+        if why_not and k.engine != "fast loop":
+            why = f"{why}; not the flattened fast loop: {why_not}"
+        if k.embeddings != bool(t.train_embeddings):
+            why += (f"; embed_tokens/lm_head not trained: their fp32 weights, gradients and AdamW moments need "
+                    f"{embedding_state_bytes(t, c, engine) / GIB:.1f} GiB")
+        fast = k.engine == "fast loop"
+        tt = dataclasses.replace(t, train_embeddings=k.embeddings)
+        return Plan(k.micro, effective // k.micro, "unsloth" if k.checkpointing else "off", fast, k.peak / GIB, why,
+                    k.engine, k.four_bit, "bf16" if bf16 else "fp16", fast and compile_allowed(), k.embeddings,
+                    embedding_state_bytes(tt, c, "peft" if fast else engine) / GIB,
+                    flatten_refused=why_not is None and not fast)
     need = estimate_trainer_bytes(dataclasses.replace(t, train_embeddings=False), c, 1, True, True, engine)
     raise ConfigError(f"this model needs about {need / GIB:.1f} GiB to train even in 4-bit with checkpointing at "
                       f"micro-batch 1, more than the {budget / GIB:.1f} GiB this card leaves; use a smaller model, "
                       f"a shorter --seq-len or a larger card")
 
 
-def choose(t: TrainSettings, config: dict, total_bytes: int, bf16: bool = True, unsloth: bool = True) -> Plan:
-    """The plan for a card of ``total_bytes`` memory (pure: no GPU needed)."""
+def choose(t: TrainSettings, config: dict, total_bytes: int, bf16: bool = True, unsloth: bool = True,
+           capped: bool = False) -> Plan:
+    """The plan for a card of ``total_bytes`` memory (pure: no GPU needed).
+
+    ``capped``: ``total_bytes`` is an explicit cap on rawtune's allocations (``RAWTUNE_GPU_MEMORY_GIB``)
+    rather than a whole card's memory, so only :func:`capped_bytes`' margin is kept free.
+    """
     from .fast_loop import why_not_for_settings
 
-    effective = t.batch_size * t.grad_accum
     gc = str(t.gradient_checkpointing)
-    budget = usable_bytes(total_bytes)
+    budget = capped_bytes(total_bytes) if capped else usable_bytes(total_bytes)
     engine = "unsloth" if unsloth else "peft"
     why_not = why_not_for_settings(dataclasses.replace(t, gradient_checkpointing="off"), config, bf16=bf16) if config else "no config.json"
-    if gc == "auto" and why_not is None:
-        for micro in _divisors(effective):
-            peak = estimate_fast_bytes(t, config, micro)
-            if peak <= budget:
-                return Plan(micro, effective // micro, "off", True, peak / GIB,
-                            f"largest micro-batch dividing {effective} that fits {budget / GIB:.1f} GiB",
-                            "fast loop", False, "bf16", compile_allowed(), bool(t.train_embeddings),
-                            embedding_state_bytes(t, config, "peft") / GIB)
-        why_not = "one block does not fit without checkpointing"
     if gc == "auto" and config:
-        return _trainer_plan(t, config, budget, bf16, engine, why_not)
+        return _auto_plan(t, config, budget, bf16, engine, why_not)
     if gc == "auto":
         gc = "off" if total_bytes >= 40 * GIB else "unsloth"
     fast = why_not is None and gc in ("off", "False")
@@ -224,30 +280,43 @@ def choose(t: TrainSettings, config: dict, total_bytes: int, bf16: bool = True, 
                 fast and compile_allowed(), bool(t.train_embeddings))
 
 
+def cap_bytes() -> Optional[int]:
+    """RAWTUNE_GPU_MEMORY_GIB in bytes, or None when it is not set."""
+    override = env.get("RAWTUNE_GPU_MEMORY_GIB")
+    return int(float(override) * GIB) if override else None
+
+
 def card_bytes() -> int:
     """The card's memory, or RAWTUNE_GPU_MEMORY_GIB when set (to plan for a smaller or shared card)."""
     import torch
 
-    override = env.get("RAWTUNE_GPU_MEMORY_GIB")
-    if override:
-        return int(float(override) * GIB)
-    return torch.cuda.get_device_properties(0).total_memory
+    return cap_bytes() or torch.cuda.get_device_properties(0).total_memory
 
 
-def plan(t: TrainSettings, local_dir: str, log: Callable[[str], None] = print) -> TrainSettings:
-    """Resolve loading, checkpointing, the micro-batch split and the engine for this card; log the plan."""
+def plan(t: TrainSettings, local_dir: str, log: Callable[[str], None] = print,
+         backend: Optional[str] = None) -> tuple[TrainSettings, Plan]:
+    """Resolve loading, checkpointing, the micro-batch split and the engine for this card; log the plan.
+
+    ``backend``: the loader the run will use (unsloth or peft; None: Unsloth where it is installed and
+    not refused by ``t.backend``). Returns the resolved settings and the plan, whose ``flatten_refused``
+    says that the flattened fast loop must not run (the plan preferred Unsloth's larger micro-batch).
+    """
     import importlib.util
 
     import torch
 
     total = card_bytes()
-    unsloth = t.backend != "peft" and importlib.util.find_spec("unsloth") is not None
+    if backend is None:
+        unsloth = t.backend != "peft" and importlib.util.find_spec("unsloth") is not None
+    else:
+        unsloth = backend == "unsloth"
     p = choose(t, model_shape(local_dir), total, bf16=torch.cuda.is_bf16_supported(including_emulation=False),
-               unsloth=unsloth)
-    log(f"[gpu] {torch.cuda.get_device_name(0)} ({total / GIB:.0f} GiB){' on ZeroGPU' if zero_gpu() else ''}: "
+               unsloth=unsloth, capped=cap_bytes() is not None)
+    log(f"[gpu] {torch.cuda.get_device_name(0)} ({total / GIB:.0f} GiB"
+        f"{', capped by RAWTUNE_GPU_MEMORY_GIB' if cap_bytes() else ''}){' on ZeroGPU' if zero_gpu() else ''}: "
         + describe(p))
     return dataclasses.replace(t, batch_size=p.micro_batch, grad_accum=p.grad_accum, gradient_checkpointing=p.checkpointing,
-                               load_in_4bit=p.load_in_4bit, train_embeddings=p.train_embeddings)
+                               load_in_4bit=p.load_in_4bit, train_embeddings=p.train_embeddings), p
 
 
 def describe(p: Plan) -> str:
