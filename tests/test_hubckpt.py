@@ -1,0 +1,135 @@
+"""Runs that survive a restart: checkpoints uploaded to a private Hub repo, the run directory
+deleted, the run downloaded into a new directory and resumed (rawtune/hubckpt.py), against the Hub
+emulator (tests/hub_emulator.py) with the real huggingface_hub client."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+
+import pytest
+import yaml
+
+from hub_emulator import BOB_TOKEN, WRITE_TOKEN
+from rawtune import hubckpt
+from rawtune.cli import main as cli_main
+from rawtune.errors import ConfigError, HubError
+from rawtune.pipeline import run_pipeline
+from rawtune.rundir import RunDir
+from rawtune.settings import RunSettings, apply
+
+pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
+
+REPO = "alice/rawtune-ckpt-tiny"
+STEPS = 8
+
+
+def _values(out, model, corpus, **more):
+    return dict(out=str(out), dataset=str(corpus), model=str(model), preset="quick", seq_len=64, batch_size=2,
+                max_steps=STEPS, learning_rate=3e-3, save_steps=2, stages=["data", "train"], **more)
+
+
+def _losses(record: dict) -> dict[int, float]:
+    return {e["step"]: e["loss"] for e in record["train"]["history"] if e["type"] == "step"}
+
+
+def _train_stopped_at(out, model, corpus, step: int, **more) -> RunDir:
+    """Train with checkpoints uploaded and stop after ``step`` (a checkpoint is saved on stop)."""
+    stop = threading.Event()
+
+    def on_event(event):
+        if event["type"] == "step" and event["step"] >= step:
+            stop.set()
+
+    run_pipeline(apply(RunSettings(), _values(out, model, corpus, checkpoint_repo=REPO, **more)), token=WRITE_TOKEN,
+                 callback=on_event, stop=stop, log=lambda line: None)
+    return RunDir(out)
+
+
+def test_restart_then_resume_from_the_hub(hub_server, tmp_path, tiny_llama_dir, tiny_corpus, capsys):
+    run = _train_stopped_at(tmp_path / "first", tiny_llama_dir, tiny_corpus, 4)
+    stopped = run.load()["train"]
+    assert stopped["stopped_early"] and stopped["steps"] == 4
+    files = hub_server.files(REPO)
+    assert hub_server.repo(REPO).private
+    # Only the newest checkpoint is kept in the repo, whole, with run.json and the data.
+    held = sorted({p.split("/")[1] for p in files if p.startswith("checkpoints/")})
+    assert held == ["checkpoint-4"]
+    local = {f.relative_to(run.checkpoints_dir / "checkpoint-4").as_posix(): f.read_bytes()
+             for f in (run.checkpoints_dir / "checkpoint-4").rglob("*") if f.is_file()}
+    assert {p[len("checkpoints/checkpoint-4/"):]: b for p, b in files.items() if p.startswith("checkpoints/")} == local
+    assert files["data/train.npy"] == (run.data_dir / "train.npy").read_bytes()
+    assert files["data/heldout.npy"] == (run.data_dir / "heldout.npy").read_bytes()
+    assert b'"settings"' in files["run.json"]
+    assert yaml.safe_load(files["README.md"].decode().split("---")[1])["tags"] == [hubckpt.TAG]
+
+    shutil.rmtree(run.path)  # the Space restarts: its disk is wiped
+    out = tmp_path / "after-restart"
+    code = cli_main(["train", "--out", str(out), "--resume-from-hub", REPO, "--token", WRITE_TOKEN])
+    assert code == 0, capsys.readouterr().err
+    resumed = RunDir(out).load()["train"]
+    assert resumed["resumed_from_step"] == 4 and resumed["steps"] == STEPS and not resumed["stopped_early"]
+    assert (RunDir(out).adapter_dir / "adapter_model.safetensors").is_file()
+    # The resumed run kept uploading to the same repo: it now holds the final checkpoint only.
+    assert sorted({p.split("/")[1] for p in hub_server.files(REPO) if p.startswith("checkpoints/")}) == [
+        f"checkpoint-{STEPS}"]
+
+    # The same run without a restart: the steps after the resume have the same losses.
+    whole = run_pipeline(apply(RunSettings(), _values(tmp_path / "whole", tiny_llama_dir, tiny_corpus)),
+                         log=lambda line: None)
+    after, straight = _losses(RunDir(out).load()), _losses(whole)
+    assert sorted(after) == list(range(1, STEPS + 1))
+    for step in range(5, STEPS + 1):
+        assert after[step] == pytest.approx(straight[step], rel=1e-4, abs=1e-5), step
+
+
+def test_the_token_is_in_no_uploaded_file(hub_server, tmp_path, tiny_llama_dir, tiny_corpus):
+    _train_stopped_at(tmp_path / "r", tiny_llama_dir, tiny_corpus, 2)
+    files = hub_server.files(REPO)
+    assert "run.json" in files and any(p.startswith("checkpoints/checkpoint-") for p in files)
+    for path, data in files.items():
+        assert WRITE_TOKEN.encode() not in data, path
+        assert b"hf_emu" not in data, path
+
+
+def test_listing_finds_only_the_users_checkpoint_repos(hub_server, tmp_path, tiny_llama_dir, tiny_corpus, capsys):
+    _train_stopped_at(tmp_path / "r", tiny_llama_dir, tiny_corpus, 2)
+    hub_server.create_repo("alice/not-a-checkpoint-repo", files={"README.md": "---\ntags:\n- other\n---\n"})
+    assert [r["repo"] for r in hubckpt.list_runs(WRITE_TOKEN)] == [REPO]
+    assert hubckpt.list_runs(BOB_TOKEN) == []  # alice's private repo is not bob's to resume
+    assert hubckpt.main(["--list", "--token", WRITE_TOKEN]) == 0
+    assert capsys.readouterr().out.split() == [REPO]
+    with pytest.raises(ConfigError, match="sign in"):
+        hubckpt.list_runs(False)
+
+
+def test_a_failed_upload_logs_one_line_and_training_goes_on(hub_server, tmp_path, tiny_llama_dir, tiny_corpus):
+    lines = []
+    hub_server.fail_uploads = True
+    try:
+        run_pipeline(apply(RunSettings(), _values(tmp_path / "r", tiny_llama_dir, tiny_corpus, checkpoint_repo=REPO)),
+                     token=WRITE_TOKEN, log=lines.append)
+    finally:
+        hub_server.fail_uploads = False
+    assert RunDir(tmp_path / "r").load()["train"]["steps"] == STEPS
+    failed = [line for line in lines if line.startswith("[hub-checkpoints]") and "failed" in line]
+    assert failed and all("\n" not in line and WRITE_TOKEN not in line for line in failed)
+    assert not (tmp_path / "r" / hubckpt.STAGING).exists()
+
+
+def test_refusals(hub_server, tmp_path, tiny_llama_dir, tiny_corpus):
+    values = _values(tmp_path / "r", tiny_llama_dir, tiny_corpus, checkpoint_repo=REPO)
+    with pytest.raises(ConfigError, match="needs a Hugging Face token"):
+        run_pipeline(apply(RunSettings(), values), token=False, log=lambda line: None)
+    with pytest.raises(ConfigError, match="user/name"):
+        run_pipeline(apply(RunSettings(), {**values, "checkpoint_repo": "no-slash"}), token=WRITE_TOKEN,
+                     log=lambda line: None)
+    with pytest.raises(HubError, match="no complete rawtune checkpoint"):
+        hub_server.create_repo("alice/empty-ckpt")
+        hubckpt.download("alice/empty-ckpt", tmp_path / "x", WRITE_TOKEN, log=lambda line: None)
+    with pytest.raises(HubError):
+        hubckpt.download("alice/does-not-exist", tmp_path / "y", WRITE_TOKEN, log=lambda line: None)
+
+
+def test_repo_for_a_visitor():
+    assert hubckpt.repo_for("alice", "run 3/ok") == "alice/rawtune-ckpt-run-3-ok"
