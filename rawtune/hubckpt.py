@@ -49,6 +49,27 @@ def repo_for(user: str, run_name: str) -> str:
     return f"{user}/rawtune-ckpt-{name}"[:96]
 
 
+def keep_by_default(shared: bool) -> bool:
+    """The app's checkbox starts ticked on a shared app (a Space), whose disk a restart wipes; it
+    takes effect only for a visitor with a token (:func:`repo_for_app`)."""
+    return bool(shared)
+
+
+def repo_for_app(keep: bool, token: Token, run_name: str) -> Optional[str]:
+    """The checkpoint repo of an app run: in the signed-in visitor's namespace when ``keep`` and a
+    token are there, else None (nothing is uploaded without the visitor's own token)."""
+    if not keep or not isinstance(token, str):
+        return None
+    from huggingface_hub import HfApi
+
+    try:
+        user = HfApi(token=token).whoami()["name"]
+    except Exception as exc:
+        raise hub_error(exc, "finding your Hub user name for the checkpoint repo", "try again, or untick "
+                        "\"Keep checkpoints on the Hub\"", f"the Hub rejected the token; {login_hint(token)}") from None
+    return repo_for(user, run_name)
+
+
 def check(repo: Optional[str], token: Token) -> None:
     """Refuse a checkpoint repo that cannot work, before any stage runs."""
     if not repo:

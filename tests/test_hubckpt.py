@@ -133,3 +133,23 @@ def test_refusals(hub_server, tmp_path, tiny_llama_dir, tiny_corpus):
 
 def test_repo_for_a_visitor():
     assert hubckpt.repo_for("alice", "run 3/ok") == "alice/rawtune-ckpt-run-3-ok"
+
+
+def test_the_app_keeps_checkpoints_only_for_a_visitor_with_a_token(hub_server):
+    from hub_emulator import OAUTH_TOKEN
+
+    assert hubckpt.keep_by_default(True) and not hubckpt.keep_by_default(False)
+    assert hubckpt.repo_for_app(True, OAUTH_TOKEN, "20261207-151500") == "alice/rawtune-ckpt-20261207-151500"
+    assert hubckpt.repo_for_app(True, False, "x") is None  # a visitor who did not sign in: nothing uploaded
+    assert hubckpt.repo_for_app(False, OAUTH_TOKEN, "x") is None
+
+
+def test_the_apps_list_button_fills_the_dropdown(hub_server):
+    pytest.importorskip("gradio")
+    from rawtune.ui import handlers
+
+    hub_server.create_repo("alice/rawtune-ckpt-old", private=True,
+                           files={"README.md": hubckpt.CARD.format(repo="alice/rawtune-ckpt-old")})
+    shown = handlers.list_hub_runs(WRITE_TOKEN, None)
+    assert shown.choices and [c[0] for c in shown.choices] == ["alice/rawtune-ckpt-old"]
+    assert shown.value == "alice/rawtune-ckpt-old"
