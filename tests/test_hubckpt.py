@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import threading
+import uuid
 
 import pytest
 import yaml
@@ -20,8 +21,13 @@ from rawtune.settings import RunSettings, apply
 
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
 
-REPO = "alice/rawtune-ckpt-tiny"
 STEPS = 8
+
+
+@pytest.fixture
+def repo() -> str:
+    """A checkpoint repo of alice's that no other test used (the emulator lives for the session)."""
+    return f"alice/rawtune-ckpt-{uuid.uuid4().hex[:8]}"
 
 
 def _values(out, model, corpus, **more):
@@ -33,7 +39,7 @@ def _losses(record: dict) -> dict[int, float]:
     return {e["step"]: e["loss"] for e in record["train"]["history"] if e["type"] == "step"}
 
 
-def _train_stopped_at(out, model, corpus, step: int, **more) -> RunDir:
+def _train_stopped_at(out, model, corpus, step: int, repo: str, **more) -> RunDir:
     """Train with checkpoints uploaded and stop after ``step`` (a checkpoint is saved on stop)."""
     stop = threading.Event()
 
@@ -41,17 +47,17 @@ def _train_stopped_at(out, model, corpus, step: int, **more) -> RunDir:
         if event["type"] == "step" and event["step"] >= step:
             stop.set()
 
-    run_pipeline(apply(RunSettings(), _values(out, model, corpus, checkpoint_repo=REPO, **more)), token=WRITE_TOKEN,
+    run_pipeline(apply(RunSettings(), _values(out, model, corpus, checkpoint_repo=repo, **more)), token=WRITE_TOKEN,
                  callback=on_event, stop=stop, log=lambda line: None)
     return RunDir(out)
 
 
-def test_restart_then_resume_from_the_hub(hub_server, tmp_path, tiny_llama_dir, tiny_corpus, capsys):
-    run = _train_stopped_at(tmp_path / "first", tiny_llama_dir, tiny_corpus, 4)
+def test_restart_then_resume_from_the_hub(hub_server, repo, tmp_path, tiny_llama_dir, tiny_corpus, capsys):
+    run = _train_stopped_at(tmp_path / "first", tiny_llama_dir, tiny_corpus, 4, repo)
     stopped = run.load()["train"]
     assert stopped["stopped_early"] and stopped["steps"] == 4
-    files = hub_server.files(REPO)
-    assert hub_server.repo(REPO).private
+    files = hub_server.files(repo)
+    assert hub_server.repo(repo).private
     # Only the newest checkpoint is kept in the repo, whole, with run.json and the data.
     held = sorted({p.split("/")[1] for p in files if p.startswith("checkpoints/")})
     assert held == ["checkpoint-4"]
@@ -65,13 +71,13 @@ def test_restart_then_resume_from_the_hub(hub_server, tmp_path, tiny_llama_dir, 
 
     shutil.rmtree(run.path)  # the Space restarts: its disk is wiped
     out = tmp_path / "after-restart"
-    code = cli_main(["train", "--out", str(out), "--resume-from-hub", REPO, "--token", WRITE_TOKEN])
+    code = cli_main(["train", "--out", str(out), "--resume-from-hub", repo, "--token", WRITE_TOKEN])
     assert code == 0, capsys.readouterr().err
     resumed = RunDir(out).load()["train"]
     assert resumed["resumed_from_step"] == 4 and resumed["steps"] == STEPS and not resumed["stopped_early"]
     assert (RunDir(out).adapter_dir / "adapter_model.safetensors").is_file()
     # The resumed run kept uploading to the same repo: it now holds the final checkpoint only.
-    assert sorted({p.split("/")[1] for p in hub_server.files(REPO) if p.startswith("checkpoints/")}) == [
+    assert sorted({p.split("/")[1] for p in hub_server.files(repo) if p.startswith("checkpoints/")}) == [
         f"checkpoint-{STEPS}"]
 
     # The same run without a restart: the steps after the resume have the same losses.
@@ -83,31 +89,38 @@ def test_restart_then_resume_from_the_hub(hub_server, tmp_path, tiny_llama_dir, 
         assert after[step] == pytest.approx(straight[step], rel=1e-4, abs=1e-5), step
 
 
-def test_the_token_is_in_no_uploaded_file(hub_server, tmp_path, tiny_llama_dir, tiny_corpus):
-    _train_stopped_at(tmp_path / "r", tiny_llama_dir, tiny_corpus, 2)
-    files = hub_server.files(REPO)
+def test_the_token_is_in_no_uploaded_file(hub_server, repo, tmp_path, tiny_llama_dir, tiny_corpus):
+    _train_stopped_at(tmp_path / "r", tiny_llama_dir, tiny_corpus, 2, repo)
+    files = hub_server.files(repo)
     assert "run.json" in files and any(p.startswith("checkpoints/checkpoint-") for p in files)
     for path, data in files.items():
         assert WRITE_TOKEN.encode() not in data, path
         assert b"hf_emu" not in data, path
 
 
-def test_listing_finds_only_the_users_checkpoint_repos(hub_server, tmp_path, tiny_llama_dir, tiny_corpus, capsys):
-    _train_stopped_at(tmp_path / "r", tiny_llama_dir, tiny_corpus, 2)
-    hub_server.create_repo("alice/not-a-checkpoint-repo", files={"README.md": "---\ntags:\n- other\n---\n"})
-    assert [r["repo"] for r in hubckpt.list_runs(WRITE_TOKEN)] == [REPO]
-    assert hubckpt.list_runs(BOB_TOKEN) == []  # alice's private repo is not bob's to resume
+def test_listing_finds_only_the_users_checkpoint_repos(hub_server, repo, tmp_path, tiny_llama_dir, tiny_corpus,
+                                                       capsys):
+    _train_stopped_at(tmp_path / "r", tiny_llama_dir, tiny_corpus, 2, repo)
+    other = f"{repo}-other"
+    hub_server.create_repo(other, files={"README.md": "---\ntags:\n- other\n---\n"})
+    listed = [r["repo"] for r in hubckpt.list_runs(WRITE_TOKEN)]
+    assert repo in listed and other not in listed
+    # Everything listed is alice's and carries the tag (other tests of the session add more of them).
+    assert all(r.startswith("alice/") and f"- {hubckpt.TAG}".encode() in hub_server.read(r, "README.md")
+               for r in listed)
+    assert repo not in [r["repo"] for r in hubckpt.list_runs(BOB_TOKEN)]  # alice's private repo is not bob's
     assert hubckpt.main(["--list", "--token", WRITE_TOKEN]) == 0
-    assert capsys.readouterr().out.split() == [REPO]
+    assert capsys.readouterr().out.split() == listed
     with pytest.raises(ConfigError, match="sign in"):
         hubckpt.list_runs(False)
 
 
-def test_a_failed_upload_logs_one_line_and_training_goes_on(hub_server, tmp_path, tiny_llama_dir, tiny_corpus):
+def test_a_failed_upload_logs_one_line_and_training_goes_on(hub_server, repo, tmp_path, tiny_llama_dir,
+                                                            tiny_corpus):
     lines = []
     hub_server.fail_uploads = True
     try:
-        run_pipeline(apply(RunSettings(), _values(tmp_path / "r", tiny_llama_dir, tiny_corpus, checkpoint_repo=REPO)),
+        run_pipeline(apply(RunSettings(), _values(tmp_path / "r", tiny_llama_dir, tiny_corpus, checkpoint_repo=repo)),
                      token=WRITE_TOKEN, log=lines.append)
     finally:
         hub_server.fail_uploads = False
@@ -117,16 +130,16 @@ def test_a_failed_upload_logs_one_line_and_training_goes_on(hub_server, tmp_path
     assert not (tmp_path / "r" / hubckpt.STAGING).exists()
 
 
-def test_refusals(hub_server, tmp_path, tiny_llama_dir, tiny_corpus):
-    values = _values(tmp_path / "r", tiny_llama_dir, tiny_corpus, checkpoint_repo=REPO)
+def test_refusals(hub_server, repo, tmp_path, tiny_llama_dir, tiny_corpus):
+    values = _values(tmp_path / "r", tiny_llama_dir, tiny_corpus, checkpoint_repo=repo)
     with pytest.raises(ConfigError, match="needs a Hugging Face token"):
         run_pipeline(apply(RunSettings(), values), token=False, log=lambda line: None)
     with pytest.raises(ConfigError, match="user/name"):
         run_pipeline(apply(RunSettings(), {**values, "checkpoint_repo": "no-slash"}), token=WRITE_TOKEN,
                      log=lambda line: None)
     with pytest.raises(HubError, match="no complete rawtune checkpoint"):
-        hub_server.create_repo("alice/empty-ckpt")
-        hubckpt.download("alice/empty-ckpt", tmp_path / "x", WRITE_TOKEN, log=lambda line: None)
+        hub_server.create_repo(repo)
+        hubckpt.download(repo, tmp_path / "x", WRITE_TOKEN, log=lambda line: None)
     with pytest.raises(HubError):
         hubckpt.download("alice/does-not-exist", tmp_path / "y", WRITE_TOKEN, log=lambda line: None)
 
@@ -144,12 +157,12 @@ def test_the_app_keeps_checkpoints_only_for_a_visitor_with_a_token(hub_server):
     assert hubckpt.repo_for_app(False, OAUTH_TOKEN, "x") is None
 
 
-def test_the_apps_list_button_fills_the_dropdown(hub_server):
+def test_the_apps_list_button_fills_the_dropdown(hub_server, repo):
     pytest.importorskip("gradio")
     from rawtune.ui import handlers
 
-    hub_server.create_repo("alice/rawtune-ckpt-old", private=True,
-                           files={"README.md": hubckpt.CARD.format(repo="alice/rawtune-ckpt-old")})
+    hub_server.create_repo(repo, private=True, files={"README.md": hubckpt.CARD.format(repo=repo)})
     shown = handlers.list_hub_runs(WRITE_TOKEN, None)
-    assert shown.choices and [c[0] for c in shown.choices] == ["alice/rawtune-ckpt-old"]
-    assert shown.value == "alice/rawtune-ckpt-old"
+    choices = [c[0] for c in shown.choices]
+    assert repo in choices and choices == [r["repo"] for r in hubckpt.list_runs(WRITE_TOKEN)]
+    assert shown.value == choices[0]  # the newest is picked
