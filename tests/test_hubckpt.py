@@ -166,3 +166,39 @@ def test_the_apps_list_button_fills_the_dropdown(hub_server, repo):
     choices = [c[0] for c in shown.choices]
     assert repo in choices and choices == [r["repo"] for r in hubckpt.list_runs(WRITE_TOKEN)]
     assert shown.value == choices[0]  # the newest is picked
+
+
+def test_the_app_keeps_a_run_on_the_hub_and_resumes_it_after_a_restart(hub_server, tmp_path, monkeypatch,
+                                                                        tiny_llama_dir, tiny_corpus):
+    """Start in the app with the box ticked (the visitor's token), wipe the session's disk, then
+    List my runs and Resume from the Hub in a new session."""
+    pytest.importorskip("gradio")
+    from test_ui_browser import _form, data_form
+
+    from rawtune import space
+    from rawtune.ui import handlers
+    from rawtune.ui import session as sessions
+
+    monkeypatch.setenv("RAWTUNE_RUNS", str(tmp_path / "runs"))
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    monkeypatch.setattr(space, "SLOT", space.GpuSlot())
+    monkeypatch.setenv("RAWTUNE_MAX_TRAIN_MINUTES", "0.00001")  # the turn ends after its first step
+    first = sessions.new_session()
+    form = {**data_form(str(tiny_corpus), model=str(tiny_llama_dir)), "keep_on_hub": True,
+            **_form(seq_len=64, lora_r=8, max_steps=4, learning_rate=0.01, save_steps=2, eval_steps=0)}
+    list(handlers.start_training(first, form, WRITE_TOKEN, None, progress=lambda *a, **k: None))
+    repo = first.run.load()["settings"]["checkpoint_repo"]
+    assert repo.startswith("alice/rawtune-ckpt-") and hub_server.repo(repo).private
+    stopped = first.run.load()["train"]
+    assert stopped["stopped_early"] and stopped["steps"] < 4
+    assert any(p.startswith(f"checkpoints/checkpoint-{stopped['steps']}/") for p in hub_server.files(repo))
+
+    shutil.rmtree(tmp_path / "runs")  # the restart
+    monkeypatch.delenv("RAWTUNE_MAX_TRAIN_MINUTES")
+    again = sessions.new_session()
+    shown = handlers.list_hub_runs(WRITE_TOKEN, None)
+    assert repo in [c[0] for c in shown.choices]
+    list(handlers.resume_from_hub(again, repo, WRITE_TOKEN, None, progress=lambda *a, **k: None))
+    resumed = again.run.load()["train"]
+    assert resumed["resumed_from_step"] == stopped["steps"] and resumed["steps"] == 4
+    assert (again.run.adapter_dir / "adapter_model.safetensors").is_file()
