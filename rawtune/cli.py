@@ -87,9 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
             if name == "push":
                 add_settings_flags(p, ("push",))
         if name in ("train", "run"):
-            for key in ("report_to", "trackio_space"):
+            for key in ("report_to", "trackio_space", "checkpoint_repo"):
                 p.add_argument(flag(key), dest=key, default=argparse.SUPPRESS, metavar=key.upper(),
                                help=docs(RunSettings)[key])
+            p.add_argument("--resume-from-hub", dest="resume_from_hub", default=None, metavar="REPO",
+                           help="after a restart: download the newest checkpoint, run.json and data of this "
+                                "--checkpoint-repo into the new --out, then continue as --resume does")
             p.add_argument("--gpus", type=int, default=None, metavar="N",
                            help="train data-parallel on N GPUs of this machine: runs this command again through "
                                 "torchrun in N processes (without CUDA: N CPU processes, for tests)")
@@ -106,7 +109,7 @@ def _token(args: argparse.Namespace) -> Optional[str]:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    skip = {"command", "config", "run_dir", "token", "gpus", "on_hf_jobs", "hf_jobs_image"}
+    skip = {"command", "config", "run_dir", "token", "gpus", "on_hf_jobs", "hf_jobs_image", "resume_from_hub"}
     return {k: v for k, v in vars(args).items() if k not in skip}
 
 
@@ -122,6 +125,20 @@ def _settings_for(args: argparse.Namespace) -> RunSettings:
     if _resuming(config, given):
         return resume_settings(settings, given, origin="flag")
     return apply(settings, given, origin="flag")
+
+
+def _download_from_hub(args: argparse.Namespace) -> None:
+    """``--resume-from-hub REPO``: fetch the run into ``--out``, then resume it (and keep uploading
+    its checkpoints to the same repo unless --checkpoint-repo says otherwise)."""
+    from .hubckpt import download
+
+    out = getattr(args, "out", None)
+    if not out:
+        raise ConfigError("--resume-from-hub: give the new run directory with --out, e.g. --out runs/my-run")
+    download(args.resume_from_hub, out, _token(args))
+    args.resume = True
+    if not getattr(args, "checkpoint_repo", None):
+        args.checkpoint_repo = args.resume_from_hub
 
 
 def _resuming(config: dict, given: dict) -> bool:
@@ -323,11 +340,16 @@ def _main(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> int:
         if getattr(args, "on_hf_jobs", None):
             return _on_hf_jobs(args)
         if getattr(args, "gpus", None) is not None and args.gpus != 1:
+            if getattr(args, "resume_from_hub", None):
+                raise ConfigError("--resume-from-hub with --gpus: download on one process first, then continue "
+                                  "with `--resume --gpus N`")
             return _relaunch(args.gpus, sys.argv[1:] if argv is None else argv, _settings_for(args).out)
         from .train.distributed import rank
 
         if rank() > 0:
             return _follow(args)
+        if getattr(args, "resume_from_hub", None):
+            _download_from_hub(args)
         from .pipeline import run_pipeline
 
         stop = threading.Event()  # set by the first Ctrl-C during training

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
 
 from . import env
-from . import track
+from . import hubckpt, track
 from .errors import ConfigError, RawtuneError
 from .hubauth import is_repo_id
 from .rundir import RunDir, runs_in_use, scrub
@@ -75,6 +75,9 @@ def prepare_model(settings: RunSettings, run: RunDir, token: Optional[str],
 
     record = run.load().get("model")
     if record and record.get("spec") == settings.train.model and settings.train.resume:
+        if not Path(record.get("local_dir") or "").is_dir():  # e.g. a run downloaded after a restart
+            record = {**resolve_model(settings.train.model, token=token, log=log).to_dict(),
+                      "tokenizer_sha": record.get("tokenizer_sha")}
         if record.get("tokenizer_sha") not in (None, tokenizer_fingerprint(record["local_dir"])):
             raise ConfigError(f"--resume: the tokenizer files of {record.get('spec')} changed since this run's "
                               "data was packed; a resumed run keeps its tokenizer. Restore them, or start a new "
@@ -152,6 +155,7 @@ def run_pipeline(settings: RunSettings, token: Optional[str] = None, callback=No
         raise ConfigError("--out: give a run directory, e.g. --out runs/my-run")
     run = RunDir(settings.out)
     track.check(settings, token)
+    hubckpt.check(settings.checkpoint_repo, token)
     with run.lock():
         check_resume(settings, run)
         run.stop_file.unlink(missing_ok=True)
@@ -209,7 +213,8 @@ def _run_stage(stage: str, settings: RunSettings, run: RunDir, token: Optional[s
             prepare_model(settings, run, token, log)
         from .train import train
 
-        train(settings, run, callback=callback, stop=stop, token=token, log=log)
+        with hubckpt.uploading(settings.checkpoint_repo, run, token, log):
+            train(settings, run, callback=callback, stop=stop, token=token, log=log)
     elif stage == "eval":
         from .evaluate import evaluate_run
 

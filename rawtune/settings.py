@@ -204,6 +204,10 @@ class RunSettings:
     trackio_space: Optional[str] = setting(None, "with --report-to trackio: also log to this Hugging Face Space "
                                            "(user/name, created private); default: trackio's local store only",
                                            form=False)
+    checkpoint_repo: Optional[str] = setting(None, "also upload each complete checkpoint (with run.json and the "
+                                             "data) to this private Hub model repo (user/name), so the run "
+                                             "can continue after a restart with --resume-from-hub",
+                                             form=False)
     data: DataSettings = field(default_factory=DataSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
     export: ExportSettings = field(default_factory=ExportSettings)
@@ -553,7 +557,7 @@ def _validate_train(t: TrainSettings) -> TrainSettings:
 
 
 # What a resumed run may change: how long it runs and how it reports, never what it learns from.
-RESUME_MAY_CHANGE = {"out", "stages", "resume", "max_steps", "epochs", "save_steps", "eval_steps",
+RESUME_MAY_CHANGE = {"out", "stages", "resume", "checkpoint_repo", "max_steps", "epochs", "save_steps", "eval_steps",
                      "eval_batches", "logging_steps", "backend", "gradient_checkpointing"}
 
 

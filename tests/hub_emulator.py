@@ -408,6 +408,20 @@ def _is_lfs(path: str, data: bytes) -> bool:
     return path.lower().endswith(LFS_SUFFIXES) or len(data) >= LFS_MIN_SIZE or b"\0" in data[:512]
 
 
+def _card_tags(readme: bytes) -> list[str]:
+    """The ``tags`` of a README's YAML metadata (the Hub lists a repo under them)."""
+    text = readme.decode("utf-8", "replace")
+    if not text.startswith("---"):
+        return []
+    import yaml
+
+    try:
+        tags = (yaml.safe_load(text.split("---", 2)[1]) or {}).get("tags") or []
+    except Exception:
+        return []
+    return [str(t) for t in tags] if isinstance(tags, list) else [str(tags)]
+
+
 def _split_repo(parts: list[str]) -> tuple[str, str, list[str]]:
     """(repo_type, repo_id, rest) from URL segments after an optional 'datasets'/'models' prefix."""
     repo_type = "model"
@@ -492,6 +506,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._create_repo(token, json.loads(body or b"{}"))
         if parts[:2] == ["api", "validate-yaml"] and method == "POST":
             return self._validate_yaml(json.loads(body or b"{}"))
+        if parts == ["api", "models"] and method == "GET":
+            return self._list_models(token)
         if parts[:1] == ["lfs-upload"] and method == "PUT":
             # /lfs-upload/{repo_type}/{namespace}/{name}/{oid}
             if self.hub.fail_uploads:
@@ -675,6 +691,25 @@ class _Handler(BaseHTTPRequestHandler):
                 info["cardData"] = yaml.safe_load(readme.split("---", 2)[1]) or {}
         self._json(info)
 
+    def _list_models(self, token: Optional[Token]) -> None:
+        """GET /api/models?author=&filter=: the model repos this token may see, by author and tag
+        (tags from the README's metadata), as ``list_models`` reads them; one page."""
+        author, tags = self.query.get("author", [None])[0], set(self.query.get("filter", []))
+        found = []
+        for (repo_type, repo_id), repo in sorted(self.hub.repos.items()):
+            if repo_type != "model" or (author and repo.owner != author):
+                continue
+            try:
+                self.hub.readable(repo_type, repo_id, token)
+            except HubError:
+                continue
+            if tags <= set(_card_tags(repo.head.files.get("README.md", b""))):
+                found.append({"_id": hashlib.sha1(repo_id.encode()).hexdigest()[:24], "id": repo_id,
+                              "author": repo.owner, "private": repo.private, "tags": _card_tags(
+                                  repo.head.files.get("README.md", b"")),
+                              "createdAt": repo.created_at, "lastModified": repo.head.date})
+        self._json(found)
+
     def _preupload(self, repo: Repo, payload: dict) -> None:
         files = []
         for f in payload.get("files", []):
@@ -727,7 +762,8 @@ class _Handler(BaseHTTPRequestHandler):
                 additions[value["path"]] = data
                 lfs_paths.append(value["path"])
             elif key in ("deletedFile", "deletedFolder"):
-                deletions.append(value["path"] + ("/" if key == "deletedFolder" else ""))
+                # huggingface_hub sends a folder's path with its trailing slash
+                deletions.append(value["path"].rstrip("/") + "/" if key == "deletedFolder" else value["path"])
         parent = header.get("parentCommit")
         if parent and parent != repo.head.oid:
             raise HubError(412, "A commit has happened since. Please refresh and try again.")

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import gradio as gr
 
-from .. import jobs, quants, space
+from .. import hubckpt, jobs, quants, space
 from ..models import model_choices
 from ..settings import PRESETS, DataSettings, concrete_preset, docs, form_fields, tristate
 from .session import UPLOAD_TYPES
@@ -207,6 +207,15 @@ def train_tab(default_model: str) -> Components:
         c["start"] = gr.Button("Start training", variant="primary", elem_id="start")
         c["stop"] = gr.Button("Stop", variant="stop", interactive=False, elem_id="stop")
         c["resume"] = gr.Button("Resume", interactive=False, elem_id="resume")
+    c["keep_on_hub"] = gr.Checkbox(hubckpt.keep_by_default(space.shared()), elem_id="keep-on-hub",
+                                   label="Keep checkpoints on the Hub (private repo)",
+                                   info="needs you signed in; a restart of this app wipes its disk, "
+                                        "and a run kept on the Hub can be resumed below")
+    with gr.Row():
+        c["hub_runs"] = gr.Dropdown([], label="your runs kept on the Hub", allow_custom_value=True, scale=3,
+                                    elem_id="hub-runs")
+        c["list_hub_runs"] = gr.Button("List my runs", scale=1, elem_id="list-hub-runs")
+        c["resume_hub"] = gr.Button("Resume from the Hub", scale=1, elem_id="resume-hub")
     c["status"] = gr.Markdown("Load a dataset, pick a model, then start.", elem_id="train-status")
     c["plot"] = gr.LinePlot(x="step", y="loss", color="series", label="loss", height=340,
                             x_title="optimizer step", y_title="loss", elem_id="loss-plot")

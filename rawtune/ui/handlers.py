@@ -20,7 +20,7 @@ from typing import Any, Iterator, Optional
 
 import gradio as gr
 
-from .. import space
+from .. import hubckpt, space
 from ..errors import ConfigError
 from ..pipeline import (Estimate, Finished, Log, Phase, Progress, estimate_training, gguf_name, resumable,
                         run_segmented, segment_call_seconds, segment_events, segment_seconds)
@@ -149,7 +149,41 @@ def start_training(session: Optional[sessions.Session], form: dict[str, Any], to
             settings = run_settings(session, form)
         except BaseException as exc:
             raise friendly(exc) from None
-        yield from _train(session, settings, sessions.visitor_token(token_text, oauth_token), progress)
+        token = sessions.visitor_token(token_text, oauth_token)
+        try:
+            settings.checkpoint_repo = hubckpt.repo_for_app(form.get("keep_on_hub"), token,
+                                                            time.strftime("%Y%m%d-%H%M%S"))
+        except BaseException as exc:
+            raise friendly(exc) from None
+        yield from _train(session, settings, token, progress)
+
+
+def list_hub_runs(token_text: Optional[str] = None, oauth_token: gr.OAuthToken | None = None) -> Any:
+    """Fill the dropdown with the visitor's runs kept on the Hub (newest first)."""
+    try:
+        repos = [r["repo"] for r in hubckpt.list_runs(sessions.visitor_token(token_text, oauth_token))]
+    except BaseException as exc:
+        raise friendly(exc) from None
+    return gr.Dropdown(choices=repos, value=repos[0] if repos else None)
+
+
+def resume_from_hub(session: Optional[sessions.Session], repo: Optional[str], token_text: Optional[str] = None,
+                    oauth_token: gr.OAuthToken | None = None, request: gr.Request = None, progress=gr.Progress()):
+    """After a restart: download a run kept on the Hub into the session's run directory, then resume it."""
+    session = sessions.current(session, request)
+    token = sessions.visitor_token(token_text, oauth_token)
+    if not repo:
+        raise gr.Error("Pick one of your runs kept on the Hub first (List my runs).")
+    try:
+        sessions.fresh_run(session)
+        hubckpt.download(repo, session.run.path, token, log=lambda line: None)
+        stored = from_dict(session.run.load()["settings"])
+    except BaseException as exc:
+        raise friendly(exc) from None
+    settings = dataclasses.replace(stored, out=str(session.run.path), checkpoint_repo=repo,
+                                   train=dataclasses.replace(stored.train, resume=True))
+    with gpu_place(sessions.visitor(request)):
+        yield from _train(session, settings, token, progress)
 
 
 def resume_training(session: Optional[sessions.Session], token_text: Optional[str] = None,
