@@ -21,7 +21,7 @@ import threading
 import traceback
 from typing import Any, Optional, Sequence
 
-from . import __version__
+from . import __version__, quants
 from .errors import ConfigError, RawtuneError
 from .rundir import RunDir, scrub
 from .settings import (SECTIONS, RunSettings, apply, docs, flag, from_dict, load_yaml, resume_settings,
@@ -32,7 +32,7 @@ COMMANDS = {
     "data": "only read, clean, pack and split a dataset into a run directory",
     "eval": "held-out perplexity of the base and tuned model of a run",
     "merge": "merge a run's adapter into the base (HF folder in DIR/merged)",
-    "export": "write GGUF files (q4_k_m, q8_0, f16) and the Ollama files for a run",
+    "export": "write GGUF files (" + ", ".join(quants.EXPORTABLE) + ") and the Ollama files for a run",
     "push": "upload a run's GGUFs, Ollama files and model card to a Hub repo",
     "run": "run the stages of a YAML config (every flag is also a YAML key)",
 }

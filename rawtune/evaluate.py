@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -29,8 +29,13 @@ def scoring_blocks(held: np.ndarray) -> np.ndarray:
     return np.asarray(held[:keep], dtype=np.int64)
 
 
-def perplexity(model: Any, blocks: np.ndarray, batch_size: int = 4) -> float:
-    """exp(mean next-token loss) over every predicted position of ``blocks``."""
+def perplexity(model: Any, blocks: np.ndarray, batch_size: int = 4,
+               on_logits: Optional[Callable[[int, np.ndarray], None]] = None) -> float:
+    """exp(mean next-token loss) over every predicted position of ``blocks``.
+
+    ``on_logits(first, logits)`` receives each batch's float32 logits ``[batch, seq_len, vocab]``
+    (blocks ``first``, ``first + 1``, ...): export keeps them for the KL divergence of each GGUF.
+    """
     import torch
 
     device = next(model.parameters()).device
@@ -43,6 +48,8 @@ def perplexity(model: Any, blocks: np.ndarray, batch_size: int = 4) -> float:
             loss = torch.nn.functional.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
             total += float(loss)
+            if on_logits is not None:
+                on_logits(start, logits.cpu().numpy())
             count += ids[:, 1:].numel()
     return math.exp(total / count)
 

@@ -3,7 +3,8 @@
 Every other module asks this table instead of keeping its own list: the spelling in file names,
 run.json and the UI (``label``), the ``--quant`` value (``key``), the ``llama_ftype`` llama.cpp's
 quantizer takes, the perplexity increase over the merged model above which a file is reported
-as a conversion bug, and whether an importance matrix changes the file. ``exportable`` types are
+as a conversion bug, whether an importance matrix changes the file and whether the type is only
+made with one (IQ4_XS: without a matrix it has no edge over Q4_K_M). ``exportable`` types are
 the ones ``rawtune export`` writes; the others are only recognised in file names (model cards of
 repos that hold files rawtune did not make).
 """
@@ -24,6 +25,7 @@ class Quant:
     bound_pct: Optional[float]  # perplexity increase over the merged model that counts as a bug
     imatrix: bool  # an importance matrix changes the result (k-quants; Q8_0 and floats ignore it)
     exportable: bool  # `rawtune export --quant` can write it
+    needs_imatrix: bool = False  # export refuses it without an importance matrix
 
     @property
     def key(self) -> str:
@@ -33,11 +35,13 @@ class Quant:
 
 # In the order files are listed (cards, the UI, the Modelfile's first choice): smallest first.
 TABLE: tuple[Quant, ...] = (
-    # Q4_K_M's bound is far above llama.cpp's usual few percent on purpose: small models
-    # (width not a multiple of 256) fall back to Q5_0 for most tensors and lose more.
+    # The bounds are far above llama.cpp's usual few percent on purpose: small models (width not
+    # a multiple of 256) fall back to 32-wide blocks for most tensors (IQ4_XS to IQ4_NL, Q4_K to
+    # Q5_0, Q5_K to Q5_1, Q6_K to Q8_0) and lose more; the tiny test models have extreme weights.
+    Quant("IQ4_XS", 30, 10.0, True, True, needs_imatrix=True),
     Quant("Q4_K_M", 15, 8.0, True, True),
-    Quant("Q5_K_M", 17, None, True, False),
-    Quant("Q6_K", 18, None, True, False),
+    Quant("Q5_K_M", 17, 4.0, True, True),
+    Quant("Q6_K", 18, 2.0, True, True),
     Quant("Q8_0", 7, 1.0, False, True),
     Quant("F16", None, 0.5, False, True),
     Quant("BF16", None, None, False, False),

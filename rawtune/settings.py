@@ -122,8 +122,8 @@ class ExportSettings:
 
     quant: list[str] = setting(doc="quant types to write", kind="list", choices=QUANTS,
                                factory=lambda: list(quants.DEFAULT))
-    imatrix_blocks: int = setting(16, "training blocks for the importance matrix of k-quants (0: llama.cpp's "
-                                      "plain quantization)", "int")
+    imatrix_blocks: int = setting(16, "training blocks for the importance matrix of k-quants and IQ4_XS (0: "
+                                      "llama.cpp's plain quantization; IQ4_XS needs a matrix)", "int")
     name: Optional[str] = setting(None, "file name stem for the GGUFs (default: the run directory's name)")
     verify: bool = setting(True, "load each GGUF in llama.cpp and measure its perplexity", "bool")
 
@@ -447,6 +447,10 @@ def validate(settings: RunSettings) -> RunSettings:
     s.train = _validate_train(resolve_preset(s.train))
     s.export.quant = [quants.get(label).key for label in quants.labels_for(_as_list(s.export.quant))]
     _check(s.export.imatrix_blocks >= 0, "imatrix_blocks", "must be 0 (no importance matrix) or more, e.g. 16")
+    needing = [q.upper() for q in s.export.quant if quants.get(q).needs_imatrix]
+    _check(s.export.imatrix_blocks > 0 or not needing, "imatrix_blocks",
+           f"{', '.join(needing)} is only made with an importance matrix: use --imatrix-blocks 16 or more, "
+           f"or leave {', '.join(needing).lower()} out of --quant")
     if "push" in s.stages:  # checked before any stage runs, so a long training does not end in a refused push
         _check(is_repo_id(s.push.repo), "repo", "give the Hub repo as user/name, e.g. alice/my-model")
     return s

@@ -176,6 +176,20 @@ def test_export_run_quantizes_verifies_and_is_idempotent(big_llama, tmp_path):
         assert info_file["tokenizer_ok"], info_file["tokenizer_mismatches"]
         assert info_file["ppl"] > 1 and info_file["seconds"] >= 0 and isinstance(info_file["sample"], str)
     assert "Q8_0" in gguf["Q8_0"]["tensor_types"]
+    # KL divergence from the merged model on the scored tokens, from the perplexity passes' logits.
+    heldout = np.load(run.data_dir / "heldout.npy")
+    from rawtune.evaluate import scoring_blocks
+
+    scored = scoring_blocks(heldout)
+    for label, entry in gguf.items():
+        assert entry["kld_tokens"] == scored.shape[0] * (scored.shape[1] - 1)
+        assert entry["kld_mean"] > 0 and entry["kld_p99"] > 0
+        assert 0 <= entry["same_top_pct"] <= 100
+        logged = [line for line in lines if line.startswith(f"[export] llama.cpp {label}:")]
+        assert len(logged) == 1 and f"KLD {entry['kld_mean']:.4f}" in logged[0], logged
+    assert gguf["Q8_0"]["kld_mean"] < gguf["Q4_K_M"]["kld_mean"]
+    assert gguf["Q8_0"]["same_top_pct"] >= gguf["Q4_K_M"]["same_top_pct"]
+    assert record["export"]["kld_f16"]["kld_mean"] < gguf["Q8_0"]["kld_mean"]  # the F16 work file: near 0
     # Width 64 is not a multiple of 256: k-quants fall back to other types, as reported.
     assert "Q4_K" not in gguf["Q4_K_M"]["tensor_types"]
     exp = record["export"]

@@ -73,7 +73,8 @@ def make_run(path: Path, *, backend: str = "peft", dataset: str = "alice/public-
     (gguf / "Modelfile").write_text(f"FROM ./{path.name}.Q4_K_M.gguf\nTEMPLATE \"\"\"{CHATML_TEMPLATE}\"\"\"\n"
                                     'PARAMETER stop "<|im_end|>"\n')
     run.update(gguf={
-        "Q4_K_M": {"file": f"{path.name}.Q4_K_M.gguf", "bytes": len(q4), "ppl": 12.9, "seconds": 1.5},
+        "Q4_K_M": {"file": f"{path.name}.Q4_K_M.gguf", "bytes": len(q4), "ppl": 12.9, "seconds": 1.5,
+                   "kld_mean": 0.0312, "kld_p99": 0.2871, "same_top_pct": 91.3},
         "Q8_0": {"file": f"{path.name}.Q8_0.gguf", "bytes": len(q8), "ppl": 12.3, "seconds": 1.1},
     })
     run.adapter_dir.mkdir(exist_ok=True)
@@ -285,6 +286,10 @@ def test_model_card_metadata_and_body(hub_server, tmp_path):
     assert 'Llama.from_pretrained(repo_id="acme/card-model", filename="*Q4_K_M.gguf")' in body
     assert "| base | 20.50 |" in body and "| tuned | 12.25 |" in body
     assert "| `card-run.Q8_0.gguf` | Q8_0 |" in body and "| 12.30 |" in body
+    # KL divergence columns: measured for Q4_K_M, not recorded for Q8_0 (an export before they existed).
+    assert "| KL divergence, mean | KLD, 99th percentile | same top token |" in body
+    assert "| 12.90 | 0.0312 | 0.2871 | 91.3 % |" in body and "| 12.30 | n/a | n/a | n/a |" in body
+    assert "KL divergence: of each file's next-token distribution from the merged model's" in body
     # The Hub parses the same header (served back as cardData by the emulator's repo info).
     from huggingface_hub import HfApi
 

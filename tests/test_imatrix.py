@@ -50,13 +50,18 @@ def _zero_quantized(src: Path, dst: Path) -> int:
     return count
 
 
-@pytest.mark.parametrize("label", ["Q4_K_M", "Q8_0"])
+# The GGML types llama.cpp mixes into each file of the wide model: the type's own blocks where the
+# width is a multiple of 256, its 32-wide fallback where it is not.
+MIXES = {"Q4_K_M": {"Q4_K", "Q6_K", "Q5_0", "Q8_0"}, "Q5_K_M": {"Q5_K", "Q6_K", "Q5_1", "Q8_0"},
+         "Q6_K": {"Q6_K", "Q8_0"}, "IQ4_XS": {"IQ4_XS", "IQ4_NL"}, "Q8_0": {"Q8_0"}}
+
+
+@pytest.mark.parametrize("label", ["IQ4_XS", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"])
 def test_per_tensor_path_without_imatrix_is_llama_cpp_bit_for_bit(label, wide_f16, tmp_path):
     reference = tmp_path / f"ref.{label}.gguf"
     steps.quantize(wide_f16, reference, label, tmp_path / "export.log")
     types = steps.tensor_types(reference)
-    if label == "Q4_K_M":
-        assert {"Q4_K", "Q6_K", "Q5_0", "Q8_0"} <= set(types), types  # the mix, fallbacks included
+    assert MIXES[label] <= set(types), types  # the mix, fallbacks included
     mine = tmp_path / "mine.gguf"
     zeroed = _zero_quantized(reference, mine)
     assert zeroed == sum(n for t, n in types.items() if t != "F32") and mine.read_bytes() != reference.read_bytes()
@@ -85,7 +90,7 @@ def test_imatrix_entries_match_tensors_and_change_only_k_quant_bytes(wide_f16, t
     assert steps.tensor_types(weighted) == steps.tensor_types(reference)  # llama.cpp's types kept
 
 
-@pytest.mark.parametrize("type_name", ["Q4_K", "Q5_0", "Q6_K"])
+@pytest.mark.parametrize("type_name", ["Q4_K", "Q5_0", "Q6_K", "Q5_K", "Q5_1", "IQ4_XS", "IQ4_NL"])
 def test_error_compensation_lowers_the_layer_output_error(type_name):
     """On inputs like a layer's (a few strong directions plus noise, unevenly scaled columns), moving
     each group's rounding error onto the later columns gives a smaller error in the layer's output
@@ -237,3 +242,43 @@ def test_card_and_record_say_where_the_calibration_tokens_came_from(wide_trained
     assert record["gguf"]["Q4_K_M"]["compensated_tensors"] > 0 and "each group's error compensated" in card
     blocks = record["export"]["ppl_blocks"]
     assert f"never trained on ({blocks[0] * blocks[1]:,} tokens)" in card
+
+
+def test_new_quant_types_load_and_score_within_their_bands(wide_trained_run):
+    """IQ4_XS, Q5_K_M and Q6_K: written with the importance matrix (or llama.cpp's plain file where
+    that scored better), loaded by llama.cpp, their tokenization the HF tokenizer's, their
+    perplexity within the table's bound and their KL divergence in the order of their bits."""
+    from rawtune import quants
+
+    run = wide_trained_run
+    lines: list[str] = []
+    info = export_run(run, ExportSettings(quant=["iq4_xs", "q5_k_m", "q6_k", "q8_0"], imatrix_blocks=16, name="new"),
+                      log=lines.append)
+    gguf = run.load()["gguf"]
+    assert info["warnings"] == [] and sorted(p.name for p in run.gguf_dir.glob("new.*.gguf")) == [
+        "new.IQ4_XS.gguf", "new.Q5_K_M.gguf", "new.Q6_K.gguf", "new.Q8_0.gguf"]
+    for label in ("IQ4_XS", "Q5_K_M", "Q6_K"):
+        entry = gguf[label]
+        assert entry["tokenizer_ok"] and isinstance(entry["sample"], str)
+        assert MIXES[label] <= set(entry["tensor_types"]), entry["tensor_types"]
+        assert -1.0 < entry["ppl_increase_pct"] < quants.get(label).bound_pct, (label, entry["ppl_increase_pct"])
+        check = entry["imatrix_check"]
+        assert check["blocks"] > 0 and check["kept"] in ("importance matrix", "plain")
+        assert (entry["imatrix_tokens"] > 0) == (check["kept"] == "importance matrix")
+    kld = {label: gguf[label]["kld_mean"] for label in gguf}
+    assert kld["IQ4_XS"] > kld["Q5_K_M"] > kld["Q8_0"] and kld["Q6_K"] > kld["Q8_0"], kld
+    assert (run.gguf_dir / "Modelfile").read_text().startswith("FROM ./new.IQ4_XS.gguf\n")  # the smallest
+
+
+def test_iq4_xs_is_refused_without_an_importance_matrix(wide_trained_run):
+    from rawtune.errors import ConfigError, ExportError
+    from rawtune.settings import RunSettings, validate
+
+    with pytest.raises(ExportError, match="IQ4_XS is only made with an importance matrix"):
+        export_run(wide_trained_run, ExportSettings(quant=["iq4_xs"], imatrix_blocks=0, name="refused"),
+                   log=lambda s: None)
+    assert not list(wide_trained_run.gguf_dir.glob("refused.*"))
+    settings = RunSettings()
+    settings.export.quant, settings.export.imatrix_blocks = ["q4_k_m", "iq4_xs"], 0
+    with pytest.raises(ConfigError, match="--imatrix-blocks.*IQ4_XS is only made with an importance matrix"):
+        validate(settings)

@@ -83,7 +83,7 @@ def test_validate_returns_a_new_object_and_never_mutates():
     assert given.train.max_steps is None
     from rawtune.errors import ExportError
 
-    with pytest.raises(ExportError, match="--quant: unknown quant type 'q5'; use some of q4_k_m, q8_0, f16"):
+    with pytest.raises(ExportError, match="--quant: unknown quant type 'q5'; use some of iq4_xs, q4_k_m, q5_k_m, q6_k, q8_0, f16"):
         validate(apply(RunSettings(), {"quant": "q4_k_m,q5"}))  # the one --quant check (quants.labels_for)
 
 

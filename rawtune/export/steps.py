@@ -18,7 +18,8 @@ verify -> Ollama files -> clean up -> record. :func:`rawtune.export.export_run` 
 - verify: every file loaded in llama.cpp (:mod:`.llama`): tokenization agrees with the HF
   tokenizer, a few greedy tokens come out, and the perplexity on the run's held-out blocks (the
   same blocks ``rawtune eval`` scores) is close to the merged PyTorch model's; a file far above
-  it is a conversion bug, reported loudly;
+  it is a conversion bug, reported loudly. The same pass gives each file's KL divergence from the
+  merged model (:mod:`.kld`: the merged model's logits kept from its own perplexity pass);
 - Ollama files (:mod:`.ollama`); clean up: the F16 work file, the config/tokenizer folder the
   writer read and files of quant types not asked for this time; the ``gguf``/``export`` records
   in run.json.
@@ -43,6 +44,7 @@ from .. import quants
 from ..errors import ExportError
 from ..rundir import RunDir
 from ..settings import ExportSettings
+from .kld import ReferenceStore, Scorer, kld_text
 from .llama import cpu_threads, llama_cpp, llama_log, load_llama
 
 Log = Callable[[str], None]
@@ -55,6 +57,7 @@ SAMPLE_TEXT = ("The quick brown fox jumps over the lazy dog. In 1984, 3 engineer
 GREEDY_TOKENS = 8
 WORK_DIR = "gguf_work"
 SOURCE_DIR = "model"  # inside WORK_DIR: the merged model's config and tokenizer, for the streamed writer
+REFERENCE_FILE = "{stem}.reference-logprobs.npy"  # inside WORK_DIR while files are verified (see .kld)
 # The PyTorch reference model is fp32 up to this many parameters (2.4 GB), bf16 above: fp32 keeps
 # the small models' numbers exactly those of `rawtune eval`; a 1B+ model in fp32 needs 4+ GB.
 # Above it the model also reads one block at a time: four blocks of 512 tokens make 400 MB of
@@ -159,6 +162,7 @@ def plan(run: RunDir, settings: ExportSettings, log: Log) -> Plan:
     p.specs = _specs(p)
     p.out_dir.mkdir(parents=True, exist_ok=True)
     p.calibration, p.check_blocks = _calibration_blocks(run, settings, labels, log)
+    _require_imatrix(labels, p.calibration)
     previous = record.get("gguf") or {}
     p.kept = {label: info for label, info in previous.items() if label in labels and _current(p, label, info)}
     for label in p.kept:
@@ -201,6 +205,15 @@ def _current(p: Plan, label: str, info: dict[str, Any]) -> bool:
     path = p.target(label)
     return (bool(p.earlier) and path.is_file() and info.get("bytes") == path.stat().st_size
             and (info.get("imatrix_asked", info.get("imatrix_tokens")) or 0) == p.imatrix_tokens(label))
+
+
+def _require_imatrix(labels: list[str], calibration: Optional[np.ndarray]) -> None:
+    """Types that are only worth making with an importance matrix (IQ4_XS) need training blocks for one."""
+    needing = [label for label in labels if quants.get(label).needs_imatrix]
+    if needing and calibration is None:
+        raise ExportError(f"{', '.join(needing)} is only made with an importance matrix, and this export has "
+                          f"none (--imatrix-blocks 0, or no data/train.npy); set --imatrix-blocks 16 after "
+                          f"`rawtune data`, or pick q4_k_m instead")
 
 
 def _calibration_blocks(run: RunDir, settings: ExportSettings, labels: list[str],
@@ -338,7 +351,7 @@ def _quantize_one(f16: Path, target: Path, label: str, imatrix: Any, p: Plan,
     return entry
 
 
-# Training blocks, other than the importance matrix's, that both Q4_K_M files are scored on.
+# Training blocks, other than the importance matrix's, that both files of a type (plain, weighted) are scored on.
 CHECK_BLOCKS = 8
 
 
@@ -413,11 +426,15 @@ def llama_logits(llm: Any, tokens: np.ndarray) -> np.ndarray:
     return np.array(llm.scores[: len(tokens)], dtype=np.float32)
 
 
-def llama_perplexity(llm: Any, blocks: np.ndarray) -> float:
+def llama_perplexity(llm: Any, blocks: np.ndarray, scorer: Optional[Scorer] = None) -> float:
+    """llama.cpp's perplexity on ``blocks``; ``scorer`` also gets each block's logits (KL divergence)."""
     total, count = 0.0, 0
-    for block in blocks:
-        nll, n = _nll_from_logits(llama_logits(llm, block), block)
+    for index, block in enumerate(blocks):
+        logits = llama_logits(llm, block)
+        nll, n = _nll_from_logits(logits, block)
         total, count = total + nll, count + n
+        if scorer is not None:
+            scorer.add(index, logits)
     return float(np.exp(total / count))
 
 
@@ -469,19 +486,21 @@ def check_tokenizer(llm: Any, tokenizer: Any, texts: list[str]) -> list[str]:
 
 
 def verify_file(path: Path, tokenizer: Any, blocks: Optional[np.ndarray], texts: list[str],
-                prompt: str, n_ctx: int) -> dict[str, Any]:
-    """Load one GGUF in llama.cpp: tokenization check, greedy sample and held-out perplexity."""
+                prompt: str, n_ctx: int, reference: Optional[ReferenceStore] = None) -> dict[str, Any]:
+    """Load one GGUF in llama.cpp: tokenization check, greedy sample, held-out perplexity and (with
+    the merged model's stored logits) the KL divergence from the merged model on the same tokens."""
     started = time.time()
+    scorer = Scorer(reference) if reference is not None and blocks is not None else None
     llm = load_llama(path, n_ctx, logits_all=blocks is not None)
     try:
         mismatches = check_tokenizer(llm, tokenizer, texts)
         out = llm.create_completion(prompt, max_tokens=GREEDY_TOKENS, temperature=0.0, top_k=1)
         sample = out["choices"][0]["text"]
-        ppl = llama_perplexity(llm, blocks) if blocks is not None else None
+        ppl = llama_perplexity(llm, blocks, scorer) if blocks is not None else None
     finally:
         llm.close()
-    return {"ppl": None if ppl is None else round(ppl, 4), "tokenizer_ok": not mismatches,
-            "tokenizer_mismatches": mismatches[:5], "sample": sample,
+    return {"ppl": None if ppl is None else round(ppl, 4), **((scorer and scorer.summary()) or {}),
+            "tokenizer_ok": not mismatches, "tokenizer_mismatches": mismatches[:5], "sample": sample,
             "verify_seconds": round(time.time() - started, 2)}
 
 
@@ -549,30 +568,35 @@ class Verification:
     rescore: bool = False  # other blocks than the earlier export's: every file is scored again
     seconds_reference: float = 0.0  # the PyTorch model's perplexity
     seconds_model: float = 0.0  # loading the PyTorch model (shared by the importance matrix and the perplexity)
+    reference: Optional[ReferenceStore] = None  # the merged model's log-probabilities on ``heldout`` (KL divergence)
+    kld_f16: Optional[dict[str, Any]] = None  # the F16 work file's KL divergence (a conversion error shows here)
 
 
 def prepare_verification(run: RunDir, p: Plan, enabled: bool, log: Log) -> Verification:
     """Which files llama.cpp checks this time, on which held-out blocks, and what is kept from before."""
-    check = Verification(p.earlier.get("ppl_merged"), p.earlier.get("ppl_f16"), p.earlier.get("ppl_blocks"), [], 0.0)
+    check = Verification(p.earlier.get("ppl_merged"), p.earlier.get("ppl_f16"), p.earlier.get("ppl_blocks"), [], 0.0,
+                         kld_f16=p.earlier.get("kld_f16"))
     if not enabled:
         return check
     check.heldout = _heldout_blocks(run, log)
     shape = None if check.heldout is None else [int(check.heldout.shape[0]), int(check.heldout.shape[1])]
     if shape != check.blocks:  # other blocks than the earlier export scored: score all again
-        check.ppl_merged = check.ppl_f16 = None
+        check.ppl_merged = check.ppl_f16 = check.kld_f16 = None
         check.rescore = True
+    scored = "verify_seconds" if check.heldout is None else "kld_mean"  # files verified before KLD existed
     check.to_verify = [label for label in p.labels
-                       if check.rescore or label not in p.kept or "verify_seconds" not in p.kept[label]]
+                       if check.rescore or label not in p.kept or scored not in p.kept[label]]
     if check.to_verify:
         check.blocks = shape
     return check
 
 
 def reference(run: RunDir, p: Plan, check: Verification, log: Log) -> Any:
-    """Load the merged PyTorch model once (when anything needs it): the importance matrix and the
-    merged model's perplexity, then free it before llama.cpp opens a GGUF. Returns the matrix or None."""
+    """Load the merged PyTorch model once (when anything needs it): the importance matrix, and the
+    merged model's perplexity whose logits are kept for the files' KL divergence; then free it
+    before llama.cpp opens a GGUF. Returns the matrix or None."""
     need_imatrix = any(p.imatrix_tokens(label) for label in p.todo)
-    need_ppl = bool(check.to_verify) and check.heldout is not None and check.ppl_merged is None
+    need_ppl = bool(check.to_verify) and check.heldout is not None
     if not (need_imatrix or need_ppl):
         return None
     from ..evaluate import perplexity
@@ -586,7 +610,7 @@ def reference(run: RunDir, p: Plan, check: Verification, log: Log) -> Any:
         imatrix = _importance(p, model, log) if need_imatrix else None
         if need_ppl:
             t1 = time.time()
-            check.ppl_merged = round(perplexity(model, check.heldout, batch), 4)
+            check.ppl_merged = round(perplexity(model, check.heldout, batch, on_logits=_keeper(p, check)), 4)
             check.seconds_reference = time.time() - t1
             log(f"[export] merged PyTorch model: perplexity {check.ppl_merged:.4f} on {check.heldout.shape[0]} "
                 f"held-out blocks" + _tuned_note(run.load(), check.blocks))
@@ -594,6 +618,18 @@ def reference(run: RunDir, p: Plan, check: Verification, log: Log) -> Any:
         del model
         gc.collect()  # the model's memory goes back before llama.cpp loads a file
     return imatrix
+
+
+def _keeper(p: Plan, check: Verification) -> Callable[[int, np.ndarray], None]:
+    """Stores the merged model's logits as its perplexity pass makes them (the vocabulary width
+    is known from the first batch)."""
+    def keep(first: int, logits: np.ndarray) -> None:
+        if check.reference is None:
+            blocks, seq_len = check.heldout.shape
+            check.reference = ReferenceStore(p.work_dir / REFERENCE_FILE.format(stem=p.stem), int(blocks),
+                                             int(seq_len), int(logits.shape[-1]))
+        check.reference.add(first, logits)
+    return keep
 
 
 def _importance(p: Plan, model: Any, log: Log) -> Any:
@@ -613,8 +649,13 @@ def verify(p: Plan, gguf: dict[str, dict], tokenizer: Any, check: Verification, 
     if check.rescore:
         for label in p.labels:
             gguf[label].pop("verify_seconds", None)
-    if check.to_verify:
-        _verify_files(p, check.to_verify, check.heldout, gguf, tokenizer, check, log)
+    try:
+        if check.to_verify:
+            _verify_files(p, check.to_verify, check.heldout, gguf, tokenizer, check, log)
+    finally:
+        if check.reference is not None:
+            check.reference.close()  # hundreds of MB on a real model: gone as soon as the files are scored
+            check.reference = None
     _check_bounds(p, gguf, check, log)
     check.seconds = time.time() - t0 + check.seconds_reference if check.to_verify else 0.0
     return check
@@ -629,12 +670,15 @@ def _verify_files(p: Plan, to_verify: list[str], blocks: Optional[np.ndarray], g
         labels.append("F16 (work file)")  # separates conversion error from quantization loss
     for label in labels:
         path = p.f16 if label.startswith("F16") else p.target(label)
-        result = verify_file(path, tokenizer, blocks, texts, prompt, n_ctx)
+        result = verify_file(path, tokenizer, blocks, texts, prompt, n_ctx, check.reference)
         if label.startswith("F16"):
             check.ppl_f16 = result["ppl"]
+            check.kld_f16 = {k: v for k, v in result.items() if k.startswith("kld") or k == "same_top_pct"} or None
         if label in gguf:
             gguf[label].update(result)
-        log(f"[export] llama.cpp {label}: perplexity {_ppl_text(result['ppl'], check.ppl_merged)}, tokenizer "
+        kld = kld_text(result)
+        log(f"[export] llama.cpp {label}: perplexity {_ppl_text(result['ppl'], check.ppl_merged)}, "
+            f"{kld + ', ' if kld else ''}tokenizer "
             f"{'agrees' if result['tokenizer_ok'] else 'DIFFERS'}, greedy {result['sample']!r}")
         if not result["tokenizer_ok"]:
             _warn(log, f"{label}: llama.cpp tokenizes differently from the HF tokenizer: "
@@ -680,7 +724,8 @@ def remove_work_files(run: RunDir, stem: str) -> None:
     """After a failure: the F16 work file and half-written GGUFs, so a full disk does not stay full
     and a later export never mistakes a fragment for a finished file."""
     work_dir = run.path / WORK_DIR
-    for path in [*work_dir.glob(f"{stem}.F16.gguf*"), *run.gguf_dir.glob(f"{stem}.*.gguf.partial")]:
+    for path in [*work_dir.glob(f"{stem}.F16.gguf*"), *run.gguf_dir.glob(f"{stem}.*.gguf.partial"),
+                 work_dir / REFERENCE_FILE.format(stem=stem)]:
         path.unlink(missing_ok=True)
     shutil.rmtree(work_dir / SOURCE_DIR, ignore_errors=True)
     if work_dir.is_dir() and not any(work_dir.iterdir()):
@@ -738,6 +783,7 @@ def record(run: RunDir, p: Plan, gguf: dict[str, dict], conversion: Optional[dic
         "ppl_merged": check.ppl_merged,
         "ppl_f16": check.ppl_f16 if "F16" not in p.labels else gguf["F16"].get("ppl"),
         "ppl_blocks": check.blocks,
+        "kld_f16": check.kld_f16 if "F16" not in p.labels else None,
         "template": written["template"],
         "stop": written["stop"],
         "conversion": conversion,

@@ -2,7 +2,8 @@
 
 The YAML header tells the Hub what the repo is (base model and relation, datasets, licence,
 tags); the body says what was trained on and how, shows the held-out perplexity of the base and
-the tuned model (and of each GGUF quant, with file sizes), and gives copy-paste lines for
+the tuned model (and of each GGUF quant, with file sizes and its KL divergence from the merged
+model), and gives copy-paste lines for
 Ollama, llama.cpp and Python that use the real repo id. Pure: a run record in, text out (no
 files, no network).
 """
@@ -44,6 +45,10 @@ def _num(value: Any, digits: int = 2) -> str:
     return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "n/a"
 
 
+def _pct(value: Any) -> str:
+    return f"{value:.1f} %" if isinstance(value, (int, float)) else "n/a"
+
+
 def metadata(record: dict[str, Any]) -> dict[str, Any]:
     """The YAML header of the card, built from run.json."""
     model = record.get("model") or {}
@@ -70,18 +75,18 @@ def metadata(record: dict[str, Any]) -> dict[str, Any]:
     return meta
 
 
-def _gguf_rows(record: dict[str, Any], files: list[str]) -> list[tuple[str, str, Optional[int], Any]]:
-    """(quant, file, bytes, ppl) for each GGUF, from run.json's ``gguf`` and the pushed files."""
+def _gguf_rows(record: dict[str, Any], files: list[str]) -> list[tuple[str, str, Optional[int], dict]]:
+    """(quant, file, bytes, run.json entry) for each GGUF, from run.json's ``gguf`` and the pushed files."""
     rows = []
     gguf = record.get("gguf") or {}
     for key, info in gguf.items():
         if isinstance(info, dict) and info.get("file"):
             rows.append(((label_of_file(info["file"]) or key).upper(), info["file"].split("/")[-1],
-                         info.get("bytes"), info.get("ppl")))
+                         info.get("bytes"), info))
     known = {r[1] for r in rows}
     for name in files:
         if name.endswith(".gguf") and "/" not in name and name not in known:
-            rows.append((label_of_file(name) or name, name, None, None))
+            rows.append((label_of_file(name) or name, name, None, {}))
     return sorted(rows, key=lambda r: (sort_key(r[0]), r[1]))
 
 
@@ -93,14 +98,16 @@ def _calibration_lines(record: dict[str, Any]) -> list[str]:
     plain = [label for label, entry in entries.items() if (entry.get("imatrix_check") or {}).get("kept") == "plain"]
     lines = []
     if info and weighted:
-        lines += ["", f"{', '.join(sorted(weighted, key=sort_key))} was quantized with an importance matrix "
+        lines += ["", f"{', '.join(sorted(weighted, key=sort_key))} {'was' if len(weighted) == 1 else 'were'} "
+                      f"quantized with an importance matrix "
                       f"computed from {info.get('tokens', 0):,} tokens of the training text ({info.get('blocks')} "
-                      f"training blocks), so its 4-bit rounding favours the weights this text uses most."]
+                      f"training blocks), so the rounding favours the weights this text uses most."]
         if any(entries[label].get("compensated_tensors") for label in weighted):
-            lines[-1] += (" Its tensors were rounded one group of columns at a time, each group's error "
+            lines[-1] += (" The tensors were rounded one group of columns at a time, each group's error "
                           "compensated in the columns after it (GPTQ-style), on the same tokens.")
     if info and plain:
-        lines += ["", f"{', '.join(sorted(plain, key=sort_key))} is llama.cpp's plain quantization: an importance "
+        lines += ["", f"{', '.join(sorted(plain, key=sort_key))} {'is' if len(plain) == 1 else 'are'} llama.cpp's "
+                      f"plain quantization: an importance "
                       f"matrix from the training text was tried and scored worse on other training blocks."]
     return lines
 
@@ -189,8 +196,15 @@ def render(record: dict[str, Any], repo_id: str, files: list[str]) -> str:
             "| model | held-out perplexity |", "|---|---|",
             f"| base | {_num(metrics.get('ppl_base'))} |", f"| tuned | {_num(metrics.get('ppl_tuned'))} |"]
     if gguf_rows:
-        out += ["", "| GGUF | quant | size | held-out perplexity |", "|---|---|---|---|"]
-        out += [f"| `{file}` | {q} | {_size(size)} | {_num(ppl)} |" for q, file, size, ppl in gguf_rows]
+        out += ["", "| GGUF | quant | size | held-out perplexity | KL divergence, mean | KLD, 99th percentile "
+                    "| same top token |", "|---|---|---|---|---|---|---|"]
+        out += [f"| `{file}` | {q} | {_size(size)} | {_num(info.get('ppl'))} | {_num(info.get('kld_mean'), 4)} "
+                f"| {_num(info.get('kld_p99'), 4)} | {_pct(info.get('same_top_pct'))} |"
+                for q, file, size, info in gguf_rows]
+        if any(info.get("kld_mean") is not None for *_, info in gguf_rows):
+            out += ["", "KL divergence: of each file's next-token distribution from the merged model's (base + "
+                        "adapter, in PyTorch), per token of the same held-out text; same top token: how often "
+                        "both put the same token first (llama.cpp's `perplexity --kl-divergence` measures)."]
         out += _calibration_lines(record)
     out += ["", "## Training", "", "| setting | value |", "|---|---|"]
     out += [f"| {k} | {v} |" for k, v in _training_rows(record)]

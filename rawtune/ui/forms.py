@@ -201,8 +201,9 @@ def export_tab() -> Components:
     c: Components = {}
     c["quants"] = gr.CheckboxGroup(quants.EXPORTABLE_LABELS, value=[quants.label_of(q) for q in quants.DEFAULT],
                                    label="GGUF quant types", elem_id="quants",
-                                   info="Q4_K_M: what `ollama run` pulls by default; Q8_0: near-lossless; "
-                                        "F16: unquantized")
+                                   info="Q4_K_M: what `ollama run` pulls by default; IQ4_XS: smaller, made "
+                                        "with an importance matrix from your text; Q5_K_M, Q6_K: closer to "
+                                        "the tuned model; Q8_0: near-lossless; F16: unquantized")
     with gr.Row():
         c["repo"] = gr.Textbox(label="Hub repo", placeholder="user/name", elem_id="repo", scale=3)
         c["private"] = gr.Checkbox(False, label="private", elem_id="private", scale=1)
@@ -210,7 +211,8 @@ def export_tab() -> Components:
         c["export"] = gr.Button("Export GGUF", variant="primary", elem_id="export")
         c["push"] = gr.Button("Push to the Hub", elem_id="push")
     c["log"] = gr.Textbox(label="log", lines=6, max_lines=10, autoscroll=True, elem_id="export-log")
-    c["table"] = gr.Dataframe(headers=["quant", "file", "size (MB)", "perplexity (llama.cpp)", "vs merged"],
+    c["table"] = gr.Dataframe(headers=["quant", "file", "size (MB)", "perplexity (llama.cpp)", "vs merged",
+                                       "KLD mean", "KLD 99th pct", "same top token %"],
                               label="exported files", interactive=False, elem_id="gguf-table")
     c["links"] = gr.Markdown(elem_id="links")
     c["ollama"] = gr.Code(label="run it with Ollama", language="shell", lines=3, interactive=False,

@@ -327,11 +327,12 @@ def stop_training(session: Optional[sessions.Session]) -> str:
 def _gguf_table(run: RunDir) -> list[list]:
     record = run.load()
     merged = (record.get("export") or {}).get("ppl_merged")
-    rows = [["merged (PyTorch)", "base + adapter", None, round(merged, 4) if merged else None, ""]]
+    rows = [["merged (PyTorch)", "base + adapter", None, round(merged, 4) if merged else None, "", 0.0, None, 100.0]]
     for label, info in (record.get("gguf") or {}).items():
         ppl, rise = info.get("ppl"), info.get("ppl_increase_pct")
         rows.append([label, Path(str(info.get("file", ""))).name, round(info.get("bytes", 0) / 1e6, 2),
-                     round(ppl, 4) if ppl else None, f"{rise:+.2f} %" if rise is not None else ""])
+                     round(ppl, 4) if ppl else None, f"{rise:+.2f} %" if rise is not None else "",
+                     info.get("kld_mean"), info.get("kld_p99"), info.get("same_top_pct")])
     return rows
 
 
