@@ -107,15 +107,19 @@ def _gguf_names(model: Any, config: dict[str, Any]) -> dict[str, str]:
     return names
 
 
-def compute(model_dir: Path, blocks: np.ndarray, source: str, batch_size: int = 1, model: Any = None) -> Imatrix:
-    """Gradient-weighted mean x² per input column of every block linear of the model in ``model_dir``.
+def compute(model_dir: Path, blocks: np.ndarray, source: str, batch_size: int = 1, model: Any = None,
+            device: Any = "cpu", spill_dir: Optional[Path] = None) -> Imatrix:
+    """Gradient-weighted mean x² per input column of every block linear of the model in ``model_dir``,
+    and the H matrices, one layer at a time on ``device`` (:mod:`.layerwise`).
 
     ``model``: the merged model already loaded (export loads it once for this and its perplexity
     check, and frees it); else it is loaded from ``model_dir`` in fp32. ``model_dir`` gives the config.
+    ``spill_dir``: H matrices past the RAM budget go to files there.
     """
     import torch
 
     from .gguf_writer import read_json
+    from .layerwise import collect_layerwise
     from ..models import load_causal_lm
 
     started = time.time()
@@ -123,18 +127,18 @@ def compute(model_dir: Path, blocks: np.ndarray, source: str, batch_size: int = 
         model = load_causal_lm(model_dir, device="cpu", dtype=torch.float32)
     model = model.eval()
     try:
-        values, hessians = collect(model, _gguf_names(model, read_json(Path(model_dir) / "config.json")), blocks,
-                                   batch_size)
+        names = _gguf_names(model, read_json(Path(model_dir) / "config.json"))
+        values, hessians = collect_layerwise(model, names, blocks, device, batch_size, spill_dir=spill_dir)
     finally:
         del model
     return Imatrix(values, int(len(blocks)), int(blocks.size), source, time.time() - started, hessians=hessians)
 
 
 # The H matrices are kept in float32 while the pass runs and during export. Weights with more input
-# columns than HESSIAN_MAX_COLUMNS, or past the budget, get the importance (diagonal) only. They are
-# recorded only on an fp32 reference model (export loads models up to 600M parameters in fp32): above
-# that export keeps to the model's bf16 size + 1.5 GB, and at 1.2B its peak (the backward pass of this
-# one) is already within 200 MB of that bound, so larger models get the importance only.
+# columns than HESSIAN_MAX_COLUMNS get the importance (diagonal) only. The whole-model pass
+# (:func:`collect`) records them only on an fp32 model and within HESSIAN_BUDGET_BYTES: it holds
+# every layer's activations at once. Export uses the layer-by-layer pass (:mod:`.layerwise`), which
+# records them at every size (those past its RAM budget go to files).
 HESSIAN_BUDGET_BYTES = 2 * 2**30
 HESSIAN_MAX_COLUMNS = 4096
 
@@ -152,6 +156,13 @@ def hessian_names(modules: dict[str, Any], names: dict[str, str]) -> set[str]:
             chosen.add(key)
             total += cols * cols * 4
     return chosen
+
+
+def layer_hessian_names(modules: dict[str, Any], names: dict[str, str]) -> set[str]:
+    """The GGUF names whose H the layer-by-layer pass records: every weight at most
+    :data:`HESSIAN_MAX_COLUMNS` wide, whatever the model's dtype (the inputs are cast to float32)."""
+    return {key for module_name, key in names.items()
+            if int(modules[module_name].in_features) <= HESSIAN_MAX_COLUMNS}
 
 
 class _Stats:
@@ -185,17 +196,20 @@ class _Stats:
 
     def values(self) -> dict[str, np.ndarray]:
         """The importances; a weight no gradient reached gets no entry (quantized without weights)."""
-        return {key: (weighted / self.weights[key]).float().numpy()
+        return {key: (weighted / self.weights[key]).float().cpu().numpy()
                 for key, weighted in self.weighted.items() if float(self.weights[key]) > 0}
 
     def hessians(self) -> dict[str, np.ndarray]:
-        return {key: (outer / float(self.weights[key])).numpy()
+        return {key: (outer / float(self.weights[key])).cpu().numpy()
                 for key, outer in self.outer.items() if float(self.weights[key]) > 0}
 
 
 def collect(model: Any, names: dict[str, str], blocks: np.ndarray, batch_size: int = 1) -> tuple[dict, dict]:
     """Run ``blocks`` forward and backward through ``model`` (weights frozen); return the importances
     and the H matrices (:func:`hessian_names`), each keyed by GGUF name.
+
+    The whole-model pass: export now uses :func:`rawtune.export.layerwise.collect_layerwise`, which
+    gives the same numbers one layer at a time; this one stays as the reference it is tested against.
 
     Only the input embeddings carry a gradient into the network: no weight gradient is allocated.
     One block at a time by default: the backward pass keeps every layer's activations, and four
