@@ -118,6 +118,56 @@ def test_error_compensation_lowers_the_layer_output_error(type_name):
     assert output_error(compensated) < 0.7 * output_error(rounded), (output_error(compensated), output_error(rounded))
 
 
+def _compensation_case(rows: int = 48, cols: int = 1024, tokens: int = 4096):
+    rng = np.random.default_rng(0)
+    strong = rng.normal(size=(tokens, 64)) @ rng.normal(size=(64, cols))
+    x = (strong + 0.3 * rng.normal(size=(tokens, cols))) * rng.lognormal(0.0, 1.0, cols)
+    return x, x.T @ x / tokens, rng.normal(size=(rows, cols)).astype(np.float32)
+
+
+def _output_error(blob: bytes, w: np.ndarray, x: np.ndarray, qtype) -> float:
+    from gguf.quants import dequantize
+
+    q = dequantize(np.frombuffer(blob, dtype=np.uint8).reshape(w.shape[0], -1), qtype).reshape(w.shape)
+    return float(np.linalg.norm((w - q) @ x.T))
+
+
+@pytest.mark.parametrize("type_name", ["Q4_K", "Q8_0"])
+def test_compensation_in_torch_matches_numpy(type_name):
+    """The torch route of the compensation (export's on a GPU; here on the CPU) gives the numpy
+    route's bytes up to a few blocks where float64 rounding tips a scale, and the same output error."""
+    from gguf import GGMLQuantizationType
+
+    lib = imatrix._ggml()
+    x, h, w = _compensation_case()
+    qtype = GGMLQuantizationType[type_name]
+    by_numpy = imatrix.compensated(lib, w, int(qtype), h)
+    by_torch = imatrix.compensated(lib, w, int(qtype), h, device="cpu")
+    assert len(by_torch) == len(by_numpy)
+    differ = np.mean(np.frombuffer(by_torch, np.uint8) != np.frombuffer(by_numpy, np.uint8))
+    assert differ < 0.01, differ
+    a, b = _output_error(by_numpy, w, x, qtype), _output_error(by_torch, w, x, qtype)
+    assert abs(a - b) < 0.01 * a, (a, b)
+
+
+@pytest.mark.gpu
+def test_compensation_on_the_gpu_matches_numpy():
+    """On the card the compensation keeps the CPU route's output error (within 1 %)."""
+    import torch
+    from gguf import GGMLQuantizationType
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    lib = imatrix._ggml()
+    x, h, w = _compensation_case()
+    qtype = GGMLQuantizationType.Q4_K
+    by_numpy = imatrix.compensated(lib, w, int(qtype), h)
+    by_gpu = imatrix.compensated(lib, w, int(qtype), h, device="cuda")
+    assert len(by_gpu) == len(by_numpy)
+    a, b = _output_error(by_numpy, w, x, qtype), _output_error(by_gpu, w, x, qtype)
+    assert abs(a - b) < 0.01 * a, (a, b)
+
+
 def test_hessians_agree_with_the_importances_and_keep_to_the_budget(tmp_path, tiny_tokenizer_dir, monkeypatch):
     """H's diagonal is the importance (both Σ w x² / Σ w); H is symmetric and positive semi-definite.
     The whole-model pass keeps to its byte budget and records no H on a 16-bit model; the
@@ -361,3 +411,28 @@ def test_iq4_xs_is_refused_without_an_importance_matrix(wide_trained_run):
     settings.export.quant, settings.export.imatrix_blocks = ["q4_k_m", "iq4_xs"], 0
     with pytest.raises(ConfigError, match="--imatrix-blocks.*IQ4_XS is only made with an importance matrix"):
         validate(settings)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "phi3", "qwen3", "smollm3", "granite", "olmo2", "mistral"])
+def test_layer_by_layer_pass_is_bit_identical_in_every_family(family, tmp_path):
+    """Each family's own preprocessing (Gemma's scaled embeddings and sliding windows, Phi-3's fused
+    projections, SmolLM3's layers without RoPE, Granite's multipliers) reaches the layer-by-layer
+    pass through the recorded calls: the same importances and H bit for bit as the whole model's."""
+    import torch
+
+    from families import build_family
+    from rawtune.export.imatrix import _gguf_names, collect
+    from rawtune.export.layerwise import collect_layerwise
+    from rawtune.models import load_causal_lm
+
+    model_dir = build_family(family, tmp_path / "m")
+    model = load_causal_lm(model_dir, device="cpu", dtype=torch.float32).eval()
+    names = _gguf_names(model, gguf_writer.read_json(model_dir / "config.json"))
+    blocks = np.random.default_rng(4).integers(3, 120, size=(3, 40))
+    old_values, old_h = collect(model, names, blocks)
+    new_values, new_h = collect_layerwise(model, names, blocks, "cpu")
+    assert set(new_values) == set(old_values) and set(new_h) == set(old_h) and old_h
+    for key in old_values:
+        assert np.array_equal(new_values[key], old_values[key]), key
+    for key in old_h:
+        assert np.array_equal(new_h[key], old_h[key]), key
