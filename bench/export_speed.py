@@ -21,7 +21,7 @@ memory fit; needs ~45 GB of disk), ``tiny`` (2 layers, 256 wide: the CPU smoke t
 ``--tiny``). Usage::
 
     python bench/export_speed.py --work /tmp/xs                      # quickstart and 1b
-    python bench/export_speed.py --work /tmp/xs --variants 8b
+    python bench/export_speed.py --work /tmp/xs --variants 8b --no-verify
     python bench/export_speed.py --tiny --work /tmp/xs-tiny          # CPU smoke test
 
 llama.cpp on the GPU machine: it has no llama-cpp-python and no compiler, but the package is
@@ -87,7 +87,7 @@ def _peak_rss_mb() -> int:
     return -1
 
 
-def export_step(work: Path, variant: str, imatrix_blocks: int) -> dict:
+def export_step(work: Path, variant: str, imatrix_blocks: int, verify: bool = True) -> dict:
     """``export_run`` in this (fresh) process; the per-stage times, H, and peak memory."""
     import torch
 
@@ -100,7 +100,7 @@ def export_step(work: Path, variant: str, imatrix_blocks: int) -> dict:
     lines: list[str] = []
     started = time.time()
     run = RunDir(work / "run")
-    export_run(run, ExportSettings(quant=quant, imatrix_blocks=imatrix_blocks),
+    export_run(run, ExportSettings(quant=quant, imatrix_blocks=imatrix_blocks, verify=verify),
                log=lambda line: (lines.append(line), print(line, flush=True)))
     total = time.time() - started
     record = run.load()
@@ -142,7 +142,7 @@ def _params(work: Path) -> int:
     return sum(math.prod(shape) for _, shape in merged_shapes((work / "base", work / "run" / "adapter")))
 
 
-def run_variant(work: Path, variant: str, imatrix_blocks: int, out: Path | None) -> dict:
+def run_variant(work: Path, variant: str, imatrix_blocks: int, out: Path | None, verify: bool = True) -> dict:
     """Prepare and export one variant, each in its own process; returns the export's result line."""
     vwork = work / variant
     vwork.mkdir(parents=True, exist_ok=True)
@@ -150,7 +150,8 @@ def run_variant(work: Path, variant: str, imatrix_blocks: int, out: Path | None)
             "--imatrix-blocks", str(imatrix_blocks)]
     subprocess.run(base + ["--step", "prepare"], check=True)
     log_path = (out or vwork) / f"export_{variant}.log"
-    proc = subprocess.run(base + ["--step", "export"], capture_output=True, text=True)
+    proc = subprocess.run(base + ["--step", "export"] + ([] if verify else ["--no-verify"]), capture_output=True,
+                          text=True)
     log_path.write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         raise SystemExit(f"{variant}: export failed (log: {log_path}):\n{proc.stderr[-3000:]}")
@@ -173,6 +174,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="the tiny variant on the CPU (smoke test)")
     parser.add_argument("--imatrix-blocks", type=int, default=16)
     parser.add_argument("--out", help="folder for the logs and results.json (e.g. $OUT)")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="skip llama.cpp's check of the files (8b: is H recorded, does memory fit)")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--step", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -180,7 +183,7 @@ def main() -> None:
     if args.step == "prepare":
         return prepare(work, args.variant)
     if args.step == "export":
-        export_step(work, args.variant, args.imatrix_blocks)
+        export_step(work, args.variant, args.imatrix_blocks, not args.no_verify)
         return
     if importlib.util.find_spec("llama_cpp") is None:
         raise SystemExit(f"llama-cpp-python is not importable: it quantizes and verifies. On the GPU machine: "
@@ -189,7 +192,8 @@ def main() -> None:
     out = Path(args.out) if args.out else None
     if out:
         out.mkdir(parents=True, exist_ok=True)
-    results = [run_variant(work, v, 4 if v == "tiny" else args.imatrix_blocks, out) for v in variants]
+    results = [run_variant(work, v, 4 if v == "tiny" else args.imatrix_blocks, out, not args.no_verify)
+               for v in variants]
     if out:
         (out / "results.json").write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))

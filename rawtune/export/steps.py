@@ -167,6 +167,8 @@ def plan(run: RunDir, settings: ExportSettings, log: Log) -> Plan:
     p.specs = _specs(p)
     p.out_dir.mkdir(parents=True, exist_ok=True)
     p.calibration, p.check_blocks = _calibration_blocks(run, settings, labels, log)
+    if p.check_blocks is not None:  # scored in llama.cpp twice per file: the same bound as verification's
+        p.check_blocks = bound_blocks(p.check_blocks, p.params)
     _require_imatrix(labels, p.calibration)
     previous = record.get("gguf") or {}
     p.kept = {label: info for label, info in previous.items() if label in labels and _current(p, label, info)}
