@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from rawtune.export import kld
 
@@ -94,3 +95,24 @@ def test_app_export_table_shows_kld(tmp_path):
     rows = _gguf_table(run)
     assert rows[1] == ["Q4_K_M", "r.Q4_K_M.gguf", 2.0, 15.5, "+3.33 %", 0.0312, 0.2871, 91.3]
     assert rows[2][5:] == [None, None, None]  # not measured: empty cells, not zeros
+
+
+def test_chunks_give_the_same_numbers(tmp_path, monkeypatch):
+    """Positions are stored and scored CHUNK at a time (memory); the split changes nothing."""
+    rng = np.random.default_rng(3)
+    ref = _logits(rng, 2, 40, 300, 3.0)
+    q = ref + rng.normal(size=ref.shape).astype(np.float32) * 0.3
+
+    def summary(chunk: int) -> dict:
+        monkeypatch.setattr(kld, "CHUNK", chunk)
+        store = kld.ReferenceStore(tmp_path / f"ref{chunk}.npy", 2, 40, 300)
+        store.add(0, ref)
+        scorer = kld.Scorer(store)
+        for i in range(2):
+            scorer.add(i, q[i])
+        return scorer.summary()
+
+    whole, split = summary(128), summary(7)
+    assert whole["kld_tokens"] == split["kld_tokens"] == 2 * 39
+    for key in ("kld_mean", "kld_p99", "same_top_pct"):
+        assert split[key] == pytest.approx(whole[key], rel=1e-5, abs=1e-7), key

@@ -30,6 +30,9 @@ RANGE = 24.0  # nats below the row's most likely token that are kept
 _STEPS = 65535  # codes 0..65535
 _SCALE = RANGE / _STEPS
 P99 = 99.0
+# Positions handled at once: the float32 temporaries of a chunk stay near 100 MB even for a
+# 152k vocabulary (a whole 512-token block would take several times that on top of the model).
+CHUNK = 128
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -84,9 +87,12 @@ class ReferenceStore:
         """Logits ``[batch, seq_len, vocab]`` of blocks ``first``, ``first + 1``, ...; the last
         position predicts nothing that is scored and is dropped."""
         for i, row in enumerate(np.asarray(logits, dtype=np.float32)):
-            codes, lo = encode(log_softmax(row[:-1]))
-            self.codes[first + i] = codes
-            self.offset[first + i], self.neg_entropy[first + i], self.top[first + i] = row_stats(codes, lo)
+            for start in range(0, row.shape[0] - 1, CHUNK):
+                part = slice(start, min(start + CHUNK, row.shape[0] - 1))
+                codes, lo = encode(log_softmax(row[part]))
+                self.codes[first + i, part] = codes
+                stats = row_stats(codes, lo)
+                self.offset[first + i, part], self.neg_entropy[first + i, part], self.top[first + i, part] = stats
 
     def block(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         return self.codes[index], self.offset[index], self.neg_entropy[index], self.top[index]
@@ -129,9 +135,14 @@ class Scorer:
         self.same: list[np.ndarray] = []
 
     def add(self, index: int, logits: np.ndarray) -> None:
-        kld, same = block_kld(*self.reference.block(index), logits)
-        self.klds.append(kld)
-        self.same.append(same)
+        """Logits ``[seq_len, vocab]`` of block ``index`` (the last position is not scored)."""
+        codes, offset, neg_entropy, top = self.reference.block(index)
+        for start in range(0, codes.shape[0], CHUNK):
+            part = slice(start, min(start + CHUNK, codes.shape[0]))
+            rows = logits[start:part.stop + 1]  # block_kld drops the last row it is given
+            kld, same = block_kld(codes[part], offset[part], neg_entropy[part], top[part], rows)
+            self.klds.append(kld)
+            self.same.append(same)
 
     def summary(self) -> Optional[dict[str, Any]]:
         """``{kld_mean, kld_p99, same_top_pct, kld_tokens}``; None when nothing was scored."""
