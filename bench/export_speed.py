@@ -58,7 +58,7 @@ EXTRA_SHAPES = {
                num_key_value_heads=8),
 }
 CARRY_LLAMA_CPP = ("tar -C $(python -c 'import llama_cpp,os;print(os.path.dirname(os.path.dirname(llama_cpp.__file__)))') "
-                   "-cJf .device-bundle/llama_cpp.tar.xz llama_cpp   # on the CPU machine, once; then on the GPU "
+                   "-cJf .device-bundle/llama_cpp.tar.xz llama_cpp diskcache   # on the CPU machine, once; then on the GPU "
                    "machine: tar -C /tmp/site -xJf .device-bundle/llama_cpp.tar.xz")
 
 
