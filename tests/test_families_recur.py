@@ -116,7 +116,7 @@ def test_qwen35_each_transform_matters(what, scrambled, tmp_path, monkeypatch):
     gguf_writer.convert(path, bad, "f32", log=lambda s: None)
     err = relative_error(gguf_logits(bad, tokens), want)
     print(f"\n[qwen35] without {what}: {err:.3f} relative logits error")
-    assert err > F16_TOL
+    assert not np.isfinite(err) or err > F16_TOL  # NaN logits (a decay that grows) are a mismatch too
 
 
 def _module_names(name: str, path: Path) -> set[str]:
@@ -215,7 +215,10 @@ def test_qwen35_importance_follows_the_tiled_columns(scrambled, tmp_path):
     raw, raw_h = imatrix.collect(model, {"model.layers.0.linear_attn.out_proj": "x"}, blocks)
     np.testing.assert_allclose(got.values["blk.0.ssm_out.weight"], raw["x"][source], rtol=1e-5)
     assert not np.allclose(got.values["blk.0.ssm_out.weight"], raw["x"], rtol=1e-3)
-    np.testing.assert_allclose(got.hessians["blk.0.ssm_out.weight"], raw_h["x"][np.ix_(source, source)], rtol=1e-4)
+    # Export's pass runs one layer at a time, which rounds Qwen3.5's linear attention differently from
+    # the whole-model forward in the last bits: entries near zero differ by ~1e-7 absolute.
+    want_h = raw_h["x"][np.ix_(source, source)]
+    np.testing.assert_allclose(got.hessians["blk.0.ssm_out.weight"], want_h, rtol=1e-4, atol=1e-6 * np.abs(want_h).max())
 
 
 def _vision_language_checkpoint(text_dir: Path, out: Path) -> Path:

@@ -118,10 +118,64 @@ def test_error_compensation_lowers_the_layer_output_error(type_name):
     assert output_error(compensated) < 0.7 * output_error(rounded), (output_error(compensated), output_error(rounded))
 
 
-def test_hessians_agree_with_the_importances_and_keep_to_the_budget(tmp_path, tiny_tokenizer_dir, monkeypatch):
-    """H's diagonal is the importance (both Σ w x² / Σ w); H is symmetric and positive semi-definite;
-    past the byte budget, or on a 16-bit model, a weight gets its importance only."""
+def _compensation_case(rows: int = 48, cols: int = 1024, tokens: int = 4096):
+    rng = np.random.default_rng(0)
+    strong = rng.normal(size=(tokens, 64)) @ rng.normal(size=(64, cols))
+    x = (strong + 0.3 * rng.normal(size=(tokens, cols))) * rng.lognormal(0.0, 1.0, cols)
+    return x, x.T @ x / tokens, rng.normal(size=(rows, cols)).astype(np.float32)
+
+
+def _output_error(blob: bytes, w: np.ndarray, x: np.ndarray, qtype) -> float:
+    from gguf.quants import dequantize
+
+    q = dequantize(np.frombuffer(blob, dtype=np.uint8).reshape(w.shape[0], -1), qtype).reshape(w.shape)
+    return float(np.linalg.norm((w - q) @ x.T))
+
+
+@pytest.mark.parametrize("type_name", ["Q4_K", "Q8_0"])
+def test_compensation_in_torch_matches_numpy(type_name):
+    """The torch route of the compensation (export's on a GPU; here on the CPU) gives the numpy
+    route's bytes up to a few blocks where float64 rounding tips a scale, and the same output error."""
+    from gguf import GGMLQuantizationType
+
+    lib = imatrix._ggml()
+    x, h, w = _compensation_case()
+    qtype = GGMLQuantizationType[type_name]
+    by_numpy = imatrix.compensated(lib, w, int(qtype), h)
+    by_torch = imatrix.compensated(lib, w, int(qtype), h, device="cpu")
+    assert len(by_torch) == len(by_numpy)
+    differ = np.mean(np.frombuffer(by_torch, np.uint8) != np.frombuffer(by_numpy, np.uint8))
+    assert differ < 0.01, differ
+    a, b = _output_error(by_numpy, w, x, qtype), _output_error(by_torch, w, x, qtype)
+    assert abs(a - b) < 0.01 * a, (a, b)
+
+
+@pytest.mark.gpu
+def test_compensation_on_the_gpu_matches_numpy():
+    """On the card the compensation keeps the CPU route's output error (within 1 %)."""
     import torch
+    from gguf import GGMLQuantizationType
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    lib = imatrix._ggml()
+    x, h, w = _compensation_case()
+    qtype = GGMLQuantizationType.Q4_K
+    by_numpy = imatrix.compensated(lib, w, int(qtype), h)
+    by_gpu = imatrix.compensated(lib, w, int(qtype), h, device="cuda")
+    assert len(by_gpu) == len(by_numpy)
+    a, b = _output_error(by_numpy, w, x, qtype), _output_error(by_gpu, w, x, qtype)
+    assert abs(a - b) < 0.01 * a, (a, b)
+
+
+def test_hessians_agree_with_the_importances_and_keep_to_the_budget(tmp_path, tiny_tokenizer_dir, monkeypatch):
+    """H's diagonal is the importance (both Σ w x² / Σ w); H is symmetric and positive semi-definite.
+    The whole-model pass keeps to its byte budget and records no H on a 16-bit model; the
+    layer-by-layer pass export uses records H on a bf16 model too, close to the fp32 one."""
+    import torch
+
+    from rawtune.export.imatrix import _gguf_names, collect
+    from rawtune.models import load_causal_lm
 
     model_dir = tiny_model(tmp_path / "m", tiny_tokenizer_dir, "llama", hidden=64)
     blocks = np.random.default_rng(1).integers(3, 200, size=(3, 32))
@@ -131,14 +185,89 @@ def test_hessians_agree_with_the_importances_and_keep_to_the_budget(tmp_path, ti
         np.testing.assert_allclose(np.diag(h), full.values[name], rtol=1e-4, atol=1e-9)
         np.testing.assert_allclose(h, h.T, rtol=1e-4, atol=1e-6 * np.abs(h).max())
         assert np.linalg.eigvalsh(h.astype(np.float64)).min() > -1e-5 * np.abs(h).max()
+    model = load_causal_lm(model_dir, device="cpu", dtype=torch.float32)
+    names = _gguf_names(model, gguf_writer.read_json(model_dir / "config.json"))
     monkeypatch.setattr(imatrix, "HESSIAN_BUDGET_BYTES", 3 * 64 * 64 * 4)
-    capped = imatrix.compute(model_dir, blocks, "random")
-    assert len(capped.hessians) == 3 and set(capped.values) == set(full.values)
-    # A 16-bit reference (export's choice above 600M parameters) records no H at all.
+    values, capped = collect(model, names, blocks)
+    assert len(capped) == 3 and set(values) == set(full.values)
+    bf16_model = load_causal_lm(model_dir, device="cpu", dtype=torch.bfloat16)
+    values, old_bf16 = collect(bf16_model, names, blocks)
+    assert not old_bf16 and set(values) == set(full.values)
+    bf16 = imatrix.compute(model_dir, blocks, "random", model=bf16_model)
+    assert set(bf16.hessians) == set(full.hessians)
+    for name, h in bf16.hessians.items():
+        ref = full.hessians[name]
+        assert np.abs(h - ref).max() < 0.1 * np.abs(ref).max(), name
+
+
+@pytest.mark.parametrize("arch,batch_size", [("llama", 1), ("qwen2", 2)])
+def test_layer_by_layer_pass_is_bit_identical_to_the_whole_model_pass(arch, batch_size, tmp_path,
+                                                                      tiny_tokenizer_dir):
+    """Importances and H from one layer at a time (export's pass) equal the whole-model pass's bit
+    for bit on the CPU (qwen2: biases; batch 2 over 5 blocks: a short last batch), and so do the
+    compensated Q4_K bytes made from them."""
+    import torch
+
+    from rawtune.export.imatrix import _gguf_names, collect
+    from rawtune.export.layerwise import collect_layerwise
     from rawtune.models import load_causal_lm
 
-    bf16 = imatrix.compute(model_dir, blocks, "random", model=load_causal_lm(model_dir, device="cpu", dtype=torch.bfloat16))
-    assert not bf16.hessians and set(bf16.values) == set(full.values)
+    model_dir = tiny_model(tmp_path / "m", tiny_tokenizer_dir, arch, hidden=256, layers=3, seed=5)
+    model = load_causal_lm(model_dir, device="cpu", dtype=torch.float32).eval()
+    names = _gguf_names(model, gguf_writer.read_json(model_dir / "config.json"))
+    blocks = np.random.default_rng(2).integers(3, 200, size=(5, 48))
+    old_values, old_h = collect(model, names, blocks, batch_size)
+    new_values, new_h = collect_layerwise(model, names, blocks, "cpu", batch_size)
+    assert set(new_values) == set(old_values) == set(names.values())
+    assert set(new_h) == set(old_h) and len(old_h) == len(names)
+    for key in old_values:
+        assert np.array_equal(new_values[key], old_values[key]), key
+        assert np.array_equal(new_h[key], old_h[key]), key
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    lib = imatrix._ggml()
+    from gguf import GGMLQuantizationType
+
+    key = next(k for k in old_h if k.endswith("attn_q.weight"))
+    w = model.get_submodule(next(n for n, k in names.items() if k == key)).weight.detach().numpy()
+    q4k = int(GGMLQuantizationType.Q4_K)
+    assert imatrix.compensated(lib, w, q4k, new_h[key]) == imatrix.compensated(lib, w, q4k, old_h[key])
+
+
+def test_layer_by_layer_pass_spills_hessians_past_the_ram_budget(tmp_path, tiny_tokenizer_dir, monkeypatch):
+    """Past the RAM budget H matrices go to files in the spill folder, read back memory-mapped, same values."""
+    from rawtune.export import layerwise
+
+    model_dir = tiny_model(tmp_path / "m", tiny_tokenizer_dir, "llama", hidden=64)
+    blocks = np.random.default_rng(1).integers(3, 200, size=(2, 32))
+    in_ram = imatrix.compute(model_dir, blocks, "random")
+    monkeypatch.setattr(layerwise, "RAM_BUDGET_BYTES", 2 * 64 * 64 * 4)
+    spilled = imatrix.compute(model_dir, blocks, "random", spill_dir=tmp_path / "spill")
+    on_disk = [k for k, h in spilled.hessians.items() if isinstance(h, np.memmap)]
+    assert len(on_disk) == len(in_ram.hessians) - 2 and len(list((tmp_path / "spill").iterdir())) == len(on_disk)
+    for key, h in spilled.hessians.items():
+        assert np.array_equal(np.asarray(h), in_ram.hessians[key]), key
+
+
+@pytest.mark.gpu
+def test_layer_by_layer_pass_on_the_gpu_matches_the_cpu(tmp_path, tiny_tokenizer_dir):
+    """On the card the same pass gives the CPU's importances and H within float32 rounding, and
+    leaves the model on the CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    model_dir = tiny_model(tmp_path / "m", tiny_tokenizer_dir, "llama", hidden=256, layers=3)
+    blocks = np.random.default_rng(1).integers(3, 200, size=(4, 64))
+    from rawtune.models import load_causal_lm
+
+    model = load_causal_lm(model_dir, device="cpu", dtype=torch.float32)
+    cpu = imatrix.compute(model_dir, blocks, "random", model=model)
+    gpu = imatrix.compute(model_dir, blocks, "random", model=model, device="cuda")
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    assert set(gpu.hessians) == set(cpu.hessians) and set(gpu.values) == set(cpu.values)
+    for key, h in cpu.hessians.items():
+        np.testing.assert_allclose(gpu.hessians[key], h, rtol=2e-3, atol=2e-3 * np.abs(h).max())
+        np.testing.assert_allclose(gpu.values[key], cpu.values[key], rtol=2e-3, atol=1e-6 * cpu.values[key].max())
 
 
 @pytest.fixture(scope="module")
@@ -282,3 +411,28 @@ def test_iq4_xs_is_refused_without_an_importance_matrix(wide_trained_run):
     settings.export.quant, settings.export.imatrix_blocks = ["q4_k_m", "iq4_xs"], 0
     with pytest.raises(ConfigError, match="--imatrix-blocks.*IQ4_XS is only made with an importance matrix"):
         validate(settings)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "phi3", "qwen3", "smollm3", "granite", "olmo2", "mistral"])
+def test_layer_by_layer_pass_is_bit_identical_in_every_family(family, tmp_path):
+    """Each family's own preprocessing (Gemma's scaled embeddings and sliding windows, Phi-3's fused
+    projections, SmolLM3's layers without RoPE, Granite's multipliers) reaches the layer-by-layer
+    pass through the recorded calls: the same importances and H bit for bit as the whole model's."""
+    import torch
+
+    from families import build_family
+    from rawtune.export.imatrix import _gguf_names, collect
+    from rawtune.export.layerwise import collect_layerwise
+    from rawtune.models import load_causal_lm
+
+    model_dir = build_family(family, tmp_path / "m")
+    model = load_causal_lm(model_dir, device="cpu", dtype=torch.float32).eval()
+    names = _gguf_names(model, gguf_writer.read_json(model_dir / "config.json"))
+    blocks = np.random.default_rng(4).integers(3, 120, size=(3, 40))
+    old_values, old_h = collect(model, names, blocks)
+    new_values, new_h = collect_layerwise(model, names, blocks, "cpu")
+    assert set(new_values) == set(old_values) and set(new_h) == set(old_h) and old_h
+    for key in old_values:
+        assert np.array_equal(new_values[key], old_values[key]), key
+    for key in old_h:
+        assert np.array_equal(new_h[key], old_h[key]), key

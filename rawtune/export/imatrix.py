@@ -135,15 +135,19 @@ def _as_written(values: dict[str, Any], hessians: dict[str, Any], outs: dict[str
     return by_value, by_hessian
 
 
-def compute(model_dir: Path, blocks: np.ndarray, source: str, batch_size: int = 1, model: Any = None) -> Imatrix:
-    """Gradient-weighted mean x² per input column of every block linear of the model in ``model_dir``.
+def compute(model_dir: Path, blocks: np.ndarray, source: str, batch_size: int = 1, model: Any = None,
+            device: Any = "cpu", spill_dir: Optional[Path] = None) -> Imatrix:
+    """Gradient-weighted mean x² per input column of every block linear of the model in ``model_dir``,
+    and the H matrices, one layer at a time on ``device`` (:mod:`.layerwise`).
 
     ``model``: the merged model already loaded (export loads it once for this and its perplexity
     check, and frees it); else it is loaded from ``model_dir`` in fp32. ``model_dir`` gives the config.
+    ``spill_dir``: H matrices past the RAM budget go to files there.
     """
     import torch
 
     from .gguf_writer import read_json
+    from .layerwise import collect_layerwise
     from ..models import load_causal_lm
 
     started = time.time()
@@ -152,7 +156,8 @@ def compute(model_dir: Path, blocks: np.ndarray, source: str, batch_size: int = 
     model = model.eval()
     try:
         outs = _gguf_outputs(model, read_json(Path(model_dir) / "config.json"))
-        values, hessians = collect(model, {name: t[0].name for name, t in outs.items()}, blocks, batch_size)
+        values, hessians = collect_layerwise(model, {name: t[0].name for name, t in outs.items()}, blocks, device,
+                                             batch_size, spill_dir=spill_dir)
         values, hessians = _as_written(values, hessians, outs)
     finally:
         del model
@@ -160,10 +165,10 @@ def compute(model_dir: Path, blocks: np.ndarray, source: str, batch_size: int = 
 
 
 # The H matrices are kept in float32 while the pass runs and during export. Weights with more input
-# columns than HESSIAN_MAX_COLUMNS, or past the budget, get the importance (diagonal) only. They are
-# recorded only on an fp32 reference model (export loads models up to 600M parameters in fp32): above
-# that export keeps to the model's bf16 size + 1.5 GB, and at 1.2B its peak (the backward pass of this
-# one) is already within 200 MB of that bound, so larger models get the importance only.
+# columns than HESSIAN_MAX_COLUMNS get the importance (diagonal) only. The whole-model pass
+# (:func:`collect`) records them only on an fp32 model and within HESSIAN_BUDGET_BYTES: it holds
+# every layer's activations at once. Export uses the layer-by-layer pass (:mod:`.layerwise`), which
+# records them at every size (those past its RAM budget go to files).
 HESSIAN_BUDGET_BYTES = 2 * 2**30
 HESSIAN_MAX_COLUMNS = 4096
 
@@ -181,6 +186,13 @@ def hessian_names(modules: dict[str, Any], names: dict[str, str]) -> set[str]:
             chosen.add(key)
             total += cols * cols * 4
     return chosen
+
+
+def layer_hessian_names(modules: dict[str, Any], names: dict[str, str]) -> set[str]:
+    """The GGUF names whose H the layer-by-layer pass records: every weight at most
+    :data:`HESSIAN_MAX_COLUMNS` wide, whatever the model's dtype (the inputs are cast to float32)."""
+    return {key for module_name, key in names.items()
+            if int(modules[module_name].in_features) <= HESSIAN_MAX_COLUMNS}
 
 
 class _Stats:
@@ -214,17 +226,20 @@ class _Stats:
 
     def values(self) -> dict[str, np.ndarray]:
         """The importances; a weight no gradient reached gets no entry (quantized without weights)."""
-        return {key: (weighted / self.weights[key]).float().numpy()
+        return {key: (weighted / self.weights[key]).float().cpu().numpy()
                 for key, weighted in self.weighted.items() if float(self.weights[key]) > 0}
 
     def hessians(self) -> dict[str, np.ndarray]:
-        return {key: (outer / float(self.weights[key])).numpy()
+        return {key: (outer / float(self.weights[key])).cpu().numpy()
                 for key, outer in self.outer.items() if float(self.weights[key]) > 0}
 
 
 def collect(model: Any, names: dict[str, str], blocks: np.ndarray, batch_size: int = 1) -> tuple[dict, dict]:
     """Run ``blocks`` forward and backward through ``model`` (weights frozen); return the importances
     and the H matrices (:func:`hessian_names`), each keyed by GGUF name.
+
+    The whole-model pass: export now uses :func:`rawtune.export.layerwise.collect_layerwise`, which
+    gives the same numbers one layer at a time; this one stays as the reference it is tested against.
 
     Only the input embeddings carry a gradient into the network: no weight gradient is allocated.
     One block at a time by default: the backward pass keeps every layer's activations, and four
@@ -306,13 +321,15 @@ def quantize_tensor(lib: ctypes.CDLL, values: np.ndarray, ggml_type: int,
 
 
 def requantize(f16_path: Path, quantized: Path, imatrix: Optional[Imatrix], threads: int = 1,
-               only_weighted: bool = True) -> tuple[int, int]:
+               only_weighted: bool = True, device: Any = None) -> tuple[int, int]:
     """Rewrite the quantized tensors of ``quantized`` (a llama.cpp output of ``f16_path``) in place.
 
     Each tensor keeps the type llama.cpp chose and its place in the file; its bytes come from
     ``ggml_quantize_chunk`` on the F16 values, weighted by the importance matrix where it has an
-    entry, with the error compensation of :func:`compensated` where it also has an H matrix.
-    ``only_weighted`` skips tensors without an entry (their bytes would not change).
+    entry, with the error compensation of :func:`compensated` where it also has an H matrix (its
+    linear algebra on ``device`` when given, e.g. a GPU). ``only_weighted`` skips tensors without an
+    entry (their bytes would not change). Tensors are made ``threads`` at a time, one thread each:
+    ggml drops the GIL, and one 256-column group of a small model is too little work to split.
     Returns how many tensors were written, and how many of them with error compensation.
     """
     from gguf import GGUFReader
@@ -323,36 +340,42 @@ def requantize(f16_path: Path, quantized: Path, imatrix: Optional[Imatrix], thre
                for t in GGUFReader(str(quantized)).tensors]
     values = imatrix.values if imatrix else {}
     hessians = imatrix.hessians if imatrix else {}
+    todo = [t for t in targets if t[2] not in FLOAT_TYPES and not (only_weighted and t[0] not in values)]
+
+    def make(target: tuple) -> tuple[bytes, bool]:
+        name, ggml_type = target[0], target[1]
+        src = source[name]
+        data = np.asarray(src.data).astype(np.float32).reshape(-1, int(src.shape[0]))
+        h = hessians.get(name)
+        if h is not None and h.shape == (data.shape[1],) * 2 and data.shape[1] % lib.ggml_blck_size(ggml_type) == 0:
+            return compensated(lib, data, ggml_type, h, 1, device=device), True
+        return quantize_tensor(lib, data, ggml_type, values.get(name), 1), False
+
     written = compensated_count = 0
-    with open(quantized, "r+b") as handle:
-        for name, ggml_type, type_name, offset, n_bytes in targets:
-            if type_name in FLOAT_TYPES or (only_weighted and name not in values):
-                continue
-            src = source[name]
-            data = np.asarray(src.data).astype(np.float32).reshape(-1, int(src.shape[0]))
-            h = hessians.get(name)
-            if h is not None and h.shape == (data.shape[1],) * 2 and data.shape[1] % lib.ggml_blck_size(ggml_type) == 0:
-                blob = compensated(lib, data, ggml_type, h, threads)
-                compensated_count += 1
-            else:
-                blob = quantize_tensor(lib, data, ggml_type, values.get(name), threads)
+    workers = max(1, threads)
+    # A few tensors ahead at most: results wait in order, and a 7B file's would not fit in memory.
+    chunks = [todo[i:i + 2 * workers] for i in range(0, len(todo), 2 * workers)]
+    with open(quantized, "r+b") as handle, ThreadPoolExecutor(max_workers=workers) as pool:
+        done = ((target, result) for chunk in chunks for target, result in zip(chunk, pool.map(make, chunk)))
+        for (name, _, _, offset, n_bytes), (blob, was_compensated) in done:
             if len(blob) != n_bytes:
                 raise ExportError(f"{name}: {len(blob)} bytes quantized, {n_bytes} in llama.cpp's file; "
                                   f"export with --imatrix-blocks 0")
             handle.seek(offset)
             handle.write(blob)
             written += 1
+            compensated_count += was_compensated
     return written, compensated_count
 
 
 def quantize_file(f16_path: Path, default_file: Path, dst: Path, imatrix: Imatrix,
-                  threads: int = 1) -> tuple[int, int]:
+                  threads: int = 1, device: Any = None) -> tuple[int, int]:
     """``dst``: llama.cpp's ``default_file`` with every tensor that has an entry re-quantized;
     (tensors written, of them compensated), as :func:`requantize` counts them."""
     tmp = dst.with_name(dst.name + ".partial")
     shutil.copyfile(default_file, tmp)
     try:
-        counts = requantize(f16_path, tmp, imatrix, threads)
+        counts = requantize(f16_path, tmp, imatrix, threads, device=device)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -366,7 +389,8 @@ def quantize_file(f16_path: Path, default_file: Path, dst: Path, imatrix: Imatri
 DAMPING = 0.01
 
 
-def compensated(lib: ctypes.CDLL, values: np.ndarray, ggml_type: int, h: np.ndarray, threads: int = 1) -> bytes:
+def compensated(lib: ctypes.CDLL, values: np.ndarray, ggml_type: int, h: np.ndarray, threads: int = 1,
+                device: Any = None) -> bytes:
     """Quantize ``values`` ``[rows, cols]`` to ``ggml_type`` one block-wide group of columns at a
     time, moving each group's rounding error onto the columns still to come.
 
@@ -377,7 +401,12 @@ def compensated(lib: ctypes.CDLL, values: np.ndarray, ggml_type: int, h: np.ndar
     group with its own block format, its scales searched under the diagonal of (U_SSᵀU_SS)⁻¹: the
     cost of each column's error once the later columns compensate it. The bytes of the groups, put
     side by side, are the rows' bytes, because every group is a whole number of blocks.
+
+    ``device`` (a torch device, e.g. a GPU): the inverse, the Cholesky factor and the updates in
+    torch there, in float64 as here; ggml still quantizes each group on the CPU.
     """
+    if device is not None:
+        return _compensated_torch(lib, values, ggml_type, h, threads, device)
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
@@ -396,6 +425,38 @@ def compensated(lib: ctypes.CDLL, values: np.ndarray, ggml_type: int, h: np.ndar
         if start + width < cols:
             error = w[:, group] - dequantize(blob, qtype).reshape(rows, width)
             w[:, start + width:] -= (error @ u_inv) @ upper[group, start + width:]
+        parts.append(blob)
+    return np.concatenate(parts, axis=1).tobytes()
+
+
+def _compensated_torch(lib: ctypes.CDLL, values: np.ndarray, ggml_type: int, h: np.ndarray, threads: int,
+                       device: Any) -> bytes:
+    """:func:`compensated` with its linear algebra in torch on ``device``."""
+    import torch
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    w = torch.as_tensor(np.asarray(values), dtype=torch.float64, device=device).clone()
+    rows, cols = w.shape
+    width = int(lib.ggml_blck_size(ggml_type))
+    h = torch.as_tensor(np.asarray(h), dtype=torch.float64, device=device).clone()
+    dead = torch.diag(h) <= 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h.diagonal().add_(DAMPING * float(torch.diag(h).mean()))
+    upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h))).T
+    qtype = GGMLQuantizationType(ggml_type)
+    parts = []
+    for start in range(0, cols, width):
+        end = start + width
+        u_inv = torch.linalg.inv(upper[start:end, start:end])
+        importance = (u_inv * u_inv).sum(1).cpu().numpy()
+        group = w[:, start:end].cpu().numpy()
+        blob = np.frombuffer(quantize_tensor(lib, group, ggml_type, importance, threads), dtype=np.uint8)
+        blob = blob.reshape(rows, -1)
+        if end < cols:
+            error = torch.as_tensor(group - dequantize(blob, qtype).reshape(rows, width), device=device)
+            w[:, end:] -= (error @ u_inv) @ upper[start:end, end:]
         parts.append(blob)
     return np.concatenate(parts, axis=1).tobytes()
 

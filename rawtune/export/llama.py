@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -54,6 +55,11 @@ def _other_runnable() -> int:
             return 0
 
 
+# llama-cpp-python points the process's stdout/stderr at /dev/null while it loads a model (verbose
+# off) and back afterwards: two loads at once could leave them pointing there, so loads take turns.
+_LOAD_LOCK = threading.Lock()
+
+
 @contextmanager
 def llama_log(path: Optional[Path], title: str) -> Iterator[list[str]]:
     """Send llama.cpp's log to a list (appended to ``path`` afterwards, if given) instead of the console.
@@ -83,18 +89,24 @@ def llama_log(path: Optional[Path], title: str) -> Iterator[list[str]]:
 
 
 def load_llama(path: Path, n_ctx: int, logits_all: bool = False, f32_cache: bool = False,
-               gpu: bool = False) -> Any:
+               gpu: bool = False, n_threads: Optional[int] = None) -> Any:
     """Open a GGUF with llama.cpp (callers ``close()`` it, or keep it cached).
 
     ``f32_cache`` keeps the KV cache in float32 instead of llama.cpp's default F16, for
     comparisons with PyTorch at float32 tolerance. ``gpu`` offloads every layer where llama.cpp
     has a GPU (generation); verification stays on the CPU so its numbers do not depend on a card.
+    ``n_threads``: llama.cpp's threads (default :func:`cpu_threads`; export splits them between the
+    files it scores at once). Safe to call from several threads.
     """
     cpp = llama_cpp()
     cache = {"type_k": cpp.GGML_TYPE_F32, "type_v": cpp.GGML_TYPE_F32} if f32_cache else {}
+    threads = n_threads or cpu_threads()
     try:
-        return cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=logits_all,
-                         n_threads=cpu_threads(), n_gpu_layers=-1 if gpu else 0, verbose=False, **cache)
+        with _LOAD_LOCK:
+            # n_threads_batch too: it defaults to every core, and scoring a block is a batch.
+            return cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=logits_all,
+                             n_threads=threads, n_threads_batch=threads, n_gpu_layers=-1 if gpu else 0,
+                             verbose=False, **cache)
     except Exception as exc:  # llama-cpp-python raises ValueError/RuntimeError for bad files
         raise ExportError(f"llama.cpp could not load {path.name}: {exc}; export it again, and if a fresh "
                           f"export fails the same way the conversion is broken: report it with the model's "

@@ -8,14 +8,16 @@ verify -> Ollama files -> clean up -> record. :func:`rawtune.export.export_run` 
   the model; only for other bases is ``merged/`` written first (``rawtune.merge.merge_run``);
 - convert: the F16 GGUF from rawtune's own writer (:mod:`.gguf_writer`), tensor infos first, then
   each tensor as it is merged;
-- reference model: the merged model in PyTorch, loaded once, for the importance matrix
-  (:mod:`.imatrix`) and the merged model's held-out perplexity; fp32 up to
+- reference model: the merged model in PyTorch, loaded once, for the importance matrix and H
+  (:mod:`.imatrix`, one layer at a time through :mod:`.layerwise`, on the GPU when there is one)
+  and the merged model's held-out perplexity (on the GPU when the model fits there); fp32 up to
   :data:`FP32_MAX_PARAMS` parameters, bf16 above (it would need 4 bytes per parameter); freed
   before llama.cpp opens any GGUF;
 - quantize: llama.cpp's own quantizer through llama-cpp-python (no git, cmake or compiler at run
   time) and, for k-quants, each tensor re-quantized with the importance matrix from the training
   text; llama.cpp's log goes to ``logs/export.log``, the console gets one summary line per file;
-- verify: every file loaded in llama.cpp (:mod:`.llama`): tokenization agrees with the HF
+- verify: every file loaded in llama.cpp (:mod:`.llama`), several at once (:func:`in_parallel`),
+  on held-out blocks bounded per file for large models (:func:`bound_blocks`): tokenization agrees with the HF
   tokenizer, a few greedy tokens come out, and the perplexity on the run's held-out blocks (the
   same blocks ``rawtune eval`` scores) is close to the merged PyTorch model's; a file far above
   it is a conversion bug, reported loudly. The same pass gives each file's KL divergence from the
@@ -33,7 +35,9 @@ import math
 import os
 import re
 import shutil
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -58,6 +62,7 @@ GREEDY_TOKENS = 8
 WORK_DIR = "gguf_work"
 SOURCE_DIR = "model"  # inside WORK_DIR: the merged model's config and tokenizer, for the streamed writer
 REFERENCE_FILE = "{stem}.reference-logprobs.npy"  # inside WORK_DIR while files are verified (see .kld)
+HESSIAN_DIR = "hessians"  # inside WORK_DIR: H matrices past the layer-by-layer pass's RAM budget
 # The PyTorch reference model is fp32 up to this many parameters (2.4 GB), bf16 above: fp32 keeps
 # the small models' numbers exactly those of `rawtune eval`; a 1B+ model in fp32 needs 4+ GB.
 # Above it the model also reads one block at a time: four blocks of 512 tokens make 400 MB of
@@ -162,6 +167,8 @@ def plan(run: RunDir, settings: ExportSettings, log: Log) -> Plan:
     p.specs = _specs(p)
     p.out_dir.mkdir(parents=True, exist_ok=True)
     p.calibration, p.check_blocks = _calibration_blocks(run, settings, labels, log)
+    if p.check_blocks is not None:  # scored in llama.cpp twice per file: the same bound as verification's
+        p.check_blocks = bound_blocks(p.check_blocks, p.params)
     _require_imatrix(labels, p.calibration)
     previous = record.get("gguf") or {}
     p.kept = {label: info for label, info in previous.items() if label in labels and _current(p, label, info)}
@@ -335,7 +342,10 @@ def _quantize_one(f16: Path, target: Path, label: str, imatrix: Any, p: Plan,
     if weighted:
         t0 = time.time()
         try:
-            count, entry["compensated_tensors"] = imatrix_mod.quantize_file(f16, out, target, imatrix, cpu_threads())
+            gpu = export_device() if export_device().type == "cuda" else None
+            count, entry["compensated_tensors"] = imatrix_mod.quantize_file(f16, out, target, imatrix, cpu_threads(),
+                                                                            device=gpu)
+            entry["seconds_requantize"] = round(time.time() - t0, 2)
             entry["imatrix_check"] = keep_better(out, target, p.check_blocks)
         finally:
             out.unlink(missing_ok=True)
@@ -365,13 +375,14 @@ def keep_better(plain: Path, weighted: Path, blocks: Optional[np.ndarray]) -> di
     """
     if blocks is None:
         return {"kept": "importance matrix", "blocks": 0}
-    scores = {}
-    for name, path in (("plain", plain), ("weighted", weighted)):
-        llm = load_llama(path, n_ctx=int(blocks.shape[1]), logits_all=True)
+    def score(path: Path, threads: int) -> float:
+        llm = load_llama(path, n_ctx=int(blocks.shape[1]), logits_all=True, n_threads=threads)
         try:
-            scores[name] = round(llama_perplexity(llm, blocks), 4)
+            return round(llama_perplexity(llm, blocks), 4)
         finally:
             llm.close()
+
+    scores = dict(zip(("plain", "weighted"), in_parallel(score, [plain, weighted])))
     kept = "importance matrix" if scores["weighted"] < scores["plain"] else "plain"
     if kept == "plain":
         os.replace(plain, weighted)
@@ -486,14 +497,17 @@ def check_tokenizer(llm: Any, tokenizer: Any, texts: list[str]) -> list[str]:
 
 
 def verify_file(path: Path, tokenizer: Any, blocks: Optional[np.ndarray], texts: list[str],
-                prompt: str, n_ctx: int, reference: Optional[ReferenceStore] = None) -> dict[str, Any]:
+                prompt: str, n_ctx: int, reference: Optional[ReferenceStore] = None,
+                n_threads: Optional[int] = None) -> dict[str, Any]:
     """Load one GGUF in llama.cpp: tokenization check, greedy sample, held-out perplexity and (with
-    the merged model's stored logits) the KL divergence from the merged model on the same tokens."""
+    the merged model's stored logits) the KL divergence from the merged model on the same tokens.
+    Several files may be verified at once from threads (``n_threads`` each)."""
     started = time.time()
     scorer = Scorer(reference) if reference is not None and blocks is not None else None
-    llm = load_llama(path, n_ctx, logits_all=blocks is not None)
+    llm = load_llama(path, n_ctx, logits_all=blocks is not None, n_threads=n_threads)
     try:
-        mismatches = check_tokenizer(llm, tokenizer, texts)
+        with _TOKENIZER_LOCK:  # a fast HF tokenizer refuses to encode from two threads at once
+            mismatches = check_tokenizer(llm, tokenizer, texts)
         out = llm.create_completion(prompt, max_tokens=GREEDY_TOKENS, temperature=0.0, top_k=1)
         sample = out["choices"][0]["text"]
         ppl = llama_perplexity(llm, blocks, scorer) if blocks is not None else None
@@ -502,6 +516,37 @@ def verify_file(path: Path, tokenizer: Any, blocks: Optional[np.ndarray], texts:
     return {"ppl": None if ppl is None else round(ppl, 4), **((scorer and scorer.summary()) or {}),
             "tokenizer_ok": not mismatches, "tokenizer_mismatches": mismatches[:5], "sample": sample,
             "verify_seconds": round(time.time() - started, 2)}
+
+
+_TOKENIZER_LOCK = threading.Lock()
+
+
+def in_parallel(work: Callable[[Any, int], Any], items: list) -> list:
+    """``work(item, n_threads)`` for every item, as many at once as there are idle cores, the cores
+    split between them (llama.cpp's threads wait for each other at every layer, so a small model
+    scores faster as several files on one core each than one file at a time on all of them)."""
+    if not items:
+        return []
+    cores = cpu_threads()
+    workers = max(1, min(len(items), cores))
+    threads = max(1, cores // workers)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(lambda item: work(item, threads), items))
+
+
+# llama.cpp scores every file on the CPU, on the same held-out blocks as the merged model. A file's
+# pass costs about 2 x parameters FLOPs per token, so for a large model the blocks are bounded to
+# this many FLOPs per file (at least MIN_VERIFY_BLOCKS blocks): all of SCORING_TOKEN_BUDGET's 8192
+# tokens up to about 900M parameters, 12 blocks of 512 at 1.2B, two at 8B.
+VERIFY_FLOPS = 1.5e13
+MIN_VERIFY_BLOCKS = 2
+
+
+def bound_blocks(blocks: np.ndarray, params: int) -> np.ndarray:
+    """The first held-out blocks within :data:`VERIFY_FLOPS` per file for a model of ``params``."""
+    tokens = int(VERIFY_FLOPS / (2 * max(1, params)))
+    keep = max(MIN_VERIFY_BLOCKS, tokens // int(blocks.shape[1]))
+    return blocks[:keep]
 
 
 def _heldout_blocks(run: RunDir, log: Log) -> Optional[np.ndarray]:
@@ -579,6 +624,14 @@ def prepare_verification(run: RunDir, p: Plan, enabled: bool, log: Log) -> Verif
     if not enabled:
         return check
     check.heldout = _heldout_blocks(run, log)
+    if check.heldout is not None:
+        available = len(check.heldout)
+        check.heldout = bound_blocks(check.heldout, p.params)
+        n, width = check.heldout.shape
+        why = ("all of them" if n == available else
+               f"bounded for a {p.params / 1e9:.1f}B-parameter model to about {VERIFY_FLOPS:.1e} FLOPs per file")
+        log(f"[export] verification scores {n} held-out blocks ({n * width:,} tokens) of the {available} "
+            f"`rawtune eval` scores ({why}), the merged model and every file on the same tokens")
     shape = None if check.heldout is None else [int(check.heldout.shape[0]), int(check.heldout.shape[1])]
     if shape != check.blocks:  # other blocks than the earlier export scored: score all again
         check.ppl_merged = check.ppl_f16 = check.kld_f16 = None
@@ -610,14 +663,46 @@ def reference(run: RunDir, p: Plan, check: Verification, log: Log) -> Any:
         imatrix = _importance(p, model, log) if need_imatrix else None
         if need_ppl:
             t1 = time.time()
+            where = _perplexity_device(model, batch, check.heldout)
+            model.to(where)
             check.ppl_merged = round(perplexity(model, check.heldout, batch, on_logits=_keeper(p, check)), 4)
             check.seconds_reference = time.time() - t1
             log(f"[export] merged PyTorch model: perplexity {check.ppl_merged:.4f} on {check.heldout.shape[0]} "
-                f"held-out blocks" + _tuned_note(run.load(), check.blocks))
+                f"held-out blocks ({where.type}, {check.seconds_reference:.1f}s)" + _tuned_note(run.load(), check.blocks))
     finally:
         del model
         gc.collect()  # the model's memory goes back before llama.cpp loads a file
+        _empty_gpu_cache()
     return imatrix
+
+
+def export_device() -> Any:
+    """Where export's PyTorch work runs: the GPU when torch sees one (layer by layer, so any size
+    fits), else the CPU."""
+    import torch
+
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _empty_gpu_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _perplexity_device(model: Any, batch: int, blocks: np.ndarray) -> Any:
+    """The GPU when the whole reference model and a batch's logits fit in its free memory, else the CPU."""
+    import torch
+
+    device = export_device()
+    if device.type != "cuda":
+        return device
+    weights = sum(t.numel() * t.element_size() for t in model.parameters())
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    logits = 3 * 4 * min(batch, len(blocks)) * int(blocks.shape[1]) * vocab  # logits, float copy, softmax
+    free, _ = torch.cuda.mem_get_info()
+    return device if weights + logits + 2**30 < free else torch.device("cpu")
 
 
 def _keeper(p: Plan, check: Verification) -> Callable[[int, np.ndarray], None]:
@@ -635,10 +720,12 @@ def _keeper(p: Plan, check: Verification) -> Callable[[int, np.ndarray], None]:
 def _importance(p: Plan, model: Any, log: Log) -> Any:
     from .imatrix import compute
 
+    device = export_device()
     imatrix = compute(p.model_dir, p.calibration, source="data/train.npy (training blocks, spread evenly)",
-                      model=model)
+                      model=model, device=device, spill_dir=p.work_dir / HESSIAN_DIR)
     log(f"[export] importance matrix from {imatrix.tokens:,} training tokens ({imatrix.blocks} blocks of "
-        f"data/train.npy, {len(imatrix.values)} weights) in {imatrix.seconds:.1f}s")
+        f"data/train.npy, {len(imatrix.values)} weights, H for {len(imatrix.hessians)}) layer by layer on "
+        f"{device.type} in {imatrix.seconds:.1f}s")
     return imatrix
 
 
@@ -668,9 +755,11 @@ def _verify_files(p: Plan, to_verify: list[str], blocks: Optional[np.ndarray], g
     labels = list(to_verify)
     if blocks is not None and "F16" not in p.labels and p.f16.is_file():
         labels.append("F16 (work file)")  # separates conversion error from quantization loss
-    for label in labels:
+    def one(label: str, threads: int) -> dict[str, Any]:
         path = p.f16 if label.startswith("F16") else p.target(label)
-        result = verify_file(path, tokenizer, blocks, texts, prompt, n_ctx, check.reference)
+        return verify_file(path, tokenizer, blocks, texts, prompt, n_ctx, check.reference, threads)
+
+    for label, result in zip(labels, in_parallel(one, labels)):
         if label.startswith("F16"):
             check.ppl_f16 = result["ppl"]
             check.kld_f16 = {k: v for k, v in result.items() if k.startswith("kld") or k == "same_top_pct"} or None
@@ -679,7 +768,8 @@ def _verify_files(p: Plan, to_verify: list[str], blocks: Optional[np.ndarray], g
         kld = kld_text(result)
         log(f"[export] llama.cpp {label}: perplexity {_ppl_text(result['ppl'], check.ppl_merged)}, "
             f"{kld + ', ' if kld else ''}tokenizer "
-            f"{'agrees' if result['tokenizer_ok'] else 'DIFFERS'}, greedy {result['sample']!r}")
+            f"{'agrees' if result['tokenizer_ok'] else 'DIFFERS'}, greedy {result['sample']!r} "
+            f"({result['verify_seconds']:.1f}s)")
         if not result["tokenizer_ok"]:
             _warn(log, f"{label}: llama.cpp tokenizes differently from the HF tokenizer: "
                        f"{'; '.join(result['tokenizer_mismatches'][:2])}", check.warnings)
@@ -712,6 +802,7 @@ def clean_up(p: Plan, log: Log) -> None:
     if p.f16.parent == p.work_dir and p.f16.is_file():
         p.f16.unlink()
     shutil.rmtree(p.work_dir / SOURCE_DIR, ignore_errors=True)
+    shutil.rmtree(p.work_dir / HESSIAN_DIR, ignore_errors=True)
     if p.work_dir.is_dir() and not any(p.work_dir.iterdir()):
         p.work_dir.rmdir()
     for label in set(quants.EXPORTABLE_LABELS) - set(p.labels):
@@ -728,6 +819,7 @@ def remove_work_files(run: RunDir, stem: str) -> None:
                  work_dir / REFERENCE_FILE.format(stem=stem)]:
         path.unlink(missing_ok=True)
     shutil.rmtree(work_dir / SOURCE_DIR, ignore_errors=True)
+    shutil.rmtree(work_dir / HESSIAN_DIR, ignore_errors=True)
     if work_dir.is_dir() and not any(work_dir.iterdir()):
         work_dir.rmdir()
 
@@ -776,6 +868,7 @@ def record(run: RunDir, p: Plan, gguf: dict[str, dict], conversion: Optional[dic
         "seconds_verify": round(times.verify, 2),
         "seconds_imatrix": round(times.imatrix, 2),
         "seconds_reference_model": round(check.seconds_model, 2),
+        "seconds_reference_ppl": round(check.seconds_reference, 2),
         "imatrix": imatrix_info,
         "log": LOG_FILE if (run.path / LOG_FILE).is_file() else None,
         "reused": reused,
