@@ -120,3 +120,13 @@ def hub_error(exc: Exception, doing: str, retry: str, rejected: Optional[str] = 
         return HubError(f"cannot finish {doing}: offline mode is on (HF_HUB_OFFLINE); unset it, {retry}")
     return HubError(f"cannot reach the Hub at {endpoint()} while {doing} ({type(exc).__name__}); "
                     f"check the network connection, {retry}")
+
+
+def user_name(token: Token, doing: str, retry: str) -> str:
+    """The Hub user a token belongs to (``whoami``), or one HubError saying what failed while ``doing``."""
+    from huggingface_hub import HfApi
+
+    try:
+        return HfApi(endpoint=endpoint(), token=token).whoami()["name"]
+    except Exception as exc:
+        raise hub_error(exc, doing, retry, f"the Hub rejected the token; {login_hint(token)}") from None

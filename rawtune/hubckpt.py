@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from .errors import ConfigError, HubError, RawtuneError
-from .hubauth import Token, hub_error, is_repo_id, login_hint, resolve_token, safe_text
+from .hubauth import Token, hub_error, is_repo_id, login_hint, resolve_token, safe_text, user_name
 from .rundir import RunDir, scrub
 
 TAG = "rawtune-checkpoints"
@@ -60,13 +60,8 @@ def repo_for_app(keep: bool, token: Token, run_name: str) -> Optional[str]:
     token are there, else None (nothing is uploaded without the visitor's own token)."""
     if not keep or not isinstance(token, str):
         return None
-    from huggingface_hub import HfApi
-
-    try:
-        user = HfApi(token=token).whoami()["name"]
-    except Exception as exc:
-        raise hub_error(exc, "finding your Hub user name for the checkpoint repo", "try again, or untick "
-                        "\"Keep checkpoints on the Hub\"", f"the Hub rejected the token; {login_hint(token)}") from None
+    user = user_name(token, "finding your Hub user name for the checkpoint repo",
+                     "try again, or untick \"Keep checkpoints on the Hub\"")
     return repo_for(user, run_name)
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from .errors import ConfigError
-from .hubauth import Token, is_repo_id, login_hint
+from .hubauth import Token, is_repo_id, login_hint, user_name
 from .rundir import RunDir
 from .settings import RunSettings, to_dict
 from .space import shared
@@ -129,6 +129,22 @@ def check(settings: RunSettings, token: Token) -> None:
     if space and not isinstance(token, str):
         raise ConfigError(f"--trackio-space {space} needs a Hugging Face token that can create that Space: "
                           f"{login_hint(token)}")
+
+
+APP_SPACE = "rawtune-trackio"  # the app's trackio Space in a signed-in visitor's namespace
+
+
+def space_for_app(wanted: bool, token: Token) -> Optional[str]:
+    """The trackio Space of an app run: ``<user>/rawtune-trackio`` for a visitor with a token of their
+    own, None when not wanted; asked without a token it is refused (nothing would reach the visitor)."""
+    if not wanted:
+        return None
+    if not isinstance(token, str):
+        raise ConfigError(f"logging to trackio from this app needs your own Hugging Face token: {login_hint(token)}, "
+                          "or untick \"Log to trackio\"")
+    user = user_name(token, "finding your Hub user name for the trackio Space",
+                     "try again, or untick \"Log to trackio\"")
+    return f"{user}/{APP_SPACE}"
 
 
 def open_tracker(settings: RunSettings, run: RunDir, token: Token, log: Callable[[str], None]) -> Optional[Tracker]:

@@ -84,3 +84,18 @@ def test_tracking_settings_refused_before_any_stage(values, token, message):
 def test_unknown_tracker_names_the_flag(tmp_path, capsys):
     assert main(["train", "--out", str(tmp_path / "r"), "--dataset", "x.jsonl", "--report-to", "wandb"]) == 1
     assert "--report-to" in capsys.readouterr().err
+
+
+def test_the_app_logs_a_signed_in_visitor_to_a_space_of_their_own(hub_server):
+    """The app's "Log to trackio" box: the visitor's own namespace, named from their token (never the
+    owner's); without a token of their own it is refused in one line; unticked it is off."""
+    from hub_emulator import BOB_TOKEN, WRITE_TOKEN
+
+    from rawtune.track import space_for_app
+
+    assert space_for_app(True, WRITE_TOKEN) == "alice/rawtune-trackio"
+    assert space_for_app(True, BOB_TOKEN) == "bob/rawtune-trackio"
+    assert space_for_app(False, WRITE_TOKEN) is None
+    with pytest.raises(ConfigError) as exc:
+        space_for_app(True, False)
+    assert "needs your own Hugging Face token" in str(exc.value) and "\n" not in str(exc.value)

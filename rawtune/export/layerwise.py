@@ -125,11 +125,11 @@ def collect_layerwise(model: Any, names: dict[str, str], blocks: np.ndarray, dev
     """The importances and H matrices of :func:`rawtune.export.imatrix.collect`, one layer at a time.
 
     ``model`` stays where it was loaded (the CPU); the part in use moves to ``device`` and back.
-    ``full``: GGUF names whose H is recorded (default :func:`rawtune.export.imatrix.layer_hessian_names`:
+    ``full``: GGUF names whose H is recorded (default :func:`rawtune.export.statistics.layer_hessian_names`:
     by layer width, whatever the model's dtype). ``spill_dir``: where H matrices past
     :data:`RAM_BUDGET_BYTES` are memory-mapped (None: all kept in RAM).
     """
-    from .imatrix import _Stats, layer_hessian_names
+    from .statistics import Stats, layer_hessian_names
 
     device = torch.device(device)
     modules = dict(model.named_modules())
@@ -148,7 +148,7 @@ def collect_layerwise(model: Any, names: dict[str, str], blocks: np.ndarray, dev
         grads = _head_grads(model, layers, batches, hidden[-1], device, home)
         for index in reversed(range(len(layers))):
             layer_names = {n: k for n, k in names.items() if n.startswith(f"{prefix}.{index}.")}
-            stats = _Stats({k for k in layer_names.values() if k in full})
+            stats = Stats({k for k in layer_names.values() if k in full})
             grads = _backward(layers[index], modules, layer_names, stats, [c[index] for c in calls],
                               hidden[index], grads, device, home)
             hidden[index] = None

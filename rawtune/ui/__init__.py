@@ -94,7 +94,7 @@ def _wire_data_and_train(session: gr.State, token: Any, data: dict, train: dict)
 
     buttons = [train["start"], train["stop"], train["resume"]]
     outputs = [train["status"], train["plot"], train["log"], train["result"], *buttons]
-    start_form = Form(**load_form, **train["advanced"], keep_on_hub=train["keep_on_hub"])
+    start_form = Form(**load_form, **train["advanced"], keep_on_hub=train["keep_on_hub"], trackio=train["trackio"])
     # Trainings, exports and Compare wait inside their handlers for the GPU line (space.SLOT),
     # where a visitor sees what is ahead; Gradio's queue only caps how many wait at once.
     gpu_queue = dict(concurrency_limit=WAITING_LIMIT, concurrency_id="gpu", show_progress_on=train["status"])

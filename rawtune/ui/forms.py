@@ -211,6 +211,9 @@ def train_tab(default_model: str) -> Components:
                                    label="Keep checkpoints on the Hub (private repo)",
                                    info="needs you signed in; a restart of this app wipes its disk, "
                                         "and a run kept on the Hub can be resumed below")
+    c["trackio"] = gr.Checkbox(False, elem_id="trackio", label="Log to trackio (a private Space in your namespace)",
+                               info="loss, learning rate, held-out loss and tokens/s as it trains, then the "
+                                    "perplexities, in <you>/rawtune-trackio; needs you signed in")
     with gr.Row():
         c["hub_runs"] = gr.Dropdown([], label="your runs kept on the Hub", allow_custom_value=True, scale=3,
                                     elem_id="hub-runs")

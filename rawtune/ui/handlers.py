@@ -20,7 +20,7 @@ from typing import Any, Iterator, Optional
 
 import gradio as gr
 
-from .. import hubckpt, space
+from .. import hubckpt, space, track
 from ..errors import ConfigError
 from ..pipeline import (Estimate, Finished, Log, Phase, Progress, estimate_training, gguf_name, resumable,
                         run_segmented, segment_call_seconds, segment_events, segment_seconds)
@@ -153,6 +153,8 @@ def start_training(session: Optional[sessions.Session], form: dict[str, Any], to
         try:
             settings.checkpoint_repo = hubckpt.repo_for_app(form.get("keep_on_hub"), token,
                                                             time.strftime("%Y%m%d-%H%M%S"))
+            settings.trackio_space = track.space_for_app(bool(form.get("trackio")), token)
+            settings.report_to = "trackio" if settings.trackio_space else settings.report_to
         except BaseException as exc:
             raise friendly(exc) from None
         yield from _train(session, settings, token, progress)
