@@ -40,8 +40,10 @@ def smollm2_shaped(path: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tok_dir = tiny_tokenizer(path / "tok")
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    # A pad token of its own: Unsloth's loader refuses pad == eos on a model whose embedding it cannot
+    # grow (seen on the GPU machine: "Could not find a valid pad token").
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer(path / "tok"))
+    tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                          num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
                          tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=100000.0,

@@ -48,8 +48,11 @@ def scramble(model_dir: Path, seed: int) -> None:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    # Norms that multiply by (1 + w) are centred at 0: those llama.cpp gets with w + 1 written (the
+    # registry's norm offset) and Qwen3.5's, whose family hook writes the + 1 itself.
     offset = registry.family_for_config(model.config.to_dict()).gguf.norm_offset
-    scramble_weights(model, seed, WEIGHT_STD, norm_center=1.0 - offset)
+    zero_centred = offset == 1.0 or model.config.model_type.startswith("qwen3_5")
+    scramble_weights(model, seed, WEIGHT_STD, norm_center=0.0 if zero_centred else 1.0)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("linear_attn.norm.weight"):  # Qwen3.5's gated norm multiplies by w itself

@@ -92,7 +92,7 @@ def test_item8_resume_keeps_stored_settings(tmp_path, capsys, tiny_llama_dir, ti
     config = json.loads((model / "tokenizer_config.json").read_text())
     (model / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 64}))
     assert main(["train", "--out", str(out), "--resume", "--max-steps", "8"]) == 1
-    assert "tokenizer files in" in _one_line_error(capsys)
+    assert "tokenizer files of" in _one_line_error(capsys)
     # The same holds for `rawtune run --config` with resume: true.
     cfg = tmp_path / "resume.yaml"
     cfg.write_text(f"out: {out}\nresume: true\nmax_steps: 8\nmodel: {tiny_qwen2_dir}\n")

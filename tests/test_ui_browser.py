@@ -62,7 +62,7 @@ def test_form_is_generated_from_settings_metadata():
 
     @dataclass
     class Made:
-        rank: int = setting(None, "a rank", "int")
+        rank: int = setting(None, "a rank", "int", bounds="[1, 64]")
         fancy: bool = setting(None, "fancy or not", "bool")
         flavour: str = setting("plain", "the flavour", choices=["plain", "spicy"])
         parts: list = setting(None, "which parts", "list", choices=["a", "b"])

@@ -214,7 +214,9 @@ FAMILY = Family(
                      "mamba": ("in_proj", "out_proj")},
               presets={"standard": ("mamba",), "thorough": ("mamba",)},
               why="Unsloth's notebook: attention + shared MLP (quick); PEFT's Mamba recipes add in_proj/out_proj"),
-    training=Training(fast_loop=False, fast_loop_check=fast_loop_check),
+    training=Training(fast_loop=False, fast_loop_check=fast_loop_check,
+                      unsloth_fails="Unsloth's Granite 4.0-H path stops in a matmul of float32 by bfloat16 weights "
+                                    "(measured on an H100 with unsloth 2026.10.9)"),
     template=Template(),  # each turn closes with EOS, which is a stop already
     refuse=refuse,
     models=(
