@@ -21,8 +21,8 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from ..errors import ExportError
-from .base import Config, Dims, Family, Gguf, KnownModel, Shape, Template, read_shape
-from .hooks import llama3_rope_tensors, swa_pattern
+from .base import Config, Dims, Family, Gguf, KnownModel, Shape, Template
+from .hooks import llama3_rope_tensors, raise_if, refuse_by_check, swa_pattern
 from .olmo3 import LLAMA_CPP
 
 # llama.cpp's exaone4 runs the hybrid (sliding-window) graph for this layer count only.
@@ -60,20 +60,9 @@ def why_not(config: Config) -> Optional[str]:
     return None
 
 
-def refuse(config: Config, vocab: frozenset) -> Optional[str]:
-    """The export check, run before training: a layout llama.cpp would run differently, or None."""
-    try:
-        check(config, read_shape(config))
-    except ExportError as exc:
-        return str(exc)
-    return None
-
-
 def check(config: Config, shape: Shape) -> None:
     """Export: the same layout rule, and one RoPE setting for every layer that rotates."""
-    reason = why_not(config)
-    if reason:
-        raise ExportError(reason)
+    raise_if(why_not(config))
     if shape.rope_dim != shape.head_dim:
         raise ExportError(f"EXAONE 4 with partial rotary embeddings: {LLAMA_CPP}'s exaone4 rotates whole heads")
 
@@ -84,6 +73,9 @@ def hparams(writer: Any, config: Config, shape: Shape) -> None:
     if config.get("sliding_window") is not None and "sliding_attention" in types:
         swa_pattern(writer, config, types)
 
+
+
+refuse = refuse_by_check(check)  # the export check, run before training
 
 FAMILY = Family(
     name="exaone4",

@@ -36,8 +36,8 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from ..errors import ExportError
-from .base import Config, Dims, Family, Gguf, KnownModel, Shape, Template, TensorOut, read_shape, rope_settings
-from .hooks import swa_pattern
+from .base import Config, Dims, Family, Gguf, KnownModel, Shape, Template, TensorOut, rope_settings
+from .hooks import raise_if, refuse_by_check, swa_pattern
 from .olmo3 import LLAMA_CPP
 
 # gguf.MODEL_TENSOR names every Gemma 4 layer has (k/v: not in shared-KV layers; PLE: small models).
@@ -100,20 +100,9 @@ def why_not(config: Config) -> Optional[str]:
     return None
 
 
-def refuse(config: Config, vocab: frozenset) -> Optional[str]:
-    """The export check, run before training (:func:`why_not` and the RoPE llama.cpp cannot express)."""
-    try:
-        check(config, read_shape(config))
-    except ExportError as exc:
-        return str(exc)
-    return None
-
-
 def check(config: Config, shape: Shape) -> None:
     """What llama.cpp's gemma4 graph cannot express."""
-    reason = why_not(config)
-    if reason:
-        raise ExportError(reason)
+    raise_if(why_not(config))
     sliding, full = _rope(config, "sliding_attention"), _rope(config, "full_attention")
     if str(sliding.get("rope_type") or "default") != "default" or float(sliding.get("partial_rotary_factor", 1)) != 1:
         raise ExportError(f"Gemma 4 with scaled or partial RoPE on sliding layers: {LLAMA_CPP} rotates them plainly")
@@ -193,6 +182,9 @@ def required(config: Config, shape: Shape) -> set[str]:
                  for kind in ("PER_LAYER_INP_GATE", "PER_LAYER_PROJ", "PER_LAYER_POST_NORM")}
     return need
 
+
+
+refuse = refuse_by_check(check)  # the export check, run before training
 
 FAMILY = Family(
     name="gemma4",

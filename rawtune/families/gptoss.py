@@ -39,10 +39,9 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from ..errors import ExportError
 from .base import Config, Family, Gguf, KnownModel, Lora, Shape, Template, TensorOut, Training
 from .granitehybrid import llama_cpp_version
-from .hooks import layer_types, swa_pattern
+from .hooks import layer_types, refusals, swa_pattern
 
 LAYER_PREFIX = "model.layers."
 
@@ -59,14 +58,7 @@ def why_not(config: Config) -> Optional[str]:
     return None
 
 
-def refuse(config: Config, vocab: frozenset) -> Optional[str]:
-    return why_not(config)
-
-
-def check(config: Config, shape: Shape) -> None:
-    reason = why_not(config)
-    if reason:
-        raise ExportError(reason)
+refuse, check = refusals(why_not)  # before training, and again at export
 
 
 def hparams(writer: Any, config: Config, shape: Shape) -> None:

@@ -38,6 +38,7 @@ from typing import Any, Optional
 
 from ..errors import ExportError
 from .base import Config, Dims, Family, Gguf, KnownModel, Lora, Shape, Template, TensorOut, Training
+from .hooks import refusals
 
 # transformers 5 renames the checkpoint's layer kinds; both spellings mean the same layer.
 ATTENTION_KINDS = ("attention", "full_attention")
@@ -110,15 +111,7 @@ def why_not(config: Config) -> Optional[str]:
     return None
 
 
-def refuse(config: Config, vocab: frozenset) -> Optional[str]:
-    """Refused before training: what :func:`why_not` finds."""
-    return why_not(config)
-
-
-def check(config: Config, shape: Shape) -> None:
-    reason = why_not(config)
-    if reason:
-        raise ExportError(reason)
+refuse, check = refusals(why_not)  # before training, and again at export
 
 
 def hparams(writer: Any, config: Config, shape: Shape) -> None:

@@ -7,10 +7,10 @@ names; families combine them in their own modules. ``gguf`` and numpy are import
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from ..errors import ExportError
-from .base import Config, Shape, rope_settings
+from .base import Config, Shape, read_shape, rope_settings
 
 
 def no_sliding_window(config: Config, shape: Shape) -> None:
@@ -119,3 +119,33 @@ def longrope_tensors(config: Config, shape: Shape, rope_type: str) -> dict[str, 
                               f"pair ({shape.rope_dim // 2})")
         out[gguf.TENSOR_NAMES[kind] + ".weight"] = factors
     return out
+
+
+def raise_if(reason: Optional[str]) -> None:
+    """Export time: a family's refusal reason (None: nothing to refuse) as one ExportError."""
+    if reason:
+        raise ExportError(reason)
+
+
+def refusals(why_not: Callable[[Config], Optional[str]]) -> tuple[Callable, Callable]:
+    """A family's ``refuse`` (before training) and export ``check`` hooks from one function that
+    names what llama.cpp cannot run (or returns None)."""
+    def refuse(config: Config, vocab: frozenset) -> Optional[str]:
+        return why_not(config)
+
+    def check(config: Config, shape: Shape) -> None:
+        raise_if(why_not(config))
+
+    return refuse, check
+
+
+def refuse_by_check(check: Callable[[Config, Shape], None]) -> Callable[[Config, frozenset], Optional[str]]:
+    """A ``refuse`` hook that runs the family's export ``check`` before training: its message, or None."""
+    def refuse(config: Config, vocab: frozenset) -> Optional[str]:
+        try:
+            check(config, read_shape(config))
+        except ExportError as exc:
+            return str(exc)
+        return None
+
+    return refuse

@@ -28,6 +28,7 @@ from typing import Any, Optional
 
 from ..errors import ExportError
 from .base import Config, Dims, Family, Gguf, KnownModel, Lora, Shape, Template, Training
+from .hooks import refusals
 
 LLAMA_CPP = "llama.cpp of llama-cpp-python 0.3.36"
 # Generic (Llama) projection names -> LFM2's names for the same matrices.
@@ -74,16 +75,7 @@ def why_not(config: Config) -> Optional[str]:
     return None
 
 
-def refuse(config: Config, vocab: frozenset) -> Optional[str]:
-    """Refused before training: what llama.cpp's lfm2 cannot run."""
-    return why_not(config)
-
-
-def check(config: Config, shape: Shape) -> None:
-    """The same facts at export time."""
-    reason = why_not(config)
-    if reason:
-        raise ExportError(reason)
+refuse, check = refusals(why_not)  # before training, and again at export
 
 
 def hparams(writer: Any, config: Config, shape: Shape) -> None:

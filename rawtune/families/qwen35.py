@@ -37,6 +37,7 @@ from typing import Any, Callable, Optional
 
 from ..errors import ExportError
 from .base import Config, Dims, Family, Gguf, KnownModel, Lora, Shape, Template, TextStack, Training, rope_settings
+from .hooks import raise_if, refusals
 
 LLAMA_CPP = "llama.cpp of llama-cpp-python 0.3.36"
 QWEN35_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"
@@ -103,16 +104,12 @@ def _check_sections(config: Config, shape: Shape) -> None:
                               f"position; this checkpoint would run differently there")
 
 
-def refuse(config: Config, vocab: frozenset) -> Optional[str]:
-    """Refused before training: what llama.cpp's qwen35 cannot run."""
-    return why_not(config)
+refuse = refusals(why_not)[0]  # before training: what llama.cpp's qwen35 cannot run
 
 
 def check(config: Config, shape: Shape) -> None:
     """The same facts at export time, and the MRoPE sections."""
-    reason = why_not(config)
-    if reason:
-        raise ExportError(reason)
+    raise_if(why_not(config))
     _check_sections(config, shape)
 
 
