@@ -278,7 +278,10 @@ def test_item4_second_visitors_small_load_not_delayed_by_first_visitors_many_loa
             refused.append(str(exc))
     print(f"Bob's load took {finished[99] - sent:.1f} s; Alice's first load ended {min(loaded) - sent:+.1f} s "
           f"after Bob's was sent; {len(refused)} of hers refused")
-    assert finished[99] < min(loaded), "Bob's small load waited behind Alice's large ones"
+    # On a quiet machine Alice's first loads finish as fast as Bob's (0.7 s each, seen in CI), so the
+    # order of the two is a race; waiting behind her loads (main: Gradio's two workers taken by her six
+    # loads) would put Bob a whole round of loads after her first one, well past this half second.
+    assert finished[99] <= min(loaded) + 0.5, "Bob's small load waited behind Alice's large ones"
     assert len(loaded) == 2 and len(refused) == 4
     assert all("You already have 2 data load(s) running" in m and "\n" not in m for m in refused)
 
