@@ -459,6 +459,9 @@ def test_whole_path_in_browser(page, artifacts, tiny_llama_dir, tiny_corpus, hub
         states = {b: page.locator(f"#{b}").is_enabled() for b in ("start", "stop", "resume")}
         raise AssertionError(f"Stop was not clickable at step 6: status {_text(page, 'train-status')!r}, "
                              f"buttons enabled {states}") from None
+    # Stop answers at once in its own note (not in the status line, where a late answer would hide
+    # the final status), and the status line says Stopped once the step is done.
+    assert "Stopping after the current step" in _wait_text(page, "stop-note", "Stopping", 30)
     status = _wait_text(page, "train-status", "Stopped", 60)
     found = re.search(rf"step (\d+)/{STEPS}", status)
     assert found, f"the stopped status does not say the step: {status!r}"

@@ -93,7 +93,7 @@ def _wire_data_and_train(session: gr.State, token: Any, data: dict, train: dict)
     train["preset"].change(handlers.preset_changed, train["preset"], [train["recipe"], *text_boxes], queue=False)
 
     buttons = [train["start"], train["stop"], train["resume"]]
-    outputs = [train["status"], train["plot"], train["log"], train["result"], *buttons]
+    outputs = [train["status"], train["plot"], train["log"], train["result"], *buttons, train["stop_note"]]
     start_form = Form(**load_form, **train["advanced"], keep_on_hub=train["keep_on_hub"], trackio=train["trackio"])
     # Trainings, exports and Compare wait inside their handlers for the GPU line (space.SLOT),
     # where a visitor sees what is ahead; Gradio's queue only caps how many wait at once.
@@ -102,7 +102,7 @@ def _wire_data_and_train(session: gr.State, token: Any, data: dict, train: dict)
                          **gpu_queue).failure(handlers.training_failed, session, buttons, queue=False)
     train["resume"].click(handlers.resume_training, [session, token], outputs, **gpu_queue,
                           ).failure(handlers.training_failed, session, buttons, queue=False)
-    train["stop"].click(handlers.stop_training, session, train["status"], queue=False)
+    train["stop"].click(handlers.stop_training, session, [train["stop_note"], train["stop"]], queue=False)
     # After a restart: the visitor's runs kept on the Hub, and Resume from one of them.
     train["list_hub_runs"].click(handlers.list_hub_runs, [token], train["hub_runs"])
     train["resume_hub"].click(handlers.resume_from_hub, [session, train["hub_runs"], token], outputs, **gpu_queue,

@@ -220,6 +220,9 @@ def train_tab(default_model: str) -> Components:
         c["list_hub_runs"] = gr.Button("List my runs", scale=1, elem_id="list-hub-runs")
         c["resume_hub"] = gr.Button("Resume from the Hub", scale=1, elem_id="resume-hub")
     c["status"] = gr.Markdown("Load a dataset, pick a model, then start.", elem_id="train-status")
+    # Stop answers here, not in the status line: its answer may arrive after the training's last
+    # frame, and would then hide the final status.
+    c["stop_note"] = gr.Markdown(elem_id="stop-note")
     c["plot"] = gr.LinePlot(x="step", y="loss", color="series", label="loss", height=340,
                             x_title="optimizer step", y_title="loss", elem_id="loss-plot")
     c["result"] = gr.Markdown(elem_id="train-result")

@@ -231,7 +231,8 @@ class TrainView:
             self.progress((self.last["step"], self.last["max_steps"]), desc=f"{phase}: step", unit="steps")
         return (_status(self.last, len(self.history), phase), _plot_frame(self.history) if plot else gr.skip(),
                 "\n".join(self.log), gr.skip() if result is None else result,
-                *_buttons(training, False if training else resumable(self.run)))
+                *_buttons(training, False if training else resumable(self.run)),
+                "" if result == "" else gr.skip())  # a new run clears the last Stop's note
 
     def show(self, event: Any) -> Optional[tuple]:
         """The frame for one run event (None when there is nothing new to show)."""
@@ -365,15 +366,16 @@ def training_failed(session: Optional[sessions.Session], request: gr.Request = N
     return _buttons(False, run is not None and resumable(run))
 
 
-def stop_training(session: Optional[sessions.Session], request: gr.Request = None) -> str:
-    """Ask the running training to stop after the current step (the adapter is kept)."""
+def stop_training(session: Optional[sessions.Session], request: gr.Request = None) -> tuple:
+    """Ask the running training to stop after the current step (the adapter is kept); the note
+    and a disabled Stop say so at once, the status line once the step is done."""
     session = sessions.known(session, request)
     if session is None or session.busy != "training":
-        return "Nothing is training."
+        return "Nothing is training.", gr.skip()
     session.stop.set()
     # The STOP file reaches a training that runs in another process (a ZeroGPU call) as well.
     session.run.stop_file.touch()
-    return "**Stopping after the current step…** (the adapter and a checkpoint are kept)"
+    return "**Stopping after the current step…** (the adapter and a checkpoint are kept)", gr.Button(interactive=False)
 
 
 # ---------------------------------------------------------------- Export & Push tab
