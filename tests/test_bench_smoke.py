@@ -125,3 +125,14 @@ def test_export_speed_tiny(tmp_path):
     assert "verification scores 2 held-out blocks (256 tokens)" in result["scored"]
     assert result["peak_rss_MB"] > 100
     assert "| tiny | cpu |" in proc.stdout
+
+
+def test_changelog_corpus_writes_seed_jsonl(tmp_path):
+    """The unseen corpus helper: N changelogs, each cut to the asked length, in the seed JSONL shape."""
+    if len(list(Path("/usr/share/doc").glob("*/changelog.Debian.gz"))) < 3:
+        pytest.skip("this machine has fewer than 3 Debian changelogs")
+    out = tmp_path / "c.jsonl"
+    printed = run_bench("changelog_corpus.py", str(out), "--files", "3", "--max-chars", "100", tmp_path=tmp_path)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 3 and all(0 < len(r["text"]) <= 100 and r["metadata"]["package"] for r in rows)
+    assert printed.startswith("3 changelogs")

@@ -96,3 +96,55 @@ def test_stop_then_resume_continues_step_count(tmp_path, tiny_llama_dir, tiny_co
     second = run.load()["train"]
     assert second["resumed_from_step"] == 3 and second["steps"] == 6 and not second["stopped_early"]
     assert [e["step"] for e in second["history"] if e["type"] == "step"] == [1, 2, 3, 4, 5, 6]
+
+
+class _UnslothThatRefuses:
+    """Stands in for an installed Unsloth whose loader refuses the model, the way the real one
+    refused a tokenizer whose pad token is its EOS on the GPU machine (it names the folder)."""
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def from_pretrained(self, **kwargs):
+        raise RuntimeError(f"Unsloth: tokenizer at {self.folder} has pad_token = eos_token\nsecond line")
+
+
+def _with_refusing_unsloth(monkeypatch, folder):
+    import sys
+    import types
+
+    module = types.ModuleType("unsloth")
+    module.FastLanguageModel = _UnslothThatRefuses(folder)
+    monkeypatch.setitem(sys.modules, "unsloth", module)
+
+
+def test_auto_falls_back_to_peft_when_unsloth_cannot_load_the_model(monkeypatch, tiny_llama_dir):
+    from peft import PeftModel
+
+    from rawtune.settings import TrainSettings, resolve_preset
+    from rawtune.train import _load_model
+
+    _with_refusing_unsloth(monkeypatch, tiny_llama_dir)
+    lines = []
+    t = resolve_preset(TrainSettings(backend="auto", preset="quick", lora_r=4, train_embeddings=False))
+    model, backend = _load_model("unsloth", t, str(tiny_llama_dir), lines.append)
+    assert backend == "peft" and isinstance(model, PeftModel)
+    out = model(input_ids=torch.tensor([[1, 2, 3]])).logits
+    assert out.shape[:2] == (1, 3) and torch.isfinite(out).all()
+    assert lines == ["[train] Unsloth could not load this model (Unsloth: tokenizer at the model folder has "
+                     "pad_token = eos_token); training with PEFT instead"]
+
+
+def test_backend_unsloth_by_name_gets_one_line_error(monkeypatch, tiny_llama_dir):
+    import pytest
+
+    from rawtune.errors import TrainError
+    from rawtune.settings import TrainSettings
+    from rawtune.train import _load_model
+
+    _with_refusing_unsloth(monkeypatch, tiny_llama_dir)
+    with pytest.raises(TrainError) as caught:
+        _load_model("unsloth", TrainSettings(backend="unsloth"), str(tiny_llama_dir), print)
+    message = str(caught.value)
+    assert "\n" not in message and str(tiny_llama_dir) not in message
+    assert message.startswith("--backend unsloth: Unsloth could not load this model") and "--backend peft" in message

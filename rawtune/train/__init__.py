@@ -54,7 +54,7 @@ def train(settings: RunSettings, run: RunDir, callback: Optional[Callback] = Non
         _quiet_libraries()
     log(f"[train] backend {backend}; LoRA r={t.lora_r} alpha={t.lora_alpha}"
         f"{' rsLoRA' if t.use_rslora else ''}{' + embed_tokens/lm_head' if t.train_embeddings else ''}")
-    model = _load_model(backend, t, local_dir)
+    model, backend = _load_model(backend, t, local_dir, log)
     progress = Progress(t.batch_size * t.grad_accum * t.seq_len, callback, log)
     signal = StopSignal(run, stop, log)
     loop = _loop_for(model, t, resume_from, backend, log, flatten)
@@ -187,10 +187,47 @@ def _resume_point(t: TrainSettings, run: RunDir, log: Callable[[str], None]) -> 
     return resume_from
 
 
-def _load_model(backend: str, t: TrainSettings, local_dir: str) -> Any:
+def _load_model(backend: str, t: TrainSettings, local_dir: str, log: Callable[[str], None]) -> tuple[Any, str]:
+    """The LoRA-wrapped model and the backend that loaded it. Where Unsloth was only picked by
+    ``auto`` and its loader fails on this model (a tokenizer it will not take, a layer it cannot
+    patch), PEFT loads it instead, with one line saying why; ``--backend unsloth`` gets that line
+    as the error."""
     from .hf_loop import load_peft, load_unsloth
 
-    return (load_unsloth if backend == "unsloth" else load_peft)(t, local_dir)
+    if backend != "unsloth":
+        return load_peft(t, local_dir), backend
+    try:
+        return load_unsloth(t, local_dir), backend
+    except (ImportError, RuntimeError, ValueError, TypeError, AttributeError, KeyError, TrainError) as exc:
+        if type(exc).__name__ == "OutOfMemoryError":
+            raise  # PEFT would not fit either; the memory error says what to change
+        why = _first_line(exc).replace(str(local_dir), "the model folder")  # no server paths in the page
+        if t.backend != "auto":
+            raise TrainError(f"--backend unsloth: Unsloth could not load this model ({why}); "
+                             "use --backend peft (or auto, which then falls back to PEFT)") from None
+        log(f"[train] Unsloth could not load this model ({why}); training with PEFT instead")
+    _free_gpu_memory()
+    return load_peft(t, local_dir), "peft"
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an error, cut short, without its type's module path."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:200] + ("…" if len(text) > 200 else "")
+
+
+def _free_gpu_memory() -> None:
+    """Give back what a failed load left on the card before the next loader starts."""
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
 
 
 def _loop_for(model: Any, t: TrainSettings, resume_from: Any, backend: str, log: Callable[[str], None],
