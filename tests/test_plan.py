@@ -224,3 +224,27 @@ def test_capped_plan_reaches_training_through_the_environment(monkeypatch):
     assert gpu.cap_bytes() == 16 * gpu.GIB
     monkeypatch.delenv("RAWTUNE_GPU_MEMORY_GIB")
     assert gpu.cap_bytes() is None
+
+
+def test_planner_counts_experts_and_per_layer_embeddings():
+    """The dense formula saw gpt-oss-20b as 1.8B parameters and planned it onto a T4; the model
+    built on the meta device counts its experts (bf16 in 4-bit too: they are not nn.Linear)."""
+    from transformers import GptOssConfig
+
+    c = GptOssConfig(hidden_size=2880, num_hidden_layers=24, num_local_experts=32, num_experts_per_tok=4,
+                     intermediate_size=2880, vocab_size=201088, num_attention_heads=64, num_key_value_heads=8,
+                     head_dim=64).to_dict()
+    c["architectures"] = ["GptOssForCausalLM"]
+    linear, other = gpu.weight_split(c)
+    assert 20.5e9 < linear + other < 21.3e9  # the model card: 21B
+    assert other > 19e9  # the stacked experts stay bf16
+    t4 = gpu.plan_for_card(_t(), c, "t4")
+    assert t4.micro_batch == 0 and "GiB" in t4.why  # refused on a 16 GB card, saying how much it needs
+    # A known id without a config: the model card's count, not the dense formula's 3.2B.
+    assert abs(gpu.param_count(gpu.known_shape("google/gemma-4-E2B-it")) - families_params("google/gemma-4-E2B-it")) < 1e6
+
+
+def families_params(repo: str) -> float:
+    from rawtune import families
+
+    return next(m.params for m in families.known_models(listed_only=False) if m.repo == repo)

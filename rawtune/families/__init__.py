@@ -132,6 +132,11 @@ def planner_keys() -> list[str]:
     return list(dict.fromkeys(_planner_key(m.repo) for m in known_models(False) if m.dims))
 
 
+# A planner shape carries the model card's parameter count under this key, so the planner can count
+# what its dense formula misses (experts, per-layer embeddings, hybrid layers) for a known id.
+CARD_PARAMS = "rawtune_card_params"
+
+
 def planner_shape(model_id: str) -> dict[str, Any]:
     """config.json fields of a known model id ({} when unknown); the owner and '-Instruct' are ignored."""
     key = _planner_key(model_id)
@@ -141,7 +146,7 @@ def planner_shape(model_id: str) -> dict[str, Any]:
             return {"model_type": family_named(m.family).model_types[0], "hidden_size": d.hidden,
                     "intermediate_size": d.intermediate, "num_hidden_layers": d.layers,
                     "num_attention_heads": d.heads, "num_key_value_heads": d.kv_heads, "vocab_size": d.vocab,
-                    "tie_word_embeddings": d.tied, "hidden_act": "silu"}
+                    "tie_word_embeddings": d.tied, "hidden_act": "silu", CARD_PARAMS: m.params}
     return {}
 
 

@@ -8,6 +8,7 @@ the size where the fast loop was measured faster stay on the Trainer path.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -29,15 +30,61 @@ def dims(c: dict) -> tuple:
     return d, c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"], heads * hd, c.get("num_key_value_heads", heads) * hd
 
 
-def linear_params(c: dict) -> int:
+def dense_linear_params(c: dict) -> int:
+    """The decoder's matrices as if every layer were dense attention plus a gated MLP."""
     d, inter, layers, _, q, kv = dims(c)
     return layers * (d * (q + 2 * kv) + q * d + 3 * d * inter)
 
 
-def param_count(c: dict) -> int:
-    """Parameters of the model (norms and biases left out)."""
+def weight_split(c: dict) -> tuple[int, int]:
+    """(parameters of the decoder's ``nn.Linear`` layers, every other parameter).
+
+    The first part is what 4-bit loading quantizes; the rest (embeddings, per-layer embeddings,
+    stacked expert tensors, convolution and Mamba parameters, norms) stays in bf16. For a real
+    config.json the split is counted on the model built on the meta device, because the dense
+    formula misses mixture-of-experts weights, Gemma 4's per-layer embeddings and the hybrid
+    layers; for a planner shape (no ``architectures``) and for anything transformers cannot build,
+    it is the dense formula, raised to the model card's count where the family gives one."""
+    import json
+
+    if c.get("architectures"):
+        counted = _meta_split(json.dumps(c, sort_keys=True))
+        if counted is not None:
+            return counted
     d, _, _, vocab, _, _ = dims(c)
-    return linear_params(c) + vocab * d * (1 if c.get("tie_word_embeddings") else 2)
+    linear = dense_linear_params(c)
+    other = vocab * d * (1 if c.get("tie_word_embeddings") else 2)
+    from ..families import CARD_PARAMS
+
+    card = c.get(CARD_PARAMS)
+    return linear, max(other, int(card) - linear) if card else other
+
+
+@functools.lru_cache(maxsize=16)
+def _meta_split(config_json: str) -> Optional[tuple[int, int]]:
+    """The split counted on the model built from config.json on the meta device (no memory used);
+    None when transformers cannot build it."""
+    import json
+
+    try:
+        import torch
+        import transformers
+
+        values = json.loads(config_json)
+        config = transformers.AutoConfig.for_model(**values)
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(config)
+    except Exception:  # an architecture this transformers does not know, or a config it rejects
+        return None
+    linear = sum(m.weight.numel() for name, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head"))
+    total = sum(p.numel() for p in model.parameters())  # a tied head is one parameter, counted once
+    return linear, total - linear
+
+
+def param_count(c: dict) -> int:
+    """Parameters of the model (for a planner shape: norms and biases left out)."""
+    return sum(weight_split(c))
 
 
 def zero_gpu() -> bool:

@@ -24,7 +24,7 @@ from typing import Callable, Optional
 from .. import env
 from ..errors import ConfigError
 from ..settings import TrainSettings
-from .engine import compile_allowed, dims, linear_params, param_count, zero_gpu
+from .engine import compile_allowed, dims, param_count, weight_split, zero_gpu
 
 GIB = 2**30
 # Measured on an H200 (docs/benchmarks.md): peak allocated bytes per token of the micro-batch,
@@ -161,15 +161,26 @@ def embedding_state_bytes(t: TrainSettings, c: dict, engine: str) -> int:
 def estimate_trainer_bytes(t: TrainSettings, c: dict, micro: int, checkpointing: bool, four_bit: bool,
                            engine: str) -> int:
     """Predicted peak of the Trainer path (Unsloth or PEFT) at this micro-batch."""
-    d, inter, layers, vocab, _, _ = dims(c)
-    embed = vocab * d * (1 if c.get("tie_word_embeddings") else 2)
-    weights = linear_params(c) * (NF4_BYTES if four_bit else 2) + embed * 2
+    d, _, layers, vocab, _, _ = dims(c)
+    quantizable, other = weight_split(c)
+    weights = quantizable * (NF4_BYTES if four_bit else 2) + other * 2
     states = _lora_params(t, c) * STATE_BYTES + embedding_state_bytes(t, c, engine)
-    layer = ACT_HIDDEN * d + ACT_INTER * inter
+    layer = ACT_HIDDEN * d + ACT_INTER * active_intermediate(c)
     per_token = (layers * 2 * d + layer) if checkpointing else layers * layer
     if engine == "peft":
         per_token += PEFT_LOGIT_BYTES * vocab
     return int(weights + states + micro * t.seq_len * per_token)
+
+
+def active_intermediate(c: dict) -> int:
+    """The MLP width one token passes through: a mixture of experts runs ``num_experts_per_tok``
+    experts (plus a shared expert where the family has one), a dense model its one MLP."""
+    k = c.get("num_experts_per_tok") or c.get("experts_per_token")
+    if not k:
+        return c["intermediate_size"]
+    expert = c.get("moe_intermediate_size") or c["intermediate_size"]
+    shared = c.get("shared_expert_intermediate_size") or c.get("shared_intermediate_size") or 0
+    return int(k) * expert + shared
 
 
 def _divisors(n: int) -> list[int]:
