@@ -248,3 +248,14 @@ def families_params(repo: str) -> float:
     from rawtune import families
 
     return next(m.params for m in families.known_models(listed_only=False) if m.repo == repo)
+
+
+def test_small_effective_batch_is_not_checkpointed_for_nothing():
+    """With an effective batch of 2 (the quick preset) no larger micro-batch exists for checkpointing
+    to buy, so the plan is the fast loop at 2 x 1 without it (it was the Trainer with checkpointing,
+    which also kept RAWTUNE_FP8=1 from running on the GPU machine)."""
+    t = _t("quick", batch_size=2, grad_accum=1)
+    p = gpu.choose(t, SMOL, 80 * gpu.GIB)
+    assert (p.engine, p.micro_batch, p.grad_accum, p.checkpointing) == ("fast loop", 2, 1, "off")
+    peft = gpu.choose(t, SMOL, 80 * gpu.GIB, unsloth=False)
+    assert peft.fast_loop and peft.checkpointing == "off"

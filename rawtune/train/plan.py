@@ -193,11 +193,16 @@ def _divisors(n: int) -> list[int]:
 NO_CHECKPOINTING_MIN_MICRO = 4
 
 
-def speed_rank(engine: str, micro: int, checkpointing: bool) -> tuple:
+def speed_rank(engine: str, micro: int, checkpointing: bool, largest: int = NO_CHECKPOINTING_MIN_MICRO) -> tuple:
     """Sort key of a setting, fastest first, as measured: no checkpointing (down to micro-batch
     :data:`NO_CHECKPOINTING_MIN_MICRO`), then the largest micro-batch (fewest accumulation steps),
-    then the fast loop before the Trainer engines at the same split (1.2x-1.95x Unsloth at 135M)."""
-    tier = 1 if checkpointing else (0 if micro >= NO_CHECKPOINTING_MIN_MICRO else 2)
+    then the fast loop before the Trainer engines at the same split (1.2x-1.95x Unsloth at 135M).
+
+    ``largest``: the largest micro-batch the effective batch allows. A small micro-batch without
+    checkpointing ranks behind checkpointing only where checkpointing buys a larger one; at the
+    same micro-batch, recomputing activations is pure cost (a batch of 2 stays unchecked)."""
+    floor = min(NO_CHECKPOINTING_MIN_MICRO, largest)
+    tier = 1 if checkpointing else (0 if micro >= floor else 2)
     return (tier, -micro, 0 if engine == "fast loop" else 1)
 
 
@@ -230,7 +235,7 @@ def candidates(t: TrainSettings, c: dict, bf16: bool, engine: str, fast_loop: bo
                 for m in sizes if fast_loop]
         full += [Candidate(engine, m, gc, False, emb, estimate_trainer_bytes(t, c, m, gc, False, engine))
                  for m in sizes for gc in ((False, True) if bf16 else (True,))]
-        out += sorted(full, key=lambda k: speed_rank(k.engine, k.micro, k.checkpointing))
+        out += sorted(full, key=lambda k: speed_rank(k.engine, k.micro, k.checkpointing, max(sizes)))
     for embeddings in [emb] + ([False] if emb else []):
         tt = dataclasses.replace(t, train_embeddings=embeddings)
         out += [Candidate(engine, m, True, True, embeddings, estimate_trainer_bytes(tt, c, m, True, True, engine))
