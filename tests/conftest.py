@@ -103,3 +103,34 @@ def trained_run(tmp_path_factory, tiny_llama_dir, tiny_corpus):
     Session-wide, so tests may add stages to it (merge, export) but must not delete what is there.
     """
     return train_tiny(tmp_path_factory.mktemp("runs") / "tiny", tiny_llama_dir, tiny_corpus)
+
+
+# The limits a Space's owner may set; tests that start "as a public Space" clear them, so each runs
+# with the defaults a shared app has.
+SPACE_LIMIT_VARS = ("RAWTUNE_ALLOW_OWNER_TOKEN", "RAWTUNE_ALLOW_SERVER_PATHS", "RAWTUNE_MAX_CHARS",
+                    "RAWTUNE_MAX_UPLOAD_MB", "RAWTUNE_MAX_TRAIN_MINUTES", "RAWTUNE_MAX_TRAIN_STEPS",
+                    "RAWTUNE_MAX_MODEL_GB", "RAWTUNE_SHARED", "RAWTUNE_GPU_SLOTS")
+
+
+@pytest.fixture
+def on_space(tmp_path, monkeypatch):
+    """The app as a public Space sees it: SPACE_ID set, runs under a temporary folder, default limits."""
+    for name in SPACE_LIMIT_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SPACE_ID", "alice/rawtune")
+    monkeypatch.setenv("RAWTUNE_RUNS", str(tmp_path / "runs"))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def owner_token(hub_server, monkeypatch):
+    """The Space owner's write token in HF_TOKEN, used implicitly by the clients (as on a real
+    machine: the test emulator's 'no implicit token' switch is turned back off)."""
+    from huggingface_hub import constants
+
+    from hub_emulator import WRITE_TOKEN
+
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_IMPLICIT_TOKEN", False)
+    monkeypatch.setenv("HF_TOKEN", WRITE_TOKEN)
+    return WRITE_TOKEN

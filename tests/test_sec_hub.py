@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import SPACE_LIMIT_VARS
 from hub_emulator import WRITE_TOKEN, _jsonl, text_rows
 from rawtune import space
 from rawtune.data import read_documents
@@ -30,34 +31,10 @@ from rawtune.settings import DataSettings
 
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
 SECRET = "SERVER-SIDE SECRET that no visitor may ever read from this machine"
-LIMIT_VARS = ("RAWTUNE_ALLOW_OWNER_TOKEN", "RAWTUNE_ALLOW_SERVER_PATHS", "RAWTUNE_MAX_CHARS", "RAWTUNE_MAX_UPLOAD_MB",
-              "RAWTUNE_MAX_TRAIN_MINUTES", "RAWTUNE_MAX_TRAIN_STEPS", "RAWTUNE_MAX_MODEL_GB", "RAWTUNE_SHARED",
-              "RAWTUNE_GPU_SLOTS")
 
 
 def _name(prefix: str) -> str:
     return f"alice/{prefix}-{uuid.uuid4().hex[:8]}"
-
-
-@pytest.fixture
-def shared_app(tmp_path, monkeypatch):
-    """The app as a public Space sees it: SPACE_ID set, runs in a temporary folder, default limits."""
-    for name in LIMIT_VARS:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("SPACE_ID", "alice/rawtune")
-    monkeypatch.setenv("RAWTUNE_RUNS", str(tmp_path / "runs"))
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
-@pytest.fixture
-def owner_token(hub_server, monkeypatch):
-    """The Space owner's write token in HF_TOKEN, as the clients would find it on a real machine."""
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_IMPLICIT_TOKEN", False)
-    monkeypatch.setenv("HF_TOKEN", WRITE_TOKEN)
-    return WRITE_TOKEN
 
 
 # ---------------------------------------------------------------- 1. dataset cards
@@ -133,15 +110,15 @@ def test_item1_card_absolute_path_is_refused(hub_server, canary, secret, streami
 
 
 @pytest.mark.parametrize("pattern", ["{root}/runs/*/uploads/*", "../../**/*.jsonl", "**/../../*", "~/*"])
-def test_item1_card_glob_escaping_the_repo_is_refused(hub_server, canary, secret, shared_app, pattern):
-    _refused(_card_dataset(hub_server, pattern.format(root=shared_app)), canary)
+def test_item1_card_glob_escaping_the_repo_is_refused(hub_server, canary, secret, on_space, pattern):
+    _refused(_card_dataset(hub_server, pattern.format(root=on_space)), canary)
 
 
 def test_item1_card_file_url_is_refused(hub_server, canary, secret):
     _refused(_card_dataset(hub_server, f"file://{secret}"), canary)
 
 
-def test_item1_card_http_url_is_refused_and_canary_gets_nothing(hub_server, canary, shared_app):
+def test_item1_card_http_url_is_refused_and_canary_gets_nothing(hub_server, canary, on_space):
     gr = pytest.importorskip("gradio")
     from rawtune.ui import handlers
     from rawtune.ui import session as sessions
@@ -197,7 +174,7 @@ def _weights_fetched(hub, repo: str, since: int) -> list[str]:
             if method == "GET" and f"/{repo}/resolve/" in path and path.endswith(".safetensors")]
 
 
-def test_item6_model_over_the_size_cap_is_refused_before_download(hub_server, hub_model, shared_app, monkeypatch):
+def test_item6_model_over_the_size_cap_is_refused_before_download(hub_server, hub_model, on_space, monkeypatch):
     from rawtune.ui import session as sessions
 
     assert space.max_model_bytes() == space.shared_default("RAWTUNE_MAX_MODEL_GB") * 10**9  # a shared app has a cap by default
@@ -213,8 +190,8 @@ def test_item6_model_over_the_size_cap_is_refused_before_download(hub_server, hu
     assert source.upstream_id == repo and _weights_fetched(hub_server, repo, before)
 
 
-def test_item6_model_cap_is_off_outside_a_shared_app(monkeypatch):
-    for name in LIMIT_VARS + ("SPACE_ID",):
+def test_item6_model_cap_is_off_outside_a_on_space(monkeypatch):
+    for name in SPACE_LIMIT_VARS + ("SPACE_ID",):
         monkeypatch.delenv(name, raising=False)
     assert space.max_model_bytes() is None
     monkeypatch.setenv("RAWTUNE_MAX_MODEL_GB", "2.5")
@@ -260,7 +237,7 @@ def test_item6_errors_never_show_the_cache_path(hub_server, hub_model):
     assert f"{repo} has no model.safetensors" in shown and cache not in shown and "snapshots" not in shown
 
 
-def test_item6_download_waits_for_the_visitors_gpu_turn(hub_server, hub_model, shared_app, monkeypatch):
+def test_item6_download_waits_for_the_visitors_gpu_turn(hub_server, hub_model, on_space, monkeypatch):
     pytest.importorskip("gradio")
     from rawtune.ui import handlers
     from rawtune.ui import session as sessions
@@ -328,7 +305,7 @@ def test_item8_pushed_adapter_config_names_the_hub_id(hub_server, tmp_path, tiny
 # ---------------------------------------------------------------- 11. the gated check
 
 
-def test_item11_gated_check_does_not_count_the_owners_token(hub_server, owner_token, shared_app):
+def test_item11_gated_check_does_not_count_the_owners_token(hub_server, owner_token, on_space):
     from rawtune.models import check_gated_access
     from rawtune.ui import session as sessions
 
@@ -346,7 +323,7 @@ def test_item11_gated_check_does_not_count_the_owners_token(hub_server, owner_to
 def test_item11_cli_still_counts_the_machines_token(hub_server, owner_token, monkeypatch):
     from rawtune.models import check_gated_access
 
-    for name in LIMIT_VARS + ("SPACE_ID",):
+    for name in SPACE_LIMIT_VARS + ("SPACE_ID",):
         monkeypatch.delenv(name, raising=False)
     check_gated_access("google/gemma-3-270m", None)  # the CLI's user is the machine's owner: HF_TOKEN counts
     monkeypatch.delenv("HF_TOKEN")

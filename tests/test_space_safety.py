@@ -63,29 +63,6 @@ def _load(session, dataset: str = "", upload=None, oauth=None, token_text=None, 
                                     token_text, oauth)
 
 
-@pytest.fixture
-def on_space(tmp_path, monkeypatch):
-    """The app as a public Space sees it: SPACE_ID set, runs under a temporary folder."""
-    for name in ("RAWTUNE_ALLOW_OWNER_TOKEN", "RAWTUNE_ALLOW_SERVER_PATHS", "RAWTUNE_MAX_CHARS",
-                 "RAWTUNE_MAX_UPLOAD_MB", "RAWTUNE_MAX_TRAIN_MINUTES", "RAWTUNE_MAX_TRAIN_STEPS", "RAWTUNE_SHARED"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("SPACE_ID", "alice/rawtune")
-    monkeypatch.setenv("RAWTUNE_RUNS", str(tmp_path / "runs"))
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
-@pytest.fixture
-def owner_token(hub_server, monkeypatch):
-    """The Space owner's write token in HF_TOKEN, used implicitly by the clients (as on a real
-    machine: the test emulator's 'no implicit token' switch is turned back off)."""
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_IMPLICIT_TOKEN", False)
-    monkeypatch.setenv("HF_TOKEN", WRITE_TOKEN)
-    return WRITE_TOKEN
-
-
 # ---------------------------------------------------------------- 1. tokens
 
 

@@ -20,11 +20,11 @@ LoRA targets: the standard attention and MLP projections (the layer has no other
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any
 
 from ..errors import ExportError
-from .base import Config, Dims, Embeddings, Family, Gguf, KnownModel, Shape, Template, read_shape, rope_settings
-from .hooks import layer_types, swa_pattern
+from .base import Config, Dims, Embeddings, Family, Gguf, KnownModel, Shape, Template, rope_settings
+from .hooks import layer_types, refuse_by_check, swa_pattern
 
 # What rawtune runs GGUF files with; named in refusals.
 LLAMA_CPP = "llama.cpp of llama-cpp-python 0.3.36"
@@ -92,13 +92,8 @@ def check(config: Config, shape: Shape) -> None:
         raise ExportError("OLMo 3 config.json has sliding_attention layers but no sliding_window; re-save the model")
 
 
-def refuse(config: Config, vocab: frozenset) -> Optional[str]:
-    """The export check, run before training: a checkpoint olmo2's graph would run differently, or None."""
-    try:
-        check(config, read_shape(config))
-    except ExportError as exc:
-        return str(exc)
-    return None
+# The export check, run before training: a checkpoint olmo2's graph would run differently, or None.
+refuse = refuse_by_check(check)
 
 
 def hparams(writer: Any, config: Config, shape: Shape) -> None:

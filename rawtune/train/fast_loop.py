@@ -41,7 +41,6 @@ and numbers: loading a checkpoint can never run code).
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional

@@ -12,7 +12,6 @@ Files are handed out as per-request copies, never from the runs folder.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import stat
