@@ -9,7 +9,7 @@ Done), that B's page showed its place in line while A held the GPU, the checkpoi
 export table and both Compare answers.
 
 GPU only (``gpu`` marker). On the GPU machine it needs gradio and llama-cpp-python for Python 3.12
-on PYTHONPATH (carried as wheels: see docs/benchmarks.md for the command).
+on PYTHONPATH (carried as packs: docs/benchmarks.md gives the commands, before "Training speed on one GPU").
 """
 
 from __future__ import annotations
