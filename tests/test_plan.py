@@ -259,3 +259,16 @@ def test_small_effective_batch_is_not_checkpointed_for_nothing():
     assert (p.engine, p.micro_batch, p.grad_accum, p.checkpointing) == ("fast loop", 2, 1, "off")
     peft = gpu.choose(t, SMOL, 80 * gpu.GIB, unsloth=False)
     assert peft.fast_loop and peft.checkpointing == "off"
+
+
+def test_config_claiming_huge_counts_is_not_built(monkeypatch):
+    """A Hub config.json that claims a million layers gets the dense formula, fast, not a million
+    Python modules on the meta device (a visitor could otherwise stall the Space)."""
+    from rawtune.train import engine
+
+    c = {**SMOL, "architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 1_000_000}
+    built = engine._meta_split.cache_info().misses
+    linear, _ = gpu.weight_split(c)
+    assert linear == engine.dense_linear_params(c) and engine._meta_split.cache_info().misses == built
+    assert not engine._buildable({**c, "num_hidden_layers": 8, "num_experts": 10_000})
+    assert engine._buildable({**c, "num_hidden_layers": 8})

@@ -47,7 +47,7 @@ def weight_split(c: dict) -> tuple[int, int]:
     it is the dense formula, raised to the model card's count where the family gives one."""
     import json
 
-    if c.get("architectures"):
+    if c.get("architectures") and _buildable(c):
         counted = _meta_split(json.dumps(c, sort_keys=True))
         if counted is not None:
             return counted
@@ -58,6 +58,21 @@ def weight_split(c: dict) -> tuple[int, int]:
 
     card = c.get(CARD_PARAMS)
     return linear, max(other, int(card) - linear) if card else other
+
+
+# Building a model on the meta device costs no tensor memory, but each layer and expert is a Python
+# module: a config.json from the Hub that claims a million layers or experts must not get that far.
+MAX_META_MODULES = 50_000
+
+
+def _buildable(c: dict) -> bool:
+    """Whether the meta-device count may run for this config (layers x experts within bounds)."""
+    try:
+        layers = int(c.get("num_hidden_layers") or 0)
+        experts = max(int(c.get(k) or 0) for k in ("num_local_experts", "num_experts", "n_routed_experts"))
+    except (TypeError, ValueError):
+        return False
+    return 0 < layers and layers * max(1, experts) <= MAX_META_MODULES
 
 
 @functools.lru_cache(maxsize=16)
