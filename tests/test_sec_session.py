@@ -291,6 +291,57 @@ def test_item4_second_visitors_small_load_not_delayed_by_first_visitors_many_loa
     assert all("You already have 2 data load(s) running" in m and "\n" not in m for m in refused)
 
 
+def test_item4_second_visitors_load_runs_while_first_visitors_loads_are_held(app, tmp_path, tiny_corpus,
+                                                                            tiny_llama_dir, monkeypatch):
+    """The deterministic form of the test above: Alice's loads are held inside the data stage (the
+    test keeps them there), so nothing but the app's own scheduling decides whether Bob's small
+    load, sent after her six, comes back. It must come back while hers are still held; her loads
+    beyond two are refused at once; hers finish once released. (Before issue 25, Gradio's two
+    workers were both taken by her held loads and Bob's waited behind them.)"""
+    import threading
+
+    import rawtune.data
+
+    held = _big_corpus(tmp_path / "held.jsonl", 200)
+    release, entered, lock = threading.Event(), [], threading.Lock()
+    real_preview = rawtune.data.preview
+
+    def preview(settings, *args, **kwargs):
+        if str(settings.dataset).endswith("held.jsonl"):
+            with lock:
+                entered.append(time.time())
+            assert release.wait(120), "the test never released Alice's loads"
+        return real_preview(settings, *args, **kwargs)
+
+    monkeypatch.setattr(rawtune.data, "preview", preview)
+    alice = [_client(app, ALICE) for _ in range(6)]
+    bob = _client(app, BOB)
+    endpoint = _load_endpoint(bob)
+
+    def send(client, dataset: Path):
+        return client.submit("", *data_form(str(dataset), model=str(tiny_llama_dir), min_chars=0).values(),
+                             api_name=endpoint)
+
+    try:
+        jobs = [send(client, held) for client in alice]
+        _wait_for(lambda: len(entered) >= 2, 60, "two of Alice's loads to reach the data stage")
+        _wait_for(lambda: sum(j.done() for j in jobs) >= 4, 60, "Alice's loads beyond two to be refused")
+        bob_summary = send(bob, tiny_corpus).result(timeout=120)[0]
+        assert "120" in bob_summary and not release.is_set()
+        assert sum(not j.done() for j in jobs) == 2, "Alice's two held loads ended before they were released"
+    finally:
+        release.set()
+    results = []
+    for job in jobs:
+        try:
+            results.append(job.result(timeout=120)[0])
+        except gradio_client.exceptions.AppError as exc:
+            results.append(str(exc))
+    assert sum("You already have 2 data load(s) running" in r for r in results) == 4
+    assert sum("200" in r and "You already" not in r for r in results) == 2
+    assert len(entered) == 2
+
+
 def _wait_for(condition, timeout_s: float, what: str) -> None:
     deadline = time.time() + timeout_s
     while not condition():
