@@ -43,11 +43,20 @@ def plain_statistic(model_dir: Path, blocks: np.ndarray) -> dict:
     """llama.cpp's statistic: the mean of x² per input column, forward passes only."""
     import torch
 
-    from rawtune.export import imatrix
-    from rawtune.export.gguf_writer import read_json
     from rawtune.models import load_causal_lm
 
     model = load_causal_lm(model_dir, device="cpu", dtype=torch.float32).eval()
+    return plain_statistic_of(model, model_dir, blocks)
+
+
+def plain_statistic_of(model, model_dir: Path, blocks: np.ndarray) -> dict:
+    """:func:`plain_statistic` of a model already loaded (``model_dir`` gives its config.json);
+    float64 sums, returned as float64 arrays keyed by GGUF tensor name."""
+    import torch
+
+    from rawtune.export import imatrix
+    from rawtune.export.gguf_writer import read_json
+
     names = imatrix._gguf_names(model, read_json(model_dir / "config.json"))
     modules, sums = dict(model.named_modules()), {}
 

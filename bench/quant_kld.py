@@ -40,6 +40,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))  # imatrix_variants, also when this file is imported by path
 
 ALL = ["iq4_xs", "q4_k_m", "q5_k_m", "q6_k", "q8_0", "f16"]
 GENERIC_BLOCKS = 16
@@ -80,28 +81,11 @@ def generic_blocks(path: Path, tokenizer: Any, seq_len: int) -> np.ndarray:
 
 
 def plain_statistic(model: Any, model_dir: Path, blocks: np.ndarray) -> dict[str, np.ndarray]:
-    """llama.cpp's imatrix statistic: the mean of x² per input column of every block linear."""
-    import torch
+    """llama.cpp's imatrix statistic: the mean of x² per input column of every block linear
+    (bench/imatrix_variants.py's pass, in float32 as a matrix file holds it)."""
+    from imatrix_variants import plain_statistic_of
 
-    from rawtune.export import imatrix
-    from rawtune.export.gguf_writer import read_json
-
-    names = imatrix._gguf_names(model, read_json(model_dir / "config.json"))
-    modules, sums = dict(model.named_modules()), {}
-
-    def hook(key: str):
-        def forward(module, inputs, output):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
-            sums[key] = sums.get(key, 0) + x.square().sum(0)
-        return forward
-
-    handles = [modules[m].register_forward_hook(hook(k)) for m, k in names.items()]
-    with torch.no_grad():
-        for block in blocks:
-            model(input_ids=torch.as_tensor(block[None]))
-    for handle in handles:
-        handle.remove()
-    return {k: (v / blocks.size).float().numpy() for k, v in sums.items()}
+    return {k: v.astype(np.float32) for k, v in plain_statistic_of(model, model_dir, blocks).items()}
 
 
 def score(path: Path, held: np.ndarray, store: Any) -> dict[str, Any]:

@@ -3,8 +3,8 @@
 Every other module asks this table instead of keeping its own list: the spelling in file names,
 run.json and the UI (``label``), the ``--quant`` value (``key``), the ``llama_ftype`` llama.cpp's
 quantizer takes, the perplexity increase over the merged model above which a file is reported
-as a conversion bug, whether an importance matrix changes the file and whether the type is only
-made with one (IQ4_XS: without a matrix it has no edge over Q4_K_M). ``exportable`` types are
+as a conversion bug, whether the training text's statistics change the file (an importance
+matrix, or error compensation with H matrices) and whether the type is only made with one (IQ4_XS: without a matrix it has no edge over Q4_K_M). ``exportable`` types are
 the ones ``rawtune export`` writes; the others are only recognised in file names (model cards of
 repos that hold files rawtune did not make).
 """
@@ -23,7 +23,7 @@ class Quant:
     label: str  # as in file names, run.json and the UI: Q4_K_M
     ftype: Optional[int]  # llama.cpp's llama_ftype (llama.h); None: written by rawtune's own writer
     bound_pct: Optional[float]  # perplexity increase over the merged model that counts as a bug
-    imatrix: bool  # an importance matrix changes the result (k-quants; Q8_0 and floats ignore it)
+    imatrix: bool  # the training text's statistics change the file (importance, or H's error compensation)
     exportable: bool  # `rawtune export --quant` can write it
     needs_imatrix: bool = False  # export refuses it without an importance matrix
 
@@ -42,7 +42,9 @@ TABLE: tuple[Quant, ...] = (
     Quant("Q4_K_M", 15, 8.0, True, True),
     Quant("Q5_K_M", 17, 4.0, True, True),
     Quant("Q6_K", 18, 2.0, True, True),
-    Quant("Q8_0", 7, 1.0, False, True),
+    # Q8_0's rounding ignores an importance matrix, but error compensation with H changes it: on the
+    # quick start its mean KLD went from 0.00449 to 0.00351 at the same size (docs/benchmarks.md).
+    Quant("Q8_0", 7, 1.0, True, True),
     Quant("F16", None, 0.5, False, True),
     Quant("BF16", None, None, False, False),
     Quant("F32", None, None, False, False),

@@ -82,7 +82,10 @@ def test_imatrix_entries_match_tensors_and_change_only_k_quant_bytes(wide_f16, t
               for name, cols in shapes.items() if name.startswith("blk.") and not name.endswith("norm.weight")}
     matrix = imatrix.Imatrix(values, blocks=1, tokens=1, source="random")
     weighted = tmp_path / "weighted.gguf"
-    assert imatrix.quantize_file(wide_f16, reference, weighted, matrix) == (len(values), 0)
+    kinds = {t.name: t.tensor_type.name for t in GGUFReader(str(reference)).tensors}
+    rewritten = [n for n in values if kinds[n] != "Q8_0"]  # Q8_0 ignores an importance without H
+    assert 0 < len(rewritten) < len(values)  # the wide model's Q6_K fallbacks are Q8_0
+    assert imatrix.quantize_file(wide_f16, reference, weighted, matrix) == (len(rewritten), 0)
     after = {t.name: bytes(t.data) for t in GGUFReader(str(weighted)).tensors}
     before = {t.name: bytes(t.data) for t in GGUFReader(str(reference)).tensors}
     changed = {name for name in before if after[name] != before[name]}
@@ -90,7 +93,7 @@ def test_imatrix_entries_match_tensors_and_change_only_k_quant_bytes(wide_f16, t
     assert steps.tensor_types(weighted) == steps.tensor_types(reference)  # llama.cpp's types kept
 
 
-@pytest.mark.parametrize("type_name", ["Q4_K", "Q5_0", "Q6_K", "Q5_K", "Q5_1", "IQ4_XS", "IQ4_NL"])
+@pytest.mark.parametrize("type_name", ["Q4_K", "Q5_0", "Q6_K", "Q5_K", "Q5_1", "IQ4_XS", "IQ4_NL", "Q8_0"])
 def test_error_compensation_lowers_the_layer_output_error(type_name):
     """On inputs like a layer's (a few strong directions plus noise, unevenly scaled columns), moving
     each group's rounding error onto the later columns gives a smaller error in the layer's output
@@ -364,10 +367,16 @@ def test_card_and_record_say_where_the_calibration_tokens_came_from(wide_trained
     record = run.load()
     seq_len = np.load(run.data_dir / "train.npy").shape[1]
     assert record["export"]["imatrix"]["tokens"] == 8 * seq_len and record["export"]["imatrix"]["blocks"] == 8
-    assert record["gguf"]["Q4_K_M"]["imatrix_tokens"] == 8 * seq_len and record["gguf"]["Q8_0"]["imatrix_tokens"] == 0
+    assert record["gguf"]["Q4_K_M"]["imatrix_tokens"] == 8 * seq_len
     card = render(record, "alice/card", [record["gguf"][q]["file"] for q in ("Q4_K_M", "Q8_0")])
-    assert f"Q4_K_M was quantized with an importance matrix computed from {8 * seq_len:,} tokens of the training text" in card
-    assert "Q8_0 was quantized with an importance matrix" not in card
+    # Q8_0 gets error compensation only, kept where it scores better than llama.cpp's file.
+    q8 = record["gguf"]["Q8_0"]
+    if q8["imatrix_check"]["kept"] == "importance matrix":
+        assert q8["imatrix_tokens"] == 8 * seq_len and q8["compensated_tensors"] > 0
+        assert f"Q4_K_M, Q8_0 were quantized with an importance matrix computed from {8 * seq_len:,} tokens" in card
+    else:
+        assert q8["imatrix_tokens"] == 0 and "Q8_0 is llama.cpp's plain quantization" in card
+        assert f"Q4_K_M was quantized with an importance matrix computed from {8 * seq_len:,} tokens" in card
     assert record["gguf"]["Q4_K_M"]["compensated_tensors"] > 0 and "each group's error compensated" in card
     blocks = record["export"]["ppl_blocks"]
     assert f"never trained on ({blocks[0] * blocks[1]:,} tokens)" in card
@@ -436,3 +445,26 @@ def test_layer_by_layer_pass_is_bit_identical_in_every_family(family, tmp_path):
         assert np.array_equal(new_values[key], old_values[key]), key
     for key in old_h:
         assert np.array_equal(new_h[key], old_h[key]), key
+
+
+def test_q8_0_is_rewritten_only_where_an_h_matrix_compensates(wide_f16, tmp_path):
+    """Q8_0's rounding ignores the importance: a matrix without H leaves llama.cpp's Q8_0 file as it
+    is (nothing rewritten), one with H rewrites and compensates every tensor that has it."""
+    from gguf import GGUFReader
+
+    plain = tmp_path / "plain.Q8_0.gguf"
+    steps.quantize(wide_f16, plain, "Q8_0", tmp_path / "export.log")
+    tensors = {t.name: t for t in GGUFReader(str(wide_f16)).tensors if t.name.endswith("attn_q.weight")}
+    rng = np.random.default_rng(1)
+    values = {name: rng.uniform(0.5, 2.0, int(t.shape[0])).astype(np.float32) for name, t in tensors.items()}
+    importance_only = imatrix.Imatrix(values, 4, 256, "test")
+    assert imatrix.quantize_file(wide_f16, plain, tmp_path / "same.gguf", importance_only) == (0, 0)
+    assert (tmp_path / "same.gguf").read_bytes() == plain.read_bytes()
+    hessians = {}
+    for name, t in tensors.items():
+        x = rng.normal(size=(512, int(t.shape[0]))) * values[name]
+        hessians[name] = (x.T @ x / 512).astype(np.float32)
+    with_h = imatrix.Imatrix(values, 4, 256, "test", hessians=hessians)
+    assert imatrix.quantize_file(wide_f16, plain, tmp_path / "comp.gguf", with_h) == (len(tensors), len(tensors))
+    assert (tmp_path / "comp.gguf").read_bytes() != plain.read_bytes()
+    assert steps.tensor_types(tmp_path / "comp.gguf") == steps.tensor_types(plain)

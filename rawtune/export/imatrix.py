@@ -50,6 +50,8 @@ from ..errors import ExportError
 
 # Types stored as plain floats: llama.cpp copied them, there is nothing to re-quantize.
 FLOAT_TYPES = {"F32", "F16", "BF16", "F64"}
+# Types whose ggml rounding ignores the importance: only error compensation (an H matrix) changes them.
+IMPORTANCE_IGNORED = {"Q8_0"}
 
 
 @dataclass
@@ -294,7 +296,8 @@ def requantize(f16_path: Path, quantized: Path, imatrix: Optional[Imatrix], thre
                for t in GGUFReader(str(quantized)).tensors]
     values = imatrix.values if imatrix else {}
     hessians = imatrix.hessians if imatrix else {}
-    todo = [t for t in targets if t[2] not in FLOAT_TYPES and not (only_weighted and t[0] not in values)]
+    todo = [t for t in targets if t[2] not in FLOAT_TYPES and not (only_weighted and t[0] not in values)
+            and not (only_weighted and t[2] in IMPORTANCE_IGNORED and t[0] not in hessians)]
 
     def make(target: tuple) -> tuple[bytes, bool]:
         name, ggml_type = target[0], target[1]

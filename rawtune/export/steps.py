@@ -346,7 +346,8 @@ def _quantize_one(f16: Path, target: Path, label: str, imatrix: Any, p: Plan,
             count, entry["compensated_tensors"] = imatrix_mod.quantize_file(f16, out, target, imatrix, cpu_threads(),
                                                                             device=gpu)
             entry["seconds_requantize"] = round(time.time() - t0, 2)
-            entry["imatrix_check"] = keep_better(out, target, p.check_blocks)
+            # Nothing rewritten (Q8_0 without H matrices): the two files are the same; skip the scoring.
+            entry["imatrix_check"] = keep_better(out, target, p.check_blocks if count else None, same=not count)
         finally:
             out.unlink(missing_ok=True)
         entry["seconds_weighting"] = round(time.time() - t0, 2)
@@ -365,7 +366,7 @@ def _quantize_one(f16: Path, target: Path, label: str, imatrix: Any, p: Plan,
 CHECK_BLOCKS = 8
 
 
-def keep_better(plain: Path, weighted: Path, blocks: Optional[np.ndarray]) -> dict[str, Any]:
+def keep_better(plain: Path, weighted: Path, blocks: Optional[np.ndarray], same: bool = False) -> dict[str, Any]:
     """Keep at ``weighted`` whichever of the two files has the lower perplexity on ``blocks``.
 
     The importance matrix lowered held-out perplexity on some corpora and raised it on others
@@ -373,6 +374,9 @@ def keep_better(plain: Path, weighted: Path, blocks: Optional[np.ndarray]) -> di
     matrix was not computed from pointed the same way as the held-out ones in both cases. The held-out
     blocks themselves stay out of the choice, so the perplexities export reports are not selected on.
     """
+    if same:
+        os.replace(plain, weighted)
+        return {"kept": "plain", "blocks": 0}
     if blocks is None:
         return {"kept": "importance matrix", "blocks": 0}
     def score(path: Path, threads: int) -> float:
