@@ -269,8 +269,11 @@ def quantize_tensor(lib: ctypes.CDLL, values: np.ndarray, ggml_type: int,
                                        first * cols, n, cols, w_ptr)
 
     starts = list(range(0, rows, step))
-    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(starts)))) as pool:
-        written = sum(pool.map(run, starts))  # ctypes drops the GIL during each call
+    if len(starts) == 1:  # one chunk (the compensation's per-group calls): no pool to start
+        written = run(0)
+    else:
+        with ThreadPoolExecutor(max_workers=min(threads, len(starts))) as pool:
+            written = sum(pool.map(run, starts))  # ctypes drops the GIL during each call
     if written != out.size:
         raise ExportError(f"ggml wrote {written} bytes for a tensor of {out.size}; export with --imatrix-blocks 0")
     return out.tobytes()
