@@ -136,3 +136,14 @@ def test_changelog_corpus_writes_seed_jsonl(tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 3 and all(0 < len(r["text"]) <= 100 and r["metadata"]["package"] for r in rows)
     assert printed.startswith("3 changelogs")
+
+
+def test_q8_variants(tmp_path):
+    """bench/q8_variants.py --tiny: four Q8_0 files scored against the merged model; the
+    compensated file is the plain one's size, the F16-embedding ones are larger."""
+    out = run_bench("q8_variants.py", "--tiny", "--work", str(tmp_path / "w"), tmp_path=tmp_path)
+    rows = {m.group(1): (float(m.group(2)), float(m.group(3)), float(m.group(4)))
+            for m in re.finditer(r"^\| ([\w +-]+) \| ([\d.]+) MB \| ([\d.]+) \| ([\d.]+) \|", out, re.M)}
+    assert set(rows) == {"plain", "embd-f16", "compensated", "compensated + embd-f16"}, out[-2000:]
+    assert rows["compensated"][0] == rows["plain"][0] < rows["embd-f16"][0] == rows["compensated + embd-f16"][0]
+    assert all(math.isfinite(ppl) and ppl > 1 and kld >= 0 for _, ppl, kld in rows.values())
