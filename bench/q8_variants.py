@@ -60,16 +60,17 @@ def reference(run: Any, held: np.ndarray, work: Path) -> tuple[Any, Any, float]:
 
 
 def q8_with_f16_embeddings(f16: Path, dst: Path) -> None:
-    """llama.cpp's Q8_0 with token_embd and output in F16."""
+    """llama.cpp's Q8_0 with token_embd and output in F16 (llama.cpp's log to quantize.log beside it)."""
     from rawtune import quants
-    from rawtune.export.llama import llama_cpp
-    from rawtune.export.steps import cpu_threads
+    from rawtune.export.llama import cpu_threads, llama_cpp, llama_log
 
     cpp = llama_cpp()
     params = cpp.llama_model_quantize_default_params()
     params.ftype, params.nthread = quants.get("Q8_0").ftype, cpu_threads()
     params.token_embedding_type = params.output_tensor_type = GGML_F16
-    if cpp.llama_model_quantize(str(f16).encode(), str(dst).encode(), params) != 0:
+    with llama_log(dst.parent / "quantize.log", f"llama_model_quantize {f16.name} -> {dst.name}"):
+        rc = cpp.llama_model_quantize(str(f16).encode(), str(dst).encode(), params)
+    if rc != 0:
         raise SystemExit(f"llama.cpp could not quantize {f16.name}")
 
 
@@ -95,7 +96,7 @@ def measure(run_path: Path, work: Path) -> dict[str, Any]:
     del model
     files = {"plain": work / "plain.Q8_0.gguf", "embd-f16": work / "embd-f16.Q8_0.gguf",
              "compensated": work / "compensated.Q8_0.gguf", "compensated + embd-f16": work / "both.Q8_0.gguf"}
-    steps.quantize(f16, files["plain"], "Q8_0")
+    steps.quantize(f16, files["plain"], "Q8_0", work / "quantize.log")
     q8_with_f16_embeddings(f16, files["embd-f16"])
     threads = steps.cpu_threads()
     imatrix.quantize_file(f16, files["plain"], files["compensated"], matrix, threads)
