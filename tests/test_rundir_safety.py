@@ -241,7 +241,14 @@ def test_item12_export_reads_a_truncated_gguf_with_a_clear_error(tmp_path):
         tensor_types(cut)
 
 
-@pytest.mark.parametrize("full", ["F16", "Q8_0"])
+# Which file is written to a full disk: rawtune's F16 writer, llama.cpp's quantizer (its plain Q8_0
+# goes to the work folder first, since Q8_0 is then re-rounded with error compensation), and the
+# compensated file beside the others.
+FULL_FILES = {"F16": "gguf_work/r.F16.gguf.partial", "Q8_0": "gguf_work/r.Q8_0.default.gguf.partial",
+              "compensated Q8_0": "gguf/r.Q8_0.gguf.partial"}
+
+
+@pytest.mark.parametrize("full", list(FULL_FILES))
 def test_item12_disk_full_while_exporting_is_one_line_and_leaves_no_work_file(full, tmp_path, capsys,
                                                                                tiny_llama_dir, tiny_corpus):
     from conftest import train_tiny
@@ -250,15 +257,16 @@ def test_item12_disk_full_while_exporting_is_one_line_and_leaves_no_work_file(fu
     work = run.path / "gguf_work"
     work.mkdir()
     # The file being written is a link to /dev/full: every real write() to it fails with ENOSPC, as on
-    # a full disk. F16: rawtune's own writer fails; Q8_0: llama.cpp's quantizer fails after the F16 work
-    # file was written in full, and that work file must go too.
-    partial = (work / "r.F16.gguf.partial") if full == "F16" else (run.gguf_dir / "r.Q8_0.gguf.partial")
+    # a full disk. The F16 work file, written in full before the later failures, must go too.
+    partial = run.path / FULL_FILES[full]
     partial.parent.mkdir(exist_ok=True)
     partial.symlink_to("/dev/full")
     assert main(["export", str(run.path), "--quant", "q8_0"]) == 1
     err = _one_line_error(capsys)
-    assert ("No space left on device" in err and "free disk space" in err) if full == "F16" else \
-        "could not quantize r.F16.gguf to Q8_0" in err
+    if full == "Q8_0":
+        assert "could not quantize r.F16.gguf to Q8_0" in err, err
+    else:
+        assert "No space left on device" in err and "free disk space" in err, err
     assert not work.exists() or not list(work.iterdir())
     assert not list(run.gguf_dir.glob("*.partial")) and not list(run.gguf_dir.glob("*.gguf"))
 
