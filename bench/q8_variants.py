@@ -41,21 +41,12 @@ GGML_F16 = 1  # ggml_type of F16
 def reference(run: Any, held: np.ndarray, work: Path) -> tuple[Any, Any, float]:
     """The merged model (fp32, CPU), its logits on ``held`` stored for KLD, and its perplexity."""
     import torch
+    from quant_kld import reference_store
 
-    from rawtune.evaluate import perplexity
-    from rawtune.export import kld
     from rawtune.models import load_tuned
 
     model = load_tuned(run, device="cpu", dtype=torch.float32, merge=True)
-    store = None
-
-    def keep(first: int, logits: np.ndarray) -> None:
-        nonlocal store
-        if store is None:
-            store = kld.ReferenceStore(work / "reference.npy", len(held), held.shape[1], logits.shape[-1])
-        store.add(first, logits)
-
-    ppl = perplexity(model, held, 4, on_logits=keep)
+    store, ppl = reference_store(model, held, work)
     return model, store, ppl
 
 
