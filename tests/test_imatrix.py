@@ -468,3 +468,19 @@ def test_q8_0_is_rewritten_only_where_an_h_matrix_compensates(wide_f16, tmp_path
     assert imatrix.quantize_file(wide_f16, plain, tmp_path / "comp.gguf", with_h) == (len(tensors), len(tensors))
     assert (tmp_path / "comp.gguf").read_bytes() != plain.read_bytes()
     assert steps.tensor_types(tmp_path / "comp.gguf") == steps.tensor_types(plain)
+
+
+def test_check_compares_kl_divergence_to_the_merged_model(wide_trained_run):
+    """The keep-or-plain check scores both files of a type against the merged model's own
+    log-probabilities on the check blocks and keeps the one with the lower mean KL divergence."""
+    run = wide_trained_run
+    lines: list[str] = []
+    export_run(run, ExportSettings(quant=["q4_k_m", "q8_0"], imatrix_blocks=16, name="kldchk"), log=lines.append)
+    gguf = run.load()["gguf"]
+    for label in ("Q4_K_M", "Q8_0"):
+        check = gguf[label]["imatrix_check"]
+        assert check["blocks"] > 0 and check["kld_plain"] > 0 and check["kld_weighted"] > 0, (label, check)
+        assert (check["kept"] == "importance matrix") == (check["kld_weighted"] < check["kld_plain"]), check
+    assert sum("for the keep-or-plain check" in line for line in lines) == 1
+    assert sum("KL divergence to the merged model" in line for line in lines) == 2
+    assert not list(run.path.rglob("*check-logprobs*"))  # the stored log-probabilities are gone
