@@ -41,12 +41,12 @@ GGML_F16 = 1  # ggml_type of F16
 def reference(run: Any, held: np.ndarray, work: Path) -> tuple[Any, Any, float]:
     """The merged model (fp32, CPU), its logits on ``held`` stored for KLD, and its perplexity."""
     import torch
-    from quant_kld import reference_store
 
+    from rawtune.export.kld import store_reference
     from rawtune.models import load_tuned
 
     model = load_tuned(run, device="cpu", dtype=torch.float32, merge=True)
-    store, ppl = reference_store(model, held, work)
+    store, ppl = store_reference(model, held, work / "reference.npy", 4)
     return model, store, ppl
 
 

@@ -88,24 +88,6 @@ def plain_statistic(model: Any, model_dir: Path, blocks: np.ndarray) -> dict[str
     return {k: v.astype(np.float32) for k, v in plain_statistic_of(model, model_dir, blocks).items()}
 
 
-def reference_store(model: Any, held: np.ndarray, work: Path) -> tuple[Any, float]:
-    """The merged model's log-probabilities on ``held`` (stored in ``work`` for every file's KLD)
-    and its perplexity there."""
-    from rawtune.evaluate import perplexity
-    from rawtune.export import kld
-
-    store = None
-
-    def keep(first: int, logits: np.ndarray) -> None:
-        nonlocal store
-        if store is None:
-            store = kld.ReferenceStore(work / "reference.npy", len(held), held.shape[1], logits.shape[-1])
-        store.add(first, logits)
-
-    ppl = perplexity(model, held, 4, on_logits=keep)
-    return store, ppl
-
-
 def score(path: Path, held: np.ndarray, store: Any) -> dict[str, Any]:
     from rawtune.export import kld, steps
     from rawtune.export.llama import load_llama
@@ -148,7 +130,7 @@ def measure(run_path: Path, generic: Path, work: Path, labels: list[str]) -> dic
     from transformers import AutoTokenizer
 
     from rawtune.evaluate import scoring_blocks
-    from rawtune.export import export_run, imatrix, steps
+    from rawtune.export import export_run, imatrix, kld, steps
     from rawtune.models import base_and_adapter, load_tuned
     from rawtune.rundir import RunDir
     from rawtune.settings import ExportSettings
@@ -170,7 +152,7 @@ def measure(run_path: Path, generic: Path, work: Path, labels: list[str]) -> dic
     base_dir, _ = base_and_adapter(run)
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
     model = load_tuned(run, device="cpu", dtype=torch.float32, merge=True)
-    store, ppl_merged = reference_store(model, held, work)
+    store, ppl_merged = kld.store_reference(model, held, work / "reference.npy", 4)
     stat = plain_statistic(model, base_dir, generic_blocks(generic, tokenizer, int(held.shape[1])))
     del model
     gc.collect()

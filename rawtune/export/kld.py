@@ -103,6 +103,28 @@ class ReferenceStore:
         self.path.unlink(missing_ok=True)
 
 
+def store_reference(model: Any, blocks: np.ndarray, path: Path, batch: int) -> tuple[ReferenceStore, float]:
+    """The merged model's perplexity on ``blocks`` (``rawtune eval``'s pass), its log-probabilities
+    stored at ``path`` as the pass makes them (the vocabulary width is known from the first batch).
+    A pass that fails leaves no file."""
+    from ..evaluate import perplexity
+
+    stores: list[ReferenceStore] = []
+
+    def keep(first: int, logits: np.ndarray) -> None:
+        if not stores:
+            stores.append(ReferenceStore(path, int(len(blocks)), int(blocks.shape[1]), int(logits.shape[-1])))
+        stores[0].add(first, logits)
+
+    try:
+        ppl = perplexity(model, blocks, batch, on_logits=keep)
+    except BaseException:
+        for store in stores:
+            store.close()
+        raise
+    return stores[0], ppl
+
+
 def block_kld(codes: np.ndarray, offset: np.ndarray, neg_entropy: np.ndarray, top: np.ndarray,
               logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(KL(P || Q) per position, whether the top tokens agree) for one block: P from the stored

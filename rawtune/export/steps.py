@@ -48,7 +48,7 @@ from .. import quants
 from ..errors import ExportError
 from ..rundir import RunDir
 from ..settings import ExportSettings
-from .kld import ReferenceStore, Scorer, kld_text
+from .kld import ReferenceStore, Scorer, kld_text, store_reference
 from .llama import cpu_threads, llama_cpp, llama_log, load_llama
 
 Log = Callable[[str], None]
@@ -111,7 +111,7 @@ class Plan:
     seconds_merge: float = 0.0
     calibration: Optional[np.ndarray] = None  # training blocks for the importance matrix (None: no matrix)
     check_blocks: Optional[np.ndarray] = None  # other training blocks: is the weighted file better than the plain?
-    check_reference: Any = None  # the merged model's log-probabilities on check_blocks (a kld.ReferenceStore)
+    check_reference: Optional[ReferenceStore] = None  # the merged model's log-probabilities on check_blocks
     base_dir: Optional[Path] = None  # streamed: the base model the tensors are merged from ...
     adapter_dir: Optional[Path] = None  # ... with this adapter (None: the weights are in model_dir)
     specs: list = field(default_factory=list)  # (HF name, shape) of every merged tensor, from the file headers
@@ -353,9 +353,10 @@ def _quantize_one(f16: Path, target: Path, label: str, imatrix: Any, p: Plan,
             count, entry["compensated_tensors"] = imatrix_mod.quantize_file(f16, out, target, imatrix, cpu_threads(),
                                                                             device=gpu)
             entry["seconds_requantize"] = round(time.time() - t0, 2)
-            # Nothing rewritten (Q8_0 without H matrices): the two files are the same; skip the scoring.
-            entry["imatrix_check"] = keep_better(out, target, p.check_blocks if count else None, same=not count,
-                                                 reference=p.check_reference)
+            if count:
+                entry["imatrix_check"] = keep_better(out, target, p.check_blocks, reference=p.check_reference)
+            else:  # nothing rewritten (Q8_0 without H matrices): the file is llama.cpp's, nothing to score
+                entry["imatrix_check"] = {"kept": "plain", "blocks": 0}
         finally:
             out.unlink(missing_ok=True)
         entry["seconds_weighting"] = round(time.time() - t0, 2)
@@ -374,8 +375,8 @@ def _quantize_one(f16: Path, target: Path, label: str, imatrix: Any, p: Plan,
 CHECK_BLOCKS = 8
 
 
-def keep_better(plain: Path, weighted: Path, blocks: Optional[np.ndarray], same: bool = False,
-                reference: Any = None) -> dict[str, Any]:
+def keep_better(plain: Path, weighted: Path, blocks: Optional[np.ndarray],
+                reference: Optional[ReferenceStore] = None) -> dict[str, Any]:
     """Keep at ``weighted`` whichever of the two files is closer to the merged model on ``blocks``:
     by mean KL divergence where ``reference`` holds the merged model's log-probabilities there,
     else by perplexity.
@@ -388,9 +389,6 @@ def keep_better(plain: Path, weighted: Path, blocks: Optional[np.ndarray], same:
     noise (13.2779 against 13.2607 on the quick start) while the compensated file's held-out KLD
     was 0.78 x the plain one's.
     """
-    if same:
-        os.replace(plain, weighted)
-        return {"kept": "plain", "blocks": 0}
     if blocks is None:
         return {"kept": "importance matrix", "blocks": 0}
 
@@ -684,8 +682,6 @@ def reference(run: RunDir, p: Plan, check: Verification, log: Log) -> Any:
     need_ppl = bool(check.to_verify) and check.heldout is not None
     if not (need_imatrix or need_ppl):
         return None
-    from ..evaluate import perplexity
-
     t0 = time.time()
     model = load_reference(p, log)
     batch = 4 if p.params <= FP32_MAX_PARAMS else 1
@@ -699,7 +695,9 @@ def reference(run: RunDir, p: Plan, check: Verification, log: Log) -> Any:
             t1 = time.time()
             where = _perplexity_device(model, batch, check.heldout)
             model.to(where)
-            check.ppl_merged = round(perplexity(model, check.heldout, batch, on_logits=_keeper(p, check)), 4)
+            check.reference, ppl = store_reference(model, check.heldout, p.work_dir / REFERENCE_FILE.format(stem=p.stem),
+                                                   batch)
+            check.ppl_merged = round(ppl, 4)
             check.seconds_reference = time.time() - t1
             log(f"[export] merged PyTorch model: perplexity {check.ppl_merged:.4f} on {check.heldout.shape[0]} "
                 f"held-out blocks ({where.type}, {check.seconds_reference:.1f}s)" + _tuned_note(run.load(), check.blocks))
@@ -742,34 +740,13 @@ def _perplexity_device(model: Any, batch: int, blocks: np.ndarray) -> Any:
 def _check_reference(p: Plan, model: Any, batch: int, log: Log) -> None:
     """The merged model's log-probabilities on the check blocks, so the keep check compares the two
     files of a type by KL divergence to the merged model (what quantizers compare), not perplexity."""
-    from ..evaluate import perplexity
-
     t0 = time.time()
-    blocks = p.check_blocks
-    where = _perplexity_device(model, batch, blocks)
+    where = _perplexity_device(model, batch, p.check_blocks)
     model.to(where)
-
-    def keep(first: int, logits: np.ndarray) -> None:
-        if p.check_reference is None:
-            p.check_reference = ReferenceStore(p.work_dir / CHECK_REFERENCE_FILE.format(stem=p.stem), int(len(blocks)),
-                                               int(blocks.shape[1]), int(logits.shape[-1]))
-        p.check_reference.add(first, logits)
-
-    perplexity(model, blocks, batch, on_logits=keep)
-    log(f"[export] merged PyTorch model on {len(blocks)} other training blocks for the keep-or-plain check "
+    p.check_reference, _ = store_reference(model, p.check_blocks, p.work_dir / CHECK_REFERENCE_FILE.format(stem=p.stem),
+                                           batch)
+    log(f"[export] merged PyTorch model on {len(p.check_blocks)} other training blocks for the keep-or-plain check "
         f"({where.type}, {time.time() - t0:.1f}s)")
-
-
-def _keeper(p: Plan, check: Verification) -> Callable[[int, np.ndarray], None]:
-    """Stores the merged model's logits as its perplexity pass makes them (the vocabulary width
-    is known from the first batch)."""
-    def keep(first: int, logits: np.ndarray) -> None:
-        if check.reference is None:
-            blocks, seq_len = check.heldout.shape
-            check.reference = ReferenceStore(p.work_dir / REFERENCE_FILE.format(stem=p.stem), int(blocks),
-                                             int(seq_len), int(logits.shape[-1]))
-        check.reference.add(first, logits)
-    return keep
 
 
 def _importance(p: Plan, model: Any, log: Log) -> Any:
