@@ -42,12 +42,17 @@ def _with_hparams(monkeypatch, name: str, hparams) -> None:
     monkeypatch.setattr(gguf_writer, "family_of", lambda config: (family.hf_architectures[0], changed))
 
 
-@pytest.fixture(scope="module")
-def olmo3(tmp_path_factory):
-    model_dir = build_family("olmo3", tmp_path_factory.mktemp("olmo3"))
-    scramble(model_dir, seed=51)
+def _scrambled_case(tmp_path_factory, name: str, seed: int) -> tuple:
+    """(model folder, tokens, PyTorch logits) of a tiny family model with scrambled weights."""
+    model_dir = build_family(name, tmp_path_factory.mktemp(name))
+    scramble(model_dir, seed=seed)
     tokens = mixed_tokens(model_dir)
     return model_dir, tokens, torch_logits(model_dir, tokens)
+
+
+@pytest.fixture(scope="module")
+def olmo3(tmp_path_factory):
+    return _scrambled_case(tmp_path_factory, "olmo3", 51)
 
 
 @pytest.mark.parametrize("left_out", ["yarn", "window"])
@@ -121,10 +126,7 @@ def test_olmo3_without_sliding_layers_writes_no_window(tmp_path):
 
 @pytest.fixture(scope="module")
 def exaone4_hybrid(tmp_path_factory):
-    model_dir = build_family("exaone4hybrid", tmp_path_factory.mktemp("exaone4hybrid"))
-    scramble(model_dir, seed=54)
-    tokens = mixed_tokens(model_dir)
-    return model_dir, tokens, torch_logits(model_dir, tokens)
+    return _scrambled_case(tmp_path_factory, "exaone4hybrid", 54)
 
 
 def test_exaone4_hybrid_at_64_layers(exaone4_hybrid, tmp_path, monkeypatch):

@@ -41,11 +41,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 
-from .statistics import HESSIAN_MAX_COLUMNS, Stats, layer_hessian_names  # noqa: F401 (imported by name elsewhere)
+from .statistics import HESSIAN_MAX_COLUMNS, Stats
 from ..errors import ExportError
 
 # Types stored as plain floats: llama.cpp copied them, there is nothing to re-quantize.
@@ -299,8 +299,14 @@ def requantize(f16_path: Path, quantized: Path, imatrix: Optional[Imatrix], thre
                for t in GGUFReader(str(quantized)).tensors]
     values = imatrix.values if imatrix else {}
     hessians = imatrix.hessians if imatrix else {}
-    todo = [t for t in targets if t[2] not in FLOAT_TYPES and not (only_weighted and t[0] not in values)
-            and not (only_weighted and t[2] in IMPORTANCE_IGNORED and t[0] not in hessians)]
+    def wanted(name: str, type_name: str) -> bool:
+        """Float tensors are copies. With ``only_weighted`` a tensor is rewritten only where its
+        bytes would change: it has an entry, and an H matrix too where ggml ignores the entry."""
+        if type_name in FLOAT_TYPES:
+            return False
+        return not only_weighted or (name in values and (type_name not in IMPORTANCE_IGNORED or name in hessians))
+
+    todo = [t for t in targets if wanted(t[0], t[2])]
 
     def make(target: tuple) -> tuple[bytes, bool]:
         name, ggml_type = target[0], target[1]

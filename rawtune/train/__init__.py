@@ -201,7 +201,7 @@ def _load_model(backend: str, t: TrainSettings, local_dir: str, log: Callable[[s
     except (ImportError, RuntimeError, ValueError, TypeError, AttributeError, KeyError, TrainError) as exc:
         if type(exc).__name__ == "OutOfMemoryError":
             raise  # PEFT would not fit either; the memory error says what to change
-        why = _first_line(exc).replace(str(local_dir), "the model folder")  # no server paths in the page
+        why = _reason(exc).replace(str(local_dir), "the model folder")  # no server paths in the page
         if t.backend != "auto":
             raise TrainError(f"--backend unsloth: Unsloth could not load this model ({why}); "
                              "use --backend peft (or auto, which then falls back to PEFT)") from None
@@ -210,9 +210,12 @@ def _load_model(backend: str, t: TrainSettings, local_dir: str, log: Callable[[s
     return load_peft(t, local_dir), "peft"
 
 
-def _first_line(exc: BaseException) -> str:
-    """The first line of an error, cut short, without its type's module path."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+def _reason(exc: BaseException) -> str:
+    """The first line of an error (token-like strings masked, as for Hub errors), cut short; its
+    type's name when it has no text."""
+    from ..hubauth import safe_text
+
+    text = safe_text(str(exc).strip()) or type(exc).__name__
     return text[:200] + ("…" if len(text) > 200 else "")
 
 
@@ -220,14 +223,11 @@ def _free_gpu_memory() -> None:
     """Give back what a failed load left on the card before the next loader starts."""
     import gc
 
-    gc.collect()
-    try:
-        import torch
+    import torch
 
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:
-        pass
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _loop_for(model: Any, t: TrainSettings, resume_from: Any, backend: str, log: Callable[[str], None],
