@@ -114,7 +114,8 @@ def export_step(work: Path, variant: str, imatrix_blocks: int, verify: bool = Tr
         "params_M": round(_params(work) / 1e6),
         "total_s": round(total, 1),
         "convert_s": export["seconds_convert"],
-        "reference_s": round(export["seconds_reference_model"] + export.get("seconds_reference_ppl", 0.0), 1),
+        "reference_s": round(export["seconds_reference_model"] + export.get("seconds_reference_ppl", 0.0)
+                             + export.get("seconds_check_reference", 0.0), 1),
         "importance_h_s": export["seconds_imatrix"],
         "compensation_s": round(compensation, 1),
         "quantize_s": round(quantize, 1),

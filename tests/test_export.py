@@ -453,3 +453,44 @@ def test_scoring_blocks_keep_whole_blocks_within_the_budget():
     assert picked.shape == (SCORING_TOKEN_BUDGET // 512, 512) and (picked == held[: len(picked)]).all()
     assert scoring_blocks(held[:3]).shape == (3, 512)
     assert scoring_blocks(np.zeros((2, 3 * SCORING_TOKEN_BUDGET), dtype=np.int32)).shape[0] == 1
+
+
+def test_llama_threads_count_other_processes_not_this_ones_busy_threads():
+    """llama.cpp gets the idle cores: a busy process beside export takes one away, but this
+    process's own pool threads, still spinning right after torch work, do not (counting them left
+    the keep check one core on a 2-core machine, 69 s instead of 33 s)."""
+    import subprocess
+    import sys
+    import threading
+
+    import torch
+
+    from rawtune.export import llama
+
+    stop = threading.Event()
+
+    def spin() -> None:
+        a = torch.randn(600, 600)
+        while not stop.is_set():
+            a @ a  # releases the GIL: this thread shows as running
+
+    worker = threading.Thread(target=spin)
+    worker.start()
+    try:
+        seen = []
+        for _ in range(50):
+            seen.append(llama._own_running())
+            time.sleep(0.01)
+        assert max(seen) >= 2, seen  # the spinning thread is seen as this process's own ...
+        others = [llama._other_runnable() for _ in range(20)]
+    finally:
+        stop.set()
+        worker.join()
+    assert min(others) == 0, (others, seen)  # ... and not counted as another's
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(1.0)
+        assert max(llama._other_runnable() for _ in range(20)) >= 1  # another process's busy loop is
+    finally:
+        busy.kill()
+        busy.wait()

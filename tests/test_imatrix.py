@@ -50,6 +50,50 @@ def _zero_quantized(src: Path, dst: Path) -> int:
     return count
 
 
+@pytest.mark.parametrize("name", ["Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q5_1", "Q8_0", "IQ4_XS", "IQ4_NL"])
+def test_ggml_dequantize_matches_gguf_py(name):
+    """The compensated rounding reads its rounding error back through ggml's own dequantize: the
+    values equal gguf-py's reference dequantization of the same bytes for every type export writes."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    lib = imatrix._ggml()
+    ggml_type = int(GGMLQuantizationType[name])
+    values = np.random.default_rng(5).standard_normal((6, 512)).astype(np.float32)
+    blob = np.frombuffer(imatrix.quantize_tensor(lib, values, ggml_type, np.ones(512, np.float32)), dtype=np.uint8)
+    ours = imatrix.dequantize_blocks(lib, blob.reshape(6, -1), ggml_type, (6, 512))
+    reference = dequantize(blob.reshape(6, -1), GGMLQuantizationType[name]).reshape(6, 512)
+    np.testing.assert_allclose(ours, reference, rtol=1e-6, atol=1e-6)
+    assert np.abs(ours - values).mean() < 0.1  # and it is the data back, to the type's precision
+
+
+def test_tensor_index_matches_gguf_readers_table(wide_f16, tmp_path):
+    """rawtune's fast tensor table (export reads every quantized file's several times) gives what
+    gguf-py's reader gives: names, types, shapes, offsets, byte counts and the float values; a file
+    cut inside its tensor records or its data is refused as truncated."""
+    from gguf import GGUFReader
+
+    from rawtune.export.gguf_index import read_index
+
+    quantized = tmp_path / "q.gguf"
+    steps.quantize(wide_f16, quantized, "Q4_K_M", tmp_path / "export.log")
+    for path in (wide_f16, quantized):
+        ours, theirs = read_index(path), GGUFReader(str(path)).tensors
+        assert [(t.name, t.ggml_type, t.shape, t.data_offset, t.n_bytes) for t in ours] == [
+            (t.name, int(t.tensor_type), tuple(int(d) for d in t.shape), int(t.data_offset), int(t.n_bytes))
+            for t in theirs]
+    by_name = {t.name: t for t in GGUFReader(str(wide_f16)).tensors}
+    for entry in read_index(wide_f16):
+        expected = np.asarray(by_name[entry.name].data).astype(np.float32).reshape(-1, entry.shape[0])
+        assert np.array_equal(entry.values(wide_f16), expected)
+    data = quantized.read_bytes()
+    last = read_index(quantized)[-1]
+    for cut in (200, last.data_offset + last.n_bytes - 1):
+        (tmp_path / "cut.gguf").write_bytes(data[:cut])
+        with pytest.raises(ValueError, match="truncated"):
+            read_index(tmp_path / "cut.gguf")
+
+
 # The GGML types llama.cpp mixes into each file of the wide model: the type's own blocks where the
 # width is a multiple of 256, its 32-wide fallback where it is not.
 MIXES = {"Q4_K_M": {"Q4_K", "Q6_K", "Q5_0", "Q8_0"}, "Q5_K_M": {"Q5_K", "Q6_K", "Q5_1", "Q8_0"},

@@ -51,5 +51,6 @@ def _export(run: RunDir, settings: ExportSettings, log: Callable[[str], None]) -
     steps.verify(plan, gguf, tokenizer, check, log)
     written = steps.ollama_files(plan, tokenizer, conversion, log)
     steps.clean_up(plan, log)
-    times = steps.Times(seconds_convert, seconds_quantize, check.seconds, imatrix.seconds if imatrix else 0.0)
+    times = steps.Times(seconds_convert, seconds_quantize, check.seconds, imatrix.seconds if imatrix else 0.0,
+                        check.seconds_model + plan.seconds_check_reference)
     return steps.record(run, plan, gguf, conversion, check, written, times, imatrix, log)
