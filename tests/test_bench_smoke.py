@@ -147,3 +147,23 @@ def test_q8_variants(tmp_path):
     assert set(rows) == {"plain", "embd-f16", "compensated", "compensated + embd-f16"}, out[-2000:]
     assert rows["compensated"][0] == rows["plain"][0] < rows["embd-f16"][0] == rows["compensated + embd-f16"][0]
     assert all(math.isfinite(ppl) and ppl > 1 and kld >= 0 for _, ppl, kld in rows.values())
+
+
+def test_device_calls_name_what_exists():
+    """bench/device_calls.sh, the GPU machine's owed calls: it parses, every test file and bench
+    script it names exists, and every ``-k`` selection picks at least one GPU test, so the plan
+    cannot drift from the suite while it waits for a machine."""
+    script = ROOT / "bench" / "device_calls.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text()
+    named = set(re.findall(r"\b((?:tests|bench)/[\w/]+\.py)\b", text))
+    assert {"tests/test_app_gpu.py", "tests/test_family_train.py", "bench/export_speed.py"} <= named
+    assert all((ROOT / path).is_file() for path in named), sorted(p for p in named if not (ROOT / p).is_file())
+    for selection in re.findall(r'-k (?:"([^"]+)"|(\w+))', text):
+        expression = selection[0] or selection[1]
+        proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu", "-p",
+                               "no:cacheprovider", "tests/test_family_train.py", "-k", expression],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+        found = re.search(r"(\d+)(?:/\d+)? tests? collected|(\d+) selected", proc.stdout)
+        assert proc.returncode == 0 and found, (expression, proc.stdout[-1500:])
+        assert int(found.group(1) or found.group(2)) >= 1, (expression, proc.stdout[-500:])

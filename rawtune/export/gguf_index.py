@@ -1,7 +1,7 @@
 """The tensor table of a GGUF file (name, type, shape, where its bytes are), read without the metadata.
 
 gguf-py's ``GGUFReader`` parses every metadata value into numpy views, one per array element:
-for a 49k-token vocabulary that is about 600,000 small objects and 5 s of a 2-core machine per
+for a 49k-token vocabulary that is about 600,000 small objects and 4-5 s of a 2-core machine per
 file, and export read each quantized file several times (its tensor types, the re-quantization's
 offsets). Here the metadata is stepped over by its lengths alone (the format: a header, the
 key/value pairs, then one record per tensor, then the data at the file's alignment), and only the
@@ -38,12 +38,15 @@ class TensorEntry:
 
     def values(self, path: Path) -> np.ndarray:
         """Float tensors (F32, F16, BF16) as float32 rows ``[-1, shape[0]]``, memory-mapped from ``path``."""
-        dtype = {0: np.float32, 1: np.float16}.get(self.ggml_type)
-        if dtype is None and self.ggml_type != 30:
-            raise ValueError(f"{self.name}: type {self.type_name} is not a float type")
-        raw = np.memmap(path, dtype=dtype or np.uint16, mode="r", offset=self.data_offset,
-                        shape=(self.n_bytes // (2 if dtype != np.float32 else 4),))
-        if self.ggml_type == 30:  # BF16: the high half of a float32
+        from gguf import GGMLQuantizationType as T
+
+        kind = T(self.ggml_type)
+        if kind not in (T.F32, T.F16, T.BF16):
+            raise ValueError(f"{self.name}: type {kind.name} is not a float type")
+        stored = {T.F32: np.float32, T.F16: np.float16, T.BF16: np.uint16}[kind]
+        raw = np.memmap(path, dtype=stored, mode="r", offset=self.data_offset,
+                        shape=(self.n_bytes // np.dtype(stored).itemsize,))
+        if kind == T.BF16:  # the high half of a float32
             raw = (raw.astype(np.uint32) << 16).view(np.float32)
         return np.asarray(raw, dtype=np.float32).reshape(-1, self.shape[0])
 
