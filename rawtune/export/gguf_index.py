@@ -20,6 +20,8 @@ import numpy as np
 _FIXED = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 _STRING, _ARRAY = 8, 9
 _ALIGNMENT_KEY = "general.alignment"
+# Real files keep their metadata and tensor records in a few MB (a 152k-token vocabulary included).
+MAX_RECORD_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,9 @@ def read_index(path: Path) -> list[TensorEntry]:
             except _NeedMore:
                 if len(data) >= size:
                     raise ValueError("the metadata or tensor records are cut short (truncated file)") from None
+                if want >= MAX_RECORD_BYTES:  # a length field gone wrong must not read a whole 8B file into memory
+                    raise ValueError(f"metadata and tensor records larger than {MAX_RECORD_BYTES >> 20} MiB "
+                                     "(a damaged length field)") from None
                 want *= 4
 
 
