@@ -138,7 +138,13 @@ def _as_written(values: dict[str, Any], hessians: dict[str, Any], outs: dict[str
     return by_value, by_hessian
 
 
-def compute(model_dir: Path, blocks: np.ndarray, source: str, batch_size: int = 1, model: Any = None,
+# Calibration blocks per layer call in the layer-by-layer pass: only one layer's activations are held,
+# so four 512-token blocks cost little memory, and the larger matrix products took the quick start's
+# pass from 83.9 s to 71.7 s on 2 cores (same 16 blocks; the sums only change order).
+LAYER_BATCH = 4
+
+
+def compute(model_dir: Path, blocks: np.ndarray, source: str, batch_size: int = LAYER_BATCH, model: Any = None,
             device: Any = "cpu", spill_dir: Optional[Path] = None) -> Imatrix:
     """Gradient-weighted mean x² per input column of every block linear of the model in ``model_dir``,
     and the H matrices, one layer at a time on ``device`` (:mod:`.layerwise`).
