@@ -140,7 +140,8 @@ def _as_written(values: dict[str, Any], hessians: dict[str, Any], outs: dict[str
 
 # Calibration blocks per layer call in the layer-by-layer pass: only one layer's activations are held,
 # so four 512-token blocks cost little memory, and the larger matrix products took the quick start's
-# pass from 83.9 s to 71.7 s on 2 cores (same 16 blocks; the sums only change order).
+# pass from 83.9 s to 71.7 s on 2 cores side by side in one process (72.9 s and 70.6 s in two runs of
+# the README's command: this machine's noise is of that size). The sums only change order.
 LAYER_BATCH = 4
 
 
