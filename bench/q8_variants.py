@@ -38,18 +38,6 @@ sys.path.insert(0, str(ROOT / "bench"))
 GGML_F16 = 1  # ggml_type of F16
 
 
-def reference(run: Any, held: np.ndarray, work: Path) -> tuple[Any, Any, float]:
-    """The merged model (fp32, CPU), its logits on ``held`` stored for KLD, and its perplexity."""
-    import torch
-
-    from rawtune.export.kld import store_reference
-    from rawtune.models import load_tuned
-
-    model = load_tuned(run, device="cpu", dtype=torch.float32, merge=True)
-    store, ppl = store_reference(model, held, work / "reference.npy", 4)
-    return model, store, ppl
-
-
 def q8_with_f16_embeddings(f16: Path, dst: Path) -> None:
     """llama.cpp's Q8_0 with token_embd and output in F16 (llama.cpp's log to quantize.log beside it)."""
     from rawtune import quants
@@ -66,7 +54,7 @@ def q8_with_f16_embeddings(f16: Path, dst: Path) -> None:
 
 
 def measure(run_path: Path, work: Path) -> dict[str, Any]:
-    from quant_kld import score
+    from quant_kld import reference, score
 
     from rawtune.evaluate import scoring_blocks
     from rawtune.export import export_run, imatrix, steps

@@ -88,6 +88,19 @@ def plain_statistic(model: Any, model_dir: Path, blocks: np.ndarray) -> dict[str
     return {k: v.astype(np.float32) for k, v in plain_statistic_of(model, model_dir, blocks).items()}
 
 
+def reference(run: Any, held: np.ndarray, work: Path) -> tuple[Any, Any, float]:
+    """The merged model (fp32, CPU, PEFT's merge), its log-probabilities on ``held`` stored for KLD
+    in ``work``, and its perplexity."""
+    import torch
+
+    from rawtune.export.kld import store_reference
+    from rawtune.models import load_tuned
+
+    model = load_tuned(run, device="cpu", dtype=torch.float32, merge=True)
+    store, ppl = store_reference(model, held, work / "reference.npy", 4)
+    return model, store, ppl
+
+
 def score(path: Path, held: np.ndarray, store: Any) -> dict[str, Any]:
     from rawtune.export import kld, steps
     from rawtune.export.llama import load_llama
@@ -126,12 +139,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def measure(run_path: Path, generic: Path, work: Path, labels: list[str]) -> dict[str, Any]:
-    import torch
     from transformers import AutoTokenizer
 
     from rawtune.evaluate import scoring_blocks
-    from rawtune.export import export_run, imatrix, kld, steps
-    from rawtune.models import base_and_adapter, load_tuned
+    from rawtune.export import export_run, imatrix, steps
+    from rawtune.models import base_and_adapter
     from rawtune.rundir import RunDir
     from rawtune.settings import ExportSettings
 
@@ -151,8 +163,7 @@ def measure(run_path: Path, generic: Path, work: Path, labels: list[str]) -> dic
     held = scoring_blocks(np.load(run.data_dir / "heldout.npy"))
     base_dir, _ = base_and_adapter(run)
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
-    model = load_tuned(run, device="cpu", dtype=torch.float32, merge=True)
-    store, ppl_merged = kld.store_reference(model, held, work / "reference.npy", 4)
+    model, store, ppl_merged = reference(run, held, work)
     stat = plain_statistic(model, base_dir, generic_blocks(generic, tokenizer, int(held.shape[1])))
     del model
     gc.collect()

@@ -45,17 +45,15 @@ def test_quant_kld_bench_tiny(tmp_path, capsys):
 def _bench_score_of_export_file(bench, run_path: Path, label: str, tmp_path: Path) -> dict:
     """The bench's scoring (its reference from PEFT's merge, its held-out blocks) of the file export wrote."""
     import numpy as np
-    import torch
 
     from rawtune.evaluate import scoring_blocks
-    from rawtune.export import kld
-    from rawtune.models import load_tuned
     from rawtune.rundir import RunDir
 
     run = RunDir(run_path)
     held = scoring_blocks(np.load(run.data_dir / "heldout.npy"))
-    model = load_tuned(run, device="cpu", dtype=torch.float32, merge=True)
-    store, _ = kld.store_reference(model, held, tmp_path / "again.npy", 4)
+    again = tmp_path / "again"
+    again.mkdir()
+    _, store, _ = bench.reference(run, held, again)
     try:
         return bench.score(run.gguf_dir / run.load()["gguf"][label]["file"], held, store)
     finally:

@@ -236,7 +236,7 @@ def collect(model: Any, names: dict[str, str], blocks: np.ndarray, batch_size: i
 
 
 def _ggml() -> ctypes.CDLL:
-    """llama-cpp-python's ggml base library with the two functions used here typed."""
+    """llama-cpp-python's ggml base library with the functions used here typed."""
     from .llama import llama_cpp
 
     lib_dir = Path(llama_cpp().__file__).parent / "lib"
@@ -252,6 +252,13 @@ def _ggml() -> ctypes.CDLL:
     lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
     lib.ggml_blck_size.restype = ctypes.c_int64
     lib.ggml_blck_size.argtypes = [ctypes.c_int]
+    from gguf import GGMLQuantizationType
+
+    for kind in GGMLQuantizationType:  # dequantize_row_<type>(blocks, floats, element count), where built
+        function = getattr(lib, _dequantize_name(int(kind)), None)
+        if function is not None:
+            function.restype = None
+            function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
     return lib
 
 
@@ -266,8 +273,6 @@ def dequantize_blocks(lib: ctypes.CDLL, blob: np.ndarray, ggml_type: int, shape:
         from gguf.quants import dequantize
 
         return dequantize(np.asarray(blob, dtype=np.uint8), GGMLQuantizationType(ggml_type)).reshape(shape)
-    function.restype = None
-    function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
     data = np.ascontiguousarray(blob, dtype=np.uint8)
     out = np.empty(shape, dtype=np.float32)
     function(data.ctypes.data, out.ctypes.data, out.size)  # rows of whole blocks, back to back
@@ -325,11 +330,10 @@ def requantize(f16_path: Path, quantized: Path, imatrix: Optional[Imatrix], thre
     ggml drops the GIL, and one 256-column group of a small model is too little work to split.
     Returns how many tensors were written, and how many of them with error compensation.
     """
-    from .gguf_index import read_index
+    from .gguf_index import TensorEntry, read_index
 
     lib = _ggml()
     source = {t.name: t for t in read_index(f16_path)}
-    targets = [(t.name, t.ggml_type, t.type_name, t.data_offset, t.n_bytes) for t in read_index(quantized)]
     values = imatrix.values if imatrix else {}
     hessians = imatrix.hessians if imatrix else {}
     def wanted(name: str, type_name: str) -> bool:
@@ -339,16 +343,15 @@ def requantize(f16_path: Path, quantized: Path, imatrix: Optional[Imatrix], thre
             return False
         return not only_weighted or (name in values and (type_name not in IMPORTANCE_IGNORED or name in hessians))
 
-    todo = [t for t in targets if wanted(t[0], t[2])]
+    todo = [t for t in read_index(quantized) if wanted(t.name, t.type_name)]
 
-    def make(target: tuple) -> tuple[bytes, bool]:
-        name, ggml_type = target[0], target[1]
-        src = source[name]
-        data = src.values(f16_path)
-        h = hessians.get(name)
-        if h is not None and h.shape == (data.shape[1],) * 2 and data.shape[1] % lib.ggml_blck_size(ggml_type) == 0:
-            return compensated(lib, data, ggml_type, h, 1, device=device), True
-        return quantize_tensor(lib, data, ggml_type, values.get(name), 1), False
+    def make(target: TensorEntry) -> tuple[bytes, bool]:
+        data = source[target.name].values(f16_path)
+        h = hessians.get(target.name)
+        if (h is not None and h.shape == (data.shape[1],) * 2
+                and data.shape[1] % lib.ggml_blck_size(target.ggml_type) == 0):
+            return compensated(lib, data, target.ggml_type, h, 1, device=device), True
+        return quantize_tensor(lib, data, target.ggml_type, values.get(target.name), 1), False
 
     written = compensated_count = 0
     workers = max(1, threads)
@@ -356,11 +359,11 @@ def requantize(f16_path: Path, quantized: Path, imatrix: Optional[Imatrix], thre
     chunks = [todo[i:i + 2 * workers] for i in range(0, len(todo), 2 * workers)]
     with open(quantized, "r+b") as handle, ThreadPoolExecutor(max_workers=workers) as pool:
         done = ((target, result) for chunk in chunks for target, result in zip(chunk, pool.map(make, chunk)))
-        for (name, _, _, offset, n_bytes), (blob, was_compensated) in done:
-            if len(blob) != n_bytes:
-                raise ExportError(f"{name}: {len(blob)} bytes quantized, {n_bytes} in llama.cpp's file; "
-                                  f"export with --imatrix-blocks 0")
-            handle.seek(offset)
+        for target, (blob, was_compensated) in done:
+            if len(blob) != target.n_bytes:
+                raise ExportError(f"{target.name}: {len(blob)} bytes quantized, {target.n_bytes} in llama.cpp's "
+                                  f"file; export with --imatrix-blocks 0")
+            handle.seek(target.data_offset)
             handle.write(blob)
             written += 1
             compensated_count += was_compensated
