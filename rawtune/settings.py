@@ -469,6 +469,18 @@ def has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def free_gpu_memory() -> None:
+    """Collect Python's garbage, then give the card's cached blocks back, so that what was just
+    dropped (a model, a failed loader's leftovers) is free for the next loader or for llama.cpp."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _check(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{flag(key)}: {message}")

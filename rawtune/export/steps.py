@@ -29,7 +29,6 @@ verify -> Ollama files -> clean up -> record. :func:`rawtune.export.export_run` 
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import math
 import os
@@ -47,7 +46,7 @@ import numpy as np
 from .. import quants
 from ..errors import ExportError
 from ..rundir import RunDir
-from ..settings import ExportSettings
+from ..settings import ExportSettings, free_gpu_memory
 from .kld import ReferenceStore, Scorer, kld_text, store_reference
 from .llama import cpu_threads, llama_cpp, llama_log, load_llama
 
@@ -708,8 +707,7 @@ def reference(run: RunDir, p: Plan, check: Verification, log: Log) -> Any:
                 f"held-out blocks ({where.type}, {check.seconds_reference:.1f}s)" + _tuned_note(run.load(), check.blocks))
     finally:
         del model
-        gc.collect()  # the model's memory goes back before llama.cpp loads a file
-        _empty_gpu_cache()
+        free_gpu_memory()  # the model's memory goes back before llama.cpp loads a file
     return imatrix
 
 
@@ -719,13 +717,6 @@ def export_device() -> Any:
     import torch
 
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def _empty_gpu_cache() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _perplexity_device(model: Any, batch: int, blocks: np.ndarray) -> Any:

@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 from .. import env
 from ..errors import TrainError
 from ..rundir import RunDir
-from ..settings import RunSettings, TrainSettings, has_cuda
+from ..settings import RunSettings, TrainSettings, free_gpu_memory, has_cuda
 from . import distributed
 from .hf_loop import import_backend_first
 from .launch import requested_processes, train_in_workers
@@ -206,7 +206,7 @@ def _load_model(backend: str, t: TrainSettings, local_dir: str, log: Callable[[s
             raise TrainError(f"--backend unsloth: Unsloth could not load this model ({why}); "
                              "use --backend peft (or auto, which then falls back to PEFT)") from None
         log(f"[train] Unsloth could not load this model ({why}); training with PEFT instead")
-    _free_gpu_memory()
+    free_gpu_memory()  # what the failed load left on the card goes back before PEFT loads
     return load_peft(t, local_dir), "peft"
 
 
@@ -217,17 +217,6 @@ def _reason(exc: BaseException) -> str:
 
     text = safe_text(str(exc).strip()) or type(exc).__name__
     return text[:200] + ("…" if len(text) > 200 else "")
-
-
-def _free_gpu_memory() -> None:
-    """Give back what a failed load left on the card before the next loader starts."""
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _loop_for(model: Any, t: TrainSettings, resume_from: Any, backend: str, log: Callable[[str], None],
