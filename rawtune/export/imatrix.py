@@ -412,7 +412,9 @@ def compensated(lib: ctypes.CDLL, values: np.ndarray, ggml_type: int, h: np.ndar
     w = np.array(values, dtype=np.float64)
     rows, cols = w.shape
     width = int(lib.ggml_blck_size(ggml_type))
-    upper = _inverse_cholesky(h, w)
+    import torch
+
+    upper = damped_factor(torch.tensor(np.asarray(h), dtype=torch.float64), torch.from_numpy(w)).numpy()
     parts = []
     for start in range(0, cols, width):
         group = slice(start, start + width)
@@ -435,12 +437,7 @@ def _compensated_torch(lib: ctypes.CDLL, values: np.ndarray, ggml_type: int, h: 
     w = torch.as_tensor(np.asarray(values), dtype=torch.float64, device=device).clone()
     rows, cols = w.shape
     width = int(lib.ggml_blck_size(ggml_type))
-    h = torch.as_tensor(np.asarray(h), dtype=torch.float64, device=device).clone()
-    dead = torch.diag(h) <= 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    h.diagonal().add_(DAMPING * float(torch.diag(h).mean()))
-    upper = upper_inverse_factor(h)
+    upper = damped_factor(torch.tensor(np.asarray(h), dtype=torch.float64, device=device), w)
     parts = []
     for start in range(0, cols, width):
         end = start + width
@@ -456,16 +453,15 @@ def _compensated_torch(lib: ctypes.CDLL, values: np.ndarray, ggml_type: int, h: 
     return np.concatenate(parts, axis=1).tobytes()
 
 
-def _inverse_cholesky(h: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """U with UᵀU = (H + damping)⁻¹; columns no calibration token reached are zeroed in ``w``."""
-    h = np.array(h, dtype=np.float64)
-    dead = np.diag(h) <= 0
+def damped_factor(h: Any, w: Any) -> Any:
+    """U with UᵀU = (H + damping)⁻¹, for float64 torch tensors ``h`` (changed in place) and ``w``.
+    Columns no calibration token reached get H's diagonal 1 and are zeroed in ``w``, so H stays
+    invertible and their weights, which no input ever multiplies, cost nothing."""
+    dead = h.diagonal() <= 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    h[np.diag_indices_from(h)] += DAMPING * float(np.mean(np.diag(h)))
-    import torch
-
-    return upper_inverse_factor(torch.from_numpy(h)).numpy()
+    h.diagonal().add_(DAMPING * float(h.diagonal().mean()))
+    return upper_inverse_factor(h)
 
 
 def upper_inverse_factor(h: Any) -> Any:
