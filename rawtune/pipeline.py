@@ -199,9 +199,14 @@ def _run_stages(settings: RunSettings, run: RunDir, token: Optional[str], callba
 
 def run_stage(stage: str, settings: RunSettings, run: RunDir, token: Optional[str], callback,
               stop: Optional[threading.Event], log: Callable[[str], None]) -> None:
-    """Run one stage by name, holding the run directory's lock."""
+    """Run one stage by name, holding the run directory's lock; its wall time goes to
+    ``run.json["stage_seconds"][stage]`` when it ends without an error (the last run of it counts)."""
+    started = time.time()
     with run.lock():
         _run_stage(stage, settings, run, token, callback, stop, log)
+        seconds = dict(run.load().get("stage_seconds") or {})
+        seconds[stage] = round(time.time() - started, 2)
+        run.update(stage_seconds=seconds)
 
 
 def _run_stage(stage: str, settings: RunSettings, run: RunDir, token: Optional[str], callback,

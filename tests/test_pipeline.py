@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -55,10 +56,16 @@ def test_segments_resume_until_done_like_one_run(tmp_path, tiny_llama_dir, tiny_
     assert sum(isinstance(e, Progress) and e.event["type"] == "step" for e in events) == STEPS
     assert not RunDir(tmp_path / "seg").stop_file.exists()
     # The same run in one piece ends with the same steps.
+    started = time.time()
     whole = run_pipeline(_settings(tmp_path / "whole", tiny_llama_dir, tiny_corpus,
                                    stages=["data", "train", "eval"]), log=lambda line: None)
+    took = time.time() - started
     assert whole["train"]["steps"] == record["train"]["steps"] and _steps(whole) == _steps(record)
     assert whole["data"]["train_blocks"] == record["data"]["train_blocks"]
+    # Each stage's wall time is recorded, and they add up to no more than the run took.
+    stage_seconds = whole["stage_seconds"]
+    assert list(stage_seconds) == ["data", "train", "eval"] and stage_seconds["train"] > 0, stage_seconds
+    assert 0 <= sum(stage_seconds.values()) <= took + 0.05, (stage_seconds, took)
 
 
 def test_stop_then_resume_across_segments(tmp_path, tiny_llama_dir, tiny_corpus):
