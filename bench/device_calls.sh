@@ -3,7 +3,8 @@
 # that is lent a machine spends its time running them, not writing them.
 #
 #   bash bench/device_calls.sh tests     # issue 21's family GPU tests, issue 24's app test, FP8 and GPU-export tests
-#   bash bench/device_calls.sh export    # issue 22: bench/export_speed.py (quick start and 1B), alone on the machine
+#   bash bench/device_calls.sh export    # issue 22: bench/export_speed.py (quick start), then bench/end_to_end.py at 1B
+#                                        # (rawtune run: data, train, eval, export with the 1B export's breakdown)
 #   bash bench/device_calls.sh fp8-caps  # issue 22: bench/fp8.py, then bench/card_caps.py under a 24 GiB cap
 #
 # Carry .device-bundle (and .device-gradio for `tests`): docs/benchmarks.md says how they are made.
@@ -47,9 +48,13 @@ case "${1:-}" in
     done
     ;;
   export)
-    timeout 560 python bench/export_speed.py --work "${TMPDIR:-/tmp}/xs" --out "$OUT" > "$OUT/export_speed.log" 2>&1
+    timeout 170 python bench/export_speed.py --variants quickstart --work "${TMPDIR:-/tmp}/xs" --out "$OUT" \
+      > "$OUT/export_speed.log" 2>&1
     echo "rc=$?" >> "$OUT/export_speed.log"
-    tail -40 "$OUT/export_speed.log"
+    tail -4 "$OUT/export_speed.log"
+    timeout 400 python bench/end_to_end.py --size 1b --work "${TMPDIR:-/tmp}/e2e" --out "$OUT" > "$OUT/end_to_end.log" 2>&1
+    echo "rc=$?" >> "$OUT/end_to_end.log"
+    tail -12 "$OUT/end_to_end.log"
     ;;
   fp8-caps)
     timeout 280 python bench/fp8.py --out "$OUT/fp8" --shapes 135m,1b > "$OUT/fp8.log" 2>&1

@@ -103,16 +103,27 @@ def export_step(work: Path, variant: str, imatrix_blocks: int, verify: bool = Tr
     export_run(run, ExportSettings(quant=quant, imatrix_blocks=imatrix_blocks, verify=verify),
                log=lambda line: (lines.append(line), print(line, flush=True)))
     total = time.time() - started
-    record = run.load()
-    export, gguf = record["export"], record["gguf"]
-    compensation = sum(entry.get("seconds_requantize", 0.0) for entry in gguf.values())
-    weighting = sum(entry.get("seconds_weighting", 0.0) for entry in gguf.values())
-    quantize = sum(entry.get("seconds", 0.0) for label, entry in gguf.items() if label != "F16") - compensation
     result = {
         "variant": variant, "quant": quant, "device": export_device().type,
         "card": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "params_M": round(_params(work) / 1e6),
         "total_s": round(total, 1),
+        **breakdown(run.load()),
+        "scored": next((line for line in lines if "verification scores" in line), None),
+        "peak_gpu_MB": round(torch.cuda.max_memory_allocated() / 2**20) if torch.cuda.is_available() else None,
+        "peak_rss_MB": _peak_rss_mb(),
+    }
+    print("RESULT " + json.dumps(result), flush=True)
+    return result
+
+
+def breakdown(record: dict) -> dict:
+    """Export's seconds per stage and what it made, from a run's run.json (also used by end_to_end.py)."""
+    export, gguf = record["export"], record["gguf"]
+    compensation = sum(entry.get("seconds_requantize", 0.0) for entry in gguf.values())
+    weighting = sum(entry.get("seconds_weighting", 0.0) for entry in gguf.values())
+    quantize = sum(entry.get("seconds", 0.0) for label, entry in gguf.items() if label != "F16") - compensation
+    return {
         "convert_s": export["seconds_convert"],
         "reference_s": round(export["seconds_reference_model"] + export.get("seconds_reference_ppl", 0.0)
                              + export.get("seconds_check_reference", 0.0), 1),
@@ -127,12 +138,7 @@ def export_step(work: Path, variant: str, imatrix_blocks: int, verify: bool = Tr
         "ppl_merged": export["ppl_merged"],
         "ppl": {label: entry.get("ppl") for label, entry in gguf.items()},
         "kld_mean": {label: entry.get("kld_mean") for label, entry in gguf.items()},
-        "scored": next((line for line in lines if "verification scores" in line), None),
-        "peak_gpu_MB": round(torch.cuda.max_memory_allocated() / 2**20) if torch.cuda.is_available() else None,
-        "peak_rss_MB": _peak_rss_mb(),
     }
-    print("RESULT " + json.dumps(result), flush=True)
-    return result
 
 
 def _params(work: Path) -> int:

@@ -127,6 +127,21 @@ def test_export_speed_tiny(tmp_path):
     assert "| tiny | cpu |" in proc.stdout
 
 
+def test_end_to_end_tiny(tmp_path):
+    """bench/end_to_end.py --tiny: the CLI's whole run (data, train, eval, verified export) in a fresh
+    process; every stage is timed from run.json and the shares cover the total."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    printed = run_bench("end_to_end.py", "--tiny", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "out"),
+                        tmp_path=tmp_path)
+    result = json.loads((tmp_path / "out" / "end_to_end_tiny.json").read_text())
+    assert result["steps"] == 4 and result["backend"] == "peft"
+    assert list(result["stage_s"]) == ["data", "train", "eval", "export", "other"]
+    assert all(result["stage_s"][stage] > 0 for stage in ("data", "train", "export"))
+    assert sum(result["stage_s"].values()) == pytest.approx(result["total_s"], abs=0.2)
+    assert result["export"]["h_recorded"] == 14 and set(result["export"]["ppl"]) == {"Q4_K_M", "Q8_0"}
+    assert f"| **total** | **{result['total_s']}** | 100 % |" in printed
+
+
 def test_changelog_corpus_writes_seed_jsonl(tmp_path):
     """The unseen corpus helper: N changelogs, each cut to the asked length, in the seed JSONL shape."""
     if len(list(Path("/usr/share/doc").glob("*/changelog.Debian.gz"))) < 3:
