@@ -27,8 +27,10 @@ import argparse
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -62,8 +64,12 @@ def write_config(work: Path, size: str) -> Path:
     return path
 
 
-def run(work: Path, size: str, out: Path | None) -> dict:
-    """Build the base once, run ``rawtune run`` in a fresh process; its total and per-stage seconds."""
+def run(work: Path, size: str, out: Path | None, budget: float) -> dict:
+    """Build the base once, run ``rawtune run`` in a fresh process; its total and per-stage seconds.
+
+    Each line the run prints goes to the log with the seconds since the start, and run.json is copied
+    beside the log however the run ends, so a run stopped at ``budget`` seconds still says where its
+    time went (a GPU machine's call has a hard limit)."""
     work.mkdir(parents=True, exist_ok=True)
     if not (work / "base" / "model.safetensors").is_file():
         _bench("export_memory").build(work, size)
@@ -71,14 +77,24 @@ def run(work: Path, size: str, out: Path | None) -> dict:
     log_path = (out or work) / f"end_to_end_{size}.log"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [str(ROOT), os.environ.get("PYTHONPATH", "")] if p)}
     started = time.time()
+    proc = subprocess.Popen([sys.executable, "-m", "rawtune", "run", "--config", str(config)], cwd=work, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+    watchdog = threading.Timer(budget, proc.kill)
+    watchdog.start()
     with open(log_path, "w") as log:
-        proc = subprocess.run([sys.executable, "-m", "rawtune", "run", "--config", str(config)], cwd=work, env=env,
-                              stdout=log, stderr=subprocess.STDOUT)
+        for line in proc.stdout:
+            log.write(f"{time.time() - started:7.1f}s {line}")
+            log.flush()
+    returncode = proc.wait()
+    watchdog.cancel()
     total = time.time() - started
-    if proc.returncode != 0:
-        raise SystemExit(f"rawtune run exited {proc.returncode}; its log: {log_path}\n"
-                         + log_path.read_text()[-3000:])
-    return summarize(json.loads((work / "run" / "run.json").read_text()), size, total)
+    record_path = work / "run" / "run.json"
+    if record_path.is_file() and out:
+        shutil.copy(record_path, out / f"end_to_end_{size}.run.json")
+    if returncode != 0:
+        why = f"stopped at the {budget:.0f} s budget" if total >= budget else f"exited {returncode}"
+        raise SystemExit(f"rawtune run {why}; its log: {log_path}\n" + log_path.read_text()[-3000:])
+    return summarize(json.loads(record_path.read_text()), size, total)
 
 
 def summarize(record: dict, size: str, total: float) -> dict:
@@ -111,13 +127,15 @@ def main() -> None:
     parser.add_argument("--work", required=True, help="scratch folder (1b: ~8 GB of disk)")
     parser.add_argument("--size", default="1b", choices=sorted(SIZES))
     parser.add_argument("--tiny", action="store_true", help="the tiny shape on the CPU (smoke test)")
-    parser.add_argument("--out", help="folder for the log and result.json (e.g. $OUT)")
+    parser.add_argument("--out", help="folder for the log, run.json and the result (e.g. $OUT)")
+    parser.add_argument("--budget", type=float, default=3600.0,
+                        help="stop the run after this many seconds (the log and run.json are kept)")
     args = parser.parse_args()
     size = "tiny" if args.tiny else args.size
     out = Path(args.out) if args.out else None
     if out:
         out.mkdir(parents=True, exist_ok=True)
-    result = run(Path(args.work), size, out)
+    result = run(Path(args.work), size, out, args.budget)
     if out:
         (out / f"end_to_end_{size}.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))

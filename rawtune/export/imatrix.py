@@ -37,6 +37,7 @@ from __future__ import annotations
 import ctypes
 import os
 import shutil
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -434,6 +435,7 @@ def _compensated_torch(lib: ctypes.CDLL, values: np.ndarray, ggml_type: int, h: 
     """:func:`compensated` with its linear algebra in torch on ``device``."""
     import torch
 
+    _linalg_ready(device)
     w = torch.as_tensor(np.asarray(values), dtype=torch.float64, device=device).clone()
     rows, cols = w.shape
     width = int(lib.ggml_blck_size(ggml_type))
@@ -451,6 +453,26 @@ def _compensated_torch(lib: ctypes.CDLL, values: np.ndarray, ggml_type: int, h: 
             w[:, end:] -= (error @ u_inv) @ upper[start:end, end:]
         parts.append(blob)
     return np.concatenate(parts, axis=1).tobytes()
+
+
+_LINALG_LOCK = threading.Lock()
+_LINALG_READY: set = set()
+
+
+def _linalg_ready(device: Any) -> None:
+    """Run torch's linear algebra once on ``device`` under a lock before tensors are compensated in
+    parallel threads: CUDA's solver library is loaded lazily on the first call, and two threads making
+    that first call together fail with "lazy wrapper should be called at most once" (seen on an H100
+    at 1B)."""
+    import torch
+
+    key = str(device)
+    with _LINALG_LOCK:
+        if key in _LINALG_READY:
+            return
+        h = torch.eye(2, dtype=torch.float64, device=device) * 2
+        torch.linalg.inv(upper_inverse_factor(h))
+        _LINALG_READY.add(key)
 
 
 def damped_factor(h: Any, w: Any) -> Any:
