@@ -161,6 +161,30 @@ def test_parity_check_can_fail(name, field, wrong, family_dir):
     assert abs(got - ref) > 1e-4, (got, ref)
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_planner_counts_lora_as_peft_builds_it(name, family_dir):
+    """The memory planner's count of LoRA parameters (their fp32 weights, gradients and AdamW
+    moments are 16 bytes each) equals what PEFT creates, for every family and both GPU presets:
+    DeltaNet, convolution and Mamba projections and gpt-oss's stacked experts included. The
+    planner counted Llama's seven projections before, which missed them."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from rawtune.settings import resolve_preset
+    from rawtune.train import engine
+    from rawtune.train.hf_loop import family_parameters, peft_config, with_model_targets
+
+    model_dir = family_dir(name)
+    config = json.loads((model_dir / "config.json").read_text())
+    for preset in ("quick", "standard"):
+        t = resolve_preset(TrainSettings(preset=preset, train_embeddings=False))
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        targeted = with_model_targets(model, t)
+        peft_model = get_peft_model(model, peft_config(targeted, family_parameters(model, targeted)))
+        created = sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n)
+        assert created > 0 and engine.lora_params(t, config) == created, (preset, created)
+
+
 # ---------------------------------------------------------------- on a CUDA GPU
 
 

@@ -267,8 +267,9 @@ def test_config_claiming_huge_counts_is_not_built(monkeypatch):
     from rawtune.train import engine
 
     c = {**SMOL, "architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 1_000_000}
-    built = engine._meta_split.cache_info().misses
+    built = engine._meta_counts.cache_info().misses
     linear, _ = gpu.weight_split(c)
-    assert linear == engine.dense_linear_params(c) and engine._meta_split.cache_info().misses == built
+    assert linear == engine.dense_linear_params(c) and engine._meta_counts.cache_info().misses == built
+    assert engine.lora_params(_t("standard"), c) is None and engine._meta_counts.cache_info().misses == built
     assert not engine._buildable({**c, "num_hidden_layers": 8, "num_experts": 10_000})
     assert engine._buildable({**c, "num_hidden_layers": 8})

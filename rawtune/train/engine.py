@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Optional
+import re
+from dataclasses import dataclass
+from typing import Any, Optional
 
 from .. import env
 from ..errors import ConfigError
@@ -75,9 +77,20 @@ def _buildable(c: dict) -> bool:
     return 0 < layers and layers * max(1, experts) <= MAX_META_MODULES
 
 
+@dataclass(frozen=True)
+class MetaCounts:
+    """What the planner needs from a model built on the meta device."""
+
+    linear: int  # parameters of the decoder's nn.Linear layers (lm_head left out)
+    other: int  # every other parameter (a tied head counted once)
+    names: frozenset  # the last name component of every module (what LoRA targets are matched on)
+    sides: dict  # leaf name -> sum of in_features + out_features over the decoder's Linear layers of that name
+    stacked: dict  # parameter name -> (count, experts, in, out) for the 3-D expert tensors
+
+
 @functools.lru_cache(maxsize=16)
-def _meta_split(config_json: str) -> Optional[tuple[int, int]]:
-    """The split counted on the model built from config.json on the meta device (no memory used);
+def _meta_counts(config_json: str) -> Optional[MetaCounts]:
+    """:class:`MetaCounts` of the model built from config.json on the meta device (no memory used);
     None when transformers cannot build it."""
     import json
 
@@ -85,16 +98,70 @@ def _meta_split(config_json: str) -> Optional[tuple[int, int]]:
         import torch
         import transformers
 
-        values = json.loads(config_json)
+        values = _special_floats(json.loads(config_json))
         config = transformers.AutoConfig.for_model(**values)
         with torch.device("meta"):
             model = transformers.AutoModelForCausalLM.from_config(config)
     except Exception:  # an architecture this transformers does not know, or a config it rejects
         return None
-    linear = sum(m.weight.numel() for name, m in model.named_modules()
-                 if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head"))
+    linear, sides = 0, {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):
+            linear += module.weight.numel()
+            leaf = name.rsplit(".", 1)[-1]
+            sides[leaf] = sides.get(leaf, 0) + module.in_features + module.out_features
+    stacked: dict = {}
+    for name, param in model.named_parameters():
+        if param.dim() == 3:  # experts stacked in one tensor: [experts, in, out] (PEFT's target_parameters)
+            key = re.sub(r"^.*?\blayers\.\d+\.", "", name)  # the same name in every layer
+            count = stacked.get(key, (0,))[0] + 1
+            stacked[key] = (count, *param.shape)
     total = sum(p.numel() for p in model.parameters())  # a tied head is one parameter, counted once
-    return linear, total - linear
+    names = frozenset(name.rsplit(".", 1)[-1] for name, _ in model.named_modules())
+    return MetaCounts(linear, total - linear, names, sides, stacked)
+
+
+def _special_floats(value: Any) -> Any:
+    """config.json with transformers' spelling of the floats JSON lacks (``{"__float__": "Infinity"}``,
+    e.g. Granite 4.0-H's ``time_step_limit``) turned back into floats, as from_pretrained does."""
+    if isinstance(value, dict):
+        if set(value) == {"__float__"} and value["__float__"] in ("Infinity", "-Infinity", "NaN"):
+            return float(value["__float__"].replace("Infinity", "inf"))
+        return {key: _special_floats(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_special_floats(item) for item in value]
+    return value
+
+
+def _meta_split(config_json: str) -> Optional[tuple[int, int]]:
+    """(linear, other) counted on the meta-built model; None when transformers cannot build it."""
+    counts = _meta_counts(config_json)
+    return None if counts is None else (counts.linear, counts.other)
+
+
+def lora_params(t: TrainSettings, c: dict) -> Optional[int]:
+    """LoRA's trainable parameters for ``t`` on the model of config ``c``, counted on the meta-built
+    model with the family's own target resolution (the new layer kinds: DeltaNet, convolution, Mamba
+    projections; experts through PEFT's target_parameters, r per expert on each side). None for a
+    planner shape or a model transformers cannot build."""
+    import json
+
+    from .. import families
+
+    if not (c.get("architectures") and _buildable(c)):
+        return None
+    counts = _meta_counts(json.dumps(c, sort_keys=True))
+    if counts is None:
+        return None
+    family = families.family_for_config(c)
+    preset = getattr(t, "preset", None)
+    targets = families.lora_targets(family, list(t.target_modules), set(counts.names), preset)
+    total = sum(t.lora_r * counts.sides.get(name, 0) for name in targets)
+    for suffix in families.lora_parameters(family, preset):
+        for key, (layers, experts, fan_in, fan_out) in counts.stacked.items():
+            if key == suffix or key.endswith("." + suffix):
+                total += layers * t.lora_r * experts * (fan_in + fan_out)
+    return total
 
 
 def param_count(c: dict) -> int:

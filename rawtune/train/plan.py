@@ -6,7 +6,10 @@ and the model's shape: the engine (the compiled fast CUDA loop of :mod:`rawtune.
 was measured faster, else the Trainer with Unsloth, or with PEFT when Unsloth is missing), 16-bit or
 4-bit (QLoRA) loading, the largest micro-batch that fits, checkpointing, and fp16 on cards without
 bf16 (T4). Memory counts the frozen weights, LoRA and fully trained embed_tokens/lm_head with their
-fp32 masters, gradients and AdamW moments (several GB for a 128k vocabulary), and activations.
+fp32 masters, gradients and AdamW moments (several GB for a 128k vocabulary), and activations. For a
+real config.json the weights and the LoRA parameters are counted on the model built on the meta
+device, with the family's own targets (DeltaNet, convolution and Mamba projections, gpt-oss's
+experts); the per-token activation bytes are fitted on dense models.
 On ZeroGPU (``SPACES_ZERO_GPU``, or ``RAWTUNE_ZERO_GPU=1``) nothing is compiled: Hugging Face's
 ZeroGPU docs rule ``torch.compile`` out there. :func:`choose` is pure, so ``python -m rawtune.train.plan
 MODEL`` prints the plan for the cards Spaces rent without a GPU. :func:`segment_seconds` sizes a
@@ -24,6 +27,7 @@ from typing import Callable, Optional
 from .. import env
 from ..errors import ConfigError
 from ..settings import TrainSettings
+from . import engine
 from .engine import compile_allowed, dims, param_count, weight_split, zero_gpu
 
 GIB = 2**30
@@ -105,6 +109,11 @@ def model_shape(local_dir: str) -> dict:
 
 
 def _lora_params(t: TrainSettings, c: dict) -> int:
+    """LoRA's trainable parameters: counted on the meta-built model for a real config.json (every
+    family's layer kinds and experts, :func:`.engine.lora_params`), else Llama's seven projections."""
+    counted = engine.lora_params(t, c)
+    if counted is not None:
+        return counted
     d, inter = c["hidden_size"], c["intermediate_size"]
     heads = c["num_attention_heads"]
     hd = c.get("head_dim") or d // heads
