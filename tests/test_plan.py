@@ -7,6 +7,7 @@ CPU. The ZeroGPU tests also run the fast loop's real training entry on a tiny mo
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -168,6 +169,23 @@ def test_cli_prints_every_card(tmp_path, tiny_llama_dir):
     assert folder.returncode == 0 and len(folder.stdout.splitlines()) == 1 + len(gpu.PRINTED)
     unknown = _cli("someone/unknown-model")
     assert unknown.returncode != 0 and "not a known model id" in unknown.stderr
+
+
+def test_cli_plans_as_the_run_would_for_a_peft_only_family(tmp_path):
+    """gpt-oss-20b's shape (the registry: Unsloth cannot train it): every card is planned with PEFT,
+    as a run is, and a card it does not fit gets the reason alone, not a plan of zeros."""
+    from transformers import GptOssConfig
+
+    config = {**GptOssConfig(num_hidden_layers=24, num_local_experts=32).to_dict(),
+              "architectures": ["GptOssForCausalLM"]}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    out = _cli(str(tmp_path / "config.json"))
+    assert out.returncode == 0, out.stderr
+    head, *rows = out.stdout.splitlines()
+    assert "gpt-oss: PEFT (the registry: Unsloth cannot train it)" in head
+    assert rows[0].split("  ")[0] == gpu.PRINTED["t4"] and "does not fit: this model needs about" in rows[0]
+    assert "micro-batch 0" not in out.stdout and "nan" not in out.stdout
+    assert "Trainer + PEFT" in rows[-1] and "Unsloth's forward" not in out.stdout, rows[-1]
 
 
 # ---------------------------------------------------------------- under a memory cap (issue 22, item 4)

@@ -348,12 +348,16 @@ def describe(p: Plan) -> str:
     """One line: engine, loading, precision, split, checkpointing, embeddings, predicted peak, why."""
     from .fast_loop import own_forward_veto
 
+    if not p.micro_batch:  # plan_for_card's stand-in for a card the model does not fit
+        return f"does not fit: {p.why}"
     own = own_forward_veto(p.load_in_4bit, p.precision == "bf16") is None
     unsloth = "fast CUDA loop + Unsloth's forward" if own else "Trainer + Unsloth"
     engine = {"fast loop": "fast CUDA loop", "unsloth": unsloth, "peft": "Trainer + PEFT"}[p.engine]
     embed = f"embeddings trained ({p.embedding_state_gib:.1f} GiB of state)" if p.train_embeddings else "embeddings frozen"
+    # PEFT runs the plan's "unsloth" checkpointing as transformers' own (hf_loop._checkpointing)
+    checkpointing = "on" if p.engine == "peft" and p.checkpointing == "unsloth" else p.checkpointing
     return (f"{engine}{' compiled' if p.compiled else ''}, {'4-bit' if p.load_in_4bit else '16-bit'} {p.precision}, "
-            f"micro-batch {p.micro_batch} x {p.grad_accum}, checkpointing {p.checkpointing}, {embed}, "
+            f"micro-batch {p.micro_batch} x {p.grad_accum}, checkpointing {checkpointing}, {embed}, "
             f"predicted peak {p.predicted_peak_gib:.1f} GiB ({p.why})")
 
 
@@ -445,9 +449,13 @@ def main(argv: Optional[list] = None) -> None:
     if args.seq_len:
         s.train.seq_len = args.seq_len
     t = validate(s).train
-    print(f"{args.model}: {param_count(c) / 1e9:.2f}B parameters, preset {args.preset}, seq {t.seq_len}")
+    # As a run does: a family the registry marks as one Unsloth cannot train is planned with PEFT.
+    family = families.family_for_config(c)
+    unsloth = family is None or (family.training.unsloth and not family.training.unsloth_fails)
+    print(f"{args.model}: {param_count(c) / 1e9:.2f}B parameters, preset {args.preset}, seq {t.seq_len}"
+          + ("" if unsloth else f"; {family.label}: PEFT (the registry: Unsloth cannot train it)"))
     for key, label in PRINTED.items():
-        print(f"{label:18s} {describe(plan_for_card(t, c, key))}")
+        print(f"{label:18s} {describe(plan_for_card(t, c, key, unsloth=unsloth))}")
 
 
 def plan_for_card(t: TrainSettings, c: dict, key: str, unsloth: bool = True) -> Plan:
