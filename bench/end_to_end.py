@@ -24,7 +24,6 @@ real amount of work; their perplexities say nothing about quality.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -36,6 +35,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE))  # its sibling benches: export_memory's builder, export_speed's breakdown
 STAGES = ["data", "train", "eval", "export"]
 SIZES = {
     # shape in export_memory.SHAPES: the config's keys beyond the preset
@@ -45,13 +45,6 @@ SIZES = {
 }
 
 
-def _bench(name: str):
-    """``bench/<name>.py`` as a module (export_memory: the base-model builder; export_speed: export's
-    per-stage breakdown)."""
-    spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def write_config(work: Path, size: str) -> Path:
@@ -72,7 +65,9 @@ def run(work: Path, size: str, out: Path | None, budget: float) -> dict:
     time went (a GPU machine's call has a hard limit)."""
     work.mkdir(parents=True, exist_ok=True)
     if not (work / "base" / "model.safetensors").is_file():
-        _bench("export_memory").build(work, size)
+        from export_memory import build
+
+        build(work, size)
     config = write_config(work, size)
     log_path = (out or work) / f"end_to_end_{size}.log"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [str(ROOT), os.environ.get("PYTHONPATH", "")] if p)}
@@ -100,6 +95,7 @@ def run(work: Path, size: str, out: Path | None, budget: float) -> dict:
 def summarize(record: dict, size: str, total: float) -> dict:
     """The result line: total, each stage's seconds and share, and what the run produced."""
     import torch
+    from export_speed import breakdown
 
     stages = {stage: record["stage_seconds"][stage] for stage in STAGES}
     stages["other"] = round(max(total - sum(stages.values()), 0.0), 2)
@@ -111,7 +107,7 @@ def summarize(record: dict, size: str, total: float) -> dict:
         "total_s": round(total, 1), "stage_s": stages,
         "share_pct": {stage: round(100 * seconds / total, 1) for stage, seconds in stages.items()},
         "ppl_base": metrics.get("ppl_base"), "ppl_tuned": metrics.get("ppl_tuned"),
-        "export": _bench("export_speed").breakdown(record),
+        "export": breakdown(record),
     }
 
 

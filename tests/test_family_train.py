@@ -199,7 +199,7 @@ def test_family_trains_with_unsloth_on_cuda(name, tmp_path_factory, tiny_corpus,
     model_dir = build_family(name, tmp_path_factory.mktemp(f"gpu-{name}"))
     training = families.family_for_config(json.loads((model_dir / "config.json").read_text())).training
     backend = "unsloth"
-    if training.unsloth_fails or not training.unsloth:
+    if not training.unsloth_trains:
         with pytest.raises(TrainError, match="--backend peft"):
             train_tiny(tmp_path / "refused", model_dir, tiny_corpus, backend="unsloth", max_steps=20)
         backend = "auto"

@@ -209,6 +209,11 @@ class Training:
     unsloth: bool = True  # Unsloth supports the architecture
     unsloth_fails: str = ""  # why Unsloth's training fails (``auto`` then trains with PEFT); "" when it works
 
+    @property
+    def unsloth_trains(self) -> bool:
+        """Whether a run loads this family with Unsloth (``auto`` picks PEFT otherwise)."""
+        return self.unsloth and not self.unsloth_fails
+
 
 @dataclass(frozen=True)
 class Template:

@@ -47,12 +47,9 @@ def weight_split(c: dict) -> tuple[int, int]:
     formula misses mixture-of-experts weights, Gemma 4's per-layer embeddings and the hybrid
     layers; for a planner shape (no ``architectures``) and for anything transformers cannot build,
     it is the dense formula, raised to the model card's count where the family gives one."""
-    import json
-
-    if c.get("architectures") and _buildable(c):
-        counted = _meta_split(json.dumps(c, sort_keys=True))
-        if counted is not None:
-            return counted
+    counts = meta_counts(c)
+    if counts is not None:
+        return counts.linear, counts.other
     d, _, _, vocab, _, _ = dims(c)
     linear = dense_linear_params(c)
     other = vocab * d * (1 if c.get("tie_word_embeddings") else 2)
@@ -133,10 +130,15 @@ def _special_floats(value: Any) -> Any:
     return value
 
 
-def _meta_split(config_json: str) -> Optional[tuple[int, int]]:
-    """(linear, other) counted on the meta-built model; None when transformers cannot build it."""
-    counts = _meta_counts(config_json)
-    return None if counts is None else (counts.linear, counts.other)
+def meta_counts(c: dict) -> Optional[MetaCounts]:
+    """:class:`MetaCounts` of a real config.json (one naming its ``architectures``) within the module
+    bound; None for a planner shape, a config claiming too many layers or experts, or one transformers
+    cannot build."""
+    import json
+
+    if not (c.get("architectures") and _buildable(c)):
+        return None
+    return _meta_counts(json.dumps(c, sort_keys=True))
 
 
 def lora_params(t: TrainSettings, c: dict) -> Optional[int]:
@@ -144,13 +146,9 @@ def lora_params(t: TrainSettings, c: dict) -> Optional[int]:
     model with the family's own target resolution (the new layer kinds: DeltaNet, convolution, Mamba
     projections; experts through PEFT's target_parameters, r per expert on each side). None for a
     planner shape or a model transformers cannot build."""
-    import json
-
     from .. import families
 
-    if not (c.get("architectures") and _buildable(c)):
-        return None
-    counts = _meta_counts(json.dumps(c, sort_keys=True))
+    counts = meta_counts(c)
     if counts is None:
         return None
     family = families.family_for_config(c)

@@ -451,7 +451,7 @@ def main(argv: Optional[list] = None) -> None:
     t = validate(s).train
     # As a run does: a family the registry marks as one Unsloth cannot train is planned with PEFT.
     family = families.family_for_config(c)
-    unsloth = family is None or (family.training.unsloth and not family.training.unsloth_fails)
+    unsloth = family is None or family.training.unsloth_trains
     print(f"{args.model}: {param_count(c) / 1e9:.2f}B parameters, preset {args.preset}, seq {t.seq_len}"
           + ("" if unsloth else f"; {family.label}: PEFT (the registry: Unsloth cannot train it)"))
     for key, label in PRINTED.items():
