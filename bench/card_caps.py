@@ -15,6 +15,8 @@ and rawtune's planner told the cap through ``RAWTUNE_GPU_MEMORY_GIB``. Variants 
 - rawtune's default: ``rawtune.train.train`` on a run directory of random token blocks, 2 warm-up
   and 8 timed optimizer steps; tokens/s timed here from its per-step progress events (steps 3..10),
   rawtune's own reported figure shown beside it;
+- with ``--fp8``, the same with FP8 frozen base weights (``RAWTUNE_FP8=1``), which needs rawtune's
+  own flattened model (the PEFT backend; Unsloth's forward keeps its bf16 weights);
 - Unsloth directly (``FastLanguageModel``, a bare loop: forward, backward, clip, fused AdamW, the
   same recipe) at micro-batch 16, 8, 4, 2 (x accumulation to 16), each with and without
   ``use_gradient_checkpointing="unsloth"``. "Unsloth's best" is the fastest that fit the cap.
@@ -288,6 +290,9 @@ def child_rawtune(a) -> None:
                   max_steps=a.steps + a.warmup, logging_steps=1)
     if a.four_bit:
         values.update(load_in_4bit=True, backend="unsloth")
+    if a.fp8:  # FP8 base weights need rawtune's own flattened model: Unsloth's forward keeps its weights
+        os.environ["RAWTUNE_FP8"] = "1"
+        values.update(backend="peft")
     if a.split:  # explicit settings are kept as given by the planner, embeddings included: freeze them
         micro, accum = (int(x) for x in a.split.split("x"))
         values.update(batch_size=micro, grad_accum=accum, gradient_checkpointing="unsloth", train_embeddings=False)
@@ -333,7 +338,8 @@ def child_rawtune(a) -> None:
 
 
 def plan_lines(lines: list[str]) -> list[str]:
-    return [s for s in lines if s.startswith(("[gpu]", "[train] backend", "[train] fast", "[train] Trainer"))]
+    return [s for s in lines if s.startswith(("[gpu]", "[train] backend", "[train] fast", "[train] Trainer",
+                                              "[train] frozen base", "[train] RAWTUNE_FP8"))]
 
 
 # ================================================================ Unsloth directly (bare loop)
@@ -601,6 +607,11 @@ def table_caps(r: Runner, model_dir: Path, cap: float) -> None:
                                                                  "--cap", str(cap), "--run-dir",
                                                                  str(Path(a.work) / f"run-cap{cap:g}")],
                                         need_s=40, limit_s=300))]
+    if a.fp8:
+        rows.append(("rawtune FP8 base", r.spawn(f"cap{cap:g}-rawtune-fp8",
+                                                 ["rawtune", "--fp8", "--model-dir", str(model_dir), "--cap", str(cap),
+                                                  "--run-dir", str(Path(a.work) / f"run-cap{cap:g}-fp8")],
+                                                 need_s=40, limit_s=300)))
     for gc in (False, True):
         for micro in MICROS:
             tag = f"cap{cap:g}-unsloth-{micro}x{EFFECTIVE // micro}-{'gc' if gc else 'nogc'}"
@@ -627,18 +638,20 @@ def print_caps_table(cap: float, rows: list, tiny: bool) -> None:
         extra = f" (rawtune's own figure {num(res['rawtune_tok_s'])})" if res.get("rawtune_tok_s") else ""
         lines.append(f"| {label} | {res['micro']} x {res['accum']} | {res['gc']} | {num(res['tok_s'])}{extra} | "
                      f"{res['peak_GiB']} | {num(res['loss'], '.4f')} |")
-    ours = rows[0][1]
-    fitted = [res for name, res in rows[1:] if res.get("status") == "ok" and res.get("tok_s")]
+    fitted = [res for name, res in rows if name == "Unsloth" and res.get("status") == "ok" and res.get("tok_s")]
     best = max(fitted, key=lambda res: res["tok_s"], default=None)
-    for s in ours.get("plan", []):
-        lines.append(f"rawtune plan: {s}")
-    if ours.get("status") == "ok" and ours.get("tok_s") and best:
-        lines.append(f"cap {cap:g} GiB: rawtune default {ours['tok_s']:,} tok/s / Unsloth best "
-                     f"({best['micro']}x{best['accum']}, checkpointing {best['gc']}) {best['tok_s']:,} tok/s = "
-                     f"{ours['tok_s'] / best['tok_s']:.2f}x")
-    else:
-        lines.append(f"cap {cap:g} GiB: ratio not available (rawtune default: {ours.get('status')}; "
-                     f"Unsloth settings that fit: {len(fitted)})")
+    for name, ours in rows:
+        if name == "Unsloth":
+            continue
+        for s in ours.get("plan", []):
+            lines.append(f"{name} plan: {s}")
+        if ours.get("status") == "ok" and ours.get("tok_s") and best:
+            lines.append(f"cap {cap:g} GiB: {name} {ours['tok_s']:,} tok/s / Unsloth best "
+                         f"({best['micro']}x{best['accum']}, checkpointing {best['gc']}) {best['tok_s']:,} tok/s = "
+                         f"{ours['tok_s'] / best['tok_s']:.2f}x")
+        else:
+            lines.append(f"cap {cap:g} GiB: {name}: ratio not available ({ours.get('status')}; "
+                         f"Unsloth settings that fit: {len(fitted)})")
     print("\n".join(lines), flush=True)
 
 
@@ -747,6 +760,7 @@ def child_main(argv: list[str]) -> None:
     p.add_argument("--micro", type=int, default=16)
     p.add_argument("--gc", action="store_true")
     p.add_argument("--four-bit", action="store_true")
+    p.add_argument("--fp8", action="store_true", help="RAWTUNE_FP8=1 with the PEFT backend (rawtune's own model)")
     p.add_argument("--split", help="MxK: micro-batch x accumulation, with checkpointing, embeddings frozen")
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--steps", type=int, default=8)
@@ -780,6 +794,8 @@ def main() -> None:
     p.add_argument("--unsloth", default="", help="only these Unsloth settings, e.g. 8x2-nogc,4x4-nogc "
                    "(default: all eight; use it to rerun the best ones of a full sweep)")
     p.add_argument("--steps", type=int, default=None, help="timed optimizer steps per variant (default 8; 2 with --tiny)")
+    p.add_argument("--fp8", action="store_true", help="--table caps: a second rawtune row with FP8 frozen base "
+                   "weights (RAWTUNE_FP8=1, PEFT backend; on a card without FP8 it says so and trains in bf16)")
     a = p.parse_args()
     a.seq, a.steps = (64, a.steps or 2) if a.tiny else (2048, a.steps or 8)
     a.warmup = 2

@@ -10,7 +10,7 @@ per run tok/s (after the warm-up steps), peak memory while training (and while b
 curve and held-out perplexity; per shape the FP8-bf16 loss difference next to the bf16-bf16 one,
 and the perplexity difference in %.
 
-    python bench/fp8.py --out OUTDIR [--shapes 135m,1b] [--steps 60] [--model DIR --text FILE]
+    python bench/fp8.py --out OUTDIR [--shapes 135m,1b] [--steps 60] [--model DIR | --gguf FILE] [--text FILE]
     python bench/fp8.py --tiny --out OUTDIR      # CPU smoke run (reference FP8 path, no compile)
 """
 
@@ -54,7 +54,10 @@ def markov_blocks(vocab: int, n: int, seq: int, seed: int) -> np.ndarray:
 def text_blocks(model_dir: str, text: str, seq: int, held: int) -> tuple:
     from transformers import AutoTokenizer
 
-    ids = AutoTokenizer.from_pretrained(model_dir)(Path(text).read_text(errors="replace"))["input_ids"]
+    raw = Path(text).read_text(errors="replace")
+    if text.endswith(".jsonl"):  # rawtune's corpus format: one {"text": ...} record per line
+        raw = "\n\n".join(json.loads(line)["text"] for line in raw.splitlines() if line.strip())
+    ids = AutoTokenizer.from_pretrained(model_dir)(raw)["input_ids"]
     blocks = np.asarray(ids[: len(ids) // seq * seq], dtype=np.int64).reshape(-1, seq)
     if len(blocks) <= held:
         raise SystemExit(f"{text}: {len(blocks)} blocks of {seq} tokens; need more than {held}")
@@ -150,7 +153,8 @@ def compare(runs: list[dict], layout: dict) -> dict:
     def gap(a, b):
         return round(float(np.mean(np.abs(np.array(a["losses"][tail]) - np.array(b["losses"][tail])))), 5)
 
-    return {"shape": bf["shape"], "speedup": round(low["tokens_per_s"] / bf["tokens_per_s"], 3),
+    speedup = round(low["tokens_per_s"] / bf["tokens_per_s"], 3) if bf["tokens_per_s"] else None  # no timed step
+    return {"shape": bf["shape"], "speedup": speedup,
             "peak_gib_bf16": bf["peak_gib"], "peak_gib_fp8": low["peak_gib"],
             "loss_gap_fp8_vs_bf16": gap(low, bf), "loss_gap_bf16_seeds": gap(noise, bf),
             "heldout_ppl_diff_pct": round(100 * (low["heldout_ppl"] / bf["heldout_ppl"] - 1), 3),
@@ -169,8 +173,13 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--eager", action="store_true", help="no torch.compile")
     ap.add_argument("--model", help="a real model folder instead of random weights (one shape)")
-    ap.add_argument("--text", help="a text file for training and held-out blocks (else a Markov chain)")
+    ap.add_argument("--gguf", help="a GGUF to dequantize into the model folder (rawtune's offline default's way)")
+    ap.add_argument("--text", help="a text or .jsonl file for training and held-out blocks (else a Markov chain)")
     args = ap.parse_args()
+    if args.gguf:
+        from rawtune.models import convert_gguf
+
+        args.model = str(convert_gguf(Path(args.gguf)))
     layout = dict(TINY_LAYOUT if args.tiny else GPU_LAYOUT)
     layout.update({k: v for k, v in (("steps", args.steps), ("micro", args.micro)) if v})
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
