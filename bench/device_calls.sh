@@ -3,6 +3,7 @@
 # that is lent a machine spends its time running them, not writing them.
 #
 #   bash bench/device_calls.sh tests     # issue 21's family GPU tests, issue 24's app test, FP8 and GPU-export tests
+#   bash bench/device_calls.sh app       # issue 24's app test alone (carry .device-gradio too)
 #   bash bench/device_calls.sh export    # issue 22: bench/end_to_end.py at 1B (rawtune run: data, train, eval,
 #                                        # export with its breakdown), alone on the machine
 #   bash bench/device_calls.sh export-quick  # issue 22: bench/export_speed.py, the quick start's export (measured
@@ -54,6 +55,11 @@ case "${1:-}" in
       grep -E "gpu-family|passed|failed|error|rc=|whole app|A at step" "$f" | tail -8
     done
     ;;
+  app)  # issue 24's app test alone, with the machine to itself
+    timeout 560 python -m pytest -m gpu -q -s -x -p no:cacheprovider tests/test_app_gpu.py > "$OUT/app.log" 2>&1
+    echo "rc=$?" >> "$OUT/app.log"
+    grep -E "passed|failed|rc=|whole app|A at step|^E " "$OUT/app.log" | head -12
+    ;;
   export)
     python bench/end_to_end.py --size 1b --work "${TMPDIR:-/tmp}/e2e" --out "$OUT" --budget 560 > "$OUT/end_to_end.log" 2>&1
     echo "rc=$?" >> "$OUT/end_to_end.log"
@@ -87,7 +93,7 @@ case "${1:-}" in
     tail -30 "$OUT/caps.log"
     ;;
   *)
-    echo "usage: bash bench/device_calls.sh tests|export|export-quick|fp8-caps" >&2
+    echo "usage: bash bench/device_calls.sh tests|app|export|export-quick|fp8-caps" >&2
     exit 2
     ;;
 esac
