@@ -95,6 +95,22 @@ def test_fast_loop_only_where_it_was_measured_faster():
     assert fastloop.why_not_for_settings(t, LLAMA_1B, bf16=True) is not None
 
 
+def test_without_unsloth_the_fast_loop_has_no_size_limit():
+    """Against PEFT's Trainer (a family Unsloth refuses, --backend peft, RAWTUNE_FP8=1's only path)
+    the flattened loop is planned at 1B and 3B wherever its predicted peak fits; ZeroGPU still keeps it out."""
+    t = _t()
+    assert fastloop.why_not_for_settings(t, LLAMA_1B, bf16=True, unsloth=False) is None
+    for shape in (LLAMA_1B, LLAMA_3B):
+        p = gpu.choose(t, shape, 80 * gpu.GIB, unsloth=False)
+        assert p.fast_loop and p.engine == "fast loop" and p.predicted_peak_gib <= gpu.usable_bytes(80 * gpu.GIB) / gpu.GIB
+    # Under a 24 GiB cap: 8 x 2 is predicted at 36.1 GiB, 4 x 4 at 22.6 GiB (the 1B shape's measured
+    # 16 x 1 peak, 64.1 GiB, was 1.6 % above its prediction), so 4 x 4 without checkpointing.
+    capped = gpu.choose(t, LLAMA_1B, 24 * gpu.GIB, unsloth=False, capped=True)
+    assert capped.fast_loop and (capped.micro_batch, capped.checkpointing) == (4, "off")
+    assert gpu.estimate_fast_bytes(t, LLAMA_1B, 8) > gpu.capped_bytes(24 * gpu.GIB)
+    assert gpu.plan_for_card(t, LLAMA_1B, "h100").engine == "unsloth"  # with Unsloth the rule stands
+
+
 def test_zero_gpu_plan_never_compiles(monkeypatch):
     t = _t()
     for shape in (SMOL, LLAMA_1B, LLAMA_3B, LLAMA_8B):

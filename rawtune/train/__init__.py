@@ -228,7 +228,7 @@ def _loop_for(model: Any, t: TrainSettings, resume_from: Any, backend: str, log:
     if has_cuda():
         from . import fast_loop
 
-        why_not = (fast_loop.why_not_for_model(model, t, resume_from) if flatten else
+        why_not = (fast_loop.why_not_for_model(model, t, resume_from, unsloth=backend == "unsloth") if flatten else
                    "the memory plan picked a larger micro-batch than the flattened loop fits")
         if why_not is None:
             return fast_loop.fit

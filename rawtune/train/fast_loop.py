@@ -77,11 +77,13 @@ def disabled() -> bool:
     return env.get("RAWTUNE_FASTLOOP") == "0"
 
 
-def why_not_for_settings(t: TrainSettings, config: dict, bf16: Optional[bool] = None) -> Optional[str]:
+def why_not_for_settings(t: TrainSettings, config: dict, bf16: Optional[bool] = None,
+                         unsloth: bool = True) -> Optional[str]:
     """Before any model is loaded: None when the fast loop can train this recipe on this
     architecture (``config.json``) and card, else the reason why not. The memory plan asks this.
 
     ``bf16``: whether the card computes in bf16 (None: ask the current CUDA device).
+    ``unsloth``: whether the run loads the model with Unsloth (the size rule applies only then).
     """
     if disabled():
         return "RAWTUNE_FASTLOOP=0"
@@ -100,7 +102,7 @@ def why_not_for_settings(t: TrainSettings, config: dict, bf16: Optional[bool] = 
         return f"gradient checkpointing '{t.gradient_checkpointing}' was asked for"
     from .engine import fast_loop_veto  # ZeroGPU (no torch.compile) and 1B-class models
 
-    if veto := fast_loop_veto(t, config):
+    if veto := fast_loop_veto(t, config, unsloth):
         return veto
     if bf16 is None:
         import torch
@@ -158,11 +160,13 @@ def family_reason(t: TrainSettings, config: dict) -> Optional[str]:
     return check(config, t.seq_len) if check else None
 
 
-def why_not_for_model(model: Any, t: TrainSettings, resume_from: Optional[Path]) -> Optional[str]:
+def why_not_for_model(model: Any, t: TrainSettings, resume_from: Optional[Path],
+                      unsloth: bool = True) -> Optional[str]:
     """After loading: None when the fast loop can train this PEFT model (plain LoRA on float
-    weights) and resume this checkpoint, else why not. Includes :func:`why_not_for_settings`."""
+    weights) and resume this checkpoint, else why not. Includes :func:`why_not_for_settings`
+    (``unsloth``: the model was loaded by Unsloth)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    reason = why_not_for_settings(t, base.config.to_dict())
+    reason = why_not_for_settings(t, base.config.to_dict(), unsloth=unsloth)
     if reason:
         return reason
     if reason := trainer_checkpoint(resume_from):

@@ -288,7 +288,8 @@ def choose(t: TrainSettings, config: dict, total_bytes: int, bf16: bool = True, 
     gc = str(t.gradient_checkpointing)
     budget = capped_bytes(total_bytes) if capped else usable_bytes(total_bytes)
     engine = "unsloth" if unsloth else "peft"
-    why_not = why_not_for_settings(dataclasses.replace(t, gradient_checkpointing="off"), config, bf16=bf16) if config else "no config.json"
+    why_not = (why_not_for_settings(dataclasses.replace(t, gradient_checkpointing="off"), config, bf16=bf16,
+                                    unsloth=unsloth) if config else "no config.json")
     if gc == "auto" and config:
         return _auto_plan(t, config, budget, bf16, engine, why_not)
     if gc == "auto":
