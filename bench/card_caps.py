@@ -15,8 +15,8 @@ and rawtune's planner told the cap through ``RAWTUNE_GPU_MEMORY_GIB``. Variants 
 - rawtune's default: ``rawtune.train.train`` on a run directory of random token blocks, 2 warm-up
   and 8 timed optimizer steps; tokens/s timed here from its per-step progress events (steps 3..10),
   rawtune's own reported figure shown beside it;
-- with ``--fp8``, the same with FP8 frozen base weights (``RAWTUNE_FP8=1``), which needs rawtune's
-  own flattened model (the PEFT backend; Unsloth's forward keeps its bf16 weights);
+- with ``--fp8``, the same with FP8 frozen base weights (``RAWTUNE_FP8=1``; only rawtune's flattened
+  model holds them, so the plan puts that loop first);
 - Unsloth directly (``FastLanguageModel``, a bare loop: forward, backward, clip, fused AdamW, the
   same recipe) at micro-batch 16, 8, 4, 2 (x accumulation to 16), each with and without
   ``use_gradient_checkpointing="unsloth"``. "Unsloth's best" is the fastest that fit the cap.
@@ -290,9 +290,8 @@ def child_rawtune(a) -> None:
                   max_steps=a.steps + a.warmup, logging_steps=1)
     if a.four_bit:
         values.update(load_in_4bit=True, backend="unsloth")
-    if a.fp8:  # FP8 base weights need rawtune's own flattened model: Unsloth's forward keeps its weights
+    if a.fp8:  # as a user asks for it; the plan then puts the flattened loop (the one holding FP8) first
         os.environ["RAWTUNE_FP8"] = "1"
-        values.update(backend="peft")
     if a.split:  # explicit settings are kept as given by the planner, embeddings included: freeze them
         micro, accum = (int(x) for x in a.split.split("x"))
         values.update(batch_size=micro, grad_accum=accum, gradient_checkpointing="unsloth", train_embeddings=False)
@@ -760,7 +759,7 @@ def child_main(argv: list[str]) -> None:
     p.add_argument("--micro", type=int, default=16)
     p.add_argument("--gc", action="store_true")
     p.add_argument("--four-bit", action="store_true")
-    p.add_argument("--fp8", action="store_true", help="RAWTUNE_FP8=1 with the PEFT backend (rawtune's own model)")
+    p.add_argument("--fp8", action="store_true", help="RAWTUNE_FP8=1 (FP8 frozen base weights)")
     p.add_argument("--split", help="MxK: micro-batch x accumulation, with checkpointing, embeddings frozen")
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--steps", type=int, default=8)
@@ -795,7 +794,7 @@ def main() -> None:
                    "(default: all eight; use it to rerun the best ones of a full sweep)")
     p.add_argument("--steps", type=int, default=None, help="timed optimizer steps per variant (default 8; 2 with --tiny)")
     p.add_argument("--fp8", action="store_true", help="--table caps: a second rawtune row with FP8 frozen base "
-                   "weights (RAWTUNE_FP8=1, PEFT backend; on a card without FP8 it says so and trains in bf16)")
+                   "weights (RAWTUNE_FP8=1; on a card without FP8 it says so and trains in bf16)")
     a = p.parse_args()
     a.seq, a.steps = (64, a.steps or 2) if a.tiny else (2048, a.steps or 8)
     a.warmup = 2

@@ -88,7 +88,8 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("RAWTUNE_FUSED_LORA", TRAINING, "`0`: unfused LoRA projections in the fast loop", default="1"),
     Variable("RAWTUNE_FP8", TRAINING, "`1`: hold the fast loop's frozen base weights in FP8 (e4m3, per-channel "
              "scales) and run their matmuls in FP8 on cards of compute capability 8.9+ (elsewhere bf16, with a "
-             "log line)", default="0"),
+             "log line); the memory plan then puts the flattened fast loop, the only one that holds FP8 weights, "
+             "first at any model size", default="0"),
     Variable("RAWTUNE_ARTIFACTS", TESTS, "folder where the browser test saves its screenshots (`.ci/run` sets it)"),
     Variable("RAWTUNE_SDPA", TRAINING, "pin the fast loop's attention kernel: cudnn, flash, efficient or math "
              "(default: PyTorch's choice)"),

@@ -111,6 +111,22 @@ def test_without_unsloth_the_fast_loop_has_no_size_limit():
     assert gpu.plan_for_card(t, LLAMA_1B, "h100").engine == "unsloth"  # with Unsloth the rule stands
 
 
+def test_fp8_base_weights_plan_the_flattened_loop_with_their_smaller_peak():
+    """RAWTUNE_FP8=1 on an FP8 card: only the flattened loop holds FP8 weights, so at 1B it is planned
+    even with Unsloth installed, from a peak that counts one byte per frozen projection weight."""
+    t = _t()
+    bf16_peak, fp8_peak = (gpu.estimate_fast_bytes(t, LLAMA_1B, 4, fp8=f) for f in (False, True))
+    linear = LLAMA_1B["num_hidden_layers"] * 2048 * (2048 + 2 * 512 + 2048 + 3 * 8192)
+    fused = LLAMA_1B["num_hidden_layers"] * 2048 * (2048 + 2 * 512 + 2 * 8192)
+    assert bf16_peak - fp8_peak == linear + 2 * fused  # bf16 weights and fused copies -> one byte each
+    p = gpu.choose(t, LLAMA_1B, 24 * gpu.GIB, unsloth=True, capped=True, fp8=True)
+    assert p.fast_loop and p.fp8 and (p.micro_batch, p.checkpointing) == (4, "off")
+    assert abs(p.predicted_peak_gib - fp8_peak / gpu.GIB) < 1e-9 and "FP8" in gpu.describe(p)
+    # Without FP8 the same card keeps Unsloth's model at this size, and says nothing of FP8.
+    q = gpu.choose(t, LLAMA_1B, 24 * gpu.GIB, unsloth=True, capped=True)
+    assert not q.fast_loop and not q.fp8 and "FP8" not in gpu.describe(q)
+
+
 def test_zero_gpu_plan_never_compiles(monkeypatch):
     t = _t()
     for shape in (SMOL, LLAMA_1B, LLAMA_3B, LLAMA_8B):

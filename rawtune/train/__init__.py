@@ -226,9 +226,15 @@ def _loop_for(model: Any, t: TrainSettings, resume_from: Any, backend: str, log:
     from . import hf_loop
 
     if has_cuda():
-        from . import fast_loop
+        import torch
 
-        why_not = (fast_loop.why_not_for_model(model, t, resume_from, unsloth=backend == "unsloth") if flatten else
+        from . import fast_loop
+        from .fp8 import will_run
+
+        # With FP8 base weights on the way, only the flattened model can hold them: Unsloth's model
+        # does not keep the flattened loop out by size then (the plan decided the same).
+        unsloth = backend == "unsloth" and not will_run(torch.device("cuda"))
+        why_not = (fast_loop.why_not_for_model(model, t, resume_from, unsloth=unsloth) if flatten else
                    "the memory plan picked a larger micro-batch than the flattened loop fits")
         if why_not is None:
             return fast_loop.fit

@@ -33,6 +33,14 @@ CPU_KERNEL = False
 MIN_CAPABILITY = (8, 9)  # Ada (L4, L40S), Hopper (H100, H200), Blackwell
 
 
+def will_run(device: Any) -> bool:
+    """Whether the fast loop will hold its frozen base weights in FP8 here: asked (RAWTUNE_FP8=1)
+    and possible on ``device``. The memory plan and the loop's choice ask this."""
+    from .. import env
+
+    return env.get("RAWTUNE_FP8") == "1" and why_not(device) is None
+
+
 def why_not(device: Any) -> Optional[str]:
     """Why FP8 base weights cannot run on ``device`` (None when they can)."""
     import torch

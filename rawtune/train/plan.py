@@ -78,6 +78,7 @@ class Plan:
     train_embeddings: bool = True
     embedding_state_gib: float = 0.0  # fp32 masters, gradients and AdamW moments of embed_tokens/lm_head
     flatten_refused: bool = False  # the fast loop could run, but a faster fitting setting of another engine won
+    fp8: bool = False  # the fast loop holds its frozen base weights in FP8 (RAWTUNE_FP8=1 on an FP8 card)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,14 +125,20 @@ def _lora_params(t: TrainSettings, c: dict) -> int:
     return per_layer * c["num_hidden_layers"]
 
 
-def estimate_fast_bytes(t: TrainSettings, c: dict, micro: int) -> int:
-    """Predicted peak allocated bytes of the fast loop at this micro-batch (no checkpointing)."""
+def estimate_fast_bytes(t: TrainSettings, c: dict, micro: int, fp8: bool = False) -> int:
+    """Predicted peak allocated bytes of the fast loop at this micro-batch (no checkpointing).
+    ``fp8``: frozen projections held in FP8 (one byte each, no fused bf16 copies, the bf16 originals
+    in host memory); the embeddings stay bf16. At 1B that saved 3.3 GiB on an H100 (35.2 against
+    31.9 GiB, bench/fp8.py); the formula counts 2.1 GiB, erring on the safe side."""
     d, inter, layers, vocab = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
     heads = c["num_attention_heads"]
     hd = c.get("head_dim") or d // heads
     q, kv = heads * hd, c.get("num_key_value_heads", heads) * hd
     base = layers * (d * (q + 2 * kv) + q * d + 3 * d * inter) + vocab * d * (1 if c.get("tie_word_embeddings") else 2)
     frozen = base * 2 + layers * (d * (q + 2 * kv) + 2 * d * inter) * 2  # bf16 weights + fused q/k/v, gate/up copies
+    if fp8:
+        embeddings = vocab * d * (1 if c.get("tie_word_embeddings") else 2)
+        frozen = (base - embeddings) + embeddings * 2
     trainable = _lora_params(t, c) + (2 * vocab * d if t.train_embeddings else 0)
     states = trainable * 16  # fp32 weight, gradient and two AdamW moments
     r_in = t.lora_r * len(t.target_modules)
@@ -202,17 +209,22 @@ def _divisors(n: int) -> list[int]:
 NO_CHECKPOINTING_MIN_MICRO = 4
 
 
-def speed_rank(engine: str, micro: int, checkpointing: bool, largest: int = NO_CHECKPOINTING_MIN_MICRO) -> tuple:
+def speed_rank(engine: str, micro: int, checkpointing: bool, largest: int = NO_CHECKPOINTING_MIN_MICRO,
+               fast_first: bool = False) -> tuple:
     """Sort key of a setting, fastest first, as measured: no checkpointing (down to micro-batch
     :data:`NO_CHECKPOINTING_MIN_MICRO`), then the largest micro-batch (fewest accumulation steps),
     then the fast loop before the Trainer engines at the same split (1.2x-1.95x Unsloth at 135M).
 
     ``largest``: the largest micro-batch the effective batch allows. A small micro-batch without
     checkpointing ranks behind checkpointing only where checkpointing buys a larger one; at the
-    same micro-batch, recomputing activations is pure cost (a batch of 2 stays unchecked)."""
+    same micro-batch, recomputing activations is pure cost (a batch of 2 stays unchecked).
+
+    ``fast_first``: the fast loop before the other engines within a tier, whatever the micro-batch
+    (FP8 base weights were asked for, and only the flattened loop holds them)."""
     floor = min(NO_CHECKPOINTING_MIN_MICRO, largest)
     tier = 1 if checkpointing else (0 if micro >= floor else 2)
-    return (tier, -micro, 0 if engine == "fast loop" else 1)
+    fast = 0 if engine == "fast loop" else 1
+    return (tier, fast, -micro) if fast_first else (tier, -micro, fast)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,7 +239,8 @@ class Candidate:
     peak: int
 
 
-def candidates(t: TrainSettings, c: dict, bf16: bool, engine: str, fast_loop: bool) -> list[Candidate]:
+def candidates(t: TrainSettings, c: dict, bf16: bool, engine: str, fast_loop: bool,
+               fp8: bool = False) -> list[Candidate]:
     """Every setting the plan weighs, in the order it tries them: 16-bit with the asked embeddings
     sorted by :func:`speed_rank`, then 4-bit (with checkpointing), then 4-bit with embeddings frozen,
     each of those from the largest micro-batch down.
@@ -240,11 +253,11 @@ def candidates(t: TrainSettings, c: dict, bf16: bool, engine: str, fast_loop: bo
     emb = bool(t.train_embeddings)
     out: list[Candidate] = []
     if not t.load_in_4bit:
-        full = [Candidate("fast loop", m, False, False, emb, estimate_fast_bytes(t, c, m))
+        full = [Candidate("fast loop", m, False, False, emb, estimate_fast_bytes(t, c, m, fp8))
                 for m in sizes if fast_loop]
         full += [Candidate(engine, m, gc, False, emb, estimate_trainer_bytes(t, c, m, gc, False, engine))
                  for m in sizes for gc in ((False, True) if bf16 else (True,))]
-        out += sorted(full, key=lambda k: speed_rank(k.engine, k.micro, k.checkpointing, max(sizes)))
+        out += sorted(full, key=lambda k: speed_rank(k.engine, k.micro, k.checkpointing, max(sizes), fp8))
     for embeddings in [emb] + ([False] if emb else []):
         tt = dataclasses.replace(t, train_embeddings=embeddings)
         out += [Candidate(engine, m, True, True, embeddings, estimate_trainer_bytes(tt, c, m, True, True, engine))
@@ -252,15 +265,18 @@ def candidates(t: TrainSettings, c: dict, bf16: bool, engine: str, fast_loop: bo
     return out
 
 
-def _auto_plan(t: TrainSettings, c: dict, budget: float, bf16: bool, engine: str, why_not: Optional[str]) -> Plan:
+def _auto_plan(t: TrainSettings, c: dict, budget: float, bf16: bool, engine: str, why_not: Optional[str],
+               fp8: bool = False) -> Plan:
     """The first of :func:`candidates` whose predicted peak fits ``budget``: the fastest that fits."""
     effective = t.batch_size * t.grad_accum
-    for k in candidates(t, c, bf16, engine, why_not is None):
+    for k in candidates(t, c, bf16, engine, why_not is None, fp8):
         if k.peak > budget:
             continue
         why = f"fastest setting per the plan's order whose predicted peak fits {budget / GIB:.1f} GiB"
         if why_not and k.engine != "fast loop":
             why = f"{why}; not the flattened fast loop: {why_not}"
+        elif fp8 and k.engine == "fast loop":
+            why = f"{why}; RAWTUNE_FP8=1: the flattened loop first, the only one that holds FP8 weights"
         if k.embeddings != bool(t.train_embeddings):
             why += (f"; embed_tokens/lm_head not trained: their fp32 weights, gradients and AdamW moments need "
                     f"{embedding_state_bytes(t, c, engine) / GIB:.1f} GiB")
@@ -269,7 +285,7 @@ def _auto_plan(t: TrainSettings, c: dict, budget: float, bf16: bool, engine: str
         return Plan(k.micro, effective // k.micro, "unsloth" if k.checkpointing else "off", fast, k.peak / GIB, why,
                     k.engine, k.four_bit, "bf16" if bf16 else "fp16", fast and compile_allowed(), k.embeddings,
                     embedding_state_bytes(tt, c, "peft" if fast else engine) / GIB,
-                    flatten_refused=why_not is None and not fast)
+                    flatten_refused=why_not is None and not fast, fp8=fp8 and fast)
     need = estimate_trainer_bytes(dataclasses.replace(t, train_embeddings=False), c, 1, True, True, engine)
     raise ConfigError(f"this model needs about {need / GIB:.1f} GiB to train even in 4-bit with checkpointing at "
                       f"micro-batch 1, more than the {budget / GIB:.1f} GiB this card leaves; use a smaller model, "
@@ -277,11 +293,13 @@ def _auto_plan(t: TrainSettings, c: dict, budget: float, bf16: bool, engine: str
 
 
 def choose(t: TrainSettings, config: dict, total_bytes: int, bf16: bool = True, unsloth: bool = True,
-           capped: bool = False) -> Plan:
+           capped: bool = False, fp8: bool = False) -> Plan:
     """The plan for a card of ``total_bytes`` memory (pure: no GPU needed).
 
     ``capped``: ``total_bytes`` is an explicit cap on rawtune's allocations (``RAWTUNE_GPU_MEMORY_GIB``)
     rather than a whole card's memory, so only :func:`capped_bytes`' margin is kept free.
+    ``fp8``: the fast loop would hold FP8 base weights (:func:`.fp8.will_run`). Only the flattened
+    loop can, so the size rule that keeps it out in Unsloth's favour does not apply.
     """
     from .fast_loop import why_not_for_settings
 
@@ -289,21 +307,21 @@ def choose(t: TrainSettings, config: dict, total_bytes: int, bf16: bool = True, 
     budget = capped_bytes(total_bytes) if capped else usable_bytes(total_bytes)
     engine = "unsloth" if unsloth else "peft"
     why_not = (why_not_for_settings(dataclasses.replace(t, gradient_checkpointing="off"), config, bf16=bf16,
-                                    unsloth=unsloth) if config else "no config.json")
+                                    unsloth=unsloth and not fp8) if config else "no config.json")
     if gc == "auto" and config:
-        return _auto_plan(t, config, budget, bf16, engine, why_not)
+        return _auto_plan(t, config, budget, bf16, engine, why_not, fp8)
     if gc == "auto":
         gc = "off" if total_bytes >= 40 * GIB else "unsloth"
     fast = why_not is None and gc in ("off", "False")
     if fast and config:
-        peak = estimate_fast_bytes(t, config, t.batch_size) / GIB
+        peak = estimate_fast_bytes(t, config, t.batch_size, fp8) / GIB
     elif config:
         peak = estimate_trainer_bytes(t, config, t.batch_size, gc not in ("off", "False"), t.load_in_4bit, engine) / GIB
     else:
         peak = float("nan")
     return Plan(t.batch_size, t.grad_accum, gc, fast, peak, why_not or "settings kept as given",
                 "fast loop" if fast else engine, t.load_in_4bit, "bf16" if bf16 else "fp16",
-                fast and compile_allowed(), bool(t.train_embeddings))
+                fast and compile_allowed(), bool(t.train_embeddings), fp8=fp8 and fast)
 
 
 def cap_bytes() -> Optional[int]:
@@ -336,8 +354,10 @@ def plan(t: TrainSettings, local_dir: str, log: Callable[[str], None] = print,
         unsloth = t.backend != "peft" and importlib.util.find_spec("unsloth") is not None
     else:
         unsloth = backend == "unsloth"
+    from .fp8 import will_run
+
     p = choose(t, model_shape(local_dir), total, bf16=torch.cuda.is_bf16_supported(including_emulation=False),
-               unsloth=unsloth, capped=cap_bytes() is not None)
+               unsloth=unsloth, capped=cap_bytes() is not None, fp8=will_run(torch.device("cuda")))
     log(f"[gpu] {torch.cuda.get_device_name(0)} ({total / GIB:.0f} GiB"
         f"{', capped by RAWTUNE_GPU_MEMORY_GIB' if cap_bytes() else ''}){' on ZeroGPU' if zero_gpu() else ''}: "
         + describe(p))
@@ -357,7 +377,9 @@ def describe(p: Plan) -> str:
     embed = f"embeddings trained ({p.embedding_state_gib:.1f} GiB of state)" if p.train_embeddings else "embeddings frozen"
     # PEFT runs the plan's "unsloth" checkpointing as transformers' own (hf_loop._checkpointing)
     checkpointing = "on" if p.engine == "peft" and p.checkpointing == "unsloth" else p.checkpointing
-    return (f"{engine}{' compiled' if p.compiled else ''}, {'4-bit' if p.load_in_4bit else '16-bit'} {p.precision}, "
+    weights = "16-bit" if not p.load_in_4bit else "4-bit"
+    weights += " (frozen projections FP8)" if p.fp8 else ""
+    return (f"{engine}{' compiled' if p.compiled else ''}, {weights} {p.precision}, "
             f"micro-batch {p.micro_batch} x {p.grad_accum}, checkpointing {checkpointing}, {embed}, "
             f"predicted peak {p.predicted_peak_gib:.1f} GiB ({p.why})")
 
