@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     def losses(path: Path, blocks: np.ndarray) -> np.ndarray:
         llm = load_llama(path, n_ctx=blocks.shape[1], logits_all=True)
         try:
-            return np.array([steps._nll_from_logits(steps.llama_logits(llm, b), b) for b in blocks])
+            return np.array([steps._nll_from_logits(steps.llama_logits(llm, b), b)[:2] for b in blocks])
         finally:
             del llm
 

@@ -49,6 +49,31 @@ def test_stored_reference_gives_the_exact_divergence(tmp_path):
     assert not (tmp_path / "ref.npy").exists()
 
 
+def test_the_perplexity_pass_log_sum_exp_gives_the_same_divergences(tmp_path):
+    """llama_perplexity hands the scorer each row's log-sum-exp from its NLL pass; the divergences
+    match those the scorer computes on its own, and the exact ones, and a wrong lse would show."""
+    from rawtune.export.steps import _nll_from_logits
+
+    rng = np.random.default_rng(3)
+    ref = _logits(rng, 2, 300, 700, 3.0)  # 299 scored rows: three scorer chunks of up to 128
+    store = kld.ReferenceStore(tmp_path / "ref.npy", 2, 300, 700)
+    store.add(0, ref)
+    q = ref + rng.normal(size=ref.shape).astype(np.float32) * 0.3
+    tokens = rng.integers(0, 700, size=(2, 300))
+    own, shared, shifted = kld.Scorer(store), kld.Scorer(store), kld.Scorer(store)
+    for i in range(2):
+        nll, n, lse = _nll_from_logits(q[i], tokens[i])
+        assert n == 299 and lse.shape == (299,)
+        own.add(i, q[i])
+        shared.add(i, q[i], lse)
+        shifted.add(i, q[i], lse + 0.01)  # a negative control: an lse off by 0.01 nats moves the mean by 0.01
+    want = np.concatenate([exact(ref[i, :-1], q[i, :-1]) for i in range(2)])
+    a, b = np.concatenate(own.klds), np.concatenate(shared.klds)
+    assert np.allclose(a, b, rtol=0, atol=1e-5) and abs(b.mean() - want.mean()) < 2e-5 + 1e-3 * want.mean()
+    assert abs(np.concatenate(shifted.klds).mean() - b.mean() - 0.01) < 1e-4
+    store.close()
+
+
 def test_identical_logits_score_zero_and_the_same_top_token(tmp_path):
     rng = np.random.default_rng(1)
     ref = _logits(rng, 1, 17, 300, 5.0)

@@ -126,25 +126,32 @@ def store_reference(model: Any, blocks: np.ndarray, path: Path, batch: int) -> t
 
 
 def block_kld(codes: np.ndarray, offset: np.ndarray, neg_entropy: np.ndarray, top: np.ndarray,
-              logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+              logits: np.ndarray, lse: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
     """(KL(P || Q) per position, whether the top tokens agree) for one block: P from the stored
     reference (:meth:`ReferenceStore.block`), Q from the file's logits ``[seq_len, vocab]``.
 
-    When the two vocabularies differ in width (an embedding padded on one side only), both are
-    compared on the columns they share, each renormalised over them.
+    ``lse``: the log-sum-exp of each scored row of ``logits``, where the caller has it already (the
+    perplexity pass computes it; the exponentials over the vocabulary are most of this function's
+    time). When the two vocabularies differ in width (an embedding padded on one side only), both are
+    compared on the columns they share, each renormalised over them, and ``lse`` is not used.
     """
     x = np.asarray(logits[:-1], dtype=np.float32)
     if codes.shape[-1] != x.shape[-1]:
         n = min(codes.shape[-1], x.shape[-1])
         codes, x = codes[:, :n], x[:, :n]
         offset, neg_entropy, top = row_stats(codes, offset)  # renormalised over the shared columns
+        lse = None
     p = decode(codes, offset)
     same = top == x.argmax(axis=-1)
-    x = x - x.max(axis=-1, keepdims=True)
+    peak = x.max(axis=-1)
+    x = x - peak[:, None]
     # Σ p (x - max x): its terms are small (p is tiny wherever x - max x is large), so float32 sums it.
     cross = np.einsum("ij,ij->i", p, x)
-    lse = np.log(np.exp(x, out=x).sum(axis=-1, dtype=np.float64))
-    kld = neg_entropy - cross + lse
+    if lse is None:
+        shifted_lse = np.log(np.exp(x, out=x).sum(axis=-1, dtype=np.float64))
+    else:
+        shifted_lse = np.asarray(lse, dtype=np.float64) - peak
+    kld = neg_entropy - cross + shifted_lse
     return np.maximum(kld, 0.0), same
 
 
@@ -156,13 +163,15 @@ class Scorer:
         self.klds: list[np.ndarray] = []
         self.same: list[np.ndarray] = []
 
-    def add(self, index: int, logits: np.ndarray) -> None:
-        """Logits ``[seq_len, vocab]`` of block ``index`` (the last position is not scored)."""
+    def add(self, index: int, logits: np.ndarray, lse: Optional[np.ndarray] = None) -> None:
+        """Logits ``[seq_len, vocab]`` of block ``index`` (the last position is not scored), and
+        optionally the log-sum-exp of each scored row (``[seq_len - 1]``) where it is known."""
         codes, offset, neg_entropy, top = self.reference.block(index)
         for start in range(0, codes.shape[0], CHUNK):
             part = slice(start, min(start + CHUNK, codes.shape[0]))
             rows = logits[start:part.stop + 1]  # block_kld drops the last row it is given
-            kld, same = block_kld(codes[part], offset[part], neg_entropy[part], top[part], rows)
+            kld, same = block_kld(codes[part], offset[part], neg_entropy[part], top[part], rows,
+                                  None if lse is None else lse[part])
             self.klds.append(kld)
             self.same.append(same)
 
