@@ -134,11 +134,12 @@ def estimate_fast_bytes(t: TrainSettings, c: dict, micro: int, fp8: bool = False
     heads = c["num_attention_heads"]
     hd = c.get("head_dim") or d // heads
     q, kv = heads * hd, c.get("num_key_value_heads", heads) * hd
-    base = layers * (d * (q + 2 * kv) + q * d + 3 * d * inter) + vocab * d * (1 if c.get("tie_word_embeddings") else 2)
-    frozen = base * 2 + layers * (d * (q + 2 * kv) + 2 * d * inter) * 2  # bf16 weights + fused q/k/v, gate/up copies
+    projections = layers * (d * (q + 2 * kv) + q * d + 3 * d * inter)
+    embeddings = vocab * d * (1 if c.get("tie_word_embeddings") else 2)
     if fp8:
-        embeddings = vocab * d * (1 if c.get("tie_word_embeddings") else 2)
-        frozen = (base - embeddings) + embeddings * 2
+        frozen = projections + embeddings * 2
+    else:  # bf16 weights + fused q/k/v, gate/up copies
+        frozen = (projections + embeddings) * 2 + layers * (d * (q + 2 * kv) + 2 * d * inter) * 2
     trainable = _lora_params(t, c) + (2 * vocab * d if t.train_embeddings else 0)
     states = trainable * 16  # fp32 weight, gradient and two AdamW moments
     r_in = t.lora_r * len(t.target_modules)
